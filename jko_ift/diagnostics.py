@@ -1,0 +1,67 @@
+"""Distances between measures, the discrete dissipation inequality, convergence orders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+from .energies import Energy
+from .geometries import Wasserstein
+from .kernels import Kernel
+from .measures import Measure
+
+
+def mmd(mu: Measure, nu: Measure, kernel: Kernel, squared: bool = False) -> float:
+    """MMD(mu, nu) = ||mu - nu||_H for any two supports (blocked kernel sums)."""
+    if mu.dim != nu.dim:
+        raise ValueError(f"mmd needs measures in the same dimension, got {mu.dim} and {nu.dim}")
+    a, b = mu.weights, nu.weights
+    value = (a @ kernel.apply(mu.points, mu.points, a)
+             - 2 * a @ kernel.apply(mu.points, nu.points, b)
+             + b @ kernel.apply(nu.points, nu.points, b))
+    value = max(float(value), 0.0)
+    return value if squared else float(np.sqrt(value))
+
+
+def w2(mu: Measure, nu: Measure) -> float:
+    """W2(mu, nu) by exact optimal transport (POT's network simplex); equal masses."""
+    return float(np.sqrt(max(Wasserstein().squared_distance(mu, nu), 0.0)))
+
+
+def dissipation_slack(F: Energy, before: Measure, objective: float) -> float:
+    """F(mu^k) - [F(mu^{k+1}) + D^2/(2 tau)]: nonnegative for an exact JKO step."""
+    return float(F.value(before) - objective)
+
+
+@dataclass(frozen=True)
+class ConvergenceOrder:
+    """error ~ C step^order, fitted by least squares on log-log data."""
+
+    order: float
+    stderr: float
+    constant: float
+
+    def interval(self, confidence: float = 0.95) -> tuple[float, float]:
+        """Confidence interval of the order (Student t with n - 2 degrees of freedom)."""
+        dof = max(self._points - 2, 1)
+        half = stats.t.ppf(0.5 + confidence / 2, dof) * self.stderr
+        return self.order - half, self.order + half
+
+    _points: int = 2
+
+
+def convergence_order(step_sizes, errors) -> ConvergenceOrder:
+    """Empirical order from (step size, error) pairs by regressing log error on log step."""
+    h, e = np.asarray(step_sizes, float), np.asarray(errors, float)
+    if h.shape != e.shape or h.size < 2:
+        raise ValueError(f"need at least two (step, error) pairs of equal length, got "
+                         f"{h.size} steps and {e.size} errors")
+    if np.any(h <= 0) or np.any(e <= 0) or not np.all(np.isfinite(e)):
+        raise ValueError("step sizes and errors must be positive and finite for a log-log fit")
+    if h.size == 2:
+        order = float(np.diff(np.log(e))[0] / np.diff(np.log(h))[0])
+        return ConvergenceOrder(order, np.inf, float(e[0] / h[0] ** order), 2)
+    fit = stats.linregress(np.log(h), np.log(e))
+    return ConvergenceOrder(float(fit.slope), float(fit.stderr), float(np.exp(fit.intercept)), h.size)

@@ -1,0 +1,174 @@
+"""The geometries of dissipation, each given by the squared distance D^2 of its JKO step.
+
+=====================  ==================================================  ==========================
+geometry               D^2(mu, nu) in the step                            flow as tau -> 0
+=====================  ==================================================  ==========================
+Wasserstein()          W2^2, cost |x - y|^2                                d_t mu = div(mu grad f)
+Hellinger()            4 sum_i (sqrt a_i - sqrt b_i)^2                     d_t mu = -mu f
+MMD(k, ridge)          (a - b)^T (K + ridge I) (a - b)                     d_t mu = -K^{-1} f
+WFR(alpha, beta)       inf_nu W2^2(mu, nu)/alpha + He^2(nu, nu')/beta     alpha W2 + beta He
+IFT(k, alpha, beta)    inf_nu W2^2(mu, nu)/alpha + MMD^2(nu, nu')/beta    alpha W2 + beta MMD
+=====================  ==================================================  ==========================
+
+Every geometry is read by the methods through the same three attributes: the weight of its
+transport part (``alpha``, None without transport), its ``reaction`` part (a Hellinger or
+MMD geometry, or None) with weight ``beta``, and ``conserve_mass``. WFR and IFT are the
+one ``InfConvolution`` of W2 with a reaction geometry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import ot
+
+from .kernels import Kernel
+from .measures import Measure
+
+#: Default ridge lambda of the MMD geometry, K + lambda I (paper, Remark 3.1): the Gram of a
+#: smooth kernel has eigenvalues down to round-off, so the step needs a floor. Kernels here
+#: have k(x, x) = 1 or are scale-free; 1e-8 keeps the geometry within 1e-8 of pure MMD.
+DEFAULT_RIDGE = 1e-8
+
+
+def _positive(name: str, value) -> float:
+    value = float(value)
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return value
+
+
+def _common_support(mu: Measure, nu: Measure, what: str) -> None:
+    if not mu.same_support(nu):
+        raise ValueError(f"{what} compares weights on a common support; got measures on "
+                         f"{mu.n} and {nu.n} points (or different points)")
+
+
+class Geometry:
+    """Base of the geometries: no transport and no reaction by default."""
+
+    alpha: float | None = None
+    beta: float | None = None
+    reaction: Geometry | None = None
+    conserve_mass: bool = True
+
+    @property
+    def has_transport(self) -> bool:
+        return self.alpha is not None
+
+
+@dataclass(frozen=True)
+class Wasserstein(Geometry):
+    """W2^2(mu, nu) = min_P sum_ij P_ij |x_i - y_j|^2 over couplings P of a and b."""
+
+    @property
+    def alpha(self) -> float:
+        return 1.0
+
+    @property
+    def conserve_mass(self) -> bool:
+        return True
+
+    def squared_distance(self, mu: Measure, nu: Measure) -> float:
+        """Exact W2^2 by the network simplex (POT); masses must agree."""
+        if not np.isclose(mu.mass, nu.mass, rtol=1e-9, atol=0):
+            raise ValueError(f"W2 needs equal masses, got {mu.mass:.12g} and {nu.mass:.12g}; "
+                             "normalize both measures or use an unbalanced geometry (WFR)")
+        cost = ot.dist(mu.points, nu.points)
+        return float(ot.emd2(mu.weights, nu.weights * (mu.mass / nu.mass), cost,
+                             numItermax=10_000_000))
+
+
+@dataclass(frozen=True)
+class Hellinger(Geometry):
+    """He^2(mu, nu) = 4 sum_i (sqrt a_i - sqrt b_i)^2 on a common support (Fisher-Rao)."""
+
+    conserve_mass: bool = False
+
+    @property
+    def reaction(self) -> Hellinger:
+        return self
+
+    @property
+    def beta(self) -> float:
+        return 1.0
+
+    def squared_distance(self, mu: Measure, nu: Measure) -> float:
+        _common_support(mu, nu, "Hellinger")
+        return float(4.0 * np.sum((np.sqrt(mu.weights) - np.sqrt(nu.weights)) ** 2))
+
+
+@dataclass(frozen=True)
+class MMD(Geometry):
+    """MMD^2(mu, nu) = (a - b)^T (K + ridge I)(a - b) on a common support.
+
+    The ridge makes the step unique in the weights (the Gram of a smooth kernel is
+    numerically singular); see ``DEFAULT_RIDGE``.
+    """
+
+    kernel: Kernel
+    ridge: float = DEFAULT_RIDGE
+    conserve_mass: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.kernel, Kernel):
+            raise ValueError(f"MMD needs a kernel such as jk.Gaussian(1.0), got {self.kernel!r}")
+        if not (np.isfinite(self.ridge) and self.ridge >= 0):
+            raise ValueError(f"MMD ridge must be a finite number >= 0, got {self.ridge!r}")
+
+    @property
+    def reaction(self) -> MMD:
+        return self
+
+    @property
+    def beta(self) -> float:
+        return 1.0
+
+    def squared_distance(self, mu: Measure, nu: Measure) -> float:
+        _common_support(mu, nu, "MMD")
+        diff = mu.weights - nu.weights
+        return float(diff @ self.kernel.apply(mu.points, mu.points, diff) + self.ridge * diff @ diff)
+
+
+@dataclass(frozen=True)
+class InfConvolution(Geometry):
+    """D^2(mu, mu') = inf_nu W2^2(mu, nu) / alpha + R^2(nu, mu') / beta.
+
+    R is the reaction geometry (Hellinger gives WFR, MMD gives IFT). For small steps the
+    inf-convolution of two quadratic forms is the quadratic form of the sum of their
+    inverses, so the JKO step reaches d_t mu = alpha div(mu grad f) - beta G_R^{-1} f.
+    """
+
+    reaction: Hellinger | MMD
+    alpha: float = 1.0
+    beta: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.reaction, (Hellinger, MMD)):
+            raise ValueError(f"the reaction part must be jk.Hellinger or jk.MMD, got {self.reaction!r}")
+        object.__setattr__(self, "alpha", _positive("alpha", self.alpha))
+        object.__setattr__(self, "beta", _positive("beta", self.beta))
+
+    @property
+    def conserve_mass(self) -> bool:
+        return self.reaction.conserve_mass
+
+
+class WFR(InfConvolution):
+    """Wasserstein-Fisher-Rao: W2 inf-convolved with Hellinger."""
+
+    def __init__(self, alpha: float = 1.0, beta: float = 1.0, conserve_mass: bool = False):
+        super().__init__(Hellinger(conserve_mass=conserve_mass), alpha, beta)
+
+
+class IFT(InfConvolution):
+    """Interaction-Force Transport: W2 inf-convolved with MMD (Gladin et al., NeurIPS 2024)."""
+
+    def __init__(self, kernel: Kernel, alpha: float = 1.0, beta: float = 1.0,
+                 ridge: float = DEFAULT_RIDGE, conserve_mass: bool = False):
+        super().__init__(MMD(kernel, ridge=ridge, conserve_mass=conserve_mass), alpha, beta)
+
+    @property
+    def kernel(self) -> Kernel:
+        return self.reaction.kernel

@@ -1,0 +1,207 @@
+"""Measures on weighted supports: ``Measure`` (points and weights) and ``Grid``.
+
+A measure is mu = sum_i a_i delta_{x_i} with points x: (n, d) and weights a: (n,) >= 0.
+A measure made by ``Grid.measure`` remembers its grid, hence its cell volume h^d,
+which the densities of ``Entropy`` and ``PorousMedium`` need (rho_i = a_i / h^d).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def as_points(points, name: str = "points") -> np.ndarray:
+    """Return ``points`` as a finite float array of shape (n, d); 1-D input means d = 1."""
+    x = np.asarray(points, dtype=float)
+    if x.ndim == 1:
+        x = x[:, None]
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(
+            f"{name} must be an array of shape (n, d) with n >= 1, got shape {x.shape}; "
+            "pass one row per point"
+        )
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name} contains NaN or inf; pass finite coordinates")
+    return x
+
+
+def as_weights(weights, n: int, name: str = "weights") -> np.ndarray:
+    """Return ``weights`` as a finite, nonnegative float array of shape (n,)."""
+    a = np.asarray(weights, dtype=float)
+    if a.ndim != 1 or a.shape[0] != n:
+        raise ValueError(
+            f"{name} must have shape ({n},) to match {n} points, got shape {a.shape}"
+        )
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} contains NaN or inf; pass finite nonnegative weights")
+    if np.any(a < 0):
+        raise ValueError(
+            f"{name} must be nonnegative, got min {a.min():.3g}; "
+            "clip tiny negative round-off with np.maximum(weights, 0)"
+        )
+    return a
+
+
+@dataclass(frozen=True, eq=False)
+class Grid:
+    """Cell-centred regular grid on the box [lo, hi] in 1, 2 or 3 dimensions.
+
+    ``shape[k]`` cells along axis k, spacing ``h[k] = (hi[k] - lo[k]) / shape[k]``,
+    points at the cell centres in C order (the last axis varies fastest), so that
+    ``values.reshape(grid.shape)`` recovers the image of a field on the grid.
+    """
+
+    lo: tuple[float, ...]
+    hi: tuple[float, ...]
+    shape: tuple[int, ...]
+    points: np.ndarray = field(init=False, repr=False)
+
+    def __init__(self, lo, hi, shape):
+        lo_, hi_ = np.atleast_1d(np.asarray(lo, float)), np.atleast_1d(np.asarray(hi, float))
+        shape_ = np.atleast_1d(np.asarray(shape))
+        d = shape_.size
+        if d not in (1, 2, 3) or lo_.size != d or hi_.size != d:
+            raise ValueError(
+                f"Grid needs lo, hi and shape of the same length 1, 2 or 3, got "
+                f"lo={lo_.tolist()}, hi={hi_.tolist()}, shape={shape_.tolist()}"
+            )
+        if not (np.all(np.isfinite(lo_)) and np.all(np.isfinite(hi_)) and np.all(hi_ > lo_)):
+            raise ValueError(f"Grid needs finite lo < hi, got lo={lo_.tolist()}, hi={hi_.tolist()}")
+        if not np.all(shape_ == np.round(shape_)) or np.any(shape_ < 1):
+            raise ValueError(f"Grid shape must be positive integers, got {shape_.tolist()}")
+        object.__setattr__(self, "lo", tuple(lo_.tolist()))
+        object.__setattr__(self, "hi", tuple(hi_.tolist()))
+        object.__setattr__(self, "shape", tuple(int(s) for s in shape_))
+        axes = [lo_[k] + (np.arange(self.shape[k]) + 0.5) * self.spacing[k] for k in range(d)]
+        mesh = np.meshgrid(*axes, indexing="ij")
+        points = np.stack([m.ravel() for m in mesh], axis=1)
+        points.setflags(write=False)
+        object.__setattr__(self, "points", points)
+
+    @property
+    def dim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Cell widths h: (d,)."""
+        return (np.asarray(self.hi) - np.asarray(self.lo)) / np.asarray(self.shape)
+
+    @property
+    def cell_volume(self) -> float:
+        return float(np.prod(self.spacing))
+
+    def measure(self, density, normalize: bool = False) -> Measure:
+        """The measure with weights a_i = density(x_i) * cell_volume.
+
+        density: a callable on points (n, d) returning (n,), or values of shape (n,) or
+        ``self.shape``. With ``normalize=True`` the weights are rescaled to total mass 1.
+        """
+        values = density(self.points) if callable(density) else density
+        values = np.asarray(values, dtype=float)
+        if values.shape == self.shape:
+            values = values.ravel()
+        weights = as_weights(values, self.size, name="density values") * self.cell_volume
+        if normalize:
+            mass = weights.sum()
+            if mass <= 0:
+                raise ValueError("cannot normalize a density that is zero on every grid point")
+            weights = weights / mass
+        return Measure(self.points, weights, grid=self)
+
+
+@dataclass(frozen=True, eq=False)
+class Measure:
+    """mu = sum_i a_i delta_{x_i}: points (n, d), weights (n,) >= 0, validated at construction.
+
+    ``grid`` is set for measures on a ``Grid`` (then the points are the grid's) and gives
+    the cell volume that densities need.
+    """
+
+    points: np.ndarray
+    weights: np.ndarray
+    grid: Grid | None = None
+
+    def __post_init__(self):
+        x = as_points(self.points)
+        a = as_weights(self.weights, x.shape[0])
+        if self.grid is not None and (self.grid.size, self.grid.dim) != x.shape:
+            raise ValueError(
+                f"points of shape {x.shape} do not match the grid of shape {self.grid.shape}"
+            )
+        x = x if x is self.points else x.copy()
+        x.setflags(write=False)
+        a = a.copy()
+        a.setflags(write=False)
+        object.__setattr__(self, "points", x)
+        object.__setattr__(self, "weights", a)
+
+    @property
+    def n(self) -> int:
+        return self.points.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.points.shape[1]
+
+    @property
+    def mass(self) -> float:
+        return float(self.weights.sum())
+
+    @property
+    def cell_volume(self) -> float | None:
+        return None if self.grid is None else self.grid.cell_volume
+
+    def density(self) -> np.ndarray:
+        """rho_i = a_i / h^d on a grid: (n,)."""
+        return self.weights / require_cell_volume(self, "a density")
+
+    def with_weights(self, weights) -> Measure:
+        """The same support with new weights."""
+        return Measure(self.points, np.asarray(weights, dtype=float), grid=self.grid)
+
+    def normalized(self) -> Measure:
+        if self.mass <= 0:
+            raise ValueError("cannot normalize a measure of zero mass")
+        return self.with_weights(self.weights / self.mass)
+
+    def mean(self) -> np.ndarray:
+        return self.weights @ self.points / self.mass
+
+    def covariance(self) -> np.ndarray:
+        centred = self.points - self.mean()
+        return (centred * self.weights[:, None]).T @ centred / self.mass
+
+    def same_support(self, other: Measure) -> bool:
+        return self.points is other.points or (
+            self.points.shape == other.points.shape and np.array_equal(self.points, other.points)
+        )
+
+
+def require_cell_volume(mu: Measure, what: str) -> float:
+    if mu.cell_volume is None:
+        raise ValueError(
+            f"{what} needs a cell volume, but this measure has no grid; "
+            "build it with jk.Grid(lo, hi, shape).measure(density)"
+        )
+    return mu.cell_volume
+
+
+def grid_gradient(mu: Measure, values: np.ndarray) -> np.ndarray:
+    """Central-difference gradient of grid values (n,) -> (n, d)."""
+    grid = mu.grid
+    if grid is None:
+        raise ValueError("a finite-difference gradient needs a measure on a Grid")
+    image = np.asarray(values, float).reshape(grid.shape)
+    if min(grid.shape) < 2:
+        raise ValueError(f"a gradient needs at least 2 cells per axis, grid has {grid.shape}")
+    parts = np.gradient(image, *grid.spacing)
+    parts = [parts] if grid.dim == 1 else parts
+    return np.stack([p.ravel() for p in parts], axis=1)
+

@@ -1,0 +1,383 @@
+"""The exact JKO step on a fixed support, as one convex program (CVXPY).
+
+On the points x_1..x_n of mu^k = sum_i a_i delta_{x_i} the step solves
+
+    min_{P >= 0, nu, b >= 0}  F(b) + [ <C, P> / alpha + R^2(nu, b) / beta ] / (2 tau)
+    s.t.  P 1 = a,  P^T 1 = nu          (transport part; without it nu = a)
+          b = nu                        (without a reaction part)
+          sum(b) = sum(a)               (reaction part with conserve_mass)
+
+with C_ij = |x_i - x_j|^2, R^2 = He^2 (second-order cones) or MMD^2 (a Gram factor).
+The same program serves all five geometries. Variables are scaled by s = mass / n so that
+they are of order one, and the problem is compiled once per support with a and 1/(2 tau)
+as parameters (DPP): later steps only re-solve.
+
+The plan only has entries for pairs closer than a radius R. From the duals (u, v) of
+the marginal constraints, the restricted solution is optimal for the dense problem when
+every excluded pair has a nonnegative reduced cost c_ij - u_i - v_j; otherwise R is
+doubled and the step re-solved (docs/conic.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import cvxpy as cp
+import numpy as np
+from cvxpy.reductions.solvers.conic_solvers.clarabel_conif import CLARABEL as _Clarabel
+from scipy import sparse
+from scipy.spatial import cKDTree
+
+from ..energies import ConicSupport, Energy, NotConvexError, psd_factor
+from ..geometries import Geometry, Hellinger
+from ..kernels import row_blocks, squared_distances
+from ..measures import Measure
+from .base import SolverError, StepResult, check_step_input
+
+SOLVERS = ("CLARABEL", "SCS")
+
+#: Relative duality gap (and exclusion residual) above which a solve is not "optimal".
+#: Clarabel's own default stopping tolerance is 1e-8; SCS is first order and looser.
+DEFAULT_GAP_TOL = {"CLARABEL": 1e-6, "SCS": 1e-4}
+
+
+class _ClarabelWithStats(_Clarabel):
+    """Clarabel through CVXPY, keeping the raw solution (primal and dual objectives)."""
+
+    def name(self):
+        return "CLARABEL_JKO"
+
+    def invert(self, solution, inverse_data):
+        out = super().invert(solution, inverse_data)
+        out.attr[cp.settings.EXTRA_STATS] = solution
+        return out
+
+
+def _solver_instance(name: str):
+    return _ClarabelWithStats() if name == "CLARABEL" else name
+
+
+class GridLockingWarning(UserWarning):
+    """A W2 step on a fixed grid moved no mass because tau |grad f| is below the spacing."""
+
+
+@dataclass(eq=False)
+class ConicJKO:
+    """Exact JKO step on the support of mu^k (points fixed, weights change).
+
+    solver: "CLARABEL" (interior point, default) or "SCS" (first order, for large problems).
+    radius: initial plan radius R; None picks it from tau |grad f| and the grid spacing,
+    ``np.inf`` uses the dense n x n plan. gap_tol: the accepted relative certificate.
+    solver_options: passed to the solver (e.g. {"eps_abs": 1e-9} for SCS).
+    """
+
+    solver: str = "CLARABEL"
+    radius: float | None = None
+    gap_tol: float | None = None
+    solver_options: dict = field(default_factory=dict)
+    cache_size: int = 4
+    _programs: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False)
+    _radii: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        name = str(self.solver).upper()
+        if name not in SOLVERS:
+            raise ValueError(f"unknown solver {self.solver!r}; ConicJKO supports {SOLVERS}")
+        if name not in cp.installed_solvers():
+            raise ValueError(f"solver {name} is not installed; pip install {name.lower()}")
+        self.solver = name
+        if self.gap_tol is None:
+            self.gap_tol = DEFAULT_GAP_TOL[name]
+        if self.radius is not None and not (self.radius > 0):
+            raise ValueError(f"radius must be positive (or np.inf for a dense plan), got {self.radius}")
+
+    def step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float,
+             throw: bool = True) -> StepResult:
+        tau = check_step_input(F, geometry, mu, tau)
+        # a conserved mass enters the program as a constant (see ConicSupport)
+        mass = float(f"{mu.mass:.12g}") if geometry.conserve_mass else None
+        key = (id(F), id(geometry), _support_key(mu), mass)
+        radius = self._radii.get(key) or self._initial_radius(F, geometry, mu, tau)
+        while True:
+            program, compiled = self._program(key, F, geometry, mu, radius)
+            result = program.solve(mu, tau, self.solver, self.solver_options, self.gap_tol)
+            result.info.update(compiled=compiled)
+            violation = result.info.get("exclusion_violation", 0.0)
+            if result.measure is not None and violation > self.gap_tol:
+                radius *= 2.0  # an excluded pair would carry mass: enlarge and re-solve
+                continue
+            break
+        self._radii[key] = radius
+        if program.has_transport and result.measure is not None:
+            _check_grid_locking(F, geometry, mu, tau, result, program)
+        if throw and not result.ok:
+            raise SolverError(_failure_message(result, self.solver), result.status, result)
+        return result
+
+    def _initial_radius(self, F, geometry, mu, tau) -> float:
+        if self.radius is not None or not geometry.has_transport:
+            return np.inf if self.radius is None else float(self.radius)
+        spacing = _spacing(mu)
+        try:
+            speed = np.abs(F.grad_first_variation(mu))
+            speed = np.sqrt((speed**2).sum(1))
+            mask = (mu.weights > 0) & np.isfinite(speed)
+            typical = np.sqrt(np.average(speed[mask] ** 2, weights=mu.weights[mask]))
+        except (ValueError, ZeroDivisionError):
+            typical = 0.0
+        # mass moves about tau alpha |grad f|; the certificate catches a radius too small
+        return max(3.0 * spacing, 3.0 * tau * geometry.alpha * typical)
+
+    def _program(self, key, F, geometry, mu, radius):
+        full_key = key + (radius,)
+        if full_key in self._programs:
+            self._programs.move_to_end(full_key)
+            return self._programs[full_key], False
+        program = ConicProgram(F, geometry, mu, radius)
+        self._programs[full_key] = program
+        while len(self._programs) > self.cache_size:
+            self._programs.popitem(last=False)
+        return program, True
+
+
+def _support_key(mu: Measure) -> str:
+    return hashlib.sha1(np.ascontiguousarray(mu.points).tobytes()).hexdigest()
+
+
+def _spacing(mu: Measure) -> float:
+    """Grid spacing, or the median nearest-neighbour distance of a point cloud."""
+    if mu.grid is not None:
+        return float(np.max(mu.grid.spacing))
+    if mu.n < 2:
+        return 1.0
+    distances, _ = cKDTree(mu.points).query(mu.points, k=2)
+    return float(np.median(distances[:, 1]))
+
+
+class ConicProgram:
+    """The compiled step problem on one support and one plan radius."""
+
+    def __init__(self, F: Energy, geometry: Geometry, mu: Measure, radius: float):
+        self.F, self.geometry, self.support = F, geometry, mu
+        self.has_transport = geometry.has_transport
+        self.warned_locking = False
+        self.reaction = geometry.reaction
+        n = mu.n
+        self.scale = mu.mass / n
+        self.a = cp.Parameter(n, nonneg=True, name="a_over_scale")
+        self.two_tau = cp.Parameter(nonneg=True, name="two_tau")
+        constraints = []
+        self.dense = True
+        if self.has_transport:
+            self.rows, self.cols, self.dense = _plan_pairs(mu.points, radius)
+            self.cost = np.sum((mu.points[self.rows] - mu.points[self.cols]) ** 2, axis=1)
+            m = self.rows.size
+            row_sum = sparse.csr_matrix((np.ones(m), (self.rows, np.arange(m))), shape=(n, m))
+            col_sum = sparse.csr_matrix((np.ones(m), (self.cols, np.arange(m))), shape=(n, m))
+            self.plan = cp.Variable(m, nonneg=True, name="plan")
+            self.nu = cp.Variable(n, name="nu")
+            self.row_constraint = row_sum @ self.plan == self.a
+            self.col_constraint = col_sum @ self.plan == self.nu
+            constraints += [self.row_constraint, self.col_constraint]
+            transport = self.cost @ self.plan / geometry.alpha
+        else:
+            self.nu = self.a
+            transport = 0
+        if self.reaction is not None:
+            self.y = cp.Variable(n, nonneg=True, name="y")
+            reaction, cones = self._reaction_term(self.nu, self.y)
+            reaction = reaction / geometry.beta
+            constraints += cones
+            if geometry.conserve_mass:
+                constraints.append(cp.sum(self.y) == cp.sum(self.nu))
+        else:
+            self.y = self.nu
+            reaction = 0
+        mass = mu.mass if geometry.conserve_mass else None
+        energy = F.conic(self.y, ConicSupport(mu, self.scale, mass))
+        # 2 tau (F + D^2 / (2 tau)) / s: tau multiplies the parameter-free F (DPP), and the
+        # s-scaled terms are of order n
+        objective = self.two_tau * (energy / self.scale) + transport + reaction
+        self.problem = cp.Problem(cp.Minimize(objective), constraints)
+        if not self.problem.is_dcp(dpp=True):  # pragma: no cover - guarded by the atoms
+            raise NotConvexError("the step problem is not convex (DCP) in the weights")
+
+    def _reaction_term(self, nu, y):
+        """R^2(nu, y) in scaled units (He^2 / s or MMD^2 / s) and its cone constraints."""
+        if isinstance(self.reaction, Hellinger):
+            # 4 sum (nu + y - 2 t) with t_i^2 <= nu_i y_i: a rotated second-order cone
+            t = cp.Variable(y.shape[0], name="hellinger_mean")
+            cone = cp.SOC(nu + y, cp.vstack([2 * t, nu - y]), axis=0)
+            return 4 * cp.sum(nu + y - 2 * t), [cone]
+        gram = self.reaction.kernel(self.support.points, self.support.points)
+        factor = psd_factor(gram)
+        if factor is None:  # conditionally p.d.: a norm on zero-sum differences only
+            if not self.geometry.conserve_mass:
+                raise NotConvexError(
+                    f"{type(self.reaction.kernel).__name__} is only conditionally positive "
+                    "definite, so its MMD is a distance only between measures of equal mass; "
+                    "pass conserve_mass=True to the geometry")
+            centred = gram - gram.mean(0, keepdims=True)
+            factor = psd_factor(centred - centred.mean(1, keepdims=True))
+        diff = y - nu
+        ridge = self.reaction.ridge * cp.sum_squares(diff)
+        return self.scale * (cp.sum_squares(factor @ diff) + ridge), []
+
+    def solve(self, mu, tau, solver, options, gap_tol) -> StepResult:
+        self.a.value = mu.weights / self.scale
+        self.two_tau.value = 2.0 * tau
+        start = time.perf_counter()
+        try:
+            with warnings.catch_warnings():  # the status says it, with our advice
+                warnings.filterwarnings("ignore", message="Solution may be inaccurate")
+                self.problem.solve(solver=_solver_instance(solver), **options)
+            solver_status = self.problem.status
+        except cp.error.SolverError as error:
+            solver_status = f"solver_error: {error}"
+        info = {"solver": solver, "solver_status": solver_status, "n": mu.n,
+                "wall_time": time.perf_counter() - start}
+        stats = self.problem.solver_stats
+        if stats is not None:
+            info.update(solve_time=stats.solve_time, iterations=stats.num_iters)
+        if solver_status not in ("optimal", "optimal_inaccurate") or self.y.value is None:
+            return StepResult(None, np.nan, np.nan, np.nan, _status_name(solver_status), np.inf,
+                              info)
+        weights = np.maximum(self.scale * np.asarray(self.y.value), 0.0)
+        new = mu.with_weights(weights)
+        nu = (np.maximum(self.scale * np.asarray(self.nu.value), 0.0) if self.has_transport
+              else mu.weights)
+        distance_sq = self._distance_sq(nu, new)
+        energy = self.F.value(new)
+        gap, residual = _solver_certificate(stats)
+        info.update(relative_gap=gap, residual=residual, intermediate=nu)
+        if self.has_transport:
+            info.update(radius=self.radius_used, plan_entries=int(self.rows.size),
+                        moved_fraction=self._moved_fraction())
+            if not self.dense:
+                info["exclusion_violation"] = self._exclusion_violation()
+        certificate = max(gap, residual, info.get("exclusion_violation", 0.0))
+        # Our status: "optimal" when the certificate is within gap_tol, whether the solver
+        # stopped at its own (tighter) tolerances or just short of them.
+        status = "optimal" if certificate <= gap_tol else "optimal_inaccurate"
+        return StepResult(new, energy + distance_sq / (2 * tau), energy, distance_sq,
+                          status, certificate, info)
+
+    @property
+    def radius_used(self) -> float:
+        return np.sqrt(self.cost.max()) if self.cost.size else 0.0
+
+    def _distance_sq(self, nu, new) -> float:
+        total = 0.0
+        if self.has_transport:
+            total += self.scale * float(self.cost @ np.maximum(self.plan.value, 0)) / self.geometry.alpha
+        if self.reaction is not None:
+            intermediate = new.with_weights(nu)
+            total += self.reaction.squared_distance(intermediate, new) / self.geometry.beta
+        return total
+
+    def _moved_fraction(self) -> float:
+        plan = np.maximum(self.plan.value, 0)
+        off_diagonal = plan[self.rows != self.cols].sum()
+        return float(off_diagonal / max(plan.sum(), 1e-300))
+
+    def _exclusion_violation(self) -> float:
+        """Bound on what the excluded pairs could still gain, relative to the objective.
+
+        With CVXPY's duals (L = f + u^T (P 1 - a) + v^T (P^T 1 - nu)) a plan entry has
+        reduced cost r_ij = C_ij / alpha + u_i + v_j, zero where mass moves. Row i carries
+        mass a_i, so excluded pairs could lower the objective by at most
+        sum_i a_i max_j (-r_ij)_+ (docs/conic.md); zero certifies the restricted plan.
+        """
+        u = np.asarray(self.row_constraint.dual_value)
+        v = np.asarray(self.col_constraint.dual_value)
+        points, mass = self.support.points, np.asarray(self.a.value)
+        radius_sq = self.cost.max()
+        gain = 0.0
+        for rows in row_blocks(points.shape[0], points.shape[0]):
+            cost = squared_distances(points[rows], points)
+            reduced = cost / self.geometry.alpha + u[rows, None] + v[None, :]
+            reduced[cost <= radius_sq] = np.inf
+            gain += float(mass[rows] @ np.maximum(-reduced.min(axis=1), 0.0))
+        return gain / max(1.0, abs(self.problem.value))
+
+
+def _plan_pairs(points: np.ndarray, radius: float):
+    """Index pairs (i, j) with |x_i - x_j| <= radius (all pairs when that is all of them)."""
+    n = points.shape[0]
+    if np.isfinite(radius):
+        pairs = cKDTree(points).query_pairs(radius, output_type="ndarray")
+        if pairs.shape[0] < n * (n - 1) // 2:
+            diagonal = np.arange(n)
+            rows = np.concatenate([diagonal, pairs[:, 0], pairs[:, 1]])
+            cols = np.concatenate([diagonal, pairs[:, 1], pairs[:, 0]])
+            return rows, cols, False
+    rows, cols = np.divmod(np.arange(n * n), n)
+    return rows, cols, True
+
+
+def _solver_certificate(stats) -> tuple[float, float]:
+    """(|primal - dual| / max(1, |primal|), max primal/dual residual) from the solver."""
+    extra = getattr(stats, "extra_stats", None)
+    if extra is not None and hasattr(extra, "obj_val_dual"):  # Clarabel
+        primal, dual = extra.obj_val, extra.obj_val_dual
+        residual = max(extra.r_prim, extra.r_dual)
+    elif isinstance(extra, dict) and "info" in extra:  # SCS
+        info = extra["info"]
+        primal, dual = info["pobj"], info["dobj"]
+        residual = max(info["res_pri"], info["res_dual"]) / max(1.0, abs(primal))
+    else:  # pragma: no cover - both supported solvers report these
+        return np.inf, np.inf
+    if not (np.isfinite(primal) and np.isfinite(dual)):
+        return np.inf, float(residual)
+    return float(abs(primal - dual) / max(1.0, abs(primal))), float(residual)
+
+
+def _status_name(status: str) -> str:
+    return str(status).replace(" ", "_")
+
+
+def _failure_message(result: StepResult, solver: str) -> str:
+    advice = {
+        "optimal_inaccurate": "the solver stopped before its tolerances",
+        "infeasible": "the step problem has no feasible point",
+        "unbounded": "the energy is unbounded below on this support",
+    }.get(result.status, "the solver failed")
+    other = "SCS" if solver == "CLARABEL" else "CLARABEL"
+    return (
+        f"conic JKO step not solved: status {result.status!r} ({advice}), certificate "
+        f"{result.certificate:.3g}. Try solver={other!r}, tighter solver_options, a smaller "
+        "tau, or a support on which the target and initial measure have positive weight; "
+        "pass throw=False to get the StepResult instead"
+    )
+
+
+def _check_grid_locking(F, geometry, mu, tau, result, program) -> None:
+    """Flag a W2 step on a grid that stayed put although the flow would move mass.
+
+    Every such step gets ``info["grid_locked"]``; the warning comes once per program.
+    """
+    if mu.grid is None or result.info.get("moved_fraction", 1.0) > 1e-6:
+        return
+    try:
+        speed = np.sqrt((F.grad_first_variation(mu) ** 2).sum(1))
+    except ValueError:
+        return
+    speed = speed[(mu.weights > 0) & np.isfinite(speed)]
+    if speed.size == 0:
+        return
+    displacement = tau * geometry.alpha * float(speed.max())
+    spacing = float(np.max(mu.grid.spacing))
+    result.info["grid_locked"] = displacement < spacing
+    if displacement > 1e-12 * spacing and displacement < spacing and not program.warned_locking:
+        program.warned_locking = True
+        warnings.warn(
+            f"grid locking: the W2 step moved a fraction {result.info['moved_fraction']:.1e} of "
+            f"the mass, because the displacement tau*alpha*max|grad f| = {displacement:.3g} is "
+            f"below the grid spacing h = {spacing:.3g}. Refine the grid below "
+            "tau*|grad f| or take larger steps; a tau -> 0 study must refine h faster than tau",
+            GridLockingWarning, stacklevel=4,
+        )
