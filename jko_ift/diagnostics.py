@@ -42,14 +42,13 @@ class ConvergenceOrder:
     order: float
     stderr: float
     constant: float
+    samples: int = 2
 
     def interval(self, confidence: float = 0.95) -> tuple[float, float]:
-        """Confidence interval of the order (Student t with n - 2 degrees of freedom)."""
-        dof = max(self._points - 2, 1)
+        """Confidence interval of the order (Student t with samples - 2 degrees of freedom)."""
+        dof = max(self.samples - 2, 1)
         half = stats.t.ppf(0.5 + confidence / 2, dof) * self.stderr
         return self.order - half, self.order + half
-
-    _points: int = 2
 
 
 def convergence_order(step_sizes, errors) -> ConvergenceOrder:
@@ -64,4 +63,5 @@ def convergence_order(step_sizes, errors) -> ConvergenceOrder:
         order = float(np.diff(np.log(e))[0] / np.diff(np.log(h))[0])
         return ConvergenceOrder(order, np.inf, float(e[0] / h[0] ** order), 2)
     fit = stats.linregress(np.log(h), np.log(e))
-    return ConvergenceOrder(float(fit.slope), float(fit.stderr), float(np.exp(fit.intercept)), h.size)
+    return ConvergenceOrder(float(fit.slope), float(fit.stderr), float(np.exp(fit.intercept)),
+                            int(h.size))

@@ -249,6 +249,8 @@ class ConicProgram:
             return StepResult(None, np.nan, np.nan, np.nan, _status_name(solver_status), np.inf,
                               info)
         weights = np.maximum(self.scale * np.asarray(self.y.value), 0.0)
+        if self.geometry.conserve_mass:  # remove the solver's ~1e-9 drift so runs conserve exactly
+            weights *= mu.mass / weights.sum()
         new = mu.with_weights(weights)
         nu = (np.maximum(self.scale * np.asarray(self.nu.value), 0.0) if self.has_transport
               else mu.weights)
