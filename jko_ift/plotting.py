@@ -1,0 +1,138 @@
+"""The figures: functions that take trajectories (or arrays) and a path, and write a PNG.
+
+Figures are built with matplotlib's object API on the Agg canvas, never through pyplot:
+nothing opens a window, nothing touches pyplot's global figure list (so there is no figure
+to close and none leaks), and the backend a notebook has chosen is left alone. Each file
+is written atomically (``io.atomic_path``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .io import atomic_path
+from .measures import Measure
+from .solve import Trajectory
+
+__all__ = ["density_image", "plot_energy_decay", "plot_snapshots", "snapshot_indices"]
+
+#: Resolution of the PNGs.
+DPI = 120
+
+
+def density_image(mu: Measure) -> np.ndarray:
+    """The density a_i / h^d of a measure on a 2-D grid as an image of shape ``grid.shape``.
+
+    Index [i, j] is the cell at (x_i, y_j) (``Grid`` points are in C order).
+    """
+    if mu.grid is None or mu.grid.dim != 2:
+        raise ValueError("density_image needs a measure on a 2-D jk.Grid (made by grid.measure); "
+                         f"got one with grid {mu.grid!r}")
+    return (mu.weights / mu.grid.cell_volume).reshape(mu.grid.shape)
+
+
+def snapshot_indices(length: int, count: int) -> list[int]:
+    """``count`` indices spread evenly over 0..length-1, always the first and the last."""
+    if length < 1:
+        raise ValueError("a trajectory with no measures has no snapshots")
+    count = max(1, min(int(count), length))
+    if count == 1:
+        return [length - 1]
+    return sorted({int(round(i)) for i in np.linspace(0, length - 1, count)})
+
+
+def _show_density(ax, image: np.ndarray, grid, vmax: float):
+    """imshow with x to the right and y upwards (the image is indexed [x, y])."""
+    extent = (grid.lo[0], grid.hi[0], grid.lo[1], grid.hi[1])
+    return ax.imshow(image.T, origin="lower", extent=extent, cmap="viridis", vmin=0.0,
+                     vmax=vmax, interpolation="nearest", aspect="equal")
+
+
+def _save(fig: Figure, path) -> Path:
+    FigureCanvasAgg(fig)
+    path = Path(path)
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, dpi=DPI, format=path.suffix.lstrip(".") or "png")
+    return path
+
+
+def plot_snapshots(trajectories: Mapping[str, Trajectory], target: Measure, path,
+                   count: int = 4, title: str | None = None) -> Path:
+    """Densities at ``count`` times of each trajectory (one row each), beside the target.
+
+    trajectories: label -> Trajectory of measures on one 2-D grid; target: a measure on the
+    same grid. All panels share one colour scale. Writes a PNG to ``path`` and returns it.
+    """
+    if not trajectories:
+        raise ValueError("plot_snapshots needs at least one trajectory")
+    target_image = density_image(target)
+    rows = []
+    for label, trajectory in trajectories.items():
+        picks = snapshot_indices(len(trajectory), count)
+        rows.append((label, trajectory, picks, [density_image(trajectory.measures[i]) for i in picks]))
+    columns = max(len(picks) for _, _, picks, _ in rows) + 1
+    vmax = max(float(target_image.max()), *(float(im.max()) for *_, images in rows for im in images))
+
+    fig = Figure(figsize=(2.6 * columns + 0.8, 2.6 * len(rows) + (0.6 if title else 0.3)),
+                 layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(rows), columns, squeeze=False))
+    grid = target.grid
+    shown = None
+    for r, (label, trajectory, picks, images) in enumerate(rows):
+        for c in range(columns - 1):
+            ax = axes[r, c]
+            if c >= len(picks):
+                ax.set_axis_off()
+                continue
+            shown = _show_density(ax, images[c], grid, vmax)
+            ax.set_title(f"t = {trajectory.times[picks[c]]:.3g} (step {picks[c]})", fontsize=9)
+        _show_density(axes[r, -1], target_image, grid, vmax)
+        axes[r, -1].set_title("target $\\pi$", fontsize=9)
+        axes[r, 0].set_ylabel(f"{label}\n$x_2$", fontsize=10)
+    for ax in axes[-1]:
+        ax.set_xlabel("$x_1$")
+    if shown is not None:
+        fig.colorbar(shown, ax=axes, shrink=0.9, label="density $a_i / h^2$")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_energy_decay(trajectories: Mapping[str, Trajectory], path,
+                      bounds: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+                      title: str | None = None, ylabel: str = "energy $F(\\mu_t)$") -> Path:
+    """Energy against time on a log scale, one curve per trajectory, with reference bounds.
+
+    trajectories: label -> Trajectory; bounds: label -> (times, values), drawn dashed (a
+    bound given at as many times as a trajectory has steps gets markers too). Non-positive
+    values cannot be drawn on a log scale and are left out. Writes a PNG and returns it.
+    """
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    markers = iter("osD^v<>")
+    for label, trajectory in trajectories.items():
+        times, energies = np.asarray(trajectory.times), np.asarray(trajectory.energies)
+        keep = energies > 0
+        ax.semilogy(times[keep], energies[keep], marker=next(markers, "o"), label=label)
+    # bounds on top (zorder): a trajectory may sit on its bound (MMD flow: equality)
+    styles = iter([("k", "--"), ("k", ":"), ("tab:red", "-."), ("tab:purple", "--")])
+    for label, (times, values) in (bounds or {}).items():
+        times, values = np.asarray(times, float), np.asarray(values, float)
+        keep = values > 0
+        color, line = next(styles, ("k", "--"))
+        few = times.size <= 50
+        ax.semilogy(times[keep], values[keep], color=color, linestyle=line, linewidth=1.2,
+                    marker="x" if few else None, markersize=7, label=label, zorder=3)
+    ax.set_xlabel("time $t$")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)

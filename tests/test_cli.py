@@ -1,0 +1,158 @@
+"""The command line: ``jko-ift demo`` end to end on a small grid, and the help texts."""
+
+import json
+import shutil
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+import jko_ift as jk
+from jko_ift.cli import build_parser, main
+from jko_ift.io import results_folder, to_jsonable, write_json_atomic
+
+DEMO_FILES = ("snapshots.png", "mmd_decay.png", "summary.json")
+DEMO_OPTIONS = ("--steps", "--tau", "--grid", "--out", "--quiet")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: Energies are certified to about 1e-8 relative (DISSIPATION_RTOL in solve.py allows 1e-6).
+ENERGY_RTOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One small demo run (8 x 8 grid, 2 steps: a few seconds), shared by the checks below."""
+    out = tmp_path_factory.mktemp("demo") / "results"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", jk.GridLockingWarning)  # transport must really act
+        status = main(["demo", "--out", str(out), "--steps", "2", "--grid", "8", "--quiet"])
+    return status, out
+
+
+def test_demo_writes_its_three_files(demo_run):
+    status, out = demo_run
+    assert status == 0
+    for name in DEMO_FILES:
+        assert (out / name).is_file(), f"{name} missing from {sorted(p.name for p in out.iterdir())}"
+    for name in ("snapshots.png", "mmd_decay.png"):
+        assert (out / name).read_bytes()[:8] == PNG_SIGNATURE
+    assert not [p for p in out.parent.iterdir() if "partial" in p.name], "temporary files left over"
+
+
+def test_demo_summary_energies_decrease_and_steps_are_optimal(demo_run):
+    _, out = demo_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["version"] == jk.__version__
+    assert summary["parameters"]["steps"] == 2
+    assert summary["parameters"]["grid"]["shape"] == [8, 8]
+    assert set(summary["runs"]) == {"IFT", "MMD"}
+    for label, run in summary["runs"].items():
+        energies = np.array(run["energies"])
+        assert energies.shape == (3,), label
+        assert np.all(np.diff(energies) < 0), f"{label} energies do not decrease: {energies}"
+        assert run["statuses"] == ["optimal", "optimal"], label
+        assert all(c is not None and c <= 1e-6 for c in run["certificates"]), label
+        assert len(run["step_wall_times"]) == 2 and run["wall_time"] > 0
+        # every JKO iterate of 1/2 MMD^2 satisfies the discrete bound (docs/theory.md)
+        assert np.all(np.array(run["energy_over_discrete_bound"]) <= 1 + ENERGY_RTOL), label
+    assert summary["runs"]["IFT"]["grid_locked_steps"] == []
+    # transport makes IFT decay faster than the pure MMD flow
+    assert summary["runs"]["IFT"]["final_energy"] < summary["runs"]["MMD"]["final_energy"]
+    assert summary["wall_time"] > 0
+
+
+def test_demo_prints_where_the_results_are(tmp_path, capsys):
+    out = tmp_path / "again"
+    assert main(["demo", "--out", str(out), "--steps", "1", "--grid", "6", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert str(out.absolute()) in captured.out
+    assert captured.err == ""  # --quiet: no progress bars, no messages
+
+
+def test_demo_refuses_a_file_as_output_folder(tmp_path, capsys):
+    target = tmp_path / "a_file"
+    target.write_text("keep me")
+    assert main(["demo", "--out", str(target), "--steps", "1", "--grid", "6", "--quiet"]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert target.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("bad", [["--steps", "0"], ["--tau", "-1"], ["--tau", "nan"], ["--grid", "2"]])
+def test_demo_rejects_bad_options(bad, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", *bad])
+    assert exit_info.value.code == 2
+    assert bad[0] in capsys.readouterr().err
+
+
+def test_demo_help_exits_zero_and_explains_each_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in DEMO_OPTIONS:
+        assert option in text
+
+
+def test_top_level_help_lists_the_demo(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "demo" in capsys.readouterr().out
+
+
+def test_parser_needs_a_command():
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([])
+    assert exit_info.value.code == 2
+
+
+def test_console_script_help():
+    script = shutil.which("jko-ift")
+    command = [script] if script else [sys.executable, "-m", "jko_ift.cli"]
+    done = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "demo" in done.stdout
+    done = subprocess.run([*command, "demo", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    for option in DEMO_OPTIONS:
+        assert option in done.stdout
+
+
+# ---------------------------------------------------------------------------- io helpers
+
+def test_to_jsonable_converts_numpy_and_non_finite_values():
+    value = {"a": np.float32(1.5), "b": np.arange(3), "c": (np.int64(2), np.bool_(True)),
+             "d": float("nan"), "e": np.array([np.inf, 1.0]), 3: None}
+    assert to_jsonable(value) == {"a": 1.5, "b": [0, 1, 2], "c": [2, True], "d": None,
+                                  "e": [None, 1.0], "3": None}
+    with pytest.raises(TypeError, match="object"):
+        to_jsonable(object())
+
+
+def test_write_json_atomic_replaces_and_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "summary.json"
+    write_json_atomic(path, {"x": np.float64(1.0)})
+    assert json.loads(path.read_text()) == {"x": 1.0}
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"x": object()})
+    assert json.loads(path.read_text()) == {"x": 1.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_results_folder_appears_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "results"
+    with pytest.raises(RuntimeError), results_folder(target) as folder:
+        (folder / "half.txt").write_text("half")
+        raise RuntimeError("crash")
+    assert list(tmp_path.iterdir()) == []
+    with results_folder(target) as folder:
+        (folder / "one.txt").write_text("1")
+    assert (target / "one.txt").read_text() == "1"
+    # into an existing folder: files replaced one by one, other files left alone
+    (target / "mine.txt").write_text("mine")
+    with results_folder(target) as folder:
+        (folder / "one.txt").write_text("2")
+    assert (target / "one.txt").read_text() == "2" and (target / "mine.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
