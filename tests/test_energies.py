@@ -18,7 +18,8 @@ MU = GRID.measure(0.2 + RNG.random(GRID.size))
 TARGET = GRID.measure(0.2 + RNG.random(GRID.size))
 SAMPLES = jk.Measure(RNG.normal(size=(7, 2)), RNG.random(7))
 QUADRATIC = jk.Potential(lambda x: 0.5 * (x**2).sum(1), lambda x: x)
-REPULSION = jk.Interaction(lambda z: np.exp(-(z**2).sum(1)), lambda z: -2 * z * np.exp(-(z**2).sum(1))[:, None])
+REPULSION = jk.Interaction(lambda z: np.exp(-(z**2).sum(1)),
+                           lambda z: -2 * z * np.exp(-(z**2).sum(1))[:, None])
 
 ENERGIES = {
     "potential": QUADRATIC,
@@ -122,7 +123,7 @@ def test_generalized_kl_on_positive_measures():
     F = jk.KL(jk.Measure(points, b))
     assert F.value(jk.Measure(points, a)) == pytest.approx(np.log(0.5) - 1 + 2 + 0 - 0 + 1)
     assert F.value(jk.Measure(points, b)) == 0.0
-    assert F.value(jk.Measure(points, [1.0, 1.0, 1.0]).with_weights([1.0, 0, 0]) ) > 0
+    assert F.value(jk.Measure(points, [1.0, 1.0, 1.0]).with_weights([1.0, 0, 0])) > 0
     with pytest.raises(ValueError, match="same support"):
         F.value(jk.Measure(np.zeros((2, 1)), [1.0, 1.0]))
 
