@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,7 +14,7 @@ from .energies import Energy
 from .geometries import Geometry
 from .measures import Measure
 from .methods import ConicJKO, SolverError, StepResult
-from .methods.base import check_step_input
+from .methods.base import check_step_input, warn_user
 
 __all__ = ["DissipationWarning", "SolverError", "StepResult", "Trajectory", "jko_step", "solve"]
 
@@ -69,7 +68,8 @@ def solve(F: Energy, geometry: Geometry, mu0: Measure, tau: float, steps: int | 
     steps = _step_count(tau, steps, t_final)
     method = ConicJKO() if method is None else method
     times, measures, energies, stats = [0.0], [mu0], [F.value(mu0)], []
-    bar = tqdm(range(steps), disable=not progress, desc=type(method).__name__, unit="step")
+    label = f"{type(method).__name__} {type(geometry).__name__}"
+    bar = tqdm(range(steps), disable=not progress, desc=label, unit="step")
     for k in bar:
         start = time.perf_counter()
         result = jko_step(F, geometry, measures[-1], tau, method=method, throw=throw)
@@ -84,10 +84,9 @@ def solve(F: Energy, geometry: Geometry, mu0: Measure, tau: float, steps: int | 
         slack = dissipation_slack(F, measures[-1], result.objective)
         record["dissipation_slack"] = slack
         if slack < -DISSIPATION_RTOL * max(1.0, abs(energies[-1])):
-            warnings.warn(f"step {k + 1}: F(mu^k+1) + D^2/(2 tau) exceeds F(mu^k) by "
-                          f"{-slack:.3g}; the solve is less accurate than certified "
-                          f"(certificate {result.certificate:.2g})", DissipationWarning,
-                          stacklevel=2)
+            warn_user(f"step {k + 1}: F(mu^k+1) + D^2/(2 tau) exceeds F(mu^k) by {-slack:.3g}; "
+                      f"the solve is less accurate than certified (certificate "
+                      f"{result.certificate:.2g})", DissipationWarning)
         stats.append(record)
         times.append(times[-1] + tau)
         measures.append(result.measure)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,3 +69,14 @@ def check_step_input(F, geometry, mu, tau) -> float:
     if mu.mass <= 0:
         raise ValueError("mu has zero total mass; a JKO step needs a measure with positive mass")
     return tau
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def warn_user(message: str, category: type[Warning]) -> None:
+    """Warn, attributing the warning to the first caller outside jko_ift."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

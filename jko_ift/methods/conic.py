@@ -36,7 +36,7 @@ from ..energies import ConicSupport, Energy, NotConvexError, psd_factor
 from ..geometries import Geometry, Hellinger, Wasserstein
 from ..kernels import row_blocks, squared_distances
 from ..measures import Measure
-from .base import SolverError, StepResult, check_step_input
+from .base import SolverError, StepResult, check_step_input, warn_user
 
 SOLVERS = ("CLARABEL", "SCS")
 
@@ -275,17 +275,30 @@ class ConicProgram:
         return np.sqrt(self.cost.max()) if self.cost.size else 0.0
 
     def _distance_sq(self, mu, nu, new) -> float:
-        """D^2 at the solver's intermediate measure nu, each part evaluated exactly.
+        """D^2(mu, new), each part evaluated exactly at the best of a few intermediates.
 
-        W2^2(mu, nu) by the network simplex rather than <C, P>: an interior-point plan
-        spreads tiny masses over all pairs, which biases <C, P> upwards.
+        D^2 is an infimum over nu, so any nu gives an upper bound: the solver's, and for an
+        inf-convolution also mu^k itself (no transport) and the new measure (no reaction),
+        which are better when alpha or beta is tiny and 1/alpha amplifies the solver's
+        feasibility errors in nu. W2^2 comes from the network simplex rather than <C, P>:
+        an interior-point plan spreads tiny masses over all pairs, biasing <C, P> upwards.
         """
+        if not self.has_transport:
+            return self._distance_through(mu, mu.weights, new)
+        candidates = [nu]
+        if self.reaction is not None:
+            candidates.append(mu.weights)
+            if np.isclose(new.mass, mu.mass, rtol=1e-9, atol=0):
+                candidates.append(new.weights)
+        return min(self._distance_through(mu, candidate, new) for candidate in candidates)
+
+    def _distance_through(self, mu, nu, new) -> float:
+        """W2^2(mu, nu) / alpha + R^2(nu, new) / beta, with nu rescaled to the mass of mu."""
+        intermediate = mu.with_weights(nu * (mu.mass / nu.sum()))
         total = 0.0
         if self.has_transport:
-            intermediate = mu.with_weights(nu * (mu.mass / nu.sum()))
             total += Wasserstein().squared_distance(mu, intermediate) / self.geometry.alpha
         if self.reaction is not None:
-            intermediate = new.with_weights(nu)
             total += self.reaction.squared_distance(intermediate, new) / self.geometry.beta
         return total
 
@@ -384,10 +397,10 @@ def _check_grid_locking(F, geometry, mu, tau, result, program) -> None:
     result.info["grid_locked"] = displacement < spacing
     if displacement > 1e-12 * spacing and displacement < spacing and not program.warned_locking:
         program.warned_locking = True
-        warnings.warn(
+        warn_user(
             f"grid locking: the W2 step moved a fraction {result.info['moved_fraction']:.1e} of "
             f"the mass, because the displacement tau*alpha*max|grad f| = {displacement:.3g} is "
             f"below the grid spacing h = {spacing:.3g}. Refine the grid below "
             "tau*|grad f| or take larger steps; a tau -> 0 study must refine h faster than tau",
-            GridLockingWarning, stacklevel=4,
+            GridLockingWarning,
         )
