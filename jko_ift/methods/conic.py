@@ -7,9 +7,9 @@ On the points x_1..x_n of mu^k = sum_i a_i delta_{x_i} the step solves
           b = nu                        (without a reaction part)
           sum(b) = sum(a)               (reaction part with conserve_mass)
 
-with C_ij = |x_i - x_j|^2, R^2 = He^2 (second-order cones) or MMD^2 (a Gram factor).
+with C_ij = |x_i - x_j|^2, R^2 = He^2 (second-order cones) or MMD^2 (a PSD quadratic form).
 The same program serves all five geometries. Variables are scaled by s = mass / n so that
-they are of order one, and the problem is compiled once per support with a and 1/(2 tau)
+they are of order one, and the problem is compiled once per support with a / s and 2 tau
 as parameters (DPP): later steps only re-solve.
 
 The plan only has entries for pairs closer than a radius R. From the duals (u, v) of
