@@ -4,6 +4,7 @@ Energies (what decreases) and geometries (how mass may move) are independent pie
 a method turns them into steps. See ``docs/theory.md`` for the conventions.
 """
 
+from .control import StepController
 from .diagnostics import convergence_order, mmd, w2
 from .energies import KL, MMD2, Energy, Entropy, Interaction, PorousMedium, Potential
 from .geometries import IFT, MMD, WFR, Hellinger, InfConvolution, Wasserstein
@@ -18,6 +19,6 @@ __all__ = [
     "IFT", "IMQ", "KL", "MMD", "MMD2", "WFR", "ConicJKO", "DissipationWarning", "Energy",
     "EnergyKernel", "Entropy", "Gaussian", "Grid", "GridLockingWarning", "Hellinger",
     "InfConvolution", "Interaction", "Laplace", "Measure", "PorousMedium", "Potential",
-    "SolverError", "StepResult", "Trajectory", "Wasserstein", "convergence_order",
+    "SolverError", "StepController", "StepResult", "Trajectory", "Wasserstein", "convergence_order",
     "jko_step", "mmd", "solve", "w2",
 ]

@@ -62,7 +62,11 @@ _CLARABEL = _ClarabelWithStats()
 
 #: Solver settings used unless the caller sets them. Clarabel's QDLDL factorization is 4-6x
 #: faster than its default choice (faer) on these KKT systems (benchmarks/conic_step.py).
-DEFAULT_OPTIONS = {"CLARABEL": {"direct_solve_method": "qdldl"}, "SCS": {}}
+#: warm_start=False: CVXPY would otherwise update the previous Clarabel solver in place,
+#: keeping the equilibration of the first step's data, and later steps can then stall
+#: (seen in adaptive runs); a fresh setup costs milliseconds, the DPP compile stays cached.
+DEFAULT_OPTIONS = {"CLARABEL": {"direct_solve_method": "qdldl", "warm_start": False},
+                   "SCS": {"warm_start": False}}
 
 #: Retried once when Clarabel stalls (InsufficientProgress): shorter interior-point steps
 #: let the dense 2-D plans converge.
