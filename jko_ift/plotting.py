@@ -19,7 +19,8 @@ from .io import atomic_path
 from .measures import Measure
 from .solve import Trajectory
 
-__all__ = ["density_image", "plot_energy_decay", "plot_snapshots", "snapshot_indices"]
+__all__ = ["density_image", "plot_energy_decay", "plot_snapshots", "plot_step_sizes",
+           "plot_work_precision", "snapshot_indices"]
 
 #: Resolution of the PNGs.
 DPI = 120
@@ -135,4 +136,43 @@ def plot_energy_decay(trajectories: Mapping[str, Trajectory], path,
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_work_precision(curves: Sequence, path, title: str = "") -> Path:
+    """Error against work (step solves), log-log, one line per ``studies.WorkPrecision``."""
+    fig = Figure(figsize=(6.4, 4.6))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for curve, marker in zip(curves, "os^vD", strict=False):
+        ax.loglog(curve.solves, curve.errors, marker=marker, label=curve.label)
+        for parameter, solves, error in zip(curve.parameter, curve.solves, curve.errors, strict=True):
+            text = f"{parameter:.0e}" if parameter < 1 else f"{parameter:.0f}"
+            ax.annotate(text, (solves, error), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("work: step solves")
+    ax.set_ylabel("error (largest over the saved times)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_step_sizes(trajectories: Mapping[str, Trajectory], path, title: str = "") -> Path:
+    """Accepted step sizes against time, and the rejected attempts, for adaptive runs."""
+    fig = Figure(figsize=(6.4, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, trajectory in trajectories.items():
+        accepted = [s for s in trajectory.stats if s.get("accepted", True)]
+        rejected = [s for s in trajectory.stats if not s.get("accepted", True)]
+        line, = ax.semilogy([s["t"] + s["tau"] for s in accepted], [s["tau"] for s in accepted],
+                            marker=".", label=label)
+        if rejected:
+            ax.semilogy([s["t"] for s in rejected], [s["tau"] for s in rejected], "x",
+                        color=line.get_color())
+    ax.set_xlabel("time t")
+    ax.set_ylabel("step size tau (x: rejected)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
     return _save(fig, path)

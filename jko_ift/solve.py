@@ -162,7 +162,9 @@ class _Run:
     def _adaptive_loop(self, controller, norm, proposed, bar) -> Trajectory:
         previous_error, attempt, failures = None, 0, 0
         while self.t < self.t_final * (1 - TIME_RTOL):
-            tau = min(proposed, self._next_stop() - self.t)  # land on save and final times
+            # land on save and final times, without leaving a sliver of a step before them
+            remaining = self._next_stop() - self.t
+            tau = remaining if remaining <= 1.1 * proposed else proposed
             if proposed < controller.tau_min:
                 raise SolverError(
                     f"adaptive step size {proposed:.3g} fell below tau_min = "
@@ -197,6 +199,9 @@ class _Run:
                 "objective": fine.objective, "distance_sq": fine.distance_sq,
                 "dissipation_slack": min(half_record["dissipation_slack"],
                                          fine_record["dissipation_slack"]),
+                # on a fixed grid, locked sub-steps make the estimate measure the grid, not tau
+                "grid_locked": any(r.get("grid_locked", False)
+                                   for r in (coarse_record, half_record, fine_record)),
             })
             proposed = min(proposed * controller.factor(error, previous_error, accepted),
                            controller.tau_max)

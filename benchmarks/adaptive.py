@@ -1,0 +1,123 @@
+"""Work-precision of error-controlled against fixed step sizes, side by side in one run.
+
+    python benchmarks/adaptive.py [--quick] [--no-ift] [--json PATH]
+
+For each problem: fixed-tau runs over a range of step counts and adaptive runs over a
+range of rtol (atol = 0), the work (step solves: one per fixed step, three per adaptive
+attempt) and the error (largest distance to the reference over the saved times). For every
+adaptive run it prints the work the fixed runs need for the same error (log-log
+interpolation) and the ratio. Problems: the MMD flow of 1/2 MMD^2 and the Ornstein-Uhlenbeck
+flow (closed forms), IFT to the paper's 2-D mixture target (reference: fixed tau / 8 of the
+finest fixed run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+import jko_ift as jk
+from jko_ift import problems
+from jko_ift.studies import work_precision
+
+
+def ift_reference_error(problem, steps, save_at):
+    """error(trajectory) against a fixed run with ``steps`` steps, in MMD at the save times."""
+    reference = jk.solve(problem.energy, problem.geometry, problem.initial,
+                         tau=problem.t_final / steps, steps=steps, save_at=save_at, progress=False)
+    kernel = problem.energy.kernel
+    by_time = dict(zip(np.round(reference.times, 9), reference.measures, strict=True))
+
+    def error(trajectory):
+        return max(jk.mmd(mu, by_time[round(t, 9)], kernel)
+                   for t, mu in zip(trajectory.times, trajectory.measures, strict=True))
+
+    return error
+
+
+def run(problem, steps, rtols, save_at, error=None):
+    start = time.perf_counter()
+    fixed, adaptive = work_precision(problem.energy, problem.geometry, problem.initial,
+                                     problem.t_final, error or problem.error, jk.ConicJKO,
+                                     steps=steps, rtols=rtols, save_at=save_at)
+    rows = []
+    print(f"\n{problem.name}: t_final = {problem.t_final:g}, saves at {[round(float(t), 3) for t in save_at]}")
+    header = ("run", "solves", "error", "rejected", "fixed solves", "ratio")
+    print("  {:>16} {:>7} {:>10} {:>8} {:>12} {:>6}".format(*header))
+    for n, solves, err in zip(fixed.parameter, fixed.solves, fixed.errors, strict=True):
+        print(f"  {f'fixed n={n:.0f}':>16} {solves:7d} {err:10.3e}")
+        rows.append({"run": "fixed", "steps": int(n), "solves": int(solves), "error": err})
+    for rtol, solves, err, trajectory in zip(adaptive.parameter, adaptive.solves, adaptive.errors,
+                                             adaptive.trajectories, strict=True):
+        rejected = sum(not s["accepted"] for s in trajectory.stats)
+        locked = sum(bool(s.get("grid_locked")) for s in trajectory.stats)
+        needed = fixed.solves_to_reach(err)
+        ratio = needed / solves
+        print(f"  {f'adaptive {rtol:.0e}':>16} {solves:7d} {err:10.3e} {rejected:8d} "
+              f"{needed:12.1f} {ratio:6.2f}" + (f"  ({locked} grid-locked)" if locked else ""))
+        rows.append({"run": "adaptive", "rtol": rtol, "solves": int(solves), "error": err,
+                     "rejected": rejected, "grid_locked": locked,
+                     "fixed_solves_same_error": needed, "ratio": ratio,
+                     "taus": trajectory.taus.tolist()})
+    print(f"  ({time.perf_counter() - start:.1f} s)")
+    return {"problem": problem.name, "rows": rows}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer runs (a smoke test)")
+    parser.add_argument("--no-ift", action="store_true", help="skip the (slower) 2-D IFT problem")
+    parser.add_argument("--json", help="also write the tables to this JSON file")
+    args = parser.parse_args(argv)
+    results = []
+
+    mmd = problems.mmd_flow(t_final=8.0)
+    save = np.linspace(0.5, mmd.t_final, 16)
+    steps = [16, 32, 64, 128] if args.quick else [16, 32, 64, 128, 256, 512, 1024]
+    rtols = [1e-1, 1e-2] if args.quick else [1e-1, 1e-2, 1e-3, 1e-4]
+    results.append(run(mmd, steps, rtols, save))
+
+    ou = problems.ornstein_uhlenbeck()
+    save = np.linspace(0.25, ou.t_final, 12)
+    steps = [12, 24] if args.quick else [12, 24, 48, 96, 192]
+    rtols = [3e-2] if args.quick else [1e-1, 3e-2, 1e-2, 3e-3]
+    with jk_quiet():
+        results.append(run(ou, steps, rtols, save))
+
+    if not args.no_ift:
+        ift = problems.ift_paper_mixture()
+        save = np.linspace(0.25, ift.t_final, 8)
+        steps = [8, 16] if args.quick else [8, 16, 32, 64]
+        rtols = [1e-1] if args.quick else [1e-1, 3e-2, 1e-2]
+        with jk_quiet():
+            error = ift_reference_error(ift, 8 * steps[-1], save)
+            results.append(run(ift, steps, rtols, save, error))
+
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=1)
+
+
+def jk_quiet():
+    """Grid locking is expected at the smallest steps of these fixed grids; count, not print."""
+    import warnings
+
+    manager = warnings.catch_warnings()
+    manager.__enter__()
+    warnings.simplefilter("ignore", jk.GridLockingWarning)
+
+    class _Exit:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return manager.__exit__(*exc)
+
+    return _Exit()
+
+
+if __name__ == "__main__":
+    main()
