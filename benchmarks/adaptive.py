@@ -44,7 +44,8 @@ def run(problem, steps, rtols, save_at, error=None):
                                      problem.t_final, error or problem.error, jk.ConicJKO,
                                      steps=steps, rtols=rtols, save_at=save_at)
     rows = []
-    print(f"\n{problem.name}: t_final = {problem.t_final:g}, saves at {[round(float(t), 3) for t in save_at]}")
+    saves = [round(float(t), 3) for t in save_at]
+    print(f"\n{problem.name}: t_final = {problem.t_final:g}, saves at {saves}")
     header = ("run", "solves", "error", "rejected", "fixed solves", "ratio")
     print("  {:>16} {:>7} {:>10} {:>8} {:>12} {:>6}".format(*header))
     for n, solves, err in zip(fixed.parameter, fixed.solves, fixed.errors, strict=True):
