@@ -10,13 +10,21 @@ from .energies import KL, MMD2, Energy, Entropy, Interaction, PorousMedium, Pote
 from .geometries import IFT, MMD, WFR, Hellinger, InfConvolution, Wasserstein
 from .kernels import IMQ, EnergyKernel, Gaussian, Laplace
 from .measures import Grid, Measure
-from .methods import ConicJKO, GridLockingWarning, SolverError, StepResult
+from .methods import (
+    ConicJKO,
+    EntropicBlurWarning,
+    EntropicJKO,
+    GridLockingWarning,
+    SolverError,
+    StepResult,
+)
 from .solve import DissipationWarning, Trajectory, jko_step, solve
 
 __version__ = "0.1.0"
 
 __all__ = [
     "IFT", "IMQ", "KL", "MMD", "MMD2", "WFR", "ConicJKO", "DissipationWarning", "Energy",
+    "EntropicBlurWarning", "EntropicJKO",
     "EnergyKernel", "Entropy", "Gaussian", "Grid", "GridLockingWarning", "Hellinger",
     "InfConvolution", "Interaction", "Laplace", "Measure", "PorousMedium", "Potential",
     "SolverError", "StepController", "StepResult", "Trajectory", "Wasserstein", "convergence_order",

@@ -2,5 +2,7 @@
 
 from .base import SolverError, StepResult
 from .conic import ConicJKO, GridLockingWarning
+from .entropic import EntropicBlurWarning, EntropicJKO
 
-__all__ = ["ConicJKO", "GridLockingWarning", "SolverError", "StepResult"]
+__all__ = ["ConicJKO", "EntropicBlurWarning", "EntropicJKO", "GridLockingWarning", "SolverError",
+           "StepResult"]

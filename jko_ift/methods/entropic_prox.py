@@ -1,0 +1,614 @@
+"""KL-proximal maps of the energies, the building block of the entropic JKO step.
+
+The generalized Sinkhorn iterations of the entropic step (docs/entropic.md) need, for the
+measure q given by the plan, the KL-proximal map
+
+    prox_{sigma F}^{KL}(q) = argmin_b  sigma F(b) + KL(b | q),    KL(b | q) = sum b log(b/q) - b + q,
+
+whose optimality condition is sigma f(b) + log(b / q) = 0 with f = dF/dmu. On a fixed support
+every energy of the library has a first variation of the form
+
+    f(b) = L log b + o + sum_k c_k b^(p_k) + Q b                           (``EnergyForm``)
+
+(L, c_k >= 0, p_k > 0, Q symmetric positive semidefinite): Entropy and KL give the log
+term, Potential the offset o, PorousMedium a power, MMD2 and Interaction the matrix Q.
+In s = log b the condition reads
+
+    A s + o' + sum_k c'_k e^(p_k s) + Q' e^s = 0,     A = 1 + sigma L > 0,          (*)
+
+solved by ``LogEquation``: in closed form without powers and Q, through the Wright omega
+function with one power (A s + c e^(p s) = R  <=>  s = R/A - omega(log(p c / A) + p R / A) / p),
+by a vectorized monotone Newton iteration per point with several powers, and by a damped
+Newton iteration with one symmetric positive definite solve per step when Q couples the
+points. Everything works on log q and log b, so the log-domain iterations never
+exponentiate a potential.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import linalg
+from scipy.special import wrightomega
+
+from ..energies import (
+    KL,
+    MMD2,
+    Energy,
+    Entropy,
+    Interaction,
+    PorousMedium,
+    Potential,
+    Scaled,
+    Sum,
+    psd_factor,
+)
+from ..measures import Measure, require_cell_volume
+
+#: Points above which a coupled energy (MMD2, Interaction) is refused: its KL-proximal map
+#: solves dense n x n systems (O(n^3)), and its Gram matrix alone would need n^2 floats.
+MAX_COUPLED_POINTS = 6000
+
+#: Newton stops when every |step| in s = log b is below this (b is then exact to 1e-12
+#: relative), or after NEWTON_MAX_ITER steps.
+NEWTON_TOL = 1e-12
+NEWTON_MAX_ITER = 100
+
+#: The coupled Newton iteration stops when the residual of (*) (in units of log b, times A)
+#: is below this: b is then exact to about 1e-11 relative.
+NEWTON_RESIDUAL_TOL = 1e-11
+
+#: Largest change of log b in one Newton step of the coupled solve (a trust region): far
+#: from the root the Newton step of a near-singular Gram matrix can be huge.
+NEWTON_MAX_LOG_STEP = 2.0
+
+#: log b below which a point is left out of the coupled Newton system and solved afterwards
+#: in closed form (its weight e^-200 = 1e-87 cannot change Q b).
+NEGLIGIBLE_LOG = -200.0
+
+#: log b below which a weight counts as zero in the coupled Newton system (e^-700 = 1e-304).
+LOG_FLOOR = -700.0
+
+
+class UnsupportedEnergyError(ValueError):
+    """The entropic step has no KL-proximal map for this energy."""
+
+
+@dataclass
+class EnergyForm:
+    """f(b) = log_coef log b + offset + sum_k c_k b^p_k + quadratic @ b on a fixed support.
+
+    offset: (n,), +inf where b must vanish (a KL target without mass there).
+    powers: [(c_k, p_k)], c_k > 0, p_k > 0. quadratic: (n, n) PSD or None.
+    """
+
+    n: int
+    log_coef: float = 0.0
+    offset: np.ndarray = None
+    powers: list = field(default_factory=list)
+    quadratic: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.offset is None:
+            self.offset = np.zeros(self.n)
+
+    def __add__(self, other: EnergyForm) -> EnergyForm:
+        quadratic = self.quadratic
+        if other.quadratic is not None:
+            quadratic = other.quadratic if quadratic is None else quadratic + other.quadratic
+        return EnergyForm(self.n, self.log_coef + other.log_coef, self.offset + other.offset,
+                          self.powers + other.powers, quadratic)
+
+    def scaled(self, factor: float) -> EnergyForm:
+        return EnergyForm(self.n, factor * self.log_coef, factor * self.offset,
+                          [(factor * c, p) for c, p in self.powers],
+                          None if self.quadratic is None else factor * self.quadratic)
+
+    @property
+    def separable(self) -> bool:
+        return self.quadratic is None
+
+    @property
+    def is_quadratic(self) -> bool:
+        """f affine in b: no log term and no power."""
+        return self.log_coef == 0 and not self.powers
+
+    def first_variation(self, b: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            f = self.offset + (self.log_coef * np.log(b) if self.log_coef else 0.0)
+            for c, p in self.powers:
+                f = f + c * b**p
+        if self.quadratic is not None:
+            f = f + self.quadratic @ b
+        return f
+
+
+def energy_form(F: Energy, mu: Measure) -> EnergyForm:
+    """The ``EnergyForm`` of F on the support of mu, or UnsupportedEnergyError."""
+    n = mu.n
+    if isinstance(F, Sum):
+        form = EnergyForm(n)
+        for term in F.terms:
+            form = form + energy_form(term, mu)
+        return form
+    if isinstance(F, Scaled):
+        inner = energy_form(F.energy, mu)
+        if F.factor < 0 and not (inner.is_quadratic and inner.quadratic is None):
+            raise UnsupportedEnergyError(
+                f"a negative multiple ({F.factor}) of {type(F.energy).__name__} is not convex; "
+                "the entropic JKO step needs a convex energy")
+        return inner.scaled(F.factor)
+    if isinstance(F, Potential):
+        return EnergyForm(n, offset=F.first_variation(mu))
+    if isinstance(F, Entropy):
+        h = require_cell_volume(mu, "Entropy")
+        return EnergyForm(n, log_coef=1.0, offset=np.full(n, 1.0 - np.log(h)))
+    if isinstance(F, KL):
+        with np.errstate(divide="ignore"):
+            offset = -np.log(F.reference_weights(mu))
+        return EnergyForm(n, log_coef=1.0, offset=offset)
+    if isinstance(F, PorousMedium):
+        h = require_cell_volume(mu, "PorousMedium")
+        m = F.m
+        return EnergyForm(n, powers=[(m / (m - 1) * h ** (1 - m), m - 1)])
+    if isinstance(F, MMD2):
+        _check_coupled(n, "MMD2")
+        target = F.target
+        if not F.kernel.positive_definite:
+            raise UnsupportedEnergyError(
+                f"MMD2 with {type(F.kernel).__name__} (conditionally positive definite) is not "
+                "convex on M+; the entropic step takes positive definite kernels "
+                "(jk.Gaussian, jk.IMQ, jk.Laplace)")
+        gram = F.kernel(mu.points, mu.points)
+        offset = -F.kernel.apply(mu.points, target.points, target.weights)
+        return EnergyForm(n, offset=offset, quadratic=0.5 * (gram + gram.T))
+    if isinstance(F, Interaction):
+        _check_coupled(n, "Interaction")
+        matrix = F.matrix(mu.points)
+        matrix = 0.5 * (matrix + matrix.T)
+        if psd_factor(matrix) is None:
+            raise UnsupportedEnergyError(
+                "this Interaction is not convex in the weights (its matrix [W(x_i - x_j)] is not "
+                "positive semidefinite, e.g. an attraction); the entropic step cannot take it. "
+                "Use a particle method (jk.ParticleJKO, jk.ExplicitEuler)")
+        return EnergyForm(n, quadratic=matrix)
+    raise UnsupportedEnergyError(
+        f"EntropicJKO has no KL-proximal map for {type(F).__name__}; it takes sums and positive "
+        "multiples of jk.Entropy, jk.KL, jk.Potential, jk.PorousMedium, jk.MMD2 and convex "
+        "jk.Interaction energies")
+
+
+def _check_coupled(n: int, name: str) -> None:
+    if n > MAX_COUPLED_POINTS:
+        raise UnsupportedEnergyError(
+            f"{name} couples all {n} points: its KL-proximal map solves dense {n} x {n} systems, "
+            f"refused above {MAX_COUPLED_POINTS} points; use a coarser support or a particle method")
+
+
+class LogEquation:
+    """Solver of (*): A s + offset + sum_k c_k e^(p_k s) + Q e^s = rhs, for s = log b.
+
+    ``A``: scalar > 0; offset: (n,) (may hold +inf: s = -inf there); powers [(c_k, p_k)];
+    Q: (n, n) PSD or None. ``solve(rhs, start)`` returns s; ``start`` warm-starts the coupled
+    Newton iteration (the Sinkhorn loop passes the previous solution).
+    """
+
+    def __init__(self, A: float, offset: np.ndarray, powers, Q: np.ndarray | None):
+        if not A > 0:
+            raise ValueError(f"the log coefficient must be positive, got {A}")
+        self.A, self.offset, self.powers, self.Q = float(A), offset, list(powers), Q
+        self.zero = ~np.isfinite(offset) & (offset > 0)  # b = 0 forced (KL target 0)
+        self.newton_steps = 0
+
+    def solve(self, rhs: np.ndarray, start: np.ndarray | None = None) -> np.ndarray:
+        dead = self.zero | ~np.isfinite(rhs)  # b = 0: forced, or q = 0
+        R = np.where(dead, 0.0, rhs - np.where(dead, 0.0, self.offset))
+        if self.Q is None:
+            s = self._separable(R)
+        elif dead.any():
+            s = np.full(R.shape, -np.inf)
+            live = ~dead
+            sub = LogEquation(self.A, self.offset[live], self.powers, self.Q[np.ix_(live, live)])
+            start = None if start is None else start[live]
+            s[live] = sub._coupled(R[live], rhs[live], start)
+            self.newton_steps += sub.newton_steps
+        else:
+            s = self._coupled_split(R, rhs, start)
+        s[dead] = -np.inf
+        return s
+
+    def _coupled_split(self, R, rhs, start):
+        """Newton on the points that matter; the others (b < e^NEGLIGIBLE_LOG) in closed form.
+
+        Points whose diagonal-start root is below NEGLIGIBLE_LOG carry no weight in Q b to
+        float precision, so for them (*) is separable given the others: s = (R - Q b - ...) / A,
+        exact in the log domain however small (a floor on log b would corrupt the potentials).
+        """
+        upper = self._separable_start(R)
+        small = upper < NEGLIGIBLE_LOG
+        for _ in range(3):
+            if not small.any():
+                return self._coupled(R, rhs, start)
+            big = ~small
+            s = np.empty_like(R)
+            if big.any():
+                sub = LogEquation(self.A, self.offset[big], self.powers, self.Q[np.ix_(big, big)])
+                s[big] = sub._coupled(R[big], rhs[big], None if start is None else start[big])
+                self.newton_steps += sub.newton_steps
+                coupling = self.Q[np.ix_(small, big)] @ np.exp(s[big])
+            else:
+                coupling = 0.0
+            s[small] = LogEquation(self.A, np.zeros(small.sum()), self.powers, None)._separable(
+                R[small] - coupling)
+            grown = small & (s >= NEGLIGIBLE_LOG)  # possible for Q with negative entries
+            if not grown.any():
+                return s
+            small = small & ~grown
+        return s
+
+    # -- separable -------------------------------------------------------------------------
+    def _single_power(self, R, c, p):
+        """A s + c e^(p s) = R through the Wright omega function."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            z = np.log(p * c / self.A) + p * R / self.A
+            w = np.asarray(wrightomega(z).real, float)
+        return R / self.A - w / p
+
+    def _separable(self, R):
+        finite = np.isfinite(R)
+        Rf = np.where(finite, R, 0.0)
+        if not self.powers:
+            return Rf / self.A
+        starts = [self._single_power(Rf, c, p) for c, p in self.powers]
+        s = np.min(starts, axis=0)
+        if len(self.powers) == 1:
+            return s
+        # monotone Newton: phi(s) = A s + sum c e^(p s) - R is convex increasing and each
+        # single-power root is >= the root, so Newton from their minimum decreases to it
+        for _ in range(NEWTON_MAX_ITER):
+            self.newton_steps += 1
+            terms = [(c * np.exp(p * s), p) for c, p in self.powers]
+            phi = self.A * s + sum(t for t, _ in terms) - Rf
+            slope = self.A + sum(p * t for t, p in terms)
+            step = phi / slope
+            s = s - step
+            if np.max(np.abs(step)) <= NEWTON_TOL:
+                break
+        return s
+
+    # -- coupled ---------------------------------------------------------------------------
+    def _residual(self, s, R):
+        b = np.exp(s)
+        phi = self.A * s - R + self.Q @ b
+        for c, p in self.powers:
+            phi += c * np.exp(p * s)
+        return phi, b
+
+    def _merit(self, s, R):
+        """Psi(b) = sum A (b log b - b) - R b + sum c b^(p+1)/(p+1) + b^T Q b / 2: (*) is grad Psi."""
+        b = np.exp(s)
+        value = np.sum(self.A * (b * s - b) - R * b) + 0.5 * b @ (self.Q @ b)
+        for c, p in self.powers:
+            value += np.sum(c * b ** (p + 1) / (p + 1))
+        return value
+
+    def _coupled(self, R, rhs, start):
+        if start is None or not np.all(np.isfinite(start)):
+            start = self._separable_start(R)
+        s = np.maximum(np.asarray(start, float).copy(), LOG_FLOOR)
+        merit = self._merit(s, R)
+        phi, b = self._residual(s, R)
+        for _ in range(NEWTON_MAX_ITER):
+            size = np.max(np.abs(phi))
+            if not np.isfinite(size) or size <= NEWTON_RESIDUAL_TOL:
+                break
+            self.newton_steps += 1
+            diagonal = self.A / np.maximum(b, np.exp(LOG_FLOOR))
+            for c, p in self.powers:
+                diagonal += c * p * b ** (p - 1)
+            matrix = self.Q + np.diag(diagonal)
+            try:
+                y = linalg.solve(matrix, -phi, assume_a="pos", check_finite=False)
+            except (linalg.LinAlgError, ValueError):
+                y = np.linalg.lstsq(matrix, -phi, rcond=None)[0]
+            step = y / np.maximum(b, np.exp(LOG_FLOOR))
+            largest = np.max(np.abs(step))
+            if largest > NEWTON_MAX_LOG_STEP:  # a trust region in log b: far from the root
+                step *= NEWTON_MAX_LOG_STEP / largest  # the Gram part can be near singular
+            slope = float(phi @ (b * step))  # directional derivative of the merit, < 0
+            t = 1.0
+            while True:
+                # Armijo on the convex merit Psi(e^s); near the root, where Psi no longer
+                # resolves the decrease, a smaller residual is accepted instead
+                trial = np.maximum(s + t * step, LOG_FLOOR)
+                value = self._merit(trial, R)
+                phi_trial, b_trial = self._residual(trial, R)
+                if (value <= merit + 1e-4 * t * slope
+                        or np.max(np.abs(phi_trial)) <= 0.9 * size):
+                    break
+                t *= 0.5
+                if t < 1e-12:
+                    return s
+            s, merit, phi, b = trial, value, phi_trial, b_trial
+        return s
+
+    def _separable_start(self, R):
+        """The root with Q replaced by its diagonal (Wright omega / monotone Newton).
+
+        For Q with nonnegative entries (Gram matrices of the kernels here) Q b >= diag(Q) b,
+        so this is above the root, and of the right scale even when q is far from it.
+        """
+        diagonal = np.diag(self.Q)
+        powers = list(self.powers)
+        if np.all(diagonal > 0):
+            return _PointwiseLinear(self.A, powers, diagonal)._separable(R)
+        return LogEquation(self.A, np.zeros_like(R), powers, None)._separable(R)
+
+
+class _PointwiseLinear(LogEquation):
+    """A s + sum_k c_k e^(p_k s) + d_i e^s = R: the power p = 1 with a per-point coefficient."""
+
+    def __init__(self, A, powers, diagonal):
+        super().__init__(A, np.zeros_like(diagonal), list(powers) + [(diagonal, 1.0)], None)
+
+
+class KLProx:
+    """b = prox_{sigma F}^{KL}(q) for F given by an ``EnergyForm``: (*) with A = 1 + sigma L."""
+
+    def __init__(self, form: EnergyForm, sigma: float):
+        self.form, self.sigma = form, float(sigma)
+        self.equation = LogEquation(1.0 + sigma * form.log_coef, sigma * form.offset,
+                                    [(sigma * c, p) for c, p in form.powers],
+                                    None if form.quadratic is None else sigma * form.quadratic)
+        self._last = None
+        # closed form log b = (log q - sigma o) / A: the scaling v = b / q is q^-theta e^c0
+        self.closed = form.quadratic is None and not form.powers
+        A = self.equation.A
+        self.theta = 1.0 - 1.0 / A
+        with np.errstate(invalid="ignore"):
+            self.c0 = np.where(self.equation.zero, -np.inf, -sigma * form.offset / A)
+
+    def scaling(self, q: np.ndarray) -> np.ndarray:
+        """v = prox(q) / q in the kernel domain (closed forms only): one log and one exp."""
+        log_v = np.log(q)
+        log_v *= -self.theta
+        log_v += self.c0
+        return np.exp(log_v, out=log_v)
+
+    def __call__(self, log_q: np.ndarray) -> np.ndarray:
+        """log b from log q: (n,) -> (n,)."""
+        s = self.equation.solve(log_q, self._last)
+        self._last = s
+        return s
+
+
+# ---------------------------------------------------------------------------------------------
+# Inf-convolutions: the column function is the reaction envelope of F
+# ---------------------------------------------------------------------------------------------
+
+
+class HellingerEnvelopeProx:
+    """KL-proximal map of sigma G, G(nu) = min_b F(b) + He^2(nu, b) / (2 tau beta) (WFR).
+
+    Per point (F separable) the prox min_{nu, b} KL(nu | q) + sigma F(b) + kappa sum (nu + b
+    - 2 sqrt(nu b)), kappa = 2 sigma / (tau beta), is stationary iff, with t = log sqrt(b / nu),
+
+        log nu = log q - kappa (1 - e^t),   log b = log nu + 2 t,
+        g(t) = sigma f(b) + kappa (1 - e^-t) = 0,
+
+    and g is strictly increasing in t: one root per point, found by a bracketed Newton
+    iteration. ``conserve_mass``: f -> f + l with the scalar l chosen so that sum(b) = mass
+    (sum b decreases in l; Newton on log sum b).
+    """
+
+    #: |t| = |log sqrt(b / nu)| is bracketed in [-T_MAX, T_MAX]: a step changes a mass by at
+    #: most e^(2 T_MAX) relative, or the energy is unbounded below.
+    T_MAX = 60.0
+
+    def __init__(self, form: EnergyForm, sigma: float, tau_beta: float, mass: float | None):
+        if form.quadratic is not None:
+            raise UnsupportedEnergyError(
+                "EntropicJKO's WFR step needs an energy that is separable over the points "
+                "(Entropy, KL, Potential, PorousMedium and their sums); MMD2 and Interaction "
+                "couple the points: use jk.ConicJKO for them")
+        self.form, self.sigma = form, float(sigma)
+        self.kappa = 2.0 * self.sigma / tau_beta
+        self.mass = mass
+        self.shift = 0.0
+        self._t = None
+        self.newton_steps = 0
+        self.log_b = None
+
+    def _g(self, t, lq, offset):
+        lb = lq - self.kappa * (1.0 - np.exp(t)) + 2.0 * t
+        form = self.form
+        with np.errstate(over="ignore", invalid="ignore"):
+            f = offset + form.log_coef * lb
+            slope = np.full_like(t, form.log_coef)
+            for c, p in form.powers:
+                term = c * np.exp(p * lb)
+                f = f + term
+                slope = slope + p * term
+            g = self.sigma * f + self.kappa * (1.0 - np.exp(-t))
+            dg = self.sigma * slope * (self.kappa * np.exp(t) + 2.0) + self.kappa * np.exp(-t)
+        return g, dg, lb
+
+    def _solve_t(self, lq, shift):
+        offset = self.form.offset + shift
+        n = lq.size
+        lo, hi = np.full(n, -1.0), np.full(n, 1.0)
+        for _ in range(8):  # widen the brackets to [-T_MAX, T_MAX] where needed
+            g_lo = self._g(lo, lq, offset)[0]
+            g_hi = self._g(hi, lq, offset)[0]
+            widen_lo, widen_hi = g_lo > 0, ~(g_hi > 0)
+            if not (widen_lo.any() or widen_hi.any()):
+                break
+            lo = np.where(widen_lo, np.maximum(2 * lo, -self.T_MAX), lo)
+            hi = np.where(widen_hi, np.minimum(2 * hi, self.T_MAX), hi)
+        if np.any(~(self._g(hi, lq, offset)[0] > 0)):
+            raise UnsupportedEnergyError(
+                "the WFR step is unbounded: some mass would grow by more than "
+                f"e^{2 * self.T_MAX:.0f}; the energy is unbounded below in the Hellinger "
+                "direction (e.g. a potential below -2 / (tau beta))")
+        t = np.zeros(n) if self._t is None else np.clip(self._t, lo, hi)
+        for _ in range(NEWTON_MAX_ITER):
+            self.newton_steps += 1
+            g, dg, _ = self._g(t, lq, offset)
+            lo = np.where(g < 0, t, lo)
+            hi = np.where(g > 0, t, hi)
+            step = g / dg
+            new = t - step
+            outside = (new < lo) | (new > hi) | ~np.isfinite(new)  # Newton left the bracket
+            new = np.where(outside, 0.5 * (lo + hi), new)
+            done = np.max(np.abs(new - t)) <= NEWTON_TOL
+            t = new
+            if done:
+                break
+        g, dg, lb = self._g(t, lq, offset)
+        return t, lb, dg
+
+    def __call__(self, log_q):
+        live = np.isfinite(log_q)
+        lq = np.where(live, log_q, 0.0)
+        if self.mass is None:
+            t, lb, _ = self._solve_t(lq, 0.0)
+        else:
+            t, lb = self._conserve(lq, live)
+        self._t = t
+        log_nu = lq - self.kappa * (1.0 - np.exp(t))
+        self.log_b = np.where(live, lb, -np.inf)
+        return np.where(live, log_nu, -np.inf)
+
+    def _conserve(self, lq, live):
+        target = np.log(self.mass)
+        shift = self.shift
+        lo, hi = -np.inf, np.inf
+        for _ in range(60):
+            t, lb, dg = self._solve_t(lq, shift)
+            weights = np.where(live, np.exp(lb), 0.0)
+            total = weights.sum()
+            h = np.log(total) - target
+            if abs(h) <= 1e-13:
+                break
+            if h > 0:
+                lo = shift
+            else:
+                hi = shift
+            derivative = -(weights * (self.kappa * np.exp(t) + 2.0) * self.sigma / dg).sum() / total
+            new = shift - h / derivative if derivative < 0 else np.nan
+            if not (np.isfinite(new) and lo < new < hi):
+                if np.isfinite(lo) and np.isfinite(hi):
+                    new = 0.5 * (lo + hi)
+                else:
+                    new = shift + (1.0 if h > 0 else -1.0) * max(1.0, abs(shift))
+            shift = new
+        self.shift = shift
+        return t, lb
+
+
+class MMDEnvelope:
+    """G(nu) = min_{b >= 0} F(b) + MMD^2(nu, b) / (2 tau beta) for a quadratic F (IFT).
+
+    With f(b) = o + Q_F b, G_M = K + ridge I, c = 1 / (tau beta) and the set Z of weights held
+    at zero, the minimizer is affine in nu on the free set (with sum(b) = mass added through
+    its multiplier when the geometry conserves mass): b*(nu) = B_Z nu + b0_Z, and G is
+    piecewise quadratic, C^1, with grad G(nu) = c G_M (nu - b*(nu)) = H_Z nu + offset_Z.
+    ``prox`` solves the KL-proximal map of sigma G with H_Z and updates Z until the KKT
+    conditions of the inner problem hold (b >= 0, multipliers >= 0 on Z).
+    """
+
+    def __init__(self, form: EnergyForm, geometry, mu: Measure, tau: float):
+        if not form.is_quadratic:
+            raise UnsupportedEnergyError(
+                "EntropicJKO's IFT step takes energies whose first variation is affine in the "
+                "weights (MMD2, Potential, convex Interaction and their sums): their MMD "
+                "envelope is then piecewise quadratic (docs/entropic.md). For KL, Entropy or "
+                "PorousMedium under IFT use jk.ConicJKO or jk.Splitting")
+        reaction = geometry.reaction
+        if not reaction.kernel.positive_definite:
+            raise UnsupportedEnergyError(
+                f"the IFT kernel {type(reaction.kernel).__name__} is only conditionally positive "
+                "definite; EntropicJKO's IFT step needs a positive definite kernel")
+        n = mu.n
+        _check_coupled(n, "IFT")
+        self.n, self.c = n, 1.0 / (tau * geometry.beta)
+        gram = reaction.kernel(mu.points, mu.points)
+        self.metric = 0.5 * (gram + gram.T) + reaction.ridge * np.eye(n)
+        self.S = self.c * self.metric + (0.0 if form.quadratic is None else form.quadratic)
+        self.offset = form.offset
+        self.mass = mu.mass if geometry.conserve_mass else None
+        self.zero = np.zeros(n, bool)
+        self.active_set_changes = 0
+        self._build()
+
+    def _build(self):
+        """B, b0 (b*(nu) = B nu + b0) and G's EnergyForm for the current zero set."""
+        n, c, free = self.n, self.c, ~self.zero
+        S = self.S[np.ix_(free, free)]
+        S = S + 1e-14 * np.trace(S) / max(S.shape[0], 1) * np.eye(S.shape[0])
+        factor = linalg.cho_factor(S, check_finite=False)
+        B = np.zeros((n, n))
+        b0 = np.zeros(n)
+        B[free] = linalg.cho_solve(factor, c * self.metric[free], check_finite=False)
+        b0[free] = -linalg.cho_solve(factor, self.offset[free], check_finite=False)
+        if self.mass is not None:
+            e = np.zeros(n)
+            e[free] = linalg.cho_solve(factor, np.ones(free.sum()), check_finite=False)
+            B = B - np.outer(e, B.sum(axis=0)) / e.sum()
+            b0 = b0 - e * (b0.sum() - self.mass) / e.sum()
+        H = c * self.metric @ (np.eye(n) - B)
+        self.B, self.b0 = B, b0
+        self.form = EnergyForm(n, offset=-c * self.metric @ b0, quadratic=0.5 * (H + H.T))
+
+    def minimizer(self, nu: np.ndarray) -> np.ndarray:
+        return self.B @ nu + self.b0
+
+    def update_zero_set(self, nu: np.ndarray) -> bool:
+        """Move weights between the free set and Z by the KKT conditions; True if Z changed."""
+        b = self.minimizer(nu)
+        gradient = self.offset + (self.S - self.c * self.metric) @ b + self.c * self.metric @ (b - nu)
+        free = ~self.zero
+        shift = -gradient[free].mean() if (self.mass is not None and free.any()) else 0.0
+        scale = max(np.abs(b).max(), 1e-300)
+        leave = self.zero & (gradient + shift < -1e-12 * max(1.0, np.abs(gradient).max()))
+        enter = free & (b < -1e-13 * scale)
+        if not (leave.any() or enter.any()):
+            return False
+        self.zero = (self.zero & ~leave) | enter
+        if self.zero.all():
+            self.zero[np.argmax(b)] = False
+        self.active_set_changes += 1
+        self._build()
+        return True
+
+    def bregman(self, nu_new: np.ndarray, nu_old: np.ndarray) -> float:
+        d = nu_new - nu_old
+        return 0.5 * float(d @ (self.form.quadratic @ d))
+
+
+class EnvelopeProx:
+    """KL-proximal map of sigma G for the piecewise quadratic MMD envelope (``MMDEnvelope``)."""
+
+    #: Active-set rounds per call; each is one Newton solve with a fixed zero set.
+    MAX_ROUNDS = 30
+
+    def __init__(self, envelope: MMDEnvelope, sigma: float):
+        self.envelope, self.sigma = envelope, float(sigma)
+        self._prox = KLProx(envelope.form, sigma)
+        self._form = envelope.form
+        self.newton_steps = 0
+
+    def __call__(self, log_q: np.ndarray) -> np.ndarray:
+        for _ in range(self.MAX_ROUNDS):
+            if self._form is not self.envelope.form:  # the zero set changed
+                last = self._prox._last
+                self._prox = KLProx(self.envelope.form, self.sigma)
+                self._prox._last = last
+                self._form = self.envelope.form
+            before = self._prox.equation.newton_steps
+            log_nu = self._prox(log_q)
+            self.newton_steps += self._prox.equation.newton_steps - before
+            if not self.envelope.update_zero_set(np.exp(log_nu)):
+                break
+        return log_nu

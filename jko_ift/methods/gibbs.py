@@ -1,0 +1,254 @@
+"""Gibbs kernels xi_ij = exp(-|x_i - x_j|^2 / eps) on a fixed support, as operators.
+
+The entropic JKO step only ever applies the kernel to a vector: ``apply(v) = xi v`` in the
+kernel domain, and ``log_apply(g) = log(xi exp(g))`` in the log domain (stabilized, for small
+eps). The support is the same on both sides of the plan and the cost is symmetric, so
+xi^T = xi.
+
+* ``GridGibbs``: on a regular grid the kernel is the tensor product of one 1-D kernel per
+  axis, so xi v is d products with m_k x m_k matrices: O(n^(1 + 1/d)) work, and the n x n
+  matrix is never formed. The log domain uses the same products after a tilted shift of
+  each block of outputs (``_LogAxis``), so it stays on BLAS instead of O(n^(1 + 1/d))
+  exponentials.
+* ``DenseGibbs``: a point cloud, through POT's ``ot.dist`` in row blocks, with memory
+  O(n * block); the n x n kernel is cached only when it is small (``DENSE_CACHE_ENTRIES``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ot
+
+from ..kernels import row_blocks
+from ..measures import Grid
+
+#: Largest n * n for which a point-cloud kernel (or cost matrix) is kept in memory
+#: (2^24 float64 entries = 128 MiB); above it, row blocks are recomputed at every product.
+DENSE_CACHE_ENTRIES = 1 << 24
+
+#: Exponent budget of the tilted log-domain products (see ``_LogAxis``): the tilt factors lie
+#: in [e^-B, e^B] and the dominant terms stay above e^-2B = 1e-261 (float64 reaches 1e-308).
+TILT_BUDGET = 300.0
+
+
+#: Below this many columns an axis is summed directly (m x m x columns exponentials).
+DIRECT_COLUMNS = 8
+
+
+class GibbsOperator:
+    """xi = exp(-C / eps) on the points of a support: (n, n), applied, never stored for grids."""
+
+    eps: float
+    n: int
+
+    def apply(self, v: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        """xi v: (n,) -> (n,)."""
+        raise NotImplementedError
+
+    def log_apply(self, g: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        """log(xi exp(g)): (n,) -> (n,); entries of g may be -inf (zero mass)."""
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------
+# Grids: separable products
+# ---------------------------------------------------------------------------------------------
+
+
+class _LogAxis:
+    """log sum_j exp(G[j, c] - (x_i - x_j)^2 / eps) along one axis, for all columns c at once.
+
+    For outputs i in a block I with centre x0, write y = x - x0 and
+    (x_i - x_j)^2 = (x_i - x0)^2 - 2 (x_i - x0) y_j + y_j^2. With H = G - y^2 / eps and its
+    column maximum M,
+
+        out[i, c] = M[c] - (x_i - x0)^2 / eps + log sum_j exp(t_i y_j) exp(H[j, c] - M[c]),
+
+    t_i = 2 (x_i - x0) / eps: one exponential of H per block and one matrix product with the
+    fixed tilt matrix exp(t_i y_j). With T = max |t_i| and Y = max |y_j|, the dominant term
+    of every sum is >= e^(-T Y) and its factor exp(H - M) >= e^(-2 T Y), so blocks are cut
+    until T Y <= TILT_BUDGET: no overflow, no underflow of what matters, at every eps.
+    """
+
+    def __init__(self, x: np.ndarray, eps: float):
+        self.eps = eps
+        m = x.size
+        length = float(x.max() - x.min()) if m > 1 else 0.0
+        blocks = 1
+        while True:
+            edges = np.linspace(0, m, blocks + 1).round().astype(int)
+            parts = []
+            fits = True
+            for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+                if hi <= lo:
+                    continue
+                x0 = 0.5 * (x[lo] + x[hi - 1])
+                y = x - x0
+                t = 2.0 * (x[lo:hi] - x0) / eps
+                if np.abs(t).max(initial=0.0) * np.abs(y).max() > TILT_BUDGET:
+                    fits = False
+                    break
+                parts.append((slice(lo, hi), y * y / eps, np.exp(np.outer(t, y)),
+                              (x[lo:hi] - x0) ** 2 / eps))
+            if fits or blocks >= m:
+                break
+            blocks = min(m, max(blocks + 1, int(np.ceil(blocks * 1.5))))
+        self.parts = parts if fits else []
+        self.length = length
+        # many blocks (small eps against the axis length): a direct log-sum-exp over the m x m
+        # cost of the axis is cheaper than the per-block passes, and needs no budget
+        # (and for few columns, e.g. 1-D grids, where the block overhead dominates)
+        self.direct = (not fits) or 3 * len(parts) >= m
+        self.log_kernel = -((x[:, None] - x[None, :]) ** 2) / eps
+
+    @property
+    def blocks(self) -> int:
+        return 0 if self.direct else len(self.parts)
+
+    def __call__(self, G: np.ndarray) -> np.ndarray:
+        """G: (m, r) -> (m, r)."""
+        if self.direct or G.shape[1] <= DIRECT_COLUMNS:
+            return _direct_lse(G, self.log_kernel)
+        out = np.empty_like(G)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for rows, quadratic, tilt, offset in self.parts:
+                H = G - quadratic[:, None]
+                top = H.max(axis=0)
+                top = np.where(np.isfinite(top), top, 0.0)
+                H -= top
+                np.exp(H, out=H)
+                block = np.log(tilt @ H)
+                block += top
+                block -= offset[:, None]
+                out[rows] = block
+        return out
+
+
+def _direct_lse(G: np.ndarray, log_kernel: np.ndarray) -> np.ndarray:
+    """log sum_j exp(log_kernel[i, j] + G[j, c]): (m, r), in blocks of columns c."""
+    m, r = G.shape
+    out = np.empty((log_kernel.shape[0], r))
+    step = max(1, (1 << 22) // (m * m))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for lo in range(0, r, step):
+            A = log_kernel[:, :, None] + G[None, :, lo:lo + step]
+            top = A.max(axis=1)
+            top = np.where(np.isfinite(top), top, 0.0)
+            A -= top[:, None, :]
+            np.exp(A, out=A)
+            out[:, lo:lo + step] = np.log(A.sum(axis=1)) + top
+    return out
+
+
+class GridGibbs(GibbsOperator):
+    """xi on a ``Grid``: the tensor product of the 1-D kernels exp(-(x_i - x_j)^2 / eps)."""
+
+    def __init__(self, grid: Grid, eps: float):
+        self.grid, self.eps, self.n = grid, float(eps), grid.size
+        self.shape = grid.shape
+        self.axes = [grid.lo[k] + (np.arange(grid.shape[k]) + 0.5) * grid.spacing[k]
+                     for k in range(grid.dim)]
+        self.kernels = [np.exp(-((x[:, None] - x[None, :]) ** 2) / self.eps) for x in self.axes]
+        self._log_axes = None
+
+    @property
+    def log_axes(self) -> list[_LogAxis]:
+        if self._log_axes is None:
+            self._log_axes = [_LogAxis(x, self.eps) for x in self.axes]
+        return self._log_axes
+
+    def _separable(self, matrices, v):
+        image = v.reshape(self.shape)
+        if len(self.shape) == 1:
+            return matrices[0] @ image
+        if len(self.shape) == 2:
+            return matrices[0] @ image @ matrices[1].T
+        for k, matrix in enumerate(matrices):  # contract axis k, then put it back in place
+            image = np.moveaxis(np.tensordot(matrix, image, axes=(1, k)), 0, k)
+        return image
+
+    def apply(self, v):
+        return self._separable(self.kernels, v).reshape(-1)
+
+    def log_apply(self, g):
+        image = np.asarray(g, float).reshape(self.shape)
+        for k, axis in enumerate(self.log_axes):
+            moved = np.moveaxis(image, k, 0)
+            flat = np.ascontiguousarray(moved).reshape(moved.shape[0], -1)
+            image = np.moveaxis(axis(flat).reshape(moved.shape), 0, k)
+        return np.ascontiguousarray(image).reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Point clouds: dense kernels in row blocks (POT)
+# ---------------------------------------------------------------------------------------------
+
+
+class DenseGibbs(GibbsOperator):
+    """xi on a point cloud x: (n, d), rows computed with ``ot.dist`` (squared Euclidean).
+
+    The n x n cost is kept when n^2 <= cache_entries; otherwise each product recomputes
+    its row blocks, so memory stays O(n * block).
+    """
+
+    def __init__(self, points: np.ndarray, eps: float, cache_entries: int = DENSE_CACHE_ENTRIES):
+        self.points, self.eps, self.n = points, float(eps), points.shape[0]
+        self.cached = self.n * self.n <= cache_entries
+        self._cost = ot.dist(points, points) if self.cached else None
+        self._kernel = None
+
+    def _cost_rows(self, rows: slice) -> np.ndarray:
+        if self._cost is not None:
+            return self._cost[rows]
+        return ot.dist(self.points[rows], self.points)
+
+    @property
+    def kernel(self) -> np.ndarray | None:
+        if self._kernel is None and self.cached:
+            self._kernel = np.exp(-self._cost / self.eps)
+        return self._kernel
+
+    def apply(self, v):
+        if self.kernel is not None:
+            return self.kernel @ v
+        out = np.empty(self.n)
+        for rows in row_blocks(self.n, self.n):
+            out[rows] = np.exp(-self._cost_rows(rows) / self.eps) @ v
+        return out
+
+    def log_apply(self, g):
+        out = np.empty(self.n)
+        finite = np.isfinite(g)
+        if not finite.any():
+            return np.full(self.n, -np.inf)
+        g_finite = g[finite]
+        with np.errstate(divide="ignore"):
+            for rows in row_blocks(self.n, self.n):
+                A = g_finite[None, :] - self._cost_rows(rows)[:, finite] / self.eps
+                top = A.max(axis=1)
+                out[rows] = np.log(np.exp(A - top[:, None]).sum(axis=1)) + top
+        return out
+
+
+def transport_cost(points: np.ndarray, rows: np.ndarray, cols: np.ndarray, plan_times) -> float:
+    """<C, P> = sum_ij P_ij |x_i - x_j|^2 from products with the plan only.
+
+    |x_i - x_j|^2 = |x_i|^2 + |x_j|^2 - 2 <x_i, x_j>, so <C, P> needs the marginals rows = P 1,
+    cols = P^T 1 and, per axis, x^T P x. ``plan_times(w)`` returns P w for w > 0 (the log
+    domain applies it as exp(f + log_apply(g + log w))); coordinates are shifted to be
+    positive, which leaves the cost unchanged.
+    """
+    shifted = points - points.min(axis=0) + 1.0
+    total = 0.0
+    for k in range(points.shape[1]):
+        z = shifted[:, k]
+        total += float(rows @ z**2 + cols @ z**2 - 2.0 * z @ plan_times(z))
+    return max(total, 0.0)
+
+
+def gibbs_operator(measure, eps: float, separable: bool = True,
+                   cache_entries: int = DENSE_CACHE_ENTRIES) -> GibbsOperator:
+    """The Gibbs kernel of ``measure``'s support: separable on a grid, dense otherwise."""
+    if measure.grid is not None and separable:
+        return GridGibbs(measure.grid, eps)
+    return DenseGibbs(measure.points, eps, cache_entries)
