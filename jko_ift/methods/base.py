@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import warnings
@@ -80,3 +81,8 @@ def warn_user(message: str, category: type[Warning]) -> None:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE_DIR):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
+
+
+def support_key(mu: Measure) -> str:
+    """A hash of the points of mu: methods cache their per-support work under it."""
+    return hashlib.sha1(np.ascontiguousarray(mu.points).tobytes()).hexdigest()

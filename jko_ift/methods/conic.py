@@ -20,7 +20,6 @@ doubled and the step re-solved (docs/conic.md).
 
 from __future__ import annotations
 
-import hashlib
 import time
 import warnings
 from collections import OrderedDict
@@ -36,7 +35,7 @@ from ..energies import ConicSupport, Energy, NotConvexError, psd_factor
 from ..geometries import Geometry, Hellinger, Wasserstein
 from ..kernels import row_blocks, squared_distances
 from ..measures import Measure
-from .base import SolverError, StepResult, check_step_input, warn_user
+from .base import SolverError, StepResult, check_step_input, support_key, warn_user
 
 SOLVERS = ("CLARABEL", "SCS")
 
@@ -114,7 +113,7 @@ class ConicJKO:
     def step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float,
              throw: bool = True) -> StepResult:
         tau = check_step_input(F, geometry, mu, tau)
-        key = (id(F), id(geometry), _support_key(mu))
+        key = (id(F), id(geometry), support_key(mu))
         radius = self._radii.get(key) or self._initial_radius(F, geometry, mu, tau)
         while True:
             program, compiled = self._program(key, F, geometry, mu, radius)
@@ -159,10 +158,6 @@ class ConicJKO:
         while len(self._programs) > self.cache_size:
             self._programs.popitem(last=False)
         return program, True
-
-
-def _support_key(mu: Measure) -> str:
-    return hashlib.sha1(np.ascontiguousarray(mu.points).tobytes()).hexdigest()
 
 
 def _spacing(mu: Measure) -> float:

@@ -23,7 +23,6 @@ reports when it is not small against the step.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import OrderedDict
 
@@ -32,7 +31,7 @@ import numpy as np
 from ..energies import Energy
 from ..geometries import Geometry, Hellinger, InfConvolution, Wasserstein
 from ..measures import Measure
-from .base import SolverError, StepResult, check_step_input, warn_user
+from .base import SolverError, StepResult, check_step_input, support_key, warn_user
 from .entropic_prox import (
     EnvelopeProx,
     HellingerEnvelopeProx,
@@ -147,7 +146,7 @@ class EntropicJKO:
             column = _ColumnFunction(F, geometry, mu, tau)
         except UnsupportedEnergyError as error:
             raise ValueError(str(error)) from None
-        key = (_support_key(mu), id(F), id(geometry))
+        key = (support_key(mu), id(F), id(geometry))
         blur_ratio = self._check_blur(F, geometry, mu, tau, key, column.form.log_coef)
         psi = self._potentials.get(key) if self.warm_start else None
         warm = psi is not None
@@ -192,7 +191,7 @@ class EntropicJKO:
         return levels + [self.eps]
 
     def operator(self, mu: Measure, eps: float):
-        key = (_support_key(mu), eps, self.separable)
+        key = (support_key(mu), eps, self.separable)
         op = self._operators.get(key)
         if op is None:
             op = gibbs_operator(mu, eps, self.separable, self.dense_cache_entries)
@@ -248,10 +247,6 @@ def _positive(name, value, hint) -> float:
     if not (np.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}; {hint}")
     return value
-
-
-def _support_key(mu: Measure) -> str:
-    return hashlib.sha1(np.ascontiguousarray(mu.points).tobytes()).hexdigest()
 
 
 def _failure_message(result: StepResult, method: EntropicJKO) -> str:
