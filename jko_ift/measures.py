@@ -135,8 +135,9 @@ class Measure:
             raise ValueError(
                 f"points of shape {x.shape} do not match the grid of shape {self.grid.shape}"
             )
-        x = x if x is self.points else x.copy()
-        x.setflags(write=False)
+        if x.flags.writeable:  # never freeze the caller's array; share read-only ones (grids)
+            x = x.copy()
+            x.setflags(write=False)
         a = a.copy()
         a.setflags(write=False)
         object.__setattr__(self, "points", x)

@@ -84,3 +84,11 @@ def test_mean_and_mass_of_random_weights(values):
     assert mu.mass == pytest.approx(weights.sum())
     if weights.sum() > 0:
         assert mu.mean()[0] == pytest.approx(weights @ points[:, 0] / weights.sum())
+
+
+def test_the_callers_points_stay_writeable():
+    points = np.zeros((3, 2))
+    mu = jk.Measure(points, np.ones(3))
+    assert points.flags.writeable and not mu.points.flags.writeable
+    points[0, 0] = 1.0
+    assert mu.points[0, 0] == 0.0
