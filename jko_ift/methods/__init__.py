@@ -3,6 +3,9 @@
 from .base import SolverError, StepResult
 from .conic import ConicJKO, GridLockingWarning
 from .entropic import EntropicBlurWarning, EntropicJKO
+from .explicit import ExplicitEuler
+from .particle import ParticleJKO
+from .splitting import Splitting
 
-__all__ = ["ConicJKO", "EntropicBlurWarning", "EntropicJKO", "GridLockingWarning", "SolverError",
-           "StepResult"]
+__all__ = ["ConicJKO", "EntropicBlurWarning", "EntropicJKO", "ExplicitEuler", "GridLockingWarning",
+           "ParticleJKO", "SolverError", "Splitting", "StepResult"]

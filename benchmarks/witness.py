@@ -1,0 +1,143 @@
+"""Benchmark of the blocked kernel sums: the witness gradient against its exponential floor.
+
+The witness gradient of N particles x (weights a) against N target samples y (weights q),
+
+    grad f(x_i) = sum_j a_j grad_1 k(x_i, x_j) - sum_l q_l grad_1 k(x_i, y_l)
+                = (jk.MMD2(target, kernel).grad_first_variation(mu)),
+
+needs 2 N^2 kernel values; with a Gaussian kernel each is one exponential. Two floors, both
+on the true arguments -|x_i - y_j|^2 / (2 sigma^2) (precomputed for a band of rows and reused):
+
+* numpy floor:   2 N^2 exponentials the plain NumPy way, ``np.exp(arguments)`` out of place on
+                 blocks of ``kernels.BLOCK_ENTRIES`` (32 MB) -- the issue's floor;
+* cache floor:   the same count in place on a cache-sized block, the fastest NumPy can do.
+
+Side by side, in one process, interleaved, best of --repeats:
+
+* witness:  the witness gradient (two ``Kernel.grad_sum`` calls);
+* values:   the witness values (two ``Kernel.apply`` calls), for reference;
+* peak:     the peak of Python-allocated memory during one witness gradient (tracemalloc,
+            which sees NumPy's buffers), against the N x N x d array a naive version builds.
+
+Target (issue "Particles", point 5): N = 10^4, d = 2: witness gradient at most 2x the numpy
+floor, memory O(N * block) (never N x N x d). The ratio to the cache floor is reported too.
+
+Run:  python benchmarks/witness.py [--n 10000] [--d 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+
+import jko_ift as jk
+from jko_ift import kernels
+
+TARGET_RATIO = 2.0
+
+
+def exponent_band(x: np.ndarray, y: np.ndarray, sigma: float, rows: int) -> np.ndarray:
+    """The true exponents -|x_i - y_j|^2 / (2 sigma^2) for the first ``rows`` particles."""
+    return -kernels.squared_distances(x[:rows], y) / (2 * sigma**2)
+
+
+def numpy_floor(arguments: np.ndarray, count: int) -> float:
+    """Seconds for ``count`` exponentials out of place, one 32 MB block at a time."""
+    rows = max(1, kernels.BLOCK_ENTRIES // arguments.shape[1])
+    block = np.resize(arguments, (rows, arguments.shape[1]))
+    done, start = 0, time.perf_counter()
+    while done < count:
+        np.exp(block)
+        done += block.size
+    return time.perf_counter() - start
+
+
+def cache_floor(arguments: np.ndarray, count: int) -> float:
+    """Seconds for ``count`` exponentials in place on a cache-sized block."""
+    rows = max(1, kernels.SINGLE_THREAD_WORK // (arguments.shape[1] * 4))
+    source = np.ascontiguousarray(arguments[:rows])
+    out = np.empty_like(source)
+    done, start = 0, time.perf_counter()
+    while done < count:
+        np.exp(source, out=out)
+        done += source.size
+    return time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--d", type=int, default=2)
+    parser.add_argument("--sigma", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=str, default=None)
+    args = parser.parse_args(argv)
+    n, d = args.n, args.d
+    rng = np.random.default_rng(0)
+    particles = jk.Measure(rng.normal(size=(n, d)) + 1.0, np.full(n, 1.0 / n))
+    target = jk.Measure(rng.normal(size=(n, d)), np.full(n, 1.0 / n))
+    F = jk.MMD2(target, jk.Gaussian(args.sigma))
+
+    arguments = exponent_band(particles.points, target.points, args.sigma, 64)
+    floors, caches, witnesses, values = [], [], [], []
+    for _ in range(args.repeats):
+        floors.append(numpy_floor(arguments, 2 * n * n))
+        caches.append(cache_floor(arguments, 2 * n * n))
+        start = time.perf_counter()
+        gradient = F.grad_first_variation(particles)
+        witnesses.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        F.first_variation(particles)
+        values.append(time.perf_counter() - start)
+
+    tracemalloc.start()
+    F.grad_first_variation(particles)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+
+    # correctness spot check against the dense formula on a few rows
+    rows = slice(0, 50)
+    dense = (np.einsum("ijk,j->ik", F.kernel.gradient(particles.points[rows], particles.points),
+                       particles.weights)
+             - np.einsum("ijk,j->ik", F.kernel.gradient(particles.points[rows], target.points),
+                         target.weights))
+    error = float(np.abs(dense - gradient[rows]).max() / np.abs(dense).max())
+
+    floor, cache, witness, value = min(floors), min(caches), min(witnesses), min(values)
+    naive = n * n * d * 8
+    ratio = witness / floor
+    print(f"python {platform.python_version()}, numpy {np.__version__}, "
+          f"BLAS threads {os.environ.get('OPENBLAS_NUM_THREADS', 'default')}, "
+          f"N = {n}, d = {d}, sigma = {args.sigma:g}, best of {args.repeats}")
+    print(f"{'quantity':<46} {'time [s]':>9} {'x numpy floor':>14} {'x cache floor':>14}")
+    print("-" * 86)
+    for label, seconds in [("numpy floor: 2 N^2 np.exp, out of place", floor),
+                           ("cache floor: 2 N^2 np.exp, in place, in cache", cache),
+                           ("witness gradient (2 grad_sum)", witness),
+                           ("witness values (2 apply)", value)]:
+        print(f"{label:<46} {seconds:>9.3f} {seconds / floor:>14.2f} {seconds / cache:>14.2f}")
+    print(f"peak memory of the witness gradient: {peak / 2**20:.1f} MiB "
+          f"(N x N x d array: {naive / 2**20:.0f} MiB; N x N: {n * n * 8 / 2**20:.0f} MiB)")
+    print(f"max relative error against the dense formula (50 rows): {error:.1e}")
+    blocked = peak < n * n * 8 / 10
+    ok = ratio <= TARGET_RATIO and blocked
+    print(f"target: witness <= {TARGET_RATIO:g}x numpy floor: "
+          f"{'yes' if ratio <= TARGET_RATIO else 'NO'} ({ratio:.2f}x; {witness / cache:.2f}x the "
+          f"cache floor); memory O(N block): {'yes' if blocked else 'NO'}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"n": n, "d": d, "numpy_floor": floors, "cache_floor": caches,
+                       "witness": witnesses, "values": values,
+                       "peak_bytes": peak, "relative_error": error}, handle, indent=2)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,529 @@
+"""Lagrangian (particle) JKO steps: points move and weights change.
+
+A particle measure mu = sum_i a_i delta_{x_i} moves to sum_i b_i delta_{y_i}. Transporting
+each weight a_i along x_i -> y_i is a coupling of mu^k and nu = sum_i a_i delta_{y_i}, so
+
+    D^2 <= sum_i a_i |y_i - x_i|^2 / alpha + R^2(nu, sum_i b_i delta_{y_i}) / beta,
+
+with R the reaction distance on the support y (MMD^2 = (b - a)^T (K_y + ridge I)(b - a), or
+He^2 = 4 sum (sqrt a_i - sqrt b_i)^2). ``ParticleJKO`` minimizes
+
+    J(y, b) = F(sum_i b_i delta_{y_i}) + [that upper bound of D^2] / (2 tau)
+
+(the JKO step restricted to particle maps, docs/particles.md §4): positions by L-BFGS-B (SciPy)
+with analytic gradients, weights by the exact reaction step of ``weights``, alternating until
+the positions are stationary after the last weight step. It reports that residual (and the
+weight step's certified gap) as its certificate. For a geometry without reaction it is the
+proximal (backward Euler) step of the particle ODE x_i' = -alpha grad f(x_i); without transport
+it is the exact reaction step. Interaction energies that are not convex in the weights work
+here (the position step only needs gradients).
+
+Shared with ``explicit`` and ``splitting``: the input checks, first variations at arbitrary
+points, the transport sub-steps and the distance of a particle step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import minimize
+
+from ..energies import MMD2, Energy, Interaction, Potential, Scaled, Sum
+from ..geometries import MMD, Geometry, Hellinger, InfConvolution, Wasserstein
+from ..measures import Measure
+from .base import SolverError, StepResult, check_step_input
+from .weights import (
+    DEFAULT_WEIGHT_RTOL,
+    GramCache,
+    hellinger_step,
+    mmd_metric,
+    mmd_step,
+)
+
+#: Default relative certificate of the particle JKO step: the predicted remaining decrease of
+#: the step objective (a Newton step in the transport metric) over its scale, and the weight
+#: step's certified gap over the same scale. 1e-9 pins positions to about
+#: sqrt(2e-9 tau alpha / a_i) relative to the energy scale.
+DEFAULT_PARTICLE_TOL = 1e-9
+
+#: Round-off floor of the position residual: each entry of grad_u J is a sum of terms that
+#: cancel at the solution, known to ROUNDOFF_FACTOR * eps times their size (weights.py).
+ROUNDOFF_FACTOR = 1e3
+
+#: L-BFGS-B memory; restarts of L-BFGS-B when it stops (line search or ftol) above the tolerance.
+LBFGS_MEMORY = 20
+LBFGS_RESTARTS = 3
+
+#: Gradient-only iterations after L-BFGS-B stalls on round-off (``_gradient_polish``).
+POLISH_ITERATIONS = 50
+
+#: Alternations of (positions, weights) in the joint step before giving up.
+DEFAULT_ALTERNATIONS = 50
+
+#: The sub-problems of the joint step are solved to this fraction of its tolerance, so that the
+#: position residual after a weight update measures the coupling, not the inner accuracy.
+INNER_TOL_FRACTION = 0.1
+
+
+# -------------------------------------------------------------------------------------------------
+# Checks and shared pieces
+# -------------------------------------------------------------------------------------------------
+
+def check_particle_input(F: Energy, geometry: Geometry, mu: Measure, tau) -> float:
+    """The common checks of the particle methods; returns tau. Raises ValueError naming what
+    was expected, what was received and how to fix it."""
+    tau = check_step_input(F, geometry, mu, tau)
+    if not isinstance(geometry, (Wasserstein, Hellinger, MMD, InfConvolution)):
+        raise ValueError(f"particle methods take jk.Wasserstein(), jk.Hellinger(), jk.MMD(k), "
+                         f"jk.WFR or jk.IFT; got {geometry!r}")
+    if geometry.reaction is not None and not geometry.conserve_mass:
+        for term in _mmd_terms(F):
+            if not term.kernel.positive_definite:
+                raise ValueError(f"MMD2 with the conditionally positive definite "
+                                 f"{type(term.kernel).__name__} is an energy only between "
+                                 "measures of equal mass, but this reaction geometry changes "
+                                 "the mass; pass conserve_mass=True to the geometry")
+    for target in (term.target for term in _mmd_terms(F)):
+        if target.dim != mu.dim:
+            raise ValueError(f"the particles live in dimension {mu.dim} but the target of "
+                             f"MMD2 in dimension {target.dim}: give both points of shape (n, d) "
+                             "with the same d")
+    f = _checked("first variation", lambda: F.first_variation(mu), mu)
+    if geometry.has_transport:
+        _checked("gradient of the first variation", lambda: F.grad_first_variation(mu), mu)
+    if geometry.reaction is not None and isinstance(geometry.reaction, MMD):
+        if geometry.reaction.kernel.positive_definite is False and not geometry.conserve_mass:
+            raise ValueError(f"{type(geometry.reaction.kernel).__name__} is only conditionally "
+                             "positive definite: its MMD is a distance only between equal "
+                             "masses; pass conserve_mass=True to the geometry")
+    del f
+    return tau
+
+
+def _checked(what: str, compute, mu: Measure) -> np.ndarray:
+    try:
+        values = np.asarray(compute(), dtype=float)
+    except ValueError as error:
+        raise ValueError(f"the energy's {what} cannot be evaluated on these {mu.n} particles "
+                         f"in dimension {mu.dim}: {error}") from error
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"the energy's {what} is not finite (NaN or inf) at some particles; "
+                         "check the callables (V, grad_V, W, grad_W) and the particle positions")
+    return values
+
+
+def _mmd_terms(F: Energy):
+    if isinstance(F, MMD2):
+        yield F
+    elif isinstance(F, Scaled):
+        yield from _mmd_terms(F.energy)
+    elif isinstance(F, Sum):
+        for term in F.terms:
+            yield from _mmd_terms(term)
+
+
+def variation_at(F: Energy, mu: Measure, z: np.ndarray, gradient: bool = False) -> np.ndarray:
+    """The first variation f = dF/dmu[mu] (or its gradient) at other points z: (m, d).
+
+    Needed for noise injection (Arbel et al.) and for particles of zero mass. Supported:
+    Potential, Interaction, MMD2 and their sums and multiples.
+    """
+    if isinstance(F, Potential):
+        if gradient:
+            if F.grad_V is None:
+                raise ValueError("Potential needs grad_V for particle methods: jk.Potential(V, grad_V)")
+            return np.asarray(F.grad_V(z), dtype=float)
+        return np.asarray(F.V(z), dtype=float)
+    if isinstance(F, MMD2):
+        t, k = F.target, F.kernel
+        if gradient:
+            return k.grad_sum(z, mu.points, mu.weights) - k.grad_sum(z, t.points, t.weights)
+        return k.apply(z, mu.points, mu.weights) - k.apply(z, t.points, t.weights)
+    if isinstance(F, Interaction):
+        if gradient:
+            if F.grad_W is None:
+                raise ValueError("Interaction needs grad_W for particle methods: "
+                                 "jk.Interaction(W, grad_W)")
+            return F._pairwise(F.grad_W, z, mu.points, mu.weights, mu.dim)
+        return F._pairwise(F.W, z, mu.points, mu.weights, 1)
+    if isinstance(F, Scaled):
+        return F.factor * variation_at(F.energy, mu, z, gradient)
+    if isinstance(F, Sum):
+        return sum(variation_at(term, mu, z, gradient) for term in F.terms)
+    raise ValueError(f"{type(F).__name__} cannot be evaluated away from the particles; "
+                     "noise injection needs Potential, Interaction or MMD2 energies")
+
+
+def reaction_distance_sq(reaction, points: np.ndarray, a: np.ndarray, b: np.ndarray,
+                         conserve_mass: bool, grams: GramCache | None = None) -> float:
+    """R^2 between weights a and b on the same points: He^2 or MMD^2 (with the ridge)."""
+    if isinstance(reaction, Hellinger):
+        return float(4.0 * np.sum((np.sqrt(a) - np.sqrt(b)) ** 2))
+    diff = b - a
+    if grams is not None:
+        return float(diff @ mmd_metric(reaction, grams, conserve_mass) @ diff)
+    kernel = reaction.kernel
+    return float(diff @ kernel.apply(points, points, diff) + reaction.ridge * diff @ diff)
+
+
+def particle_distance_sq(geometry: Geometry, x: np.ndarray, a: np.ndarray, y: np.ndarray,
+                         b: np.ndarray) -> float:
+    """sum_i a_i |y_i - x_i|^2 / alpha + R^2(a, b on y) / beta: an upper bound of D^2."""
+    total = 0.0
+    if geometry.has_transport:
+        total += float(a @ np.sum((y - x) ** 2, axis=1)) / geometry.alpha
+    if geometry.reaction is not None:
+        total += reaction_distance_sq(geometry.reaction, y, a, b,
+                                      geometry.conserve_mass) / geometry.beta
+    return total
+
+
+def energy_scale(F: Energy, mu: Measure) -> float:
+    """The scale certificates are relative to: |F(mu^k)| (floored)."""
+    return max(abs(F.value(mu)), 1e-300)
+
+
+def finish(F: Energy, geometry: Geometry, mu: Measure, y: np.ndarray, b: np.ndarray, tau: float,
+           status: str, certificate: float, info: dict, throw: bool, method: str) -> StepResult:
+    """Build the StepResult of a particle step (and raise on failure when asked)."""
+    if not (np.all(np.isfinite(y)) and np.all(np.isfinite(b))):
+        result = StepResult(None, np.nan, np.nan, np.nan, "diverged", np.inf, info)
+        if throw:
+            raise SolverError(f"{method}: the step produced non-finite positions or weights "
+                              f"(tau = {tau:.3g} is beyond the stability limit of this scheme); "
+                              "take a smaller tau or an implicit method (jk.ParticleJKO); pass "
+                              "throw=False to get the StepResult instead", "diverged", result)
+        return result
+    new = Measure(y, np.maximum(b, 0.0))
+    with np.errstate(over="ignore", invalid="ignore"):
+        energy = F.value(new)
+        distance_sq = particle_distance_sq(geometry, mu.points, mu.weights, y, new.weights)
+    if not (np.isfinite(energy) and np.isfinite(distance_sq)):
+        status, certificate = "diverged", np.inf
+    result = StepResult(new, energy + distance_sq / (2 * tau), energy, distance_sq, status,
+                        certificate, info)
+    if throw and not result.ok:
+        if status == "diverged":
+            raise SolverError(f"{method}: the step overflowed (energy {energy:.3g}, D^2 "
+                              f"{distance_sq:.3g}); tau = {tau:.3g} is beyond the stability "
+                              "limit of this scheme: take a smaller tau or an implicit method "
+                              "(jk.ParticleJKO)", status, result)
+        raise SolverError(f"{method}: step not solved to its tolerance: status {status!r}, "
+                          f"certificate {certificate:.3g}. Try a smaller tau, more iterations "
+                          "or a looser tol; pass throw=False to get the StepResult instead",
+                          status, result)
+    return result
+
+
+# -------------------------------------------------------------------------------------------------
+# Transport sub-steps
+# -------------------------------------------------------------------------------------------------
+
+VELOCITIES = ("wasserstein", "euclidean")
+
+
+def explicit_transport(F: Energy, mu: Measure, eta: float, velocity: str = "wasserstein",
+                       gradient: np.ndarray | None = None) -> np.ndarray:
+    """Forward Euler of the transport: y_i = x_i - eta v_i with v_i = grad f(x_i).
+
+    velocity "euclidean" uses v_i = (n a_i / M) grad f(x_i), the Euclidean gradient of F in
+    the positions scaled so that uniform weights give the same step: what the code of
+    Gladin et al. does (X += lr * (-grad_X MMD^2)). It moves heavy particles faster, which the
+    Wasserstein flow does not.
+    """
+    if velocity not in VELOCITIES:
+        raise ValueError(f"unknown velocity {velocity!r}; choose one of {VELOCITIES}")
+    grad = F.grad_first_variation(mu) if gradient is None else gradient
+    if velocity == "euclidean":
+        grad = grad * (mu.n * mu.weights / mu.mass)[:, None]
+    return mu.points - eta * grad
+
+
+@dataclass(frozen=True)
+class TransportResult:
+    points: np.ndarray
+    certificate: float
+    status: str
+    info: dict
+
+
+def implicit_transport(F: Energy, x: np.ndarray, a: np.ndarray, eta: float,
+                       b: np.ndarray | None = None, coupling: tuple | None = None,
+                       start: np.ndarray | None = None, tol: float = DEFAULT_PARTICLE_TOL,
+                       scale: float | None = None, max_iter: int = 5000,
+                       weights_at=None) -> TransportResult:
+    """Proximal (backward Euler) position step, by L-BFGS-B with analytic gradients:
+
+        y = argmin_y  F(sum_i b_i delta_{y_i}) + sum_i a_i |y_i - x_i|^2 / (2 eta) [+ C(y)],
+
+    b = a for a pure transport step. ``coupling`` = (reaction, beta tau, conserve_mass) adds
+    the reaction distance R^2(a, b on y) / (2 beta tau) of the joint step: for MMD,
+    (b - a)^T (K_y + ridge I)(b - a) depends on y (a force); He^2 does not.
+    Variables u_i = (y_i - x_i) sqrt(w_i / (eta scale)), w_i = max(a_i, b_i), make the scaled
+    transport term |u|^2 / 2 (values, gradients and variables of order one whatever the
+    weights and the size of the energy).
+    Particles with a_i = b_i = 0 do not enter J; they take the backward Euler step of the
+    particle ODE in the final field, y_i = argmin f(y) + |y - x_i|^2 / (2 eta).
+    Certificate: |grad_u J|^2 / 2 over ``scale``: the decrease a Newton step would still make.
+    ``weights_at``: y -> b*(y) makes this the reduced problem min_y min_b J(y, b) of the joint
+    step (b re-solved at every evaluation; the variable scaling stays that of the initial b).
+    """
+    b = a if b is None else b
+    weights = b
+    n, d = x.shape
+    weight = np.maximum(a, b)
+    live = np.flatnonzero(weight > 0)
+    scale = max(abs(scale) if scale is not None else 1.0, 1e-300)
+    # y = x + root * u on the live particles: u_i = (y_i - x_i) sqrt(w_i / (eta scale)) makes the
+    # scaled transport term |u|^2 / 2, so values, gradients and variables are all of order one
+    root = np.sqrt(eta * scale / weight[live])[:, None]
+    y_full = x.copy() if start is None else np.array(start, dtype=float)
+    evaluations = 0
+
+    def objective(u_flat):
+        nonlocal evaluations
+        evaluations += 1
+        u = u_flat.reshape(-1, d)
+        y = y_full.copy()
+        y[live] = x[live] + root * u
+        if not np.all(np.isfinite(y)):
+            return np.inf, np.zeros_like(u_flat)
+        b = weights if weights_at is None else weights_at(y.copy())
+        mu_y = Measure(y, b)
+        value = F.value(mu_y) + float(a[live] @ np.sum((y[live] - x[live]) ** 2, axis=1)) / (2 * eta)
+        grad_y = b[live, None] * F.grad_first_variation(mu_y)[live] \
+            + a[live, None] * (y[live] - x[live]) / eta
+        if coupling is not None:
+            reaction, reaction_eta, conserve = coupling
+            if isinstance(reaction, MMD):  # MMD^2 on the moving support: a force on y
+                c = b - a
+                kc = reaction.kernel.apply(y, y, c)
+                value += float(c @ kc + reaction.ridge * c @ c) / (2 * reaction_eta)
+                grad_y += (c[:, None] * reaction.kernel.grad_sum(y, y, c))[live] / reaction_eta
+            else:  # He^2 does not depend on y, but b*(y) does in the reduced problem
+                value += float(4 * np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)) / (2 * reaction_eta)
+        grad_u = grad_y * root
+        return value / scale, grad_u.ravel() / scale
+
+    u0 = ((y_full[live] - x[live]) / root).ravel()
+    gtol = np.sqrt(2.0 * tol / max(u0.size, 1))
+    status, certificate, iterations, floor = "optimal", 0.0, 0, 0.0
+    u = u0
+    start_time = time.perf_counter()
+    if live.size:
+        for _ in range(LBFGS_RESTARTS + 1):
+            result = minimize(objective, u, jac=True, method="L-BFGS-B",
+                              options={"maxcor": LBFGS_MEMORY, "gtol": gtol, "ftol": 1e-3 * tol,
+                                       "maxiter": max_iter, "maxfun": 2 * max_iter})
+            iterations += int(result.nit)
+            u = result.x
+            value, grad = objective(u)
+            if not np.isfinite(value):
+                status = "diverged"
+                break
+            if 0.5 * float(grad @ grad) > tol:  # stalled on value noise: use gradients only
+                u = _gradient_polish(objective, u, grad, tol)
+            y_full = y_full.copy()  # (a Measure built on it below makes it read-only)
+            y_full[live] = x[live] + root * u.reshape(-1, d)
+            if weights_at is not None:
+                b = weights_at(y_full.copy())
+            certificate, floor = position_residual(F, x, a, y_full, b, eta, coupling, scale)
+            if certificate <= max(tol, floor):
+                break
+        else:
+            status = "optimal_inaccurate"
+    if status == "optimal" and live.size < n:
+        y_full = _move_massless(F, x, b, y_full, live, eta)
+    info = {"position_iterations": iterations, "position_evaluations": evaluations,
+            "position_time": time.perf_counter() - start_time, "position_roundoff": floor}
+    return TransportResult(y_full, certificate, status, info)
+
+
+def _gradient_polish(objective, u, grad, tol, iterations: int = POLISH_ITERATIONS):
+    """Barzilai-Borwein steps on grad_u J = 0, accepted when |grad| decreases.
+
+    L-BFGS-B's line search compares objective values; once the decrease left is below their
+    round-off (sums of kernel terms that cancel) it stops although the gradient, computed to
+    far better relative accuracy, is not yet small. In u the Hessian is the identity plus the
+    energy's part, so gradient steps converge there; they only need gradients."""
+    length = 1.0
+    norm = float(grad @ grad)
+    for _ in range(iterations):
+        if 0.5 * norm <= tol:
+            break
+        for _ in range(30):
+            trial = u - length * grad
+            _, trial_grad = objective(trial)
+            trial_norm = float(trial_grad @ trial_grad)
+            if trial_norm < norm:
+                break
+            length *= 0.5
+        else:
+            break
+        s, y = trial - u, trial_grad - grad
+        u, grad, norm = trial, trial_grad, trial_norm
+        curvature = float(s @ y)
+        length = float(s @ s) / curvature if curvature > 0 else 1.0
+    return u
+
+
+def _move_massless(F, x, b, y, live, eta):
+    """Backward Euler for particles of zero mass in the final field (they do not act on it)."""
+    dead = np.setdiff1d(np.arange(x.shape[0]), live)
+    mu_y = Measure(y, b)
+    d = x.shape[1]
+    try:
+        variation_at(F, mu_y, x[dead[:1]])
+    except ValueError:
+        return y  # the energy cannot be evaluated away from the particles: they stay put
+
+    def objective(flat):
+        z = flat.reshape(-1, d)
+        value = float(np.sum(variation_at(F, mu_y, z)) + np.sum((z - x[dead]) ** 2) / (2 * eta))
+        grad = variation_at(F, mu_y, z, gradient=True) + (z - x[dead]) / eta
+        return value, grad.ravel()
+
+    result = minimize(objective, x[dead].ravel(), jac=True, method="L-BFGS-B",
+                      options={"maxcor": LBFGS_MEMORY})
+    if np.all(np.isfinite(result.x)):
+        y = y.copy()
+        y[dead] = result.x.reshape(-1, d)
+    return y
+
+
+def reaction_exact(F: Energy, geometry: Geometry, points: np.ndarray, a: np.ndarray, eta: float,
+                   start=None, rtol: float = DEFAULT_WEIGHT_RTOL, scale: float | None = None,
+                   grams: GramCache | None = None):
+    """The exact reaction step of the geometry's reaction part on fixed points."""
+    reaction = geometry.reaction
+    if isinstance(reaction, MMD):
+        return mmd_step(F, reaction, points, a, eta, geometry.conserve_mass, start=start,
+                        rtol=rtol, grams=grams, energy_scale=scale)
+    return hellinger_step(F, points, a, eta, geometry.conserve_mass, rtol=rtol, grams=grams,
+                          energy_scale=scale)
+
+
+def position_residual(F: Energy, x: np.ndarray, a: np.ndarray, y: np.ndarray, b: np.ndarray,
+                      eta: float, coupling, scale: float) -> tuple[float, float]:
+    """(|grad_u J|^2 / 2 / scale, its round-off floor) at (y, b), as in ``implicit_transport``."""
+    weight = np.maximum(a, b)
+    live = weight > 0
+    mu_y = Measure(y, b)
+    force = b[:, None] * F.grad_first_variation(mu_y)
+    pull = a[:, None] * (y - x) / eta
+    grad = force + pull
+    size = np.abs(force) + np.abs(pull)
+    if coupling is not None and isinstance(coupling[0], MMD):
+        reaction, reaction_eta, _ = coupling
+        c = b - a
+        coupled = c[:, None] * reaction.kernel.grad_sum(y, y, c) / reaction_eta
+        grad += coupled
+        size += np.abs(coupled)
+    root = np.sqrt(eta / weight[live])[:, None]
+    residual = 0.5 * float(np.sum((grad[live] * root) ** 2)) / scale
+    floor = 0.5 * float(np.sum((ROUNDOFF_FACTOR * np.finfo(float).eps * size[live] * root) ** 2))
+    return residual, floor / scale
+
+
+# -------------------------------------------------------------------------------------------------
+# The method
+# -------------------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class ParticleJKO:
+    """Lagrangian JKO step: argmin over positions y and weights b of
+
+        F(sum_i b_i delta_{y_i}) + [sum_i a_i |y_i - x_i|^2 / alpha + R^2(a, b on y) / beta] / (2 tau)
+
+    (docs/particles.md §4). tol: the accepted relative certificate (stationarity of the
+    positions and gap of the weights, over |F(mu^k)|). max_alternations: position / weight
+    alternations of the joint step (WFR, IFT). predictor: start the positions at the explicit
+    step x - tau alpha grad f (closer to the solution than x for small steps).
+    """
+
+    tol: float = DEFAULT_PARTICLE_TOL
+    max_alternations: int = DEFAULT_ALTERNATIONS
+    max_iter: int = 5000
+    predictor: bool = True
+
+    def __post_init__(self):
+        if not (np.isfinite(self.tol) and self.tol > 0):
+            raise ValueError(f"tol must be a positive number, got {self.tol!r}")
+        if int(self.max_alternations) < 1:
+            raise ValueError(f"max_alternations must be >= 1, got {self.max_alternations!r}")
+
+    def step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float,
+             throw: bool = True) -> StepResult:
+        tau = check_particle_input(F, geometry, mu, tau)
+        start = time.perf_counter()
+        x, a = mu.points, mu.weights
+        scale = energy_scale(F, mu)
+        info: dict = {"method": "particle_jko"}
+        if not geometry.has_transport:  # pure reaction: the exact weight step
+            reaction = reaction_exact(F, geometry, x, a, tau * geometry.beta, scale=scale,
+                                      rtol=self.tol)
+            info.update(reaction.info, wall_time=time.perf_counter() - start)
+            return finish(F, geometry, mu, x, reaction.weights, tau, reaction.status,
+                          reaction.certificate, info, throw, "ParticleJKO")
+        eta = tau * geometry.alpha
+        guess = explicit_transport(F, mu, eta) if self.predictor else x
+        if geometry.reaction is None:  # pure transport: one proximal position step
+            moved = implicit_transport(F, x, a, eta, start=guess, tol=self.tol, scale=scale,
+                                       max_iter=self.max_iter)
+            info.update(moved.info, wall_time=time.perf_counter() - start)
+            return finish(F, geometry, mu, moved.points, a, tau, moved.status, moved.certificate,
+                          info, throw, "ParticleJKO")
+        return self._joint(F, geometry, mu, tau, eta, guess, scale, info, throw, start)
+
+    def _joint(self, F, geometry, mu, tau, eta, guess, scale, info, throw, start):
+        """Alternate once (positions at b = a, then the exact weights), then minimize the reduced
+        objective phi(y) = min_b J(y, b) by L-BFGS-B: every evaluation solves the weight step
+        exactly (warm started) and, the minimizer b*(y) being unique (strictly convex reaction),
+        grad phi(y) = d_y J(y, b*(y)) (Danskin). Plain alternation contracts slowly when
+        positions and weights are strongly coupled (weights moving between particles that move)."""
+        x, a = mu.points, mu.weights
+        reaction_eta = tau * geometry.beta
+        coupling = (geometry.reaction, reaction_eta, geometry.conserve_mass)
+        inner = INNER_TOL_FRACTION * self.tol
+        moved = implicit_transport(F, x, a, eta, start=guess, tol=inner, scale=scale,
+                                   max_iter=self.max_iter)
+        if moved.status == "diverged":
+            return finish(F, geometry, mu, moved.points, a, tau, "diverged", np.inf, info, throw,
+                          "ParticleJKO")
+        state = {"b": a, "weight_iterations": 0, "evaluations": 0, "reaction": None}
+
+        def weights_at(y):
+            reaction = reaction_exact(F, geometry, y, a, reaction_eta, start=state["b"],
+                                      scale=scale, rtol=inner)
+            state["b"], state["reaction"] = reaction.weights, reaction
+            state["weight_iterations"] += int(reaction.info.get("weight_iterations", 0))
+            state["evaluations"] += 1
+            return reaction.weights
+
+        y = moved.points
+        b = weights_at(y)
+        status, certificate, residual, floor = "optimal_inaccurate", np.inf, np.inf, 0.0
+        iterations = moved.info["position_iterations"]
+        for _ in range(self.max_alternations):
+            residual, floor = position_residual(F, x, a, y, b, eta, coupling, scale)
+            reaction = state["reaction"]
+            certificate = max(residual, reaction.certificate)
+            floor = max(floor, reaction.info.get("weight_roundoff", 0.0))
+            if certificate <= max(self.tol, floor) and reaction.ok:
+                status = "optimal"
+                break
+            reduced = implicit_transport(F, x, a, eta, b=b, coupling=coupling, start=y, tol=inner,
+                                         scale=scale, max_iter=self.max_iter,
+                                         weights_at=weights_at)
+            iterations += reduced.info["position_iterations"]
+            if reduced.status == "diverged":
+                status = "diverged"
+                break
+            y, b = reduced.points, weights_at(reduced.points)
+        info.update(position_iterations=iterations, weight_iterations=state["weight_iterations"],
+                    weight_solves=state["evaluations"], position_residual=residual,
+                    weight_certificate=state["reaction"].certificate,
+                    wall_time=time.perf_counter() - start)
+        return finish(F, geometry, mu, y, b, tau, status, certificate, info, throw, "ParticleJKO")

@@ -1,0 +1,171 @@
+"""The weight (reaction) steps on a fixed support and their QP solver (jko_ift.methods.weights).
+
+Checked against a second, independent method: CVXPY with Clarabel for the quadratic programs,
+the conic JKO step for the Hellinger step, brute force for the simplex projection.
+"""
+
+import cvxpy as cp
+import numpy as np
+import pytest
+
+import jko_ift as jk
+from jko_ift.methods.weights import (
+    frank_wolfe_gap,
+    hellinger_step,
+    mmd_step,
+    project_simplex,
+    solve_weight_qp,
+)
+
+#: Clarabel's default stopping tolerance (relative gap 1e-8): objectives agree to this, relative.
+CLARABEL_RTOL = 1e-8
+
+#: Our solver certifies a gap of DEFAULT_WEIGHT_RTOL = 1e-10 relative (or its round-off floor);
+#: against Clarabel the comparison is bounded by Clarabel's own 1e-8, so objectives must agree
+#: to CLARABEL_RTOL and ours must never be worse than Clarabel's beyond our certificate.
+OURS_NOT_WORSE_RTOL = 1e-10
+
+#: The Newton method of the Hellinger step is asked for a certificate at round-off.
+NEWTON_RTOL = 1e-15
+
+#: The conic step's objective is certified to 1e-6 relative (ConicJKO DEFAULT_GAP_TOL) on the
+#: scaled problem; weights of a strongly convex problem to about its square root (1e-3),
+#: measured in the problem's own norm. Observed agreement is ~1e-8.
+CONIC_OBJECTIVE_RTOL = 1e-6
+
+
+def kernel_qp(n, seed, sigma=1.5, eta=0.1, ridge=1e-8):
+    """The MMD weight step of 1/2 MMD^2 to n target samples: H = K + G / eta, g = c + G a / eta."""
+    rng = np.random.default_rng(seed)
+    x, y = rng.normal(size=(n, 2)) + 2.0, rng.normal(size=(n, 2))
+    k = jk.Gaussian(sigma)
+    K = k(x, x)
+    c = k.apply(x, y, np.full(n, 1.0 / n))
+    a = rng.uniform(0.5, 1.5, n)
+    a /= a.sum()
+    G = K + ridge * np.eye(n)
+    return K + G / eta, c + G @ a / eta, a
+
+
+def clarabel_qp(H, g, mass):
+    b = cp.Variable(g.size, nonneg=True)
+    constraints = [cp.sum(b) == mass] if mass is not None else []
+    problem = cp.Problem(cp.Minimize(0.5 * cp.quad_form(b, cp.psd_wrap(H)) - g @ b), constraints)
+    problem.solve(solver="CLARABEL")
+    return problem.value
+
+
+@pytest.mark.parametrize("mass", [1.0, None], ids=["simplex", "orthant"])
+@pytest.mark.parametrize("sigma, eta", [(1.5, 0.1), (10.0, 0.1), (1.5, 1e-3)])
+def test_qp_matches_clarabel(mass, sigma, eta):
+    H, g, a = kernel_qp(120, seed=1, sigma=sigma, eta=eta)
+    solution = solve_weight_qp(H, g, mass, start=a)
+    reference = clarabel_qp(H, g, mass)
+    assert solution.status == "optimal"
+    assert np.all(solution.weights >= 0)
+    if mass is not None:
+        assert solution.weights.sum() == pytest.approx(mass, rel=1e-14)
+    assert abs(solution.objective - reference) <= CLARABEL_RTOL * abs(reference)
+    assert solution.objective <= reference + OURS_NOT_WORSE_RTOL * abs(reference)
+    # the certificate is an honest bound: recompute it from scratch
+    gap = frank_wolfe_gap(H @ solution.weights - g, solution.weights, mass, a.sum())
+    assert gap == pytest.approx(solution.gap, rel=1e-6, abs=1e-15)
+
+
+def test_kernel_qp_minimizers_are_sparse_and_cold_start_agrees():
+    """With a small ridge the minimizer uses few particles (docs/particles.md §3); a cold start
+    (best vertex) and a warm start reach the same objective."""
+    H, g, a = kernel_qp(300, seed=2)
+    warm, cold = solve_weight_qp(H, g, 1.0, start=a), solve_weight_qp(H, g, 1.0)
+    assert warm.info["support"] < 100
+    assert warm.objective == pytest.approx(cold.objective, rel=OURS_NOT_WORSE_RTOL, abs=1e-14)
+
+
+def test_non_convex_qp_ends_at_a_stationary_point():
+    """An indefinite H (negative diagonal: no face can be factored) falls back to projected
+    gradient, which ends where the Frank-Wolfe gap (a stationarity measure here) vanishes."""
+    rng = np.random.default_rng(3)
+    n = 30
+    B = rng.normal(size=(n, n))
+    H = 0.5 * (B + B.T) - 3 * np.eye(n)
+    g = rng.normal(size=n)
+    solution = solve_weight_qp(H, g, 1.0, start=np.full(n, 1.0 / n), max_iter=20_000)
+    assert solution.method == "projected_gradient"
+    assert solution.status == "optimal"
+    assert np.all(solution.weights >= 0) and solution.weights.sum() == pytest.approx(1.0)
+
+
+def test_unbounded_orthant_program_is_reported():
+    """Negative curvature on the orthant: the program is unbounded below, and says so."""
+    n = 5
+    solution = solve_weight_qp(-np.eye(n), np.zeros(n), None, start=np.arange(1.0, n + 1))
+    assert solution.status == "unbounded"
+
+
+def test_simplex_projection_against_brute_force():
+    rng = np.random.default_rng(4)
+    for _ in range(20):
+        v = rng.normal(size=7) * 3
+        p = project_simplex(v, 2.0)
+        assert p.sum() == pytest.approx(2.0) and np.all(p >= 0)
+        # optimality: p = max(v - t, 0) with one threshold t; no feasible point is closer
+        t = (v - p)[p > 0]
+        assert np.allclose(t, t[0])
+        for _ in range(50):
+            q = rng.dirichlet(np.ones(7)) * 2.0
+            assert np.sum((v - p) ** 2) <= np.sum((v - q) ** 2) + 1e-12
+
+
+def test_mmd_step_closed_form_with_target_on_the_support():
+    """theory §4: b = (a + tau p) / (1 + tau) for F = 1/2 MMD^2 without ridge."""
+    rng = np.random.default_rng(5)
+    x = np.stack(np.meshgrid(np.arange(5.0), np.arange(4.0)), -1).reshape(-1, 2)
+    a, p = rng.uniform(0.5, 1.5, 20), rng.uniform(0.5, 1.5, 20)
+    a, p = a / a.sum(), p / p.sum()
+    k = jk.Gaussian(0.6)
+    F = jk.MMD2(jk.Measure(x, p), k)
+    for conserve in (False, True):
+        result = mmd_step(F, jk.MMD(k, ridge=0.0), x, a, 0.4, conserve, energy_scale=1.0)
+        np.testing.assert_allclose(result.weights, (a + 0.4 * p) / 1.4, atol=1e-12)
+
+
+@pytest.mark.parametrize("conserve", [False, True])
+def test_hellinger_step_against_conic_and_closed_form(conserve):
+    """For a potential, b_i = a_i / (1 + eta (V_i - nu) / 2)^2 (stationarity of the scalar
+    problems); the exact step also agrees with the conic JKO step on the same support."""
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(25, 2))
+    a = rng.uniform(0.5, 1.5, 25)
+    a /= a.sum()
+    V = jk.Potential(lambda z: 0.5 * np.sum(z**2, 1), lambda z: z)
+    eta = 0.7
+    result = hellinger_step(V, x, a, eta, conserve, rtol=NEWTON_RTOL, energy_scale=1.0)
+    assert result.ok
+    b = result.weights
+    values = 0.5 * np.sum(x**2, 1)
+    nu = 0.0
+    if conserve:  # the multiplier from the largest weight, then check all particles
+        i = int(np.argmax(b))
+        nu = values[i] + (2 / eta) * (1 - np.sqrt(a[i] / b[i]))
+    # the Hellinger term is strongly convex with modulus m = min sqrt(a) / (eta b^{3/2}) near b,
+    # so a certified gap bounds the distance to the minimizer by sqrt(2 gap / m)
+    modulus = float(np.min(np.sqrt(a) / (eta * b**1.5))) / 2
+    distance = np.sqrt(2 * max(result.certificate, result.info["weight_roundoff"]) / modulus)
+    np.testing.assert_allclose(b, a / (1 + eta * (values - nu) / 2) ** 2, rtol=0,
+                               atol=distance + 1e-15)
+    mu = jk.Measure(x, a)
+    conic = jk.ConicJKO().step(V, jk.Hellinger(conserve_mass=conserve), mu, eta)
+    ours = V.value(mu.with_weights(b)) + jk.Hellinger().squared_distance(mu, mu.with_weights(b)) / (
+        2 * eta)
+    assert ours <= conic.objective + CONIC_OBJECTIVE_RTOL * abs(conic.objective)
+    assert ours == pytest.approx(conic.objective, rel=CONIC_OBJECTIVE_RTOL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sigma", [10.0, 1.0])
+def test_qp_at_a_thousand_particles_matches_clarabel(sigma):
+    H, g, a = kernel_qp(1000, seed=7, sigma=sigma)
+    solution = solve_weight_qp(H, g, 1.0, start=a)
+    reference = clarabel_qp(H, g, 1.0)
+    assert solution.status == "optimal"
+    assert abs(solution.objective - reference) <= CLARABEL_RTOL * abs(reference)
