@@ -8,14 +8,18 @@ from .control import StepController
 from .diagnostics import convergence_order, mmd, w2
 from .energies import KL, MMD2, Energy, Entropy, Interaction, PorousMedium, Potential
 from .geometries import IFT, MMD, WFR, Hellinger, InfConvolution, Wasserstein
+from .io import load
 from .kernels import IMQ, EnergyKernel, Gaussian, Laplace
 from .measures import Grid, Measure
 from .methods import (
     ConicJKO,
     EntropicBlurWarning,
     EntropicJKO,
+    ExplicitEuler,
     GridLockingWarning,
+    ParticleJKO,
     SolverError,
+    Splitting,
     StepResult,
 )
 from .solve import DissipationWarning, Trajectory, jko_step, solve
@@ -24,9 +28,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "IFT", "IMQ", "KL", "MMD", "MMD2", "WFR", "ConicJKO", "DissipationWarning", "Energy",
-    "EntropicBlurWarning", "EntropicJKO",
+    "EntropicBlurWarning", "EntropicJKO", "ExplicitEuler", "ParticleJKO", "Splitting",
     "EnergyKernel", "Entropy", "Gaussian", "Grid", "GridLockingWarning", "Hellinger",
     "InfConvolution", "Interaction", "Laplace", "Measure", "PorousMedium", "Potential",
     "SolverError", "StepController", "StepResult", "Trajectory", "Wasserstein", "convergence_order",
-    "jko_step", "mmd", "solve", "w2",
+    "jko_step", "load", "mmd", "solve", "w2",
 ]

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_path", "results_folder", "to_jsonable", "write_json_atomic"]
+__all__ = ["atomic_path", "load", "read_metadata", "results_folder", "save_trajectory", "to_jsonable",
+           "write_json_atomic"]
 
 
 def _umask() -> int:
@@ -141,3 +142,270 @@ def results_folder(path) -> Iterator[Path]:
                 os.replace(source, destination)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- trajectory files
+
+#: The format tag written into every trajectory file; ``load`` refuses other formats.
+TRAJECTORY_FORMAT = "jko_ift.trajectory/1"
+
+
+def _json_exact(obj):
+    """Like ``to_jsonable`` but keeps NaN and infinity (written as JSON's NaN/Infinity
+    extensions, which Python's ``json`` reads back), so that stats round-trip exactly."""
+    if isinstance(obj, (float, np.floating)) and not math.isfinite(float(obj)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return _json_exact(obj.tolist())
+    if isinstance(obj, Mapping):
+        return {str(key): _json_exact(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [_json_exact(value) for value in obj]
+    return to_jsonable(obj)
+
+
+def save_trajectory(path, trajectory, metadata: Mapping | None = None) -> Path:
+    """Write a ``Trajectory`` to one ``.npz`` file, atomically; return the path.
+
+    The file holds ``times`` (k,), ``energies`` (k,), the weights of all measures end to
+    end with their ``sizes`` (k,), the points of the measures that are not on a grid (end
+    to end, rows (N, d)), for measures on a ``Grid`` its ``lo``, ``hi`` and ``shape`` (the
+    points are rebuilt from it), ``stats`` and ``metadata`` as JSON text, and
+    ``stop_reason``. ``load`` reads it back into an equal ``Trajectory``. Arrays only: the
+    file is read with ``allow_pickle=False``.
+    """
+    measures = list(trajectory.measures)
+    if not measures:
+        raise ValueError("cannot save a trajectory with no measures")
+    dims = {mu.dim for mu in measures}
+    if len(dims) != 1:
+        raise ValueError(f"all measures of a trajectory must have one dimension, got {sorted(dims)}")
+    d = dims.pop()
+    on_grid = np.array([mu.grid is not None and np.array_equal(mu.points, mu.grid.points)
+                        for mu in measures])
+    nan_row = np.full(d, np.nan)
+    arrays = {
+        "format": np.array(TRAJECTORY_FORMAT),
+        "times": np.asarray(trajectory.times, dtype=float),
+        "energies": np.asarray(trajectory.energies, dtype=float),
+        "sizes": np.array([mu.n for mu in measures], dtype=np.int64),
+        "weights": np.concatenate([mu.weights for mu in measures]),
+        "on_grid": on_grid,
+        "points": np.concatenate([mu.points for mu, g in zip(measures, on_grid, strict=True) if not g]
+                                 or [np.empty((0, d))]),
+        "grid_lo": np.array([mu.grid.lo if g else nan_row for mu, g in zip(measures, on_grid, strict=True)]),
+        "grid_hi": np.array([mu.grid.hi if g else nan_row for mu, g in zip(measures, on_grid, strict=True)]),
+        "grid_shape": np.array([mu.grid.shape if g else np.zeros(d, int)
+                                for mu, g in zip(measures, on_grid, strict=True)], dtype=np.int64),
+        "stats": np.array(json.dumps(_json_exact(list(trajectory.stats)), allow_nan=True)),
+        "metadata": np.array(json.dumps(_json_exact(dict(metadata or {})), allow_nan=True)),
+        "stop_reason": np.array(str(trajectory.stop_reason)),
+    }
+    with atomic_path(path) as temporary:
+        with open(temporary, "wb") as stream:
+            np.savez_compressed(stream, **arrays)
+            stream.flush()
+            os.fsync(stream.fileno())
+    return Path(path)
+
+
+def _open_trajectory(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no trajectory file at {path}; pass the trajectory.npz of a results folder")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a readable trajectory file ({error})") from None
+    found = str(arrays.get("format", "none"))
+    if found != TRAJECTORY_FORMAT:
+        raise ValueError(f"{path} is not a jko_ift trajectory file (format {found!r}, "
+                         f"expected {TRAJECTORY_FORMAT!r})")
+    return arrays
+
+
+def read_metadata(path) -> dict:
+    """The ``metadata`` dict stored by ``save_trajectory`` (empty if none was given)."""
+    return json.loads(str(_open_trajectory(path)["metadata"]))
+
+
+def load(path):
+    """Read a trajectory file written by ``save_trajectory`` (or ``jko-ift run``) back into
+    a ``Trajectory``: same times, energies, weights, points, stats and stop reason; measures
+    that were on a ``Grid`` get an equal grid back (so ``Entropy`` and the plots work)."""
+    from .measures import Grid, Measure
+    from .solve import Trajectory
+
+    arrays = _open_trajectory(path)
+    grids: dict = {}
+    measures, start, point_start = [], 0, 0
+    for k, size in enumerate(arrays["sizes"].tolist()):
+        weights = arrays["weights"][start:start + size]
+        start += size
+        if arrays["on_grid"][k]:
+            key = (tuple(arrays["grid_lo"][k].tolist()), tuple(arrays["grid_hi"][k].tolist()),
+                   tuple(arrays["grid_shape"][k].tolist()))
+            grid = grids.get(key) or grids.setdefault(key, Grid(*key))  # one Grid object shared
+            measures.append(Measure(grid.points, weights, grid=grid))
+        else:
+            measures.append(Measure(arrays["points"][point_start:point_start + size], weights))
+            point_start += size
+    return Trajectory(arrays["times"], measures, arrays["energies"],
+                      json.loads(str(arrays["stats"])), str(arrays["stop_reason"]))
+
+
+# ---------------------------------------------------------------------------- runs with checkpoints
+
+#: The files of a results folder written by ``run_config`` (and ``jko-ift run``).
+SUMMARY_FILE, TRAJECTORY_FILE, ENERGY_FIGURE, CHECKPOINT_FILE = (
+    "summary.json", "trajectory.npz", "energy.png", "checkpoint.npz")
+
+
+def versions() -> dict:
+    """Versions of Python and of the libraries a result depends on."""
+    import platform
+
+    import cvxpy
+    import ot
+    import scipy
+
+    from . import __version__
+    return {"jko_ift": __version__, "numpy": np.__version__, "scipy": scipy.__version__,
+            "cvxpy": cvxpy.__version__, "POT": ot.__version__, "python": platform.python_version()}
+
+
+def _kept(times: np.ndarray, save_at, total_time: float) -> np.ndarray:
+    """Indices of the saved states: the start, the save_at times and the last state."""
+    if save_at is None:
+        return np.arange(times.size)
+    close = np.abs(times[:, None] - np.asarray(save_at)[None, :]) <= 1e-9 * max(total_time, 1.0)
+    keep = close.any(1)
+    keep[0] = keep[-1] = True
+    return np.flatnonzero(keep)
+
+
+def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = None,
+               progress: bool = True) -> tuple:
+    """Run a checked config (``config.load_config``) into the results folder ``out``.
+
+    Writes ``summary.json`` (the config, library versions, per-step energies, timings and
+    statuses, the stop reason), ``trajectory.npz`` (``jk.load`` reads it) and ``energy.png``,
+    each atomically. With ``checkpoint_every = N`` (fixed steps only) the run goes in chunks
+    of N steps, each one a ``jk.solve`` from the last measure with a fresh method object,
+    and after each chunk ``checkpoint.npz`` is replaced atomically; ``resume=True`` continues
+    from that checkpoint (same config required) in the same chunks, so the result is the
+    same, bit for bit, as the uninterrupted run with the same N. Returns (trajectory, summary).
+    """
+    import logging
+    import time
+
+    from .solve import Trajectory, solve
+
+    logger = logging.getLogger(__name__)
+    out = check_results_target(out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / CHECKPOINT_FILE
+    run = spec.run
+    if checkpoint_every is not None and (int(checkpoint_every) != checkpoint_every or checkpoint_every < 1):
+        raise ValueError("checkpoint_every must be a positive whole number of steps, "
+                         f"got {checkpoint_every!r}")
+    if spec.adaptive and checkpoint_every is not None:
+        raise ValueError("checkpoints need fixed steps ([run] tau and steps); this config is adaptive "
+                         "([run.adaptive]); run it without --checkpoint-every")
+    start = time.perf_counter()
+    times, measures, energies, stats = [0.0], [spec.initial], [spec.energy.value(spec.initial)], []
+    done, stop_reason, resumed_from = 0, None, None
+    if resume and checkpoint.exists():
+        metadata = read_metadata(checkpoint)
+        if metadata.get("digest") != spec.digest:
+            raise ValueError(f"the checkpoint in {out} belongs to another config (its config differs "
+                             "from this one); resume with the same config, or run without --resume")
+        saved = load(checkpoint)
+        times, measures = list(saved.times), list(saved.measures)
+        energies, stats = list(saved.energies), list(saved.stats)
+        done = resumed_from = metadata["steps_done"]
+        stop_reason = metadata["stop_reason"]
+        if checkpoint_every != metadata["checkpoint_every"]:
+            logger.info("resuming with the checkpoint interval of the interrupted run, %s steps "
+                        "(the chunks decide the result bit for bit)", metadata["checkpoint_every"])
+        checkpoint_every = metadata["checkpoint_every"]
+        logger.info("resuming %s from step %d (t = %.6g)", out, done, times[-1])
+    elif resume:
+        logger.warning("no checkpoint in %s: starting from the beginning", out)
+    elif checkpoint.exists():
+        checkpoint.unlink()  # a fresh run: an old checkpoint must not be resumed into it
+
+    if spec.adaptive:
+        trajectory = spec.solve(progress=progress)
+        times, measures = list(trajectory.times), list(trajectory.measures)
+        energies, stats = list(trajectory.energies), list(trajectory.stats)
+        stop_reason = trajectory.stop_reason
+        done = len(trajectory.taus)
+    else:
+        tau, total = run.tau, run.steps
+        chunk = checkpoint_every or total
+        while done < total and stop_reason is None:
+            steps = min(chunk, total - done)
+            logger.info("steps %d to %d of %d (tau = %g)", done + 1, done + steps, total, tau)
+            part = solve(spec.energy, spec.geometry, measures[-1], tau=tau, steps=steps,
+                         method=spec.make_method(), stop_rate=run.stop_rate,
+                         stop_energy=run.stop_energy, progress=progress)
+            taken = len(part.measures) - 1
+            times.extend((done + j) * tau for j in range(1, taken + 1))
+            measures.extend(part.measures[1:])
+            energies.extend(part.energies[1:].tolist())
+            stats.extend(dict(s, step=done + s["step"]) for s in part.stats)
+            done += taken
+            if part.stop_reason != "steps":
+                stop_reason = part.stop_reason
+            elif done >= total:
+                stop_reason = "steps"
+            if checkpoint_every is not None:
+                save_trajectory(checkpoint, Trajectory(np.array(times), measures, np.array(energies),
+                                                       stats, stop_reason or "running"),
+                                metadata={"digest": spec.digest, "steps_done": done,
+                                          "checkpoint_every": checkpoint_every,
+                                          "stop_reason": stop_reason})
+                logger.info("checkpoint at step %d written to %s", done, checkpoint)
+
+    times_array = np.array(times)
+    kept = _kept(times_array, run.save_at, float(times_array[-1]))
+    trajectory = Trajectory(times_array[kept], [measures[i] for i in kept],
+                            np.array(energies)[kept], stats, stop_reason)
+    save_trajectory(out / TRAJECTORY_FILE, trajectory, metadata={"digest": spec.digest})
+    accepted = [s for s in stats if s.get("accepted", True)]
+    summary = {
+        "command": "run",
+        "config": spec.config,
+        "config_file": spec.source,
+        "problem": spec.name,
+        "energy": repr(spec.energy),
+        "geometry": repr(spec.geometry),
+        "method": {"kind": spec.method_kind, "options": spec.method_options},
+        "versions": versions(),
+        "stop_reason": stop_reason,
+        "steps": done,
+        "final_time": times[-1],
+        "final_energy": energies[-1],
+        "checkpoint_every": checkpoint_every,
+        "resumed_from_step": resumed_from,
+        "wall_time": time.perf_counter() - start,
+        "per_step": {
+            "times": times, "energies": energies,
+            "tau": [s["tau"] for s in accepted],
+            "wall_time": [s.get("wall_time") for s in accepted],
+            "status": [s.get("status") for s in accepted],
+            "certificate": [s.get("certificate") for s in accepted],
+        },
+        "stats": stats,
+    }
+    write_json_atomic(out / SUMMARY_FILE, summary)
+    from .plotting import plot_energy  # plotting imports io: import it when needed
+
+    label = spec.name or (Path(spec.source).stem if spec.source else "config")
+    title = f"{label}: {type(spec.geometry).__name__}, {spec.method_kind}"
+    plot_energy(Trajectory(times_array, measures, np.array(energies), stats, stop_reason),
+                out / ENERGY_FIGURE, title=title)
+    logger.info("results written to %s", out)
+    return trajectory, summary

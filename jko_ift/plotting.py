@@ -19,7 +19,7 @@ from .io import atomic_path
 from .measures import Measure
 from .solve import Trajectory
 
-__all__ = ["density_image", "plot_energy_decay", "plot_snapshots", "plot_step_sizes",
+__all__ = ["density_image", "plot_energy", "plot_energy_decay", "plot_snapshots", "plot_step_sizes",
            "plot_work_precision", "snapshot_indices"]
 
 #: Resolution of the PNGs.
@@ -175,4 +175,26 @@ def plot_step_sizes(trajectories: Mapping[str, Trajectory], path, title: str = "
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def plot_energy(trajectory: Trajectory, path, title: str | None = None,
+                ylabel: str = "energy $F(\\mu_t)$") -> Path:
+    """Energy against time of one run, with markers at the saved states.
+
+    A log scale when every energy is positive (decay rates read as slopes), a linear one
+    otherwise (entropies and KL-type energies can be negative). Writes a PNG, returns it.
+    """
+    times, energies = np.asarray(trajectory.times, float), np.asarray(trajectory.energies, float)
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot(times, energies, marker="o" if times.size <= 60 else None, markersize=4)
+    if energies.size and np.all(energies > 0):
+        ax.set_yscale("log")
+    ax.set_xlabel("time $t$")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
     return _save(fig, path)

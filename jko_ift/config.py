@@ -1,0 +1,520 @@
+"""Problems as data: a TOML config (or a dict) checked in full and turned into a ``RunSpec``.
+
+    spec = load_config("examples/configs/mmd_flow.toml")   # or load_config({...})
+    trajectory = spec.solve(progress=False)
+
+Every field is checked before anything is computed: a typo, an unknown kind or method, a
+missing field or a bad value raises ``ConfigError`` (a ``ValueError``) naming the field by its
+dotted path (``geometry.kind``), what is allowed there, and the closest allowed name. The
+schema is in ``docs/configs.md``; in short:
+
+* ``[problem]``: ``name = "mmd_flow"`` (a named problem of ``jko_ift.problems``; its other
+  keys override the problem's keyword arguments), or an explicit problem with
+  ``[problem.support]`` (grid lo/hi/shape), ``[problem.initial]`` (a Gaussian),
+  ``[problem.energy]`` (one table, or several ``[[problem.energy]]`` that are added) and
+  ``[problem.kernel]``;
+* ``[geometry]``: kind wasserstein | hellinger | mmd | wfr | ift with alpha, beta, ridge,
+  conserve_mass (optional for a named problem: it overrides the problem's geometry);
+* ``[method]``: kind conic | entropic with that method's options (``METHODS``);
+* ``[run]``: tau with steps or t_final, or ``[run.adaptive]`` (rtol, atol, ...) with t_final;
+  save_at, stop_rate, stop_energy.
+
+New methods are added by name to ``METHODS`` (``register_method``); their options are read
+from the signature of their constructor.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import inspect
+import json
+import math
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import problems as named_problems
+from .control import StepController
+from .energies import KL, MMD2, Energy, Entropy, PorousMedium, Potential
+from .geometries import DEFAULT_RIDGE, IFT, MMD, WFR, Geometry, Hellinger, Wasserstein
+from .kernels import IMQ, EnergyKernel, Gaussian, Kernel, Laplace
+from .measures import Grid, Measure
+from .methods import ConicJKO, EntropicJKO
+from .solve import Trajectory, solve
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+__all__ = ["ConfigError", "METHODS", "RunSpec", "load_config", "register_method"]
+
+SECTIONS = ("problem", "geometry", "method", "run")
+GEOMETRY_KEYS = {
+    "wasserstein": (),
+    "hellinger": ("conserve_mass",),
+    "mmd": ("ridge", "conserve_mass", "kernel"),
+    "wfr": ("alpha", "beta", "conserve_mass"),
+    "ift": ("alpha", "beta", "ridge", "conserve_mass", "kernel"),
+}
+KERNELS = {"gaussian": (Gaussian, "sigma"), "imq": (IMQ, "c"), "laplace": (Laplace, "sigma"),
+           "energy": (EnergyKernel, None)}
+ENERGY_KEYS = {
+    "mmd2": ("target",),
+    "kl": ("target",),
+    "entropy": (),
+    "potential_quadratic": ("kappa", "center"),
+    "porous_medium": ("m",),
+}
+TARGETS = {"gaussian": ("mean", "cov"), "paper_mixture": ()}
+RUN_KEYS = ("tau", "steps", "t_final", "adaptive", "save_at", "stop_rate", "stop_energy")
+ADAPTIVE_KEYS = ("rtol", "atol", "distance", "tau0", "tau_min", "tau_max", "safety", "shrink", "growth")
+
+#: Methods by config name: the class (or factory) and the options it does not take from a
+#: config (objects that TOML cannot write). Options are the keyword arguments of the factory.
+METHODS: dict[str, tuple[Callable, tuple[str, ...]]] = {
+    "conic": (ConicJKO, ()),
+    "entropic": (EntropicJKO, ("conic",)),
+}
+
+
+def register_method(name: str, factory: Callable, hidden: tuple[str, ...] = ()) -> None:
+    """Make ``[method] kind = name`` build ``factory(**options)``; its keyword arguments,
+    less ``hidden``, are the allowed options."""
+    METHODS[name] = (factory, tuple(hidden))
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; ``field`` is the dotted path of the offending entry."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"config error in {field}: {message}")
+
+
+# ---------------------------------------------------------------------------- checking helpers
+
+def _allowed(values) -> str:
+    return ", ".join(repr(v) for v in values) if values else "(none)"
+
+
+def _suggest(word: str, choices) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _table(value, path: str) -> dict:
+    if not isinstance(value, Mapping):
+        raise ConfigError(path, f"expected a table (section), got {value!r}")
+    return dict(value)
+
+
+def _check_keys(table: Mapping, allowed, path: str) -> None:
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(_join(path, key), f"unknown field {key!r}{_suggest(key, allowed)}; "
+                              f"the fields of {path or 'a config'} are {_allowed(allowed)}")
+
+
+def _kind(table: Mapping, choices, path: str) -> str:
+    if "kind" not in table:
+        raise ConfigError(_join(path, "kind"), f"missing; give one of {_allowed(choices)}")
+    kind = table["kind"]
+    if not isinstance(kind, str) or kind not in choices:
+        raise ConfigError(_join(path, "kind"), f"unknown kind {kind!r}{_suggest(kind, choices)}; "
+                          f"allowed: {_allowed(choices)}")
+    return kind
+
+
+def _require(table: Mapping, key: str, path: str, what: str):
+    if key not in table:
+        raise ConfigError(_join(path, key), f"missing; give {what}")
+    return table[key]
+
+
+def _number(value, path: str, positive: bool = False, nonnegative: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(path, f"expected a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ConfigError(path, f"expected a positive number, got {value!r}")
+    if nonnegative and value < 0:
+        raise ConfigError(path, f"expected a number >= 0, got {value!r}")
+    return float(value)
+
+
+def _count(value, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(path, f"expected a positive whole number, got {value!r}")
+    return int(value)
+
+
+def _flag(value, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(path, f"expected true or false, got {value!r}")
+    return value
+
+
+def _vector(value, d: int, path: str) -> np.ndarray:
+    values = value if isinstance(value, list) else [value]
+    if len(values) != d:
+        raise ConfigError(path, f"expected {d} number(s) (one per axis), got {value!r}")
+    return np.array([_number(v, path) for v in values])
+
+
+def _matrix(value, d: int, path: str) -> np.ndarray:
+    """A covariance: a number (times the identity), d variances, or a d x d matrix."""
+    if not isinstance(value, list):
+        return _number(value, path, positive=True) * np.eye(d)
+    if all(not isinstance(row, list) for row in value):
+        return np.diag(_vector(value, d, path))
+    if len(value) != d or any(not isinstance(row, list) or len(row) != d for row in value):
+        raise ConfigError(path, f"expected a {d} x {d} matrix (a list of {d} rows), got {value!r}")
+    matrix = np.array([[_number(v, path) for v in row] for row in value])
+    if not np.allclose(matrix, matrix.T) or np.linalg.eigvalsh(matrix).min() <= 0:
+        raise ConfigError(path, f"a covariance must be symmetric positive definite, got {value!r}")
+    return matrix
+
+
+def _build(path: str, factory: Callable, *args, **kwargs):
+    """Call a library constructor, reporting its ValueError against the config field."""
+    try:
+        return factory(*args, **kwargs)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(path, str(error)) from None
+
+
+# ---------------------------------------------------------------------------- sections
+
+def _kernel(table, path: str) -> Kernel:
+    table = _table(table, path)
+    kind = _kind(table, KERNELS, path)
+    cls, parameter = KERNELS[kind]
+    _check_keys(table, ("kind",) + ((parameter,) if parameter else ()), path)
+    if parameter is None:
+        return cls()
+    value = _number(_require(table, parameter, path, f"the {kind} kernel's {parameter} (> 0)"),
+                    _join(path, parameter), positive=True)
+    return _build(path, cls, value)
+
+
+def _grid(table, path: str) -> Grid:
+    table = _table(table, path)
+    _check_keys(table, ("kind", "lo", "hi", "shape"), path)
+    if table.get("kind", "grid") != "grid":
+        kind = table["kind"]
+        raise ConfigError(_join(path, "kind"), f"unknown support kind {kind!r}{_suggest(kind, ['grid'])}; "
+                          "allowed: 'grid' (particle supports come with the particle methods)")
+    shape = _require(table, "shape", path, "the number of cells per axis, e.g. [20, 20]")
+    shape = shape if isinstance(shape, list) else [shape]
+    if not 1 <= len(shape) <= 3:
+        raise ConfigError(_join(path, "shape"), f"expected 1 to 3 axes, got {shape!r}")
+    shape = [_count(s, _join(path, "shape")) for s in shape]
+    lo = _vector(_require(table, "lo", path, "the lower corner of the box"), len(shape), _join(path, "lo"))
+    hi = _vector(_require(table, "hi", path, "the upper corner of the box"), len(shape), _join(path, "hi"))
+    return _build(path, Grid, lo, hi, shape)
+
+
+def _gaussian(table, grid: Grid, path: str, allowed=("kind", "mean", "cov", "normalize")) -> Measure:
+    _check_keys(table, allowed, path)
+    d = grid.dim
+    mean = _vector(_require(table, "mean", path, f"the mean ({d} numbers)"), d, _join(path, "mean"))
+    cov = _matrix(_require(table, "cov", path, "the covariance (a number, variances or a matrix)"),
+                  d, _join(path, "cov"))
+    normalize = _flag(table.get("normalize", True), _join(path, "normalize"))
+    return _build(path, grid.measure, named_problems.gaussian_density(mean, cov), normalize=normalize)
+
+
+def _initial(table, grid: Grid, path: str) -> Measure:
+    table = _table(table, path)
+    _kind(table, ("gaussian",), path)
+    return _gaussian(table, grid, path)
+
+
+def _target(table, grid: Grid, path: str) -> Measure:
+    table = _table(table, path)
+    kind = _kind(table, TARGETS, path)
+    if kind == "gaussian":
+        return _gaussian(table, grid, path, allowed=("kind",) + TARGETS["gaussian"])
+    _check_keys(table, ("kind",), path)
+    if grid.dim != 2:
+        raise ConfigError(_join(path, "kind"), f"the paper mixture is a 2-D target; the grid is {grid.dim}-D")
+    return grid.measure(named_problems.paper_mixture_density, normalize=True)
+
+
+def _energy_term(table, grid: Grid, kernel: Kernel | None, path: str, kernel_path: str) -> Energy:
+    table = _table(table, path)
+    kind = _kind(table, ENERGY_KEYS, path)
+    _check_keys(table, ("kind", "scale") + ENERGY_KEYS[kind], path)
+    scale = _number(table.get("scale", 1.0), _join(path, "scale"), positive=True)
+    if kind in ("mmd2", "kl"):
+        target = _target(_require(table, "target", path, "a target table, e.g. {kind = \"gaussian\", "
+                                  "mean = ..., cov = ...} or {kind = \"paper_mixture\"}"),
+                         grid, _join(path, "target"))
+        if kind == "mmd2":
+            if kernel is None:
+                raise ConfigError(kernel_path, f"missing; the mmd2 energy needs a kernel, kind one of "
+                                  f"{_allowed(KERNELS)}")
+            term = _build(path, MMD2, target, kernel)
+        else:
+            term = KL(target)
+    elif kind == "entropy":
+        term = Entropy()
+    elif kind == "porous_medium":
+        m = _number(table.get("m", 2.0), _join(path, "m"))
+        term = _build(path, PorousMedium, m)
+    else:  # potential_quadratic: V = kappa / 2 |x - center|^2
+        kappa = _number(table.get("kappa", 1.0), _join(path, "kappa"), positive=True)
+        center = _vector(table.get("center", [0.0] * grid.dim), grid.dim, _join(path, "center"))
+        term = Potential(lambda x: 0.5 * kappa * ((x - center) ** 2).sum(1),
+                         lambda x: kappa * (x - center))
+    return term if scale == 1.0 else scale * term
+
+
+def _explicit_problem(table: dict, path: str = "problem") -> dict:
+    _check_keys(table, ("support", "initial", "energy", "kernel", "t_final"), path)
+    grid = _grid(_require(table, "support", path, "the support: [problem.support] lo, hi, shape"),
+                 _join(path, "support"))
+    initial = _initial(_require(table, "initial", path, "[problem.initial] kind = \"gaussian\", mean, cov"),
+                       grid, _join(path, "initial"))
+    kernel = _kernel(table["kernel"], _join(path, "kernel")) if "kernel" in table else None
+    terms = _require(table, "energy", path, f"[problem.energy] with kind one of {_allowed(ENERGY_KEYS)}")
+    terms = terms if isinstance(terms, list) else [terms]
+    if not terms:
+        raise ConfigError(_join(path, "energy"), "give at least one energy term")
+    energies = [_energy_term(term, grid, kernel, _join(path, "energy") + (f"[{i}]" if len(terms) > 1 else ""),
+                             _join(path, "kernel"))
+                for i, term in enumerate(terms)]
+    energy = energies[0]
+    for term in energies[1:]:
+        energy = energy + term
+    t_final = (_number(table["t_final"], _join(path, "t_final"), positive=True)
+               if "t_final" in table else None)
+    return {"name": None, "energy": energy, "initial": initial, "kernel": kernel, "geometry": None,
+            "t_final": t_final}
+
+
+def _named_problem(table: dict, path: str = "problem") -> dict:
+    name = table["name"]
+    if name not in named_problems.PROBLEMS:
+        raise ConfigError(_join(path, "name"), f"unknown problem {name!r}"
+                          f"{_suggest(name, named_problems.PROBLEMS)}; named problems: "
+                          f"{_allowed(named_problems.PROBLEMS)}")
+    factory = named_problems.PROBLEMS[name]
+    parameters = inspect.signature(factory).parameters
+    overrides = {key: value for key, value in table.items() if key != "name"}
+    _check_keys(overrides, ("name",) + tuple(parameters), path)
+    for key, value in overrides.items():
+        default = parameters[key].default
+        if isinstance(default, int) and not isinstance(default, bool):
+            _count(value, _join(path, key))
+        elif isinstance(default, float):
+            _number(value, _join(path, key))
+    problem = _build(path, factory, **overrides)
+    kernel = getattr(problem.energy, "kernel", None) or getattr(problem.geometry, "kernel", None)
+    return {"name": name, "energy": problem.energy, "initial": problem.initial, "kernel": kernel,
+            "geometry": problem.geometry, "t_final": problem.t_final}
+
+
+def _geometry(table, default_kernel: Kernel | None, path: str = "geometry") -> Geometry:
+    table = _table(table, path)
+    kind = _kind(table, GEOMETRY_KEYS, path)
+    _check_keys(table, ("kind",) + GEOMETRY_KEYS[kind], path)
+    options = {}
+    for key in ("alpha", "beta"):
+        if key in table:
+            options[key] = _number(table[key], _join(path, key), positive=True)
+    if "ridge" in table:
+        options["ridge"] = _number(table["ridge"], _join(path, "ridge"), nonnegative=True)
+    if "conserve_mass" in table:
+        options["conserve_mass"] = _flag(table["conserve_mass"], _join(path, "conserve_mass"))
+    if kind in ("mmd", "ift"):
+        kernel = (_kernel(table["kernel"], _join(path, "kernel")) if "kernel" in table
+                  else default_kernel)
+        if kernel is None:
+            raise ConfigError(_join(path, "kernel"), f"missing; the {kind} geometry needs a kernel "
+                              f"([geometry.kernel] or [problem.kernel]) with kind one of {_allowed(KERNELS)}")
+        if kind == "mmd":
+            return _build(path, MMD, kernel, options.get("ridge", DEFAULT_RIDGE),
+                          options.get("conserve_mass", False))
+        return _build(path, IFT, kernel, **options)
+    cls = {"wasserstein": Wasserstein, "hellinger": Hellinger, "wfr": WFR}[kind]
+    return _build(path, cls, **options)
+
+
+def _method_options(kind: str) -> tuple[Callable, tuple[str, ...]]:
+    factory, hidden = METHODS[kind]
+    parameters = inspect.signature(factory).parameters.values()
+    names = tuple(p.name for p in parameters
+                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                  and not p.name.startswith("_") and p.name not in hidden)
+    return factory, names
+
+
+def _method(table, path: str = "method") -> tuple[str, dict]:
+    table = _table(table, path)
+    kind = _kind(table, METHODS, path)
+    factory, names = _method_options(kind)
+    _check_keys(table, ("kind",) + names, path)
+    options = {key: value for key, value in table.items() if key != "kind"}
+    _build(path, factory, **options)  # check the options now, before any computation
+    return kind, options
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The [run] section, checked: fixed steps (tau, steps) or adaptive (controller, t_final)."""
+
+    tau: float | None
+    steps: int | None
+    t_final: float | None
+    controller: StepController | None
+    save_at: tuple[float, ...] | None
+    stop_rate: float | None
+    stop_energy: float | None
+
+
+def _run(table, problem_t_final: float | None, path: str = "run") -> RunOptions:
+    table = _table(table, path)
+    _check_keys(table, RUN_KEYS, path)
+    tau = _number(table["tau"], _join(path, "tau"), positive=True) if "tau" in table else None
+    steps = _count(table["steps"], _join(path, "steps")) if "steps" in table else None
+    t_final = (_number(table["t_final"], _join(path, "t_final"), positive=True)
+               if "t_final" in table else None)
+    controller = None
+    if "adaptive" in table:
+        adaptive = _table(table["adaptive"], _join(path, "adaptive"))
+        _check_keys(adaptive, ADAPTIVE_KEYS, _join(path, "adaptive"))
+        for key, value in adaptive.items():
+            if key != "distance":
+                _number(value, _join(path, f"adaptive.{key}"), positive=True)
+        if "distance" in adaptive and adaptive["distance"] not in ("mmd", "w2"):
+            raise ConfigError(_join(path, "adaptive.distance"), f"unknown distance {adaptive['distance']!r}"
+                              f"{_suggest(adaptive['distance'], ['mmd', 'w2'])}; allowed: 'mmd', 'w2'")
+        controller = _build(_join(path, "adaptive"), StepController, **adaptive)
+        if steps is not None:
+            raise ConfigError(_join(path, "steps"), "an adaptive run ends at t_final; remove steps")
+        t_final = t_final if t_final is not None else problem_t_final
+        if t_final is None:
+            raise ConfigError(_join(path, "t_final"), "missing; an adaptive run needs t_final")
+    else:
+        if tau is None:
+            raise ConfigError(_join(path, "tau"), "missing; give the step size tau (or a [run.adaptive] "
+                              "table with rtol, atol for error-controlled steps)")
+        if steps is not None and t_final is not None:
+            raise ConfigError(_join(path, "steps"), "give steps or t_final, not both")
+        if steps is None:
+            t_final = t_final if t_final is not None else problem_t_final
+            if t_final is None:
+                raise ConfigError(_join(path, "steps"), "missing; give steps (a number) or t_final (a time)")
+            steps, t_final = max(1, math.ceil(t_final / tau - 1e-9)), None
+    save_at = None
+    if "save_at" in table:
+        values = table["save_at"] if isinstance(table["save_at"], list) else [table["save_at"]]
+        save_at = tuple(sorted(_number(v, _join(path, "save_at"), positive=True) for v in values))
+        end = t_final if controller is not None else steps * tau
+        if not save_at or save_at[-1] > end * (1 + 1e-9):
+            raise ConfigError(_join(path, "save_at"), f"times must lie in (0, {end:g}], got {list(save_at)}")
+        if controller is None:
+            off = [t for t in save_at if abs(t / tau - round(t / tau)) > 1e-6]
+            if off:
+                raise ConfigError(_join(path, "save_at"), f"with a fixed tau = {tau:g} the save times "
+                                  f"must be multiples of tau; {off} are not")
+    stop_rate = (_number(table["stop_rate"], _join(path, "stop_rate"), positive=True)
+                 if "stop_rate" in table else None)
+    stop_energy = (_number(table["stop_energy"], _join(path, "stop_energy"))
+                   if "stop_energy" in table else None)
+    return RunOptions(tau, steps, t_final, controller, save_at, stop_rate, stop_energy)
+
+
+# ---------------------------------------------------------------------------- the spec
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A checked config: energy, geometry, initial measure, method (by name and options) and
+    run options. ``config`` is the config as given (a plain dict, for summaries); ``digest``
+    is a hash of it, used to match checkpoints."""
+
+    config: dict
+    name: str | None
+    energy: Energy
+    geometry: Geometry
+    initial: Measure
+    method_kind: str
+    method_options: dict
+    run: RunOptions
+    source: str | None = None
+    digest: str = field(default="")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.run.controller is not None
+
+    def make_method(self):
+        """A fresh method object (methods keep caches; a fresh one starts from a clean state)."""
+        factory, _ = METHODS[self.method_kind]
+        return factory(**copy.deepcopy(self.method_options))
+
+    def solve_options(self) -> dict:
+        """Keyword arguments of ``jk.solve`` for the whole run (less F, geometry, mu0)."""
+        run = self.run
+        options = {"save_at": None if run.save_at is None else list(run.save_at),
+                   "stop_rate": run.stop_rate, "stop_energy": run.stop_energy}
+        if run.controller is not None:
+            options.update(controller=run.controller, t_final=run.t_final, tau=run.tau)
+        else:
+            options.update(tau=run.tau, steps=run.steps)
+        return options
+
+    def solve(self, progress: bool = True, **overrides) -> Trajectory:
+        """Run the whole config in one ``jk.solve`` call (no checkpoints)."""
+        options = self.solve_options() | overrides
+        return solve(self.energy, self.geometry, self.initial, method=self.make_method(),
+                     progress=progress, **options)
+
+
+def _read(source) -> tuple[dict, str | None]:
+    if isinstance(source, Mapping):
+        return copy.deepcopy(dict(source)), None
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError("config", f"no config file at {path}")
+    try:
+        with open(path, "rb") as stream:
+            return tomllib.load(stream), str(path)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError("config", f"{path} is not valid TOML: {error}") from None
+
+
+def load_config(source) -> RunSpec:
+    """Read and check a config (a TOML file path or a dict); return a ``RunSpec``.
+
+    Everything is checked here, before any step is computed; errors are ``ConfigError``
+    naming the field (``geometry.kind``), the allowed values and the closest match.
+    """
+    config, origin = _read(source)
+    _check_keys(config, SECTIONS, "")
+    problem_table = _table(_require(config, "problem", "", "a [problem] section (name = ... or support, "
+                                     "initial, energy)"), "problem")
+    problem = (_named_problem(problem_table) if "name" in problem_table
+               else _explicit_problem(problem_table))
+    if "geometry" in config:
+        geometry = _geometry(config["geometry"], problem["kernel"])
+    elif problem["geometry"] is not None:
+        geometry = problem["geometry"]
+    else:
+        raise ConfigError("geometry", f"missing; give [geometry] with kind one of {_allowed(GEOMETRY_KEYS)}")
+    method_kind, method_options = _method(config.get("method", {"kind": "conic"}))
+    run = _run(_require(config, "run", "", "a [run] section with tau and steps (or t_final)"),
+               problem["t_final"])
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+    return RunSpec(config, problem["name"], problem["energy"], geometry, problem["initial"],
+                   method_kind, method_options, run, origin, digest)

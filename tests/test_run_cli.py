@@ -1,0 +1,147 @@
+"""``jko-ift run CONFIG``: the results folder, checkpoints, and --resume after a crash giving
+the same result, bit for bit, as an uninterrupted run."""
+
+import json
+
+import numpy as np
+import pytest
+
+import jko_ift as jk
+import jko_ift.io as jio
+from jko_ift.cli import build_parser, main
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+RUN_OPTIONS = ("--out", "--resume", "--quiet", "--checkpoint-every", "--verbose")
+
+#: The pure MMD flow on 10 cells: deterministic conic steps of a few milliseconds.
+SMALL_CONFIG = """
+[problem]
+name = "mmd_flow"
+cells = 10
+
+[method]
+kind = "conic"
+
+[run]
+tau = 0.3
+steps = 5
+"""
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "small.toml"
+    path.write_text(SMALL_CONFIG)
+    return path
+
+
+def weights(trajectory):
+    return np.stack([mu.weights for mu in trajectory.measures])
+
+
+def test_run_writes_the_results_folder(config, tmp_path):
+    out = tmp_path / "results"
+    assert main(["run", str(config), "--out", str(out), "--quiet"]) == 0
+    assert {p.name for p in out.iterdir()} == {"summary.json", "trajectory.npz", "energy.png"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["problem"] == {"name": "mmd_flow", "cells": 10}
+    assert set(summary["versions"]) >= {"jko_ift", "numpy", "cvxpy", "POT"}
+    assert summary["stop_reason"] == "steps" and summary["steps"] == 5
+    assert len(summary["per_step"]["energies"]) == 6 and len(summary["per_step"]["wall_time"]) == 5
+    trajectory = jk.load(out / "trajectory.npz")
+    np.testing.assert_allclose(trajectory.times, 0.3 * np.arange(6))
+    np.testing.assert_array_equal(trajectory.energies, summary["per_step"]["energies"])
+    assert trajectory.final.grid is not None
+    assert (out / "energy.png").read_bytes().startswith(PNG_SIGNATURE)
+    # the same steps as jk.solve on the same problem
+    spec_run = jk.solve(*_problem(), tau=0.3, steps=5, progress=False)
+    np.testing.assert_allclose(weights(trajectory), weights(spec_run), atol=1e-9)
+
+
+def _problem():
+    from jko_ift.problems import mmd_flow
+    problem = mmd_flow(cells=10)
+    return problem.energy, problem.geometry, problem.initial
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_is_identical_to_an_uninterrupted_run(config, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    assert main(["run", str(config), "--out", str(straight), "--checkpoint-every", "2", "--quiet"]) == 0
+
+    # crash during the second chunk (steps 3-4), after the checkpoint at step 2 was written
+    crashed = tmp_path / "crashed"
+    real_save = jio.save_trajectory
+    written = []
+
+    def save_then_crash(path, trajectory, metadata=None):
+        real_save(path, trajectory, metadata)
+        written.append(metadata["steps_done"])
+        raise Crash
+
+    monkeypatch.setattr(jio, "save_trajectory", save_then_crash)
+    with pytest.raises(Crash):
+        main(["run", str(config), "--out", str(crashed), "--checkpoint-every", "2", "--quiet"])
+    monkeypatch.setattr(jio, "save_trajectory", real_save)
+    assert written == [2]
+    assert jio.read_metadata(crashed / "checkpoint.npz")["steps_done"] == 2
+    assert not (crashed / "trajectory.npz").exists()
+
+    assert main(["run", str(config), "--out", str(crashed), "--resume", "--quiet"]) == 0
+    resumed, reference = jk.load(crashed / "trajectory.npz"), jk.load(straight / "trajectory.npz")
+    np.testing.assert_array_equal(weights(resumed), weights(reference))  # exact, not close
+    np.testing.assert_array_equal(resumed.times, reference.times)
+    np.testing.assert_array_equal(resumed.energies, reference.energies)
+    summary = json.loads((crashed / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 2 and summary["steps"] == 5
+    assert [s["step"] for s in resumed.stats] == [1, 2, 3, 4, 5]
+
+
+def test_a_half_written_checkpoint_never_replaces_the_last_one(config, tmp_path, monkeypatch):
+    out = tmp_path / "results"
+    real_savez = np.savez_compressed
+    calls = []
+
+    def fail_on_second(stream, **arrays):
+        calls.append(1)
+        if len(calls) == 2:
+            stream.write(b"half a file")
+            raise Crash
+        real_savez(stream, **arrays)
+
+    monkeypatch.setattr(np, "savez_compressed", fail_on_second)
+    with pytest.raises(Crash):
+        main(["run", str(config), "--out", str(out), "--checkpoint-every", "2", "--quiet"])
+    monkeypatch.setattr(np, "savez_compressed", real_savez)
+    assert jio.read_metadata(out / "checkpoint.npz")["steps_done"] == 2  # the first one, intact
+    assert [p.name for p in out.iterdir()] == ["checkpoint.npz"]  # no temporary file left
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(config, tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(["run", str(config), "--out", str(out), "--checkpoint-every", "2", "--quiet"]) == 0
+    config.write_text(SMALL_CONFIG.replace("tau = 0.3", "tau = 0.2"))
+    assert main(["run", str(config), "--out", str(out), "--resume", "--quiet"]) == 2
+    assert "another config" in capsys.readouterr().err
+
+
+def test_config_error_is_reported_before_any_computation(tmp_path, capsys):
+    path = tmp_path / "typo.toml"
+    path.write_text(SMALL_CONFIG.replace('kind = "conic"', 'kind = "conik"'))
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "method.kind" in err and "did you mean 'conic'" in err and "'entropic'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_help_explains_each_option(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["run", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for option in RUN_OPTIONS + ("CONFIG",):
+        assert option in text
+    assert "checkpoint.npz" in text and "jk.load" in text
