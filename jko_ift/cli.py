@@ -2,6 +2,9 @@
 
     jko-ift demo [--steps N] [--tau T] [--grid N] [--out DIR] [--quiet]
     jko-ift run CONFIG [--out DIR] [--resume] [--checkpoint-every N] [--quiet] [--verbose]
+    jko-ift converge CONFIG --taus 0.2,0.1,0.05 [--refine-grid] [--reference fine] [--out DIR]
+    jko-ift compare CONFIG [--methods conic,entropic] [--geometries ift,wfr,mmd] [--out DIR]
+    jko-ift sweep CONFIG --param run.tau=0.1,0.05 [--param ...] [--scheduler ADDR] [--workers N]
 
 Subcommands each get a parser (``_add_<name>``) and a runner (``_run_<name>``), so later
 ``run``, ``compare``, ``converge`` and ``sweep`` slot in beside ``demo``.
@@ -108,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_demo(commands)
     _add_run(commands)
+    _add_converge(commands)
+    _add_compare(commands)
+    _add_sweep(commands)
     return parser
 
 
@@ -326,6 +332,255 @@ def _run_summary(trajectory: Trajectory, discrete_bound: np.ndarray, wall_time: 
         "wall_time": wall_time,
         "stats": stats,
     }
+
+
+# ---------------------------------------------------------------------------- studies
+
+def _float_list(text: str) -> list[float]:
+    values = []
+    for part in text.split(","):
+        values.append(_positive_float(part.strip()))
+    if len(values) < 2:
+        raise argparse.ArgumentTypeError(f"give at least two step sizes separated by commas, got {text!r}")
+    return values
+
+
+def _name_list(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"give names separated by commas, got {text!r}")
+    return names
+
+
+def _param(text: str) -> tuple[str, list]:
+    from .studies import parse_value
+
+    name, sep, values = text.partition("=")
+    if not sep or not name.strip() or not values.strip():
+        raise argparse.ArgumentTypeError(f"expected FIELD=V1,V2,... (e.g. run.tau=0.1,0.05), got {text!r}")
+    return name.strip(), [parse_value(v) for v in values.split(",")]
+
+
+def _common_out(parser, what: str) -> None:
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help=f"results folder (created if missing; its files are replaced); default: "
+                             f"results/<config name>-{what} in the current folder")
+    parser.add_argument("--quiet", action="store_true", help="no messages; print only where the results are")
+
+
+def _add_converge(commands) -> None:
+    converge = commands.add_parser(
+        "converge",
+        help="tau -> 0 convergence study of a config: error table, fitted order, log-log plot",
+        description=(
+            "Run the problem, geometry and method of CONFIG to the final time of its [run] (tau * "
+            "steps, or t_final) once per step size of --taus, measure each run against a reference "
+            "(the closed form of a named problem, or a run with a much smaller step) and fit "
+            "error ~ C tau^order with a 95% confidence interval. Rows where a known regime spoils "
+            "the order are flagged and left out of the fit: grid_locking (a W2 step moved no mass "
+            "because tau*alpha*|grad f| is below the grid spacing), entropic_diffusion (eps / tau "
+            "not small against the error), solver_tolerance (a step certificate above the error). "
+            "Writes summary.json, convergence.csv and convergence.png."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    converge.add_argument("config", type=Path, metavar="CONFIG", help="the TOML config (docs/configs.md)")
+    converge.add_argument("--taus", type=_float_list, required=True, metavar="T1,T2,...",
+                          help="step sizes, comma-separated (each must divide the final time)")
+    converge.add_argument("--refine-grid", action="store_true",
+                          help="refine the grid with tau (cells per axis times tau_max / tau, so h ~ tau); "
+                               "default: the config's grid for every tau")
+    converge.add_argument("--reference", choices=("auto", "closed_form", "fine"), default="auto",
+                          help="what errors are measured against: the closed form of a named problem "
+                               "(auto uses it when there is one) or a fine run")
+    converge.add_argument("--reference-tau", type=_positive_float, default=None, metavar="T",
+                          help="step of the fine reference run (default: smallest tau / 8)")
+    converge.add_argument("--distance", choices=("mmd", "w2"), default="mmd",
+                          help="distance to the fine reference run's final measure")
+    _common_out(converge, "converge")
+    converge.set_defaults(run=_run_converge)
+
+
+def _add_compare(commands) -> None:
+    compare = commands.add_parser(
+        "compare",
+        help="one problem through several methods and geometries: table and energy-decay plot",
+        description=(
+            "Run the problem of CONFIG with the tau and steps of its [run] through every pair of "
+            "--methods and --geometries (each pair a variant of the config, checked before any "
+            "computation; a geometry takes the alpha, beta, ridge, conserve_mass and kernel of the "
+            "config's [geometry] where they apply, a method the options of [method] if it is the "
+            "same kind). Writes summary.json, compare.csv (final energy, MMD^2 to the target when "
+            "the energy has one, steps, wall time; a failed scheme gets its error message) and "
+            "energy_decay.png (the energies overlaid)."),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    compare.add_argument("config", type=Path, metavar="CONFIG", help="the TOML config (docs/configs.md)")
+    compare.add_argument("--methods", type=_name_list, default=None, metavar="M1,M2",
+                         help="method kinds, comma-separated (conic, entropic, ...; default: the config's)")
+    compare.add_argument("--geometries", type=_name_list, default=None, metavar="G1,G2",
+                         help="geometry kinds, comma-separated (wasserstein, hellinger, mmd, wfr, ift; "
+                              "default: the config's)")
+    _common_out(compare, "compare")
+    compare.set_defaults(run=_run_compare)
+
+
+def _add_sweep(commands) -> None:
+    sweep = commands.add_parser(
+        "sweep",
+        help="run a grid of parameter values of a config, on Dask distributed or serially",
+        description=(
+            "Run CONFIG once for every combination of the --param values (each a dotted field of "
+            "the config and comma-separated values, read as TOML values), on Dask distributed: a "
+            "LocalCluster on this machine by default, or the scheduler at --scheduler. Every case "
+            "is checked before any runs. Writes summary.json and sweep.csv: one row per case with "
+            "its values, final energy, MMD^2 to the target (when the energy has one), steps, final "
+            "time, stop reason, worst certificate, grid-locked steps and wall time."),
+        epilog="Example: jko-ift sweep examples/configs/mmd_flow.toml --param run.tau=0.5,0.25 "
+               "--param problem.kernel_width=1,2 --workers 4",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sweep.add_argument("config", type=Path, metavar="CONFIG", help="the TOML config (docs/configs.md)")
+    sweep.add_argument("--param", type=_param, action="append", required=True, metavar="FIELD=V1,V2",
+                       help="a dotted config field and its values (repeat for a grid), e.g. run.tau=0.1,0.05")
+    where = sweep.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="address of a running Dask scheduler (e.g. tcp://host:8786); default: start "
+                            "a LocalCluster")
+    where.add_argument("--serial", action="store_true", help="run the cases here, one after the other, "
+                                                             "without Dask")
+    sweep.add_argument("--workers", type=_positive_int, default=2, metavar="N",
+                       help="workers of the LocalCluster (one process and thread each)")
+    _common_out(sweep, "sweep")
+    sweep.set_defaults(run=_run_sweep)
+
+
+def _read_config(path: Path) -> dict:
+    from .config import _read
+
+    return _read(path)[0]
+
+
+def _default_out(args, what: str) -> Path:
+    out = args.out if args.out is not None else Path("results") / f"{args.config.stem}-{what}"
+    return check_results_target(out)
+
+
+def _run_converge(args) -> int:
+    import warnings
+
+    from .plotting import plot_convergence
+    from .studies import COLUMNS, config_convergence_study, write_table
+
+    out = _default_out(args, "converge")
+    _say(args, f"convergence study of {args.config} over tau = {', '.join(f'{t:g}' for t in args.taus)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the flags report grid locking and blur per row
+        study = config_convergence_study(args.config, args.taus, refine_grid=args.refine_grid,
+                                         reference=args.reference, reference_tau=args.reference_tau,
+                                         distance=args.distance)
+    with results_folder(out) as folder:
+        write_table(folder / "convergence.csv", study.rows, COLUMNS)
+        plot_convergence(study, folder / "convergence.png", title=f"{args.config.stem}: convergence in tau")
+        write_json_atomic(folder / "summary.json", {
+            "command": "converge", "version": __version__, "config_file": str(args.config),
+            "config": _read_config(args.config), "taus": args.taus, "refine_grid": args.refine_grid,
+            **study.summary()})
+    for row in study.rows:
+        _say(args, f"  tau {row['tau']:<8g} h {row['h'] if row['h'] is None else format(row['h'], '.3g'):<8} "
+                   f"error {row['error']:.4g}  {', '.join(row['flags'])}")
+    if study.order is not None:
+        lo, hi = study.order.interval()
+        _say(args, f"order {study.order.order:.3f} (95% interval {lo:.3f} to {hi:.3f}) "
+                   "over the unflagged rows")
+    else:
+        _say(args, "no order fitted: fewer than two unflagged rows (see the flags)")
+    print(f"results in {out.absolute()}")
+    return 0
+
+
+def _scheme_configs(raw: dict, methods, geometries) -> dict:
+    """label -> config variant for each (method, geometry) pair."""
+    from .config import GEOMETRY_KEYS
+    from .studies import set_field
+
+    base_method = raw.get("method", {"kind": "conic"})
+    base_geometry = raw.get("geometry")
+    methods = methods or [base_method.get("kind", "conic") if isinstance(base_method, dict) else "conic"]
+    variants = {}
+    for method in methods:
+        method_table = base_method if isinstance(base_method, dict) and base_method.get("kind") == method \
+            else {"kind": method}
+        for geometry in geometries or [None]:
+            config = set_field(raw, "method", dict(method_table))
+            if geometry is not None:
+                table = {"kind": geometry}
+                if isinstance(base_geometry, dict):
+                    table.update({k: v for k, v in base_geometry.items()
+                                  if k in GEOMETRY_KEYS.get(geometry, ())})
+                config = set_field(config, "geometry", table)
+            label = f"{method}/{geometry or (base_geometry or {}).get('kind', 'default')}"
+            variants[label] = config
+    return variants
+
+
+def _run_compare(args) -> int:
+    import warnings
+
+    from .config import ConfigError, load_config
+    from .studies import compare_schemes, write_table
+
+    out = _default_out(args, "compare")
+    raw = _read_config(args.config)
+    specs = {label: load_config(config) for label, config in
+             _scheme_configs(raw, args.methods, args.geometries).items()}  # all checked first
+    first = next(iter(specs.values()))
+    if first.adaptive:
+        raise ConfigError("run.adaptive", "compare runs fixed steps; give [run] tau with steps or t_final")
+    _say(args, f"comparing {len(specs)} schemes on {args.config}: {', '.join(specs)}")
+    schemes = {label: (spec.make_method, spec.geometry) for label, spec in specs.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows, trajectories = compare_schemes(first.energy, first.initial, schemes,
+                                             tau=first.run.tau, steps=first.run.steps)
+    columns = ("label", "method", "geometry", "final_energy", "mmd2_to_target", "steps", "final_time",
+               "wall_time", "stop_reason", "error")
+    with results_folder(out) as folder:
+        write_table(folder / "compare.csv", rows, columns)
+        if trajectories:
+            plot_energy_decay(trajectories, folder / "energy_decay.png",
+                              title=f"{args.config.stem}: tau = {first.run.tau:g}")
+        write_json_atomic(folder / "summary.json", {
+            "command": "compare", "version": __version__, "config_file": str(args.config), "config": raw,
+            "schemes": {label: spec.config for label, spec in specs.items()}, "rows": rows,
+            "energies": {label: {"times": tr.times, "energies": tr.energies}
+                         for label, tr in trajectories.items()}})
+    for row in rows:
+        result = (f"final energy {row['final_energy']:.6g}" if row["error"] is None
+                  else f"failed: {row['error'][:120]}")
+        _say(args, f"  {row['label']:<24} {result}  ({row['wall_time']:.2f} s)")
+    print(f"results in {out.absolute()}")
+    return 0
+
+
+def _run_sweep(args) -> int:
+    from .studies import sweep, write_table
+
+    out = _default_out(args, "sweep")
+    params = dict(args.param)
+    where = ("serially" if args.serial else f"on the scheduler {args.scheduler}" if args.scheduler
+             else f"on a local Dask cluster of {args.workers} workers")
+    _say(args, f"sweep of {args.config} over {', '.join(params)} {where}")
+    start = time.perf_counter()
+    rows = sweep(args.config, params, serial=args.serial, scheduler=args.scheduler, workers=args.workers)
+    with results_folder(out) as folder:
+        write_table(folder / "sweep.csv", rows)
+        write_json_atomic(folder / "summary.json", {
+            "command": "sweep", "version": __version__, "config_file": str(args.config),
+            "config": _read_config(args.config), "params": params, "where": where, "rows": rows,
+            "wall_time": time.perf_counter() - start})
+    _say(args, f"{len(rows)} cases in {time.perf_counter() - start:.1f} s")
+    print(f"results in {out.absolute()}")
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

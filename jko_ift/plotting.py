@@ -19,8 +19,9 @@ from .io import atomic_path
 from .measures import Measure
 from .solve import Trajectory
 
-__all__ = ["density_image", "plot_energy", "plot_energy_decay", "plot_snapshots", "plot_step_sizes",
-           "plot_work_precision", "snapshot_indices"]
+__all__ = ["density_image", "plot_energy", "plot_energy_decay", "plot_particle_snapshots",
+           "plot_seed_curves", "plot_snapshots", "plot_step_sizes", "plot_work_precision",
+           "snapshot_indices"]
 
 #: Resolution of the PNGs.
 DPI = 120
@@ -198,3 +199,132 @@ def plot_energy(trajectory: Trajectory, path, title: str | None = None,
     if title:
         ax.set_title(title, fontsize=10)
     return _save(fig, path)
+
+
+def plot_seed_curves(panels: Mapping[str, Mapping[str, np.ndarray]], path, ylabel: str = "MMD",
+                     xlabel: str = "iteration", title: str | None = None, log_x: bool = False,
+                     columns: int | None = None) -> Path:
+    """Curves over seeds on a log scale: one panel per entry of ``panels`` (panel title ->
+    label -> array (seeds, points) or (points,)), the mean as a line and mean +- one standard
+    deviation as a band (its lower edge clipped at the smallest value over the seeds, a log
+    scale cannot show negative numbers). Non-finite and non-positive values (a diverged run)
+    are left out. ``columns``: panels per row (default: all in one row). Writes a PNG and
+    returns it."""
+    if not panels:
+        raise ValueError("plot_seed_curves needs at least one panel")
+    columns = len(panels) if columns is None else max(1, min(int(columns), len(panels)))
+    rows = -(-len(panels) // columns)
+    fig = Figure(figsize=(5.2 * columns + 0.4, 3.9 * rows + 0.3), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
+    for ax, (panel, curves) in zip(axes, panels.items(), strict=False):
+        for label, values in curves.items():
+            values = np.atleast_2d(np.asarray(values, float))
+            values = np.where(np.isfinite(values) & (values > 0), values, np.nan)
+            steps = np.arange(values.shape[1])
+            with np.errstate(all="ignore"):
+                usable = np.any(np.isfinite(values), axis=0)
+                mean = np.full(values.shape[1], np.nan)
+                mean[usable] = np.nanmean(values[:, usable], axis=0)
+                line, = ax.plot(steps, mean, label=label, linewidth=1.4)
+                if values.shape[0] > 1:
+                    sd = np.full(values.shape[1], np.nan)
+                    sd[usable] = np.nanstd(values[:, usable], axis=0, ddof=1)
+                    low = np.full(values.shape[1], np.nan)
+                    low[usable] = np.maximum(mean[usable] - sd[usable],
+                                             np.nanmin(values[:, usable], axis=0))
+                    ax.fill_between(steps, low, mean + sd, color=line.get_color(), alpha=0.2,
+                                    linewidth=0)
+        ax.set_yscale("log")
+        if log_x:
+            ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(panel, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_particle_snapshots(rows: Mapping[str, Mapping[int, Measure]], target: Measure, path,
+                            title: str | None = None, size: float = 25.0) -> Path:
+    """Weighted particles at a few steps: one row per scheme (label -> {step: measure}), the
+    target samples in grey behind them. Marker area is ``size`` times n a_i / sum(a) (uniform
+    weights: ``size``; a particle without mass vanishes). 2-D measures only (the first two
+    coordinates otherwise). Writes a PNG and returns it."""
+    if not rows:
+        raise ValueError("plot_particle_snapshots needs at least one row")
+    columns = max(len(snaps) for snaps in rows.values())
+    everything = np.vstack([target.points[:, :2]] + [m.points[:, :2] for snaps in rows.values()
+                                                      for m in snaps.values()])
+    finite = everything[np.all(np.isfinite(everything), axis=1)]
+    lo, hi = finite.min(axis=0), finite.max(axis=0)
+    pad = 0.05 * np.maximum(hi - lo, 1e-9)
+    fig = Figure(figsize=(2.3 * columns + 0.6, 2.2 * len(rows) + (0.5 if title else 0.2)),
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(rows), columns, squeeze=False)
+    for r, (label, snaps) in enumerate(rows.items()):
+        for c in range(columns):
+            ax = axes[r, c]
+            if c >= len(snaps):
+                ax.set_axis_off()
+                continue
+            step, mu = sorted(snaps.items())[c]
+            ax.scatter(target.points[:, 0], target.points[:, 1], s=6, color="0.6", marker=".",
+                       linewidths=0, label="target samples")
+            weights = mu.weights * mu.n / max(mu.mass, np.finfo(float).tiny)
+            ax.scatter(mu.points[:, 0], mu.points[:, 1], s=size * weights, color="tab:red",
+                       alpha=0.6, linewidths=0, label="particles")
+            ax.set_xlim(lo[0] - pad[0], hi[0] + pad[0])
+            ax.set_ylim(lo[1] - pad[1], hi[1] + pad[1])
+            ax.set_title(f"step {step}", fontsize=8)
+            ax.tick_params(labelsize=7)
+        axes[r, 0].set_ylabel(label, fontsize=8)
+    axes[0, 0].legend(fontsize=6, loc="upper left", markerscale=1.0)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_convergence(study, path, title: str | None = None) -> Path:
+    """Error against tau, log-log, for a ``studies.ConvergenceStudy``: clean rows as dots,
+    flagged rows as red crosses labelled with their flags, the fitted C tau^order over the
+    clean rows and a slope-1 guide. Writes a PNG and returns it."""
+    rows = [r for r in study.rows if r["error"] is not None and r["error"] > 0]
+    fig = Figure(figsize=(6.4, 4.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    clean = [r for r in rows if not r["flags"]]
+    flagged = [r for r in rows if r["flags"]]
+    if clean:
+        ax.loglog([r["tau"] for r in clean], [r["error"] for r in clean], "o", color="tab:blue",
+                  label="runs")
+    if flagged:
+        ax.loglog([r["tau"] for r in flagged], [r["error"] for r in flagged], "x", color="tab:red",
+                  markersize=9, mew=2, label="flagged (order spoiled)")
+        for r in flagged:
+            ax.annotate(", ".join(r["flags"]), (r["tau"], r["error"]), textcoords="offset points",
+                        xytext=(5, 5), fontsize=7, color="tab:red")
+    taus = np.array(sorted(r["tau"] for r in rows)) if rows else np.array([])
+    if study.order is not None and taus.size:
+        lo, hi = study.order.interval()
+        ax.loglog(taus, study.order.constant * taus ** study.order.order, "-", color="tab:blue",
+                  label=f"fit: order {study.order.order:.2f} (95%: {lo:.2f} to {hi:.2f})")
+    if clean and taus.size:
+        anchor = clean[-1]
+        ax.loglog(taus, anchor["error"] * taus / anchor["tau"], "k:", linewidth=1, label="slope 1")
+    ax.set_xlabel("step size $\\tau$")
+    ax.set_ylabel(f"error ({study.distance})")
+    ax.grid(True, which="both", alpha=0.3)
+    if rows:
+        ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+__all__ += ["plot_convergence"]

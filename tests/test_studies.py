@@ -1,0 +1,187 @@
+"""Convergence studies (order about 1 on a closed form; grid locking flagged), scheme
+comparisons, and the ``converge`` / ``compare`` subcommands."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+import jko_ift as jk
+from jko_ift import problems
+from jko_ift.cli import main
+from jko_ift.plotting import plot_convergence
+from jko_ift.solve import Trajectory
+from jko_ift.studies import (
+    _flags,
+    compare_schemes,
+    config_convergence_study,
+    convergence_study,
+    refined_config,
+    set_field,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+SMALL_CONFIG = """
+[problem]
+name = "mmd_flow"
+cells = 12
+t_final = 1.0
+
+[method]
+kind = "conic"
+
+[run]
+tau = 0.2
+steps = 5
+"""
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "small.toml"
+    path.write_text(SMALL_CONFIG)
+    return path
+
+
+def test_closed_form_study_reports_order_one(tmp_path):
+    study = convergence_study(problems.mmd_flow(cells=20, t_final=1.0), [0.2, 0.1, 0.05])
+    assert [row["tau"] for row in study.rows] == [0.2, 0.1, 0.05]
+    assert not study.flagged
+    assert study.reference.startswith("closed form")
+    assert study.order.order == pytest.approx(1.0, abs=0.1)
+    lo, hi = study.interval
+    assert lo < 1.0 < hi
+    errors = [row["error"] for row in study.rows]
+    assert errors == sorted(errors, reverse=True)
+    assert all(row["h"] == pytest.approx(0.3) and row["wall_time"] > 0 for row in study.rows)
+    path = plot_convergence(study, tmp_path / "convergence.png", title="mmd flow")
+    assert path.read_bytes()[:8] == PNG_SIGNATURE
+    assert json.dumps(jk.io.to_jsonable(study.summary()))
+
+
+def test_fixed_grid_with_shrinking_tau_flags_grid_locking():
+    """W2 Ornstein-Uhlenbeck on a coarse grid: once tau |grad f| < h the steps move no mass and
+    the error stalls; the study flags those rows instead of fitting a (wrong, negative) order."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study = convergence_study(problems.ornstein_uhlenbeck(cells=40, t_final=0.4), [0.1, 0.05, 0.025])
+    flags = [row["flags"] for row in study.rows]
+    assert flags[0] == []
+    assert all("grid_locking" in f for f in flags[1:])
+    assert len({row["h"] for row in study.rows}) == 1  # h fixed
+    assert study.order is None and study.interval is None  # no clean order from one clean row
+    assert study.order_all.order < 0.5  # the naive fit over every row is wrong
+
+
+def test_reference_run_when_no_closed_form():
+    problem = problems.mmd_flow(cells=12, t_final=0.8)
+    study = convergence_study(problem, [0.2, 0.1], reference="fine", reference_tau=0.0125)
+    assert study.reference.startswith("run with tau = 0.0125")
+    assert study.rows[0]["error"] > study.rows[1]["error"] > 0
+    assert study.order.order == pytest.approx(1.0, abs=0.25)
+
+
+def test_study_checks_before_running():
+    problem = problems.mmd_flow(cells=12, t_final=1.0)
+    with pytest.raises(ValueError, match="whole number of steps"):
+        convergence_study(problem, [0.3, 0.1])
+    with pytest.raises(ValueError, match="at least two"):
+        convergence_study(problem, [0.1])
+    with pytest.raises(ValueError, match="no closed form"):
+        convergence_study(problems.ift_paper_mixture(cells=4), [0.2, 0.1], reference="closed_form")
+
+
+def _stats_trajectory(**step):
+    record = {"step": 1, "tau": 0.1, "status": "optimal", "certificate": 1e-9} | step
+    return Trajectory(np.array([0.0, 0.1]), [None, None], np.array([1.0, 0.5]), [record], "steps")
+
+
+def test_flags_entropic_diffusion_and_solver_tolerance():
+    assert _flags(_stats_trajectory(), 1e-3, 1.0, 1) == []
+    assert _flags(_stats_trajectory(moved_fraction=0.0), 1e-3, 1.0, 1) == ["grid_locking"]
+    # eps / tau = 0.1: a spurious spread sqrt(eps t / (2 tau)) ~ 0.2, far above an error of 1e-3
+    assert _flags(_stats_trajectory(eps=1e-2, blur_ratio=0.01), 1e-3, 1.0, 1) == ["entropic_diffusion"]
+    assert _flags(_stats_trajectory(eps=1e-12, blur_ratio=0.01), 1e-3, 1.0, 1) == []
+    assert _flags(_stats_trajectory(certificate=1e-2), 1e-3, 1.0, 1) == ["solver_tolerance"]
+
+
+def test_refined_config_scales_the_grid():
+    named = {"problem": {"name": "mmd_flow", "cells": 10}, "run": {"tau": 0.2, "steps": 5}}
+    assert refined_config(named, 0.05, 0.2)["problem"]["cells"] == 40
+    assert refined_config({"problem": {"name": "ornstein_uhlenbeck"}}, 0.1, 0.2)["problem"]["cells"] == 600
+    explicit = {"problem": {"support": {"lo": [0, 0], "hi": [1, 1], "shape": [8, 6]}}}
+    assert refined_config(explicit, 0.1, 0.2)["problem"]["support"]["shape"] == [16, 12]
+    assert explicit["problem"]["support"]["shape"] == [8, 6]  # the original is not touched
+    assert set_field(named, "geometry.alpha", 2.0)["geometry"] == {"alpha": 2.0}
+
+
+def test_config_study_with_refined_grid(config):
+    study = config_convergence_study(config, [0.2, 0.1], refine_grid=True)
+    assert [row["h"] for row in study.rows] == pytest.approx([0.5, 0.25])
+    assert study.reference.startswith("closed form")
+
+
+def test_compare_returns_a_row_per_scheme(tmp_path):
+    problem = problems.mmd_flow(cells=12)
+    kernel = problem.energy.kernel
+    schemes = {"conic/mmd": (jk.ConicJKO, jk.MMD(kernel)),
+               "conic/ift": (jk.ConicJKO, jk.IFT(kernel, alpha=1.0, beta=1.0)),
+               "entropic/wfr": (jk.EntropicJKO, jk.WFR())}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows, trajectories = compare_schemes(problem.energy, problem.initial, schemes, tau=0.25, steps=4)
+    assert [row["label"] for row in rows] == list(schemes)
+    assert set(trajectories) == {"conic/mmd", "conic/ift"}
+    for row in rows[:2]:
+        assert row["error"] is None and row["steps"] == 4 and row["final_time"] == pytest.approx(1.0)
+        assert row["final_energy"] < problem.energy.value(problem.initial)
+        assert row["mmd2_to_target"] == pytest.approx(2 * row["final_energy"], rel=1e-6)
+    assert rows[2]["stop_reason"] == "failed" and "separable" in rows[2]["error"]
+
+
+def test_converge_cli_writes_a_results_folder(config, tmp_path, capsys):
+    out = tmp_path / "conv"
+    assert main(["converge", str(config), "--taus", "0.2,0.1,0.05", "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["command"] == "converge" and len(summary["rows"]) == 3
+    assert summary["order"]["interval95"][0] < 1.0 < summary["order"]["interval95"][1]
+    lines = (out / "convergence.csv").read_text().splitlines()
+    assert lines[0] == "tau,h,steps,error,wall_time,flags" and len(lines) == 4
+    assert (out / "convergence.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_compare_cli_writes_a_results_folder(config, tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", str(config), "--methods", "conic", "--geometries", "mmd,ift",
+                 "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [row["label"] for row in summary["rows"]] == ["conic/mmd", "conic/ift"]
+    assert len((out / "compare.csv").read_text().splitlines()) == 3
+    assert (out / "energy_decay.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["compare", "{config}", "--geometries", "mmd,ifft"], "geometry.kind"),
+    (["compare", "{config}", "--methods", "conic,entropc"], "method.kind"),
+    (["converge", "{config}", "--taus", "0.3,0.1"], "whole number of steps"),
+])
+def test_study_errors_come_before_any_computation(config, tmp_path, capsys, argv, field):
+    out = tmp_path / "never"
+    argv = [a.format(config=config) for a in argv] + ["--out", str(out)]
+    assert main(argv) == 2
+    assert field in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command, options", [
+    ("converge", ("--taus", "--refine-grid", "--reference", "--out")),
+    ("compare", ("--methods", "--geometries", "--out")),
+])
+def test_study_help(command, options, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(option in text for option in options)
