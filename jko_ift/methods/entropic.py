@@ -36,13 +36,18 @@ from .entropic_prox import (
     EnvelopeProx,
     HellingerEnvelopeProx,
     KLProx,
+    LETEnvelopeProx,
     MMDEnvelope,
     UnsupportedEnergyError,
     energy_form,
 )
-from .gibbs import DENSE_CACHE_ENTRIES, gibbs_operator, transport_cost
+from .gibbs import DENSE_CACHE_ENTRIES, HKGibbs, gibbs_operator, transport_cost
 
 DOMAINS = ("auto", "kernel", "log")
+
+#: How EntropicJKO measures WFR: the inf-convolution of W2 / alpha and He^2 / beta (DESIGN.md),
+#: or the exact Hellinger-Kantorovich distance in its logarithmic-entropy-transport form.
+WFR_COSTS = ("inf_convolution", "hellinger_kantorovich")
 
 #: Default tolerance on the marginal violation |P 1 - a|_1 / sum(a) (the issue's benchmark
 #: asks for 1e-6).
@@ -63,7 +68,8 @@ BLUR_WARN_RATIO = 0.5
 KERNEL_DOMAIN_MAX = 1e200
 
 _OPTIONS = ("tol", "max_iter", "domain", "eps_scaling", "eps_start", "scaling_factor",
-            "separable", "warm_start", "relaxation", "cache_size", "dense_cache_entries", "conic")
+            "separable", "warm_start", "relaxation", "cache_size", "dense_cache_entries", "conic",
+            "wfr_cost")
 
 
 class EntropicBlurWarning(UserWarning):
@@ -86,13 +92,19 @@ class EntropicJKO:
     same support. cache_size: supports whose potentials are kept. dense_cache_entries: the
     largest n^2 for which a point-cloud kernel is stored. conic: the method the pure
     reaction geometries (Hellinger, MMD) are delegated to (default ``ConicJKO()``).
+    wfr_cost: for WFR geometries, "inf_convolution" (default: inf_nu W2^2 / alpha + He^2 / beta)
+    or "hellinger_kantorovich" (the exact HK distance as logarithmic entropy transport, cost
+    -log cos^2(min(|x - y| / ell, pi / 2)), ell = 2 sqrt(alpha / beta), HK^2 = (4 / beta) LET;
+    dense kernel, log domain, separable energies; docs/entropic.md §2b). Other geometries
+    ignore it.
     """
 
     def __init__(self, eps: float = 1e-2, *, tol: float = DEFAULT_TOL, max_iter: int = 20_000,
                  domain: str = "auto", eps_scaling="auto", eps_start: float | None = None,
                  scaling_factor: float = 0.5, separable: bool = True, warm_start: bool = True,
                  relaxation="auto", cache_size: int = 4,
-                 dense_cache_entries: int = DENSE_CACHE_ENTRIES, conic=None, **unknown):
+                 dense_cache_entries: int = DENSE_CACHE_ENTRIES, conic=None,
+                 wfr_cost: str = "inf_convolution", **unknown):
         if unknown:
             raise ValueError(f"unknown EntropicJKO option(s) {sorted(unknown)}; the options are "
                              f"eps, {', '.join(_OPTIONS)}")
@@ -126,6 +138,9 @@ class EntropicJKO:
         self.cache_size = int(cache_size)
         self.dense_cache_entries = int(dense_cache_entries)
         self.conic = conic
+        if wfr_cost not in WFR_COSTS:
+            raise ValueError(f"unknown wfr_cost {wfr_cost!r}; EntropicJKO supports {WFR_COSTS}")
+        self.wfr_cost = wfr_cost
         self._potentials: OrderedDict = OrderedDict()
         self._operators: OrderedDict = OrderedDict()
         self._warned: set = set()
@@ -142,6 +157,9 @@ class EntropicJKO:
         if not geometry.has_transport:
             return self._delegate(F, geometry, mu, tau, throw)
         start = time.perf_counter()
+        if (self.wfr_cost == "hellinger_kantorovich" and isinstance(geometry, InfConvolution)
+                and isinstance(geometry.reaction, Hellinger)):
+            return self._hk_step(F, geometry, mu, tau, throw, start)
         try:
             column = _ColumnFunction(F, geometry, mu, tau)
         except UnsupportedEnergyError as error:
@@ -164,6 +182,70 @@ class EntropicJKO:
         return result
 
     # -----------------------------------------------------------------------------------------
+    def _hk_step(self, F, geometry, mu, tau, throw, start):
+        """The WFR step with the exact HK distance (LET form): docs/entropic.md §2b."""
+        try:
+            form = energy_form(F, mu)
+            LETEnvelopeProx(form, 1.0, 1.0, None)  # refuses coupled energies
+        except UnsupportedEnergyError as error:
+            raise ValueError(str(error)) from None
+        alpha, beta = geometry.alpha, geometry.beta
+        key = (support_key(mu), id(F), id(geometry), "hellinger_kantorovich")
+        blur_ratio = self._check_blur(F, geometry, mu, tau, key, form.log_coef)
+        psi = self._potentials.get(key) if self.warm_start else None
+        warm = psi is not None
+        levels = self._levels(mu, warm)
+        mass = mu.mass if geometry.conserve_mass else None
+        rho = tau * beta / 2.0
+
+        def make_prox(eps_prime):
+            return LETEnvelopeProx(form, rho, eps_prime, mass)
+
+        solver = _LETSinkhorn(self, mu, alpha, beta)
+        try:
+            state = solver.run(levels, make_prox, psi)
+        except UnsupportedEnergyError as error:
+            raise ValueError(str(error)) from None
+        info = dict(state.info)
+        info.update(kind="WFR", wfr_cost="hellinger_kantorovich", eps=self.eps, tau=float(tau),
+                    warm_start=warm, levels=len(levels), blur_ratio=blur_ratio,
+                    length_scale=solver.ell)
+        if state.log_b is None or not np.all(np.isfinite(state.gamma2)):
+            info["wall_time"] = time.perf_counter() - start
+            result = StepResult(None, np.nan, np.nan, np.nan, "failed", np.inf, info)
+        else:
+            weights = np.where(np.isfinite(state.log_b), np.exp(state.log_b), 0.0)
+            if mass is not None:
+                weights *= mass / weights.sum()
+            new = mu.with_weights(weights)
+            energy = F.value(new)
+            lam = 2.0 / (tau * beta)  # (4 / beta) / (2 tau)
+            distance_sq = (4.0 / beta) * state.let_value(weights)
+            entropic = lam * state.entropic
+            objective = energy + distance_sq / (2.0 * tau) + entropic
+            info.update(entropic_term=float(entropic), intermediate=state.gamma2,
+                        wall_time=time.perf_counter() - start)
+            status = "optimal" if state.violation <= self.tol else "not_converged"
+            result = StepResult(new, float(objective), float(energy), float(distance_sq), status,
+                                float(state.violation), info)
+            if np.all(np.isfinite(state.g)):
+                self._remember(key, state.eps * state.g)
+        if throw and not result.ok:
+            raise SolverError(_failure_message(result, self), result.status, result)
+        return result
+
+    def hk_operator(self, mu: Measure, eps: float, ell: float) -> HKGibbs:
+        key = (support_key(mu), eps, "hk", ell)
+        op = self._operators.get(key)
+        if op is None:
+            op = HKGibbs(mu.points, eps, ell, self.dense_cache_entries)
+            self._operators[key] = op
+            while len(self._operators) > 2 * self.cache_size:
+                self._operators.popitem(last=False)
+        else:
+            self._operators.move_to_end(key)
+        return op
+
     def _delegate(self, F, geometry, mu, tau, throw):
         """Pure reaction geometries: no transport, no entropic term; the exact step is cheap."""
         if self.conic is None:
@@ -588,3 +670,167 @@ class _Relaxation:
             return new
         mixed = (1.0 - self.omega) * old + self.omega * new
         return np.where(np.isfinite(old) & np.isfinite(new), mixed, new)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Hellinger-Kantorovich option: scaling iterations with two soft (KL) marginals
+# ---------------------------------------------------------------------------------------------
+
+
+def _kl(x: np.ndarray, y: np.ndarray) -> float:
+    """sum x log(x / y) - x + y, with 0 log 0 = 0 (inf where x > 0 = y)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(x > 0, x * np.log(x / y), 0.0) - x + y
+    return float(np.sum(terms))
+
+
+class _LETState:
+    def __init__(self):
+        self.iterations = 0
+        self.violation = np.inf
+        self.log_b = self.g = self.f = None
+        self.gamma1 = self.gamma2 = None
+        self.eps = None
+        self.info: dict = {}
+        self.entropic = np.nan
+        self.plan_cost = np.nan
+        self.a = None
+        self.relaxation = 1.0
+
+    def let_value(self, b: np.ndarray) -> float:
+        """KL(gamma_1 | a) + KL(gamma_2 | b) + <c, gamma> of the plan (dimensionless LET)."""
+        return _kl(self.gamma1, self.a) + _kl(self.gamma2, b) + self.plan_cost
+
+
+class _SoftRelaxation(_Relaxation):
+    """``_Relaxation`` with a higher cap: with soft marginals the plain rate is about
+    (1 + eps')^-2, and the optimal omega = 2 / (1 + sqrt(1 - r)) approaches 2 as eps' -> 0."""
+
+    OMEGA_MAX = 1.98
+
+
+class _LETSinkhorn:
+    """Log-domain scaling iterations (Chizat et al. 2018) for the entropic LET problem
+
+        min_gamma  KL(gamma_1 | a) + G(gamma_2) + <c, gamma> + eps' KL(gamma | R),
+
+    c = -log cos^2(min(|x - y| / ell, pi / 2)), eps' = eps / ell^2, R_ij = a_i / Z_i with
+    Z_i = sum_j exp(-c_ij / eps') (rows of the reference Gibbs plan sum to a), and G given by
+    ``make_prox(eps')``, a callable log q -> log nu (the KL-prox of G / eps') with an attribute
+    ``log_b`` (the measure read off the column). gamma_ij = exp(f_i + g_j - c_ij / eps').
+    """
+
+    def __init__(self, method: EntropicJKO, mu: Measure, alpha: float, beta: float):
+        self.method, self.mu = method, mu
+        self.ell = 2.0 * np.sqrt(alpha / beta)
+        self.a = mu.weights
+        self.mass = mu.mass
+        with np.errstate(divide="ignore"):
+            self.log_a = np.log(self.a)
+
+    def _relaxation(self, last: bool) -> _Relaxation:
+        """Over-relaxation as in ``_Sinkhorn``: here it matters more, the soft marginals make
+        the plain iteration contract only like (1 + eps')^-2 in the mass direction."""
+        setting = self.method.relaxation
+        if not last or setting == 1.0:
+            return _SoftRelaxation(1.0, adaptive=setting == "auto" and not last)
+        if setting == "auto":
+            return _SoftRelaxation(1.0, adaptive=True)
+        return _SoftRelaxation(float(setting), adaptive=False)
+
+    def run(self, levels, make_prox, psi) -> _LETState:
+        state = _LETState()
+        state.a = self.a
+        n = self.mu.n
+        g = np.zeros(n) if psi is None else psi / levels[0]
+        ell2 = self.ell**2
+        positive = self.a > 0
+        for index, eps in enumerate(levels):
+            last = index == len(levels) - 1
+            budget = self.method.max_iter - state.iterations - (0 if last else 1)
+            if budget <= 0 and not last:
+                continue
+            tol = self.method.tol if last else max(self.method.tol, LEVEL_TOL)
+            op = self.method.hk_operator(self.mu, eps, self.ell)
+            eps_prime = eps / ell2
+            theta = 1.0 / (1.0 + eps_prime)
+            prox = make_prox(eps_prime)
+            with np.errstate(all="ignore"):
+                log_z = op.log_apply(np.zeros(n))
+                log_w = np.where(positive, self.log_a - log_z, -np.inf)
+                # f = log u: the KL-prox of KL(. | a) / eps' at p = w (k v), divided by k v
+                row_const = np.where(positive, theta * self.log_a + (1 - theta) * log_w, -np.inf)
+                f = None
+                violation = np.inf
+                relax = self._relaxation(last)
+                for it in range(budget + 1):
+                    lKv = op.log_apply(g)
+                    f_new = row_const - theta * lKv
+                    if f is not None:
+                        gamma1 = np.where(positive, np.exp(f + lKv), 0.0)
+                        target = np.where(positive, np.exp(f_new + lKv), 0.0)
+                        violation = float(np.abs(gamma1 - target).sum() / self.mass)
+                        if not np.isfinite(violation) or it == budget or (
+                                violation <= tol and relax.plain):
+                            break
+                        relax.observe(violation, tol)
+                    f = relax(f, f_new)
+                    log_q = op.log_apply(f)
+                    log_nu = prox(log_q)
+                    g = relax(g, np.where(np.isfinite(log_q), log_nu - log_q, -np.inf))
+                    state.iterations += 1
+            state.violation, state.relaxation = violation, relax.peak
+            state.eps = eps
+        # the plan at (f, g): gamma_2 is the prox output nu, gamma_1 within tol of its prox
+        with np.errstate(all="ignore"):
+            state.f, state.g = f, g
+            state.gamma1 = np.where(positive, np.exp(f + op.log_apply(g)), 0.0)
+            state.gamma2 = np.exp(g + op.log_apply(f))
+            state.log_b = prox.log_b
+            cost = op.plan_cost(f, g)  # <ell^2 c, gamma>
+            state.plan_cost = cost / ell2
+            g1, g2 = state.gamma1, state.gamma2
+            # eps' [sum gamma (log(gamma Z_i / a_i) - 1) + sum a]; log gamma = f + g - ell^2 c/eps
+            row = np.sum(np.where(g1 > 0, g1 * (f + log_z - self.log_a), 0.0))
+            col = np.sum(np.where(g2 > 0, g2 * g, 0.0))
+            state.entropic = float(eps_prime * (row + col - g1.sum() + self.a.sum())
+                                   - cost / ell2)
+        state.info = {"domain": "log", "kernel": "dense_hk", "iterations": state.iterations,
+                      "marginal_violation": state.violation, "eps_reached": state.eps,
+                      "relaxation": state.relaxation, "newton_steps": getattr(prox, "newton_steps", 0),
+                      "transport_cost": float(cost), "dual_gap": None}
+        return state
+
+
+class _FixedMarginal:
+    """KL-prox of KL(. | b) / eps' (the soft second marginal of the static LET problem)."""
+
+    def __init__(self, b: np.ndarray, eps_prime: float):
+        with np.errstate(divide="ignore"):
+            self.log_b = np.log(b)
+        self.theta = 1.0 / (1.0 + eps_prime)
+
+    def __call__(self, log_q):
+        return self.theta * self.log_b + (1.0 - self.theta) * log_q
+
+
+def hellinger_kantorovich_sq(mu: Measure, nu: Measure, alpha: float = 1.0, beta: float = 1.0,
+                             eps: float = 1e-3, tol: float = 1e-10,
+                             max_iter: int = 20_000) -> tuple[float, dict]:
+    """HK_{alpha,beta}^2(mu, nu) = (4 / beta) LET(mu, nu) of the entropic plan on a common support.
+
+    The value is the unregularized LET functional KL(gamma_1 | a) + KL(gamma_2 | b) + <c, gamma>
+    at the optimal entropic plan (an upper bound of the exact LET, tending to it as eps -> 0),
+    with c = -log cos^2(min(|x - y| / ell, pi / 2)), ell = 2 sqrt(alpha / beta). Returns the
+    value and diagnostics (iterations, marginal_violation, entropic_term, the plan marginals).
+    """
+    if not mu.same_support(nu):
+        raise ValueError("hellinger_kantorovich_sq compares weights on a common support")
+    method = EntropicJKO(eps, tol=tol, max_iter=max_iter, eps_scaling=False)
+    solver = _LETSinkhorn(method, mu, float(alpha), float(beta))
+    state = solver.run([method.eps], lambda eps_prime: _FixedMarginal(nu.weights, eps_prime),
+                       None)
+    value = (4.0 / beta) * state.let_value(nu.weights)
+    info = dict(state.info, entropic_term=(4.0 / beta) * state.entropic, gamma1=state.gamma1,
+                gamma2=state.gamma2)
+    return float(value), info
