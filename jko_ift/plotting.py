@@ -201,15 +201,16 @@ def plot_energy(trajectory: Trajectory, path, title: str | None = None,
     return _save(fig, path)
 
 
-def plot_seed_curves(panels: Mapping[str, Mapping[str, np.ndarray]], path, ylabel: str = "MMD",
+def plot_seed_curves(panels: Mapping[str, Mapping[str, np.ndarray]], path,
+                     ylabel: str | Mapping[str, str] = "MMD",
                      xlabel: str = "iteration", title: str | None = None, log_x: bool = False,
                      columns: int | None = None) -> Path:
     """Curves over seeds on a log scale: one panel per entry of ``panels`` (panel title ->
     label -> array (seeds, points) or (points,)), the mean as a line and mean +- one standard
     deviation as a band (its lower edge clipped at the smallest value over the seeds, a log
     scale cannot show negative numbers). Non-finite and non-positive values (a diverged run)
-    are left out. ``columns``: panels per row (default: all in one row). Writes a PNG and
-    returns it."""
+    are left out. ``ylabel``: one label, or panel title -> label. ``columns``: panels per
+    row (default: all in one row). Writes a PNG and returns it."""
     if not panels:
         raise ValueError("plot_seed_curves needs at least one panel")
     columns = len(panels) if columns is None else max(1, min(int(columns), len(panels)))
@@ -241,7 +242,7 @@ def plot_seed_curves(panels: Mapping[str, Mapping[str, np.ndarray]], path, ylabe
         if log_x:
             ax.set_xscale("symlog", linthresh=1.0)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(ylabel if isinstance(ylabel, str) else ylabel.get(panel, ""))
         ax.set_title(panel, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)

@@ -102,3 +102,147 @@ def ift_paper_mixture(cells: int = 14, kernel_width: float = 2.0, alpha: float =
 
 PROBLEMS = {"mmd_flow": mmd_flow, "ornstein_uhlenbeck": ornstein_uhlenbeck,
             "ift_paper_mixture": ift_paper_mixture}
+
+
+# ------------------------------------------------------------------ the paper's particle experiments
+@dataclass(frozen=True)
+class ParticleExperiment:
+    """A particle experiment of the IFT paper: F = 1/2 MMD^2(mu, target samples) with ``kernel``,
+    the initial particles ``initial`` (uniform weights, mass 1) and the samples ``target``."""
+
+    name: str
+    energy: MMD2
+    initial: Measure
+    target: Measure
+    kernel: Gaussian
+
+
+#: The paper's 2-D single-Gaussian target N(0, [[1, 1/2], [1/2, 2]]).
+PAPER_GAUSSIAN = (((0.0, 0.0), ((1.0, 0.5), (0.5, 2.0))),)
+
+
+def sample_mixture(components, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` samples of the equal-weight mixture of N(mean, covariance) over ``components``
+    (a sequence of (mean, covariance)); the component of each sample is drawn uniformly."""
+    labels = rng.integers(len(components), size=count)
+    points = np.empty((count, len(components[0][0])))
+    for j, (mean, covariance) in enumerate(components):
+        chosen = labels == j
+        points[chosen] = rng.multivariate_normal(np.asarray(mean, float),
+                                                 np.asarray(covariance, float), int(chosen.sum()))
+    return points
+
+
+def _uniform(points: np.ndarray) -> Measure:
+    return Measure(points, np.full(points.shape[0], 1.0 / points.shape[0]))
+
+
+def paper_2d(target: str = "gaussian", particles: int = 100, samples: int = 100, seed: int = 0,
+             bandwidth: float = 10.0, start=(5.0, 5.0)) -> ParticleExperiment:
+    """The 2-D experiment of Gladin et al. (2024, section 5): ``particles`` points from
+    N(start, I), ``samples`` points of the target ("gaussian": N(0, [[1, .5], [.5, 2]]);
+    "mixture": PAPER_MIXTURE), uniform weights, F = 1/2 MMD^2 with the Gaussian kernel
+    exp(-|x - y|^2 / (2 bandwidth^2)) (jk.Gaussian(bandwidth); the convention of the authors'
+    code, whose high-dimensional kernel exp(-|x - y|^2/200) is bandwidth 10 too)."""
+    components = {"gaussian": PAPER_GAUSSIAN, "mixture": PAPER_MIXTURE}
+    if target not in components:
+        raise ValueError(f"unknown 2-D target {target!r}; choose 'gaussian' or 'mixture'")
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((int(particles), 2)) + np.asarray(start, float)
+    y = sample_mixture(components[target], int(samples), rng)
+    kernel = Gaussian(bandwidth)
+    target_measure = _uniform(y)
+    return ParticleExperiment(f"paper_2d_{target}", MMD2(target_measure, kernel), _uniform(x),
+                              target_measure, kernel)
+
+
+def paper_highdim_mixture(dim: int, rank: int = 10, mean_norm: float = 20.0,
+                          seed: int = 0) -> tuple:
+    """The high-dimensional target of the authors' code: three components with means of norm
+    ``mean_norm`` in uniformly random directions and covariances diag(U[0.5, 5]) + P P^T,
+    P of size dim x rank with entries U[0, 1]. Returns ((mean, covariance), ...)."""
+    rng = np.random.default_rng(seed)
+    components = []
+    for _ in range(3):
+        direction = rng.standard_normal(dim)
+        mean = mean_norm * direction / np.linalg.norm(direction)
+        factor = rng.uniform(0.0, 1.0, (dim, min(rank, dim)))
+        components.append((mean, np.diag(rng.uniform(0.5, 5.0, dim)) + factor @ factor.T))
+    return tuple(components)
+
+
+def paper_highdim(dim: int = 10, particles: int = 500, samples: int | None = None, seed: int = 0,
+                  mixture_seed: int = 0, bandwidth: float = 10.0) -> ParticleExperiment:
+    """The high-dimensional experiment: particles from N(0, I_dim), ``samples`` (default: as many
+    as particles) from the mixture of ``paper_highdim_mixture(dim, seed=mixture_seed)`` (fixed
+    over runs; ``seed`` draws the particles and samples), kernel exp(-|x - y|^2/200) =
+    jk.Gaussian(10). The authors draw fresh target samples every iteration; here they are
+    fixed, so that F is one energy along the run."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((int(particles), int(dim)))
+    y = sample_mixture(paper_highdim_mixture(int(dim), seed=mixture_seed),
+                       int(particles if samples is None else samples), rng)
+    kernel = Gaussian(bandwidth)
+    target_measure = _uniform(y)
+    return ParticleExperiment(f"paper_highdim_{dim}", MMD2(target_measure, kernel), _uniform(x),
+                              target_measure, kernel)
+
+
+@dataclass(frozen=True)
+class SeedRuns:
+    """Runs of one scheme over seeds: ``mmd`` (seeds, steps + 1) = MMD(mu^k, target samples)
+    = sqrt(2 F); ``snapshots``: step -> measure of the first seed; ``seconds``: wall time of
+    each run."""
+
+    label: str
+    mmd: np.ndarray
+    snapshots: dict
+    seconds: np.ndarray
+    warnings: int = 0
+    failed: int = 0
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.mmd.mean(axis=0)
+
+    @property
+    def sd(self) -> np.ndarray:
+        return self.mmd.std(axis=0, ddof=1) if self.mmd.shape[0] > 1 else np.zeros(self.mmd.shape[1])
+
+
+def run_over_seeds(label: str, make_experiment: Callable[[int], ParticleExperiment],
+                   make_scheme: Callable[[ParticleExperiment, int], tuple], seeds, steps: int,
+                   snapshot_steps=()) -> SeedRuns:
+    """Run a particle scheme once per seed and collect the MMD curves.
+
+    make_experiment(seed) -> ParticleExperiment; make_scheme(experiment, seed) -> (method,
+    geometry, tau), a fresh method object per run (they own their noise generators). Every
+    step's energy is kept (the MMD curve); measures only at ``snapshot_steps`` of the first
+    seed. The dissipation inequality of jk.solve does not hold for explicit schemes; its
+    warnings are counted in ``warnings``, not shown. A run whose step fails (SolverError)
+    ends there: its curve is NaN afterwards and it is counted in ``failed``.
+    """
+    import time
+    import warnings as _warnings
+
+    from .solve import DissipationWarning, solve
+
+    curves, seconds, snapshots, caught, failed = [], [], {}, 0, 0
+    for index, seed in enumerate(seeds):
+        experiment = make_experiment(seed)
+        method, geometry, tau = make_scheme(experiment, seed)
+        start = time.perf_counter()
+        with _warnings.catch_warnings(record=True) as record:
+            _warnings.simplefilter("always", DissipationWarning)
+            trajectory = solve(experiment.energy, geometry, experiment.initial, tau=tau,
+                               steps=steps, method=method, progress=False, throw=False)
+        failed += trajectory.stop_reason == "failed"
+        caught += sum(issubclass(w.category, DissipationWarning) for w in record)
+        seconds.append(time.perf_counter() - start)
+        energies = np.full(steps + 1, np.nan)
+        energies[:len(trajectory.energies)] = trajectory.energies
+        curves.append(np.sqrt(2 * np.maximum(energies, 0.0)))
+        if index == 0:
+            snapshots = {k: trajectory.measures[k] for k in snapshot_steps
+                         if 0 <= k < len(trajectory.measures)}
+    return SeedRuns(label, np.array(curves), snapshots, np.array(seconds), caught, failed)
