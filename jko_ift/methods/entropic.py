@@ -235,16 +235,8 @@ class EntropicJKO:
         return result
 
     def hk_operator(self, mu: Measure, eps: float, ell: float) -> HKGibbs:
-        key = (support_key(mu), eps, "hk", ell)
-        op = self._operators.get(key)
-        if op is None:
-            op = HKGibbs(mu.points, eps, ell, self.dense_cache_entries)
-            self._operators[key] = op
-            while len(self._operators) > 2 * self.cache_size:
-                self._operators.popitem(last=False)
-        else:
-            self._operators.move_to_end(key)
-        return op
+        return self._cached_operator((support_key(mu), eps, "hk", ell),
+                                     lambda: HKGibbs(mu.points, eps, ell, self.dense_cache_entries))
 
     def _delegate(self, F, geometry, mu, tau, throw):
         """Pure reaction geometries: no transport, no entropic term; the exact step is cheap."""
@@ -273,11 +265,15 @@ class EntropicJKO:
         return levels + [self.eps]
 
     def operator(self, mu: Measure, eps: float):
-        key = (support_key(mu), eps, self.separable)
+        return self._cached_operator(
+            (support_key(mu), eps, self.separable),
+            lambda: gibbs_operator(mu, eps, self.separable, self.dense_cache_entries))
+
+    def _cached_operator(self, key, build):
+        """The Gibbs operator under ``key``, built once (least recently used evicted)."""
         op = self._operators.get(key)
         if op is None:
-            op = gibbs_operator(mu, eps, self.separable, self.dense_cache_entries)
-            self._operators[key] = op
+            op = self._operators[key] = build()
             while len(self._operators) > 2 * self.cache_size:
                 self._operators.popitem(last=False)
         else:
