@@ -131,9 +131,11 @@ class Measure:
     def __post_init__(self):
         x = as_points(self.points)
         a = as_weights(self.weights, x.shape[0])
-        if self.grid is not None and (self.grid.size, self.grid.dim) != x.shape:
+        if self.grid is not None and not (x is self.grid.points or (
+                x.shape == self.grid.points.shape and np.array_equal(x, self.grid.points))):
             raise ValueError(
-                f"points of shape {x.shape} do not match the grid of shape {self.grid.shape}"
+                f"points of shape {x.shape} are not the points of the grid of shape "
+                f"{self.grid.shape}; pass grid=None for a measure off the grid"
             )
         if x.flags.writeable:  # never freeze the caller's array; share read-only ones (grids)
             x = x.copy()

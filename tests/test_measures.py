@@ -92,3 +92,9 @@ def test_the_callers_points_stay_writeable():
     assert points.flags.writeable and not mu.points.flags.writeable
     points[0, 0] = 1.0
     assert mu.points[0, 0] == 0.0
+
+
+def test_a_measure_on_a_grid_must_sit_on_its_points():
+    grid = jk.Grid([0], [1], [4])
+    with pytest.raises(ValueError, match="not the points of the grid"):
+        jk.Measure(grid.points + 0.1, np.ones(4), grid=grid)
