@@ -15,7 +15,8 @@ schema is in ``docs/configs.md``; in short:
   ``[problem.kernel]``;
 * ``[geometry]``: kind wasserstein | hellinger | mmd | wfr | ift with alpha, beta, ridge,
   conserve_mass (optional for a named problem: it overrides the problem's geometry);
-* ``[method]``: kind conic | entropic with that method's options (``METHODS``);
+* ``[method]``: kind conic | entropic | particle | splitting | explicit with that method's
+  options (``METHODS``);
 * ``[run]``: tau with steps or t_final, or ``[run.adaptive]`` (rtol, atol, ...) with t_final;
   save_at, stop_rate, stop_energy.
 
@@ -44,7 +45,7 @@ from .energies import KL, MMD2, Energy, Entropy, PorousMedium, Potential
 from .geometries import DEFAULT_RIDGE, IFT, MMD, WFR, Geometry, Hellinger, Wasserstein
 from .kernels import IMQ, EnergyKernel, Gaussian, Kernel, Laplace
 from .measures import Grid, Measure
-from .methods import ConicJKO, EntropicJKO
+from .methods import ConicJKO, EntropicJKO, ExplicitEuler, ParticleJKO, Splitting
 from .solve import Trajectory, solve
 
 if sys.version_info >= (3, 11):
@@ -80,6 +81,9 @@ ADAPTIVE_KEYS = ("rtol", "atol", "distance", "tau0", "tau_min", "tau_max", "safe
 METHODS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "conic": (ConicJKO, ()),
     "entropic": (EntropicJKO, ("conic",)),
+    "particle": (ParticleJKO, ()),
+    "splitting": (Splitting, ()),
+    "explicit": (ExplicitEuler, ()),
 }
 
 

@@ -208,3 +208,13 @@ def test_load_rejects_other_files(tmp_path):
         jk.load(other)
     with pytest.raises(ValueError, match="no trajectory file"):
         jk.load(tmp_path / "absent.npz")
+
+
+@pytest.mark.parametrize("kind", ["particle", "splitting", "explicit"])
+def test_particle_methods_run_from_a_config(kind):
+    spec = load_config({"problem": {"name": "mmd_flow", "cells": 12},
+                        "method": {"kind": kind}, "run": {"tau": 0.2, "steps": 2}})
+    trajectory = jk.solve(spec.energy, spec.geometry, spec.initial, method=spec.make_method(),
+                          progress=False, **spec.solve_options())
+    assert len(trajectory) == 3
+    assert trajectory.energies[-1] < trajectory.energies[0]
