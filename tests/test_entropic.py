@@ -387,3 +387,12 @@ def test_wfr_weights_reach_first_order():
     results = entropic_sweep(F, geometry, MU_1D, tau, eps_values)
     errors = [np.abs(r.measure.weights - exact.measure.weights).sum() for r in results]
     assert jk.convergence_order(eps_values, errors).order >= MIN_ORDER
+
+
+@pytest.mark.filterwarnings("ignore::jko_ift.EntropicBlurWarning")
+def test_wfr_step_refuses_energies_that_couple_the_points():
+    grid = jk.Grid([-1], [1], [12])
+    mu = grid.measure(np.ones(12), normalize=True)
+    F = jk.MMD2(grid.measure(np.arange(1.0, 13.0), normalize=True), jk.Gaussian(0.5))
+    with pytest.raises(ValueError, match="WFR step needs an energy that is separable"):
+        EntropicJKO(eps=1e-2).step(F, jk.WFR(), mu, 0.1)

@@ -445,3 +445,15 @@ def test_explicit_steps_lose_stability_where_implicit_steps_dissipate():
     assert result.status == "diverged" and not result.ok
     with pytest.raises(jk.SolverError, match="stability"):
         ExplicitEuler().step(F, jk.Wasserstein(), overflowing, 1e200)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [(lambda: jk.Splitting(transport="teleport"), r"unknown transport piece 'teleport'.*choose one of"),
+     (lambda: jk.Splitting(velocity="fast"), r"unknown velocity 'fast'"),
+     (lambda: jk.ExplicitEuler(hellinger_update="cubic"), r"unknown hellinger_update 'cubic'"),
+     (lambda: jk.ExplicitEuler(reaction="none"), r"unknown reaction update 'none'")],
+)
+def test_unknown_method_options_name_the_choices(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()

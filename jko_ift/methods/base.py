@@ -86,3 +86,9 @@ def warn_user(message: str, category: type[Warning]) -> None:
 def support_key(mu: Measure) -> str:
     """A hash of the points of mu: methods cache their per-support work under it."""
     return hashlib.sha1(np.ascontiguousarray(mu.points).tobytes()).hexdigest()
+
+
+def check_choice(name: str, value, allowed) -> None:
+    """ValueError unless ``value`` is one of ``allowed``, naming both."""
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {tuple(allowed)}")

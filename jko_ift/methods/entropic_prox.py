@@ -407,11 +407,7 @@ class HellingerEnvelopeProx:
     T_MAX = 60.0
 
     def __init__(self, form: EnergyForm, sigma: float, tau_beta: float, mass: float | None):
-        if form.quadratic is not None:
-            raise UnsupportedEnergyError(
-                "EntropicJKO's WFR step needs an energy that is separable over the points "
-                "(Entropy, KL, Potential, PorousMedium and their sums); MMD2 and Interaction "
-                "couple the points: use jk.ConicJKO for them")
+        _require_separable(form, "WFR step")
         self.form, self.sigma = form, float(sigma)
         self.kappa = 2.0 * self.sigma / tau_beta
         self.mass = mass
@@ -643,11 +639,7 @@ class LETEnvelopeProx:
     Y_MAX = 60.0
 
     def __init__(self, form: EnergyForm, rho: float, eps_prime: float, mass: float | None):
-        if form.quadratic is not None:
-            raise UnsupportedEnergyError(
-                "EntropicJKO's Hellinger-Kantorovich step needs an energy that is separable over "
-                "the points (Entropy, KL, Potential, PorousMedium and their sums); MMD2 and "
-                "Interaction couple the points: use jk.ConicJKO for them")
+        _require_separable(form, "Hellinger-Kantorovich step")
         self.form, self.rho = form, float(rho)
         self.theta = 1.0 / (1.0 + eps_prime)
         self.kappa = eps_prime / (1.0 + eps_prime)
@@ -741,3 +733,12 @@ class LETEnvelopeProx:
             shift = new
         self.shift = shift
         return y, lb
+
+
+def _require_separable(form: EnergyForm, step: str) -> None:
+    """Pointwise solves need an energy without a coupling (quadratic) part."""
+    if form.quadratic is not None:
+        raise UnsupportedEnergyError(
+            f"EntropicJKO's {step} needs an energy that is separable over the points (Entropy, "
+            "KL, Potential, PorousMedium and their sums); MMD2 and Interaction couple the "
+            "points: use jk.ConicJKO for them")

@@ -36,7 +36,7 @@ import numpy as np
 from ..energies import Energy
 from ..geometries import MMD, Geometry
 from ..measures import Measure
-from .base import StepResult
+from .base import StepResult, check_choice
 from .particle import (
     VELOCITIES,
     check_particle_input,
@@ -81,14 +81,9 @@ class ExplicitEuler:
     _rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self):
-        if self.hellinger_update not in HELLINGER_UPDATES:
-            raise ValueError(f"unknown hellinger_update {self.hellinger_update!r}; choose one "
-                             f"of {HELLINGER_UPDATES}")
-        if self.reaction not in REACTION_UPDATES:
-            raise ValueError(f"unknown reaction update {self.reaction!r}; choose one of "
-                             f"{REACTION_UPDATES}")
-        if self.velocity not in VELOCITIES:
-            raise ValueError(f"unknown velocity {self.velocity!r}; choose one of {VELOCITIES}")
+        check_choice("hellinger_update", self.hellinger_update, HELLINGER_UPDATES)
+        check_choice("reaction update", self.reaction, REACTION_UPDATES)
+        check_choice("velocity", self.velocity, VELOCITIES)
         if not (np.isfinite(self.noise) and self.noise >= 0):
             raise ValueError(f"noise must be a finite level >= 0, got {self.noise!r}")
         if self.noise_steps is not None and int(self.noise_steps) < 0:

@@ -42,7 +42,7 @@ import numpy as np
 from ..energies import Energy
 from ..geometries import MMD, Geometry
 from ..measures import Measure
-from .base import StepResult
+from .base import StepResult, check_choice
 from .particle import (
     DEFAULT_PARTICLE_TOL,
     VELOCITIES,
@@ -87,17 +87,10 @@ class Splitting:
     def __post_init__(self):
         if self.order not in (1, 2):
             raise ValueError(f"Splitting order must be 1 (Lie) or 2 (Strang), got {self.order!r}")
-        if self.transport not in TRANSPORT_PIECES:
-            raise ValueError(f"unknown transport piece {self.transport!r}; choose one of "
-                             f"{TRANSPORT_PIECES}")
-        if self.reaction not in REACTION_PIECES:
-            raise ValueError(f"unknown reaction piece {self.reaction!r}; choose one of "
-                             f"{REACTION_PIECES}")
-        if self.velocity not in VELOCITIES:
-            raise ValueError(f"unknown velocity {self.velocity!r}; choose one of {VELOCITIES}")
-        if self.hellinger_update not in HELLINGER_UPDATES:
-            raise ValueError(f"unknown hellinger_update {self.hellinger_update!r}; choose one "
-                             f"of {HELLINGER_UPDATES}")
+        check_choice("transport piece", self.transport, TRANSPORT_PIECES)
+        check_choice("reaction piece", self.reaction, REACTION_PIECES)
+        check_choice("velocity", self.velocity, VELOCITIES)
+        check_choice("hellinger_update", self.hellinger_update, HELLINGER_UPDATES)
         if (self.order == 2 and self.symmetric
                 and (self.transport, self.reaction) != ("implicit", "exact")):
             raise ValueError("Splitting(order=2) composes the implicit pieces with their "
