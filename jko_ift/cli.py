@@ -1,6 +1,6 @@
 """The command line ``jko-ift``: parses options, then calls the library.
 
-    jko-ift demo [--steps N] [--tau T] [--grid N] [--out DIR] [--quiet]
+    jko-ift demo [--steps N] [--particles N] [--seed S] [--out DIR] [--quiet]
     jko-ift run CONFIG [--out DIR] [--resume] [--checkpoint-every N] [--quiet] [--verbose]
     jko-ift converge CONFIG --taus 0.2,0.1,0.05 [--refine-grid] [--reference fine] [--out DIR]
     jko-ift compare CONFIG [--methods conic,entropic] [--geometries ift,wfr,mmd] [--out DIR]
@@ -17,55 +17,49 @@ import logging
 import math
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
-from .energies import MMD2
-from .geometries import IFT, MMD
+from .geometries import IFT, WFR, Wasserstein
 from .io import check_results_target, results_folder, write_json_atomic
-from .kernels import Gaussian
-from .measures import Grid
-from .methods import ConicJKO, SolverError
-from .plotting import plot_energy_decay, plot_snapshots
-from .solve import Trajectory, solve
+from .methods import ExplicitEuler, SolverError, Splitting
+from .methods.splitting import ift_particle_method
+from .plotting import plot_energy_decay, plot_particle_snapshots, plot_seed_curves
+from .problems import paper_2d
+from .solve import DissipationWarning, Trajectory, solve
 
-__all__ = ["build_parser", "demo_problem", "main"]
+__all__ = ["build_parser", "demo_schemes", "main"]
 
-# The demo problem. On a fixed grid a W2 step moves no mass once tau*alpha*max|grad f| drops
-# below the spacing h (grid locking), and |grad f| shrinks as F does. With sigma = 1,
-# alpha = 10, tau = 0.2 on 16 x 16 cells of [-3, 3]^2 (h = 0.375), tau*alpha*max|grad f| / h
-# goes 3.2, 2.0, 1.4, 1.0, 0.7 over the first five steps, and the sixth step locks:
-# five steps (t = 1) keep transport active.
-DEMO_BOX = (-3.0, 3.0)
-DEMO_SIGMA = 1.0
-DEMO_ALPHA = 10.0
-DEMO_BETA = 1.0
-DEMO_TAU = 0.2
-DEMO_STEPS = 5
-DEMO_CELLS = 16
+# The demo: the 2-D experiment of the IFT paper on its three-component mixture target (100
+# particles from N((5, 5), I), 100 target samples, Gaussian kernel of width 10), integrated
+# by three particle schemes with the paper's position step 50 (explicit W2 step):
+# the MMD flow (positions only), WFR (positions, then the exact Hellinger step of the
+# weights) and IFT (positions, then the exact MMD step of the weights: the paper's algorithm).
+DEMO_TARGET = "mixture"
+DEMO_PARTICLES = 100
+DEMO_STEPS = 2000
+DEMO_SEED = 0
+DEMO_POSITION_STEP = 50.0
+DEMO_IFT_BETA = 0.1   # the paper's weight step
+DEMO_WFR_BETA = 10.0  # Hellinger weights move slowly at beta = 0.1 (f is of order MMD^2)
 DEMO_OUT = "jko-ift-demo"
-#: Initial blob (centre, standard deviation) and the target's two bumps.
-DEMO_START = ((-1.5, -1.5), 0.5)
-DEMO_BUMPS = (((1.5, -1.0), 0.45), ((-0.5, 1.5), 0.45))
+#: MMD levels whose first crossing the demo reports for each scheme.
+DEMO_LEVELS = (1e-2, 1e-3)
 
 
-def _gaussian_bump(centre, std):
-    centre = np.asarray(centre, dtype=float)
-    return lambda x: np.exp(-((x - centre) ** 2).sum(1) / (2.0 * std**2))
-
-
-def demo_problem(cells: int = DEMO_CELLS) -> dict:
-    """The demo's problem: grid, initial measure, target, kernel and F = 1/2 MMD^2(., target)."""
-    grid = Grid([DEMO_BOX[0]] * 2, [DEMO_BOX[1]] * 2, [cells, cells])
-    mu0 = grid.measure(_gaussian_bump(*DEMO_START), normalize=True)
-    bumps = [_gaussian_bump(*bump) for bump in DEMO_BUMPS]
-    target = grid.measure(lambda x: sum(bump(x) for bump in bumps), normalize=True)
-    kernel = Gaussian(DEMO_SIGMA)
-    return {"grid": grid, "mu0": mu0, "target": target, "kernel": kernel,
-            "energy": MMD2(target, kernel)}
+def demo_schemes(kernel) -> dict:
+    """label -> (method, geometry, tau) of the demo, each with position step 50 per step."""
+    return {
+        "MMD flow": (ExplicitEuler(), Wasserstein(), DEMO_POSITION_STEP),
+        "WFR": (Splitting(order=1, transport="explicit", reaction="exact"),
+                WFR(DEMO_POSITION_STEP, DEMO_WFR_BETA, conserve_mass=True), 1.0),
+        "IFT": (ift_particle_method(),
+                IFT(kernel, DEMO_POSITION_STEP, DEMO_IFT_BETA, conserve_mass=True), 1.0),
+    }
 
 
 # ---------------------------------------------------------------------------- argument types
@@ -120,29 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_demo(commands) -> None:
     demo = commands.add_parser(
         "demo",
-        help="IFT flow of 1/2 MMD^2 from one blob to two bumps, next to the pure MMD flow",
+        help="IFT against the MMD flow and WFR on the IFT paper's 2-D mixture target (particles)",
         description=(
-            "Flow a Gaussian blob towards a two-bump target on a 2-D grid by exact JKO steps "
-            "(jk.ConicJKO) of F = 1/2 MMD^2(mu, target) with a Gaussian kernel "
-            f"(sigma={DEMO_SIGMA:g}), in the IFT geometry (alpha={DEMO_ALPHA:g}, "
-            f"beta={DEMO_BETA:g}: transport plus MMD reaction) and, for comparison, in the pure "
-            "MMD geometry (reaction only, no transport). Writes snapshots.png, mmd_decay.png "
-            "and summary.json into the output folder."
+            "The 2-D experiment of Gladin et al., 'Interaction-Force Transport Gradient Flows' "
+            "(NeurIPS 2024): particles from N((5, 5), I) flow towards samples of a mixture of "
+            "three Gaussians under F = 1/2 MMD^2(mu, target) (Gaussian kernel, width 10). "
+            "Three schemes share the explicit W2 position step of 50 per iteration: the MMD "
+            "flow (positions only), WFR (then the exact Hellinger step of the weights, "
+            f"beta={DEMO_WFR_BETA:g}) and IFT (then the exact MMD step of the weights, "
+            f"beta={DEMO_IFT_BETA:g}: the paper's algorithm). Writes mmd_decay.png (MMD to the "
+            "target samples against iteration), particles.png (snapshots, marker area ~ "
+            "weight) and summary.json."
         ),
-        epilog=(
-            "On a fixed grid a transport step moves no mass once tau*alpha*|grad f| is below "
-            "the grid spacing (the library warns with GridLockingWarning). The defaults keep "
-            "transport active; many more steps, a smaller --tau or a coarser --grid lock it."
-        ),
+        epilog="Takes about 10 s with the defaults. The paper runs 6000 iterations over 5 seeds: "
+               "python examples/paper_2d.py.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     demo.add_argument("--steps", type=_positive_int, default=DEMO_STEPS, metavar="N",
-                      help="number of JKO steps of each flow (final time = steps * tau)")
-    demo.add_argument("--tau", type=_positive_float, default=DEMO_TAU, metavar="T",
-                      help="JKO step size tau")
-    demo.add_argument("--grid", type=_cells, default=DEMO_CELLS, metavar="N",
-                      help=f"grid cells per axis on [{DEMO_BOX[0]:g}, {DEMO_BOX[1]:g}]^2 "
-                           "(the default 16 takes a few seconds per IFT step; the cost grows fast with N)")
+                      help="iterations of each scheme")
+    demo.add_argument("--particles", type=_positive_int, default=DEMO_PARTICLES, metavar="N",
+                      help="particles, and as many target samples")
+    demo.add_argument("--seed", type=int, default=DEMO_SEED,
+                      help="seed of the initial particles and the target samples")
     demo.add_argument("--out", type=Path, default=Path(DEMO_OUT), metavar="DIR",
                       help="output folder (created if missing; files in it are replaced)")
     demo.add_argument("--quiet", action="store_true",
@@ -211,75 +204,73 @@ def _say(args, message: str) -> None:
 def _run_demo(args) -> int:
     out = check_results_target(args.out)  # fail before the computation, not after
     start = time.perf_counter()
-    problem = demo_problem(args.grid)
-    F, mu0, kernel, grid = problem["energy"], problem["mu0"], problem["kernel"], problem["grid"]
-    geometries = {"IFT": IFT(kernel, alpha=DEMO_ALPHA, beta=DEMO_BETA), "MMD": MMD(kernel)}
-    trajectories, run_times = {}, {}
-    for label, geometry in geometries.items():
-        _say(args, f"{label} flow: {args.steps} JKO steps of tau={args.tau:g} on a "
-                   f"{args.grid}x{args.grid} grid")
+    experiment = paper_2d(DEMO_TARGET, args.particles, args.particles, seed=args.seed)
+    schemes = demo_schemes(experiment.kernel)
+    snapshot_steps = sorted({0, min(10, args.steps), min(100, args.steps), args.steps})
+    curves, runs, snapshots = {}, {}, {}
+    for label, (method, geometry, tau) in schemes.items():
+        _say(args, f"{label}: {args.steps} iterations, {args.particles} particles")
         run_start = time.perf_counter()
-        trajectories[label] = solve(F, geometry, mu0, tau=args.tau, steps=args.steps,
-                                    method=ConicJKO(), progress=not args.quiet)
-        run_times[label] = time.perf_counter() - run_start
-
-    times = trajectories["IFT"].times
-    steps_taken = np.arange(len(times))
-    F0 = float(trajectories["IFT"].energies[0])
-    continuous = F0 * np.exp(-2.0 * DEMO_BETA * times)
-    discrete = F0 * (1.0 + DEMO_BETA * args.tau) ** (-2.0 * steps_taken)
-    fine = np.linspace(0.0, float(times[-1]), 200)
-    bounds_plot = {
-        f"continuous bound $e^{{-2\\beta t}} F(\\mu_0)$ ($\\beta$={DEMO_BETA:g})":
-            (fine, F0 * np.exp(-2.0 * DEMO_BETA * fine)),
-        f"JKO bound $(1+\\beta\\tau)^{{-2k}} F(\\mu_0)$ ($\\tau$={args.tau:g}; equality for MMD)":
-            (times, discrete),
-    }
+        # Explicit position steps do not promise F + D^2/(2 tau) <= F(mu^k): count, not show.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DissipationWarning)
+            trajectory = solve(experiment.energy, geometry, experiment.initial, tau=tau,
+                               steps=args.steps, method=method, progress=not args.quiet)
+        curves[label] = np.sqrt(2.0 * np.maximum(trajectory.energies, 0.0))
+        snapshots[label] = {k: trajectory.measures[k] for k in snapshot_steps}
+        runs[label] = _demo_run_summary(trajectory, curves[label], time.perf_counter() - run_start,
+                                        sum(issubclass(w.category, DissipationWarning) for w in caught))
+        runs[label]["geometry"], runs[label]["method"], runs[label]["tau"] = repr(geometry), repr(method), tau
 
     with results_folder(out) as folder:
-        title = (f"1/2 MMD$^2$ flow, Gaussian kernel $\\sigma$={DEMO_SIGMA:g}, "
-                 f"{args.grid}x{args.grid} grid, $\\tau$={args.tau:g}")
-        labels = {"IFT": f"IFT ($\\alpha$={DEMO_ALPHA:g}, $\\beta$={DEMO_BETA:g})",
-                  "MMD": "MMD (no transport)"}
-        plot_snapshots({labels[k]: tr for k, tr in trajectories.items()}, problem["target"],
-                       folder / "snapshots.png", title=title)
-        plot_energy_decay({labels[k]: tr for k, tr in trajectories.items()}, folder / "mmd_decay.png",
-                          bounds=bounds_plot, title=title,
-                          ylabel="$F(\\mu_t) = \\frac{1}{2}\\mathrm{MMD}^2(\\mu_t, \\pi)$")
+        title = (f"IFT paper, 2-D mixture target: {args.particles} particles, seed {args.seed}, "
+                 f"position step {DEMO_POSITION_STEP:g}")
+        plot_seed_curves({title: curves}, folder / "mmd_decay.png", log_x=True,
+                         ylabel="MMD$(\\mu^k, \\pi)$ (target samples)")
+        plot_particle_snapshots(snapshots, experiment.target, folder / "particles.png",
+                                title="particles (marker area ~ weight) and target samples (grey)")
         summary = {
             "command": "demo",
             "version": __version__,
             "parameters": {
-                "steps": args.steps, "tau": args.tau, "final_time": float(times[-1]),
-                "grid": {"lo": grid.lo, "hi": grid.hi, "shape": grid.shape,
-                         "spacing": grid.spacing},
-                "energy": "MMD2: 1/2 MMD^2(mu, target)",
-                "kernel": repr(kernel),
-                "initial": {"centre": DEMO_START[0], "std": DEMO_START[1], "normalize": True},
-                "target_bumps": [{"centre": c, "std": s} for c, s in DEMO_BUMPS],
-                "geometries": {label: repr(g) for label, g in geometries.items()},
-                "alpha": DEMO_ALPHA, "beta": DEMO_BETA,
-                "method": repr(ConicJKO()),
+                "target": DEMO_TARGET, "particles": args.particles, "samples": args.particles,
+                "seed": args.seed, "steps": args.steps, "kernel": repr(experiment.kernel),
+                "energy": "MMD2: 1/2 MMD^2(mu, target samples)",
+                "position_step": DEMO_POSITION_STEP, "ift_beta": DEMO_IFT_BETA,
+                "wfr_beta": DEMO_WFR_BETA,
             },
-            "bounds": {"times": times, "continuous": continuous, "discrete": discrete},
-            "runs": {label: _run_summary(tr, discrete, run_times[label])
-                     for label, tr in trajectories.items()},
+            "runs": runs,
             "wall_time": time.perf_counter() - start,
         }
         write_json_atomic(folder / "summary.json", summary)
 
-    locked = {label: run["grid_locked_steps"] for label, run in summary["runs"].items()
-              if run["grid_locked_steps"]}
-    if locked:
-        where = "; ".join(f"{label} steps {', '.join(map(str, steps))}" for label, steps in locked.items())
-        print(f"note: transport was grid-locked (moved no mass) in {where}: tau*alpha*|grad f| fell "
-              "below the grid spacing; take fewer --steps, a larger --tau or a finer --grid",
-              file=sys.stderr)
-    _say(args, "final 1/2 MMD^2: " + ", ".join(
-        f"{label} {tr.energies[-1]:.4g}" for label, tr in trajectories.items())
-        + f" (wall time {summary['wall_time']:.1f} s)")
+    for label, run in runs.items():
+        reached = ", ".join(f"MMD {level:g} at iteration {run['first_below'][str(level)]}"
+                            for level in DEMO_LEVELS if run["first_below"][str(level)] is not None)
+        _say(args, f"{label}: final MMD {run['final_mmd']:.3g}"
+                   + (f"; {reached}" if reached else "") + f" ({run['wall_time']:.1f} s)")
     print(f"results in {out.absolute()}")
     return 0
+
+
+def _demo_run_summary(trajectory: Trajectory, mmd_curve: np.ndarray, wall_time: float,
+                      dissipation_warnings: int) -> dict:
+    """The JSON-ready record of one demo run (numpy values are converted by write_json_atomic)."""
+    below = {str(level): (int(np.argmax(mmd_curve <= level)) if np.any(mmd_curve <= level) else None)
+             for level in DEMO_LEVELS}
+    weights = np.sort(trajectory.measures[-1].weights)[::-1]
+    return {
+        "energies": trajectory.energies,
+        "mmd": mmd_curve,
+        "final_mmd": mmd_curve[-1],
+        "first_below": below,
+        "final_mass": weights.sum(),
+        # how many particles carry 99% of the mass: the weight steps concentrate it
+        "particles_with_99_percent_mass": int(np.searchsorted(np.cumsum(weights), 0.99 * weights.sum()) + 1),
+        "statuses": sorted({s["status"] for s in trajectory.stats}),
+        "dissipation_warnings": dissipation_warnings,
+        "wall_time": wall_time,
+    }
 
 
 def _configure_logging(args) -> None:
@@ -312,26 +303,6 @@ def _run_run(args) -> int:
                f"(wall time {summary['wall_time']:.1f} s)")
     print(f"results in {Path(out).absolute()}")
     return 0
-
-
-def _run_summary(trajectory: Trajectory, discrete_bound: np.ndarray, wall_time: float) -> dict:
-    """The JSON-ready record of one run (numpy values are converted by write_json_atomic)."""
-    stats = trajectory.stats
-    energies = np.asarray(trajectory.energies)
-    bound = discrete_bound[: energies.size]
-    return {
-        "times": trajectory.times,
-        "energies": energies,
-        "statuses": [s["status"] for s in stats],
-        "certificates": [s["certificate"] for s in stats],
-        "step_wall_times": [s["wall_time"] for s in stats],
-        "moved_fraction": [s.get("moved_fraction") for s in stats],
-        "grid_locked_steps": [s["step"] for s in stats if s.get("grid_locked")],
-        "energy_over_discrete_bound": energies / bound,
-        "final_energy": energies[-1],
-        "wall_time": wall_time,
-        "stats": stats,
-    }
 
 
 # ---------------------------------------------------------------------------- studies

@@ -241,6 +241,7 @@ def plot_seed_curves(panels: Mapping[str, Mapping[str, np.ndarray]], path,
         ax.set_yscale("log")
         if log_x:
             ax.set_xscale("symlog", linthresh=1.0)
+            ax.set_xlim(left=0.0)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel if isinstance(ylabel, str) else ylabel.get(panel, ""))
         ax.set_title(panel, fontsize=10)

@@ -145,7 +145,7 @@ class _Run:
                 if result is None:
                     return self._trajectory("failed")
                 reason = self._advance(tau, result.measure, result.energy)
-                bar.set_postfix(energy=f"{self.energy:.4g}")
+                bar.set_postfix(energy=f"{self.energy:.4g}", refresh=False)
                 if reason:
                     return self._trajectory(reason)
         return self._trajectory("steps")
@@ -210,7 +210,7 @@ class _Run:
             previous_error = error
             reason = self._advance(tau, fine.measure, fine.energy)
             bar.update(tau)
-            bar.set_postfix(tau=f"{tau:.3g}", energy=f"{self.energy:.4g}")
+            bar.set_postfix(tau=f"{tau:.3g}", energy=f"{self.energy:.4g}", refresh=False)
             if reason:
                 return self._trajectory(reason)
         return self._trajectory("t_final")

@@ -169,3 +169,20 @@ def test_qp_at_a_thousand_particles_matches_clarabel(sigma):
     reference = clarabel_qp(H, g, 1.0)
     assert solution.status == "optimal"
     assert abs(solution.objective - reference) <= CLARABEL_RTOL * abs(reference)
+
+
+def test_warm_start_off_its_face_minimum_is_settled_by_the_active_set():
+    """A sparse warm start whose weights do not minimize on their own face, with every
+    multiplier off the face positive: the face minimum must still be found (not mistaken for
+    optimality, nor left to the slow fallback). Closed form: on the face {0, 1} of the simplex,
+    min 1/2 |b|^2 - g.b gives b_0 - b_1 = g_0 - g_1."""
+    n = 10
+    g = np.zeros(n)
+    g[:2] = [1.0, 0.9]
+    start = np.zeros(n)
+    start[:2] = 0.5
+    solution = solve_weight_qp(np.eye(n), g, mass=1.0, start=start)
+    assert solution.status == "optimal" and solution.method == "active_set"
+    expected = np.zeros(n)
+    expected[:2] = [0.55, 0.45]
+    np.testing.assert_allclose(solution.weights, expected, atol=1e-14)

@@ -326,8 +326,10 @@ class _ActiveSet:
 
     def run(self, start, max_iter):
         b, support = self.start(start)
-        iterations = 0
         excluded: set[int] = set()
+        # a warm start's weights need not be the minimum of their face: settle them first,
+        # since the outer step below only looks at indices off the face
+        support, iterations, _ = self.settle(b, None, excluded, 0, max_iter)
         block = 1  # indices entering per outer step: doubles while no index has to leave
         while iterations < max_iter:
             r = self.gradient(b, support)
@@ -354,36 +356,41 @@ class _ActiveSet:
                 candidates = candidates[np.argpartition(multipliers[candidates], block - 1)[:block]]
             entering = int(candidates[np.argmin(multipliers[candidates])])
             self.face.append(candidates)
-            support = self.face.support
-            removed = False
-            while True:  # inner loop: reach the minimum of a face inside the orthant
-                iterations += 1
-                z = self.face_minimum(support)
-                current = b[support]
-                small = ACTIVE_SET_ROUNDOFF * max(float(current.max(initial=0.0)), 1e-300)
-                if np.all(z > -small):
-                    b[support] = np.maximum(z, 0.0)
-                    excluded.clear()
-                    break
-                blocking = z <= -small
-                ratios = current[blocking] / (current[blocking] - z[blocking])
-                step = float(ratios.min())
-                moved = current + step * (z - current)
-                leaving = np.zeros(support.size, dtype=bool)
-                leaving[np.flatnonzero(blocking)[ratios <= step * (1 + 1e-12)]] = True
-                leaving |= moved <= 0
-                removed = True
-                if step == 0.0 and entering in support[leaving]:
-                    excluded.add(entering)  # degenerate: the new index cannot enter here
-                b[support] = np.where(leaving, 0.0, moved)
-                self.face.remove(leaving)
-                support = self.face.support
-                if support.size == 0 or iterations >= max_iter:
-                    break
-            if self.mass is not None and support.size:  # exact mass (round-off only)
-                b[support] *= self.mass / b[support].sum()
+            support, iterations, removed = self.settle(b, entering, excluded, iterations, max_iter)
             block = 1 if removed else 2 * block
         return b, iterations
+
+    def settle(self, b, entering, excluded, iterations, max_iter):
+        """Inner loop: move b (in place) to the minimum of its face inside the orthant,
+        dropping the weights that hit zero on the way. Returns (support, iterations,
+        whether an index left)."""
+        support = self.face.support
+        removed = False
+        while support.size and iterations < max_iter:
+            iterations += 1
+            z = self.face_minimum(support)
+            current = b[support]
+            small = ACTIVE_SET_ROUNDOFF * max(float(current.max(initial=0.0)), 1e-300)
+            if np.all(z > -small):
+                b[support] = np.maximum(z, 0.0)
+                excluded.clear()
+                break
+            blocking = z <= -small
+            ratios = current[blocking] / (current[blocking] - z[blocking])
+            step = float(ratios.min())
+            moved = current + step * (z - current)
+            leaving = np.zeros(support.size, dtype=bool)
+            leaving[np.flatnonzero(blocking)[ratios <= step * (1 + 1e-12)]] = True
+            leaving |= moved <= 0
+            removed = True
+            if step == 0.0 and entering in support[leaving]:
+                excluded.add(entering)  # degenerate: the new index cannot enter here
+            b[support] = np.where(leaving, 0.0, moved)
+            self.face.remove(leaving)
+            support = self.face.support
+        if self.mass is not None and support.size:  # exact mass (round-off only)
+            b[support] *= self.mass / b[support].sum()
+        return support, iterations, removed
 
 
 def projected_gradient_qp(H, g, mass, start=None, atol=None, rtol=DEFAULT_WEIGHT_RTOL,
