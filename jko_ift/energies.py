@@ -4,6 +4,12 @@ Each energy gives ``value``, ``first_variation`` f = dF/dmu at the points (n,) a
 ``grad_first_variation`` grad f at the points (n, d). Energies that are convex in the
 weights on a fixed support also give a CVXPY expression (``conic``) used by the exact
 JKO step; the others raise ``NotConvexError``.
+
+``Entropy`` and ``PorousMedium`` need a density: on a grid rho_i = a_i / h^d; on 1-D particles
+(points (n, 1), no grid) the Lagrangian density between neighbouring particles
+(``InternalEnergy``, docs/theory.md §9). ``position_derivatives`` gives such 1-D particle
+energies with their gradient and tridiagonal Hessian in the positions (the Newton position step
+of ParticleJKO and the particle ODE reference of problems.py use it).
 """
 
 from __future__ import annotations
@@ -41,9 +47,11 @@ class Energy:
     """Base class: the algebra and the defaults."""
 
     def value(self, mu: Measure) -> float:  # pragma: no cover - abstract
+        """F(mu), a float."""
         raise NotImplementedError
 
     def first_variation(self, mu: Measure) -> np.ndarray:  # pragma: no cover - abstract
+        """f = dF/dmu[mu] at the points of mu: (n,)."""
         raise NotImplementedError
 
     def grad_first_variation(self, mu: Measure) -> np.ndarray:
@@ -206,16 +214,129 @@ class Interaction(Energy):
         return 0.5 * support.scale**2 * psd_quadratic(y, factor)
 
 
+class ParticleOrderError(ValueError):
+    """1-D particles that are not strictly increasing: their Lagrangian density is undefined."""
+
+
+def particle_cells(points: np.ndarray, weights: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """The cells of the Lagrangian density of 1-D particles x_0 < x_1 < ... < x_{n-1}.
+
+    points: (n,) positions, weights: (n,). Returns (masses, widths), both (n - 1,): the cell
+    (x_i, x_{i+1}) has width d_i = x_{i+1} - x_i and carries m_{i+1/2} = (a_i + a_{i+1}) / 2.
+    Raises ParticleOrderError (a ValueError) when the points are not strictly increasing.
+    """
+    widths = np.diff(points)
+    if not np.all(widths > 0):
+        i = int(np.flatnonzero(~(widths > 0))[0])
+        raise ParticleOrderError(
+            f"{what} on 1-D particles needs strictly increasing points x_0 < x_1 < ... (its "
+            f"density lives between neighbours), got x[{i}] = {points[i]:.17g} >= "
+            f"x[{i + 1}] = {points[i + 1]:.17g}; sort the particles by position "
+            "(np.argsort(points[:, 0])) and merge coincident ones"
+        )
+    return 0.5 * (weights[:-1] + weights[1:]), widths
+
+
+def _line_of_particles(mu: Measure, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Cells (masses, widths) of a measure without cell volume, which must be 1-D particles."""
+    if mu.dim != 1:
+        raise ValueError(
+            f"{what} needs a cell volume, but this measure has no grid and its points are in "
+            f"dimension {mu.dim}; build it with jk.Grid(lo, hi, shape).measure(density), or use "
+            "1-D particles (points of shape (n, 1)), whose density is taken between neighbours"
+        )
+    if mu.n < 2:
+        raise ValueError(f"{what} on 1-D particles needs at least 2 particles (one cell between "
+                         f"neighbours), got {mu.n}")
+    return particle_cells(mu.points[:, 0], mu.weights, what)
+
+
+class InternalEnergy(Energy):
+    """F(mu) = int U(rho) dx, on a grid (rho_i = a_i / h^d) or on 1-D particles.
+
+    On 1-D particles x_0 < x_1 < ... < x_{n-1} (points (n, 1), no grid; weights a (n,)) the
+    density is the Lagrangian one, piecewise constant between neighbours: the cell
+    (x_i, x_{i+1}) of width d_i = x_{i+1} - x_i carries m_{i+1/2} = (a_i + a_{i+1}) / 2, so
+    rho_{i+1/2} = m_{i+1/2} / d_i and, over the n - 1 cells,
+
+        F_n(x, a) = sum_i d_i U(rho_{i+1/2}).
+
+    first_variation: dF_n/da_i = (U'(rho_{i-1/2}) + U'(rho_{i+1/2})) / 2, shape (n,) (one term
+    at the two ends). grad_first_variation: (1/a_i) dF_n/dx_i = (P(rho_{i+1/2}) -
+    P(rho_{i-1/2})) / a_i, shape (n, 1), with the pressure P(rho) = rho U'(rho) - U(rho) and
+    P = 0 outside the particles: the particle methods move particle i by this gradient (they
+    multiply it by a_i in the step objective), so their force is exactly -dF_n/dx_i / a_i.
+    It needs positive weights. Points in d > 1 without a grid raise a ValueError.
+    """
+
+    def cell_terms(self, masses: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Per cell (arrays (n - 1,)): e = d U(m / d), de/dd = -P(rho), d^2e/dd^2 = rho P'(rho) / d
+        and de/dm = U'(rho), for masses m and widths d."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _particle_value(self, mu: Measure) -> float:
+        masses, widths = _line_of_particles(mu, type(self).__name__)
+        return float(np.sum(self.cell_terms(masses, widths)[0]))
+
+    def _particle_first_variation(self, mu: Measure) -> np.ndarray:
+        masses, widths = _line_of_particles(mu, type(self).__name__)
+        per_cell = 0.5 * self.cell_terms(masses, widths)[3]
+        variation = np.zeros(mu.n)
+        variation[:-1] += per_cell
+        variation[1:] += per_cell
+        return variation
+
+    def _particle_gradient(self, mu: Measure) -> np.ndarray:
+        masses, widths = _line_of_particles(mu, type(self).__name__)
+        if np.any(mu.weights <= 0):
+            raise ValueError(
+                f"{type(self).__name__} on 1-D particles moves particle i by (1/a_i) dF/dx_i, "
+                f"which needs positive weights; got {int(np.sum(mu.weights <= 0))} zero weights "
+                "(drop the particles of zero mass)"
+            )
+        return (spacing_gradient(self.cell_terms(masses, widths)[1]) / mu.weights)[:, None]
+
+    def grad_first_variation(self, mu):
+        if mu.cell_volume is not None:
+            return super().grad_first_variation(mu)  # central differences on the grid
+        return self._particle_gradient(mu)
+
+
+def spacing_gradient(d_width: np.ndarray) -> np.ndarray:
+    """dF/dx (n,) of F = sum_i e(x_{i+1} - x_i) from de/dd (n - 1,): e'(d_{i-1}) - e'(d_i)."""
+    gradient = np.zeros(d_width.size + 1)
+    gradient[1:] += d_width
+    gradient[:-1] -= d_width
+    return gradient
+
+
 @dataclass(frozen=True)
-class Entropy(Energy):
-    """F(mu) = int rho log rho dx = sum_i a_i log(a_i / h^d) on a grid; f = log rho + 1."""
+class Entropy(InternalEnergy):
+    """F(mu) = int rho log rho dx; f = log rho + 1.
+
+    On a grid: sum_i a_i log(a_i / h^d). On 1-D particles (points (n, 1), no grid; see
+    ``InternalEnergy``): F_n = sum_i m_{i+1/2} log(m_{i+1/2} / (x_{i+1} - x_i)) over the n - 1
+    cells between neighbours, m_{i+1/2} = (a_i + a_{i+1}) / 2; the pressure is P(rho) = rho, so
+    (1/a_i) dF_n/dx_i = (rho_{i+1/2} - rho_{i-1/2}) / a_i, a discrete (log rho)'.
+    """
+
+    def cell_terms(self, masses, widths):
+        density = masses / widths
+        with np.errstate(divide="ignore"):
+            log_density = np.log(density)
+        energy = masses * np.where(masses > 0, log_density, 0.0)
+        return energy, -density, density / widths, log_density + 1.0
 
     def value(self, mu):
+        if mu.cell_volume is None:
+            return self._particle_value(mu)
         h = require_cell_volume(mu, "Entropy")
         a = mu.weights
         return float(np.sum(a * np.log(np.where(a > 0, a / h, 1.0))))
 
     def first_variation(self, mu):
+        if mu.cell_volume is None:
+            return self._particle_first_variation(mu)
         with np.errstate(divide="ignore"):
             return np.log(mu.density()) + 1.0
 
@@ -226,10 +347,13 @@ class Entropy(Energy):
 
 
 @dataclass(frozen=True)
-class PorousMedium(Energy):
-    """F(mu) = int rho^m / (m - 1) dx on a grid, m > 1; f = m rho^(m-1) / (m - 1).
+class PorousMedium(InternalEnergy):
+    """F(mu) = int rho^m / (m - 1) dx, m > 1; f = m rho^(m-1) / (m - 1).
 
-    Its W2 gradient flow is the porous medium equation rho_t = Laplace(rho^m).
+    Its W2 gradient flow is the porous medium equation rho_t = Laplace(rho^m). On a grid:
+    h^d sum_i rho_i^m / (m - 1). On 1-D particles (points (n, 1), no grid; see
+    ``InternalEnergy``): F_n = sum_i d_i rho_{i+1/2}^m / (m - 1) with d_i = x_{i+1} - x_i and
+    rho_{i+1/2} = (a_i + a_{i+1}) / (2 d_i); the pressure is P(rho) = rho^m.
     """
 
     m: float = 2.0
@@ -238,16 +362,112 @@ class PorousMedium(Energy):
         if not (np.isfinite(self.m) and self.m > 1):
             raise ValueError(f"PorousMedium needs an exponent m > 1, got {self.m}")
 
+    def cell_terms(self, masses, widths):
+        density = masses / widths
+        pressure = density**self.m
+        return (widths * pressure / (self.m - 1), -pressure, self.m * pressure / widths,
+                self.m / (self.m - 1) * density ** (self.m - 1))
+
     def value(self, mu):
+        if mu.cell_volume is None:
+            return self._particle_value(mu)
         h = require_cell_volume(mu, "PorousMedium")
         return float(h * np.sum(mu.density() ** self.m) / (self.m - 1))
 
     def first_variation(self, mu):
+        if mu.cell_volume is None:
+            return self._particle_first_variation(mu)
         return self.m / (self.m - 1) * mu.density() ** (self.m - 1)
 
     def conic(self, y, support):
         s, h = support.scale, require_cell_volume(support.measure, "PorousMedium")
         return s**self.m * h ** (1 - self.m) / (self.m - 1) * cp.sum(cp.power(y, self.m))
+
+
+#: Relative step of the central difference of grad_V that gives V'' for the Newton position step
+#: (near eps^(1/3), the best accuracy of a central difference): the minimizer does not depend on
+#: this Hessian, only the rate of the iteration.
+POTENTIAL_HESSIAN_STEP = 1e-5
+
+
+def line_terms(F: Energy, factor: float = 1.0) -> list[tuple[float, Energy]] | None:
+    """F as sum_k c_k G_k with each G_k a Potential (any c_k) or an InternalEnergy (c_k >= 0):
+    the energies whose Hessian in the positions of 1-D particles is tridiagonal and that keep
+    the particles ordered. None for any other energy (Interaction, MMD2, KL, ...)."""
+    if isinstance(F, Sum):
+        terms = [line_terms(term, factor) for term in F.terms]
+        return None if any(t is None for t in terms) else [pair for t in terms for pair in t]
+    if isinstance(F, Scaled):
+        return line_terms(F.energy, factor * F.factor)
+    if isinstance(F, Potential) or (isinstance(F, InternalEnergy) and factor >= 0):
+        return [(factor, F)]
+    return None
+
+
+@dataclass(frozen=True)
+class PositionDerivatives:
+    """F and its derivatives in the positions x (n,) of 1-D particles, weights fixed.
+
+    value: F; gradient: dF/dx_i, (n,); diagonal (n,) and upper (n - 1,): the bands of the
+    symmetric tridiagonal Hessian (upper[i] = d^2F / dx_i dx_{i+1}), None unless asked for;
+    magnitude (n,): the sum of the absolute values of the terms that add up to each gradient
+    entry and value_magnitude the same for the value (their round-off scale).
+    """
+
+    value: float
+    gradient: np.ndarray
+    magnitude: np.ndarray
+    value_magnitude: float
+    diagonal: np.ndarray | None = None
+    upper: np.ndarray | None = None
+
+
+def position_derivatives(terms: list[tuple[float, Energy]], points: np.ndarray,
+                         weights: np.ndarray, hessian: bool = True) -> PositionDerivatives:
+    """Value, gradient and tridiagonal Hessian in the positions of F = sum_k c_k G_k
+    (``line_terms``) at 1-D particles points (n,) with weights (n,).
+
+    InternalEnergy: F_n = sum_i e(d_i, m_{i+1/2}) gives dF/dx_i = e'(d_{i-1}) - e'(d_i) and the
+    Hessian sum_i e''(d_i) (u_{i+1} - u_i)(u_{i+1} - u_i)^T (exact). Potential: dF/dx_i =
+    a_i V'(x_i) and the diagonal a_i V''(x_i), V'' by a central difference of grad_V.
+    Raises ParticleOrderError when the points are not strictly increasing.
+    """
+    n = points.size
+    value, value_magnitude = 0.0, 0.0
+    gradient, magnitude = np.zeros(n), np.zeros(n)
+    diagonal = np.zeros(n) if hessian else None
+    upper = np.zeros(n - 1) if hessian else None
+    cells = None
+    column = points[:, None]
+    for factor, term in terms:
+        if isinstance(term, Potential):
+            if term.grad_V is None:
+                raise ValueError("Potential needs grad_V for particle methods: jk.Potential(V, grad_V)")
+            potential = _call_points(term.V, column, (n,), "Potential V")
+            force = factor * weights * _call_points(term.grad_V, column, (n, 1), "Potential grad_V")[:, 0]
+            value += factor * float(weights @ potential)
+            value_magnitude += abs(factor) * float(weights @ np.abs(potential))
+            gradient += force
+            magnitude += np.abs(force)
+            if hessian:
+                step = POTENTIAL_HESSIAN_STEP * (1.0 + np.abs(points))
+                both = np.concatenate([points + step, points - step])[:, None]
+                slopes = _call_points(term.grad_V, both, (2 * n, 1), "Potential grad_V")[:, 0]
+                diagonal += factor * weights * (slopes[:n] - slopes[n:]) / (2 * step)
+            continue
+        if cells is None:
+            cells = particle_cells(points, weights, type(term).__name__)
+        energy, d_width, d2_width, _ = term.cell_terms(*cells)
+        value += factor * float(np.sum(energy))
+        value_magnitude += factor * float(np.sum(np.abs(energy)))
+        gradient += factor * spacing_gradient(d_width)
+        magnitude[1:] += factor * np.abs(d_width)
+        magnitude[:-1] += factor * np.abs(d_width)
+        if hessian:
+            diagonal[1:] += factor * d2_width
+            diagonal[:-1] += factor * d2_width
+            upper -= factor * d2_width
+    return PositionDerivatives(value, gradient, magnitude, value_magnitude, diagonal, upper)
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,20 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.linalg import LinAlgError, solveh_banded
 from scipy.optimize import minimize
 
-from ..energies import MMD2, Energy, Interaction, Potential, Scaled, Sum
+from ..energies import (
+    MMD2,
+    Energy,
+    Interaction,
+    ParticleOrderError,
+    Potential,
+    Scaled,
+    Sum,
+    line_terms,
+    position_derivatives,
+)
 from ..geometries import MMD, Geometry, Hellinger, InfConvolution, Wasserstein
 from ..measures import Measure
 from .base import SolverError, StepResult, check_step_input
@@ -198,22 +209,29 @@ def finish(F: Energy, geometry: Geometry, mu: Measure, y: np.ndarray, b: np.ndar
         return result
     new = Measure(y, np.maximum(b, 0.0))
     with np.errstate(over="ignore", invalid="ignore"):
-        energy = F.value(new)
+        try:
+            energy = F.value(new)
+        except ParticleOrderError:  # an energy of 1-D particles whose order the step broke
+            i = int(np.flatnonzero(np.diff(y[:, 0]) <= 0)[0])
+            energy = np.nan
+            info["failure"] = (f"the step moved 1-D particles past each other (x[{i}] >= "
+                               f"x[{i + 1}] after it), where their Lagrangian density is undefined")
         distance_sq = particle_distance_sq(geometry, mu.points, mu.weights, y, new.weights)
     if not (np.isfinite(energy) and np.isfinite(distance_sq)):
         status, certificate = "diverged", np.inf
     result = StepResult(new, energy + distance_sq / (2 * tau), energy, distance_sq, status,
                         certificate, info)
     if throw and not result.ok:
+        why = f" ({info['failure']})" if "failure" in info else ""
         if status == "diverged":
-            raise SolverError(f"{method}: the step overflowed (energy {energy:.3g}, D^2 "
-                              f"{distance_sq:.3g}); tau = {tau:.3g} is beyond the stability "
-                              "limit of this scheme: take a smaller tau or an implicit method "
-                              "(jk.ParticleJKO)", status, result)
+            raise SolverError(f"{method}: the step overflowed or broke down (energy {energy:.3g}, "
+                              f"D^2 {distance_sq:.3g}){why}; tau = {tau:.3g} is beyond the "
+                              "stability limit of this scheme: take a smaller tau or an implicit "
+                              "method (jk.ParticleJKO)", status, result)
         raise SolverError(f"{method}: step not solved to its tolerance: status {status!r}, "
-                          f"certificate {certificate:.3g}. Try a smaller tau, more iterations "
-                          "or a looser tol; pass throw=False to get the StepResult instead",
-                          status, result)
+                          f"certificate {certificate:.3g}{why}. Try a smaller tau, more "
+                          "iterations or a looser tol; pass throw=False to get the StepResult "
+                          "instead", status, result)
     return result
 
 
@@ -271,6 +289,11 @@ def implicit_transport(F: Energy, x: np.ndarray, a: np.ndarray, eta: float,
     step (b re-solved at every evaluation; the variable scaling stays that of the initial b).
     """
     b = a if b is None else b
+    if coupling is None and weights_at is None:
+        terms = newton_terms(F, x, a)
+        if terms is not None:
+            return newton_transport_1d(terms, x, a, b, eta, start, scale if scale is not None else 1.0,
+                                       min(max_iter, NEWTON_MAX_ITERATIONS))
     weights = b
     n, d = x.shape
     weight = np.maximum(a, b)
@@ -339,6 +362,178 @@ def implicit_transport(F: Energy, x: np.ndarray, a: np.ndarray, eta: float,
     info = {"position_iterations": iterations, "position_evaluations": evaluations,
             "position_time": time.perf_counter() - start_time, "position_roundoff": floor}
     return TransportResult(y_full, certificate, status, info)
+
+
+# -------------------------------------------------------------------------------------------------
+# The Newton position step of 1-D particles
+# -------------------------------------------------------------------------------------------------
+
+#: The Newton position step stops when |grad J| <= NEWTON_GRADIENT_RTOL |terms of grad J| (the
+#: forces and the pull that cancel at the solution), or at the round-off floor of that ratio.
+NEWTON_GRADIENT_RTOL = 1e-12
+
+#: The round-off floor of the relative gradient: NEWTON_ROUNDOFF_FACTOR eps times the size of
+#: the terms of grad J plus the change of grad J under a perturbation of y by eps |y| (the
+#: spacings of nearby particles are known to eps |y| absolutely). A line search that stalls
+#: below NEWTON_STALL_FACTOR times this floor has reached round-off and is accepted.
+NEWTON_ROUNDOFF_FACTOR = 1.0
+NEWTON_STALL_FACTOR = 100.0
+
+#: Newton iterations before giving up (the step is usually done in 5-20).
+NEWTON_MAX_ITERATIONS = 200
+
+#: Sufficient decrease of the line search, and the fraction of the largest step that keeps the
+#: order x_i < x_{i+1} (the entropy is a barrier there: the full step is never taken).
+ARMIJO_FRACTION = 1e-4
+BOUNDARY_FRACTION = 0.99
+MAX_BACKTRACKS = 60
+
+#: Objective values differing by less than this many eps times the size of their terms are equal
+#: (then the line search accepts a step that lowers |grad J| instead).
+VALUE_ROUNDOFF_FACTOR = 1e2
+
+
+def newton_terms(F: Energy, x: np.ndarray, a: np.ndarray) -> list | None:
+    """The terms of F for the Newton position step (``energies.line_terms``), or None when the
+    step cannot take this case: points not 1-D, a particle of zero mass, or another energy."""
+    if x.shape[1] != 1 or not np.all(a > 0):
+        return None
+    return line_terms(F)
+
+
+def newton_transport_1d(terms, x: np.ndarray, a: np.ndarray, b: np.ndarray, eta: float,
+                        start: np.ndarray | None = None, scale: float = 1.0,
+                        max_iter: int = NEWTON_MAX_ITERATIONS) -> TransportResult:
+    """Proximal position step of 1-D particles, points x (n, 1), by Newton's method:
+
+        y = argmin_y  J(y) = F(sum_i b_i delta_{y_i}) + sum_i a_i (y_i - x_i)^2 / (2 eta)
+
+    for F = sum_k c_k G_k with Potential and InternalEnergy terms (``energies.line_terms``). The
+    Hessian of J is tridiagonal (the spacings couple neighbours only): the exact terms of the
+    Lagrangian entropy or porous medium, a_i V''(x_i) from a central difference of grad_V, and
+    a_i / eta; each direction costs one banded Cholesky solve (scipy.linalg.solveh_banded; a
+    Hessian that is not positive definite, from a concave potential, gets a multiple of the
+    a_i / eta diagonal added). The line search keeps the particles ordered (at most
+    BOUNDARY_FRACTION of the step at which two would meet) and asks for an Armijo decrease of J
+    (or, once that decrease is below the round-off of J, a smaller gradient).
+
+    Stops when the relative gradient |grad J| / |terms of grad J| is below NEWTON_GRADIENT_RTOL or
+    its round-off floor (``info["relative_gradient"]``, ``info["relative_gradient_floor"]``).
+    The certificate is that of ``implicit_transport``, |grad_u J|^2 / 2 over ``scale``. A stalled
+    line search or too many iterations give status "optimal_inaccurate" and ``info["failure"]``
+    saying why; particles that are not ordered at the start give "diverged".
+    """
+    start_time = time.perf_counter()
+    x_line, pull = x[:, 0], a / eta
+    spacings = any(not isinstance(term, Potential) for _, term in terms)
+    scale = max(abs(scale), 1e-300)
+    evaluations = 0
+
+    def evaluate(y):
+        nonlocal evaluations
+        evaluations += 1
+        derivatives = position_derivatives(terms, y, b)
+        shift = y - x_line
+        value = derivatives.value + 0.5 * float(pull @ shift**2)
+        gradient = derivatives.gradient + pull * shift
+        return value, gradient, derivatives
+
+    def ordered(y):
+        return not spacings or bool(np.all(np.diff(y) > 0))
+
+    info: dict = {"position_solver": "newton_banded"}
+    if not ordered(x_line):
+        i = int(np.flatnonzero(np.diff(x_line) <= 0)[0])
+        info.update(position_iterations=0, position_evaluations=0,
+                    failure=f"the particles are not strictly increasing at the start of the "
+                            f"position step (x[{i}] >= x[{i + 1}]; an explicit piece moved them "
+                            "past each other): take a smaller tau")
+        return TransportResult(x.copy(), np.inf, "diverged", info)
+    y = x_line.copy()
+    value, gradient, derivatives = evaluate(y)
+    if start is not None:
+        guess = np.asarray(start, dtype=float)[:, 0]
+        if np.all(np.isfinite(guess)) and ordered(guess):
+            guess_value, guess_gradient, guess_derivatives = evaluate(guess)
+            if guess_value < value:
+                y, value, gradient, derivatives = guess, guess_value, guess_gradient, guess_derivatives
+    status, iterations, failure = "optimal_inaccurate", 0, None
+    eps = np.finfo(float).eps
+    while True:
+        hessian_diagonal = derivatives.diagonal + pull
+        size = derivatives.magnitude + pull * np.abs(y - x_line)
+        size_norm = max(float(np.linalg.norm(size)), 1e-300)
+        residual = float(np.linalg.norm(gradient))
+        relative = residual / size_norm
+        # round-off of grad J: its terms, and H times a perturbation of y by eps |y|
+        spread = np.abs(hessian_diagonal) * np.abs(y)
+        spread[:-1] += np.abs(derivatives.upper) * np.abs(y[1:])
+        spread[1:] += np.abs(derivatives.upper) * np.abs(y[:-1])
+        noise = NEWTON_ROUNDOFF_FACTOR * eps * (size + spread)
+        floor = float(np.linalg.norm(noise)) / size_norm
+        if relative <= max(NEWTON_GRADIENT_RTOL, floor):
+            status = "optimal"
+            break
+        if iterations >= max_iter:
+            failure = (f"the Newton position step did not reach the relative gradient "
+                       f"{NEWTON_GRADIENT_RTOL:.0e} in {max_iter} iterations (at {relative:.2g}); "
+                       "take a smaller tau or raise max_iter")
+            break
+        iterations += 1
+        direction = _banded_newton_direction(hessian_diagonal, derivatives.upper, gradient, pull)
+        slope = float(gradient @ direction)
+        step = 1.0
+        if spacings:
+            closing = np.diff(direction)
+            meeting = closing < 0
+            if meeting.any():
+                step = min(1.0, BOUNDARY_FRACTION * float(np.min(-np.diff(y)[meeting] / closing[meeting])))
+        value_noise = VALUE_ROUNDOFF_FACTOR * eps * (derivatives.value_magnitude + abs(value))
+        for _ in range(MAX_BACKTRACKS):
+            trial = y + step * direction
+            if ordered(trial):
+                trial_value, trial_gradient, trial_derivatives = evaluate(trial)
+                if np.isfinite(trial_value) and (
+                        trial_value <= value + ARMIJO_FRACTION * step * slope
+                        or (-step * slope <= value_noise and trial_value <= value + value_noise
+                            and np.linalg.norm(trial_gradient) < residual)):
+                    break
+            step *= 0.5
+        else:
+            if relative <= NEWTON_STALL_FACTOR * floor:  # no representable y does better
+                status = "optimal"
+                info["stalled_at_roundoff"] = True
+                break
+            failure = (f"the Newton position step stalled at the relative gradient {relative:.2g} "
+                       f"(target {NEWTON_GRADIENT_RTOL:.0e}, round-off floor {floor:.2g}) after "
+                       f"{iterations} iterations: no step along the Newton direction lowers the "
+                       "objective; check that grad_V is the gradient of V, or take a smaller tau")
+            break
+        y, value, gradient, derivatives = trial, trial_value, trial_gradient, trial_derivatives
+    root = np.sqrt(eta / np.maximum(a, b))
+    certificate = 0.5 * float(np.sum((gradient * root) ** 2)) / scale
+    roundoff = 0.5 * float(np.sum((noise * root) ** 2)) / scale
+    info.update(position_iterations=iterations, position_evaluations=evaluations,
+                position_time=time.perf_counter() - start_time, position_roundoff=roundoff,
+                relative_gradient=relative, relative_gradient_floor=floor)
+    if failure is not None:
+        info["failure"] = failure
+    return TransportResult(y[:, None], certificate, status, info)
+
+
+def _banded_newton_direction(diagonal, upper, gradient, pull) -> np.ndarray:
+    """-H^{-1} g for the symmetric tridiagonal H (diagonal (n,), upper (n - 1,)); when H is not
+    positive definite (a concave potential), H + lambda diag(pull) for growing lambda."""
+    bands = np.zeros((2, diagonal.size))
+    bands[0, 1:] = upper
+    for shift in (0.0, 1.0, 1e1, 1e2, 1e4, 1e8):
+        bands[1] = diagonal + shift * pull
+        try:
+            return solveh_banded(bands, -gradient, check_finite=False)
+        except LinAlgError:
+            continue
+    raise SolverError("the Newton position step met a Hessian that no shift makes positive "
+                      "definite; the energy is not convex enough for this tau: take a smaller tau")
 
 
 def _gradient_polish(objective, u, grad, tol, iterations: int = POLISH_ITERATIONS):
