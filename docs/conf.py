@@ -1,0 +1,85 @@
+"""Sphinx configuration of the jko_ift docs: ``sphinx-build -W -b html docs docs/_build/html``.
+
+The Markdown pages are read by MyST; the API reference comes from the docstrings (autodoc,
+napoleon, autosummary), grouped by ``docs/_ext/jko_docs.py``, which also writes the examples
+gallery (``docs/gallery/``) from the examples' docstrings without running them.
+"""
+
+import sys
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parent
+sys.path.insert(0, str(DOCS / "_ext"))
+sys.path.insert(0, str(DOCS.parent))  # the package itself, also when it is not installed
+
+import jko_ift  # noqa: E402
+
+project = "jko_ift"
+author = "the jko_ift authors"
+copyright = "the jko_ift authors"
+release = version = jko_ift.__version__
+
+extensions = [
+    "myst_parser",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.viewcode",
+    "jko_docs",
+]
+
+source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
+root_doc = "index"
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+templates_path = []
+
+# MyST: $...$ and $$...$$ math as in docs/theory.md, \begin{aligned} blocks, anchors for
+# links to headings (page.md#section).
+myst_enable_extensions = ["dollarmath", "amsmath"]
+myst_heading_anchors = 3
+myst_dmath_double_inline = True
+
+# API reference
+autosummary_generate = False  # the pages are docs/api/*.rst; jko_docs inserts the entries
+autodoc_member_order = "bysource"
+autodoc_typehints = "signature"
+autodoc_preserve_defaults = True
+autodoc_class_signature = "mixed"
+napoleon_google_docstring = True
+napoleon_numpy_docstring = True
+add_module_names = False
+
+# The public names of jko_ift.__all__ by page; a name goes to the first group that lists it,
+# else (exceptions and warnings aside, which go to "errors") to the first group listing a
+# prefix of its module. See docs/_ext/jko_docs.py.
+jko_api_package = "jko_ift"
+jko_api_groups = {
+    "measures": ["jko_ift.measures"],
+    "kernels": ["jko_ift.kernels"],
+    "energies": ["jko_ift.energies"],
+    "geometries": ["jko_ift.geometries"],
+    "methods": ["jko_ift.methods"],
+    "solve": ["StepResult", "jko_ift.solve", "jko_ift.control"],
+    "diagnostics": ["jko_ift.diagnostics"],
+    "io": ["jko_ift.io"],
+    "errors": [],
+}
+
+# Gallery: the figures of each example in docs/figures/ (default: the files named <stem>*.png).
+jko_gallery_examples = "../examples"
+jko_gallery_figures = {
+    "adaptive_steps": [],
+    "weight_step_exact_vs_pg": ["weight_step_mmd.png", "weight_step_particles.png"],
+}
+
+html_theme = "alabaster"
+html_title = f"jko_ift {release}"
+html_theme_options = {
+    "description": "Gradient flows of measures: JKO steps in W2, Hellinger, MMD, WFR and IFT",
+    "fixed_sidebar": True,
+    "page_width": "1100px",
+    "sidebar_width": "240px",
+}
+html_sidebars = {"**": ["about.html", "navigation.html", "relations.html", "searchbox.html"]}
+smartquotes = False  # keep --options and "quotes" of the command line as written
