@@ -457,7 +457,7 @@ def _run_converge(args) -> int:
             "config": _read_config(args.config), "taus": args.taus, "refine_grid": args.refine_grid,
             **study.summary()})
     for row in study.rows:
-        _say(args, f"  tau {row['tau']:<8g} h {row['h'] if row['h'] is None else format(row['h'], '.3g'):<8} "
+        _say(args, f"  tau {row['tau']:<8g} h {'-' if row['h'] is None else format(row['h'], '.3g'):<8} "
                    f"error {row['error']:.4g}  {', '.join(row['flags'])}")
     if study.order is not None:
         lo, hi = study.order.interval()

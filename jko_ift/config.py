@@ -10,9 +10,10 @@ schema is in ``docs/configs.md``; in short:
 
 * ``[problem]``: ``name = "mmd_flow"`` (a named problem of ``jko_ift.problems``; its other
   keys override the problem's keyword arguments), or an explicit problem with
-  ``[problem.support]`` (grid lo/hi/shape), ``[problem.initial]`` (a Gaussian),
-  ``[problem.energy]`` (one table, or several ``[[problem.energy]]`` that are added) and
-  ``[problem.kernel]``;
+  ``[problem.support]`` (a grid: lo/hi/shape; or ``kind = "particles"``: n points drawn with
+  ``seed`` from the initial Gaussian), ``[problem.initial]`` (a Gaussian),
+  ``[problem.energy]`` (one table, or several ``[[problem.energy]]`` that are added; targets on
+  particles are samples) and ``[problem.kernel]``;
 * ``[geometry]``: kind wasserstein | hellinger | mmd | wfr | ift with alpha, beta, ridge,
   conserve_mass (optional for a named problem: it overrides the problem's geometry);
 * ``[method]``: kind conic | entropic | particle | splitting | explicit with that method's
@@ -73,6 +74,16 @@ ENERGY_KEYS = {
     "porous_medium": ("m",),
 }
 TARGETS = {"gaussian": ("mean", "cov"), "paper_mixture": ()}
+#: The fields of each support kind; the initial measure and targets take some fields on one
+#: kind only (``normalize`` on a grid, ``mass`` and target samples ``n``, ``seed`` on particles).
+SUPPORTS = {"grid": ("lo", "hi", "shape"), "particles": ("n", "seed")}
+GRID_ONLY_INITIAL, PARTICLE_ONLY_INITIAL = ("normalize",), ("mass",)
+PARTICLE_ONLY_TARGET = ("n", "seed")
+#: Energies that need a density (a cell volume): on particles only in 1-D, and only where the
+#: energy itself can evaluate a particle measure (checked on the initial particles).
+DENSITY_ENERGIES = ("entropy", "porous_medium")
+#: Methods that keep the support fixed (they change weights, not points).
+FIXED_SUPPORT_METHODS = ("conic", "entropic")
 RUN_KEYS = ("tau", "steps", "t_final", "adaptive", "save_at", "stop_rate", "stop_energy")
 ADAPTIVE_KEYS = ("rtol", "atol", "distance", "tau0", "tau_min", "tau_max", "safety", "shrink", "growth")
 
@@ -179,7 +190,10 @@ def _matrix(value, d: int, path: str) -> np.ndarray:
     if not isinstance(value, list):
         return _number(value, path, positive=True) * np.eye(d)
     if all(not isinstance(row, list) for row in value):
-        return np.diag(_vector(value, d, path))
+        variances = _vector(value, d, path)
+        if variances.min() <= 0:
+            raise ConfigError(path, f"variances must be positive, got {value!r}")
+        return np.diag(variances)
     if len(value) != d or any(not isinstance(row, list) or len(row) != d for row in value):
         raise ConfigError(path, f"expected a {d} x {d} matrix (a list of {d} rows), got {value!r}")
     matrix = np.array([[_number(v, path) for v in row] for row in value])
@@ -210,13 +224,37 @@ def _kernel(table, path: str) -> Kernel:
     return _build(path, cls, value)
 
 
+@dataclass(frozen=True)
+class _Support:
+    """What the builders of the initial measure, targets and energies need of the support: its
+    kind, dimension, the grid (kind "grid") or the particle count and the generator that draws
+    the particles and then, in order, the target samples (kind "particles")."""
+
+    kind: str
+    dim: int
+    grid: Grid | None = None
+    count: int | None = None
+    rng: np.random.Generator | None = None
+    path: str = "problem.support"
+
+
+def _support_kind(table: Mapping, path: str) -> str:
+    kind = table.get("kind", "grid")
+    if not isinstance(kind, str) or kind not in SUPPORTS:
+        raise ConfigError(_join(path, "kind"), f"unknown support kind {kind!r}{_suggest(kind, SUPPORTS)}; "
+                          f"allowed: {_allowed(SUPPORTS)}")
+    other = "particles" if kind == "grid" else "grid"
+    for key in table:
+        if key in SUPPORTS[other] and key not in SUPPORTS[kind]:
+            raise ConfigError(_join(path, key), f"{key!r} is a field of {other} supports (kind = "
+                              f"{other!r}); a {kind} support takes {_allowed(SUPPORTS[kind])}")
+    _check_keys(table, ("kind",) + SUPPORTS[kind], path)
+    return kind
+
+
 def _grid(table, path: str) -> Grid:
     table = _table(table, path)
-    _check_keys(table, ("kind", "lo", "hi", "shape"), path)
-    if table.get("kind", "grid") != "grid":
-        kind = table["kind"]
-        raise ConfigError(_join(path, "kind"), f"unknown support kind {kind!r}{_suggest(kind, ['grid'])}; "
-                          "allowed: 'grid' (particle supports come with the particle methods)")
+    _support_kind(table, path)
     shape = _require(table, "shape", path, "the number of cells per axis, e.g. [20, 20]")
     shape = shape if isinstance(shape, list) else [shape]
     if not 1 <= len(shape) <= 3:
@@ -237,32 +275,132 @@ def _gaussian(table, grid: Grid, path: str, allowed=("kind", "mean", "cov", "nor
     return _build(path, grid.measure, named_problems.gaussian_density(mean, cov), normalize=normalize)
 
 
+def _refuse_fields(table: Mapping, fields, path: str, why: str) -> None:
+    for key in fields:
+        if key in table:
+            raise ConfigError(_join(path, key), why)
+
+
 def _initial(table, grid: Grid, path: str) -> Measure:
     table = _table(table, path)
     _kind(table, ("gaussian",), path)
+    _refuse_fields(table, PARTICLE_ONLY_INITIAL, path,
+                   "'mass' is a field of particle supports (equal weights summing to it); on a grid "
+                   "the mass is the integral of the density (normalize = true makes it 1)")
     return _gaussian(table, grid, path)
 
 
-def _target(table, grid: Grid, path: str) -> Measure:
+def _particles(support_table: Mapping, initial_table, support_path: str,
+               initial_path: str) -> tuple[_Support, Measure]:
+    """n points drawn from the Gaussian of [problem.initial] with the support's seed, equal weights
+    summing to ``mass`` (default 1). The points are mean + z L^T with z standard normal (n, d)
+    and L the Cholesky factor of cov (for cov = I exactly ``problems.paper_2d``'s draw); in 1-D
+    they are sorted by position."""
+    _support_kind(support_table, support_path)
+    count = _count(_require(support_table, "n", support_path, "the number of particles, e.g. n = 100"),
+                   _join(support_path, "n"))
+    seed = support_table.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(_join(support_path, "seed"), f"expected a whole number >= 0, got {seed!r}")
+    table = _table(initial_table, initial_path)
+    _kind(table, ("gaussian",), initial_path)
+    _refuse_fields(table, GRID_ONLY_INITIAL, initial_path,
+                   "'normalize' is a grid field (it scales the density on the grid); particles have "
+                   "equal weights summing to 'mass' (default 1)")
+    _check_keys(table, ("kind", "mean", "cov") + PARTICLE_ONLY_INITIAL, initial_path)
+    mean = _require(table, "mean", initial_path, "the mean (one number per axis; it sets the dimension)")
+    dim = len(mean) if isinstance(mean, list) else 1
+    if dim < 1:
+        raise ConfigError(_join(initial_path, "mean"), "expected one number per axis, got []")
+    mean = _vector(mean, dim, _join(initial_path, "mean"))
+    cov = _matrix(_require(table, "cov", initial_path, "the covariance (a number, variances or a matrix)"),
+                  dim, _join(initial_path, "cov"))
+    mass = _number(table.get("mass", 1.0), _join(initial_path, "mass"), positive=True)
+    rng = np.random.default_rng(seed)
+    points = mean + rng.standard_normal((count, dim)) @ np.linalg.cholesky(cov).T
+    if dim == 1:  # in increasing order: the Lagrangian density of 1-D particles lives between neighbours
+        points = np.sort(points, axis=0)
+    initial = _build(initial_path, Measure, points, np.full(count, mass / count))
+    return _Support("particles", dim, count=count, rng=rng, path=support_path), initial
+
+
+def _target(table, support: _Support, path: str) -> Measure:
     table = _table(table, path)
     kind = _kind(table, TARGETS, path)
+    if support.kind == "grid":
+        _refuse_fields(table, PARTICLE_ONLY_TARGET, path,
+                       "'n' and 'seed' draw target samples on a particle support; on a grid the target "
+                       "is its density on the grid's points (remove them)")
+    else:
+        _check_keys(table, ("kind",) + TARGETS[kind] + PARTICLE_ONLY_TARGET, path)
+    if kind == "paper_mixture" and support.dim != 2:
+        raise ConfigError(_join(path, "kind"), f"the paper mixture is a 2-D target; the "
+                          f"{support.kind.replace('particles', 'particle support')} is {support.dim}-D")
+    if support.kind == "grid":
+        grid = support.grid
+        if kind == "gaussian":
+            return _gaussian(table, grid, path, allowed=("kind",) + TARGETS["gaussian"])
+        _check_keys(table, ("kind",), path)
+        return grid.measure(named_problems.paper_mixture_density, normalize=True)
+    # particles: n samples (default: as many as particles) with equal weights summing to 1, drawn
+    # by the support's generator after the particles (as problems.paper_2d does), or by their own seed
+    count = (_count(table["n"], _join(path, "n")) if "n" in table else support.count)
+    if "seed" in table:
+        seed = table["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ConfigError(_join(path, "seed"), f"expected a whole number >= 0, got {seed!r}")
+        rng = np.random.default_rng(seed)
+    else:
+        rng = support.rng
     if kind == "gaussian":
-        return _gaussian(table, grid, path, allowed=("kind",) + TARGETS["gaussian"])
-    _check_keys(table, ("kind",), path)
-    if grid.dim != 2:
-        raise ConfigError(_join(path, "kind"), f"the paper mixture is a 2-D target; the grid is {grid.dim}-D")
-    return grid.measure(named_problems.paper_mixture_density, normalize=True)
+        mean = _vector(_require(table, "mean", path, f"the mean ({support.dim} numbers)"), support.dim,
+                       _join(path, "mean"))
+        cov = _matrix(_require(table, "cov", path, "the covariance (a number, variances or a matrix)"),
+                      support.dim, _join(path, "cov"))
+        components = ((mean, cov),)
+    else:
+        components = named_problems.PAPER_MIXTURE
+    points = named_problems.sample_mixture(components, count, rng)
+    return Measure(points, np.full(count, 1.0 / count))
 
 
-def _energy_term(table, grid: Grid, kernel: Kernel | None, path: str, kernel_path: str) -> Energy:
+def _particle_energy_check(kind: str, term: Energy, support: _Support, initial: Measure,
+                           path: str) -> None:
+    """Refuse energies that cannot act on a particle support, saying why and what to use."""
+    where = _join(path, "kind")
+    if kind == "kl":
+        raise ConfigError(where, "KL(mu | target) compares weights on one support, and particles do not "
+                          "share their points with target samples; on a particle support use mmd2 (with "
+                          "samples of the target), or use a grid support ([problem.support] lo, hi, shape)")
+    if kind not in DENSITY_ENERGIES:
+        return
+    name = type(term).__name__
+    if support.dim > 1:
+        raise ConfigError(where, f"{kind} ({name}) is not supported on particle supports in "
+                          f"d = {support.dim}: it needs a density, which scattered points in d > 1 do "
+                          "not have; use a grid support ([problem.support] lo, hi, shape) for it")
+    try:  # 1-D particles have a density (from their spacings) where the energy implements it
+        term.value(initial)
+        term.grad_first_variation(initial)
+    except (ValueError, NotImplementedError) as error:
+        raise ConfigError(where, f"{kind} ({name}) cannot evaluate a 1-D particle measure in this version "
+                          f"({error}); use a grid support ([problem.support] lo, hi, shape)") from None
+
+
+def _energy_term(table, support: _Support, kernel: Kernel | None, path: str, kernel_path: str,
+                 initial: Measure | None = None) -> Energy:
     table = _table(table, path)
     kind = _kind(table, ENERGY_KEYS, path)
     _check_keys(table, ("kind", "scale") + ENERGY_KEYS[kind], path)
     scale = _number(table.get("scale", 1.0), _join(path, "scale"), positive=True)
+    if support.kind == "particles" and kind == "kl":
+        _particle_energy_check(kind, None, support, initial, path)
     if kind in ("mmd2", "kl"):
-        target = _target(_require(table, "target", path, "a target table, e.g. {kind = \"gaussian\", "
-                                  "mean = ..., cov = ...} or {kind = \"paper_mixture\"}"),
-                         grid, _join(path, "target"))
+        target_hint = ("{kind = \"gaussian\", mean = ..., cov = ...} or {kind = \"paper_mixture\"}"
+                       + (" (with n samples, default: as many as particles)" if support.kind == "particles"
+                          else ""))
+        target = _target(_require(table, "target", path, f"a target table, e.g. {target_hint}"),
+                         support, _join(path, "target"))
         if kind == "mmd2":
             if kernel is None:
                 raise ConfigError(kernel_path, f"missing; the mmd2 energy needs a kernel, kind one of "
@@ -277,25 +415,34 @@ def _energy_term(table, grid: Grid, kernel: Kernel | None, path: str, kernel_pat
         term = _build(path, PorousMedium, m)
     else:  # potential_quadratic: V = kappa / 2 |x - center|^2
         kappa = _number(table.get("kappa", 1.0), _join(path, "kappa"), positive=True)
-        center = _vector(table.get("center", [0.0] * grid.dim), grid.dim, _join(path, "center"))
+        center = _vector(table.get("center", [0.0] * support.dim), support.dim, _join(path, "center"))
         term = Potential(lambda x: 0.5 * kappa * ((x - center) ** 2).sum(1),
                          lambda x: kappa * (x - center))
+    if support.kind == "particles":
+        _particle_energy_check(kind, term, support, initial, path)
     return term if scale == 1.0 else scale * term
 
 
 def _explicit_problem(table: dict, path: str = "problem") -> dict:
     _check_keys(table, ("support", "initial", "energy", "kernel", "t_final"), path)
-    grid = _grid(_require(table, "support", path, "the support: [problem.support] lo, hi, shape"),
-                 _join(path, "support"))
-    initial = _initial(_require(table, "initial", path, "[problem.initial] kind = \"gaussian\", mean, cov"),
-                       grid, _join(path, "initial"))
+    support_path, initial_path = _join(path, "support"), _join(path, "initial")
+    support_table = _table(_require(table, "support", path, "the support: [problem.support] lo, hi, shape "
+                                    "(a grid) or kind = \"particles\", n, seed"), support_path)
+    initial_table = _require(table, "initial", path, "[problem.initial] kind = \"gaussian\", mean, cov")
+    if _support_kind(support_table, support_path) == "particles":
+        support, initial = _particles(support_table, initial_table, support_path, initial_path)
+    else:
+        grid = _grid(support_table, support_path)
+        support = _Support("grid", grid.dim, grid=grid, path=support_path)
+        initial = _initial(initial_table, grid, initial_path)
     kernel = _kernel(table["kernel"], _join(path, "kernel")) if "kernel" in table else None
     terms = _require(table, "energy", path, f"[problem.energy] with kind one of {_allowed(ENERGY_KEYS)}")
     terms = terms if isinstance(terms, list) else [terms]
     if not terms:
         raise ConfigError(_join(path, "energy"), "give at least one energy term")
-    energies = [_energy_term(term, grid, kernel, _join(path, "energy") + (f"[{i}]" if len(terms) > 1 else ""),
-                             _join(path, "kernel"))
+    energy_path = _join(path, "energy")
+    energies = [_energy_term(term, support, kernel, energy_path + (f"[{i}]" if len(terms) > 1 else ""),
+                             _join(path, "kernel"), initial)
                 for i, term in enumerate(terms)]
     energy = energies[0]
     for term in energies[1:]:
@@ -303,7 +450,9 @@ def _explicit_problem(table: dict, path: str = "problem") -> dict:
     t_final = (_number(table["t_final"], _join(path, "t_final"), positive=True)
                if "t_final" in table else None)
     return {"name": None, "energy": energy, "initial": initial, "kernel": kernel, "geometry": None,
-            "t_final": t_final}
+            "t_final": t_final, "support": support.kind,
+            "density_terms": [term.get("kind") for term in terms if isinstance(term, Mapping)
+                              and term.get("kind") in DENSITY_ENERGIES]}
 
 
 def _named_problem(table: dict, path: str = "problem") -> dict:
@@ -517,6 +666,12 @@ def load_config(source) -> RunSpec:
     else:
         raise ConfigError("geometry", f"missing; give [geometry] with kind one of {_allowed(GEOMETRY_KEYS)}")
     method_kind, method_options = _method(config.get("method", {"kind": "conic"}))
+    if problem.get("support") == "particles" and method_kind in FIXED_SUPPORT_METHODS \
+            and problem["density_terms"]:
+        raise ConfigError("method.kind", f"the {method_kind} method keeps the particles where they are "
+                          f"and needs a cell volume for {', '.join(problem['density_terms'])}, which a "
+                          "particle support has none of; use a particle method ('particle', 'splitting', "
+                          "'explicit') or a grid support")
     run = _run(_require(config, "run", "", "a [run] section with tau and steps (or t_final)"),
                problem["t_final"])
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()

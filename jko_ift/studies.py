@@ -459,7 +459,11 @@ def refined_config(config: Mapping, tau: float, tau0: float) -> dict:
                               "argument: its grid cannot be refined (run without --refine-grid)")
         cells = problem.get("cells", parameters["cells"].default)
         return set_field(config, "problem.cells", max(1, int(round(cells * factor))))
-    shape = problem.get("support", {}).get("shape")
+    support = problem.get("support", {})
+    if isinstance(support, Mapping) and support.get("kind") == "particles":
+        raise ConfigError("problem.support.kind", "a particle support has no grid to refine (and no grid "
+                          "locking: particles move freely); run without --refine-grid")
+    shape = support.get("shape") if isinstance(support, Mapping) else None
     if shape is None:
         raise ConfigError("problem.support.shape", "missing; a grid is needed to refine it")
     shape = shape if isinstance(shape, list) else [shape]

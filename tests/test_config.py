@@ -28,6 +28,11 @@ def explicit_config(**changes) -> dict:
         "method": {"kind": "conic"},
         "run": {"tau": 0.2, "steps": 2},
     }
+    return _apply(config, **changes)
+
+
+def _apply(config: dict, **changes) -> dict:
+    """Set (or with None remove) dotted fields of ``config`` in place; return it."""
     for dotted, value in changes.items():
         *parents, last = dotted.split(".")
         table = config
@@ -58,7 +63,7 @@ def test_example_configs_load_and_run_two_steps(path):
     with open(path, "rb") as stream:
         config = tomllib.load(stream)
     support = config["problem"].get("support")
-    if support is not None and len(support["shape"]) == 2:
+    if support is not None and support.get("kind", "grid") == "grid" and len(support["shape"]) == 2:
         support["shape"] = [min(n, TEST_CELLS_2D) for n in support["shape"]]
         spec = load_config(config)
     options = {"steps": 2} if not spec.adaptive else {}
@@ -68,7 +73,8 @@ def test_example_configs_load_and_run_two_steps(path):
 
 
 def test_there_are_example_configs():
-    assert {p.stem for p in EXAMPLE_CONFIGS} >= {"mmd_flow", "ornstein_uhlenbeck", "ift_mixture"}
+    assert {p.stem for p in EXAMPLE_CONFIGS} >= {"mmd_flow", "ornstein_uhlenbeck", "ift_mixture",
+                                                 "ift_particles"}
 
 
 def test_explicit_config_builds_the_library_objects():
@@ -218,3 +224,142 @@ def test_particle_methods_run_from_a_config(kind):
                           progress=False, **spec.solve_options())
     assert len(trajectory) == 3
     assert trajectory.energies[-1] < trajectory.energies[0]
+
+
+# ---------------------------------------------------------------------------- particle supports
+
+def particle_config(**changes) -> dict:
+    """A small particle problem: the paper's IFT particle algorithm on 20 particles."""
+    config = {
+        "problem": {
+            "support": {"kind": "particles", "n": 20, "seed": 3},
+            "initial": {"kind": "gaussian", "mean": [5.0, 5.0], "cov": 1.0},
+            "energy": {"kind": "mmd2", "target": {"kind": "paper_mixture", "n": 30}},
+            "kernel": {"kind": "gaussian", "sigma": 10.0},
+        },
+        "geometry": {"kind": "ift", "alpha": 50.0, "beta": 0.1, "conserve_mass": True},
+        "method": {"kind": "splitting", "transport": "explicit", "reaction": "exact"},
+        "run": {"tau": 1.0, "steps": 3},
+    }
+    return _apply(config, **changes)
+
+
+def test_particle_example_is_the_papers_seed_zero_run():
+    """examples/configs/ift_particles.toml draws the particles and samples of
+    problems.paper_2d("mixture", seed=0) and runs ift_particle_method: the same steps, bit for bit."""
+    from jko_ift.methods.splitting import ift_particle_method
+    from jko_ift.problems import paper_2d
+
+    spec = load_config(EXAMPLES / "ift_particles.toml")
+    experiment = paper_2d("mixture", particles=100, samples=100, seed=0)
+    assert spec.initial.grid is None
+    np.testing.assert_array_equal(spec.initial.points, experiment.initial.points)
+    np.testing.assert_array_equal(spec.initial.weights, experiment.initial.weights)
+    np.testing.assert_array_equal(spec.energy.target.points, experiment.target.points)
+    assert spec.energy.kernel == experiment.kernel
+    ours = spec.solve(progress=False, steps=5, save_at=None)
+    theirs = jk.solve(experiment.energy, jk.IFT(experiment.kernel, 50.0, 0.1, conserve_mass=True),
+                      experiment.initial, tau=1.0, steps=5, method=ift_particle_method(), progress=False)
+    np.testing.assert_array_equal(ours.energies, theirs.energies)
+    np.testing.assert_array_equal(ours.final.points, theirs.final.points)
+
+
+def test_particle_support_draws_the_initial_measure():
+    spec = load_config(particle_config(**{"problem.initial": {"kind": "gaussian", "mean": [1.0, -2.0, 0.5],
+                                                              "cov": [[2.0, 0.5, 0.0], [0.5, 1.0, 0.0],
+                                                                      [0.0, 0.0, 0.5]], "mass": 2.0},
+                                          "problem.support.n": 4000,
+                                          "problem.energy.target": {"kind": "gaussian", "mean": [0.0] * 3,
+                                                                    "cov": 1.0, "seed": 7}}))
+    mu = spec.initial
+    assert mu.points.shape == (4000, 3) and mu.grid is None
+    np.testing.assert_allclose(mu.weights, 2.0 / 4000)
+    # the sample mean and covariance of 4000 draws: within 5 standard errors (~ 5 / sqrt(4000))
+    np.testing.assert_allclose(mu.mean(), [1.0, -2.0, 0.5], atol=5 * np.sqrt(2.0 / 4000))
+    np.testing.assert_allclose(mu.covariance(), [[2.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 0.5]],
+                               atol=5 * 2.0 * np.sqrt(2.0 / 4000))
+    target = spec.energy.target
+    assert target.points.shape == (4000, 3) and np.isclose(target.mass, 1.0)  # n: as many as particles
+    # a target with its own seed does not depend on the particles
+    again = load_config(particle_config(**{"problem.support.n": 10, "problem.support.seed": 0,
+                                           "problem.initial.mean": [0.0, 0.0, 0.0],
+                                           "problem.energy.target": {"kind": "gaussian", "mean": [0.0] * 3,
+                                                                     "cov": 1.0, "seed": 7, "n": 4000}}))
+    np.testing.assert_array_equal(again.energy.target.points, target.points)
+    # same seed, same draw; another seed, another draw
+    assert np.array_equal(load_config(particle_config()).initial.points,
+                          load_config(particle_config()).initial.points)
+    assert not np.array_equal(load_config(particle_config()).initial.points,
+                              load_config(particle_config(**{"problem.support.seed": 4})).initial.points)
+
+
+@pytest.mark.parametrize("kind", ["conic", "particle", "explicit"])
+def test_particle_config_runs_with_fixed_and_moving_support_methods(kind):
+    """Fixed-support methods run on particles too (the weights change, the points stay)."""
+    spec = load_config(particle_config(**{"method": {"kind": kind}, "geometry.kind": "mmd",
+                                          "geometry.alpha": None, "geometry.beta": None}))
+    trajectory = spec.solve(progress=False)
+    assert len(trajectory) == 4 and trajectory.energies[-1] < trajectory.energies[0]
+    assert trajectory.final.grid is None
+
+
+@pytest.mark.parametrize(("changes", "field", "words"), [
+    ({"problem.support.kind": "particle"}, "problem.support.kind", ["did you mean 'particles'", "'grid'"]),
+    ({"problem.support.shape": [10, 10]}, "problem.support.shape", ["grid supports", "'n', 'seed'"]),
+    ({"problem.support.n": None}, "problem.support.n", ["missing", "number of particles"]),
+    ({"problem.support.n": 0}, "problem.support.n", ["positive whole number"]),
+    ({"problem.support.seed": -1}, "problem.support.seed", ["whole number >= 0"]),
+    ({"problem.support.sed": 1}, "problem.support.sed", ["did you mean 'seed'"]),
+    ({"problem.initial.normalize": True}, "problem.initial.normalize", ["grid field", "'mass'"]),
+    ({"problem.initial.mass": -1.0}, "problem.initial.mass", ["positive"]),
+    ({"problem.initial.cov": [1.0, -1.0]}, "problem.initial.cov", ["positive"]),
+    ({"problem.energy.target.n": 0}, "problem.energy.target.n", ["positive whole number"]),
+    ({"problem.energy.target.sed": 5}, "problem.energy.target.sed", ["did you mean 'seed'", "'n'"]),
+    ({"problem.initial.mean": [0.0, 0.0, 0.0]}, "problem.energy.target.kind", ["2-D target", "3-D"]),
+    ({"problem.energy": {"kind": "entropy"}}, "problem.energy.kind", ["d = 2", "grid support"]),
+    ({"problem.energy": {"kind": "porous_medium"}}, "problem.energy.kind", ["d = 2", "grid support"]),
+    ({"problem.energy": {"kind": "kl", "target": {"kind": "paper_mixture"}}}, "problem.energy.kind",
+     ["mmd2", "grid support"]),
+])
+def test_particle_config_errors_name_the_field(changes, field, words):
+    error = error_of(particle_config(**changes))
+    assert error.field == field
+    for word in words:
+        assert word in str(error), str(error)
+
+
+@pytest.mark.parametrize(("changes", "field", "words"), [
+    ({"problem.support.n": 10}, "problem.support.n", ["particles supports", "'lo', 'hi', 'shape'"]),
+    ({"problem.initial.mass": 2.0}, "problem.initial.mass", ["particle supports", "normalize"]),
+    ({"problem.energy.target.n": 10}, "problem.energy.target.n", ["particle support", "grid's points"]),
+])
+def test_particle_fields_on_a_grid_name_the_field(changes, field, words):
+    error = error_of(explicit_config(**changes))
+    assert error.field == field
+    for word in words:
+        assert word in str(error), str(error)
+
+
+def _entropy_on_1d_particles() -> bool:
+    try:
+        jk.Entropy().value(jk.Measure(np.linspace(0.0, 1.0, 5)[:, None], np.full(5, 0.2)))
+    except ValueError:
+        return False
+    return True
+
+
+def test_entropy_on_1d_particles_is_allowed_only_where_the_energy_evaluates_it():
+    config = particle_config(**{"problem.initial": {"kind": "gaussian", "mean": [0.0], "cov": 1.0},
+                                "problem.energy": [{"kind": "entropy"}, {"kind": "potential_quadratic"}],
+                                "geometry": {"kind": "wasserstein"}, "method": {"kind": "particle"}})
+    if not _entropy_on_1d_particles():
+        error = error_of(config)
+        assert error.field == "problem.energy[0].kind" and "1-D particle measure" in str(error)
+        assert "grid support" in str(error)
+        return
+    spec = load_config(config)  # the Lagrangian entropy of 1-D particles (sorted when drawn)
+    assert spec.initial.dim == 1 and np.all(np.diff(spec.initial.points[:, 0]) > 0)
+    trajectory = spec.solve(progress=False, steps=2)
+    assert trajectory.energies[-1] < trajectory.energies[0]
+    error = error_of(_apply(config, **{"method": {"kind": "conic"}}))  # fixed points need a cell volume
+    assert error.field == "method.kind" and "particle method" in str(error)

@@ -10,6 +10,7 @@ import pytest
 import jko_ift as jk
 from jko_ift import problems
 from jko_ift.cli import main
+from jko_ift.config import ConfigError, tomllib  # tomli on Python 3.10
 from jko_ift.plotting import plot_convergence
 from jko_ift.solve import Trajectory
 from jko_ift.studies import (
@@ -219,3 +220,65 @@ def test_study_help(command, options, capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert all(option in text for option in options)
+
+
+#: The paper's IFT particle algorithm on 15 particles: the particle example, small.
+PARTICLE_TOML = """
+[problem.support]
+kind = "particles"
+n = 15
+seed = 2
+
+[problem.initial]
+kind = "gaussian"
+mean = [5.0, 5.0]
+cov = 1.0
+
+[problem.energy]
+kind = "mmd2"
+target = { kind = "paper_mixture", n = 20 }
+
+[problem.kernel]
+kind = "gaussian"
+sigma = 10.0
+
+[geometry]
+kind = "ift"
+alpha = 50.0
+beta = 0.1
+conserve_mass = true
+
+[method]
+kind = "splitting"
+transport = "explicit"
+reaction = "exact"
+
+[run]
+tau = 1.0
+steps = 4
+"""
+PARTICLE_CONFIG = tomllib.loads(PARTICLE_TOML)
+
+
+def test_particle_config_studies(tmp_path):
+    """converge (against a fine run; no grid, so no h and no locking), compare, and the refusal
+    of --refine-grid on particles."""
+    study = config_convergence_study(PARTICLE_CONFIG, [1.0, 0.5], reference_tau=0.125)
+    assert [row["h"] for row in study.rows] == [None, None]
+    assert [row["locked_steps"] for row in study.rows] == [0, 0]
+    assert study.rows[0]["error"] > study.rows[1]["error"] > 0
+    with pytest.raises(ConfigError, match="no grid to refine") as info:
+        config_convergence_study(PARTICLE_CONFIG, [1.0, 0.5], refine_grid=True)
+    assert info.value.field == "problem.support.kind"
+    path = tmp_path / "particles.toml"
+    path.write_text(PARTICLE_TOML)
+    out = tmp_path / "cmp"
+    assert main(["compare", str(path), "--methods", "splitting,explicit", "--geometries", "ift,mmd",
+                 "--out", str(out), "--quiet"]) == 0
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert [row["error"] for row in rows] == [None] * 4
+    assert all(row["mmd2_to_target"] == pytest.approx(2 * row["final_energy"]) for row in rows)
+    out = tmp_path / "conv"
+    assert main(["converge", str(path), "--taus", "1,0.5", "--reference-tau", "0.25", "--out", str(out),
+                 "--quiet"]) == 0
+    assert len(json.loads((out / "summary.json").read_text())["rows"]) == 2

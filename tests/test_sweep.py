@@ -75,3 +75,17 @@ def test_sweep_on_an_existing_scheduler():
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         rows = sweep(CONFIG, {"run.tau": [0.3, 0.1]}, scheduler=cluster.scheduler_address)
     assert without_wall_time(rows) == without_wall_time(sweep(CONFIG, {"run.tau": [0.3, 0.1]}, serial=True))
+
+
+def test_sweep_over_the_seeds_of_a_particle_support():
+    config = {"problem": {"support": {"kind": "particles", "n": 12, "seed": 0},
+                          "initial": {"kind": "gaussian", "mean": [5.0, 5.0], "cov": 1.0},
+                          "energy": {"kind": "mmd2", "target": {"kind": "paper_mixture", "n": 12}},
+                          "kernel": {"kind": "gaussian", "sigma": 10.0}},
+              "geometry": {"kind": "ift", "alpha": 50.0, "beta": 0.1, "conserve_mass": True},
+              "method": {"kind": "splitting", "transport": "explicit", "reaction": "exact"},
+              "run": {"tau": 1.0, "steps": 3}}
+    rows = sweep(config, {"problem.support.seed": [0, 1, 2]}, serial=True)
+    assert [r["problem.support.seed"] for r in rows] == [0, 1, 2]
+    assert len({r["final_energy"] for r in rows}) == 3  # each seed its own draw
+    assert all(r["steps"] == 3 and r["grid_locked_steps"] == 0 for r in rows)
