@@ -1,4 +1,8 @@
-"""Named problems: closed-form flows for tests and studies, and the paper's 2-D targets."""
+"""Named problems: closed-form flows for tests and studies, and the paper's 2-D targets.
+
+The Fokker-Planck flow on 1-D particles (``ornstein_uhlenbeck_particles``) carries two
+references: the exact flow at the particles' quantiles and the particle ODE integrated by Radau
+(``particle_flow``), which separate the time error of a scheme from its spatial floor."""
 
 from __future__ import annotations
 
@@ -6,9 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import sparse, special
+from scipy.integrate import solve_ivp
 
 from .diagnostics import mmd
-from .energies import MMD2, Energy, Entropy, Potential
+from .energies import MMD2, Energy, Entropy, Potential, line_terms, position_derivatives
 from .geometries import IFT, MMD, Geometry, Wasserstein
 from .kernels import Gaussian
 from .measures import Grid, Measure
@@ -100,7 +106,117 @@ def ift_paper_mixture(cells: int = 14, kernel_width: float = 2.0, alpha: float =
     return Problem("ift_paper_mixture", MMD2(target, kernel), IFT(kernel, alpha, beta), mu0, t_final)
 
 
+# ------------------------------------------------------------------ the Fokker-Planck flow on particles
+#: Relative tolerance of the Radau integration of the particle ODE (``particle_flow``): far below
+#: the O(tau) errors of the schemes it is the reference for (>= 1e-5 at tau >= 1e-3).
+SEMI_DISCRETE_RTOL = 1e-10
+
+
+@dataclass(frozen=True)
+class ParticleProblem(Problem):
+    """A Problem on 1-D particles with two references for the error of a scheme.
+
+    exact(t): the particles of the exact flow at time t (a Measure with the weights of
+    ``initial``); ``error(trajectory)`` is the largest ``line_w2`` to them over the saved times.
+    ``semi_discrete(times)``: the particle ODE x_i' = -(1/a_i) dF_n/dx_i of the same particles,
+    integrated by Radau (``particle_flow``). scheme - semi_discrete is the time error, and
+    semi_discrete - exact the spatial floor. method_factory: a fresh method of the kind the
+    problem is posed for.
+    """
+
+    exact: Callable[[float], Measure] | None = None
+    method_factory: Callable[[], object] | None = None
+
+    def semi_discrete(self, times, rtol: float = SEMI_DISCRETE_RTOL) -> list[Measure]:
+        """The particle ODE from ``initial`` at ``times`` (nondecreasing, >= 0): [Measure]."""
+        return particle_flow(self.energy, self.initial, times, rtol)
+
+
+def gaussian_quantile_particles(n: int, mean: float, sd: float) -> Measure:
+    """n equal-weight 1-D particles at the quantile midpoints mean + sd Phi^{-1}((i + 1/2) / n),
+    i = 0 .. n - 1 (points (n, 1), weights 1/n)."""
+    quantiles = special.ndtri((np.arange(n) + 0.5) / n)
+    return Measure((mean + sd * quantiles)[:, None], np.full(n, 1.0 / n))
+
+
+def line_w2(mu: Measure, nu: Measure) -> float:
+    """W2 between two 1-D measures of n particles with the same weights (up to sorting):
+    sqrt(sum_i a_i (x_(i) - y_(i))^2) over the sorted points, exact for equal weights."""
+    if mu.dim != 1 or nu.dim != 1 or mu.n != nu.n:
+        raise ValueError(f"line_w2 needs two 1-D measures with the same number of particles, got "
+                         f"points {mu.points.shape} and {nu.points.shape}")
+    if not np.allclose(mu.weights, mu.weights[0], rtol=1e-12, atol=0) or not np.allclose(
+            nu.weights, mu.weights[0], rtol=1e-12, atol=0):
+        raise ValueError("line_w2 needs equal weights on both measures (the sorted coupling is "
+                         "optimal only then); use jk.w2 for other weights")
+    gap = np.sort(mu.points[:, 0]) - np.sort(nu.points[:, 0])
+    return float(np.sqrt(mu.weights @ gap**2))
+
+
+def particle_flow(F: Energy, mu0: Measure, times, rtol: float = SEMI_DISCRETE_RTOL) -> list[Measure]:
+    """The W2 particle ODE x_i' = -(1/a_i) dF_n/dx_i of 1-D particles (weights fixed), by
+    SciPy's Radau (implicit, order 5) with its analytic tridiagonal Jacobian -diag(1/a) H
+    (``energies.position_derivatives``; stiff: the entropy's eigenvalues grow like n^2).
+
+    F: Potential, Entropy and PorousMedium terms (``energies.line_terms``); mu0: particles
+    (n, 1) with positive weights; times: nondecreasing, >= 0. Returns one Measure per time.
+    Tolerances rtol and atol = rtol max(1, max |x_0|).
+    """
+    terms = line_terms(F)
+    if terms is None or mu0.dim != 1 or np.any(mu0.weights <= 0):
+        raise ValueError("particle_flow integrates 1-D particles with positive weights under "
+                         "Potential, Entropy and PorousMedium terms; got points "
+                         f"{mu0.points.shape} and {type(F).__name__}")
+    times = np.atleast_1d(np.asarray(times, dtype=float))
+    if times.ndim != 1 or np.any(times < 0) or np.any(np.diff(times) < 0):
+        raise ValueError(f"times must be nondecreasing and >= 0, got {times}")
+    a, x0 = mu0.weights, mu0.points[:, 0].copy()
+
+    def velocity(_, x):
+        return -position_derivatives(terms, x, a, hessian=False).gradient / a
+
+    def jacobian(_, x):
+        derivatives = position_derivatives(terms, x, a)
+        hessian = sparse.diags([derivatives.upper, derivatives.diagonal, derivatives.upper],
+                               [-1, 0, 1], format="csc")
+        return -sparse.diags(1.0 / a) @ hessian
+
+    if times[-1] == 0:
+        return [mu0 for _ in times]
+    solution = solve_ivp(velocity, (0.0, times[-1]), x0, method="Radau", t_eval=times, rtol=rtol,
+                         atol=rtol * max(1.0, float(np.abs(x0).max())), jac=jacobian)
+    if not solution.success:
+        raise RuntimeError(f"Radau failed on the particle ODE: {solution.message}")
+    return [Measure(x[:, None], a) for x in solution.y.T]
+
+
+def ornstein_uhlenbeck_particles(n: int = 200, m0: float = 3.0, s0: float = 0.5,
+                                 t_final: float = 3.0) -> ParticleProblem:
+    """Fokker-Planck F = Entropy + |x|^2 / 2 under W2 on n equal-weight 1-D particles, for
+    jk.ParticleJKO: the flow of N(m0, s0^2) is N(m(t), s(t)^2) with m(t) = m0 e^{-t} and
+    s(t)^2 = 1 + (s0^2 - 1) e^{-2t} (docs/theory.md §5). The particles start at the quantile
+    midpoints of N(m0, s0^2) (``gaussian_quantile_particles``); ``exact(t)`` is the same
+    quantile particles of N(m(t), s(t)^2), and the error is sqrt(sum_i a_i (x_i - x_i^exact)^2),
+    the W2 between the two particle measures. The entropy is the Lagrangian one
+    (``energies.InternalEnergy``); its spatial floor is about 0.023 n^{-1/2} in W2 at the
+    stationary state, whose variance is exactly (n - 1) / n (docs/particles.md §8)."""
+    energy = Entropy() + Potential(lambda x: 0.5 * x[:, 0] ** 2, lambda x: x)
+
+    def exact(t: float) -> Measure:
+        return gaussian_quantile_particles(n, m0 * np.exp(-t), np.sqrt(1 + (s0**2 - 1) * np.exp(-2 * t)))
+
+    def error(trajectory):
+        return max(line_w2(mu, exact(t)) for t, mu in zip(trajectory.times, trajectory.measures,
+                                                          strict=True))
+
+    from .methods import ParticleJKO
+
+    return ParticleProblem("ornstein_uhlenbeck_particles", energy, Wasserstein(),
+                           gaussian_quantile_particles(n, m0, s0), t_final, error, exact, ParticleJKO)
+
+
 PROBLEMS = {"mmd_flow": mmd_flow, "ornstein_uhlenbeck": ornstein_uhlenbeck,
+            "ornstein_uhlenbeck_particles": ornstein_uhlenbeck_particles,
             "ift_paper_mixture": ift_paper_mixture}
 
 

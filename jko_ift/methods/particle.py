@@ -11,7 +11,9 @@ He^2 = 4 sum (sqrt a_i - sqrt b_i)^2). ``ParticleJKO`` minimizes
     J(y, b) = F(sum_i b_i delta_{y_i}) + [that upper bound of D^2] / (2 tau)
 
 (the JKO step restricted to particle maps, docs/particles.md §4): positions by L-BFGS-B (SciPy)
-with analytic gradients, weights by the exact reaction step of ``weights``, alternating until
+with analytic gradients (1-D particles under Potential, Entropy and PorousMedium terms: Newton's
+method with a tridiagonal Hessian, ``newton_transport_1d``, docs/particles.md §8), weights by
+the exact reaction step of ``weights``, alternating until
 the positions are stationary after the last weight step. It reports that residual (and the
 weight step's certified gap) as its certificate. For a geometry without reaction it is the
 proximal (backward Euler) step of the particle ODE x_i' = -alpha grad f(x_i); without transport
@@ -224,10 +226,11 @@ def finish(F: Energy, geometry: Geometry, mu: Measure, y: np.ndarray, b: np.ndar
     if throw and not result.ok:
         why = f" ({info['failure']})" if "failure" in info else ""
         if status == "diverged":
-            raise SolverError(f"{method}: the step overflowed or broke down (energy {energy:.3g}, "
-                              f"D^2 {distance_sq:.3g}){why}; tau = {tau:.3g} is beyond the "
-                              "stability limit of this scheme: take a smaller tau or an implicit "
-                              "method (jk.ParticleJKO)", status, result)
+            what = info.get("failure", f"the step overflowed (energy {energy:.3g}, D^2 "
+                                       f"{distance_sq:.3g})")
+            raise SolverError(f"{method}: {what}; tau = {tau:.3g} is beyond the stability limit "
+                              "of this scheme: take a smaller tau or an implicit method "
+                              "(jk.ParticleJKO)", status, result)
         raise SolverError(f"{method}: step not solved to its tolerance: status {status!r}, "
                           f"certificate {certificate:.3g}{why}. Try a smaller tau, more "
                           "iterations or a looser tol; pass throw=False to get the StepResult "
@@ -276,7 +279,10 @@ def implicit_transport(F: Energy, x: np.ndarray, a: np.ndarray, eta: float,
 
         y = argmin_y  F(sum_i b_i delta_{y_i}) + sum_i a_i |y_i - x_i|^2 / (2 eta) [+ C(y)],
 
-    b = a for a pure transport step. ``coupling`` = (reaction, beta tau, conserve_mass) adds
+    b = a for a pure transport step. Without coupling, 1-D particles of positive weights under
+    Potential, Entropy and PorousMedium terms go to ``newton_transport_1d`` instead (Newton with
+    a tridiagonal Hessian; L-BFGS-B stalls on the log barrier of the spacings).
+    ``coupling`` = (reaction, beta tau, conserve_mass) adds
     the reaction distance R^2(a, b on y) / (2 beta tau) of the joint step: for MMD,
     (b - a)^T (K_y + ridge I)(b - a) depends on y (a force); He^2 does not.
     Variables u_i = (y_i - x_i) sqrt(w_i / (eta scale)), w_i = max(a_i, b_i), make the scaled
@@ -635,7 +641,12 @@ class ParticleJKO:
     (docs/particles.md §4). tol: the accepted relative certificate (stationarity of the
     positions and gap of the weights, over |F(mu^k)|). max_alternations: position / weight
     alternations of the joint step (WFR, IFT). predictor: start the positions at the explicit
-    step x - tau alpha grad f (closer to the solution than x for small steps).
+    step x - tau alpha grad f (closer to the solution than x for small steps; the 1-D Newton
+    step takes it only when it keeps the order and lowers the objective).
+    1-D particles under Potential, Entropy and PorousMedium terms (the Lagrangian density of
+    ``energies.InternalEnergy``) take the Newton position step: ``info`` then has
+    ``position_solver="newton_banded"``, ``relative_gradient`` (|grad J| over the size of its
+    terms, <= 1e-12 or its round-off floor ``relative_gradient_floor``) and the iterations.
     """
 
     tol: float = DEFAULT_PARTICLE_TOL
