@@ -20,7 +20,7 @@ from .diagnostics import dissipation_slack
 from .energies import Energy
 from .geometries import Geometry
 from .measures import Measure
-from .methods import ConicJKO, SolverError, StepResult
+from .methods import ConicJKO, EntropicJKO, SolverError, StepResult
 from .methods.base import check_step_input, warn_user
 
 __all__ = ["DissipationWarning", "SolverError", "StepResult", "Trajectory", "jko_step", "solve"]
@@ -33,6 +33,9 @@ DISSIPATION_RTOL = 1e-6
 #: Consecutive uncertified step solves after which an adaptive run gives up: a solver
 #: failure that smaller steps do not cure is not a step-size problem.
 MAX_SOLVER_RETRIES = 3
+
+#: Methods whose measures keep the support of mu0 (grids): they move mass, not points.
+FIXED_SUPPORT = (ConicJKO, EntropicJKO)
 
 #: Times closer than this (relative to t_final) are the same time.
 TIME_RTOL = 1e-9
@@ -80,7 +83,8 @@ class Trajectory:
 
     @property
     def step_solves(self) -> int:
-        """How many single-step problems were solved (three per adaptive attempt)."""
+        """How many single-step problems were solved (adaptive attempts: one when the error is
+        estimated by extrapolation, three by step doubling)."""
         return int(sum(s.get("solves", 1) for s in self.stats))
 
 
@@ -152,7 +156,8 @@ class _Run:
 
     # -------------------------------------------------------------------- adaptive steps
     def adaptive(self, controller: StepController, tau: float | None, progress: bool) -> Trajectory:
-        norm = controller.norm(self.geometry, self.mu)
+        # grid methods keep their support: their extrapolated measures have signed weights
+        norm = controller.norm(self.geometry, self.mu, isinstance(self.method, FIXED_SUPPORT))
         proposed = controller.first_tau(self.t_final, tau)
         bar = tqdm(total=self.t_final, disable=not progress, desc=self.label, unit="time",
                    bar_format="{l_bar}{bar}| t={n:.4g}/{total:.4g} [{elapsed}<{remaining}{postfix}]")
@@ -161,6 +166,7 @@ class _Run:
 
     def _adaptive_loop(self, controller, norm, proposed, bar) -> Trajectory:
         previous_error, attempt, failures = None, 0, 0
+        history = None  # (the measure before the last accepted step, that step's tau)
         while self.t < self.t_final * (1 - TIME_RTOL):
             # land on save and final times, without leaving a sliver of a step before them
             remaining = self._next_stop() - self.t
@@ -173,15 +179,18 @@ class _Run:
                     "loosen rtol/atol or lower tau_min", status="tau_min")
             attempt += 1
             start = time.perf_counter()
-            coarse, coarse_record = self._attempt(self.mu, tau, attempt, throw=False)
-            half, half_record = (self._attempt(self.mu, tau / 2, attempt, throw=False) if coarse
-                                 else (None, {}))
-            fine, fine_record = (self._attempt(half.measure, tau / 2, attempt, throw=False) if half
-                                 else (None, {}))
-            failed = next((r for r in (coarse_record, half_record, fine_record)
-                           if r and r["status"] != "optimal"), None)
+            new, records, estimate, kind = None, [], None, "extrapolation"
+            if controller.estimate == "extrapolation" and history is not None:
+                new, record = self._attempt(self.mu, tau, attempt, throw=False)
+                records.append(record)
+                if new is not None:
+                    estimate = norm.extrapolation(new.measure, self.mu, history[0], tau, history[1])
+            if not records or (new is not None and estimate is None):  # no history: doubling
+                new, records, estimate = self._doubling(norm, tau, attempt)
+                kind = "doubling"
+            failed = next((r for r in records if r["status"] != "optimal"), None)
             if failed is not None:  # a step the solver could not certify: retry smaller
-                self.stats.append(failed | {"accepted": False, "solves": 3, "t": self.t,
+                self.stats.append(failed | {"accepted": False, "solves": len(records), "t": self.t,
                                             "error": np.inf})
                 failures += 1
                 if failures > MAX_SOLVER_RETRIES:
@@ -189,31 +198,45 @@ class _Run:
                 proposed = tau * controller.shrink
                 continue
             failures = 0
-            error, raw = norm(coarse.measure, fine.measure)
+            error, local = estimate
             accepted = error <= 1.0
             self.stats.append({
                 "step": attempt, "t": self.t, "tau": tau, "accepted": accepted, "error": error,
-                "error_distance": raw, "solves": 3, "wall_time": time.perf_counter() - start,
-                "status": fine.status,
-                "certificate": max(coarse.certificate, half.certificate, fine.certificate),
-                "objective": fine.objective, "distance_sq": fine.distance_sq,
-                "dissipation_slack": min(half_record["dissipation_slack"],
-                                         fine_record["dissipation_slack"]),
+                "error_distance": local, "solves": len(records),
+                "estimate": kind,
+                "wall_time": time.perf_counter() - start, "status": new.status,
+                "certificate": max(r["certificate"] for r in records),
+                "objective": new.objective, "distance_sq": new.distance_sq,
+                "dissipation_slack": min(r["dissipation_slack"] for r in records[-2:]),
                 # on a fixed grid, locked sub-steps make the estimate measure the grid, not tau
-                "grid_locked": any(r.get("grid_locked", False)
-                                   for r in (coarse_record, half_record, fine_record)),
+                "grid_locked": any(r.get("grid_locked", False) for r in records),
             })
             proposed = min(proposed * controller.factor(error, previous_error, accepted),
                            controller.tau_max)
             if not accepted:
-                continue  # the half steps are dropped: a rejection leaves no state behind
-            previous_error = error
-            reason = self._advance(tau, fine.measure, fine.energy)
+                continue  # the trial steps are dropped: a rejection leaves no state behind
+            previous_error, history = error, (self.mu, tau)
+            reason = self._advance(tau, new.measure, new.energy)
             bar.update(tau)
             bar.set_postfix(tau=f"{tau:.3g}", energy=f"{self.energy:.4g}", refresh=False)
             if reason:
                 return self._trajectory(reason)
         return self._trajectory("t_final")
+
+    def _doubling(self, norm, tau: float, attempt: int):
+        """One step of tau and two of tau/2: (the two half steps' result, the solves' records,
+        (normalized error, local error) or None when a solve failed)."""
+        coarse, coarse_record = self._attempt(self.mu, tau, attempt, throw=False)
+        if coarse is None:
+            return None, [coarse_record], None
+        half, half_record = self._attempt(self.mu, tau / 2, attempt, throw=False)
+        if half is None:
+            return None, [coarse_record, half_record], None
+        fine, fine_record = self._attempt(half.measure, tau / 2, attempt, throw=False)
+        records = [coarse_record, half_record, fine_record]
+        if fine is None:
+            return None, records, None
+        return fine, records, norm.doubling(coarse.measure, fine.measure)
 
     # -------------------------------------------------------------------- shared pieces
     def _attempt(self, mu: Measure, tau: float, step: int, throw: bool | None = None):
