@@ -262,17 +262,19 @@ def config_page(configs: list[Path]) -> str:
            "The TOML configs of `examples/configs/`; their fields are described in "
            "[Config files](../configs.md).", ""]
     for path in configs:
-        comments = []
+        comments, command = [], f"jko-ift run examples/configs/{path.name}"
         for line in path.read_text(encoding="utf-8").splitlines():
             if not line.startswith("#"):
                 break
-            comments.append(line.lstrip("#").strip())
-        text = " ".join(comments)
-        text = re.split(r"\s+jko-ift run ", text)[0].strip()
+            text, _, run = line.lstrip("#").strip().partition("jko-ift run ")
+            comments.append(text.strip())
+            if run:  # the header's own command line, options included
+                command = "jko-ift run " + run.strip()
+        text = " ".join(c for c in comments if c)
         out += [f"## `{path.name}`", ""]
         if text:
             out += [_markdown_text(text), ""]
-        out += ["```bash", f"jko-ift run examples/configs/{path.name}", "```", "",
+        out += ["```bash", command, "```", "",
                 f"```{{literalinclude}} ../../examples/configs/{path.name}", ":language: toml", "```", ""]
     return "\n".join(out)
 
