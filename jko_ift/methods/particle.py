@@ -321,9 +321,12 @@ def implicit_transport(F: Energy, x: np.ndarray, a: np.ndarray, eta: float,
             return np.inf, np.zeros_like(u_flat)
         b = weights if weights_at is None else weights_at(y.copy())
         mu_y = Measure(y, b)
-        value = F.value(mu_y) + float(a[live] @ np.sum((y[live] - x[live]) ** 2, axis=1)) / (2 * eta)
-        grad_y = b[live, None] * F.grad_first_variation(mu_y)[live] \
-            + a[live, None] * (y[live] - x[live]) / eta
+        try:
+            value = F.value(mu_y) + float(a[live] @ np.sum((y[live] - x[live]) ** 2, axis=1)) / (2 * eta)
+            grad_y = b[live, None] * F.grad_first_variation(mu_y)[live] \
+                + a[live, None] * (y[live] - x[live]) / eta
+        except ParticleOrderError:  # 1-D particles past each other: outside the domain of F
+            return np.inf, np.zeros_like(u_flat)
         if coupling is not None:
             reaction, reaction_eta, conserve = coupling
             if isinstance(reaction, MMD):  # MMD^2 on the moving support: a force on y
@@ -389,10 +392,12 @@ NEWTON_STALL_FACTOR = 100.0
 NEWTON_MAX_ITERATIONS = 200
 
 #: Sufficient decrease of the line search, and the fraction of the largest step that keeps the
-#: order x_i < x_{i+1} (the entropy is a barrier there: the full step is never taken).
+#: order x_i < x_{i+1} (the entropy is a barrier there: the full step is never taken). After
+#: MAX_BACKTRACKS halvings (a step of 1e-12 of the Newton step) the direction is not one of
+#: descent: the gradient does not belong to the value (or round-off is reached).
 ARMIJO_FRACTION = 1e-4
 BOUNDARY_FRACTION = 0.99
-MAX_BACKTRACKS = 60
+MAX_BACKTRACKS = 40
 
 #: Objective values differing by less than this many eps times the size of their terms are equal
 #: (then the line search accepts a step that lowers |grad J| instead).
@@ -483,7 +488,8 @@ def newton_transport_1d(terms, x: np.ndarray, a: np.ndarray, b: np.ndarray, eta:
         if iterations >= max_iter:
             failure = (f"the Newton position step did not reach the relative gradient "
                        f"{NEWTON_GRADIENT_RTOL:.0e} in {max_iter} iterations (at {relative:.2g}); "
-                       "take a smaller tau or raise max_iter")
+                       "Newton converges in a few iterations when grad_V is the gradient of V "
+                       "and V is convex: check grad_V, or take a smaller tau")
             break
         iterations += 1
         direction = _banded_newton_direction(hessian_diagonal, derivatives.upper, gradient, pull)
@@ -556,9 +562,9 @@ def _gradient_polish(objective, u, grad, tol, iterations: int = POLISH_ITERATION
             break
         for _ in range(30):
             trial = u - length * grad
-            _, trial_grad = objective(trial)
+            trial_value, trial_grad = objective(trial)
             trial_norm = float(trial_grad @ trial_grad)
-            if trial_norm < norm:
+            if np.isfinite(trial_value) and trial_norm < norm:
                 break
             length *= 0.5
         else:
