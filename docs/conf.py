@@ -66,11 +66,12 @@ jko_api_groups = {
     "errors": [],
 }
 
-# Gallery: the figures of each example in docs/figures/ (default: the files named <stem>*.png).
+# Gallery: the figures of each example in docs/figures/, as glob patterns (default:
+# <stem>.png and <stem>_*.png).
 jko_gallery_examples = "../examples"
 jko_gallery_figures = {
-    "adaptive_steps": [],
-    "weight_step_exact_vs_pg": ["weight_step_mmd.png", "weight_step_particles.png"],
+    "adaptive_steps": ["adaptive_*.png"],
+    "weight_step_exact_vs_pg": ["weight_step_*.png"],
 }
 
 html_theme = "alabaster"

@@ -80,22 +80,28 @@ def assign_groups(package: str, groups: dict[str, list[str]]) -> dict[str, list[
     return {key: sorted(names, key=order) for key, names in assigned.items()}
 
 
-def _entry(package: str, name: str) -> list[str]:
-    obj = getattr(importlib.import_module(package), name)
-    full = f"{package}.{name}"
-    if _is_error(obj):
-        return [f".. autoexception:: {full}", "   :show-inheritance:", ""]
+def _entry(full: str, obj) -> list[str]:
+    """The autodoc directive of one object; classes show their bases unless only ``object``."""
     if inspect.isclass(obj):
-        return [f".. autoclass:: {full}", "   :members:", "   :show-inheritance:", ""]
-    return [f".. autofunction:: {full}", ""]
+        kind = "autoexception" if _is_error(obj) else "autoclass"
+        lines = [f".. {kind}:: {full}"]
+        if kind == "autoclass":
+            lines.append("   :members:")
+        if obj.__bases__ != (object,):
+            lines.append("   :show-inheritance:")
+        return lines + [""]
+    if callable(obj):
+        return [f".. autofunction:: {full}", ""]
+    return [f".. autodata:: {full}", "   :no-value:", ""]
 
 
 def _group_lines(package: str, names: list[str]) -> list[str]:
     lines = [".. autosummary::", "   :nosignatures:", ""]
     lines += [f"   ~{package}.{name}" for name in names]
     lines.append("")
+    module = importlib.import_module(package)
     for name in names:
-        lines += _entry(package, name)
+        lines += _entry(f"{package}.{name}", getattr(module, name))
     return lines
 
 
@@ -161,16 +167,7 @@ class ApiModule(_InsertDirective):
             lines += [f"   {name}" for name in shown]  # automodule made it the current module
             lines.append("")
             for name in shown:
-                obj = getattr(module, name)
-                if _is_error(obj):
-                    lines += [f".. autoexception:: {module_name}.{name}", "   :show-inheritance:", ""]
-                elif inspect.isclass(obj):
-                    lines += [f".. autoclass:: {module_name}.{name}", "   :members:",
-                              "   :show-inheritance:", ""]
-                elif callable(obj):
-                    lines += [f".. autofunction:: {module_name}.{name}", ""]
-                else:
-                    lines += [f".. autodata:: {module_name}.{name}", "   :no-value:", ""]
+                lines += _entry(f"{module_name}.{name}", getattr(module, name))
         return self.insert(lines)
 
 
@@ -184,6 +181,22 @@ def escape_bars(line: str) -> str:
     inline literals and roles."""
     parts = _LITERAL.split(line)
     return "".join(part if k % 2 else part.replace("|", "\\|") for k, part in enumerate(parts))
+
+
+_ATTRIBUTE_LINES: dict[str, list[str]] = {}
+
+
+def keep_attribute_docstring(app, what, name, obj, options, lines: list[str]) -> None:
+    """Before napoleon: remember the docstring of an attribute or property. Napoleon reads
+    their first line as "type: description", which misreads prose such as
+    "Tolerance (Hairer-Wanner: 0.7/2)"; ``restore_attribute_docstring`` puts it back."""
+    if what in ("attribute", "property", "data"):
+        _ATTRIBUTE_LINES[name] = list(lines)
+
+
+def restore_attribute_docstring(app, what, name, obj, options, lines: list[str]) -> None:
+    if what in ("attribute", "property", "data") and name in _ATTRIBUTE_LINES:
+        lines[:] = _ATTRIBUTE_LINES.pop(name)
 
 
 def plain_math_bars(app, what, name, obj, options, lines: list[str]) -> None:
@@ -208,30 +221,47 @@ def _markdown_text(text: str) -> str:
     return re.sub(r"([<>$\\`])", r"\\\1", text)
 
 
+def _short_title(paragraph: str, limit: int = 100) -> str:
+    """The first sentence; if longer than ``limit``, up to its first ': ' or '; ' outside
+    parentheses."""
+    sentence = re.split(r"(?<=\.)\s+(?=[A-Z])", paragraph, maxsplit=1)[0].rstrip(".")
+    if len(sentence) <= limit:
+        return sentence
+    depth = 0
+    for k, char in enumerate(sentence):
+        depth += (char in "([{") - (char in ")]}")
+        if depth == 0 and char in ":;" and sentence[k + 1:k + 2] == " ":
+            return sentence[:k]
+    return sentence
+
+
 def split_docstring(docstring: str) -> tuple[str, list[str], str]:
-    """(title, commands, description) of an example's module docstring: the first line, the
-    indented ``python ...`` lines, the rest."""
+    """(title, commands, description) of an example's module docstring: a short form of the
+    first paragraph, the indented ``python ...`` lines, and the text (the first paragraph
+    included when the title shortens it)."""
     lines = inspect.cleandoc(docstring).splitlines()
-    title = lines[0].strip().rstrip(".")
     commands, rest = [], []
-    for line in lines[1:]:
+    for line in lines:
         if line.strip().startswith("python "):
             commands.append(line.strip())
         else:
             rest.append(line)
-    description = re.sub(r"\n{3,}", "\n\n", "\n".join(rest)).strip()
+    text = re.sub(r"\n{3,}", "\n\n", "\n".join(rest)).strip()
+    first, _, others = text.partition("\n\n")
+    first = " ".join(first.split())
+    title = _short_title(first)
+    description = text if title != first.rstrip(".") else others.strip()
     return title, commands, description
 
 
 def example_figures(stem: str, figures_dir: Path, table: dict) -> list[str]:
-    if stem in table:
-        names = list(table[stem])
-        for name in names:
-            if not (figures_dir / name).is_file():
-                logger.warning("jko_gallery_figures[%r] names %s, which is not in %s",
-                               stem, name, figures_dir)
-        return [name for name in names if (figures_dir / name).is_file()]
-    return sorted(p.name for p in figures_dir.glob(f"{stem}*.png"))
+    """The committed figures of an example: the glob patterns of ``table[stem]``, by default
+    ``<stem>.png`` and ``<stem>_*.png`` in ``docs/figures/``."""
+    patterns = table.get(stem, [f"{stem}.png", f"{stem}_*.png"])
+    names = []
+    for pattern in patterns:
+        names += sorted(p.name for p in figures_dir.glob(pattern) if p.name not in names)
+    return names
 
 
 def example_page(path: Path, figures: list[str]) -> tuple[str, str]:
@@ -333,7 +363,10 @@ def setup(app):
     app.add_directive("jko-api-group", ApiGroup)
     app.add_directive("jko-api-rest", ApiRest)
     app.add_directive("jko-api-module", ApiModule)
-    app.connect("autodoc-process-docstring", plain_math_bars)
+    # napoleon processes docstrings at the default priority, 500
+    app.connect("autodoc-process-docstring", keep_attribute_docstring, priority=400)
+    app.connect("autodoc-process-docstring", restore_attribute_docstring, priority=600)
+    app.connect("autodoc-process-docstring", plain_math_bars, priority=600)
     # before autosummary and the reading of the sources, which must find the generated pages
     app.connect("builder-inited", generate_gallery, priority=100)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
