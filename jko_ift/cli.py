@@ -1,10 +1,13 @@
 """The command line ``jko-ift``: parses options, then calls the library.
 
     jko-ift demo [--steps N] [--particles N] [--seed S] [--out DIR] [--quiet]
-    jko-ift run CONFIG [--out DIR] [--resume] [--checkpoint-every N] [--quiet] [--verbose]
-    jko-ift converge CONFIG --taus 0.2,0.1,0.05 [--refine-grid] [--reference fine] [--out DIR]
-    jko-ift compare CONFIG [--methods conic,entropic] [--geometries ift,wfr,mmd] [--out DIR]
-    jko-ift sweep CONFIG --param run.tau=0.1,0.05 [--param ...] [--scheduler ADDR] [--workers N]
+    jko-ift run CONFIG [--out DIR] [--resume] [--checkpoint-every N] [-q | -v]
+    jko-ift converge CONFIG --taus 0.2,0.1,0.05 [--refine-grid] [--reference fine] [--out DIR] [-q | -v]
+    jko-ift compare CONFIG [--methods conic,entropic] [--geometries ift,wfr,mmd] [--out DIR] [-q | -v]
+    jko-ift sweep CONFIG --param run.tau=0.1,0.05 [--param ...] [--scheduler ADDR] [--workers N] [-q | -v]
+
+Progress bars and messages go to stderr (stdout gets only the results folder); ``-q``/``--quiet``
+turns them off, ``-v``/``--verbose`` adds details from the ``jko_ift`` logger.
 
 Subcommands each get a parser (``_add_<name>``) and a runner (``_run_<name>``), so later
 ``run``, ``compare``, ``converge`` and ``sweep`` slot in beside ``demo``.
@@ -173,11 +176,18 @@ def _add_run(commands) -> None:
     run.add_argument("--resume", action="store_true",
                      help="continue from the checkpoint in the results folder (the config must be "
                           "the same; without a checkpoint the run starts from the beginning)")
-    run.add_argument("--quiet", action="store_true",
-                     help="no progress bar or messages; print only where the results are")
-    run.add_argument("--verbose", action="store_true",
-                     help="log details (chunks, checkpoints, resumption) from the 'jko_ift' logger")
+    _quiet_verbose(run, "each step (time, energy, status, certificate), chunk and checkpoint")
     run.set_defaults(run=_run_run)
+
+
+def _quiet_verbose(parser, details: str) -> None:
+    """--quiet and --verbose: progress bars and messages on stderr, or nothing but the results
+    folder on stdout, or details from the 'jko_ift' logger."""
+    volume = parser.add_mutually_exclusive_group()
+    volume.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bar or messages; print only where the results are")
+    volume.add_argument("-v", "--verbose", action="store_true",
+                        help=f"also log details from the 'jko_ift' logger: {details}")
 
 
 # ---------------------------------------------------------------------------- commands
@@ -273,6 +283,19 @@ def _demo_run_summary(trajectory: Trajectory, mmd_curve: np.ndarray, wall_time: 
     }
 
 
+class _BarSafeHandler(logging.Handler):
+    """Writes records to the current sys.stderr through ``tqdm.write``, so that a log line does
+    not tear a progress bar apart (the bar is redrawn below it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
 def _configure_logging(args) -> None:
     """Messages of the ``jko_ift`` logger to stderr: warnings only with --quiet, details with
     --verbose. A handler is added only if the logger has none (a notebook may have set one)."""
@@ -280,7 +303,7 @@ def _configure_logging(args) -> None:
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logger.setLevel(level)
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _BarSafeHandler()
         handler.setFormatter(logging.Formatter("jko-ift: %(message)s"))
         logger.addHandler(handler)
 
@@ -332,11 +355,17 @@ def _param(text: str) -> tuple[str, list]:
     return name.strip(), [parse_value(v) for v in values.split(",")]
 
 
+#: What --verbose adds to each study command.
+STUDY_DETAILS = {"converge": "one line per run (tau, steps, error, locked steps, flags)",
+                 "compare": "one line per scheme (final energy or failure)",
+                 "sweep": "one line per case as it completes (values, final energy, steps)"}
+
+
 def _common_out(parser, what: str) -> None:
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help=f"results folder (created if missing; its files are replaced); default: "
                              f"results/<config name>-{what} in the current folder")
-    parser.add_argument("--quiet", action="store_true", help="no messages; print only where the results are")
+    _quiet_verbose(parser, STUDY_DETAILS[what])
 
 
 def _add_converge(commands) -> None:
@@ -442,13 +471,14 @@ def _run_converge(args) -> int:
     from .plotting import plot_convergence
     from .studies import COLUMNS, config_convergence_study, write_table
 
+    _configure_logging(args)
     out = _default_out(args, "converge")
     _say(args, f"convergence study of {args.config} over tau = {', '.join(f'{t:g}' for t in args.taus)}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the flags report grid locking and blur per row
         study = config_convergence_study(args.config, args.taus, refine_grid=args.refine_grid,
                                          reference=args.reference, reference_tau=args.reference_tau,
-                                         distance=args.distance)
+                                         distance=args.distance, progress=not args.quiet)
     with results_folder(out) as folder:
         write_table(folder / "convergence.csv", study.rows, COLUMNS)
         plot_convergence(study, folder / "convergence.png", title=f"{args.config.stem}: convergence in tau")
@@ -500,6 +530,7 @@ def _run_compare(args) -> int:
     from .config import ConfigError, load_config
     from .studies import compare_schemes, write_table
 
+    _configure_logging(args)
     out = _default_out(args, "compare")
     raw = _read_config(args.config)
     specs = {label: load_config(config) for label, config in
@@ -512,7 +543,8 @@ def _run_compare(args) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rows, trajectories = compare_schemes(first.energy, first.initial, schemes,
-                                             tau=first.run.tau, steps=first.run.steps)
+                                             tau=first.run.tau, steps=first.run.steps,
+                                             progress=not args.quiet)
     columns = ("label", "method", "geometry", "final_energy", "mmd2_to_target", "steps", "final_time",
                "wall_time", "stop_reason", "error")
     with results_folder(out) as folder:
@@ -536,13 +568,17 @@ def _run_compare(args) -> int:
 def _run_sweep(args) -> int:
     from .studies import sweep, write_table
 
+    _configure_logging(args)
+    if args.quiet:  # Dask's own messages too: only the results folder is printed
+        logging.getLogger("distributed").setLevel(logging.ERROR)
     out = _default_out(args, "sweep")
     params = dict(args.param)
     where = ("serially" if args.serial else f"on the scheduler {args.scheduler}" if args.scheduler
              else f"on a local Dask cluster of {args.workers} workers")
     _say(args, f"sweep of {args.config} over {', '.join(params)} {where}")
     start = time.perf_counter()
-    rows = sweep(args.config, params, serial=args.serial, scheduler=args.scheduler, workers=args.workers)
+    rows = sweep(args.config, params, serial=args.serial, scheduler=args.scheduler, workers=args.workers,
+                 progress=not args.quiet)
     with results_folder(out) as folder:
         write_table(folder / "sweep.csv", rows)
         write_json_atomic(folder / "summary.json", {

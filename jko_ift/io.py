@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -275,6 +275,34 @@ def versions() -> dict:
             "cvxpy": cvxpy.__version__, "POT": ot.__version__, "python": platform.python_version()}
 
 
+class _ReportingMethod:
+    """A method that hands every step it takes to ``on_step(result, tau)`` (a progress bar, the
+    log) and returns the result unchanged: the run is the same, bit for bit.
+
+    ``jk.solve`` calls ``method.step`` once per fixed step; everything else is the wrapped
+    method's (attributes, ``repr``, and ``isinstance`` through ``__class__``, so that code that
+    dispatches on the method's class sees the method itself).
+    """
+
+    def __init__(self, method, on_step: Callable):
+        self._method, self._on_step = method, on_step
+
+    def step(self, F, geometry, mu, tau, throw: bool = True):
+        result = self._method.step(F, geometry, mu, tau, throw=throw)
+        self._on_step(result, tau)
+        return result
+
+    @property
+    def __class__(self):  # isinstance(reporting, ConicJKO) is True when it wraps a ConicJKO
+        return type(self._method)
+
+    def __getattr__(self, name):
+        return getattr(self._method, name)
+
+    def __repr__(self) -> str:
+        return repr(self._method)
+
+
 def _kept(times: np.ndarray, save_at, total_time: float) -> np.ndarray:
     """Indices of the saved states: the start, the save_at times and the last state."""
     if save_at is None:
@@ -283,6 +311,17 @@ def _kept(times: np.ndarray, save_at, total_time: float) -> np.ndarray:
     keep = close.any(1)
     keep[0] = keep[-1] = True
     return np.flatnonzero(keep)
+
+
+def _run_bar(spec, total: int, done: int, t: float, energy: float, progress: bool):
+    """The one progress bar of a fixed-step run (tqdm on stderr; disabled without progress)."""
+    from tqdm.auto import tqdm
+
+    label = f"{spec.method_kind} {type(spec.geometry).__name__}"
+    bar = tqdm(total=total, initial=done, disable=not progress, desc=label, unit="step",
+               dynamic_ncols=True)
+    bar.set_postfix_str(f"t={t:.4g}, energy={energy:.4g}", refresh=False)
+    return bar
 
 
 def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = None,
@@ -296,6 +335,11 @@ def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = N
     and after each chunk ``checkpoint.npz`` is replaced atomically; ``resume=True`` continues
     from that checkpoint (same config required) in the same chunks, so the result is the
     same, bit for bit, as the uninterrupted run with the same N. Returns (trajectory, summary).
+
+    ``progress=True`` shows one bar for the whole run on stderr (steps done of the total, ETA,
+    the current time and energy; a resumed run starts at its checkpoint's step), whatever the
+    chunks; adaptive runs show ``jk.solve``'s bar (time done of t_final). Details (each step,
+    chunk and checkpoint) go to the ``jko_ift.io`` logger at DEBUG level.
     """
     import logging
     import time
@@ -345,29 +389,45 @@ def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = N
     else:
         tau, total = run.tau, run.steps
         chunk = checkpoint_every or total
-        while done < total and stop_reason is None:
-            steps = min(chunk, total - done)
-            logger.info("steps %d to %d of %d (tau = %g)", done + 1, done + steps, total, tau)
-            part = solve(spec.energy, spec.geometry, measures[-1], tau=tau, steps=steps,
-                         method=spec.make_method(), stop_rate=run.stop_rate,
-                         stop_energy=run.stop_energy, progress=progress)
-            taken = len(part.measures) - 1
-            times.extend((done + j) * tau for j in range(1, taken + 1))
-            measures.extend(part.measures[1:])
-            energies.extend(part.energies[1:].tolist())
-            stats.extend(dict(s, step=done + s["step"]) for s in part.stats)
-            done += taken
-            if part.stop_reason != "steps":
-                stop_reason = part.stop_reason
-            elif done >= total:
-                stop_reason = "steps"
-            if checkpoint_every is not None:
-                save_trajectory(checkpoint, Trajectory(np.array(times), measures, np.array(energies),
-                                                       stats, stop_reason or "running"),
-                                metadata={"digest": spec.digest, "steps_done": done,
-                                          "checkpoint_every": checkpoint_every,
-                                          "stop_reason": stop_reason})
-                logger.info("checkpoint at step %d written to %s", done, checkpoint)
+        bar = _run_bar(spec, total, done, times[-1], energies[-1], progress)
+        counter = {"step": done}
+
+        def on_step(result, _tau):
+            counter["step"] += 1
+            t = counter["step"] * tau
+            energy = "-" if result.energy is None else f"{result.energy:.4g}"
+            bar.set_postfix_str(f"t={t:.4g}, energy={energy}", refresh=False)
+            bar.update(1)
+            logger.debug("step %d of %d: t = %.6g, energy %s, status %s, certificate %s",
+                         counter["step"], total, t, energy, result.status, f"{result.certificate:.2g}")
+
+        try:
+            while done < total and stop_reason is None:
+                steps = min(chunk, total - done)
+                logger.debug("steps %d to %d of %d (tau = %g)", done + 1, done + steps, total, tau)
+                counter["step"] = done
+                part = solve(spec.energy, spec.geometry, measures[-1], tau=tau, steps=steps,
+                             method=_ReportingMethod(spec.make_method(), on_step),
+                             stop_rate=run.stop_rate, stop_energy=run.stop_energy, progress=False)
+                taken = len(part.measures) - 1
+                times.extend((done + j) * tau for j in range(1, taken + 1))
+                measures.extend(part.measures[1:])
+                energies.extend(part.energies[1:].tolist())
+                stats.extend(dict(s, step=done + s["step"]) for s in part.stats)
+                done += taken
+                if part.stop_reason != "steps":
+                    stop_reason = part.stop_reason
+                elif done >= total:
+                    stop_reason = "steps"
+                if checkpoint_every is not None:
+                    save_trajectory(checkpoint, Trajectory(np.array(times), measures, np.array(energies),
+                                                           stats, stop_reason or "running"),
+                                    metadata={"digest": spec.digest, "steps_done": done,
+                                              "checkpoint_every": checkpoint_every,
+                                              "stop_reason": stop_reason})
+                    logger.debug("checkpoint at step %d written to %s", done, checkpoint)
+        finally:
+            bar.close()
 
     times_array = np.array(times)
     kept = _kept(times_array, run.save_at, float(times_array[-1]))

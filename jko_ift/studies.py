@@ -4,6 +4,7 @@ parameter sweeps (``sweep``, serial or on Dask distributed)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -12,6 +13,16 @@ import numpy as np
 
 from .control import StepController
 from .solve import Trajectory, solve
+
+#: Details of the studies (one line per run, scheme or case) at DEBUG level; ``jko-ift -v`` shows them.
+logger = logging.getLogger(__name__)
+
+
+def _progress_bar(total: int, label: str, unit: str, progress: bool):
+    """One bar over the runs of a study (tqdm on stderr; disabled without progress)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not progress, desc=label, unit=unit, dynamic_ncols=True)
 
 
 @dataclass(frozen=True)
@@ -247,6 +258,9 @@ def convergence_study(problem, taus: Sequence[float], *, method_factory: Callabl
     entropic method whose spurious spread sqrt(d eps t / (2 tau)) is not small against the
     error, or whose blur dominates a step), ``solver_tolerance`` (a step certificate above the
     error). The order is fitted on the unflagged rows only.
+
+    progress: one bar over the runs (the reference run, then one per tau) with the last error;
+    each row is logged at DEBUG level (logger ``jko_ift.studies``).
     """
     from .diagnostics import mmd as mmd_distance
     from .diagnostics import w2 as w2_distance
@@ -279,32 +293,40 @@ def convergence_study(problem, taus: Sequence[float], *, method_factory: Callabl
     def run(p, tau, n):
         start = time.perf_counter()
         trajectory = solve(p.energy, p.geometry, p.initial, tau=tau, steps=n, method=method_factory(),
-                           progress=progress)
+                           progress=False)
         return trajectory, time.perf_counter() - start
 
-    if use_closed:
-        description = "closed form (problem.error: largest distance over the saved times)"
-    else:
-        finest = problems_by_tau[-1]
-        reference_run, _ = run(finest, fine_tau, fine_steps)
-        description = (f"run with tau = {fine_tau:g} ({fine_steps} steps) on the finest problem; "
-                       f"{distance} distance between the final measures")
-
     rows, trajectories = [], []
-    for p, tau, n in zip(problems_by_tau, taus, steps, strict=True):
-        trajectory, wall = run(p, tau, n)
+    with _progress_bar(len(taus) + (not use_closed), "converge", "run", progress) as bar:
         if use_closed:
-            error = float(p.error(trajectory))
-        elif distance == "mmd":
-            error = mmd_distance(trajectory.final, reference_run.final, kernel)
+            description = "closed form (problem.error: largest distance over the saved times)"
         else:
-            error = w2_distance(trajectory.final, reference_run.final)
-        locked = locked_steps(trajectory, p.energy, p.geometry)
-        rows.append({"tau": tau, "h": _grid_spacing(p.initial), "steps": n, "locked_steps": locked[0],
-                     "error": error, "wall_time": wall,
-                     "flags": _flags(trajectory, error, t_final, p.initial.dim, locked=locked)})
-        if keep_trajectories:
-            trajectories.append(trajectory)
+            finest = problems_by_tau[-1]
+            bar.set_postfix_str(f"reference run, tau={fine_tau:g}")
+            reference_run, wall = run(finest, fine_tau, fine_steps)
+            bar.update(1)
+            logger.debug("reference run: tau = %g, %d steps, %.2f s", fine_tau, fine_steps, wall)
+            description = (f"run with tau = {fine_tau:g} ({fine_steps} steps) on the finest problem; "
+                           f"{distance} distance between the final measures")
+        for p, tau, n in zip(problems_by_tau, taus, steps, strict=True):
+            bar.set_postfix_str(f"running tau={tau:g}")
+            trajectory, wall = run(p, tau, n)
+            if use_closed:
+                error = float(p.error(trajectory))
+            elif distance == "mmd":
+                error = mmd_distance(trajectory.final, reference_run.final, kernel)
+            else:
+                error = w2_distance(trajectory.final, reference_run.final)
+            locked = locked_steps(trajectory, p.energy, p.geometry)
+            flags = _flags(trajectory, error, t_final, p.initial.dim, locked=locked)
+            rows.append({"tau": tau, "h": _grid_spacing(p.initial), "steps": n, "locked_steps": locked[0],
+                         "error": error, "wall_time": wall, "flags": flags})
+            if keep_trajectories:
+                trajectories.append(trajectory)
+            bar.set_postfix_str(f"tau={tau:g}: error={error:.3g}", refresh=False)
+            bar.update(1)
+            logger.debug("tau = %g: %d steps, error %.6g, %d locked, %.2f s%s", tau, n, error, locked[0],
+                         wall, f" ({', '.join(flags)})" if flags else "")
     clean = [r for r in rows if not r["flags"]]
     return ConvergenceStudy(rows, _fit(clean), _fit(rows), description, distance if not use_closed
                             else "closed form", tuple(trajectories))
@@ -336,34 +358,47 @@ def compare_schemes(energy, initial, schemes, tau: float, steps: int, *, kernel=
     the energy's own), ``steps`` taken, ``final_time``, ``wall_time``, ``stop_reason`` and
     ``error`` (the message if the scheme failed; with ``throw=True`` it raises instead).
     Draw the overlaid energy decay with ``plotting.plot_energy_decay(trajectories, path)``.
+    progress: one bar over the schemes; each scheme is logged at DEBUG level.
     """
     items = list(schemes.items()) if isinstance(schemes, dict) else [(a, (b, c)) for a, b, c in schemes]
     if not items:
         raise ValueError("compare_schemes needs at least one scheme")
     rows, trajectories = [], {}
-    for label, (factory, geometry) in items:
-        # a method object is used as it is; a class or factory is called for a fresh one
-        method = factory if hasattr(factory, "step") and not isinstance(factory, type) else factory()
-        row = {"label": label, "method": repr(method), "geometry": repr(geometry), "final_energy": None,
-               "mmd2_to_target": None, "steps": 0, "final_time": 0.0, "wall_time": None,
-               "stop_reason": None, "error": None}
-        start = time.perf_counter()
-        try:
-            trajectory = solve(energy, geometry, initial, tau=tau, steps=steps, method=method,
-                               progress=progress, throw=True)
-        except (ValueError, RuntimeError) as error:  # SolverError is a RuntimeError
-            if throw:
-                raise
-            row.update(wall_time=time.perf_counter() - start, stop_reason="failed", error=str(error))
+    with _progress_bar(len(items), "compare", "scheme", progress) as bar:
+        for label, (factory, geometry) in items:
+            bar.set_postfix_str(f"running {label}")
+            row, trajectory = _compare_one(label, factory, geometry, energy, initial, tau, steps,
+                                           kernel, throw)
+            bar.update(1)
             rows.append(row)
-            continue
-        row.update(final_energy=float(trajectory.energies[-1]),
-                   mmd2_to_target=_target_mmd2(energy, trajectory.final, kernel),
-                   steps=len(trajectory.taus), final_time=float(trajectory.times[-1]),
-                   wall_time=time.perf_counter() - start, stop_reason=trajectory.stop_reason)
-        rows.append(row)
-        trajectories[label] = trajectory
+            if trajectory is not None:
+                trajectories[label] = trajectory
+            logger.debug("%s: %s (%.2f s)", label, f"final energy {row['final_energy']:.6g}"
+                         if row["error"] is None else f"failed: {row['error']}", row["wall_time"])
     return rows, trajectories
+
+
+def _compare_one(label, factory, geometry, energy, initial, tau, steps, kernel, throw) -> tuple:
+    """One scheme of ``compare_schemes``: (its row, its trajectory or None if it failed)."""
+    # a method object is used as it is; a class or factory is called for a fresh one
+    method = factory if hasattr(factory, "step") and not isinstance(factory, type) else factory()
+    row = {"label": label, "method": repr(method), "geometry": repr(geometry), "final_energy": None,
+           "mmd2_to_target": None, "steps": 0, "final_time": 0.0, "wall_time": None,
+           "stop_reason": None, "error": None}
+    start = time.perf_counter()
+    try:
+        trajectory = solve(energy, geometry, initial, tau=tau, steps=steps, method=method,
+                           progress=False, throw=True)
+    except (ValueError, RuntimeError) as error:  # SolverError is a RuntimeError
+        if throw:
+            raise
+        row.update(wall_time=time.perf_counter() - start, stop_reason="failed", error=str(error))
+        return row, None
+    row.update(final_energy=float(trajectory.energies[-1]),
+               mmd2_to_target=_target_mmd2(energy, trajectory.final, kernel),
+               steps=len(trajectory.taus), final_time=float(trajectory.times[-1]),
+               wall_time=time.perf_counter() - start, stop_reason=trajectory.stop_reason)
+    return row, trajectory
 
 
 # ---------------------------------------------------------------------------- tables
@@ -549,7 +584,7 @@ def run_case(config: Mapping, values: Mapping | None = None) -> dict:
 
 
 def sweep(config, params: Mapping[str, Sequence], *, serial: bool = False, scheduler: str | None = None,
-          workers: int = 2, processes: bool = True) -> list[dict]:
+          workers: int = 2, processes: bool = True, progress: bool = False) -> list[dict]:
     """Run every case of the grid ``params`` ({dotted field: values}) of ``config`` (path or dict).
 
     Every case is checked (``load_config``) before anything runs. ``serial=True`` runs them
@@ -557,7 +592,8 @@ def sweep(config, params: Mapping[str, Sequence], *, serial: bool = False, sched
     (an address such as ``tcp://host:8786``) or a ``LocalCluster`` of ``workers`` workers
     (processes, one thread each, unless ``processes=False``). Returns the rows in case order:
     the parameter values, then final_energy, mmd2_to_target, steps, final_time, stop_reason,
-    max_certificate, grid_locked_steps and wall_time.
+    max_certificate, grid_locked_steps and wall_time. progress: one bar over the cases, advanced
+    as they complete (in any order on Dask); each case is logged at DEBUG level.
     """
     from .config import ConfigError, _read, load_config
 
@@ -574,13 +610,40 @@ def sweep(config, params: Mapping[str, Sequence], *, serial: bool = False, sched
             where = ", ".join(f"{k}={v!r}" for k, v in values.items())
             raise ConfigError(error.field, f"{str(error).split(': ', 1)[1]} (in the case {where})") from None
         configs.append(variant)
-    if serial:
-        return [run_case(c, v) for c, v in zip(configs, cases, strict=True)]
-    from dask.distributed import Client, LocalCluster
+    with _progress_bar(len(cases), "sweep", "case", progress) as bar:
+        if serial:
+            rows = []
+            for index, (variant, values) in enumerate(zip(configs, cases, strict=True)):
+                rows.append(run_case(variant, values))
+                _case_done(bar, index, cases, rows[-1])
+            return rows
+        from dask.distributed import Client, LocalCluster
 
-    if scheduler is not None:
-        with Client(scheduler) as client:
-            return client.gather(client.map(run_case, configs, cases, pure=False))
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
-        return client.gather(client.map(run_case, configs, cases, pure=False))
+        if scheduler is not None:
+            with Client(scheduler) as client:
+                return _gather(client, configs, cases, bar)
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes,
+                          dashboard_address=None) as cluster, Client(cluster) as client:
+            return _gather(client, configs, cases, bar)
+
+
+def _case_done(bar, index: int, cases: Sequence[Mapping], row: Mapping) -> None:
+    """Advance the sweep's bar by one finished case (``cases[index]``) and log it."""
+    values, count = ", ".join(f"{k}={v!r}" for k, v in cases[index].items()), len(cases)
+    bar.set_postfix_str(f"{values}: energy={row['final_energy']:.4g}", refresh=False)
+    bar.update(1)
+    logger.debug("case %d of %d (%s): final energy %.8g, %d steps to t = %.6g, %s, %.2f s", index + 1,
+                 count, values, row["final_energy"], row["steps"], row["final_time"], row["stop_reason"],
+                 row["wall_time"])
+
+
+def _gather(client, configs, cases, bar) -> list[dict]:
+    """Run the cases on a Dask client; advance the bar as each one completes; rows in case order."""
+    from dask.distributed import as_completed
+
+    futures = client.map(run_case, configs, cases, pure=False)
+    index = {future.key: i for i, future in enumerate(futures)}
+    for future in as_completed(futures):
+        if future.status == "finished":
+            _case_done(bar, index[future.key], cases, future.result())
+    return client.gather(futures)

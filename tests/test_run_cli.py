@@ -2,6 +2,7 @@
 the same result, bit for bit, as an uninterrupted run."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -27,6 +28,15 @@ kind = "conic"
 tau = 0.3
 steps = 5
 """
+
+
+@pytest.fixture(autouse=True)
+def _restore_log_level():
+    """The CLI sets the level of the 'jko_ift' logger (--quiet, --verbose); put it back."""
+    logger = logging.getLogger("jko_ift")
+    level = logger.level
+    yield
+    logger.setLevel(level)
 
 
 @pytest.fixture
@@ -212,3 +222,52 @@ def test_particle_config_errors_name_the_field_on_the_command_line(tmp_path, cap
     assert main(["run", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     assert "problem.support.shape" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------- progress and logging
+
+def test_quiet_prints_only_the_results_folder(config, tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(["run", str(config), "--out", str(out), "--checkpoint-every", "2", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"results in {out.absolute()}\n"
+    assert captured.err == ""
+
+
+def test_one_progress_bar_across_checkpoint_chunks(config, tmp_path, capsys):
+    """Chunks of 2 steps, one bar of 5 steps on stderr (with the time and energy), stdout clean."""
+    out = tmp_path / "results"
+    assert main(["run", str(config), "--out", str(out), "--checkpoint-every", "2"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"results in {out.absolute()}\n"
+    assert "5/5" in captured.err and "energy=" in captured.err and "t=1.5" in captured.err
+    assert "2/2" not in captured.err and "1/1" not in captured.err  # no bar per chunk
+
+
+def test_resumed_bar_starts_at_the_checkpoint(config, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "results"
+    real_save = jio.save_trajectory
+
+    def save_then_crash(path, trajectory, metadata=None):
+        real_save(path, trajectory, metadata)
+        raise Crash
+
+    monkeypatch.setattr(jio, "save_trajectory", save_then_crash)
+    with pytest.raises(Crash):
+        main(["run", str(config), "--out", str(out), "--checkpoint-every", "2", "--quiet"])
+    monkeypatch.setattr(jio, "save_trajectory", real_save)
+    capsys.readouterr()
+    assert main(["run", str(config), "--out", str(out), "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming" in err and " 2/5 " in err and "5/5" in err and " 0/5 " not in err
+
+
+def test_verbose_logs_every_step(config, tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(["run", str(config), "--out", str(out), "-v", "--checkpoint-every", "2"]) == 0
+    err = capsys.readouterr().err
+    for step in range(1, 6):
+        assert f"jko-ift: step {step} of 5: t = {0.3 * step:.6g}, energy" in err
+    assert "checkpoint at step 4 written" in err
+    with pytest.raises(SystemExit):  # one or the other
+        build_parser().parse_args(["run", "x.toml", "--quiet", "--verbose"])

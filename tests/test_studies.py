@@ -2,6 +2,7 @@
 comparisons, and the ``converge`` / ``compare`` subcommands."""
 
 import json
+import logging
 import warnings
 
 import numpy as np
@@ -39,6 +40,15 @@ kind = "conic"
 tau = 0.2
 steps = 5
 """
+
+
+@pytest.fixture(autouse=True)
+def _restore_log_level():
+    """The CLI sets the level of the 'jko_ift' logger (--quiet, --verbose); put it back."""
+    logger = logging.getLogger("jko_ift")
+    level = logger.level
+    yield
+    logger.setLevel(level)
 
 
 @pytest.fixture
@@ -282,3 +292,22 @@ def test_particle_config_studies(tmp_path):
     assert main(["converge", str(path), "--taus", "1,0.5", "--reference-tau", "0.25", "--out", str(out),
                  "--quiet"]) == 0
     assert len(json.loads((out / "summary.json").read_text())["rows"]) == 2
+
+
+@pytest.mark.parametrize("command, options, unit", [
+    ("converge", ["--taus", "0.2,0.1"], "run"),
+    ("compare", ["--geometries", "mmd,ift"], "scheme"),
+    ("sweep", ["--param", "run.tau=0.2,0.1", "--serial"], "case"),
+])
+def test_study_progress_bar_on_stderr_and_quiet(config, tmp_path, capsys, command, options, unit):
+    out = tmp_path / "quiet"
+    assert main([command, str(config), *options, "--out", str(out), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"results in {out.absolute()}\n" and captured.err == ""
+    out = tmp_path / "loud"
+    assert main([command, str(config), *options, "--out", str(out), "--verbose"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"results in {out.absolute()}\n"
+    assert f"{command}: 100%" in captured.err and "2/2 [" in captured.err
+    assert f"{unit}/s" in captured.err or f"s/{unit}" in captured.err  # the rate, fast or slow
+    assert "jko-ift: " in captured.err  # --verbose: a line per run, scheme or case

@@ -19,9 +19,12 @@ def without_wall_time(rows):
     return [{k: v for k, v in row.items() if k != "wall_time"} for row in rows]
 
 
-def test_local_cluster_sweep_equals_serial_sweep():
+def test_local_cluster_sweep_equals_serial_sweep(capsys):
     serial = sweep(CONFIG, PARAMS, serial=True)
-    parallel = sweep(CONFIG, PARAMS, workers=2)  # a LocalCluster of 2 worker processes
+    assert capsys.readouterr().err == ""  # no bar unless asked for
+    parallel = sweep(CONFIG, PARAMS, workers=2, progress=True)  # a LocalCluster of 2 worker processes
+    err = capsys.readouterr().err
+    assert "sweep: 100%" in err and "4/4 [" in err  # one bar over the cases, as they complete
     assert [(r["run.tau"], r["problem.kernel_width"]) for r in serial] == [
         (0.3, 1.0), (0.3, 2.0), (0.1, 1.0), (0.1, 2.0)]
     assert without_wall_time(parallel) == without_wall_time(serial)
