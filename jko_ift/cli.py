@@ -377,8 +377,9 @@ def _add_converge(commands) -> None:
             "steps, or t_final) once per step size of --taus, measure each run against a reference "
             "(the closed form of a named problem, or a run with a much smaller step) and fit "
             "error ~ C tau^order with a 95% confidence interval. Rows where a known regime spoils "
-            "the order are flagged and left out of the fit: grid_locking (a W2 step moved no mass "
-            "because tau*alpha*|grad f| is below the grid spacing), entropic_diffusion (eps / tau "
+            "the order are flagged and left out of the fit: 'grid_locking in k/n steps' (k > 0 W2 "
+            "steps moved no mass, or far less than the flow would, because tau*alpha*|grad f| is "
+            "below the grid spacing), entropic_diffusion (eps / tau "
             "not small against the error), solver_tolerance (a step certificate above the error). "
             "Writes summary.json, convergence.csv and convergence.png."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
