@@ -538,8 +538,13 @@ def _banded_newton_direction(diagonal, upper, gradient, pull) -> np.ndarray:
     positive definite (a concave potential), H + lambda diag(pull) for growing lambda."""
     bands = np.zeros((2, diagonal.size))
     bands[0, 1:] = upper
+    coupled = bool(np.any(upper))  # only potentials: a diagonal Hessian
     for shift in (0.0, 1.0, 1e1, 1e2, 1e4, 1e8):
         bands[1] = diagonal + shift * pull
+        if not coupled:
+            if np.all(bands[1] > 0):
+                return -gradient / bands[1]
+            continue
         try:
             return solveh_banded(bands, -gradient, check_finite=False)
         except LinAlgError:
