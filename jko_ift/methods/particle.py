@@ -388,11 +388,11 @@ NEWTON_GRADIENT_RTOL = 1e-12
 NEWTON_ROUNDOFF_FACTOR = 1.0
 NEWTON_STALL_FACTOR = 100.0
 
-#: Newton iterations before giving up (the step is usually done in 5-20).
+#: Newton iterations before giving up (the Fokker-Planck step takes 1-7, docs/particles.md §8).
 NEWTON_MAX_ITERATIONS = 200
 
-#: Sufficient decrease of the line search, and the fraction of the largest step that keeps the
-#: order x_i < x_{i+1} (the entropy is a barrier there: the full step is never taken). After
+#: Sufficient decrease of the line search, and the fraction of the step at which two particles
+#: would meet that the line search may take at most (the spacing energies are barriers). After
 #: MAX_BACKTRACKS halvings (a step of 1e-12 of the Newton step) the direction is not one of
 #: descent: the gradient does not belong to the value (or round-off is reached).
 ARMIJO_FRACTION = 1e-4
