@@ -168,9 +168,11 @@ class _Run:
         previous_error, attempt, failures = None, 0, 0
         history = None  # (the measure before the last accepted step, that step's tau)
         while self.t < self.t_final * (1 - TIME_RTOL):
-            # land on save and final times, without leaving a sliver of a step before them
+            # land on save and final times without a sliver of a step before them: a sliver's
+            # solver noise, extrapolated by tau/sliver, would spoil the next error estimate
             remaining = self._next_stop() - self.t
-            tau = remaining if remaining <= 1.1 * proposed else proposed
+            tau = (remaining if remaining <= 1.1 * proposed
+                   else remaining / 2 if remaining < 2 * proposed else proposed)
             if proposed < controller.tau_min:
                 raise SolverError(
                     f"adaptive step size {proposed:.3g} fell below tau_min = "
