@@ -85,7 +85,10 @@ DENSITY_ENERGIES = ("entropy", "porous_medium")
 #: Methods that keep the support fixed (they change weights, not points).
 FIXED_SUPPORT_METHODS = ("conic", "entropic")
 RUN_KEYS = ("tau", "steps", "t_final", "adaptive", "save_at", "stop_rate", "stop_energy")
-ADAPTIVE_KEYS = ("rtol", "atol", "distance", "tau0", "tau_min", "tau_max", "safety", "shrink", "growth")
+ADAPTIVE_KEYS = ("rtol", "atol", "distance", "estimate", "tau0", "tau_min", "tau_max", "safety",
+                 "shrink", "growth")
+#: Choices of the [run.adaptive] fields that are names, not numbers.
+ADAPTIVE_CHOICES = {"distance": ("mmd", "w2"), "estimate": ("extrapolation", "doubling")}
 
 #: Methods by config name: the class (or factory) and the options it does not take from a
 #: config (objects that TOML cannot write). Options are the keyword arguments of the factory.
@@ -547,11 +550,14 @@ def _run(table, problem_t_final: float | None, path: str = "run") -> RunOptions:
         adaptive = _table(table["adaptive"], _join(path, "adaptive"))
         _check_keys(adaptive, ADAPTIVE_KEYS, _join(path, "adaptive"))
         for key, value in adaptive.items():
-            if key != "distance":
-                _number(value, _join(path, f"adaptive.{key}"), positive=True)
-        if "distance" in adaptive and adaptive["distance"] not in ("mmd", "w2"):
-            raise ConfigError(_join(path, "adaptive.distance"), f"unknown distance {adaptive['distance']!r}"
-                              f"{_suggest(adaptive['distance'], ['mmd', 'w2'])}; allowed: 'mmd', 'w2'")
+            if key not in ADAPTIVE_CHOICES:  # a zero tolerance is allowed (StepController: not both)
+                tolerance = key in ("rtol", "atol")
+                _number(value, _join(path, f"adaptive.{key}"), positive=not tolerance,
+                        nonnegative=tolerance)
+            elif value not in ADAPTIVE_CHOICES[key]:
+                raise ConfigError(_join(path, f"adaptive.{key}"), f"unknown {key} {value!r}"
+                                  f"{_suggest(value, ADAPTIVE_CHOICES[key])}; allowed: "
+                                  f"{_allowed(ADAPTIVE_CHOICES[key])}")
         controller = _build(_join(path, "adaptive"), StepController, **adaptive)
         if steps is not None:
             raise ConfigError(_join(path, "steps"), "an adaptive run ends at t_final; remove steps")

@@ -9,6 +9,7 @@ A crash leaves either the old file or the new one, never a truncated one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -324,15 +325,28 @@ def _run_bar(spec, total: int, done: int, t: float, energy: float, progress: boo
     return bar
 
 
+def _time_bar(spec, total_time: float, t: float, energy: float, progress: bool):
+    """The one progress bar of an adaptive run in chunks: time done of t_final."""
+    from tqdm.auto import tqdm
+
+    label = f"{spec.method_kind} {type(spec.geometry).__name__}"
+    bar = tqdm(total=total_time, initial=t, disable=not progress, desc=label, unit="time",
+               dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| t={n:.4g}/{total:.4g} [{elapsed}<{remaining}{postfix}]")
+    bar.set_postfix_str(f"energy={energy:.4g}", refresh=False)
+    return bar
+
+
 def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = None,
                progress: bool = True) -> tuple:
     """Run a checked config (``config.load_config``) into the results folder ``out``.
 
     Writes ``summary.json`` (the config, library versions, per-step energies, timings and
     statuses, the stop reason), ``trajectory.npz`` (``jk.load`` reads it) and ``energy.png``,
-    each atomically. With ``checkpoint_every = N`` (fixed steps only) the run goes in chunks
-    of N steps, each one a ``jk.solve`` from the last measure with a fresh method object,
-    and after each chunk ``checkpoint.npz`` is replaced atomically; ``resume=True`` continues
+    each atomically. With ``checkpoint_every = N`` the run goes in chunks of N steps (an
+    adaptive run: up to every N-th of its save times, each chunk's controller starting from
+    the last accepted tau), each one a ``jk.solve`` from the last measure with a fresh method
+    object, and after each chunk ``checkpoint.npz`` is replaced atomically; ``resume=True`` continues
     from that checkpoint (same config required) in the same chunks, so the result is the
     same, bit for bit, as the uninterrupted run with the same N. Returns (trajectory, summary).
 
@@ -354,9 +368,9 @@ def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = N
     if checkpoint_every is not None and (int(checkpoint_every) != checkpoint_every or checkpoint_every < 1):
         raise ValueError("checkpoint_every must be a positive whole number of steps, "
                          f"got {checkpoint_every!r}")
-    if spec.adaptive and checkpoint_every is not None:
-        raise ValueError("checkpoints need fixed steps ([run] tau and steps); this config is adaptive "
-                         "([run.adaptive]); run it without --checkpoint-every")
+    if spec.adaptive and checkpoint_every is not None and run.save_at is None:
+        raise ValueError("an adaptive run ([run.adaptive]) writes its checkpoints at its save times; "
+                         "add [run] save_at = [...] to the config, or run without --checkpoint-every")
     start = time.perf_counter()
     times, measures, energies, stats = [0.0], [spec.initial], [spec.energy.value(spec.initial)], []
     done, stop_reason, resumed_from = 0, None, None
@@ -380,12 +394,54 @@ def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = N
     elif checkpoint.exists():
         checkpoint.unlink()  # a fresh run: an old checkpoint must not be resumed into it
 
-    if spec.adaptive:
+    def write_checkpoint():
+        save_trajectory(checkpoint, Trajectory(np.array(times), measures, np.array(energies),
+                                               stats, stop_reason or "running"),
+                        metadata={"digest": spec.digest, "steps_done": done,
+                                  "checkpoint_every": checkpoint_every, "stop_reason": stop_reason})
+        logger.debug("checkpoint at step %d written to %s (t = %.6g)", done, checkpoint, times[-1])
+
+    if spec.adaptive and checkpoint_every is None:
         trajectory = spec.solve(progress=progress)
         times, measures = list(trajectory.times), list(trajectory.measures)
         energies, stats = list(trajectory.energies), list(trajectory.stats)
         stop_reason = trajectory.stop_reason
         done = len(trajectory.taus)
+    elif spec.adaptive:
+        # Chunks end at every N-th save time; each is one jk.solve whose controller starts from
+        # the last accepted tau of the chunk before. A resumed run takes the same chunks, so the
+        # result is the same, bit for bit, as the uninterrupted run with the same N.
+        saves = np.asarray(run.save_at, float)
+        ends = [float(t) for t in saves[checkpoint_every - 1::checkpoint_every]]
+        ends = [t for t in ends if t < run.t_final * (1 - 1e-12)] + [run.t_final]
+        bar = _time_bar(spec, run.t_final, times[-1], energies[-1], progress)
+        try:
+            for end in ends:
+                start_t = times[-1]
+                if stop_reason is not None or end <= start_t * (1 + 1e-12):
+                    continue
+                taus = [s["tau"] for s in stats if s.get("accepted", True)]
+                controller = (run.controller if not taus
+                              else dataclasses.replace(run.controller, tau0=taus[-1]))
+                chunk_saves = [t - start_t for t in saves if start_t < t < end] + [end - start_t]
+                part = solve(spec.energy, spec.geometry, measures[-1], t_final=end - start_t,
+                             method=spec.make_method(), controller=controller,
+                             save_at=chunk_saves, stop_rate=run.stop_rate,
+                             stop_energy=run.stop_energy, progress=False)
+                times.extend(start_t + t for t in part.times[1:])
+                measures.extend(part.measures[1:])
+                energies.extend(part.energies[1:].tolist())
+                stats.extend(dict(s, step=done + s["step"], t=start_t + s["t"]) for s in part.stats)
+                done += len(part.taus)
+                if part.stop_reason != "t_final":
+                    stop_reason = part.stop_reason
+                elif end >= run.t_final:
+                    stop_reason = "t_final"
+                bar.update(times[-1] - start_t)
+                bar.set_postfix_str(f"energy={energies[-1]:.4g}", refresh=False)
+                write_checkpoint()
+        finally:
+            bar.close()
     else:
         tau, total = run.tau, run.steps
         chunk = checkpoint_every or total
@@ -420,12 +476,7 @@ def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = N
                 elif done >= total:
                     stop_reason = "steps"
                 if checkpoint_every is not None:
-                    save_trajectory(checkpoint, Trajectory(np.array(times), measures, np.array(energies),
-                                                           stats, stop_reason or "running"),
-                                    metadata={"digest": spec.digest, "steps_done": done,
-                                              "checkpoint_every": checkpoint_every,
-                                              "stop_reason": stop_reason})
-                    logger.debug("checkpoint at step %d written to %s", done, checkpoint)
+                    write_checkpoint()
         finally:
             bar.close()
 

@@ -170,6 +170,12 @@ def test_adaptive_run_section():
     assert spec.adaptive and spec.run.controller.rtol == 1e-2 and spec.run.t_final == 0.4
     error = error_of(explicit_config(**{"run": {"t_final": 0.4, "adaptive": {"rtoll": 1e-2}}}))
     assert error.field == "run.adaptive.rtoll" and "did you mean 'rtol'" in str(error)
+    spec = load_config(explicit_config(**{"run": {"t_final": 0.4, "adaptive": {
+        "rtol": 1e-2, "atol": 0.0, "estimate": "doubling"}}}))
+    assert spec.run.controller.estimate == "doubling" and spec.run.controller.atol == 0.0
+    error = error_of(explicit_config(**{"run": {"t_final": 0.4, "adaptive": {"estimate": "doubleing"}}}))
+    assert error.field == "run.adaptive.estimate" and "did you mean 'doubling'" in str(error)
+    assert "'extrapolation', 'doubling'" in str(error)
 
 
 # ---------------------------------------------------------------------------- trajectory files

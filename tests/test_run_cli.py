@@ -111,6 +111,68 @@ def test_resume_after_a_crash_is_identical_to_an_uninterrupted_run(config, tmp_p
     assert [s["step"] for s in resumed.stats] == [1, 2, 3, 4, 5]
 
 
+ADAPTIVE_CONFIG = """
+[problem]
+name = "mmd_flow"
+cells = 10
+
+[method]
+kind = "conic"
+
+[run]
+t_final = 2.0
+save_at = [0.5, 1.0, 1.5, 2.0]
+
+[run.adaptive]
+rtol = 1e-2
+atol = 0.0
+"""
+
+
+def test_adaptive_run_resumed_after_a_crash_is_identical(tmp_path, monkeypatch):
+    """Checkpoints at every second save time; a crash after the first, then --resume."""
+    config = tmp_path / "adaptive.toml"
+    config.write_text(ADAPTIVE_CONFIG)
+    straight = tmp_path / "straight"
+    assert main(["run", str(config), "--out", str(straight), "--checkpoint-every", "2", "--quiet"]) == 0
+
+    crashed = tmp_path / "crashed"
+    real_save = jio.save_trajectory
+
+    def save_then_crash(path, trajectory, metadata=None):
+        real_save(path, trajectory, metadata)
+        raise Crash
+
+    monkeypatch.setattr(jio, "save_trajectory", save_then_crash)
+    with pytest.raises(Crash):
+        main(["run", str(config), "--out", str(crashed), "--checkpoint-every", "2", "--quiet"])
+    monkeypatch.setattr(jio, "save_trajectory", real_save)
+    first_chunk = jk.load(crashed / "checkpoint.npz")
+    assert first_chunk.times[-1] == pytest.approx(1.0)  # the second save time
+
+    assert main(["run", str(config), "--out", str(crashed), "--resume", "--quiet"]) == 0
+    resumed, reference = jk.load(crashed / "trajectory.npz"), jk.load(straight / "trajectory.npz")
+    np.testing.assert_array_equal(weights(resumed), weights(reference))  # exact, not close
+    np.testing.assert_array_equal(resumed.times, reference.times)
+    np.testing.assert_allclose(reference.times, [0.0, 0.5, 1.0, 1.5, 2.0], rtol=1e-12)
+    assert resumed.stop_reason == "t_final"
+    # the chunks do not spoil accuracy: the MMD flow's closed form, as an unchunked run
+    from jko_ift.problems import mmd_flow
+    problem = mmd_flow(cells=10)
+    whole = jk.solve(problem.energy, problem.geometry, problem.initial, t_final=2.0,
+                     controller=jk.StepController(rtol=1e-2, atol=0.0), save_at=[0.5, 1.0, 1.5, 2.0],
+                     progress=False)
+    assert problem.error(reference) < 2 * problem.error(whole)
+
+
+def test_adaptive_checkpoints_need_save_times(tmp_path, capsys):
+    config = tmp_path / "adaptive.toml"
+    config.write_text(ADAPTIVE_CONFIG.replace("save_at = [0.5, 1.0, 1.5, 2.0]\n", ""))
+    assert main(["run", str(config), "--out", str(tmp_path / "out"), "--checkpoint-every", "2",
+                 "--quiet"]) == 2
+    assert "add [run] save_at" in capsys.readouterr().err
+
+
 def test_a_half_written_checkpoint_never_replaces_the_last_one(config, tmp_path, monkeypatch):
     out = tmp_path / "results"
     real_savez = np.savez_compressed
