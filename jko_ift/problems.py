@@ -14,7 +14,7 @@ from scipy import sparse, special
 from scipy.integrate import solve_ivp
 
 from .diagnostics import mmd
-from .energies import MMD2, Energy, Entropy, Potential, line_terms, position_derivatives
+from .energies import MMD2, Energy, Entropy, PorousMedium, Potential, line_terms, position_derivatives
 from .geometries import IFT, MMD, Geometry, Wasserstein
 from .kernels import Gaussian
 from .measures import Grid, Measure
@@ -90,6 +90,25 @@ def ornstein_uhlenbeck(cells: int = 300, mean: float = 3.0, sd: float = 1.0, kap
         return worst
 
     return Problem("ornstein_uhlenbeck", energy, Wasserstein(), mu0, t_final, error)
+
+
+def porous_medium(cells: int = 200, t0: float = 1.0, t_final: float = 1.0) -> Problem:
+    """Porous medium F = PorousMedium(2) under W2 on a 1-D grid, from the Barenblatt profile at
+    time t0: rho(t, x) = A(t) (r(t)^2 - x^2)_+ with r(t)^3 = 9 t and A = 3 / (4 r^3) (mass 1,
+    docs/theory.md §6), so the profile at time t0 + t has the spread r(t0 + t) / sqrt(5). The
+    error is |sd(mu) - r / sqrt(5)| (grid error of order h^2 below it)."""
+    def radius(t):
+        return (9.0 * t) ** (1.0 / 3.0)
+
+    half_width = radius(t0 + t_final) + 0.5
+    grid = Grid(-half_width, half_width, cells)
+    mu0 = grid.measure(lambda x: np.maximum(radius(t0) ** 2 - x[:, 0] ** 2, 0.0), normalize=True)
+
+    def error(trajectory):
+        return max(abs(np.sqrt(mu.covariance()[0, 0]) - radius(t0 + t) / np.sqrt(5.0))
+                   for t, mu in zip(trajectory.times, trajectory.measures, strict=True))
+
+    return Problem("porous_medium", PorousMedium(2.0), Wasserstein(), mu0, t_final, error)
 
 
 def ift_paper_mixture(cells: int = 14, kernel_width: float = 2.0, alpha: float = 5.0,
@@ -216,6 +235,7 @@ def ornstein_uhlenbeck_particles(n: int = 200, m0: float = 3.0, s0: float = 0.5,
 
 
 PROBLEMS = {"mmd_flow": mmd_flow, "ornstein_uhlenbeck": ornstein_uhlenbeck,
+            "porous_medium": porous_medium,
             "ornstein_uhlenbeck_particles": ornstein_uhlenbeck_particles,
             "ift_paper_mixture": ift_paper_mixture}
 
