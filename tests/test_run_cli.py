@@ -79,12 +79,9 @@ class Crash(Exception):
     pass
 
 
-def test_resume_after_a_crash_is_identical_to_an_uninterrupted_run(config, tmp_path, monkeypatch):
-    straight = tmp_path / "straight"
-    assert main(["run", str(config), "--out", str(straight), "--checkpoint-every", "2", "--quiet"]) == 0
-
-    # crash during the second chunk (steps 3-4), after the checkpoint at step 2 was written
-    crashed = tmp_path / "crashed"
+def crash_after_first_checkpoint(config, out, monkeypatch) -> list:
+    """Run ``config`` with checkpoints every 2 (steps or save times) and crash right after the
+    first checkpoint is written; returns the steps_done of the checkpoints written."""
     real_save = jio.save_trajectory
     written = []
 
@@ -95,9 +92,18 @@ def test_resume_after_a_crash_is_identical_to_an_uninterrupted_run(config, tmp_p
 
     monkeypatch.setattr(jio, "save_trajectory", save_then_crash)
     with pytest.raises(Crash):
-        main(["run", str(config), "--out", str(crashed), "--checkpoint-every", "2", "--quiet"])
+        main(["run", str(config), "--out", str(out), "--checkpoint-every", "2", "--quiet"])
     monkeypatch.setattr(jio, "save_trajectory", real_save)
-    assert written == [2]
+    return written
+
+
+def test_resume_after_a_crash_is_identical_to_an_uninterrupted_run(config, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    assert main(["run", str(config), "--out", str(straight), "--checkpoint-every", "2", "--quiet"]) == 0
+
+    # crash during the second chunk (steps 3-4), after the checkpoint at step 2 was written
+    crashed = tmp_path / "crashed"
+    assert crash_after_first_checkpoint(config, crashed, monkeypatch) == [2]
     assert jio.read_metadata(crashed / "checkpoint.npz")["steps_done"] == 2
     assert not (crashed / "trajectory.npz").exists()
 
@@ -137,16 +143,7 @@ def test_adaptive_run_resumed_after_a_crash_is_identical(tmp_path, monkeypatch):
     assert main(["run", str(config), "--out", str(straight), "--checkpoint-every", "2", "--quiet"]) == 0
 
     crashed = tmp_path / "crashed"
-    real_save = jio.save_trajectory
-
-    def save_then_crash(path, trajectory, metadata=None):
-        real_save(path, trajectory, metadata)
-        raise Crash
-
-    monkeypatch.setattr(jio, "save_trajectory", save_then_crash)
-    with pytest.raises(Crash):
-        main(["run", str(config), "--out", str(crashed), "--checkpoint-every", "2", "--quiet"])
-    monkeypatch.setattr(jio, "save_trajectory", real_save)
+    crash_after_first_checkpoint(config, crashed, monkeypatch)
     first_chunk = jk.load(crashed / "checkpoint.npz")
     assert first_chunk.times[-1] == pytest.approx(1.0)  # the second save time
 
@@ -308,16 +305,7 @@ def test_one_progress_bar_across_checkpoint_chunks(config, tmp_path, capsys):
 
 def test_resumed_bar_starts_at_the_checkpoint(config, tmp_path, capsys, monkeypatch):
     out = tmp_path / "results"
-    real_save = jio.save_trajectory
-
-    def save_then_crash(path, trajectory, metadata=None):
-        real_save(path, trajectory, metadata)
-        raise Crash
-
-    monkeypatch.setattr(jio, "save_trajectory", save_then_crash)
-    with pytest.raises(Crash):
-        main(["run", str(config), "--out", str(out), "--checkpoint-every", "2", "--quiet"])
-    monkeypatch.setattr(jio, "save_trajectory", real_save)
+    crash_after_first_checkpoint(config, out, monkeypatch)
     capsys.readouterr()
     assert main(["run", str(config), "--out", str(out), "--resume"]) == 0
     err = capsys.readouterr().err
