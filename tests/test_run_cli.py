@@ -217,46 +217,14 @@ def test_run_help_explains_each_option(capsys):
     assert "checkpoint.npz" in text and "jk.load" in text
 
 
-#: The paper's IFT particle algorithm on 20 particles and 30 samples of its mixture: 4 steps.
-PARTICLE_CONFIG = """
-[problem.support]
-kind = "particles"
-n = 20
-seed = 1
-
-[problem.initial]
-kind = "gaussian"
-mean = [5.0, 5.0]
-cov = 1.0
-
-[problem.energy]
-kind = "mmd2"
-target = { kind = "paper_mixture", n = 30 }
-
-[problem.kernel]
-kind = "gaussian"
-sigma = 10.0
-
-[geometry]
-kind = "ift"
-alpha = 50.0
-beta = 0.1
-conserve_mass = true
-
-[method]
-kind = "splitting"
-transport = "explicit"
-reaction = "exact"
-
-[run]
-tau = 1.0
-steps = 4
-"""
+def particle_config(small_ift_particles) -> str:
+    """The shipped IFT particle config on 20 particles and 30 samples, 4 steps."""
+    return small_ift_particles(particles=20, samples=30, seed=1)
 
 
-def test_particle_config_runs_checkpoints_and_reloads(tmp_path):
+def test_particle_config_runs_checkpoints_and_reloads(tmp_path, small_ift_particles):
     path = tmp_path / "particles.toml"
-    path.write_text(PARTICLE_CONFIG)
+    path.write_text(particle_config(small_ift_particles))
     out = tmp_path / "results"
     assert main(["run", str(path), "--out", str(out), "--checkpoint-every", "2", "--quiet"]) == 0
     trajectory = jk.load(out / "trajectory.npz")
@@ -270,14 +238,17 @@ def test_particle_config_runs_checkpoints_and_reloads(tmp_path):
     assert summary["config"]["problem"]["support"] == {"kind": "particles", "n": 20, "seed": 1}
 
 
-def test_particle_config_errors_name_the_field_on_the_command_line(tmp_path, capsys):
+def test_particle_config_errors_name_the_field_on_the_command_line(tmp_path, capsys,
+                                                                  small_ift_particles):
+    PARTICLE_CONFIG = particle_config(small_ift_particles)
     path = tmp_path / "bad.toml"
-    path.write_text(PARTICLE_CONFIG.replace('kind = "mmd2"\ntarget = { kind = "paper_mixture", n = 30 }',
-                                            'kind = "entropy"'))
+    path.write_text(PARTICLE_CONFIG.replace(
+        'kind = "mmd2"\ntarget = { kind = "paper_mixture", n = 30 }   # 100 samples, weights 1/100',
+        'kind = "entropy"'))
     assert main(["run", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "problem.energy.kind" in err and "particle supports in d = 2" in err and "grid support" in err
-    path.write_text(PARTICLE_CONFIG.replace("seed = 1", "seed = 1\nshape = [10, 10]"))
+    path.write_text(PARTICLE_CONFIG.replace("seed = 1 ", "shape = [10, 10]\nseed = 1 "))
     assert main(["run", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
     assert "problem.support.shape" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

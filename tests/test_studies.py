@@ -232,47 +232,13 @@ def test_study_help(command, options, capsys):
     assert all(option in text for option in options)
 
 
-#: The paper's IFT particle algorithm on 15 particles: the particle example, small.
-PARTICLE_TOML = """
-[problem.support]
-kind = "particles"
-n = 15
-seed = 2
-
-[problem.initial]
-kind = "gaussian"
-mean = [5.0, 5.0]
-cov = 1.0
-
-[problem.energy]
-kind = "mmd2"
-target = { kind = "paper_mixture", n = 20 }
-
-[problem.kernel]
-kind = "gaussian"
-sigma = 10.0
-
-[geometry]
-kind = "ift"
-alpha = 50.0
-beta = 0.1
-conserve_mass = true
-
-[method]
-kind = "splitting"
-transport = "explicit"
-reaction = "exact"
-
-[run]
-tau = 1.0
-steps = 4
-"""
-PARTICLE_CONFIG = tomllib.loads(PARTICLE_TOML)
 
 
-def test_particle_config_studies(tmp_path):
+def test_particle_config_studies(tmp_path, small_ift_particles):
     """converge (against a fine run; no grid, so no h and no locking), compare, and the refusal
-    of --refine-grid on particles."""
+    of --refine-grid on particles (the shipped IFT particle config on 15 particles)."""
+    PARTICLE_TOML = small_ift_particles(particles=15, samples=20, seed=2)
+    PARTICLE_CONFIG = tomllib.loads(PARTICLE_TOML)
     study = config_convergence_study(PARTICLE_CONFIG, [1.0, 0.5], reference_tau=0.125)
     assert [row["h"] for row in study.rows] == [None, None]
     assert [row["locked_steps"] for row in study.rows] == [0, 0]
