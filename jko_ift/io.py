@@ -172,7 +172,7 @@ def save_trajectory(path, trajectory, metadata: Mapping | None = None) -> Path:
     end with their ``sizes`` (k,), the points of the measures that are not on a grid (end
     to end, rows (N, d)), for measures on a ``Grid`` its ``lo``, ``hi`` and ``shape`` (the
     points are rebuilt from it), ``stats`` and ``metadata`` as JSON text, and
-    ``stop_reason``. ``load`` reads it back into an equal ``Trajectory``. Arrays only: the
+    ``stop_reason`` and the run's ``warnings``. ``load`` reads it back into an equal ``Trajectory``. Arrays only: the
     file is read with ``allow_pickle=False``.
     """
     measures = list(trajectory.measures)
@@ -201,6 +201,7 @@ def save_trajectory(path, trajectory, metadata: Mapping | None = None) -> Path:
         "stats": np.array(json.dumps(_json_exact(list(trajectory.stats)), allow_nan=True)),
         "metadata": np.array(json.dumps(_json_exact(dict(metadata or {})), allow_nan=True)),
         "stop_reason": np.array(str(trajectory.stop_reason)),
+        "warnings": np.array(json.dumps([w.to_dict() for w in getattr(trajectory, "warnings", ())])),
     }
     with atomic_path(path) as temporary:
         with open(temporary, "wb") as stream:
@@ -252,8 +253,11 @@ def load(path):
         else:
             measures.append(Measure(arrays["points"][point_start:point_start + size], weights))
             point_start += size
+    from .run_warnings import from_dicts
+
+    run_warnings = from_dicts(json.loads(str(arrays["warnings"]))) if "warnings" in arrays else ()
     return Trajectory(arrays["times"], measures, arrays["energies"],
-                      json.loads(str(arrays["stats"])), str(arrays["stop_reason"]))
+                      json.loads(str(arrays["stats"])), str(arrays["stop_reason"]), run_warnings)
 
 
 # ---------------------------------------------------------------------------- runs with checkpoints
@@ -342,7 +346,7 @@ def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = N
     """Run a checked config (``config.load_config``) into the results folder ``out``.
 
     Writes ``summary.json`` (the config, library versions, per-step energies, timings and
-    statuses, the stop reason), ``trajectory.npz`` (``jk.load`` reads it) and ``energy.png``,
+    statuses, the stop reason, the run's warnings with their counts), ``trajectory.npz`` (``jk.load`` reads it) and ``energy.png``,
     each atomically. With ``checkpoint_every = N`` the run goes in chunks of N steps (an
     adaptive run: up to every N-th of its save times, each chunk's controller starting from
     the last accepted tau), each one a ``jk.solve`` from the last measure with a fresh method
@@ -358,6 +362,7 @@ def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = N
     import logging
     import time
 
+    from .run_warnings import WarningLog
     from .solve import Trajectory, solve
 
     logger = logging.getLogger(__name__)
@@ -374,6 +379,7 @@ def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = N
     start = time.perf_counter()
     times, measures, energies, stats = [0.0], [spec.initial], [spec.energy.value(spec.initial)], []
     done, stop_reason, resumed_from = 0, None, None
+    log = WarningLog()  # the warnings of every chunk, steps counted from the start of the run
     if resume and checkpoint.exists():
         metadata = read_metadata(checkpoint)
         if metadata.get("digest") != spec.digest:
@@ -382,6 +388,7 @@ def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = N
         saved = load(checkpoint)
         times, measures = list(saved.times), list(saved.measures)
         energies, stats = list(saved.energies), list(saved.stats)
+        log.extend(saved.warnings)
         done = resumed_from = metadata["steps_done"]
         stop_reason = metadata["stop_reason"]
         if checkpoint_every != metadata["checkpoint_every"]:
@@ -396,7 +403,7 @@ def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = N
 
     def write_checkpoint():
         save_trajectory(checkpoint, Trajectory(np.array(times), measures, np.array(energies),
-                                               stats, stop_reason or "running"),
+                                               stats, stop_reason or "running", log.warnings()),
                         metadata={"digest": spec.digest, "steps_done": done,
                                   "checkpoint_every": checkpoint_every, "stop_reason": stop_reason})
         logger.debug("checkpoint at step %d written to %s (t = %.6g)", done, checkpoint, times[-1])
@@ -405,6 +412,7 @@ def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = N
         trajectory = spec.solve(progress=progress)
         times, measures = list(trajectory.times), list(trajectory.measures)
         energies, stats = list(trajectory.energies), list(trajectory.stats)
+        log.extend(trajectory.warnings)
         stop_reason = trajectory.stop_reason
         done = len(trajectory.taus)
     elif spec.adaptive:
@@ -432,6 +440,7 @@ def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = N
                 measures.extend(part.measures[1:])
                 energies.extend(part.energies[1:].tolist())
                 stats.extend(dict(s, step=done + s["step"], t=start_t + s["t"]) for s in part.stats)
+                log.extend(part.warnings, done)
                 done += len(part.taus)
                 if part.stop_reason != "t_final":
                     stop_reason = part.stop_reason
@@ -470,6 +479,7 @@ def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = N
                 measures.extend(part.measures[1:])
                 energies.extend(part.energies[1:].tolist())
                 stats.extend(dict(s, step=done + s["step"]) for s in part.stats)
+                log.extend(part.warnings, done)
                 done += taken
                 if part.stop_reason != "steps":
                     stop_reason = part.stop_reason
@@ -483,7 +493,7 @@ def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = N
     times_array = np.array(times)
     kept = _kept(times_array, run.save_at, float(times_array[-1]))
     trajectory = Trajectory(times_array[kept], [measures[i] for i in kept],
-                            np.array(energies)[kept], stats, stop_reason)
+                            np.array(energies)[kept], stats, stop_reason, log.warnings())
     save_trajectory(out / TRAJECTORY_FILE, trajectory, metadata={"digest": spec.digest})
     accepted = [s for s in stats if s.get("accepted", True)]
     summary = {
@@ -509,6 +519,7 @@ def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = N
             "status": [s.get("status") for s in accepted],
             "certificate": [s.get("certificate") for s in accepted],
         },
+        "warnings": [w.to_dict() for w in log.warnings()],
         "stats": stats,
     }
     write_json_atomic(out / SUMMARY_FILE, summary)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,8 +23,10 @@ from .geometries import Geometry
 from .measures import Measure
 from .methods import ConicJKO, EntropicJKO, SolverError, StepResult
 from .methods.base import check_step_input, warn_user
+from .run_warnings import RunWarning, WarningLog
 
-__all__ = ["DissipationWarning", "SolverError", "StepResult", "Trajectory", "jko_step", "solve"]
+__all__ = ["DissipationWarning", "RunWarning", "SolverError", "StepResult", "Trajectory", "jko_step",
+           "solve"]
 
 #: Slack allowed in F(mu^{k+1}) + D^2/(2 tau) <= F(mu^k), relative to max(1, |F(mu^k)|):
 #: the solvers certify their objective to about 1e-8 relative; 1e-6 leaves room for the
@@ -61,6 +64,8 @@ class Trajectory:
 
     stop_reason: "steps" or "t_final" (ran to the end), "stationary" (dissipation rate
     below ``stop_rate``), "energy" (reached ``stop_energy``) or "failed" (``throw=False``).
+    warnings: what went wrong or was flagged during the run, one ``RunWarning`` per cause with
+    how many steps raised it (each is also warned once, at the end of the run).
     """
 
     times: np.ndarray
@@ -68,6 +73,7 @@ class Trajectory:
     energies: np.ndarray
     stats: list = field(default_factory=list)
     stop_reason: str = "steps"
+    warnings: tuple[RunWarning, ...] = ()
 
     def __len__(self) -> int:
         return len(self.measures)
@@ -103,7 +109,9 @@ def solve(F: Energy, geometry: Geometry, mu0: Measure, tau: float | None = None,
     Every step records its wall time, status, certificate, objective, D^2 and the slack of
     the dissipation inequality F(mu^{k+1}) + D^2/(2 tau) <= F(mu^k); a violation beyond
     DISSIPATION_RTOL warns (``DissipationWarning``). With ``throw=False`` a failed step
-    ends the run early and its stats say why.
+    ends the run early and its stats say why. Warnings raised inside the steps are reported
+    once per cause at the end of the run, with their count, and kept in
+    ``Trajectory.warnings``.
     """
     if controller is None and tau is None:
         raise ValueError("give tau (a fixed step) or controller=jk.StepController(...)")
@@ -116,11 +124,11 @@ def solve(F: Energy, geometry: Geometry, mu0: Measure, tau: float | None = None,
             raise ValueError("an adaptive run needs t_final (and no steps)")
         t_final = _positive_time(t_final)
         run = _Run(F, geometry, method, mu0, t_final, save_at, stop_rate, stop_energy, throw)
-        return run.adaptive(controller, tau, progress)
+        return run.reporting(run.adaptive, controller, tau, progress)
     tau = float(tau)
     steps = _step_count(tau, steps, t_final)
     run = _Run(F, geometry, method, mu0, steps * tau, save_at, stop_rate, stop_energy, throw)
-    return run.fixed(tau, steps, progress)
+    return run.reporting(run.fixed, tau, steps, progress)
 
 
 class _Run:
@@ -133,6 +141,14 @@ class _Run:
         self.t, self.mu, self.energy = 0.0, mu0, F.value(mu0)
         self.times, self.measures, self.energies, self.stats = [0.0], [mu0], [self.energy], []
         self.label = f"{type(method).__name__} {type(geometry).__name__}"
+        self.log = WarningLog()
+
+    def reporting(self, loop, *args) -> Trajectory:
+        """Run ``loop``; then warn once per cause recorded in the steps, also when it raised."""
+        try:
+            return loop(*args)
+        finally:
+            self.log.emit()
 
     # -------------------------------------------------------------------- fixed steps
     def fixed(self, tau: float, steps: int, progress: bool) -> Trajectory:
@@ -245,6 +261,14 @@ class _Run:
         """Solve one step; (result, record), result None when it failed without throwing."""
         start = time.perf_counter()
         throw = self.throw if throw is None else throw
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                return self._checked_step(mu, tau, step, throw, start)
+            finally:
+                self.log.record(step, caught)
+
+    def _checked_step(self, mu: Measure, tau: float, step: int, throw: bool, start: float):
         result = jko_step(self.F, self.geometry, mu, tau, method=self.method, throw=throw)
         record = {"step": step, "tau": tau, "wall_time": time.perf_counter() - start,
                   "status": result.status, "certificate": result.certificate,
@@ -296,7 +320,7 @@ class _Run:
 
     def _trajectory(self, reason: str) -> Trajectory:
         return Trajectory(np.array(self.times), self.measures, np.array(self.energies),
-                          self.stats, reason)
+                          self.stats, reason, self.log.warnings())
 
 
 def _positive_time(t_final) -> float:
