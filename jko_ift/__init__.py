@@ -17,10 +17,12 @@ from .methods import (
     EntropicJKO,
     ExplicitEuler,
     GridLockingWarning,
+    MassMismatchWarning,
     ParticleJKO,
     SolverError,
     Splitting,
     StepResult,
+    WeightClippingWarning,
 )
 from .solve import DissipationWarning, Trajectory, jko_step, solve
 
@@ -30,7 +32,8 @@ __all__ = [
     "IFT", "IMQ", "KL", "MMD", "MMD2", "WFR", "ConicJKO", "DissipationWarning", "Energy",
     "EntropicBlurWarning", "EntropicJKO", "ExplicitEuler", "ParticleJKO", "Splitting",
     "EnergyKernel", "Entropy", "Gaussian", "Grid", "GridLockingWarning", "Hellinger",
-    "InfConvolution", "Interaction", "Laplace", "Measure", "PorousMedium", "Potential",
-    "SolverError", "StepController", "StepResult", "Trajectory", "Wasserstein", "convergence_order",
+    "InfConvolution", "Interaction", "Laplace", "MassMismatchWarning", "Measure", "PorousMedium",
+    "Potential", "SolverError", "StepController", "StepResult", "Trajectory", "Wasserstein",
+    "WeightClippingWarning", "convergence_order",
     "jko_step", "load", "mmd", "solve", "w2",
 ]

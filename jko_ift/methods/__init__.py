@@ -1,6 +1,6 @@
 """Methods: each turns (F, geometry, mu, tau) into a StepResult."""
 
-from .base import SolverError, StepResult
+from .base import MassMismatchWarning, SolverError, StepResult, WeightClippingWarning
 from .conic import ConicJKO, GridLockingWarning
 from .entropic import EntropicBlurWarning, EntropicJKO
 from .explicit import ExplicitEuler
@@ -8,4 +8,5 @@ from .particle import ParticleJKO
 from .splitting import Splitting
 
 __all__ = ["ConicJKO", "EntropicBlurWarning", "EntropicJKO", "ExplicitEuler", "GridLockingWarning",
-           "ParticleJKO", "SolverError", "Splitting", "StepResult"]
+           "MassMismatchWarning", "ParticleJKO", "SolverError", "Splitting", "StepResult",
+           "WeightClippingWarning"]

@@ -10,12 +10,31 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..energies import Energy
+from ..energies import KL, MMD2, Energy, Scaled, Sum
 from ..geometries import Geometry
 from ..measures import Measure
 
-#: Statuses of a step whose measure can be trusted.
+#: Statuses of a step whose measure can be trusted. Others: "diverged" (non-finite result),
+#: "unstable" (an explicit step past its stability limit: the energy rose, see
+#: ``particle.finish``), solver statuses such as "optimal_inaccurate" or "max_iterations".
 OK_STATUSES = ("optimal",)
+
+#: Masses that agree to this relative tolerance are the same mass. A float64 sum of n weights
+#: is exact to about n * 1.1e-16; weights that passed through float32 (torch tensors) carry a
+#: relative error up to 6e-8 each, hence their (positive) sum too (measured: float32 weights
+#: 1/n, n = 10^4 .. 10^6, sum within 2.5e-8 of 1). 1e-6 is well above both.
+MASS_RTOL = 1e-6
+
+
+class MassMismatchWarning(UserWarning):
+    """The masses of a step do not fit its geometry or energy: a target of another mass than mu
+    under a mass-conserving geometry (the energy cannot reach its minimum 0), or a measure of
+    mass != 1 under a spherical (probability) reaction geometry."""
+
+
+class WeightClippingWarning(UserWarning):
+    """A reaction step set weights to zero (the constraint b >= 0 was active): the run follows
+    the positivity-constrained flow, not the unconstrained particle ODE."""
 
 
 class SolverError(RuntimeError):
@@ -52,8 +71,11 @@ class StepResult:
         return self.status in OK_STATUSES
 
 
-def check_step_input(F, geometry, mu, tau) -> float:
-    """Validate the arguments every method shares; return tau as a float."""
+def check_step_input(F, geometry, mu, tau, warn_masses: bool = True) -> float:
+    """Validate the arguments every method shares; return tau as a float.
+
+    Every method calls this once per step. With ``warn_masses`` it also warns
+    (``MassMismatchWarning``, see ``check_masses``) when the masses do not fit the problem."""
     if not isinstance(F, Energy):
         raise ValueError(f"F must be a jko_ift energy (e.g. jk.MMD2(target, kernel)), got {F!r}")
     if not isinstance(geometry, Geometry):
@@ -69,7 +91,56 @@ def check_step_input(F, geometry, mu, tau) -> float:
         raise ValueError(f"tau must be a positive finite step size, got {tau!r}")
     if mu.mass <= 0:
         raise ValueError("mu has zero total mass; a JKO step needs a measure with positive mass")
+    if warn_masses:
+        check_masses(F, geometry, mu)
     return tau
+
+
+def energy_targets(F: Energy):
+    """(name, target measure) of each term of F with a target measure: MMD2, and KL given a
+    Measure (a KL to a log-density has no mass of its own: spherical flows ignore it)."""
+    if isinstance(F, MMD2):
+        yield "MMD2", F.target
+    elif isinstance(F, KL) and isinstance(F.target, Measure):
+        yield "KL", F.target
+    elif isinstance(F, Scaled):
+        yield from energy_targets(F.energy)
+    elif isinstance(F, Sum):
+        for term in F.terms:
+            yield from energy_targets(term)
+
+
+def check_masses(F: Energy, geometry: Geometry, mu: Measure) -> None:
+    """Warn (``MassMismatchWarning``) where the masses make the run another problem than the
+    one it looks like; the mathematics stays defined, so these are warnings, not errors.
+
+    * conserve_mass (W2, or a spherical reaction): a target of MMD2 or KL whose mass differs
+      from mu's cannot be reached: F stays above 0 (MMD2 converges to the closest measure of
+      mu's mass, in general not even the rescaled target; KL to the rescaled target).
+    * a spherical reaction geometry (``conserve_mass=True`` of Hellinger, MMD, WFR, IFT) is the
+      geometry of probability measures; given mass M != 1 it runs the flow of mass M (for
+      MMD2 and interactions a flow M times faster or slower than the probability one).
+    """
+    if not geometry.conserve_mass:
+        return
+    mass = float(mu.mass)
+    for name, target in energy_targets(F):
+        if not np.isclose(target.mass, mass, rtol=MASS_RTOL, atol=0.0):
+            warn_user(f"the target of {name} has mass {target.mass:.6g} but mu has mass {mass:.6g}, "
+                      f"and {type(geometry).__name__} conserves mass: the flow cannot reach the "
+                      "target and F cannot reach 0 (it converges to a measure of mass "
+                      f"{mass:.6g}). Give both the same mass (e.g. normalize both: "
+                      "grid.measure(..., normalize=True), or divide the weights by their sum), "
+                      "or use a reaction geometry on positive measures (conserve_mass=False)",
+                      MassMismatchWarning)
+            return
+    if geometry.reaction is not None and not np.isclose(mass, 1.0, rtol=MASS_RTOL, atol=0.0):
+        warn_user(f"{type(geometry).__name__}(conserve_mass=True) is the spherical geometry of "
+                  f"probability measures, but mu has mass {mass:.6g}: the run keeps that mass and "
+                  f"follows the flow of mass-{mass:.6g} measures, not of probabilities. Normalize mu "
+                  "(grid.measure(density, normalize=True), or jk.Measure(points, weights / "
+                  "weights.sum())), or pass conserve_mass=False for positive measures",
+                  MassMismatchWarning)
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

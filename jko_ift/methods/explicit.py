@@ -39,6 +39,7 @@ from ..measures import Measure
 from .base import StepResult, check_choice
 from .particle import (
     VELOCITIES,
+    ForwardStep,
     check_particle_input,
     explicit_transport,
     finish,
@@ -79,6 +80,7 @@ class ExplicitEuler:
     perturb_measure: bool = False
     steps_taken: int = field(default=0, init=False)
     _rng: np.random.Generator = field(init=False, repr=False)
+    _last: tuple = field(default=(None, None, None), init=False, repr=False)
 
     def __post_init__(self):
         check_choice("hellinger_update", self.hellinger_update, HELLINGER_UPDATES)
@@ -94,6 +96,7 @@ class ExplicitEuler:
         """Restart the step counter and the random generator (a new run)."""
         self.steps_taken = 0
         self._rng = np.random.default_rng(self.seed)
+        self._last = (None, None, None)  # (F, measure, F(measure)) of the last step
 
     def noise_level(self, step_index: int) -> float:
         """The noise level of step ``step_index`` (0-based)."""
@@ -103,37 +106,58 @@ class ExplicitEuler:
 
     def step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float,
              throw: bool = True) -> StepResult:
-        """mu^{k+1} from one forward Euler step of size tau (all parts at mu^k)."""
+        """mu^{k+1} from one forward Euler step of size tau (all parts at mu^k).
+
+        Without noise the step is checked for stability: an energy that rises along it (beyond
+        round-off) means tau times the curvature of F along the step exceeds 2, the limit of
+        forward Euler; the status is then "unstable" (a ``SolverError`` with throw=True) and
+        ``info["stability_ratio"]`` holds that estimate (``particle.stability_ratio``)."""
         tau = check_particle_input(F, geometry, mu, tau)
         start = time.perf_counter()
         x, a = mu.points, mu.weights
         level = self.noise_level(self.steps_taken)
         self.steps_taken += 1
         info: dict = {"method": "explicit_euler", "noise": level}
-        y, b = x, a
+        energy_before = self._energy_of(F, mu)
+        y, b, descent = x, a, 0.0
         with np.errstate(over="ignore", invalid="ignore"):
             if geometry.has_transport:
-                gradient = None
                 if level > 0:
                     noisy = x + level * self._rng.standard_normal(x.shape)
                     witness_of = Measure(noisy, a) if self.perturb_measure else mu
                     gradient = variation_at(F, witness_of, noisy, gradient=True)
+                else:
+                    gradient = F.grad_first_variation(mu)
                 y = explicit_transport(F, mu, tau * geometry.alpha, self.velocity, gradient)
                 info["max_displacement"] = float(np.sqrt(np.max(np.sum((y - x) ** 2, axis=1))))
+                descent -= float(a @ np.sum(gradient * (y - x), axis=1))
             if geometry.reaction is not None:
-                b = self._reaction(F, geometry, mu, tau * geometry.beta, info)
+                f = F.first_variation(mu)
+                b = self._reaction(F, geometry, mu, tau * geometry.beta, info, f, energy_before)
+                descent -= float(f @ (b - a))
         info["wall_time"] = time.perf_counter() - start
-        return finish(F, geometry, mu, y, b, tau, "optimal", 0.0, info, throw, "ExplicitEuler")
+        # with noise the transport is not a descent step of F: no stability to judge
+        forward = ForwardStep(energy_before, descent) if level == 0 else None
+        result = finish(F, geometry, mu, y, b, tau, "optimal", 0.0, info, throw, "ExplicitEuler",
+                        forward)
+        self._last = (F, result.measure, result.energy)
+        return result
 
-    def _reaction(self, F, geometry, mu, eta, info) -> np.ndarray:
+    def _energy_of(self, F: Energy, mu: Measure) -> float:
+        """F(mu), reused from the previous step when mu is the measure it returned."""
+        last_F, last_measure, last_energy = self._last
+        if F is last_F and mu is last_measure:
+            return last_energy
+        return float(F.value(mu))
+
+    def _reaction(self, F, geometry, mu, eta, info, f, energy_before) -> np.ndarray:
         a = mu.weights
-        f = F.first_variation(mu)
         conserve = geometry.conserve_mass
         if self.reaction == "projected_gradient":
             return projected_gradient_weights(a, f, eta, conserve)
         if isinstance(geometry.reaction, MMD):
             forward = mmd_step(F, geometry.reaction, mu.points, a, eta, conserve,
-                               linearize_at=f, energy_scale=abs(F.value(mu)))
+                               linearize_at=f, energy_scale=abs(energy_before))
             info["projected"] = bool(np.any(forward.weights[a > 0] == 0))
             info["weight_iterations"] = forward.info.get("weight_iterations", 0)
             return forward.weights

@@ -46,7 +46,7 @@ from ..energies import (
 )
 from ..geometries import MMD, Geometry, Hellinger, InfConvolution, Wasserstein
 from ..measures import Measure
-from .base import SolverError, StepResult, check_step_input
+from .base import SolverError, StepResult, WeightClippingWarning, check_step_input, warn_user
 from .weights import (
     DEFAULT_WEIGHT_RTOL,
     GramCache,
@@ -71,6 +71,15 @@ LBFGS_RESTARTS = 3
 
 #: Gradient-only iterations after L-BFGS-B stalls on round-off (``_gradient_polish``).
 POLISH_ITERATIONS = 50
+
+#: Weights set to zero in a step are reported (``WeightClippingWarning``) when the mass they
+#: carried before the step, plus the negative mass the unconstrained update gave them where it
+#: is known, exceeds this fraction of the mass. Below it is round-off: the QP's active set
+#: drops weights within ACTIVE_SET_ROUNDOFF = 1e-13 of their scale (n <= 10^4 of them: 1e-9),
+#: weights of 1e-300 or a drift of -1e-15. Measured: pure MMD flows with positive weights
+#: zero nothing; an IFT flow whose weights leave the cone zeroes 1e-4 to 1e-2 of the mass in
+#: the step where a weight dies, at tau = 0.01 .. 0.05 (tests/test_regimes.py).
+CLIPPED_MASS_RTOL = 1e-9
 
 #: Alternations of (positions, weights) in the joint step before giving up.
 DEFAULT_ALTERNATIONS = 50
@@ -198,9 +207,120 @@ def energy_scale(F: Energy, mu: Measure) -> float:
     return max(abs(F.value(mu)), 1e-300)
 
 
+@dataclass(frozen=True)
+class ForwardStep:
+    """What ``finish`` needs to judge an explicit (forward) step mu -> mu + d: F(mu) and the
+    decrease the step predicts to first order, P = -<grad F(mu), d> (> 0 for a descent step;
+    in particle coordinates grad F = (a_i grad f(x_i), f(x_i)))."""
+
+    energy_before: float
+    descent: float
+
+
+def stability_ratio(energy_before: float, energy_after: float, descent: float) -> float:
+    """tau kappa, the step size times the curvature of F along a forward step d = -tau M^{-1} g.
+
+    In the metric M of the step |d|_M^2 = tau P, so F along d is, to second order,
+    F(mu + d) = F(mu) - P + kappa |d|_M^2 / 2 = F(mu) - P (1 - tau kappa / 2), hence
+    tau kappa = 2 (1 + (F(mu + d) - F(mu)) / P): a secant estimate, exact for quadratic F.
+    Forward Euler is stable along d (F decreases) iff tau kappa < 2, and it satisfies the JKO
+    dissipation inequality F(mu + d) + |d|_M^2 / (2 tau) <= F(mu) iff tau kappa <= 1.
+    """
+    return 2.0 * (1.0 + (energy_after - energy_before) / descent)
+
+
+def value_magnitude(F: Energy, mu: Measure) -> float:
+    """The size of the terms that add up to F(mu) (their sum's round-off is eps times this).
+
+    Kernel sums are bounded through |k(x, y)| <= k(x, x) (positive definite, stationary) or
+    |x - y| <= the diameter (the energy kernel); energies not listed fall back to |F(mu)|.
+    """
+    if isinstance(F, Sum):
+        return sum(value_magnitude(term, mu) for term in F.terms)
+    if isinstance(F, Scaled):
+        return abs(F.factor) * value_magnitude(F.energy, mu)
+    if isinstance(F, Potential):
+        return float(mu.weights @ np.abs(np.asarray(F.V(mu.points), dtype=float)))
+    if isinstance(F, Interaction):
+        absolute = F._pairwise(lambda z: np.abs(F.W(z)), mu.points, mu.points, mu.weights, 1)
+        return 0.5 * float(mu.weights @ absolute)
+    if isinstance(F, MMD2):
+        t = F.target
+        points = np.vstack([mu.points, t.points])
+        if F.kernel.positive_definite:
+            bound = abs(float(F.kernel.apply(points[:1], points[:1], np.ones(1))[0]))
+        else:
+            bound = float(np.linalg.norm(np.ptp(points, axis=0)))
+        return 0.5 * bound * (mu.mass + t.mass) ** 2
+    return abs(F.value(mu))
+
+
+def forward_stability(F: Energy, mu: Measure, new: Measure, energy_after: float,
+                      forward: ForwardStep, tau: float, info: dict, method: str,
+                      piece: str = "explicit step", fraction: float = 1.0) -> str:
+    """"optimal", or "unstable" when the energy rose along an explicit step by more than its
+    round-off (``stability_ratio`` above 2); records ``info["stability_ratio"]`` (the largest
+    over the explicit pieces of a step). ``piece``, ``fraction``: what is judged and its step
+    as a fraction of tau (the pieces of a splitting)."""
+    if not forward.descent > 0:  # not a descent direction (noise injection): nothing to judge
+        return "optimal"
+    ratio = stability_ratio(forward.energy_before, energy_after, forward.descent)
+    info["stability_ratio"] = max(ratio, info.get("stability_ratio", -np.inf))
+    rise = energy_after - forward.energy_before
+    if rise <= 0:
+        return "optimal"
+    floor = ROUNDOFF_FACTOR * np.finfo(float).eps * (value_magnitude(F, mu) + value_magnitude(F, new))
+    if rise <= floor:  # F at round-off (a converged run): its changes are noise
+        return "optimal"
+    size = f"tau = {tau:.4g}" if fraction == 1 else f"{fraction:g} tau = {fraction * tau:.4g}"
+    info["failure"] = (
+        f"{method}: the {piece} of {size} is past its stability limit: F rose "
+        f"from {forward.energy_before:.6g} to {energy_after:.6g}, so its step times the curvature "
+        f"of F along it is about {ratio:.3g}, above the limit 2 of forward Euler (for the W2 "
+        "flow of a potential V: tau alpha Lip(grad V) < 2; for an MMD reaction: tau beta times "
+        "the largest eigenvalue of (K + ridge I)^{-1} times the Hessian of F in the weights < 2). "
+        f"Take tau below about {2 * tau / ratio:.3g}, or an implicit method: jk.ParticleJKO() or "
+        "jk.Splitting(transport='implicit', reaction='exact')")
+    return "unstable"
+
+
+def clipping_report(a: np.ndarray, b: np.ndarray, info: dict, method: str) -> None:
+    """Record (``info["zeroed_weights"]``, ``info["zeroed_mass"]``) and warn
+    (``WeightClippingWarning``) when a step set positive weights a_i to b_i <= 0.
+
+    The mass counted is what those weights carried before the step, plus the negative mass the
+    unconstrained update gave them where the method knows it (``info["clipped_mass"]`` of the
+    linear Hellinger update, negative entries of b). Below CLIPPED_MASS_RTOL of the mass it is
+    round-off and is not reported."""
+    zeroed = (a > 0) & (b <= 0)
+    count = int(np.count_nonzero(zeroed))
+    if count == 0:
+        return
+    carried = float(a[zeroed].sum())
+    negative = float(info.get("clipped_mass", 0.0)) + float(-b[b < 0].sum())
+    info.update(zeroed_weights=count, zeroed_mass=carried)
+    mass = float(a.sum())
+    if carried + negative <= CLIPPED_MASS_RTOL * mass:
+        return
+    unconstrained = (f"; the unconstrained update would have made them negative, {-negative:.3g} "
+                     "in all" if negative > 0 else "")
+    warn_user(f"{method}: weights reached zero in this step: {count} (carrying mass "
+              f"{carried:.3g} of {mass:.3g} before it{unconstrained}); the constraint b >= 0 is "
+              "active, so the run follows the positivity-constrained flow, not the unconstrained "
+              "particle ODE, whose weights go negative. A smaller tau helps only when the "
+              "clipping is an overshoot of the step; when the flow itself drives weights below "
+              "zero (the MMD reaction of IFT can), every scheme converges to the constrained "
+              "flow whatever tau: compare a run at tau / 2 to tell which",
+              WeightClippingWarning)
+
+
 def finish(F: Energy, geometry: Geometry, mu: Measure, y: np.ndarray, b: np.ndarray, tau: float,
-           status: str, certificate: float, info: dict, throw: bool, method: str) -> StepResult:
-    """Build the StepResult of a particle step (and raise on failure when asked)."""
+           status: str, certificate: float, info: dict, throw: bool, method: str,
+           forward: ForwardStep | None = None) -> StepResult:
+    """Build the StepResult of a particle step (and raise on failure when asked).
+
+    Weights set to zero are reported (``clipping_report``); ``forward`` (explicit steps) makes
+    a step whose energy rose "unstable" (``forward_stability``)."""
     if not (np.all(np.isfinite(y)) and np.all(np.isfinite(b))):
         result = StepResult(None, np.nan, np.nan, np.nan, "diverged", np.inf, info)
         if throw:
@@ -209,6 +329,7 @@ def finish(F: Energy, geometry: Geometry, mu: Measure, y: np.ndarray, b: np.ndar
                               "take a smaller tau or an implicit method (jk.ParticleJKO); pass "
                               "throw=False to get the StepResult instead", "diverged", result)
         return result
+    clipping_report(mu.weights, b, info, method)
     new = Measure(y, np.maximum(b, 0.0))
     with np.errstate(over="ignore", invalid="ignore"):
         try:
@@ -221,6 +342,8 @@ def finish(F: Energy, geometry: Geometry, mu: Measure, y: np.ndarray, b: np.ndar
         distance_sq = particle_distance_sq(geometry, mu.points, mu.weights, y, new.weights)
     if not (np.isfinite(energy) and np.isfinite(distance_sq)):
         status, certificate = "diverged", np.inf
+    elif status == "optimal" and forward is not None:
+        status = forward_stability(F, mu, new, energy, forward, tau, info, method)
     result = StepResult(new, energy + distance_sq / (2 * tau), energy, distance_sq, status,
                         certificate, info)
     if throw and not result.ok:
@@ -231,6 +354,9 @@ def finish(F: Energy, geometry: Geometry, mu: Measure, y: np.ndarray, b: np.ndar
             raise SolverError(f"{method}: {what}; tau = {tau:.3g} is beyond the stability limit "
                               "of this scheme: take a smaller tau or an implicit method "
                               "(jk.ParticleJKO)", status, result)
+        if status == "unstable":
+            raise SolverError(f"{info['failure']}; pass throw=False to get the StepResult "
+                              "(status 'unstable') instead", status, result)
         raise SolverError(f"{method}: step not solved to its tolerance: status {status!r}, "
                           f"certificate {certificate:.3g}{why}. Try a smaller tau, more "
                           "iterations or a looser tol; pass throw=False to get the StepResult "

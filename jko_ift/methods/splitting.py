@@ -46,10 +46,12 @@ from .base import StepResult, check_choice
 from .particle import (
     DEFAULT_PARTICLE_TOL,
     VELOCITIES,
+    ForwardStep,
     check_particle_input,
     energy_scale,
     explicit_transport,
     finish,
+    forward_stability,
     implicit_transport,
     reaction_exact,
 )
@@ -63,6 +65,9 @@ from .weights import (
 
 TRANSPORT_PIECES = ("implicit", "explicit")
 REACTION_PIECES = ("exact", "explicit", "projected_gradient")
+
+#: Reaction pieces that are forward steps, checked for stability like ``ExplicitEuler``.
+FORWARD_REACTIONS = ("explicit", "projected_gradient")
 
 
 @dataclass(eq=False)
@@ -103,7 +108,7 @@ class Splitting:
              throw: bool = True) -> StepResult:
         tau = check_particle_input(F, geometry, mu, tau)
         start = time.perf_counter()
-        run = _Run(energy_scale(F, mu), {"method": f"splitting_{self.order}"})
+        run = _Run(energy_scale(F, mu), {"method": f"splitting_{self.order}"}, tau)
         if self.order == 1:
             plan = [("T", self.transport, 1.0), ("R", self.reaction, 1.0)]
         elif self.symmetric:
@@ -132,7 +137,9 @@ class Splitting:
     def _transport(self, F, geometry, mu, h, kind, run) -> Measure | None:
         eta = h * geometry.alpha
         if kind == "explicit":
-            y = explicit_transport(F, mu, eta, self.velocity)
+            gradient = F.grad_first_variation(mu)
+            y = explicit_transport(F, mu, eta, self.velocity, gradient)
+            descent = -float(mu.weights @ np.sum(gradient * (y - mu.points), axis=1))
         else:
             moved = implicit_transport(F, mu.points, mu.weights, eta, start=explicit_transport(
                 F, mu, eta), tol=self.tol, scale=run.scale, max_iter=self.max_iter)
@@ -140,7 +147,10 @@ class Splitting:
             y = moved.points
         if not np.all(np.isfinite(y)):
             return None
-        return Measure(y, mu.weights)
+        moved = Measure(y, mu.weights)
+        if self.transport == "explicit":  # not the adjoint half step of Strang (stable with T)
+            run.check_forward(F, mu, moved, descent, "explicit transport piece", h)
+        return moved
 
     def _reaction(self, F, geometry, mu, h, kind, run) -> Measure | None:
         eta = h * geometry.beta
@@ -164,15 +174,30 @@ class Splitting:
                 run.info.update(extra)
         if not np.all(np.isfinite(b)):
             return None
-        return mu.with_weights(np.maximum(b, 0.0))
+        reacted = mu.with_weights(np.maximum(b, 0.0))  # zeroed weights: reported by ``finish``
+        if kind in FORWARD_REACTIONS:
+            descent = -float(F.first_variation(mu) @ (reacted.weights - a))
+            run.check_forward(F, mu, reacted, descent, f"{kind} reaction piece", h)
+        return reacted
 
 
 class _Run:
     """What the sub-steps of one splitting step accumulate: status, certificate, counts."""
 
-    def __init__(self, scale: float, info: dict):
-        self.scale, self.info = scale, info
+    def __init__(self, scale: float, info: dict, tau: float):
+        self.scale, self.info, self.tau = scale, info, tau
         self.status, self.certificate = "optimal", 0.0
+
+    def check_forward(self, F, before: Measure, after: Measure, descent: float, piece: str,
+                      h: float) -> None:
+        """An explicit piece whose energy rose makes the step "unstable" (``forward_stability``)."""
+        energy_after = F.value(after)
+        if not np.isfinite(energy_after):
+            return  # ``finish`` reports the divergence
+        forward = ForwardStep(F.value(before), descent)
+        if forward_stability(F, before, after, energy_after, forward, self.tau, self.info,
+                             "Splitting", piece, h / self.tau) != "optimal":
+            self.status = "unstable"
 
     def merge(self, status, certificate, info) -> None:
         self.certificate = max(self.certificate, float(certificate))
