@@ -49,6 +49,7 @@ def test_large_steps(tmp_path):
     check_figures(result, "large_steps.png", folder=tmp_path)
     explicit, implicit = result["panels"]["explicit, W2"], result["panels"]["ParticleJKO (implicit), W2"]
     assert explicit["tau = 1"][-1] > explicit["tau = 1"][0]  # unstable past tau = 1/2
+    assert result["unstable"]["explicit, W2"] == {"tau = 0.1": 0, "tau = 1": 4}  # and flagged
     assert np.all(np.diff(implicit["tau = 1"]) < 0)  # implicit: dissipates
 
 
