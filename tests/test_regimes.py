@@ -321,3 +321,12 @@ def test_kl_to_an_unnormalized_log_density_is_not_a_mismatch():
     F = jk.KL(lambda z: -z[:, 0] ** 2 + 5.0)
     _, caught = record(lambda: jk.jko_step(F, jk.WFR(conserve_mass=True), mu, 0.1))
     assert jk.MassMismatchWarning not in categories(caught)
+
+
+def test_warnings_point_at_the_callers_line():
+    """``warn_user`` attributes a warning to the first frame outside jko_ift: here this file."""
+    F, geometry, mu0 = ift_problem()
+    heavy = jk.Measure(mu0.points, mu0.weights * 2.5)
+    _, caught = record(lambda: jk.jko_step(F, geometry, heavy, 0.01, method=jk.ExplicitEuler()))
+    (warning,) = [w for w in caught if w.category is jk.MassMismatchWarning]
+    assert warning.filename == __file__
