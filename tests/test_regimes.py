@@ -249,6 +249,17 @@ def test_linear_hellinger_clipping_reports_the_negative_mass():
     assert f"negative, {-negative:.3g} in all" in str(warning.message)
 
 
+def test_multiplicative_hellinger_underflow_is_not_clipping():
+    """b = a e^{-eta V} is positive for every eta; with eta (V_max - V_min) = 1000 it underflows
+    to 0, which is not the constraint b >= 0 at work."""
+    x = np.linspace(-1, 1, 8)[:, None]
+    mu = jk.Measure(x, np.full(8, 1 / 8))
+    F = jk.Potential(lambda z: z[:, 0], lambda z: np.c_[np.ones(len(z))])
+    result, caught = record(lambda: jk.ExplicitEuler().step(F, jk.Hellinger(), mu, 500.0))
+    assert result.info["underflow_weights"] > 0
+    assert jk.WeightClippingWarning not in categories(caught)
+
+
 def test_round_off_clipping_is_not_reported():
     a = np.array([0.5, 0.5 - 1e-15, 1e-300, 1e-15])
     tiny = np.array([0.5, 0.5 - 1e-15, 0.0, -1e-15])  # a weight of 1e-300 and a drift of -1e-15

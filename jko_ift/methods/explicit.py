@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..energies import Energy
-from ..geometries import MMD, Geometry
+from ..geometries import MMD, Geometry, Hellinger
 from ..measures import Measure
 from .base import StepResult, check_choice
 from .particle import (
@@ -117,7 +117,9 @@ class ExplicitEuler:
         x, a = mu.points, mu.weights
         level = self.noise_level(self.steps_taken)
         self.steps_taken += 1
-        info: dict = {"method": "explicit_euler", "noise": level}
+        info: dict = {"method": "explicit_euler", "noise": level, "positivity_preserving": (
+            isinstance(geometry.reaction, Hellinger) and self.reaction == "explicit"
+            and self.hellinger_update == "multiplicative")}
         energy_before = self._energy_of(F, mu)
         y, b, descent = x, a, 0.0
         with np.errstate(over="ignore", invalid="ignore"):

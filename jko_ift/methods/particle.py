@@ -293,10 +293,15 @@ def clipping_report(a: np.ndarray, b: np.ndarray, info: dict, method: str) -> No
     The mass counted is what those weights carried before the step, plus the negative mass the
     unconstrained update gave them where the method knows it (``info["clipped_mass"]`` of the
     linear Hellinger update, negative entries of b). Below CLIPPED_MASS_RTOL of the mass it is
-    round-off and is not reported."""
+    round-off and is not reported. A method whose reaction keeps weights positive (Hellinger:
+    the exact, multiplicative and adjoint updates) sets ``info["positivity_preserving"]``: its
+    zeros are underflow (a e^{-eta f} below 5e-324), recorded as ``underflow_weights``."""
     zeroed = (a > 0) & (b <= 0)
     count = int(np.count_nonzero(zeroed))
     if count == 0:
+        return
+    if info.get("positivity_preserving", False):
+        info["underflow_weights"] = count
         return
     carried = float(a[zeroed].sum())
     negative = float(info.get("clipped_mass", 0.0)) + float(-b[b < 0].sum())
@@ -805,7 +810,8 @@ class ParticleJKO:
         start = time.perf_counter()
         x, a = mu.points, mu.weights
         scale = energy_scale(F, mu)
-        info: dict = {"method": "particle_jko"}
+        info: dict = {"method": "particle_jko",
+                      "positivity_preserving": isinstance(geometry.reaction, Hellinger)}
         if not geometry.has_transport:  # pure reaction: the exact weight step
             reaction = reaction_exact(F, geometry, x, a, tau * geometry.beta, scale=scale,
                                       rtol=self.tol)

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..energies import Energy
-from ..geometries import MMD, Geometry
+from ..geometries import MMD, Geometry, Hellinger
 from ..measures import Measure
 from .base import StepResult, check_choice
 from .particle import (
@@ -109,6 +109,10 @@ class Splitting:
         tau = check_particle_input(F, geometry, mu, tau)
         start = time.perf_counter()
         run = _Run(energy_scale(F, mu), {"method": f"splitting_{self.order}"}, tau)
+        # Hellinger pieces other than the linear and projected-gradient updates never clip
+        run.info["positivity_preserving"] = isinstance(geometry.reaction, Hellinger) and not (
+            self.reaction == "projected_gradient"
+            or (self.reaction == "explicit" and self.hellinger_update == "linear"))
         if self.order == 1:
             plan = [("T", self.transport, 1.0), ("R", self.reaction, 1.0)]
         elif self.symmetric:
