@@ -118,8 +118,9 @@ def check_masses(F: Energy, geometry: Geometry, mu: Measure) -> None:
       from mu's cannot be reached: F stays above 0 (MMD2 converges to the closest measure of
       mu's mass, in general not even the rescaled target; KL to the rescaled target).
     * a spherical reaction geometry (``conserve_mass=True`` of Hellinger, MMD, WFR, IFT) is the
-      geometry of probability measures; given mass M != 1 it runs the flow of mass M (for
-      MMD2 and interactions a flow M times faster or slower than the probability one).
+      geometry of probability measures; given mass M != 1 it runs the flow of mass-M measures
+      (where the first variation scales with the mass, as for MMD2 to a target of mass M or an
+      interaction, transport and the Hellinger reaction run M times faster than for mass 1).
     """
     if not geometry.conserve_mass:
         return

@@ -152,7 +152,7 @@ class Splitting:
         if not np.all(np.isfinite(y)):
             return None
         moved = Measure(y, mu.weights)
-        if self.transport == "explicit":  # not the adjoint half step of Strang (stable with T)
+        if kind == "explicit" and self.transport == "explicit":  # not Strang's adjoint half step
             run.check_forward(F, mu, moved, descent, "explicit transport piece", h)
         return moved
 
