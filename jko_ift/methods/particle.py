@@ -264,8 +264,8 @@ def forward_stability(F: Energy, mu: Measure, new: Measure, energy_after: float,
     round-off (``stability_ratio`` above 2); records ``info["stability_ratio"]`` (the largest
     over the explicit pieces of a step). ``piece``, ``fraction``: what is judged and its step
     as a fraction of tau (the pieces of a splitting)."""
-    if not forward.descent > 0:  # not a descent direction (noise injection): nothing to judge
-        return "optimal"
+    if not (forward.descent > 0 and np.isfinite(forward.energy_before)):
+        return "optimal"  # not a descent direction (noise injection): nothing to judge
     ratio = stability_ratio(forward.energy_before, energy_after, forward.descent)
     info["stability_ratio"] = max(ratio, info.get("stability_ratio", -np.inf))
     rise = energy_after - forward.energy_before
