@@ -95,6 +95,10 @@ def clarabel_tolerances(tau: float) -> dict:
     return {"tol_gap_abs": tol, "tol_gap_rel": tol, "tol_feas": tol}
 
 
+#: psd_factor's default rtol (energies.py): the Gram eigenvalues the program keeps.
+PSD_RTOL = 1e-10
+
+
 def _solver_instance(name: str):
     return _CLARABEL if name == "CLARABEL" else name
 
@@ -251,7 +255,7 @@ class ConicProgram:
             cone = cp.SOC(nu + y, cp.vstack([2 * t, nu - y]), axis=0)
             return 4 * cp.sum(nu + y - 2 * t), [cone]
         gram = self.reaction.kernel(self.support.points, self.support.points)
-        factor = psd_factor(gram)
+        factor = psd_factor(gram, PSD_RTOL)
         if factor is None:  # conditionally p.d.: a norm on zero-sum differences only
             if not self.geometry.conserve_mass:
                 raise NotConvexError(
@@ -259,7 +263,7 @@ class ConicProgram:
                     "definite, so its MMD is a distance only between measures of equal mass; "
                     "pass conserve_mass=True to the geometry")
             centred = gram - gram.mean(0, keepdims=True)
-            factor = psd_factor(centred - centred.mean(1, keepdims=True))
+            factor = psd_factor(centred - centred.mean(1, keepdims=True), PSD_RTOL)
         # d = y - nu as a variable keeps the form parameter-free when nu = a (DPP), and the
         # quadratic form goes to the solver as one PSD block instead of dense cone rows
         diff = cp.Variable(y.shape[0], name="reaction_difference")
@@ -348,7 +352,7 @@ class ConicProgram:
             return np.inf
         bound_sq = self.scale * max(absolute_gap, 0.0)
         if not isinstance(self.reaction, Hellinger):
-            return float(np.sqrt(bound_sq))
+            return float(np.sqrt(bound_sq)) + self._truncation_slack(new)
         old, weights = mu.weights, new.weights
         held = old > 0
         both = held & (weights > 0)
@@ -382,6 +386,8 @@ class ConicProgram:
             bound_sq = tau**2 * float(dual_weights @ gradient**2) / modulus
         else:
             values, vectors = self._reaction_spectrum()  # in the eigenbasis of K + ridge I
+            if not values.min() > 0:  # no ridge, or a conditionally p.d. kernel: no dual norm
+                return np.nan
             gradient = vectors.T @ first_variation + values * (vectors.T @ (weights - old)) / tau
             if self.geometry.conserve_mass:
                 ones = vectors.T @ np.ones_like(weights)
@@ -389,12 +395,25 @@ class ConicProgram:
             bound_sq = tau**2 * float(gradient @ (gradient / values))
         return float(np.sqrt(bound_sq)) if np.isfinite(bound_sq) else np.nan
 
+    def _truncation_slack(self, new: Measure) -> float:
+        """What the Gram truncation of the program (§2) can hide from the gap, in MMD.
+
+        The program's form drops eigenvalues below PSD_RTOL * max(e); unless the ridge covers
+        them, the solver is free along those directions, and an error d there costs up to
+        sqrt(PSD_RTOL max(e)) |d|_2 in MMD, with |d|_2 <= |b|_2 + |b*|_2 ~ 2 |b|_2.
+        """
+        values, _ = self._reaction_spectrum()
+        truncated = PSD_RTOL * float(values.max())
+        if self.reaction.ridge >= truncated:
+            return 0.0
+        return float(np.sqrt(truncated) * 2.0 * np.linalg.norm(new.weights))
+
     def _reaction_spectrum(self):
         """Eigenvalues and vectors of K + ridge I on the support (MMD reaction), once."""
         if self._spectrum is None:
             gram = self.reaction.kernel(self.support.points, self.support.points)
             values, vectors = np.linalg.eigh(0.5 * (gram + gram.T))
-            values = np.maximum(values, 0.0) + self.reaction.ridge
+            values = values + self.reaction.ridge
             self._spectrum = (values, vectors)
         return self._spectrum
 
