@@ -94,8 +94,8 @@ DIFFUSION_MARGIN = 0.1
 #: ``info["error_bound"]``, docs/conic.md §7) exceeds this fraction of the row's error: then the
 #: solver's error is not well below the scheme's and bends the fitted order. Measured on the
 #: Hellinger flow of KL (tests/test_convergence.py): with the default tolerances the sum stays
-#: below 4 % of the error (tau 0.2 ... 0.00625); with Clarabel at 1e-8 it reaches 130 % at
-#: tau = 0.00625 and the order drops.
+#: below 3.5 % of the error (tau 0.05 ... 0.00625); with Clarabel at 1e-8 it reaches 38 % at
+#: tau = 0.0125 and 180 % at 0.00625, where the order drops.
 SOLVER_MARGIN = 0.1
 #: Steps without an error bound flag the row when their relative certificate exceeds this
 #: fraction of the error: a weak check (a relative residual is not an error), kept as it was.
