@@ -91,7 +91,7 @@ STALL_RATIO = 1e-2
 #: the error (see ``_flags``).
 DIFFUSION_MARGIN = 0.1
 #: Solver tolerance flags a row when the accumulated error bound of its steps (the sum of
-#: ``info["error_bound"]``, docs/conic.md §7) exceeds this fraction of the row's error: then the
+#: ``info["error_bound"]``, docs/conic.md §8) exceeds this fraction of the row's error: then the
 #: solver's error is not well below the scheme's and bends the fitted order. Measured on the
 #: Hellinger flow of KL (tests/test_convergence.py): with the default tolerances the sum stays
 #: below 3.5 % of the error (tau 0.05 ... 0.00625); with Clarabel at 1e-8 it reaches 38 % at

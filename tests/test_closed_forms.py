@@ -561,7 +561,7 @@ def test_named_porous_medium_problem_follows_the_barenblatt_spread():
 
 
 # ---------------------------------------------------------------------------------------------
-# Error bounds of the steps (docs/conic.md §7): info["error_bound"] against the closed forms
+# Error bounds of the steps (docs/conic.md §8): info["error_bound"] against the closed forms
 # ---------------------------------------------------------------------------------------------
 
 #: Clarabel at its own defaults (1e-8), as every step was solved before the tolerances shrank

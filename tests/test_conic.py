@@ -134,7 +134,7 @@ def test_energy_kernel_mmd_step_with_conserved_mass():
 
 def test_transport_geometries_report_no_error_bound():
     """On a fixed support W2^2(mu^k, .) is piecewise linear in the weights: the gap bounds the
-    objective only (docs/conic.md §7), so no bound on the weights is claimed."""
+    objective only (docs/conic.md §8), so no bound on the weights is claimed."""
     energy = jk.Entropy() + QUADRATIC
     for geometry in (jk.Wasserstein(), jk.WFR(1.0, 1.0), jk.IFT(jk.Gaussian(0.5), 1.0, 1.0)):
         result = jk.jko_step(energy, geometry, MU_1D, 0.1)

@@ -74,7 +74,7 @@ def hellinger(a, b):
     return float(np.sqrt(4.0 * np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)))
 
 
-#: The solver's error per step (info["error_bound"], docs/conic.md §7) has to stay well below
+#: The solver's error per step (info["error_bound"], docs/conic.md §8) has to stay well below
 #: the O(tau^2) local error down to the smallest tau of a study. With Clarabel at 1e-8 for every
 #: tau it did not: at tau = 0.00625 the accumulated solver error (8.5e-4 in He) matched the
 #: time error (8.8e-4) and the last halving of tau gained a factor 1.5 (local order 0.63, 0.88
