@@ -78,8 +78,8 @@ CLARABEL_RETRY = {"max_step_fraction": 0.95}
 #: solver error per step scales like sqrt(tolerance), while the step's local error scales like
 #: tau^2: the tolerance shrinks like tau^4 below TOLERANCE_FULL_TAU. Calibrated on the
 #: Hellinger flow of KL (50 points, docs/conic.md §8): at tau = 0.05 and tolerance 1e-8 the
-#: solver error per step (1e-5 in He) is 3 % of the local error (3.5e-4); the rule keeps that
-#: ratio down to TOLERANCE_FLOOR.
+#: solver error per step (1.7e-5 in He) is 5 % of the local error (global error / tau * tau^2
+#: = 3.4e-4); the rule keeps that ratio down to TOLERANCE_FLOOR.
 TOLERANCE_AT_FULL_TAU = 1e-8
 TOLERANCE_FULL_TAU = 0.05
 #: The tightest tolerance asked for (reached at tau = 0.005 by the rule): Clarabel reaches
