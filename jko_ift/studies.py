@@ -229,9 +229,9 @@ def _flags(trajectory, error: float, t_final: float, dim: int, energy=None, geom
     # the end; the flows here contract). Steps without a bound (transport geometries on a fixed
     # support, entropic and particle methods) are judged by their relative certificate only.
     bounds = [s.get("error_bound") for s in stats]
-    bounded = [b for b in bounds if b is not None and not np.isnan(b)]
+    bounded = [b for b in bounds if b is not None]
     certificates = [s["certificate"] for s, b in zip(stats, bounds, strict=True)
-                    if (b is None or np.isnan(b)) and s.get("certificate") is not None]
+                    if b is None and s.get("certificate") is not None]
     if ((bounded and sum(bounded) > SOLVER_MARGIN * error)
             or (certificates and max(certificates) > CERTIFICATE_MARGIN * error)
             or not np.isfinite(sum(bounded) + max(certificates, default=0.0))):

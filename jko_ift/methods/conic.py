@@ -141,7 +141,7 @@ class ConicJKO:
     Each step reports ``info["error_bound"]``: a bound on the distance, in the step's own
     geometry, from the returned measure to the exact minimizer of the step, from the solver's
     gap and the KKT residual through the strong convexity of D^2 / (2 tau) (Hellinger and MMD;
-    nan with a transport part, where the gap bounds the objective only; docs/conic.md §8).
+    None with a transport part, where the gap bounds the objective only; docs/conic.md §8).
     """
 
     solver: str = "CLARABEL"
@@ -354,11 +354,13 @@ class ConicProgram:
         gap, residual, _, _ = _solver_certificate(self.problem.solver_stats)
         return max(gap, residual) <= gap_tol
 
-    def _error_bound(self, mu: Measure, new: Measure, tau: float, absolute_gap: float) -> float:
+    def _error_bound(self, mu: Measure, new: Measure, tau: float,
+                     absolute_gap: float) -> float | None:
         """Bound on D(new, exact step): the smaller of the gap bound and the residual bound
-        (docs/conic.md §8); nan where neither holds (geometries with transport)."""
+        (docs/conic.md §8); None where neither holds (geometries with transport), so that run
+        statistics, which keep scalars only, leave it out."""
         if self.has_transport:
-            return np.nan
+            return None
         bounds = [self._gap_bound(mu, new, absolute_gap), self._residual_bound(mu, new, tau)]
         finite = [b for b in bounds if np.isfinite(b)]
         return float(min(finite)) if finite else np.inf
