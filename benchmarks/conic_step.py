@@ -27,7 +27,12 @@ Default tau: 0.05 on 1-D grids; 0.3 on 2-D grids, because with spacing h = 0.5 (
 1/3 (24x24) a step of 0.05 moves the mass by about 0.08 < h and is grid locked (the plan stays
 diagonal, a trivial benchmark).
 
-Run:  python benchmarks/conic_step.py [--quick] [--json out.json]
+With ``--tolerance-taus`` it also measures what the default Clarabel tolerances cost, which
+shrink like tau^4 below tau = 0.05 (``jko_ift.methods.conic.clarabel_tolerances``): for each
+grid and tau, the re-solve step (the steady state of a run) with the defaults against Clarabel's
+own 1e-8 ("legacy"), side by side, as median times, iterations and their ratios.
+
+Run:  python benchmarks/conic_step.py [--quick] [--json out.json] [--tolerance-taus 0.05 0.00625]
 """
 
 from __future__ import annotations
@@ -176,6 +181,47 @@ def bench_grid(shape, args) -> dict:
     return row
 
 
+#: Clarabel's own stopping tolerances, the defaults of every step before they shrank with tau.
+LEGACY_TOLERANCES = {"tol_gap_abs": 1e-8, "tol_gap_rel": 1e-8, "tol_feas": 1e-8}
+
+
+def bench_tolerances(shape, tau, args) -> dict:
+    """Re-solve time and iterations with the default tolerances against LEGACY_TOLERANCES."""
+    F = jk.Entropy() + jk.Potential(potential, potential_gradient)
+    mu = initial_measure(shape, args.half_width, args.sd, args.shift)
+    row = {"grid": grid_name(shape), "n": mu.n, "tau": tau}
+    for name, options in (("legacy", LEGACY_TOLERANCES), ("default", {})):
+        method = jk.ConicJKO(solver_options={**options, **args.solver_options})
+        _, first = timed_step(method, F, jk.Wasserstein(), mu, tau)  # compile, settle the radius
+        start = first.measure if first.measure is not None else mu
+        times, result = [], None
+        for _ in range(args.repeats):
+            elapsed, result = timed_step(method, F, jk.Wasserstein(), start, tau)
+            times.append(elapsed)
+        row[name] = summary(result, statistics.median(times)) | {
+            "tolerance": result.info.get("tolerance"), "times_s": times}
+    legacy, default = row["legacy"], row["default"]
+    row["time_ratio"] = default["time_s"] / legacy["time_s"]
+    row["iteration_ratio"] = (default["iterations"] / legacy["iterations"]
+                              if legacy["iterations"] else None)
+    return row
+
+
+def print_tolerance_table(rows, out=sys.stdout):
+    header = (f"{'grid':>7} {'n':>4} {'tau':>8} | {'tolerance':>9} | {'iters legacy/default':>20} "
+              f"{'ratio':>5} | {'time s legacy':>13} {'default':>8} {'ratio':>5} | "
+              f"{'status legacy/default':>21}")
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    for row in rows:
+        legacy, default = row["legacy"], row["default"]
+        print(f"{row['grid']:>7} {row['n']:>4} {row['tau']:>8.5g} | {default['tolerance']:>9.1e} | "
+              f"{legacy['iterations']!s:>9}/{default['iterations']!s:<10} "
+              f"{fmt(row['iteration_ratio'], '5.2f'):>5} | {legacy['time_s']:>13.3f} "
+              f"{default['time_s']:>8.3f} {row['time_ratio']:>5.2f} | "
+              f"{legacy['status'] + '/' + default['status']:>21}", file=out)
+
+
 def fmt(value, spec):
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return "-"
@@ -273,6 +319,8 @@ def main(argv=None):
     parser.add_argument("--solver-options", type=json.loads, default={},
                         help='Clarabel settings for all three steps, as JSON, e.g. '
                              '\'{"direct_solve_method": "qdldl"}\'')
+    parser.add_argument("--tolerance-taus", type=float, nargs="*", default=[],
+                        help="also compare the default tolerances with Clarabel's 1e-8 at these taus")
     parser.add_argument("--json", help="also write the table (and raw timings) to this path")
     args = parser.parse_args(argv)
     if args.quick:
@@ -298,9 +346,16 @@ def main(argv=None):
     print_table(rows)
     line = target_line(rows)
     print("\n" + line)
+    tolerance_rows = [bench_tolerances(shape, tau, args) for shape in args.grids
+                      for tau in args.tolerance_taus]
+    if tolerance_rows:
+        print(f"\nDefault tolerances (shrinking like tau^4 below 0.05) against Clarabel's 1e-8: the "
+              f"re-solve step, median of {args.repeats}\n")
+        print_tolerance_table(tolerance_rows)
     if args.json:
-        payload = {"rows": rows, "target": line, "args": {k: (list(map(list, v)) if k == "grids"
-                                                             else v) for k, v in vars(args).items()},
+        payload = {"rows": rows, "target": line, "tolerance_rows": tolerance_rows,
+                   "args": {k: (list(map(list, v)) if k == "grids" else v)
+                            for k, v in vars(args).items()},
                    "python": platform.python_version(), "machine": platform.machine()}
         with open(args.json, "w") as handle:
             json.dump(payload, handle, indent=2, default=float)

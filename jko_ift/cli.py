@@ -380,7 +380,8 @@ def _add_converge(commands) -> None:
             "the order are flagged and left out of the fit: 'grid_locking in k/n steps' (k > 0 W2 "
             "steps moved no mass, or far less than the flow would, because tau*alpha*|grad f| is "
             "below the grid spacing), entropic_diffusion (eps / tau "
-            "not small against the error), solver_tolerance (a step certificate above the error). "
+            "not small against the error), solver_tolerance (the steps' summed error bounds not well "
+            "below the error). "
             "Writes summary.json, convergence.csv and convergence.png."),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

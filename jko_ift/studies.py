@@ -90,8 +90,16 @@ STALL_RATIO = 1e-2
 #: Entropic diffusion flags a row when the estimated spurious spread exceeds this fraction of
 #: the error (see ``_flags``).
 DIFFUSION_MARGIN = 0.1
-#: Solver tolerance flags a row when the worst step certificate exceeds this fraction of the error.
-SOLVER_MARGIN = 1.0
+#: Solver tolerance flags a row when the accumulated error bound of its steps (the sum of
+#: ``info["error_bound"]``, docs/conic.md §8) exceeds this fraction of the row's error: then the
+#: solver's error is not well below the scheme's and bends the fitted order. Measured on the
+#: Hellinger flow of KL (tests/test_convergence.py): with the default tolerances the sum stays
+#: below 3.5 % of the error (tau 0.05 ... 0.00625); with Clarabel at 1e-8 it reaches 38 % at
+#: tau = 0.0125 and 180 % at 0.00625, where the order drops.
+SOLVER_MARGIN = 0.1
+#: Steps without an error bound flag the row when their relative certificate exceeds this
+#: fraction of the error: a weak check (a relative residual is not an error), kept as it was.
+CERTIFICATE_MARGIN = 1.0
 
 COLUMNS = ("tau", "h", "steps", "locked_steps", "error", "wall_time", "flags")
 
@@ -217,8 +225,16 @@ def _flags(trajectory, error: float, t_final: float, dim: int, energy=None, geom
         blur = max((s.get("blur_ratio") or 0.0) for s in stats)
         if spread > DIFFUSION_MARGIN * error or blur > BLUR_WARN_RATIO:
             flags.append("entropic_diffusion")
-    certificates = [s["certificate"] for s in stats if s.get("certificate") is not None]
-    if certificates and (not np.isfinite(max(certificates)) or max(certificates) > SOLVER_MARGIN * error):
+    # The steps' error bounds add up (a non-expansive step map carries each step's error to
+    # the end; the flows here contract). Steps without a bound (transport geometries on a fixed
+    # support, entropic and particle methods) are judged by their relative certificate only.
+    bounds = [s.get("error_bound") for s in stats]
+    bounded = [b for b in bounds if b is not None]
+    certificates = [s["certificate"] for s, b in zip(stats, bounds, strict=True)
+                    if b is None and s.get("certificate") is not None]
+    if ((bounded and sum(bounded) > SOLVER_MARGIN * error)
+            or (certificates and max(certificates) > CERTIFICATE_MARGIN * error)
+            or not np.isfinite(sum(bounded) + max(certificates, default=0.0))):
         flags.append("solver_tolerance")
     if trajectory.stop_reason not in ("steps", "t_final"):
         flags.append(f"stopped_{trajectory.stop_reason}")
@@ -256,8 +272,9 @@ def convergence_study(problem, taus: Sequence[float], *, method_factory: Callabl
     (k of its n W2 steps moved no mass, or far less than the flow would, because tau alpha
     |grad f| is below the grid spacing; any k > 0 flags, see ``locked_steps``), ``entropic_diffusion`` (an
     entropic method whose spurious spread sqrt(d eps t / (2 tau)) is not small against the
-    error, or whose blur dominates a step), ``solver_tolerance`` (a step certificate above the
-    error). The order is fitted on the unflagged rows only.
+    error, or whose blur dominates a step), ``solver_tolerance`` (the steps' accumulated error
+    bound not well below the error, SOLVER_MARGIN; a relative certificate where a step has no
+    bound). The order is fitted on the unflagged rows only.
 
     progress: one bar over the runs (the reference run, then one per tau) with the last error;
     each row is logged at DEBUG level (logger ``jko_ift.studies``).

@@ -558,3 +558,71 @@ def test_named_porous_medium_problem_follows_the_barenblatt_spread():
     problem = porous_medium(cells=400)
     assert problem.error(trajectory) < PME_SPREAD_ATOL
     assert problem.error(trajectory) > 0  # the first-order error of tau = 0.2 is visible
+
+
+# ---------------------------------------------------------------------------------------------
+# Error bounds of the steps (docs/conic.md §8): info["error_bound"] against the closed forms
+# ---------------------------------------------------------------------------------------------
+
+#: Clarabel at its own defaults (1e-8), as every step was solved before the tolerances shrank
+#: with tau: the weights are then off by 1e-5 to 1e-4 relative at a certificate <= 1e-8.
+LOOSE_SOLVER = {"tol_gap_abs": 1e-8, "tol_gap_rel": 1e-8, "tol_feas": 1e-8}
+
+#: The residual bound is attained when the error lies where F has no curvature (the null space
+#: of the Gram for F = MMD2): bound = error up to the rounding of the error measured here
+#: (observed 1e-4 relative, on errors of 3e-11).
+BOUND_RTOL = 1e-3
+
+#: Up to tau = 0.1 the bound exceeds the error by the curvature of F it leaves out, a factor of
+#: about 1 + tau (observed <= 1.08 on Hellinger, 1.013 on MMD).
+BOUND_SHARPNESS = 2.0
+#: MMD with ridge 0 keeps the sqrt(gap) bound plus the Gram truncation: observed 15-22 times
+#: the error.
+BOUND_SHARPNESS_NO_RIDGE = 50.0
+
+
+def hellinger_distance(a, b):
+    return float(np.sqrt(4.0 * np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)))
+
+
+@pytest.mark.parametrize("options", [{}, LOOSE_SOLVER], ids=["defaults", "clarabel-1e-8"])
+@pytest.mark.parametrize("tau", [0.00625, 0.05, 1.0])
+@pytest.mark.parametrize("conserve_mass", [False, True], ids=["M+", "spherical"])
+def test_hellinger_step_error_bound_holds_against_the_closed_form(conserve_mass, tau, options):
+    mu, target = jk.Measure(LINE_50, A_50), jk.Measure(LINE_50, P_50)
+    multiplier = 0.0
+    if conserve_mass:
+        multiplier = brentq(lambda m: hellinger_kl_step(A_50, P_50, tau, m).sum() - A_50.sum(),
+                            -50.0, 50.0, xtol=1e-15, rtol=1e-15)
+    exact = hellinger_kl_step(A_50, P_50, tau, multiplier)
+    result = jk.ConicJKO(solver_options=options).step(
+        jk.KL(target), jk.Hellinger(conserve_mass=conserve_mass), mu, tau)
+    error, bound = hellinger_distance(result.measure.weights, exact), result.info["error_bound"]
+    assert error <= bound * (1 + BOUND_RTOL)
+    if tau <= 0.1:
+        assert bound <= BOUND_SHARPNESS * error
+
+
+@pytest.mark.parametrize("ridge", [1e-8, 1e-4])
+@pytest.mark.parametrize("tau", [0.00625, 0.1, 1.0])
+def test_mmd_step_error_bound_holds_against_the_linear_system(tau, ridge):
+    mu, target = jk.Measure(LINE_40, A_40), jk.Measure(LINE_40, P_40)
+    result = jk.ConicJKO(solver_options=LOOSE_SOLVER).step(jk.MMD2(target, KERNEL),
+                                                           jk.MMD(KERNEL, ridge=ridge), mu, tau)
+    difference = result.measure.weights - mmd_linear_step(A_40, P_40, tau, ridge)
+    error = np.sqrt(difference @ GRAM_40 @ difference + ridge * difference @ difference)
+    bound = result.info["error_bound"]
+    assert error <= bound * (1 + BOUND_RTOL)
+    if tau <= 0.1:
+        assert bound <= BOUND_SHARPNESS * error
+
+
+@pytest.mark.parametrize("tau", [0.00625, 1.0])
+def test_mmd_step_without_ridge_bounds_the_gram_seminorm(tau):
+    """Ridge 0: the weights are not unique; the convex combination is a minimizer (theory §4)
+    and the bound holds in the Gram seminorm, counting the eigenvalues the program drops."""
+    mu, target = jk.Measure(LINE_40, A_40), jk.Measure(LINE_40, P_40)
+    result = jk.jko_step(jk.MMD2(target, KERNEL), jk.MMD(KERNEL, ridge=0.0), mu, tau)
+    difference = result.measure.weights - (A_40 + tau * P_40) / (1 + tau)
+    error, bound = np.sqrt(max(difference @ GRAM_40 @ difference, 0.0)), result.info["error_bound"]
+    assert error <= bound <= BOUND_SHARPNESS_NO_RIDGE * error

@@ -6,6 +6,12 @@ import numpy as np
 import pytest
 
 import jko_ift as jk
+from jko_ift.methods.conic import (
+    TOLERANCE_AT_FULL_TAU,
+    TOLERANCE_FLOOR,
+    TOLERANCE_FULL_TAU,
+    clarabel_tolerances,
+)
 
 #: Clarabel stops at 1e-8 relative gap; objectives of different formulations then agree
 #: to about 1e-7 of their size.
@@ -124,3 +130,26 @@ def test_energy_kernel_mmd_step_with_conserved_mass():
     # on equal masses the energy kernel MMD is a norm: the closed form (a + tau p)/(1 + tau)
     expected = mu.with_weights((mu.weights + 0.5 * target.weights) / 1.5)
     assert jk.mmd(result.measure, expected, jk.Gaussian(0.5)) < 1e-4
+
+
+def test_transport_geometries_report_no_error_bound():
+    """On a fixed support W2^2(mu^k, .) is piecewise linear in the weights: the gap bounds the
+    objective only (docs/conic.md §8), so no bound on the weights is claimed."""
+    energy = jk.Entropy() + QUADRATIC
+    for geometry in (jk.Wasserstein(), jk.WFR(1.0, 1.0), jk.IFT(jk.Gaussian(0.5), 1.0, 1.0)):
+        result = jk.jko_step(energy, geometry, MU_1D, 0.1)
+        assert result.status == "optimal" and result.info["error_bound"] is None
+
+
+def test_clarabel_tolerances_shrink_like_tau_to_the_fourth_and_options_override():
+    assert clarabel_tolerances(1.0)["tol_gap_rel"] == TOLERANCE_AT_FULL_TAU
+    assert clarabel_tolerances(TOLERANCE_FULL_TAU / 2)["tol_gap_abs"] == pytest.approx(
+        TOLERANCE_AT_FULL_TAU / 16)
+    assert clarabel_tolerances(1e-4)["tol_feas"] == TOLERANCE_FLOOR
+    F, geometry = jk.KL(blob(GRID_1D, 0.0, 1.0)), jk.Hellinger()
+    tight = jk.jko_step(F, geometry, MU_1D, 0.00625)
+    loose = jk.ConicJKO(solver_options={"tol_gap_abs": 1e-8, "tol_gap_rel": 1e-8, "tol_feas": 1e-8}).step(
+        F, geometry, MU_1D, 0.00625)
+    assert tight.info["tolerance"] == pytest.approx(clarabel_tolerances(0.00625)["tol_gap_rel"])
+    assert loose.info["tolerance"] == 1e-8
+    assert tight.info["error_bound"] < 0.1 * loose.info["error_bound"]

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 import jko_ift as jk
+from jko_ift.problems import Problem
+from jko_ift.studies import convergence_study
 
 #: All three schemes are first order (theory §1; for MMD (§4) and Gaussian OU (§5) the JKO
 #: step is exactly backward Euler): global error C tau + O(tau^2). Over the ranges used
@@ -66,6 +68,63 @@ def test_hellinger_flow_of_kl_converges_with_order_one(conserve_mass):
         errors.append(np.abs(trajectory.final.weights - exact).sum())
     assert_order(taus, errors)
     assert errors[-1] < 0.02 * np.abs(A_50 - exact).sum()  # converging to the flow, not stuck
+
+
+def hellinger(a, b):
+    return float(np.sqrt(4.0 * np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)))
+
+
+#: The solver's error per step (info["error_bound"], docs/conic.md §8) has to stay well below
+#: the O(tau^2) local error down to the smallest tau of a study. With Clarabel at 1e-8 for every
+#: tau it did not: at tau = 0.00625 the accumulated solver error (8.5e-4 in He) matched the
+#: time error (8.8e-4) and the last halving of tau gained a factor 1.5 (local order 0.63, 0.88
+#: over the four). The default tolerances shrink like tau^4 (conic.md §8): solver error 7.8e-7
+#: there, order 0.99 (last halving 1.00).
+SMALL_TAUS = [0.05, 0.025, 0.0125, 0.00625]
+ORDER_ONE = (0.9, 1.1)
+
+
+def test_hellinger_flow_of_kl_keeps_order_one_down_to_small_steps_with_default_tolerances():
+    """He distance (the step's own) to the closed form at T = 1; each halving of tau halves it."""
+    T = 1.0
+    mu0, target = jk.Measure(LINE_50, A_50), jk.Measure(LINE_50, P_50)
+    exact = P_50 * (A_50 / P_50) ** np.exp(-T)
+    errors = [hellinger(jk.solve(jk.KL(target), jk.Hellinger(), mu0, tau, t_final=T,
+                                 progress=False).final.weights, exact) for tau in SMALL_TAUS]
+    fit = jk.convergence_order(SMALL_TAUS, errors)
+    assert ORDER_ONE[0] <= fit.order <= ORDER_ONE[1], fit
+    last = jk.convergence_order(SMALL_TAUS[-2:], errors[-2:])
+    assert ORDER_ONE[0] <= last.order <= ORDER_ONE[1], (errors, last)
+
+
+def hellinger_kl_problem(t_final=1.0):
+    """The Hellinger flow of KL as a study problem (closed form, theory §3); error in He."""
+    exact = P_50 * (A_50 / P_50) ** np.exp(-t_final)
+    return Problem("hellinger_kl", jk.KL(jk.Measure(LINE_50, P_50)), jk.Hellinger(),
+                   jk.Measure(LINE_50, A_50), t_final,
+                   error=lambda trajectory: hellinger(trajectory.final.weights, exact))
+
+
+#: Clarabel at its own default tolerances (1e-8) whatever tau.
+CLARABEL_DEFAULTS = {"tol_gap_abs": 1e-8, "tol_gap_rel": 1e-8, "tol_feas": 1e-8}
+
+
+def test_solver_tolerance_flag_fires_when_the_solver_error_is_not_well_below_the_error():
+    """Clarabel at 1e-8: the steps' bounds add up to 6.6e-4 at tau = 0.0125 and 2.0e-3 at
+    0.00625, 38 % of the error (1.75e-3) and 1.8 times it (1.13e-3): both rows are flagged and
+    no order is fitted from them."""
+    study = convergence_study(hellinger_kl_problem(), [0.0125, 0.00625],
+                              method_factory=lambda: jk.ConicJKO(solver_options=CLARABEL_DEFAULTS))
+    assert all(row["flags"] == ["solver_tolerance"] for row in study.rows), study.rows
+    assert study.order is None
+
+
+def test_solver_tolerance_flag_stays_off_with_default_tolerances():
+    """The defaults keep the accumulated bound at 1.2e-4 and 2.0e-5 (3.3 % and 1.2 % of the
+    error), below SOLVER_MARGIN."""
+    study = convergence_study(hellinger_kl_problem(), [0.025, 0.0125])
+    assert all(row["flags"] == [] for row in study.rows), study.rows
+    assert ORDER_ONE[0] <= study.order.order <= ORDER_ONE[1]
 
 
 # ---------------------------------------------------------------------------------------------

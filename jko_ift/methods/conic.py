@@ -67,9 +67,56 @@ _CLARABEL = _ClarabelWithStats()
 DEFAULT_OPTIONS = {"CLARABEL": {"direct_solve_method": "qdldl", "warm_start": False},
                    "SCS": {"warm_start": False}}
 
-#: Retried once when Clarabel stalls (InsufficientProgress): shorter interior-point steps
-#: let the dense 2-D plans converge.
+#: Retried once (with Clarabel's own tolerances and iteration limit) when Clarabel stalls
+#: (InsufficientProgress) short of ``gap_tol``: shorter interior-point steps let the dense 2-D
+#: plans converge.
 CLARABEL_RETRY = {"max_step_fraction": 0.95}
+
+#: Clarabel's gap and feasibility tolerances (tol_gap_abs, tol_gap_rel, tol_feas) at
+#: tau >= TOLERANCE_FULL_TAU: its own default. A step whose objective is certified to an
+#: absolute gap g is within about sqrt(2 tau g) of the exact step (docs/conic.md §8), so the
+#: solver error per step scales like sqrt(tolerance), while the step's local error scales like
+#: tau^2: the tolerance shrinks like tau^4 below TOLERANCE_FULL_TAU. Calibrated on the
+#: Hellinger flow of KL (50 points, docs/conic.md §8): at tau = 0.05 and tolerance 1e-8 the
+#: solver error per step (1.7e-5 in He) is 5 % of the local error (global error / tau * tau^2
+#: = 3.4e-4); the rule keeps that ratio down to TOLERANCE_FLOOR.
+TOLERANCE_AT_FULL_TAU = 1e-8
+TOLERANCE_FULL_TAU = 0.05
+#: The tightest tolerance asked for (reached at tau = 0.005 by the rule): Clarabel reaches
+#: 1e-12 on the Hellinger, MMD and W2 steps measured; at 1e-14 it stalls (InsufficientProgress)
+#: on W2 and WFR grid steps, spending up to twice the iterations for nothing.
+TOLERANCE_FLOOR = 1e-12
+
+
+#: Iteration limit while the tolerances are tighter than Clarabel's own. At 1e-12, 1-D W2,
+#: Hellinger, MMD, WFR and IFT steps take 12-47 iterations (Clarabel's 1e-8: 5-25), but on 2-D
+#: grids whose tails sit at the entropy cones' boundary Clarabel crawls below a gap of 1e-9
+#: without declaring a stall: 67 iterations for 2.4e-12 and 200 (its limit, 6x the time) for
+#: 3.9e-11 on 16 x 16 (benchmarks/conic_step.py). At the limit it reports AlmostSolved, whose
+#: certificate our status policy still judges (and the error bound reports); if even that
+#: fails, the retry runs with Clarabel's own defaults.
+TIGHT_MAX_ITER = 50
+
+
+def _tolerance_options(solver: str, tau: float) -> dict:
+    if solver != "CLARABEL":
+        return {}
+    tolerances = clarabel_tolerances(tau)
+    if tolerances["tol_gap_rel"] < TOLERANCE_AT_FULL_TAU:
+        tolerances["max_iter"] = TIGHT_MAX_ITER
+    return tolerances
+
+
+def clarabel_tolerances(tau: float) -> dict:
+    """Clarabel's stopping tolerances for a step of size tau: 1e-8 (its default) down to
+    TOLERANCE_FLOOR, shrinking like tau^4 below TOLERANCE_FULL_TAU (see TOLERANCE_AT_FULL_TAU)."""
+    tol = TOLERANCE_AT_FULL_TAU * min(1.0, tau / TOLERANCE_FULL_TAU) ** 4
+    tol = max(tol, TOLERANCE_FLOOR)
+    return {"tol_gap_abs": tol, "tol_gap_rel": tol, "tol_feas": tol}
+
+
+#: psd_factor's default rtol (energies.py): the Gram eigenvalues the program keeps.
+PSD_RTOL = 1e-10
 
 
 def _solver_instance(name: str):
@@ -87,7 +134,14 @@ class ConicJKO:
     solver: "CLARABEL" (interior point, default) or "SCS" (first order, for large problems).
     radius: initial plan radius R; None picks it from tau |grad f| and the grid spacing,
     ``np.inf`` uses the dense n x n plan. gap_tol: the accepted relative certificate.
-    solver_options: passed to the solver (e.g. {"eps_abs": 1e-9} for SCS).
+    solver_options: passed to the solver (e.g. {"eps_abs": 1e-9} for SCS); they override the
+    Clarabel tolerances, which shrink like tau^4 below tau = 0.05 (``clarabel_tolerances``) so
+    that the solver's error stays well below the step's O(tau^2) local error.
+
+    Each step reports ``info["error_bound"]``: a bound on the distance, in the step's own
+    geometry, from the returned measure to the exact minimizer of the step, from the solver's
+    gap and the KKT residual through the strong convexity of D^2 / (2 tau) (Hellinger and MMD;
+    None with a transport part, where the gap bounds the objective only; docs/conic.md §8).
     """
 
     solver: str = "CLARABEL"
@@ -178,6 +232,7 @@ class ConicProgram:
         self.has_transport = geometry.has_transport
         self.warned_locking = False
         self.reaction = geometry.reaction
+        self._spectrum = None  # eigendecomposition of K + ridge I, for the residual bound
         n = mu.n
         self.mass = mu.mass
         self.scale = mu.mass / n
@@ -227,7 +282,7 @@ class ConicProgram:
             cone = cp.SOC(nu + y, cp.vstack([2 * t, nu - y]), axis=0)
             return 4 * cp.sum(nu + y - 2 * t), [cone]
         gram = self.reaction.kernel(self.support.points, self.support.points)
-        factor = psd_factor(gram)
+        factor = psd_factor(gram, PSD_RTOL)
         if factor is None:  # conditionally p.d.: a norm on zero-sum differences only
             if not self.geometry.conserve_mass:
                 raise NotConvexError(
@@ -235,7 +290,7 @@ class ConicProgram:
                     "definite, so its MMD is a distance only between measures of equal mass; "
                     "pass conserve_mass=True to the geometry")
             centred = gram - gram.mean(0, keepdims=True)
-            factor = psd_factor(centred - centred.mean(1, keepdims=True))
+            factor = psd_factor(centred - centred.mean(1, keepdims=True), PSD_RTOL)
         # d = y - nu as a variable keeps the form parameter-free when nu = a (DPP), and the
         # quadratic form goes to the solver as one PSD block instead of dense cone rows
         diff = cp.Variable(y.shape[0], name="reaction_difference")
@@ -246,18 +301,21 @@ class ConicProgram:
         self.a.value = mu.weights / self.scale
         self.two_tau.value = 2.0 * tau
         start = time.perf_counter()
-        options = DEFAULT_OPTIONS[solver] | options
-        solver_status = self._run_solver(solver, options)
-        retried = (solver == "CLARABEL" and solver_status != "optimal"
+        run = DEFAULT_OPTIONS[solver] | _tolerance_options(solver, tau) | options
+        solver_status = self._run_solver(solver, run)
+        retried = (solver == "CLARABEL" and not self._certified(solver_status, gap_tol)
                    and not CLARABEL_RETRY.keys() & options.keys())
-        if retried:
-            solver_status = self._run_solver(solver, options | CLARABEL_RETRY)
+        if retried:  # Clarabel's own tolerances and iteration limit, shorter steps
+            run = DEFAULT_OPTIONS[solver] | options | CLARABEL_RETRY
+            solver_status = self._run_solver(solver, run)
         info = {"solver": solver, "solver_status": solver_status, "n": mu.n, "retried": retried,
                 "wall_time": time.perf_counter() - start}
+        if solver == "CLARABEL":
+            info["tolerance"] = run.get("tol_gap_rel", TOLERANCE_AT_FULL_TAU)
         stats = self.problem.solver_stats
         if stats is not None:
             info.update(solve_time=stats.solve_time, iterations=stats.num_iters)
-        if solver_status not in ("optimal", "optimal_inaccurate") or self.y.value is None:
+        if not _has_solution(solver_status) or self.y.value is None:
             return StepResult(None, np.nan, np.nan, np.nan, _status_name(solver_status), np.inf,
                               info)
         weights = np.maximum(self.scale * np.asarray(self.y.value), 0.0)
@@ -268,19 +326,125 @@ class ConicProgram:
               else mu.weights)
         distance_sq = self._distance_sq(mu, nu, new)
         energy = self.F.value(new)
-        gap, residual, solver_objective = _solver_certificate(stats)
+        gap, residual, solver_objective, absolute_gap = _solver_certificate(stats)
         info.update(relative_gap=gap, residual=residual, intermediate=nu)
+        excluded_gain = 0.0
         if self.has_transport:
             info.update(radius=self.radius_used, plan_entries=int(self.rows.size),
                         moved_fraction=self._moved_fraction())
             if not self.dense:
-                info["exclusion_violation"] = self._exclusion_violation(solver_objective)
+                excluded_gain = self._excluded_gain()
+                info["exclusion_violation"] = _relative(excluded_gain, solver_objective)
+        info["error_bound"] = self._error_bound(mu, new, tau, absolute_gap + excluded_gain)
         certificate = max(gap, residual, info.get("exclusion_violation", 0.0))
         # Our status: "optimal" when the certificate is within gap_tol, whether the solver
         # stopped at its own (tighter) tolerances or just short of them.
         status = "optimal" if certificate <= gap_tol else "optimal_inaccurate"
         return StepResult(new, energy + distance_sq / (2 * tau), energy, distance_sq,
                           status, certificate, info)
+
+    def _certified(self, solver_status: str, gap_tol: float) -> bool:
+        """Whether the solver's answer passes our status policy without a retry: solved, or
+        stopped short of its tolerances (AlmostSolved, a stall) with gap and residuals within
+        gap_tol. A retry then would only cost time; the error bound reports the accuracy."""
+        if solver_status == "optimal":
+            return True
+        if not _has_solution(solver_status) or self.y.value is None:
+            return False
+        gap, residual, _, _ = _solver_certificate(self.problem.solver_stats)
+        return max(gap, residual) <= gap_tol
+
+    def _error_bound(self, mu: Measure, new: Measure, tau: float,
+                     absolute_gap: float) -> float | None:
+        """Bound on D(new, exact step): the smaller of the gap bound and the residual bound
+        (docs/conic.md §8); None where neither holds (geometries with transport), so that run
+        statistics, which keep scalars only, leave it out."""
+        if self.has_transport:
+            return None
+        bounds = [self._gap_bound(mu, new, absolute_gap), self._residual_bound(mu, new, tau)]
+        finite = [b for b in bounds if np.isfinite(b)]
+        return float(min(finite)) if finite else np.inf
+
+    def _gap_bound(self, mu: Measure, new: Measure, absolute_gap: float) -> float:
+        """D(b, b*) from the solver's absolute gap, for reaction geometries.
+
+        The step objective G = F + D^2(., mu^k) / (2 tau) is convex in the weights b, so its
+        gap over the exact minimizer b* is at least the Bregman divergence of its proximal
+        part: G(b) - G(b*) >= c D^2(b, b*) / (2 tau). The program's objective is 2 tau G / s,
+        so an absolute gap g_s gives D^2(b, b*) <= s g_s / c. MMD: a quadratic form, c = 1.
+        Hellinger: c = min_i sqrt(a_i / b*_i), taken at the returned b (where a_i = 0 the term
+        is linear in b_i: the mass put there, 4 sum b_i, is added to D^2). With transport
+        (W2, WFR, IFT) W2^2(mu^k, .) is piecewise linear in the weights on a fixed support (a
+        linear program's value): c = 0, and the gap bounds the objective only.
+        """
+        if not np.isfinite(absolute_gap):
+            return np.inf
+        bound_sq = self.scale * max(absolute_gap, 0.0)
+        if not isinstance(self.reaction, Hellinger):
+            return float(np.sqrt(bound_sq)) + self._truncation_slack(new)
+        old, weights = mu.weights, new.weights
+        held = old > 0
+        both = held & (weights > 0)
+        modulus = float(np.sqrt(old[both] / weights[both]).min()) if both.any() else 1.0
+        return float(np.sqrt(bound_sq / modulus + 4.0 * weights[~held].sum()))
+
+    def _residual_bound(self, mu: Measure, new: Measure, tau: float) -> float:
+        """D(b, b*) from the gradient g of the step objective at the returned b (KKT residual).
+
+        Strong monotonicity of the proximal gradient and <grad G(b*), b - b*> >= 0 give
+        (c / tau) D^2(b, b*) <= <g, b - b*> <= |g|_* D(b, b*), so D(b, b*) <= tau |g|_* / c,
+        with the dual norm of D: (K + ridge I)^{-1} for MMD (c = 1), sum_i g_i^2 b_i
+        sqrt(b_i / a_i) for Hellinger (c = min sqrt(a / b)). Linear in the residual, where the
+        gap bound is its square root, so far sharper near the solution. g may be shifted by
+        the multiplier of sum(b) = sum(a) (b and b* both conserve the mass). Only where every
+        weight is positive (no active b >= 0); nan otherwise, and the gap bound stands.
+        """
+        old, weights = mu.weights, new.weights
+        if np.any(old <= 0) or np.any(weights <= 0):
+            return np.nan
+        try:
+            first_variation = np.asarray(self.F.first_variation(new), dtype=float)
+        except (ValueError, NotImplementedError):
+            return np.nan
+        if isinstance(self.reaction, Hellinger):
+            gradient = first_variation + (2.0 / tau) * (1.0 - np.sqrt(old / weights))
+            dual_weights = weights * np.sqrt(weights / old)
+            if self.geometry.conserve_mass:
+                gradient = gradient - np.average(gradient, weights=dual_weights)
+            modulus = float(np.sqrt(old / weights).min())
+            bound_sq = tau**2 * float(dual_weights @ gradient**2) / modulus
+        else:
+            values, vectors = self._reaction_spectrum()  # in the eigenbasis of K + ridge I
+            if not values.min() > 0:  # no ridge, or a conditionally p.d. kernel: no dual norm
+                return np.nan
+            gradient = vectors.T @ first_variation + values * (vectors.T @ (weights - old)) / tau
+            if self.geometry.conserve_mass:
+                ones = vectors.T @ np.ones_like(weights)
+                gradient = gradient - (ones @ (gradient / values)) / (ones @ (ones / values)) * ones
+            bound_sq = tau**2 * float(gradient @ (gradient / values))
+        return float(np.sqrt(bound_sq)) if np.isfinite(bound_sq) else np.nan
+
+    def _truncation_slack(self, new: Measure) -> float:
+        """What the Gram truncation of the program (§2) can hide from the gap, in MMD.
+
+        The program's form drops eigenvalues below PSD_RTOL * max(e); unless the ridge covers
+        them, the solver is free along those directions, and an error d there costs up to
+        sqrt(PSD_RTOL max(e)) |d|_2 in MMD, with |d|_2 <= |b|_2 + |b*|_2 ~ 2 |b|_2.
+        """
+        values, _ = self._reaction_spectrum()
+        truncated = PSD_RTOL * float(values.max())
+        if self.reaction.ridge >= truncated:
+            return 0.0
+        return float(np.sqrt(truncated) * 2.0 * np.linalg.norm(new.weights))
+
+    def _reaction_spectrum(self):
+        """Eigenvalues and vectors of K + ridge I on the support (MMD reaction), once."""
+        if self._spectrum is None:
+            gram = self.reaction.kernel(self.support.points, self.support.points)
+            values, vectors = np.linalg.eigh(0.5 * (gram + gram.T))
+            values = values + self.reaction.ridge
+            self._spectrum = (values, vectors)
+        return self._spectrum
 
     def _run_solver(self, solver, options) -> str:
         try:
@@ -328,8 +492,8 @@ class ConicProgram:
         off_diagonal = plan[self.rows != self.cols].sum()
         return float(off_diagonal / max(plan.sum(), 1e-300))
 
-    def _exclusion_violation(self, solver_objective: float) -> float:
-        """Bound on what the excluded pairs could still gain, relative to the objective.
+    def _excluded_gain(self) -> float:
+        """Bound on what the excluded pairs could still gain, in the program's units.
 
         With CVXPY's duals (L = f + u^T (P 1 - a) + v^T (P^T 1 - nu)) a plan entry has
         reduced cost r_ij = C_ij / alpha + u_i + v_j, zero where mass moves. Row i carries
@@ -346,11 +510,19 @@ class ConicProgram:
             reduced = cost / self.geometry.alpha + u[rows, None] + v[None, :]
             reduced[cost <= radius_sq] = np.inf
             gain += float(mass[rows] @ np.maximum(-reduced.min(axis=1), 0.0))
-        # relative to the solver's own objective: CVXPY's re-evaluation is inf when a weight
-        # ends at -1e-10 inside an entropy, which would certify anything
-        if not np.isfinite(solver_objective):
-            return np.inf
-        return gain / max(1.0, abs(solver_objective))
+        return gain
+
+
+def _relative(gain: float, solver_objective: float) -> float:
+    """The excluded pairs' gain relative to the solver's own objective: CVXPY's re-evaluation is
+    inf when a weight ends at -1e-10 inside an entropy, which would certify anything."""
+    if not np.isfinite(solver_objective):
+        return np.inf
+    return gain / max(1.0, abs(solver_objective))
+
+
+def _has_solution(solver_status: str) -> bool:
+    return solver_status in ("optimal", "optimal_inaccurate")
 
 
 def _plan_pairs(points: np.ndarray, radius: float):
@@ -367,8 +539,9 @@ def _plan_pairs(points: np.ndarray, radius: float):
     return rows, cols, True
 
 
-def _solver_certificate(stats) -> tuple[float, float, float]:
-    """(|p - d| / max(1, |p|), max primal/dual residual, p) from the solver's own report."""
+def _solver_certificate(stats) -> tuple[float, float, float, float]:
+    """(|p - d| / max(1, |p|), max primal/dual residual, p, |p - d|) from the solver's report,
+    in the program's (scaled) units."""
     extra = getattr(stats, "extra_stats", None)
     if extra is not None and hasattr(extra, "obj_val_dual"):  # Clarabel
         primal, dual = extra.obj_val, extra.obj_val_dual
@@ -378,10 +551,11 @@ def _solver_certificate(stats) -> tuple[float, float, float]:
         primal, dual = info["pobj"], info["dobj"]
         residual = max(info["res_pri"], info["res_dual"]) / max(1.0, abs(primal))
     else:  # pragma: no cover - both supported solvers report these
-        return np.inf, np.inf, np.nan
+        return np.inf, np.inf, np.nan, np.inf
     if not (np.isfinite(primal) and np.isfinite(dual)):
-        return np.inf, float(residual), float(primal)
-    return float(abs(primal - dual) / max(1.0, abs(primal))), float(residual), float(primal)
+        return np.inf, float(residual), float(primal), np.inf
+    absolute = float(abs(primal - dual))
+    return absolute / max(1.0, abs(primal)), float(residual), float(primal), absolute
 
 
 def _status_name(status: str) -> str:
