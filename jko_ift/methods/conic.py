@@ -90,6 +90,7 @@ class ConicJKO:
     solver_options: passed to the solver (e.g. {"eps_abs": 1e-9} for SCS).
     """
 
+    local_error_order = 2  # O(tau^2) per step: implicit Euler (jko_ift.control)
     solver: str = "CLARABEL"
     radius: float | None = None
     gap_tol: float | None = None
