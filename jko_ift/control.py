@@ -20,7 +20,7 @@ and explicit Euler and Lie splitting, 3 for Strang splitting):
 The error norm is diffrax's (``distance="rms"``, default): the root mean square over the
 components of e / (atol + rtol * max(|y_k|, |y_{k+1}|)). ``distance="mmd"``, ``"w2"`` or a
 callable measure the error as one distance instead, over atol + rtol * max(size(mu^k),
-size(mu^{k+1})) (||mu||_H for MMD, the spread sqrt(trace Cov mu) for W2). A step is accepted
+size(mu^{k+1})) (||mu||_H for MMD, the spread sqrt(trace Cov mu) for W2, 0 for a callable). A step is accepted
 when the normalized error err <= 1, and the next step is
 
     tau_next = tau * clip(safety * err^(-(icoeff + pcoeff)/q) * err_prev^(pcoeff/q), shrink, growth)
@@ -147,15 +147,15 @@ class StepController:
             positions = not fixed_support and geometry.has_transport
             weights = fixed_support or geometry.reaction is not None
             kernel = getattr(geometry.reaction, "kernel", None)  # MMD and IFT: the embedding
-            return ErrorNorm(self, order, estimate, None, _State(positions, weights, kernel))
+            return ErrorNorm(self, order, estimate, state=_State(positions, weights, kernel))
         if callable(distance):
-            return ErrorNorm(self, order, estimate, _Distance(distance, None, lambda mu: 0.0))
+            return ErrorNorm(self, order, estimate, metric=_Distance(distance, None, lambda mu: 0.0))
         if distance == "w2":
-            return ErrorNorm(self, order, estimate, _Distance(w2, _lagrangian_residual, _spread))
+            return ErrorNorm(self, order, estimate, metric=_Distance(w2, _lagrangian_residual, _spread))
         kernel = self.kernel or getattr(geometry.reaction, "kernel", None)
         kernel = kernel or Gaussian(max(_spread(mu0), 1e-12))
         empty = Measure(mu0.points[:1], [0.0])
-        return ErrorNorm(self, order, estimate, _Distance(
+        return ErrorNorm(self, order, estimate, metric=_Distance(
             lambda mu, nu: mmd(mu, nu, kernel),
             lambda new, predicted: _signed_mmd(new, predicted, kernel),
             lambda mu: mmd(mu, empty, kernel)))
