@@ -213,11 +213,12 @@ QUADRATIC_MINIMUM = np.array([1.0, 0.5])
 QUADRATIC = jk.Potential(lambda x: 0.5 * ((x - QUADRATIC_MINIMUM) ** 2).sum(1),
                          lambda x: x - QUADRATIC_MINIMUM)
 #: How much cheaper (fixed step solves for the same error over adaptive ones) the adaptive runs
-#: must be; measured 1.25-1.4 at rtol 1e-2 ... 1e-4 on 10 particles to t = 4 (the ideal for
-#: steps growing like e^{t/2} against fixed ones is 4/e = 1.47 there: docs/adaptive.md).
+#: must be; measured 1.29, 1.37, 1.38 at rtol 1e-2, 1e-3, 1e-4 on 10 particles to t = 4 (steps
+#: growing like e^{t/2} against fixed ones would give 1.70 there: docs/adaptive.md).
 MIN_ADVANTAGE = 1.1
-#: How much the steps must grow from the start of the run to its end: measured 1.9-2.6 (the
-#: tolerance rtol |x| falls with |x| from about 3.6 to 1.1 while the local error falls like e^{-t}).
+#: How much the steps must grow from the start of the run to its end: measured 2.59, 2.54, 2.82
+#: (the tolerance rtol |x| falls with |x| from about 3.6 to 1.1 while the local error falls like
+#: e^{-t}; e^{t/2} alone would give about 5 between t = 0.5 and 3.5).
 MIN_STEP_GROWTH = 1.5
 
 
