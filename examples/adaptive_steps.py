@@ -1,13 +1,19 @@
-"""Error-controlled JKO steps on the Ornstein-Uhlenbeck (Fokker-Planck) flow, which has a
-closed form: F = Entropy + |x|^2/2 under W2 from N(3, 0.5^2), on 1000 Lagrangian particles in
-1-D (jk.ParticleJKO; particles do not lock on a grid as a W2 step on a fixed grid does).
+"""Error-controlled JKO steps on two flows with a closed form, from far to equilibrium:
+
+* the W2 flow of a quadratic potential V = |x - m|^2 / 2 on 20 particles in 2-D
+  (jk.ParticleJKO): each particle follows x(t) = m + e^{-t} (x0 - m), so the local error
+  decays like e^{-t} while the tolerance atol + rtol |x| stays of the size of |m|: the steps
+  grow like e^{t/2};
+* the Ornstein-Uhlenbeck (Fokker-Planck) flow, F = Entropy + |x|^2/2 under W2 from N(3, 0.5^2),
+  on 1000 Lagrangian particles in 1-D (particles do not lock as a W2 step on a fixed grid does).
 
     python examples/adaptive_steps.py [OUT_DIR]
 
-Writes work_precision.png (largest W2 error at t = 0.5, 1, 2, 4, 8 against step solves: fixed
-tau, and adaptive tau with both local error estimates) and step_sizes.png (the chosen taus:
-small while the flow is fast, large as it settles); a default run also copies them to
-docs/figures/ as adaptive_work_precision.png and adaptive_step_sizes.png.
+Writes, for each, the work-precision (largest error at the saved times against step solves:
+fixed tau, and adaptive tau with both local error estimates) and the chosen taus (small while
+the flow is fast, large as it settles): quadratic_work_precision.png, quadratic_step_sizes.png,
+work_precision.png and step_sizes.png (Ornstein-Uhlenbeck); a default run also copies them to
+docs/figures/ with the prefix adaptive_.
 """
 
 import dataclasses
@@ -15,40 +21,69 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+
+import jko_ift as jk
 from jko_ift import problems
 from jko_ift.plotting import plot_step_sizes, plot_work_precision
 from jko_ift.studies import work_precision
 
-SAVE_AT = [0.5, 1.0, 2.0, 4.0, 8.0]
-STEPS = [16, 32, 64, 128, 256, 512, 1024, 2048]
 RTOLS = [1e-1, 1e-2, 1e-3, 1e-4]
 DOCS_FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
 
 
+def quadratic_w2_particles(minimum=(1.0, 0.5), center=(3.0, 2.0), t_final=8.0, n=20, seed=0):
+    """V = |x - m|^2 / 2 under W2 on n equal particles from N(center, 0.5^2 I); the error is
+    the largest sqrt(sum_i a_i |x_i - x_i(t)|^2) over the saved times."""
+    minimum = np.asarray(minimum, float)
+    rng = np.random.default_rng(seed)
+    mu0 = jk.Measure(rng.normal(size=(n, 2)) * 0.5 + np.asarray(center, float), np.full(n, 1 / n))
+    energy = jk.Potential(lambda x: 0.5 * ((x - minimum) ** 2).sum(1), lambda x: x - minimum)
+
+    def error(trajectory):
+        return max(np.sqrt(mu.weights @ ((mu.points - minimum - np.exp(-t) * (mu0.points - minimum))
+                                         ** 2).sum(1))
+                   for t, mu in zip(trajectory.times, trajectory.measures, strict=True))
+
+    return problems.Problem("w2_quadratic", energy, jk.Wasserstein(), mu0, t_final, error)
+
+
+def study(problem, method_factory, steps, save_at, out, prefix, title):
+    """Fixed and adaptive work-precision of one problem; two figures; a table on stdout."""
+    def curves(steps=(), rtols=(), **options):
+        return work_precision(problem.energy, problem.geometry, problem.initial, problem.t_final,
+                              problem.error, method_factory, steps=steps, rtols=rtols,
+                              save_at=save_at, controller_options=options)
+
+    fixed, _ = curves(steps=steps)
+    adaptive = {estimate: dataclasses.replace(curves(rtols=RTOLS, estimate=estimate)[1],
+                                              label=f"adaptive, {estimate}")
+                for estimate in ("extrapolation", "doubling")}
+    figures = [
+        plot_work_precision([fixed, *adaptive.values()], out / f"{prefix}work_precision.png",
+                            f"{title}: error against work"),
+        plot_step_sizes({f"rtol={rtol:.0e}": run for rtol, run in
+                         zip(RTOLS, adaptive["extrapolation"].trajectories, strict=True)},
+                        out / f"{prefix}step_sizes.png", f"{title}: adaptive tau"),
+    ]
+    print(title)
+    for estimate, curve in adaptive.items():
+        for rtol, solves, error in zip(curve.parameter, curve.solves, curve.errors, strict=True):
+            print(f"  {estimate:13s} rtol {rtol:.0e}: {solves:4d} solves, error {error:.2e}; fixed "
+                  f"tau needs {fixed.solves_to_reach(error):.0f}")
+    return figures
+
+
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    problem = problems.ornstein_uhlenbeck_particles(n=1000, t_final=8.0)
-
-    def study(steps=(), rtols=(), **options):
-        return work_precision(problem.energy, problem.geometry, problem.initial, problem.t_final,
-                              problem.error, problem.method_factory, steps=steps, rtols=rtols,
-                              save_at=SAVE_AT, controller_options=options)
-
-    fixed, _ = study(steps=STEPS)
-    curves = {estimate: dataclasses.replace(study(rtols=RTOLS, estimate=estimate)[1],
-                                            label=f"adaptive, {estimate}")
-              for estimate in ("extrapolation", "doubling")}
+    quadratic = quadratic_w2_particles()
+    ou = problems.ornstein_uhlenbeck_particles(n=1000, t_final=8.0)
     figures = [
-        plot_work_precision([fixed, *curves.values()], out / "work_precision.png",
-                            "Ornstein-Uhlenbeck on 1000 particles: W2 error against work"),
-        plot_step_sizes({f"rtol={rtol:.0e}": run for rtol, run in
-                         zip(RTOLS, curves["extrapolation"].trajectories, strict=True)},
-                        out / "step_sizes.png", "adaptive tau from far to equilibrium"),
+        *study(quadratic, jk.ParticleJKO, [16, 32, 64, 128, 256, 512, 1024], [0.5, 1.0, 2.0, 4.0, 8.0],
+               out, "quadratic_", "W2 flow of |x - m|^2/2, 20 particles"),
+        *study(ou, ou.method_factory, [16, 32, 64, 128, 256, 512, 1024, 2048], [0.5, 1.0, 2.0, 4.0, 8.0],
+               out, "", "Ornstein-Uhlenbeck, 1000 particles"),
     ]
-    for estimate, curve in curves.items():
-        for rtol, solves, error in zip(curve.parameter, curve.solves, curve.errors, strict=True):
-            print(f"{estimate:13s} rtol {rtol:.0e}: {solves:4d} solves, error {error:.2e}; fixed "
-                  f"tau needs {fixed.solves_to_reach(error):.0f}")
     if len(sys.argv) < 2:
         for figure in figures:
             shutil.copy(figure, DOCS_FIGURES / f"adaptive_{figure.name}")

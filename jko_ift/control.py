@@ -1,31 +1,33 @@
-"""Error-controlled step sizes: a local error estimate and a PI controller.
+"""Error-controlled step sizes: a local error estimate, an error norm and a PI controller.
 
-Two estimates of the local error of a first-order step mu^k -> mu^{k+1} of size tau, in a
-distance d that fits the geometry:
+The state y of a run is what its steps evolve (docs/adaptive.md §State): for a method on a
+fixed support (grids) the weights a in R^n; for particles the positions x in R^{n x d} when
+the geometry transports and the weights when it has a reaction part (both for WFR and IFT).
+Two estimates of the local error vector e of a step y_k -> y_{k+1} of size tau, for a
+method whose local error is O(tau^q) (``local_error_order`` q of the method: 2 for implicit
+and explicit Euler and Lie splitting, 3 for Strang splitting):
 
-* ``estimate="extrapolation"`` (default, one solve per attempt): with the previous accepted
-  step of size sigma, the linear extrapolation mu_p = mu^k + (tau/sigma)(mu^k - mu^{k-1}) (of
-  the weights on a fixed support, of the positions and weights of particles) is off by
-  tau (tau + sigma) mu''/2 and backward Euler by tau^2 mu''/2, so
+* ``estimate="extrapolation"`` (one solve per attempt; q = 2 only): with the previous
+  accepted step of size sigma, the linear extrapolation y_p = y_k + (tau/sigma)(y_k - y_{k-1})
+  is off by tau (tau + sigma) y''/2 and backward Euler by tau^2 y''/2, so
 
-      local error ~ tau / (2 tau + sigma) * d(mu^{k+1}, mu_p)
+      e ~ tau / (2 tau + sigma) * (y_{k+1} - y_p)
 
   (the first step, without a history, uses step doubling);
-* ``estimate="doubling"`` (three solves per attempt): one step of tau against two of tau/2,
-  local error of the two half steps ~ d(mu_tau, mu_tau/2,tau/2); works with any distance.
+* ``estimate="doubling"`` (three solves per attempt; any q): one step of tau against two of
+  tau/2; the local error of the two half steps is (y_{tau/2,tau/2} - y_tau) / (2^{q-1} - 1).
 
-The normalized error is err = local error / (atol + rtol * size(mu)), with size(mu) the
-distance of mu from "nothing" in the same metric (||mu||_H for MMD, the spread
-sqrt(trace Cov mu) for W2). The step is accepted when err <= 1 and the next step is
+The error norm is diffrax's (``distance="rms"``, default): the root mean square over the
+components of e / (atol + rtol * max(|y_k|, |y_{k+1}|)). ``distance="mmd"``, ``"w2"`` or a
+callable measure the error as one distance instead, over atol + rtol * max(size(mu^k),
+size(mu^{k+1})) (||mu||_H for MMD, the spread sqrt(trace Cov mu) for W2, 0 for a callable). A step is accepted
+when the normalized error err <= 1, and the next step is
 
-    tau_next = tau * clip(safety * err^(-k_I) * err_prev^(k_P), shrink, growth)
+    tau_next = tau * clip(safety * err^(-(icoeff + pcoeff)/q) * err_prev^(pcoeff/q), shrink, growth)
 
-(Gustafsson's PI controller with the exponents of Hairer and Wanner for an estimate of local
-order 2, k_I = 0.7/2 and k_P = 0.4/2; no growth right after a rejection). Controlling the
-error per step, the global error of a first-order method scales like sqrt(rtol). (Error per
-unit step, local error / tau, would make it scale like rtol, but it divides the solvers'
-own error by tau: with MMD steps accurate to about 1e-5 in MMD, small steps then look
-inaccurate and the controller shrinks tau without end.)
+(a PI controller with diffrax's scaling of the gains by the error order q; pcoeff = 0.4,
+icoeff = 0.3 are Hairer and Wanner's; no growth right after a rejection). Controlling the
+error per step, the global error of a method of order q - 1 scales like rtol^((q-1)/q).
 """
 
 from __future__ import annotations
@@ -36,28 +38,42 @@ from dataclasses import dataclass
 import numpy as np
 
 from .diagnostics import mmd, w2
-from .geometries import Geometry, Wasserstein
+from .geometries import Geometry
 from .kernels import Gaussian, Kernel
 from .measures import Measure
 
-DISTANCES = ("mmd", "w2")
+DISTANCES = ("rms", "mmd", "w2")
 ESTIMATES = ("extrapolation", "doubling")
+
+#: The local error order of a method that does not declare ``local_error_order``: that of
+#: backward Euler, which every JKO step is.
+DEFAULT_LOCAL_ERROR_ORDER = 2
+
+#: Floor of normalized errors in the controller's powers: an estimate of exactly 0 (a step
+#: that changed nothing) must not give an infinite factor (the growth limit applies anyway).
+ERROR_FLOOR = 1e-10
+
+
+def local_error_order(method) -> float:
+    """The order q of the local error O(tau^q) that ``method`` declares (default 2)."""
+    return float(getattr(method, "local_error_order", DEFAULT_LOCAL_ERROR_ORDER))
 
 
 @dataclass(frozen=True)
 class StepController:
     """Adaptive tau for ``jk.solve(..., t_final=T, controller=StepController(...))``.
 
-    rtol, atol: tolerances of the local error estimate. estimate: "extrapolation" (one
-    solve per attempt) or "doubling" (three; any distance).
-    distance: "mmd", "w2" or, with step doubling, a callable d(mu, nu) -> float. None picks
-    W2 for ``Wasserstein()`` and MMD otherwise (with the geometry's kernel, or a Gaussian
-    kernel as wide as the spread of mu0 for Hellinger and WFR); W2 needs moving particles
-    for the extrapolation estimate (on a fixed support the difference of measures is signed),
-    so a W2 flow on a fixed grid defaults to MMD there. kernel: the MMD kernel to use.
-    tau0: first step (None: t_final / 100). tau_min, tau_max: bounds; falling below
-    tau_min is an error. safety, shrink, growth: the controller's factor and its limits.
-    integral_exponent, proportional_exponent: the PI exponents.
+    rtol, atol: tolerances of the local error, per component of the state (positions in
+    units of length, weights in units of mass; docs/adaptive.md). distance: "rms" (None, the
+    default: diffrax's componentwise norm), "mmd", "w2" or, with step doubling, a callable
+    d(mu, nu) -> float (then atol and rtol apply to that one distance). kernel: the MMD kernel
+    (None: the geometry's, or a Gaussian as wide as the spread of mu0). estimate:
+    "extrapolation" (one solve per attempt, methods of local error order 2 only),
+    "doubling" (three; any order) or None (extrapolation for order 2, doubling otherwise).
+    tau0: first step (None: t_final / 100). tau_min, tau_max: bounds; falling below tau_min
+    is an error. safety, shrink, growth: the controller's factor and its limits.
+    pcoeff, icoeff: the PI gains, divided by the local error order q of the method
+    (``error_order`` overrides the order the method declares).
     """
 
     rtol: float = 1e-3
@@ -70,18 +86,24 @@ class StepController:
     safety: float = 0.9
     shrink: float = 0.2
     growth: float = 5.0
-    estimate: str = "extrapolation"
-    #: PI exponents for an error estimate of local order 2 (Hairer-Wanner: 0.7/2, 0.4/2).
-    integral_exponent: float = 0.35
-    proportional_exponent: float = 0.2
+    estimate: str | None = None
+    #: PI gains (Hairer-Wanner): exponents -(icoeff + pcoeff)/q on err, pcoeff/q on err_prev.
+    pcoeff: float = 0.4
+    icoeff: float = 0.3
+    error_order: float | None = None
 
     def __post_init__(self):
-        for name in ("rtol", "atol"):
+        for name in ("rtol", "atol", "pcoeff", "icoeff"):
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):
                 raise ValueError(f"StepController {name} must be a finite number >= 0, got {value!r}")
         if self.rtol == 0 and self.atol == 0:
             raise ValueError("StepController needs rtol > 0 or atol > 0")
+        if self.icoeff + self.pcoeff == 0:
+            raise ValueError("StepController needs icoeff + pcoeff > 0 (else tau never changes)")
+        if self.error_order is not None and not (np.isfinite(self.error_order) and self.error_order > 1):
+            raise ValueError(f"StepController error_order must be a local error order > 1 (2 for "
+                             f"first-order methods), got {self.error_order!r}")
         if not (0 < self.tau_min < self.tau_max):
             raise ValueError(f"StepController needs 0 < tau_min < tau_max, got tau_min="
                              f"{self.tau_min!r}, tau_max={self.tau_max!r}")
@@ -90,81 +112,166 @@ class StepController:
         if not (self.distance is None or callable(self.distance) or self.distance in DISTANCES):
             raise ValueError(f"unknown distance {self.distance!r}; use one of {DISTANCES} or a "
                              "callable d(mu, nu)")
-        if self.estimate not in ESTIMATES:
-            raise ValueError(f"unknown estimate {self.estimate!r}; use one of {ESTIMATES}")
+        if self.estimate is not None and self.estimate not in ESTIMATES:
+            raise ValueError(f"unknown estimate {self.estimate!r}; use one of {ESTIMATES} or None")
         if callable(self.distance) and self.estimate != "doubling":
             raise ValueError("a callable distance compares two measures, but the extrapolation "
                              "estimate measures a signed difference; pass estimate='doubling' "
-                             "or distance='mmd'/'w2'")
+                             "or distance='rms'/'mmd'/'w2'")
 
     def first_tau(self, t_final: float, tau: float | None) -> float:
         tau = tau if tau is not None else self.tau0 if self.tau0 is not None else t_final / 100
         return float(np.clip(tau, self.tau_min, self.tau_max))
 
-    def norm(self, geometry: Geometry, mu0: Measure, fixed_support: bool) -> ErrorNorm:
+    def order_of(self, method) -> float:
+        """The local error order q used for ``method``: ``error_order``, else the method's own."""
+        return float(self.error_order) if self.error_order is not None else local_error_order(method)
+
+    def norm(self, geometry: Geometry, mu0: Measure, fixed_support: bool,
+             order: float = DEFAULT_LOCAL_ERROR_ORDER) -> ErrorNorm:
         """The error norm of this controller for a run of ``geometry`` from mu0 by a method
-        whose support is fixed (grid methods) or moves (particle methods)."""
-        extrapolate = self.estimate == "extrapolation"
-        distance = self.distance
-        if distance is None:
-            transport = isinstance(geometry, Wasserstein)
-            distance = "w2" if transport and not (extrapolate and fixed_support) else "mmd"
+        whose support is fixed (grid methods) or moves (particle methods), of local error
+        order ``order``."""
+        estimate = self.estimate or ("extrapolation" if order == 2 else "doubling")
+        extrapolate = estimate == "extrapolation"
+        if extrapolate and order != 2:
+            raise ValueError(f"estimate='extrapolation' measures the O(tau^2) local error of a "
+                             f"first-order step, but this method's local error is O(tau^{order:g}) "
+                             "(e.g. Strang splitting): use estimate='doubling' (or None)")
+        distance = "rms" if self.distance is None else self.distance
         if distance == "w2" and extrapolate and fixed_support:
             raise ValueError("distance='w2' with estimate='extrapolation' needs particles that "
                              "move: on a fixed support the extrapolated measure has signed "
-                             "weights; use distance='mmd' or estimate='doubling'")
+                             "weights; use distance='rms' or 'mmd', or estimate='doubling'")
+        if distance == "rms":
+            positions = not fixed_support and geometry.has_transport
+            weights = fixed_support or geometry.reaction is not None
+            kernel = getattr(geometry.reaction, "kernel", None)  # MMD and IFT: the embedding
+            return ErrorNorm(self, order, estimate, state=_State(positions, weights, kernel))
         if callable(distance):
-            return ErrorNorm(self, distance, None, lambda mu: 0.0)
+            return ErrorNorm(self, order, estimate, metric=_Distance(distance, None, lambda mu: 0.0))
         if distance == "w2":
-            return ErrorNorm(self, w2, _lagrangian_residual, _spread)
+            return ErrorNorm(self, order, estimate, metric=_Distance(w2, _lagrangian_residual, _spread))
         kernel = self.kernel or getattr(geometry.reaction, "kernel", None)
         kernel = kernel or Gaussian(max(_spread(mu0), 1e-12))
         empty = Measure(mu0.points[:1], [0.0])
-        return ErrorNorm(self, lambda mu, nu: mmd(mu, nu, kernel),
-                         lambda new, predicted: _signed_mmd(new, predicted, kernel),
-                         lambda mu: mmd(mu, empty, kernel))
+        return ErrorNorm(self, order, estimate, metric=_Distance(
+            lambda mu, nu: mmd(mu, nu, kernel),
+            lambda new, predicted: _signed_mmd(new, predicted, kernel),
+            lambda mu: mmd(mu, empty, kernel)))
 
-    def factor(self, error: float, previous_error: float | None, accepted: bool) -> float:
-        """The next tau over this tau."""
-        error = max(error, 1e-10)
-        factor = self.safety * error ** (-self.integral_exponent)
+    def factor(self, error: float, previous_error: float | None, accepted: bool,
+               order: float = DEFAULT_LOCAL_ERROR_ORDER) -> float:
+        """The next tau over this tau, for a method of local error order ``order``."""
+        factor = self.safety * max(error, ERROR_FLOOR) ** (-(self.icoeff + self.pcoeff) / order)
         if previous_error is not None:
-            factor *= max(previous_error, 1e-10) ** self.proportional_exponent
+            factor *= max(previous_error, ERROR_FLOOR) ** (self.pcoeff / order)
         factor = float(np.clip(factor, self.shrink, self.growth))
         return factor if accepted else min(factor, 1.0)
 
 
 @dataclass(frozen=True)
-class ErrorNorm:
-    """Normalized local errors: local error / (atol + rtol * size(mu)). ``distance``
-    compares two measures (step doubling); ``residual`` measures new - predicted for the
-    extrapolation estimate (None: doubling only)."""
+class _State:
+    """The state y of a measure for the componentwise norm: its positions (points (n, d),
+    flattened) if they move, then its weights (n,) if they change, or with ``kernel`` (an MMD
+    reaction) the kernel mean embedding (K a)_i = sum_j k(x_i, x_j) a_j at the points, which
+    the step determines even where the weights a are not (a numerically singular Gram)."""
 
-    controller: StepController
+    positions: bool
+    weights: bool
+    kernel: Kernel | None = None
+
+    def vector(self, points: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        points, weights = np.asarray(points, float), np.asarray(weights, float)
+        if self.weights and self.kernel is not None:
+            weights = np.asarray(self.kernel.apply(points, points, weights), float)
+        parts = ([points.ravel()] if self.positions else []) + ([weights] if self.weights else [])
+        return np.concatenate(parts) if parts else np.zeros(0)
+
+    def of(self, mu: Measure) -> np.ndarray:
+        return self.vector(mu.points, mu.weights)
+
+
+@dataclass(frozen=True)
+class _Distance:
+    """An error measured as one distance: ``distance`` compares two measures (step doubling),
+    ``residual`` measures new - predicted (extrapolation; None: doubling only), ``size`` is the
+    distance of a measure from nothing."""
+
     distance: Callable[[Measure, Measure], float]
     residual: Callable | None
     size: Callable[[Measure], float]
 
-    def doubling(self, coarse: Measure, fine: Measure) -> tuple[float, float]:
-        """(normalized error, local error) of the two half steps ``fine``."""
-        return self._normalized(float(self.distance(coarse, fine)), fine)
+
+@dataclass(frozen=True)
+class ErrorNorm:
+    """Normalized local errors of one run: ``estimate`` says how they are estimated, ``order``
+    is the method's local error order q, and either ``state`` (the componentwise RMS norm) or
+    ``metric`` (one distance) measures them. Each estimate returns (normalized error, local
+    error), the local error being the RMS of the error vector or the distance."""
+
+    controller: StepController
+    order: float
+    estimate: str
+    metric: _Distance | None = None
+    state: _State | None = None
+
+    def doubling(self, start: Measure, coarse: Measure, fine: Measure) -> tuple[float, float]:
+        """The error of ``fine`` (two steps of tau/2 from ``start``) from ``coarse`` (one step
+        of tau): their difference over 2^{q-1} - 1 (Richardson)."""
+        richardson = 2.0 ** (self.order - 1) - 1
+        if self.state is not None:
+            if not (start.n == coarse.n == fine.n):
+                raise ValueError(f"the componentwise error norm compares particles one by one, but "
+                                 f"the step changed their number ({start.n} -> {coarse.n}, "
+                                 f"{fine.n}); use StepController(distance='mmd')")
+            error = (self.state.of(fine) - self.state.of(coarse)) / richardson
+            return self._componentwise(error, start, fine)
+        local = float(self.metric.distance(coarse, fine)) / richardson
+        return self._scalar(local, start, fine)
 
     def extrapolation(self, new: Measure, current: Measure, previous: Measure, tau: float,
                       sigma: float) -> tuple[float, float] | None:
-        """(normalized error, local error) of the step current -> new of size tau, from the
-        previous accepted step previous -> current of size sigma; None when the supports do
-        not line up (particles added or removed: use doubling for this step)."""
-        if self.residual is None or not (new.n == current.n == previous.n):
+        """The error of the step current -> new of size tau, from the previous accepted step
+        previous -> current of size sigma; None when the supports do not line up (particles
+        added or removed: use doubling for this step)."""
+        if not (new.n == current.n == previous.n):
             return None
         ratio = tau / sigma
         predicted = (current.points + ratio * (current.points - previous.points),
                      current.weights + ratio * (current.weights - previous.weights))
-        local = tau / (2 * tau + sigma) * float(self.residual(new, predicted))
-        return self._normalized(local, new)
+        scale = tau / (2 * tau + sigma)
+        if self.state is not None:
+            error = scale * (self.state.of(new) - self.state.vector(*predicted))
+            return self._componentwise(error, current, new)
+        if self.metric.residual is None:
+            return None
+        return self._scalar(scale * float(self.metric.residual(new, predicted)), current, new)
 
-    def _normalized(self, local: float, mu: Measure) -> tuple[float, float]:
+    def hint(self) -> str:
+        """What to change when the steps fall below tau_min, beyond rtol and atol."""
+        if self.state is None or self.controller.atol > 0:
+            return ""
+        return ("; with atol = 0 a component at 0 (a cell without mass, a coordinate near 0) has "
+                "no tolerance under the componentwise norm: give atol > 0 (a mass per point for "
+                "weights, a length for positions; docs/adaptive.md)")
+
+    def _componentwise(self, error: np.ndarray, start: Measure, end: Measure) -> tuple[float, float]:
+        """diffrax's norm: RMS_i of e_i / (atol + rtol max(|y_k,i|, |y_k+1,i|)); a component
+        with no tolerance (atol = 0 and y = 0) counts only when its error is not 0."""
+        if error.size == 0:
+            return 0.0, 0.0
         c = self.controller
-        return local / (c.atol + c.rtol * float(self.size(mu))), local
+        size = np.maximum(np.abs(self.state.of(start)), np.abs(self.state.of(end)))
+        tolerance = c.atol + c.rtol * size
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(error == 0, 0.0, np.abs(error) / tolerance)
+        return float(np.sqrt(np.mean(ratio**2))), float(np.sqrt(np.mean(error**2)))
+
+    def _scalar(self, local: float, start: Measure, end: Measure) -> tuple[float, float]:
+        c = self.controller
+        size = max(float(self.metric.size(start)), float(self.metric.size(end)))
+        return local / (c.atol + c.rtol * size), local
 
 
 def _signed_mmd(new: Measure, predicted: tuple[np.ndarray, np.ndarray], kernel: Kernel) -> float:

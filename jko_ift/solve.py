@@ -173,8 +173,9 @@ class _Run:
 
     # -------------------------------------------------------------------- adaptive steps
     def adaptive(self, controller: StepController, tau: float | None, progress: bool) -> Trajectory:
-        # grid methods keep their support: their extrapolated measures have signed weights
-        norm = controller.norm(self.geometry, self.mu, isinstance(self.method, FIXED_SUPPORT))
+        # grid methods keep their support: their state is the weights alone
+        norm = controller.norm(self.geometry, self.mu, isinstance(self.method, FIXED_SUPPORT),
+                               controller.order_of(self.method))
         proposed = controller.first_tau(self.t_final, tau)
         bar = tqdm(total=self.t_final, disable=not progress, desc=self.label, unit="time",
                    bar_format="{l_bar}{bar}| t={n:.4g}/{total:.4g} [{elapsed}<{remaining}{postfix}]")
@@ -195,11 +196,11 @@ class _Run:
                     f"adaptive step size {proposed:.3g} fell below tau_min = "
                     f"{controller.tau_min:.3g} at t = {self.t:.6g}: the requested accuracy "
                     f"(rtol={controller.rtol:g}, atol={controller.atol:g}) needs smaller steps; "
-                    "loosen rtol/atol or lower tau_min", status="tau_min")
+                    f"loosen rtol/atol or lower tau_min{norm.hint()}", status="tau_min")
             attempt += 1
             start = time.perf_counter()
             new, records, estimate, kind = None, [], None, "extrapolation"
-            if controller.estimate == "extrapolation" and history is not None:
+            if norm.estimate == "extrapolation" and history is not None:
                 new, record = self._attempt(self.mu, tau, attempt, throw=False)
                 records.append(record)
                 if new is not None:
@@ -230,7 +231,7 @@ class _Run:
                 # on a fixed grid, locked sub-steps make the estimate measure the grid, not tau
                 "grid_locked": any(r.get("grid_locked", False) for r in records),
             })
-            proposed = min(proposed * controller.factor(error, previous_error, accepted),
+            proposed = min(proposed * controller.factor(error, previous_error, accepted, norm.order),
                            controller.tau_max)
             if not accepted:
                 continue  # the trial steps are dropped: a rejection leaves no state behind
@@ -255,7 +256,7 @@ class _Run:
         records = [coarse_record, half_record, fine_record]
         if fine is None:
             return None, records, None
-        return fine, records, norm.doubling(coarse.measure, fine.measure)
+        return fine, records, norm.doubling(self.mu, coarse.measure, fine.measure)
 
     # -------------------------------------------------------------------- shared pieces
     def _attempt(self, mu: Measure, tau: float, step: int, throw: bool | None = None):

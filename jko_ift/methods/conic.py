@@ -144,6 +144,7 @@ class ConicJKO:
     None with a transport part, where the gap bounds the objective only; docs/conic.md §8).
     """
 
+    local_error_order = 2  # O(tau^2) per step: implicit Euler (jko_ift.control)
     solver: str = "CLARABEL"
     radius: float | None = None
     gap_tol: float | None = None

@@ -99,6 +99,8 @@ class EntropicJKO:
     ignore it.
     """
 
+    local_error_order = 2  # O(tau^2) per step: implicit Euler (jko_ift.control)
+
     def __init__(self, eps: float = 1e-2, *, tol: float = DEFAULT_TOL, max_iter: int = 20_000,
                  domain: str = "auto", eps_scaling="auto", eps_start: float | None = None,
                  scaling_factor: float = 0.5, separable: bool = True, warm_start: bool = True,

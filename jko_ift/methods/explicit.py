@@ -71,6 +71,7 @@ class ExplicitEuler:
     the default follows Arbel et al. (f of mu^k at perturbed points).
     """
 
+    local_error_order = 2  # O(tau^2) per step: forward Euler (jko_ift.control)
     hellinger_update: str = "multiplicative"
     reaction: str = "explicit"
     velocity: str = "wasserstein"

@@ -793,6 +793,7 @@ class ParticleJKO:
     terms, <= 1e-12 or its round-off floor ``relative_gradient_floor``) and the iterations.
     """
 
+    local_error_order = 2  # O(tau^2) per step: implicit Euler (jko_ift.control)
     tol: float = DEFAULT_PARTICLE_TOL
     max_alternations: int = DEFAULT_ALTERNATIONS
     max_iter: int = 5000

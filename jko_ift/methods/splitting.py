@@ -80,6 +80,7 @@ class Splitting:
     tol: relative certificate of the implicit pieces (see ParticleJKO).
     """
 
+    local_error_order = property(lambda self: 3 if self.order == 2 and self.symmetric else 2)  # Strang 3
     order: int = 1
     transport: str = "implicit"
     reaction: str = "exact"
