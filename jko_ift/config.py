@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from . import problems as named_problems
-from .control import StepController
+from .control import DISTANCES, ESTIMATES, StepController
 from .energies import KL, MMD2, Energy, Entropy, PorousMedium, Potential
 from .geometries import DEFAULT_RIDGE, IFT, MMD, WFR, Geometry, Hellinger, Wasserstein
 from .kernels import IMQ, EnergyKernel, Gaussian, Kernel, Laplace
@@ -86,9 +86,9 @@ DENSITY_ENERGIES = ("entropy", "porous_medium")
 FIXED_SUPPORT_METHODS = ("conic", "entropic")
 RUN_KEYS = ("tau", "steps", "t_final", "adaptive", "save_at", "stop_rate", "stop_energy")
 ADAPTIVE_KEYS = ("rtol", "atol", "distance", "estimate", "tau0", "tau_min", "tau_max", "safety",
-                 "shrink", "growth")
+                 "shrink", "growth", "pcoeff", "icoeff", "error_order")
 #: Choices of the [run.adaptive] fields that are names, not numbers.
-ADAPTIVE_CHOICES = {"distance": ("mmd", "w2"), "estimate": ("extrapolation", "doubling")}
+ADAPTIVE_CHOICES = {"distance": DISTANCES, "estimate": ESTIMATES}
 
 #: Methods by config name: the class (or factory) and the options it does not take from a
 #: config (objects that TOML cannot write). Options are the keyword arguments of the factory.
@@ -550,10 +550,10 @@ def _run(table, problem_t_final: float | None, path: str = "run") -> RunOptions:
         adaptive = _table(table["adaptive"], _join(path, "adaptive"))
         _check_keys(adaptive, ADAPTIVE_KEYS, _join(path, "adaptive"))
         for key, value in adaptive.items():
-            if key not in ADAPTIVE_CHOICES:  # a zero tolerance is allowed (StepController: not both)
-                tolerance = key in ("rtol", "atol")
-                _number(value, _join(path, f"adaptive.{key}"), positive=not tolerance,
-                        nonnegative=tolerance)
+            if key not in ADAPTIVE_CHOICES:  # a zero tolerance or gain is allowed (not both)
+                may_be_zero = key in ("rtol", "atol", "pcoeff", "icoeff")
+                _number(value, _join(path, f"adaptive.{key}"), positive=not may_be_zero,
+                        nonnegative=may_be_zero)
             elif value not in ADAPTIVE_CHOICES[key]:
                 raise ConfigError(_join(path, f"adaptive.{key}"), f"unknown {key} {value!r}"
                                   f"{_suggest(value, ADAPTIVE_CHOICES[key])}; allowed: "

@@ -171,9 +171,9 @@ def save_trajectory(path, trajectory, metadata: Mapping | None = None) -> Path:
     The file holds ``times`` (k,), ``energies`` (k,), the weights of all measures end to
     end with their ``sizes`` (k,), the points of the measures that are not on a grid (end
     to end, rows (N, d)), for measures on a ``Grid`` its ``lo``, ``hi`` and ``shape`` (the
-    points are rebuilt from it), ``stats`` and ``metadata`` as JSON text, and
-    ``stop_reason`` and the run's ``warnings``. ``load`` reads it back into an equal ``Trajectory``. Arrays only: the
-    file is read with ``allow_pickle=False``.
+    points are rebuilt from it), ``stats`` and ``metadata`` as JSON text, ``stop_reason``
+    and the run's ``warnings``. ``load`` reads it back into an equal ``Trajectory``. Arrays
+    only: the file is read with ``allow_pickle=False``.
     """
     measures = list(trajectory.measures)
     if not measures:
@@ -346,13 +346,14 @@ def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = N
     """Run a checked config (``config.load_config``) into the results folder ``out``.
 
     Writes ``summary.json`` (the config, library versions, per-step energies, timings and
-    statuses, the stop reason, the run's warnings with their counts), ``trajectory.npz`` (``jk.load`` reads it) and ``energy.png``,
-    each atomically. With ``checkpoint_every = N`` the run goes in chunks of N steps (an
-    adaptive run: up to every N-th of its save times, each chunk's controller starting from
-    the last accepted tau), each one a ``jk.solve`` from the last measure with a fresh method
-    object, and after each chunk ``checkpoint.npz`` is replaced atomically; ``resume=True`` continues
-    from that checkpoint (same config required) in the same chunks, so the result is the
-    same, bit for bit, as the uninterrupted run with the same N. Returns (trajectory, summary).
+    statuses, the stop reason, the run's warnings with their counts), ``trajectory.npz``
+    (``jk.load`` reads it) and ``energy.png``, each atomically. With ``checkpoint_every = N``
+    the run goes in chunks of N steps (an adaptive run: up to every N-th of its save times, each
+    chunk's controller starting from the last accepted tau), each one a ``jk.solve`` from the
+    last measure with a fresh method object, and after each chunk ``checkpoint.npz`` is replaced
+    atomically; ``resume=True`` continues from that checkpoint (same config required) in the
+    same chunks, so the result is the same, bit for bit, as the uninterrupted run with the same
+    N. Returns (trajectory, summary).
 
     ``progress=True`` shows one bar for the whole run on stderr (steps done of the total, ETA,
     the current time and energy; a resumed run starts at its checkpoint's step), whatever the

@@ -230,6 +230,7 @@ class _Run:
                 "dissipation_slack": min(r["dissipation_slack"] for r in records[-2:]),
                 # on a fixed grid, locked sub-steps make the estimate measure the grid, not tau
                 "grid_locked": any(r.get("grid_locked", False) for r in records),
+                "error_bound": _summed_bound(records[-2:] if kind == "doubling" else records[-1:]),
             })
             proposed = min(proposed * controller.factor(error, previous_error, accepted, norm.order),
                            controller.tau_max)
@@ -338,6 +339,12 @@ def _dissipation_diagnosis(result: StepResult) -> str:
             "geometry's own metric (reaction='projected_gradient' and velocity='euclidean' are "
             "not). Take a smaller tau, or an implicit method (jk.ParticleJKO(), "
             "jk.Splitting(transport='implicit'))")
+
+
+def _summed_bound(records) -> float | None:
+    """The error bound of the solves that made the kept measure (None unless each has one)."""
+    bounds = [r.get("error_bound") for r in records]
+    return None if any(b is None for b in bounds) else float(sum(bounds))
 
 
 def _positive_time(t_final) -> float:
