@@ -488,6 +488,7 @@ def _run_converge(args) -> int:
             "command": "converge", "version": __version__, "config_file": str(args.config),
             "config": _read_config(args.config), "taus": args.taus, "refine_grid": args.refine_grid,
             **study.summary()})
+    _say(args, f"reference: {study.reference}")
     for row in study.rows:
         _say(args, f"  tau {row['tau']:<8g} h {'-' if row['h'] is None else format(row['h'], '.3g'):<8} "
                    f"error {row['error']:.4g}  {', '.join(row['flags'])}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .control import StepController
+from .methods.grid_motion import LOCKED_FRACTION, STALL_RATIO, SUBCELL_BLUR, expected_moved_fraction
 from .solve import Trajectory, solve
 
 #: Details of the studies (one line per run, scheme or case) at DEBUG level; ``jko-ift -v`` shows them.
@@ -81,17 +82,25 @@ def work_precision(F, geometry, mu0, t_final: float, error: Callable[[Trajectory
 
 # ---------------------------------------------------------------------------- tau -> 0 studies
 
-#: A step counts as grid-locked when it moved at most this fraction of the mass.
-LOCKED_FRACTION = 1e-6
-#: ... or when it moved less than this fraction of the mass that the flow carries across cell
-#: boundaries in one step, E_mu min(1, tau alpha |grad f|_1 / h) (``expected_moved_fraction``).
-#: Measured on W2 Ornstein-Uhlenbeck runs on coarse grids (tests/test_studies.py): a locked
-#: step moves 1e-5 to 3e-4 of that, a moving one 1 to 2 times it; 1e-2 sits two orders of
-#: magnitude from both.
-STALL_RATIO = 1e-2
-#: Entropic diffusion flags a row when the estimated spurious spread exceeds this fraction of
-#: the error (see ``_flags``).
-DIFFUSION_MARGIN = 0.1
+#: Grid locking (a step that moved less than ``STALL_RATIO`` of what the flow carries across cells,
+#: or nothing) is judged by the methods' own ``grid_motion`` (re-exported here).
+#: The h / tau rounding regime flags a row when the grid defect accumulated over the run (the
+#: signed sum over steps of the step's mean displacement minus the flow's, in cells) exceeds this
+#: share of the run's time-error estimate (the sum of the steps' local implicit Euler errors,
+#: tau alpha / 2 E|grad f_{k+1} - grad f_k|_1 / h): ``grid_share``. Measured on W2
+#: Ornstein-Uhlenbeck (tests/test_grid_regimes.py): runs whose error is their time error have
+#: shares 0.001 to 0.054 (the shipped config at tau = 0.1, whose +-0.5 cell snapping alternates
+#: and cancels); runs whose grid error is 1 to 2.5 times the time error have 0.3 to 1.7, more
+#: beyond. The estimate undershoots the grid error by a factor 2 to 4, hence a threshold below 1.
+ROUNDING_SHARE = 0.1
+#: Entropic diffusion flags a row when its estimated error, sqrt(s^2 + d eps t / (2 tau)) - s (the
+#: spurious heat flow eps / (4 tau) acting for t on a measure of spread s, without the flow's own
+#: contraction), exceeds this multiple of the run's time-error estimate (in length: h times the
+#: cells of ``grid_share``; off a grid, of the row's error). Measured on Ornstein-Uhlenbeck from
+#: N(2, 0.25) on [-4, 6] to t = 1 (tests/test_grid_regimes.py): eps = 1e-3 on 400 cells, a clean
+#: order-1 run, reaches 0.65 at tau = 0.025; eps = 1e-2 on 100 cells, whose error rises as tau
+#: shrinks below 0.05, gives 1.6 at tau = 0.05 and 6 at tau = 0.025.
+DIFFUSION_MARGIN = 0.5
 #: Solver tolerance flags a row when the accumulated error bound of its steps (the sum of
 #: ``info["error_bound"]``, docs/conic.md §8) exceeds this fraction of the row's error: then the
 #: solver's error is not well below the scheme's and bends the fitted order. Measured on the
@@ -103,7 +112,7 @@ SOLVER_MARGIN = 0.1
 #: fraction of the error: a weak check (a relative residual is not an error), kept as it was.
 CERTIFICATE_MARGIN = 1.0
 
-COLUMNS = ("tau", "h", "steps", "locked_steps", "error", "wall_time", "flags")
+COLUMNS = ("tau", "h", "steps", "locked_steps", "grid_share", "error", "wall_time", "flags")
 
 
 @dataclass(frozen=True)
@@ -111,11 +120,16 @@ class ConvergenceStudy:
     """The table of a tau -> 0 study and the order fitted on its clean rows.
 
     rows: one dict per tau with ``tau``, ``h`` (grid spacing, None off a grid), ``steps``,
-    ``locked_steps`` (how many steps were grid-locked, ``locked_steps``), ``error``,
+    ``locked_steps`` (how many steps were grid-locked, ``locked_steps``), ``grid_share`` (the
+    grid's share of the error, ``grid_share``; None without grid statistics), ``error``,
     ``wall_time`` and ``flags`` (a list of the regimes that spoil the order there:
-    ``"grid_locking in k/n steps"``, ``"entropic_diffusion"``, ``"solver_tolerance"``). ``order`` is
-    ``diagnostics.convergence_order`` over the unflagged rows (None with fewer than two),
-    ``order_all`` over every row. ``reference`` says what the errors are measured against.
+    ``"grid_locking in k/n steps"``, ``"grid_rounding"``, ``"entropic_diffusion"``,
+    ``"solver_tolerance"``, ``"error_grows_as_tau_shrinks"``, ``"reference_spoiled"``).
+    ``order`` is ``diagnostics.convergence_order`` over the unflagged rows (None with fewer than
+    two), ``order_all`` over every row. ``reference`` says what the errors are measured against;
+    ``reference_flags`` the regimes found in the reference run itself (a fine run; empty for a
+    closed form): when there are any, every row is flagged ``reference_spoiled`` and no order is
+    fitted.
     """
 
     rows: list
@@ -124,6 +138,7 @@ class ConvergenceStudy:
     reference: str
     distance: str
     trajectories: tuple = ()
+    reference_flags: tuple = ()
 
     @property
     def interval(self) -> tuple[float, float] | None:
@@ -132,7 +147,7 @@ class ConvergenceStudy:
 
     @property
     def flagged(self) -> bool:
-        return any(row["flags"] for row in self.rows)
+        return any(row["flags"] for row in self.rows) or bool(self.reference_flags)
 
     def summary(self) -> dict:
         def fit(order):
@@ -141,7 +156,8 @@ class ConvergenceStudy:
             lo, hi = order.interval()
             return {"order": order.order, "stderr": order.stderr, "constant": order.constant,
                     "samples": order.samples, "interval95": [lo, hi]}
-        return {"reference": self.reference, "distance": self.distance, "rows": self.rows,
+        return {"reference": self.reference, "reference_flags": list(self.reference_flags),
+                "distance": self.distance, "rows": self.rows,
                 "order": fit(self.order), "order_all_rows": fit(self.order_all),
                 "flagged_rows": [row["tau"] for row in self.rows if row["flags"]]}
 
@@ -159,42 +175,28 @@ def _steps_for(t_final: float, tau: float) -> int:
     return steps
 
 
-def expected_moved_fraction(energy, geometry, mu, tau: float) -> float | None:
-    """The fraction of the mass that the flow carries out of its grid cell in one step of tau:
-    E_mu min(1, tau alpha |grad f|_1 / h), with |v|_1 / h = sum_j |v_j| / h_j (mass spread
-    evenly in a cell crosses a face with probability displacement / h). None off a grid, without
-    transport, or when grad f is not available."""
-    grid = getattr(mu, "grid", None)
-    if grid is None or geometry is None or not getattr(geometry, "has_transport", False):
-        return None
-    try:
-        velocity = np.asarray(energy.grad_first_variation(mu), dtype=float)
-    except (ValueError, ZeroDivisionError):
-        return None
-    with np.errstate(invalid="ignore", over="ignore"):
-        crossing = (tau * geometry.alpha * np.abs(velocity) / np.asarray(grid.spacing)).sum(1)
-    weights = mu.weights
-    usable = (weights > 0) & np.isfinite(crossing)
-    if not usable.any():
-        return None
-    return float(weights[usable] @ np.minimum(1.0, crossing[usable]) / weights[usable].sum())
+def _accepted(trajectory) -> list:
+    return [s for s in trajectory.stats if s.get("accepted", True)]
 
 
 def locked_steps(trajectory, energy=None, geometry=None) -> tuple[int, int]:
     """(locked, steps): how many accepted steps of a run were grid-locked, out of how many.
 
-    A W2 step on a fixed grid is locked when the method says so (``info["grid_locked"]``), when
-    it moved at most ``LOCKED_FRACTION`` of the mass, or, given the run's ``energy`` and
-    ``geometry`` and a trajectory that saved every step, when it moved less than
-    ``STALL_RATIO`` times ``expected_moved_fraction`` (the flow would have moved mass across
-    cells, the step did not). Steps without a transport plan (``moved_fraction``) never count.
+    A W2 step on a fixed grid is locked when the method says so (``info["grid_locked"]``, see
+    ``methods.grid_motion``: it moved less than ``STALL_RATIO`` of the mass the flow carries
+    across cells), or, for stats without that verdict, when it moved at most
+    ``LOCKED_FRACTION`` of the mass or, given the run's ``energy`` and ``geometry`` and a
+    trajectory that saved every step, less than ``STALL_RATIO`` times
+    ``expected_moved_fraction``. Steps without a transport plan (``moved_fraction``) never count.
     """
-    stats = [s for s in trajectory.stats if s.get("accepted", True)]
+    stats = _accepted(trajectory)
     every_step = energy is not None and len(trajectory.measures) == len(stats) + 1
     locked = 0
     for k, s in enumerate(stats):
         moved = s.get("moved_fraction")
-        if s.get("grid_locked") or (moved is not None and moved <= LOCKED_FRACTION):
+        if "grid_locked" in s and (s["grid_locked"] or "expected_moved_fraction" in s):
+            locked += bool(s["grid_locked"])
+        elif moved is not None and moved <= LOCKED_FRACTION:
             locked += 1
         elif moved is not None and every_step:
             expected = expected_moved_fraction(energy, geometry, trajectory.measures[k], s["tau"])
@@ -202,30 +204,81 @@ def locked_steps(trajectory, energy=None, geometry=None) -> tuple[int, int]:
     return locked, len(stats)
 
 
+def time_error_cells(trajectory) -> float | None:
+    """The run's time-error estimate in grid cells: the sum over steps of the local error of the
+    implicit Euler step, tau alpha / 2 E|grad f_{k+1} - grad f_k|_1 / h (``flow_change_cells``);
+    None when the steps carry no grid statistics."""
+    changes = [s["flow_change_cells"] for s in _accepted(trajectory) if "flow_change_cells" in s]
+    return 0.5 * float(np.sum(changes)) if changes else None
+
+
+def grid_share(trajectory) -> float | None:
+    """The grid's share of a run's error, estimated from its steps (``methods.grid_motion``):
+    |sum_k (step displacement - flow displacement)| / ``time_error_cells``, both in cells.
+
+    Each step on a grid moves mass by whole cells where the flow moves it by tau alpha |grad f|
+    (theory §7): the difference accumulates into an error C2 h / tau next to the time error
+    C1 tau. Signed, because snapping that alternates (+-0.5 cell) cancels over the run. None
+    without grid statistics; inf when the run has a grid defect but no time error.
+    """
+    stats = [s for s in _accepted(trajectory) if "flow_change_cells" in s]
+    if not stats:
+        return None
+    defect = abs(sum(s["displacement_cells"] - s["flow_displacement_cells"] for s in stats))
+    time_error = time_error_cells(trajectory)
+    if time_error > 0:
+        return float(defect / time_error)
+    return 0.0 if defect == 0 else float("inf")
+
+
+def entropic_diffusion_error(trajectory, t_final: float, dim: int) -> float | None:
+    """The error the entropic blur adds by t_final, sqrt(s^2 + d eps t / (2 tau)) - s: the spurious
+    heat flow of coefficient eps / (4 tau) (theory §7) spreading the final measure of rms radius s
+    (without the flow's own contraction, so an upper estimate). None without entropic steps."""
+    stats = _accepted(trajectory)
+    eps = [s["eps"] for s in stats if s.get("eps") is not None]
+    if not eps:
+        return None
+    tau = float(np.mean([s["tau"] for s in stats]))
+    final = trajectory.measures[-1] if trajectory.measures else None
+    spread = 0.0
+    if final is not None and getattr(final, "mass", 0) > 0:
+        spread = float(np.sqrt(max(np.trace(np.atleast_2d(final.covariance())), 0.0)))
+    return float(np.sqrt(spread**2 + dim * max(eps) * t_final / (2 * tau)) - spread)
+
+
 def _flags(trajectory, error: float, t_final: float, dim: int, energy=None, geometry=None,
            locked: tuple[int, int] | None = None) -> list[str]:
     """The regimes that spoil the order in this run (see ``convergence_study``); ``locked`` is
     ``locked_steps(trajectory, energy, geometry)`` if already computed."""
     flags = []
-    stats = [s for s in trajectory.stats if s.get("accepted", True)]
+    stats = _accepted(trajectory)
     locked, steps = locked if locked is not None else locked_steps(trajectory, energy, geometry)
     # Any locked step flags the row. A locked step leaves the measure where it was: an error of
     # about tau alpha |grad f| (the whole displacement of the step), the size of the global
     # O(tau) error itself, so even one such step changes the error constant of the row. And the
     # share of locked steps is not the same across rows (locking sets in once tau alpha |grad f|
     # < h, so smaller tau lock earlier and more often on a fixed grid): the error of the row is
-    # a mix of scheme error and frozen steps that does not scale like tau^order. A threshold on
-    # the share (say half the steps) would fit such rows and report a wrong order.
+    # a mix of scheme error and frozen steps that does not scale like tau^order.
     if locked:
         flags.append(f"grid_locking in {locked}/{steps} steps")
-    eps = [s["eps"] for s in stats if s.get("eps") is not None]
-    if eps:
-        from .methods.entropic import BLUR_WARN_RATIO
-        tau = float(np.mean([s["tau"] for s in stats]))
-        # spurious diffusion ~ eps / (4 tau) per coordinate: a spread sqrt(d eps t / (2 tau))
-        spread = np.sqrt(dim * max(eps) * t_final / (2 * tau))
-        blur = max((s.get("blur_ratio") or 0.0) for s in stats)
-        if spread > DIFFUSION_MARGIN * error or blur > BLUR_WARN_RATIO:
+    from .methods.entropic import BLUR_WARN_RATIO
+
+    # a blur that dominates a step, or spans a cell, moves barycentres by itself: that displacement
+    # is the entropic diffusion's, not the grid's (methods.grid_motion.SUBCELL_BLUR)
+    h = _grid_spacing(trajectory.measures[-1]) if trajectory.measures else None
+    dominated = max((s.get("blur_ratio") or 0.0 for s in stats), default=0.0) > BLUR_WARN_RATIO
+    wide = h is not None and max((s.get("eps") or 0.0 for s in stats), default=0.0) >= SUBCELL_BLUR * h**2
+    share = grid_share(trajectory)
+    if share is not None and share > ROUNDING_SHARE and not (dominated or wide):
+        flags.append("grid_rounding")
+    # entropic diffusion only where the grid does not explain the error: a locked entropic run
+    # (eps below h^2) is grid locking, and a smaller eps would make it worse
+    blur_error = entropic_diffusion_error(trajectory, t_final, dim)
+    if blur_error is not None and not flags:
+        cells = time_error_cells(trajectory)
+        scale = cells * h if cells is not None and h is not None else error
+        if dominated or blur_error > DIFFUSION_MARGIN * scale:
             flags.append("entropic_diffusion")
     # The steps' error bounds add up (a non-expansive step map carries each step's error to
     # the end; the flows here contract). Steps without a bound (transport geometries on a fixed
@@ -240,6 +293,36 @@ def _flags(trajectory, error: float, t_final: float, dim: int, energy=None, geom
         flags.append("solver_tolerance")
     if trajectory.stop_reason not in ("steps", "t_final"):
         flags.append(f"stopped_{trajectory.stop_reason}")
+    return flags
+
+
+def _flag_growing_errors(rows) -> None:
+    """Flag every row whose error exceeds that of the row with the next larger tau (rows in
+    decreasing tau): a consistent scheme's error shrinks with tau, so such a row is in a regime
+    the other flags missed, and must not enter the fitted order."""
+    for previous, row in zip(rows[:-1], rows[1:], strict=True):
+        if (row["error"] is not None and previous["error"] is not None
+                and row["error"] > previous["error"]):
+            if not row["flags"]:
+                row["flags"].append("error_grows_as_tau_shrinks")
+
+
+def _reference_flags(trajectory, t_final: float, dim: int, finest_tau: float, smallest_error: float) -> list:
+    """The regimes of the fine reference run: any locked step; a grid share whose error, against
+    the finest row's time error (reference_tau / finest_tau times larger), is above
+    ``ROUNDING_SHARE``; an entropic diffusion error above ``DIFFUSION_MARGIN`` times the
+    smallest error of the rows."""
+    flags = []
+    locked, steps = locked_steps(trajectory)
+    if locked:
+        flags.append(f"grid_locking in {locked}/{steps} steps")
+    share = grid_share(trajectory)
+    reference_tau = float(np.mean([s["tau"] for s in _accepted(trajectory)]))
+    if share is not None and share * reference_tau / finest_tau > ROUNDING_SHARE:
+        flags.append("grid_rounding")
+    blur_error = entropic_diffusion_error(trajectory, t_final, dim)
+    if blur_error is not None and not flags and blur_error > DIFFUSION_MARGIN * smallest_error:
+        flags.append("entropic_diffusion")
     return flags
 
 
@@ -272,11 +355,17 @@ def convergence_study(problem, taus: Sequence[float], *, method_factory: Callabl
 
     Every row is flagged where a known regime spoils the order: ``grid_locking in k/n steps``
     (k of its n W2 steps moved no mass, or far less than the flow would, because tau alpha
-    |grad f| is below the grid spacing; any k > 0 flags, see ``locked_steps``), ``entropic_diffusion`` (an
-    entropic method whose spurious spread sqrt(d eps t / (2 tau)) is not small against the
-    error, or whose blur dominates a step), ``solver_tolerance`` (the steps' accumulated error
-    bound not well below the error, SOLVER_MARGIN; a relative certificate where a step has no
-    bound). The order is fitted on the unflagged rows only.
+    |grad f| is below the grid spacing; any k > 0 flags, see ``locked_steps``), ``grid_rounding``
+    (the h / tau regime: the steps round the flow's displacement to whole cells and the grid's
+    share of the error, ``grid_share``, is above ``ROUNDING_SHARE``), ``entropic_diffusion`` (an
+    entropic method, not grid-flagged, whose spurious diffusion error
+    ``entropic_diffusion_error`` exceeds ``DIFFUSION_MARGIN`` times the run's time error, or
+    whose blur dominates a step), ``solver_tolerance`` (the steps' accumulated error bound not
+    well below the error, ``SOLVER_MARGIN``; a relative certificate where a step has no bound),
+    ``error_grows_as_tau_shrinks`` (an otherwise clean row whose error exceeds that of the next
+    larger tau) and ``reference_spoiled`` (every row, when the fine reference run is itself
+    locked, rounded or blurred: ``reference_flags``). The order is fitted on the unflagged rows
+    only.
 
     progress: one bar over the runs (the reference run, then one per tau) with the last error;
     each row is logged at DEBUG level (logger ``jko_ift.studies``).
@@ -339,16 +428,30 @@ def convergence_study(problem, taus: Sequence[float], *, method_factory: Callabl
             locked = locked_steps(trajectory, p.energy, p.geometry)
             flags = _flags(trajectory, error, t_final, p.initial.dim, locked=locked)
             rows.append({"tau": tau, "h": _grid_spacing(p.initial), "steps": n, "locked_steps": locked[0],
-                         "error": error, "wall_time": wall, "flags": flags})
+                         "grid_share": grid_share(trajectory), "error": error, "wall_time": wall,
+                         "flags": flags})
             if keep_trajectories:
                 trajectories.append(trajectory)
             bar.set_postfix_str(f"tau={tau:g}: error={error:.3g}", refresh=False)
             bar.update(1)
             logger.debug("tau = %g: %d steps, error %.6g, %d locked, %.2f s%s", tau, n, error, locked[0],
                          wall, f" ({', '.join(flags)})" if flags else "")
+    _flag_growing_errors(rows)
+    reference_flags = ()
+    if not use_closed:
+        errors = [r["error"] for r in rows if r["error"] is not None and np.isfinite(r["error"])]
+        reference_flags = tuple(_reference_flags(reference_run, t_final, problem.initial.dim, taus[-1],
+                                                 min(errors, default=np.inf)))
+        if reference_flags:
+            logger.warning("the reference run (tau = %g) is itself spoiled (%s): the errors are measured "
+                           "against a wrong flow, every row is flagged and no order is fitted. Refine the "
+                           "grid with tau (refine=, --refine-grid), use a problem with a closed form, or "
+                           "particles", fine_tau, ", ".join(reference_flags))
+            for row in rows:
+                row["flags"].append("reference_spoiled")
     clean = [r for r in rows if not r["flags"]]
     return ConvergenceStudy(rows, _fit(clean), _fit(rows), description, distance if not use_closed
-                            else "closed form", tuple(trajectories))
+                            else "closed form", tuple(trajectories), reference_flags)
 
 
 # ---------------------------------------------------------------------------- scheme comparisons

@@ -35,7 +35,8 @@ from ..energies import ConicSupport, Energy, NotConvexError, psd_factor
 from ..geometries import Geometry, Hellinger, Wasserstein
 from ..kernels import row_blocks, squared_distances
 from ..measures import Measure
-from .base import SolverError, StepResult, check_step_input, support_key, warn_user
+from .base import SolverError, StepResult, check_step_input, support_key
+from .grid_motion import GridLockingWarning, barycentric_motion, check_step  # noqa: F401 (re-exported)
 
 SOLVERS = ("CLARABEL", "SCS")
 
@@ -121,10 +122,6 @@ PSD_RTOL = 1e-10
 
 def _solver_instance(name: str):
     return _CLARABEL if name == "CLARABEL" else name
-
-
-class GridLockingWarning(UserWarning):
-    """A W2 step on a fixed grid moved no mass because tau |grad f| is below the spacing."""
 
 
 @dataclass(eq=False)
@@ -231,7 +228,6 @@ class ConicProgram:
     def __init__(self, F: Energy, geometry: Geometry, mu: Measure, radius: float):
         self.F, self.geometry, self.support = F, geometry, mu
         self.has_transport = geometry.has_transport
-        self.warned_locking = False
         self.reaction = geometry.reaction
         self._spectrum = None  # eigendecomposition of K + ridge I, for the residual bound
         n = mu.n
@@ -488,6 +484,11 @@ class ConicProgram:
             total += self.reaction.squared_distance(intermediate, new) / self.geometry.beta
         return total
 
+    def plan_times(self, w: np.ndarray) -> np.ndarray:
+        """P w for the plan of the last solve: (n,) -> (n,)."""
+        plan = np.maximum(self.plan.value, 0)
+        return np.bincount(self.rows, plan * w[self.cols], minlength=self.support.n)
+
     def _moved_fraction(self) -> float:
         plan = np.maximum(self.plan.value, 0)
         off_diagonal = plan[self.rows != self.cols].sum()
@@ -579,28 +580,12 @@ def _failure_message(result: StepResult, solver: str) -> str:
 
 
 def _check_grid_locking(F, geometry, mu, tau, result, program) -> None:
-    """Flag a W2 step on a grid that stayed put although the flow would move mass.
-
-    Every such step gets ``info["grid_locked"]``; the warning comes once per program.
-    """
-    if mu.grid is None or result.info.get("moved_fraction", 1.0) > 1e-6:
+    """Measure a W2 step on a grid against the flow (``grid_motion``): record it in ``info``
+    (``grid_locked``, ``grid_rounding``, ``expected_moved_fraction``, ...) and warn
+    ``GridLockingWarning`` in every step that is locked or in the h / tau rounding regime (the
+    driver reports a run's warnings once per cause, with their count)."""
+    if mu.grid is None or not result.ok:
         return
-    try:
-        speed = np.sqrt((F.grad_first_variation(mu) ** 2).sum(1))
-    except ValueError:
-        return
-    speed = speed[(mu.weights > 0) & np.isfinite(speed)]
-    if speed.size == 0:
-        return
-    displacement = tau * geometry.alpha * float(speed.max())
-    spacing = float(np.max(mu.grid.spacing))
-    result.info["grid_locked"] = displacement < spacing
-    if displacement > 1e-12 * spacing and displacement < spacing and not program.warned_locking:
-        program.warned_locking = True
-        warn_user(
-            f"grid locking: the W2 step moved a fraction {result.info['moved_fraction']:.1e} of "
-            f"the mass, because the displacement tau*alpha*max|grad f| = {displacement:.3g} is "
-            f"below the grid spacing h = {spacing:.3g}. Refine the grid below "
-            "tau*|grad f| or take larger steps; a tau -> 0 study must refine h faster than tau",
-            GridLockingWarning,
-        )
+    _, displacement = barycentric_motion(mu, program.plan_times)
+    check_step(F, geometry, mu, result.measure, tau, result.info["moved_fraction"], displacement,
+               result.info)

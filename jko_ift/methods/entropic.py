@@ -42,6 +42,7 @@ from .entropic_prox import (
     energy_form,
 )
 from .gibbs import DENSE_CACHE_ENTRIES, HKGibbs, gibbs_operator, transport_cost
+from .grid_motion import SUBCELL_BLUR, barycentric_motion, check_step
 
 DOMAINS = ("auto", "kernel", "log")
 
@@ -176,7 +177,10 @@ class EntropicJKO:
         result = column.result(mu, tau, geometry, solver, state)
         info = result.info
         info.update(eps=self.eps, tau=float(tau), warm_start=warm, levels=len(levels),
-                    blur_ratio=blur_ratio, wall_time=time.perf_counter() - start)
+                    blur_ratio=blur_ratio)
+        if result.ok and state.plan_times is not None:
+            _check_grid_motion(F, geometry, mu, tau, result, state.plan_times)
+        info["wall_time"] = time.perf_counter() - start
         if result.measure is not None and not np.any(np.isnan(state.psi)):
             self._remember(key, state.psi)
         if throw and not result.ok:
@@ -230,6 +234,11 @@ class EntropicJKO:
             status = "optimal" if state.violation <= self.tol else "not_converged"
             result = StepResult(new, float(objective), float(energy), float(distance_sq), status,
                                 float(state.violation), info)
+            if result.ok:
+                op = self.hk_operator(mu, state.eps, solver.ell)
+                f, g = state.f, state.g
+                _check_grid_motion(F, geometry, mu, tau, result,
+                                   lambda w: np.exp(f + op.log_apply(g + np.log(w))))
             if np.all(np.isfinite(state.g)):
                 self._remember(key, state.eps * state.g)
         if throw and not result.ok:
@@ -317,6 +326,22 @@ class EntropicJKO:
                 "small against the flow. Decrease eps (with domain='log' or 'auto') or take "
                 "larger steps tau", EntropicBlurWarning)
         return ratio
+
+
+def _check_grid_motion(F, geometry, mu, tau, result, plan_times) -> None:
+    """On a grid: the fraction of mass the plan moved and its mean displacement, from its
+    barycentric map T(x_i) = (P x)_i / (P 1)_i (the Gibbs blur is symmetric: it puts mass off the
+    diagonal but does not move barycentres, so a locked entropic step has T = id), against the
+    flow (``grid_motion``); warns ``GridLockingWarning`` when the step is locked or rounds.
+    Products with the plan only: separable kernels on grids, no n x n matrix."""
+    if mu.grid is None:
+        return
+    moved, displacement = barycentric_motion(mu, plan_times)
+    result.info["moved_fraction"] = moved
+    blurred = (result.info.get("blur_ratio", 0.0) > BLUR_WARN_RATIO
+               or result.info["eps"] >= SUBCELL_BLUR * float(np.max(mu.grid.spacing)) ** 2)
+    check_step(F, geometry, mu, result.measure, tau, moved, displacement, result.info,
+               judge_rounding=not blurred)
 
 
 def _positive(name, value, hint) -> float:
@@ -464,6 +489,7 @@ class _State:
         self.eps = None
         self.prox = None
         self.relaxation = 1.0
+        self.plan_times = None  # P w for w > 0, of the final plan
 
 
 class _Sinkhorn:
@@ -575,8 +601,8 @@ class _Sinkhorn:
             state.nu, state.nu_prox = nu, nu_prox
             state.log_u_over_a = -np.log(Kv)
             state.log_v = log_v
-            state.transport_cost = transport_cost(self.mu.points, a, nu,
-                                                  lambda w: u * op.apply(v * w))
+            state.plan_times = lambda w: u * op.apply(v * w)
+            state.transport_cost = transport_cost(self.mu.points, a, nu, state.plan_times)
         return True
 
     # -- log domain ----------------------------------------------------------------------------
@@ -610,8 +636,8 @@ class _Sinkhorn:
             state.nu, state.nu_prox = nu, nu_prox
             state.log_u_over_a = -lKv
             state.log_v = g
-            state.transport_cost = transport_cost(
-                self.mu.points, a, nu, lambda w: np.exp(f + op.log_apply(g + np.log(w))))
+            state.plan_times = lambda w: np.exp(f + op.log_apply(g + np.log(w)))
+            state.transport_cost = transport_cost(self.mu.points, a, nu, state.plan_times)
 
 
 class _Relaxation:
