@@ -550,7 +550,8 @@ def run_over_seeds(label: str, make_experiment: Callable[[int], ParticleExperime
     """Run a particle scheme once per seed and collect the MMD curves.
 
     make_experiment(seed) -> ParticleExperiment; make_scheme(experiment, seed) -> (method,
-    geometry, tau), a fresh method object per run (they own their noise generators). Every
+    geometry, tau) or a ``PaperScheme``, a fresh method object per run (they own their noise
+    generators). Every
     step's energy is kept (the MMD curve); measures only at ``snapshot_steps`` of the first
     seed. The dissipation inequality of jk.solve does not hold for explicit schemes; its
     warnings are counted in ``warnings``, not shown. A run whose step fails (SolverError)
