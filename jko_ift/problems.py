@@ -242,6 +242,9 @@ PROBLEMS = {"mmd_flow": mmd_flow, "ornstein_uhlenbeck": ornstein_uhlenbeck,
 
 
 # ------------------------------------------------------------------ the paper's particle experiments
+#: Draws target points: sample_target(count, rng) -> points (count, d).
+TargetSampler = Callable[[int, np.random.Generator], np.ndarray]
+
 @dataclass(frozen=True)
 class ParticleExperiment:
     """A particle experiment of the IFT paper: F = 1/2 MMD^2(mu, target samples) with ``kernel``,
@@ -254,7 +257,7 @@ class ParticleExperiment:
     initial: Measure
     target: Measure
     kernel: Gaussian
-    sample_target: Callable[[int, np.random.Generator], np.ndarray] | None = None
+    sample_target: TargetSampler | None = field(default=None, compare=False)
 
 
 #: The paper's 2-D single-Gaussian target N(0, [[1, 1/2], [1/2, 2]]).
@@ -382,7 +385,7 @@ class PaperMethod:
     inner: object
     n_particles: int
     mass: float
-    sample_target: Callable[[int, np.random.Generator], np.ndarray] | None = None
+    sample_target: TargetSampler | None = None
     target_samples: int | None = None
     seed: int | None = None
     steps_taken: int = field(default=0, init=False)
