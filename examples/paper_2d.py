@@ -12,8 +12,8 @@ exp(-|x - y|^2/200) is the same sigma). Schemes:
   evaluates the witness gradient of the perturbed particles x_i + 10 u_i);
 * IFT: the authors' loop (explicit position step, then one projected-gradient step of the
   weights on the new positions, Euclidean projection onto the simplex);
-* IFT, exact weight step: the paper's algorithm as written, the same step sizes with the MMD
-  weight step solved exactly (the QP on the simplex).
+* IFT, exact weight step: the authors' loop with the MMD weight step solved exactly (the QP on
+  the simplex), same step sizes.
 
 All four come from jko_ift.problems.paper_scheme with the paper's position step lr = 50 and
 weight step lr_w = 0.1, which in the library's units is tau = 2 lr / n = 1 (the W2 step,

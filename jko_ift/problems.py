@@ -471,7 +471,8 @@ def paper_scheme(kernel: Kernel, lr: float, n_particles: int, weight_lr: float |
     (default n_particles, as theirs) before every step, see ``PaperMethod``. seed: of the
     noise and of the target draws (independent streams). exact_weight_step: replace their
     single projected-gradient step ("mmd") by the exact MMD weight step (the QP) with the same
-    tau beta: the paper's algorithm as written, not their code.
+    tau beta, all else as their code (the "euclidean" velocity included; the paper's algorithm
+    as written moves particles with the W2 velocity: ift_particle_method()).
 
     Returns a PaperScheme; its method is a fresh ``PaperMethod`` (one per run: it owns the
     random generators) that refuses particles other than n_particles of mass ``mass``.
