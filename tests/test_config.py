@@ -250,6 +250,7 @@ def particle_config(**changes) -> dict:
     return _apply(config, **changes)
 
 
+@pytest.mark.filterwarnings("ignore::jko_ift.DissipationWarning")  # explicit steps promise none
 def test_particle_example_is_the_papers_seed_zero_run():
     """examples/configs/ift_particles.toml draws the particles and samples of
     problems.paper_2d("mixture", seed=0) and runs the authors' loop with their step sizes
