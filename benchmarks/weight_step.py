@@ -9,8 +9,8 @@ a convex QP min 1/2 b^T H b - g^T b with H = K + (K + ridge I) / eta, g = K_xy q
 Instance (the paper's 2-D experiment, scaled to n particles): n target samples from the
 mixture of N(0, [[1, .5], [.5, 2]]), N((3, -1), I), N((1, 4), [[3, .5], [.5, 1]]); particles
 from N((5, 5), I) pulled a third of the way towards the target (mid-run); uniform weights a;
-eta = 0.1 (the paper's weight step); ridge 1e-8 (jk.MMD default); Gaussian kernel
-exp(-|x - y|^2 / (2 sigma^2)) with sigma = 10 (the paper's bandwidth read as sigma) and a
+eta = 0.1 (half the paper's weight step, tau beta = 2 lr_w = 0.2); ridge 1e-8 (jk.MMD default);
+Gaussian kernel exp(-|x - y|^2 / (2 sigma^2)) with sigma = 10 (the paper's bandwidth read as sigma) and a
 sharper sigma = 1.
 
 Side by side in one process, on the same H and g:

@@ -3,8 +3,9 @@
     python examples/weight_step_exact_vs_pg.py [--target mixture|gaussian] [--seeds K] [--steps N] [--out DIR]
 
 The 2-D setup of examples/paper_2d.py (100 particles from N((5, 5), I), 100 target samples,
-jk.Gaussian(10), position step 50, weight step 0.1) and three versions of the IFT particle
-algorithm (docs/particles.md §3, §5):
+jk.Gaussian(10), the paper's position step lr = 50 and weight step lr_w = 0.1, mapped by
+jko_ift.problems.paper_scheme: tau = 2 lr / n = 1, tau beta = 2 lr_w = 0.2) and three versions
+of the IFT particle algorithm (docs/particles.md §3, §5):
 
 * "exact": the explicit W2 step, then the exact MMD weight step (the QP on the simplex);
 * "projected gradient": the same with the weight update b = P_simplex(a - eta f) (one projected
@@ -22,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-import jko_ift as jk
 from jko_ift.methods.splitting import ift_particle_method
 from jko_ift.plotting import plot_particle_snapshots, plot_seed_curves
-from jko_ift.problems import paper_2d, run_over_seeds
+from jko_ift.problems import paper_2d, paper_scheme, run_over_seeds
 
-POSITION_STEP, WEIGHT_STEP = 50.0, 0.1
+POSITION_LR, WEIGHT_LR = 50.0, 0.1  # the paper's steps (their lr and lr_)
 
 VARIANTS = {
     "exact weight step": ("exact", "wasserstein"),
@@ -43,8 +43,8 @@ def main(target: str = "mixture", seeds: int = 3, steps: int = 2000, out="weight
     runs = {}
     for label, (weight_step, velocity) in VARIANTS.items():
         def scheme(e, s, weight_step=weight_step, velocity=velocity):
-            return (ift_particle_method(weight_step, velocity),
-                    jk.IFT(e.kernel, POSITION_STEP, WEIGHT_STEP, conserve_mass=True), 1.0)
+            mapped = paper_scheme(e.kernel, POSITION_LR, e.initial.n, WEIGHT_LR, mass=e.initial.mass)
+            return ift_particle_method(weight_step, velocity), mapped.geometry, mapped.tau
         runs[label] = run_over_seeds(label, lambda s: paper_2d(target, particles, samples, seed=s),
                                      scheme, range(seeds), steps, range(steps + 1))
     threshold = 1e-3 / particles

@@ -27,42 +27,41 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .geometries import IFT, WFR, Wasserstein
 from .io import check_results_target, results_folder, write_json_atomic
-from .methods import ExplicitEuler, SolverError, Splitting
-from .methods.splitting import ift_particle_method
+from .methods import SolverError
 from .plotting import plot_energy_decay, plot_particle_snapshots, plot_seed_curves
-from .problems import paper_2d
+from .problems import paper_2d, paper_scheme
 from .solve import DissipationWarning, Trajectory, solve
 
 __all__ = ["build_parser", "demo_schemes", "main"]
 
 # The demo: the 2-D experiment of the IFT paper on its three-component mixture target (100
-# particles from N((5, 5), I), 100 target samples, Gaussian kernel of width 10), integrated
-# by three particle schemes with the paper's position step 50 (explicit W2 step):
-# the MMD flow (positions only), WFR (positions, then the exact Hellinger step of the
-# weights) and IFT (positions, then the exact MMD step of the weights: the paper's algorithm).
+# particles from N((5, 5), I), 100 target samples, Gaussian kernel of width 10), by the three
+# update loops of the authors' code with their position step lr = 50 (problems.paper_scheme:
+# the W2 step tau = 2 lr / n, 1 for 100 particles): the MMD flow (positions only), WFR (then
+# their KL weight step, multiplicative and projected onto the simplex, lr_w = 1) and IFT (then
+# their projected-gradient MMD weight step, lr_w = 0.1).
 DEMO_TARGET = "mixture"
 DEMO_PARTICLES = 100
 DEMO_STEPS = 2000
 DEMO_SEED = 0
-DEMO_POSITION_STEP = 50.0
-DEMO_IFT_BETA = 0.1   # the paper's weight step
-DEMO_WFR_BETA = 10.0  # Hellinger weights move slowly at beta = 0.1 (f is of order MMD^2)
+DEMO_POSITION_LR = 50.0   # the paper's position step (their lr)
+DEMO_IFT_WEIGHT_LR = 0.1  # the paper's weight step (their lr_ of the MMD branch)
+DEMO_WFR_WEIGHT_LR = 1.0  # their lr_ of the KL branch (the 100-D experiment)
 DEMO_OUT = "jko-ift-demo"
 #: MMD levels whose first crossing the demo reports for each scheme.
 DEMO_LEVELS = (1e-2, 1e-3)
 
 
-def demo_schemes(kernel) -> dict:
-    """label -> (method, geometry, tau) of the demo, each with position step 50 per step."""
-    return {
-        "MMD flow": (ExplicitEuler(), Wasserstein(), DEMO_POSITION_STEP),
-        "WFR": (Splitting(order=1, transport="explicit", reaction="exact"),
-                WFR(DEMO_POSITION_STEP, DEMO_WFR_BETA, conserve_mass=True), 1.0),
-        "IFT": (ift_particle_method(),
-                IFT(kernel, DEMO_POSITION_STEP, DEMO_IFT_BETA, conserve_mass=True), 1.0),
+def demo_schemes(kernel, particles: int = DEMO_PARTICLES) -> dict:
+    """label -> (method, geometry, tau) of the demo: the authors' loops with lr = 50 for
+    ``particles`` equal-weight particles of mass 1 (``problems.paper_scheme``)."""
+    schemes = {
+        "MMD flow": paper_scheme(kernel, DEMO_POSITION_LR, particles),
+        "WFR": paper_scheme(kernel, DEMO_POSITION_LR, particles, DEMO_WFR_WEIGHT_LR, weight_update="kl"),
+        "IFT": paper_scheme(kernel, DEMO_POSITION_LR, particles, DEMO_IFT_WEIGHT_LR),
     }
+    return {label: tuple(scheme) for label, scheme in schemes.items()}
 
 
 # ---------------------------------------------------------------------------- argument types
@@ -122,14 +121,15 @@ def _add_demo(commands) -> None:
             "The 2-D experiment of Gladin et al., 'Interaction-Force Transport Gradient Flows' "
             "(NeurIPS 2024): particles from N((5, 5), I) flow towards samples of a mixture of "
             "three Gaussians under F = 1/2 MMD^2(mu, target) (Gaussian kernel, width 10). "
-            "Three schemes share the explicit W2 position step of 50 per iteration: the MMD "
-            "flow (positions only), WFR (then the exact Hellinger step of the weights, "
-            f"beta={DEMO_WFR_BETA:g}) and IFT (then the exact MMD step of the weights, "
-            f"beta={DEMO_IFT_BETA:g}: the paper's algorithm). Writes mmd_decay.png (MMD to the "
-            "target samples against iteration), particles.png (snapshots, marker area ~ "
-            "weight) and summary.json."
+            "Three update loops of the authors' code share their position step lr = "
+            f"{DEMO_POSITION_LR:g} (the W2 step tau = 2 lr / N, 1 for 100 particles): the MMD flow "
+            "(positions only), WFR (then their KL weight step, multiplicative and projected "
+            f"onto the simplex, lr_w = {DEMO_WFR_WEIGHT_LR:g}) and IFT (then their projected-"
+            f"gradient MMD weight step, lr_w = {DEMO_IFT_WEIGHT_LR:g}: the paper's algorithm). "
+            "Writes mmd_decay.png (MMD to the target samples against iteration), particles.png "
+            "(snapshots, marker area ~ weight) and summary.json."
         ),
-        epilog="Takes about 10 s with the defaults. The paper runs 6000 iterations over 5 seeds: "
+        epilog="Takes about 30 s with the defaults. The paper runs 6000 iterations over 50 seeds: "
                "python examples/paper_2d.py.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -215,7 +215,7 @@ def _run_demo(args) -> int:
     out = check_results_target(args.out)  # fail before the computation, not after
     start = time.perf_counter()
     experiment = paper_2d(DEMO_TARGET, args.particles, args.particles, seed=args.seed)
-    schemes = demo_schemes(experiment.kernel)
+    schemes = demo_schemes(experiment.kernel, args.particles)
     snapshot_steps = sorted({0, min(10, args.steps), min(100, args.steps), args.steps})
     curves, runs, snapshots = {}, {}, {}
     for label, (method, geometry, tau) in schemes.items():
@@ -234,7 +234,7 @@ def _run_demo(args) -> int:
 
     with results_folder(out) as folder:
         title = (f"IFT paper, 2-D mixture target: {args.particles} particles, seed {args.seed}, "
-                 f"position step {DEMO_POSITION_STEP:g}")
+                 f"lr {DEMO_POSITION_LR:g} (tau = {schemes['IFT'][2]:.3g})")
         plot_seed_curves({title: curves}, folder / "mmd_decay.png", log_x=True,
                          ylabel="MMD$(\\mu^k, \\pi)$ (target samples)")
         plot_particle_snapshots(snapshots, experiment.target, folder / "particles.png",
@@ -246,8 +246,8 @@ def _run_demo(args) -> int:
                 "target": DEMO_TARGET, "particles": args.particles, "samples": args.particles,
                 "seed": args.seed, "steps": args.steps, "kernel": repr(experiment.kernel),
                 "energy": "MMD2: 1/2 MMD^2(mu, target samples)",
-                "position_step": DEMO_POSITION_STEP, "ift_beta": DEMO_IFT_BETA,
-                "wfr_beta": DEMO_WFR_BETA,
+                "position_lr": DEMO_POSITION_LR, "ift_weight_lr": DEMO_IFT_WEIGHT_LR,
+                "wfr_weight_lr": DEMO_WFR_WEIGHT_LR,
             },
             "runs": runs,
             "wall_time": time.perf_counter() - start,

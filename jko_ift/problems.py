@@ -7,7 +7,8 @@ references: the exact flow at the particles' quantiles and the particle ODE inte
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 from scipy import sparse, special
@@ -15,8 +16,8 @@ from scipy.integrate import solve_ivp
 
 from .diagnostics import mmd
 from .energies import MMD2, Energy, Entropy, PorousMedium, Potential, line_terms, position_derivatives
-from .geometries import IFT, MMD, Geometry, Wasserstein
-from .kernels import Gaussian
+from .geometries import IFT, MMD, WFR, Geometry, Wasserstein
+from .kernels import Gaussian, Kernel
 from .measures import Grid, Measure
 
 #: The paper's 2-D mixture target (Gladin et al. 2024, section 5): equal weights.
@@ -241,16 +242,22 @@ PROBLEMS = {"mmd_flow": mmd_flow, "ornstein_uhlenbeck": ornstein_uhlenbeck,
 
 
 # ------------------------------------------------------------------ the paper's particle experiments
+#: Draws target points: sample_target(count, rng) -> points (count, d).
+TargetSampler = Callable[[int, np.random.Generator], np.ndarray]
+
 @dataclass(frozen=True)
 class ParticleExperiment:
     """A particle experiment of the IFT paper: F = 1/2 MMD^2(mu, target samples) with ``kernel``,
-    the initial particles ``initial`` (uniform weights, mass 1) and the samples ``target``."""
+    the initial particles ``initial`` (uniform weights, mass 1) and the samples ``target``.
+    ``sample_target(count, rng)`` draws fresh target points (count, d) from the target
+    distribution (for ``paper_scheme(..., fresh_target=...)``, as the authors' code does)."""
 
     name: str
     energy: MMD2
     initial: Measure
     target: Measure
     kernel: Gaussian
+    sample_target: TargetSampler | None = field(default=None, compare=False)
 
 
 #: The paper's 2-D single-Gaussian target N(0, [[1, 1/2], [1/2, 2]]).
@@ -289,7 +296,7 @@ def paper_2d(target: str = "gaussian", particles: int = 100, samples: int = 100,
     kernel = Gaussian(bandwidth)
     target_measure = _uniform(y)
     return ParticleExperiment(f"paper_2d_{target}", MMD2(target_measure, kernel), _uniform(x),
-                              target_measure, kernel)
+                              target_measure, kernel, partial(sample_mixture, components[target]))
 
 
 def paper_highdim_mixture(dim: int, rank: int = 10, mean_norm: float = 20.0,
@@ -312,16 +319,211 @@ def paper_highdim(dim: int = 10, particles: int = 500, samples: int | None = Non
     """The high-dimensional experiment: particles from N(0, I_dim), ``samples`` (default: as many
     as particles) from the mixture of ``paper_highdim_mixture(dim, seed=mixture_seed)`` (fixed
     over runs; ``seed`` draws the particles and samples), kernel exp(-|x - y|^2/200) =
-    jk.Gaussian(10). The authors draw fresh target samples every iteration; here they are
-    fixed, so that F is one energy along the run."""
+    jk.Gaussian(10). The samples are the fixed target of F (the authors' test samples, on
+    which they measure the MMD); the authors' fresh training samples of every iteration are
+    ``paper_scheme(..., fresh_target=experiment.sample_target)``."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((int(particles), int(dim)))
-    y = sample_mixture(paper_highdim_mixture(int(dim), seed=mixture_seed),
-                       int(particles if samples is None else samples), rng)
+    components = paper_highdim_mixture(int(dim), seed=mixture_seed)
+    y = sample_mixture(components, int(particles if samples is None else samples), rng)
     kernel = Gaussian(bandwidth)
     target_measure = _uniform(y)
     return ParticleExperiment(f"paper_highdim_{dim}", MMD2(target_measure, kernel), _uniform(x),
-                              target_measure, kernel)
+                              target_measure, kernel, partial(sample_mixture, components))
+
+
+# ------------------------------------------------------------------ the authors' update loop
+#: Weight updates of the authors' IFT loop (``paper_scheme``): "mmd" is w += lr_w (-d/dw MMD^2)
+#: then the Euclidean projection onto the simplex; "kl" is w *= exp(-lr_w f), then the same
+#: projection.
+PAPER_WEIGHT_UPDATES = ("mmd", "kl")
+
+#: The mass of the particles must be the one the steps were mapped for (tau alpha = 2 lr M / n):
+#: a relative mismatch is carried into the step sizes. The projections keep the mass to
+#: round-off (drift below 1e-12 over 10^4 steps), so 1e-6 only catches a wrong measure.
+PAPER_MASS_RTOL = 1e-6
+
+
+@dataclass(frozen=True)
+class PaperScheme:
+    """The authors' update loop in the library's units (``paper_scheme``).
+
+    ``jk.solve(F, s.geometry, mu0, tau=s.tau, steps=K, method=s.method)`` with
+    F = jk.MMD2(target samples, kernel) and mu0 = n equal-weight particles of mass ``mass``
+    runs K iterations of their loop. The other fields record the authors' numbers.
+    """
+
+    method: object
+    geometry: Geometry
+    tau: float
+    lr: float
+    weight_lr: float | None
+    weight_update: str
+    n_particles: int
+    mass: float
+
+    def __iter__(self):  # (method, geometry, tau): what run_over_seeds' make_scheme returns
+        return iter((self.method, self.geometry, self.tau))
+
+
+@dataclass(eq=False)
+class PaperMethod:
+    """The method of a ``paper_scheme``: ``inner`` takes the steps; this wrapper checks that
+    the particles are the n of mass M the step sizes were mapped for, and with
+    ``sample_target`` redraws the target of F before every step, as the authors' code does.
+
+    Fresh targets: a step on F = jk.MMD2(pi_test, k) moves the particles with
+    F_k = jk.MMD2(pi_k, k), pi_k = ``target_samples`` equal-weight points of
+    ``sample_target(target_samples, rng)`` (mass of pi_test), one draw per step shared by the
+    position and weight updates; F itself stays one immutable energy and the StepResult's
+    energy and objective are evaluated with it, so ``Trajectory.energies`` is
+    1/2 MMD^2(mu^k, pi_test), the authors' loss on their fixed test samples. The generator is
+    seeded by ``seed`` and owned by the object (like ExplicitEuler's noise): one object per
+    run, or ``reset()``. Every call of ``step`` draws, so use fixed steps, not a controller.
+    """
+
+    inner: object
+    n_particles: int
+    mass: float
+    sample_target: TargetSampler | None = None
+    target_samples: int | None = None
+    seed: int | None = None
+    steps_taken: int = field(default=0, init=False)
+    _rng: np.random.Generator = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if self.sample_target is not None and not callable(self.sample_target):
+            raise ValueError(f"sample_target must be a callable (count, rng) -> points (count, d), "
+                             f"got {self.sample_target!r}")
+        self.reset()
+
+    def reset(self) -> None:
+        """Restart the step counter and the generators (of this object and of ``inner``)."""
+        self.steps_taken = 0
+        self._rng = np.random.default_rng(self.seed)
+        if hasattr(self.inner, "reset"):
+            self.inner.reset()
+
+    def step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float, throw: bool = True):
+        self._check_particles(mu)
+        self.steps_taken += 1
+        if self.sample_target is None:
+            return self.inner.step(F, geometry, mu, tau, throw=throw)
+        drawn = self._drawn_energy(F, mu)
+        result = self.inner.step(drawn, geometry, mu, tau, throw=throw)
+        if result.measure is None:
+            return result
+        energy = F.value(result.measure)
+        return replace(result, energy=energy, objective=energy + result.distance_sq / (2 * float(tau)),
+                       info={**result.info, "step_energy": result.energy})
+
+    def _check_particles(self, mu: Measure) -> None:
+        if mu.n != self.n_particles or not np.isclose(mu.mass, self.mass, rtol=PAPER_MASS_RTOL, atol=0):
+            raise ValueError(f"this paper_scheme was mapped for {self.n_particles} particles of mass "
+                             f"{self.mass:g} (tau alpha = 2 lr M / n), got {mu.n} of mass {mu.mass:.6g}; "
+                             "build it with paper_scheme(kernel, lr, n_particles=mu.n, mass=mu.mass)")
+
+    def _drawn_energy(self, F: Energy, mu: Measure) -> MMD2:
+        if not isinstance(F, MMD2):
+            raise ValueError(f"fresh target samples replace the target of jk.MMD2(target, kernel); "
+                             f"got {type(F).__name__}")
+        count = self.n_particles if self.target_samples is None else int(self.target_samples)
+        points = np.asarray(self.sample_target(count, self._rng), dtype=float)
+        if points.shape != (count, mu.dim):
+            raise ValueError(f"sample_target(count, rng) must return points of shape ({count}, "
+                             f"{mu.dim}), got {points.shape}")
+        return MMD2(Measure(points, np.full(count, F.target.mass / count)), F.kernel)
+
+
+def paper_scheme(kernel: Kernel, lr: float, n_particles: int, weight_lr: float | None = None,
+                 weight_update: str = "mmd", mass: float = 1.0, *, noise: float = 0.0,
+                 noise_steps: int | None = None, seed: int | None = None,
+                 fresh_target: Callable | None = None, target_samples: int | None = None,
+                 exact_weight_step: bool = False) -> PaperScheme:
+    """The update loop of Gladin et al.'s code (``ift_flow``, file ift_experiment.py) for F =
+    1/2 MMD^2(mu, target) with ``kernel``, as (method, geometry, tau) of this library.
+
+    Their code, with n particles x_i of weights w_i (initially M / n, their M = 1), target
+    samples y_j and f = dF/dmu = sum_j w_j k(., x_j) - sum_j k(., y_j) / m:
+
+    * positions: x_i <- x_i + lr (-d/dx_i MMD^2) = x_i - 2 lr w_i grad f(x_i)  (with the
+      weights before the step; MMD^2 = 2F gives the factor 2);
+    * weights (``weight_lr`` = lr_w, on the new positions, same target samples):
+      "mmd":  w <- P(w + lr_w (-d/dw MMD^2)) = P(w - 2 lr_w f);
+      "kl":   w <- P(w exp(-lr_w f)),
+      P the Euclidean projection onto the simplex {w >= 0, sum w = M};
+    * ``weight_lr=None``: their MMD-flow baseline (Arbel et al.), positions only, with noise
+      injection for the first ``noise_steps`` iterations if ``noise`` > 0: the gradient of the
+      witness of the perturbed particles x_i + noise u_i at the perturbed particles (their
+      code perturbs both, ExplicitEuler(perturb_measure=True)), u_i ~ N(0, I).
+
+    In the library's units, with the W2 time step tau = 2 lr M / n and alpha = 1: the transport
+    is the explicit step x_i - tau alpha (n w_i / M) grad f (``velocity="euclidean"``, equal
+    to the W2 step for uniform weights); "mmd" is the reaction "projected_gradient" with
+    tau beta = 2 lr_w under jk.IFT(kernel, 1, beta, conserve_mass=True); "kl" is the reaction
+    "projected_multiplicative" with tau beta = lr_w under jk.WFR(1, beta, conserve_mass=True);
+    the baseline is jk.ExplicitEuler under jk.Wasserstein(). Their 2-D "position step 50,
+    weight step 0.1" with 100 particles is tau = 1, beta = 0.2; their 100-D lr = 10^4 with 10^4
+    particles is tau = 2.
+
+    fresh_target: a callable (count, rng) -> points (count, d) of the target distribution
+    (``ParticleExperiment.sample_target``): a new target sample of ``target_samples`` points
+    (default n_particles, as theirs) before every step, see ``PaperMethod``. seed: of the
+    noise and of the target draws (independent streams). exact_weight_step: replace their
+    single projected-gradient step ("mmd") by the exact MMD weight step (the QP) with the same
+    tau beta, all else as their code (the "euclidean" velocity included; the paper's algorithm
+    as written moves particles with the W2 velocity: ift_particle_method()).
+
+    Returns a PaperScheme; its method is a fresh ``PaperMethod`` (one per run: it owns the
+    random generators) that refuses particles other than n_particles of mass ``mass``.
+    """
+    from .methods import ExplicitEuler, Splitting
+
+    if not isinstance(kernel, Kernel):
+        raise ValueError(f"paper_scheme needs a kernel such as jk.Gaussian(10.0), got {kernel!r}")
+    lr, mass = _positive_number("lr", lr), _positive_number("mass", mass)
+    if isinstance(n_particles, bool) or int(n_particles) != n_particles or n_particles < 1:
+        raise ValueError(f"n_particles must be a positive whole number, got {n_particles!r}")
+    n_particles = int(n_particles)
+    if weight_update not in PAPER_WEIGHT_UPDATES:
+        raise ValueError(f"unknown weight_update {weight_update!r}; choose one of "
+                         f"{PAPER_WEIGHT_UPDATES} (their code's 'MMD' and 'KL' branches)")
+    tau = 2.0 * lr * mass / n_particles
+    noise_seed, target_seed = (None, None) if seed is None else (
+        int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+    if weight_lr is None:
+        if exact_weight_step or weight_update != "mmd":
+            raise ValueError("the MMD-flow baseline (weight_lr=None) has no weight step; give "
+                             "weight_lr for the IFT loop")
+        inner = ExplicitEuler(noise=noise, noise_steps=noise_steps, seed=noise_seed,
+                              perturb_measure=True)
+        geometry = Wasserstein()
+    else:
+        weight_lr = _positive_number("weight_lr", weight_lr)
+        if noise:
+            raise ValueError("the authors' IFT loop injects no noise; noise is an option of the "
+                             "MMD-flow baseline (weight_lr=None)")
+        if weight_update == "kl":
+            if exact_weight_step:
+                raise ValueError("exact_weight_step replaces the 'mmd' weight update; the 'kl' "
+                                 "branch has no exact counterpart here")
+            reaction, geometry = "projected_multiplicative", WFR(1.0, weight_lr / tau, conserve_mass=True)
+        else:
+            reaction = "exact" if exact_weight_step else "projected_gradient"
+            geometry = IFT(kernel, 1.0, 2.0 * weight_lr / tau, conserve_mass=True)
+        inner = Splitting(order=1, transport="explicit", reaction=reaction, velocity="euclidean")
+    method = PaperMethod(inner, n_particles, mass, fresh_target, target_samples, target_seed)
+    return PaperScheme(method, geometry, tau, lr, weight_lr, weight_update, n_particles, mass)
+
+
+def _positive_number(name: str, value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive number, got {value!r}") from None
+    if not (np.isfinite(number) and number > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return number
 
 
 @dataclass(frozen=True)
@@ -352,7 +554,8 @@ def run_over_seeds(label: str, make_experiment: Callable[[int], ParticleExperime
     """Run a particle scheme once per seed and collect the MMD curves.
 
     make_experiment(seed) -> ParticleExperiment; make_scheme(experiment, seed) -> (method,
-    geometry, tau), a fresh method object per run (they own their noise generators). Every
+    geometry, tau) or a ``PaperScheme``, a fresh method object per run (they own their noise
+    generators). Every
     step's energy is kept (the MMD curve); measures only at ``snapshot_steps`` of the first
     seed. The dissipation inequality of jk.solve does not hold for explicit schemes; its
     warnings are counted in ``warnings``, not shown. A run whose step fails (SolverError)

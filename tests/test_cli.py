@@ -18,12 +18,17 @@ DEMO_SCHEMES = {"MMD flow", "WFR", "IFT"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: The spherical variants keep the mass: the exact weight steps solve it to round-off.
 MASS_ATOL = 1e-9
-SMALL_DEMO = ["--steps", "20", "--particles", "30"]
+#: 30 particles take the W2 step tau = 2 * 50 / 30 per iteration (the paper's lr = 50): about 70
+#: iterations bring every scheme below 0.2 of the initial MMD (measured 0.12-0.05 at 100).
+SMALL_DEMO = ["--steps", "100", "--particles", "30"]
+#: The iteration at which IFT is far ahead of both (measured: 0.15 of the initial MMD against
+#: 0.59 and 0.50); later the MMD flow and WFR catch up part of the way.
+EARLY_ITERATION = 20
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """One small demo run (30 particles, 20 iterations: a second), shared by the checks below."""
+    """One small demo run (30 particles, 100 iterations: a second), shared by the checks below."""
     out = tmp_path_factory.mktemp("demo") / "results"
     status = main(["demo", "--out", str(out), *SMALL_DEMO, "--quiet"])
     return status, out
@@ -43,13 +48,13 @@ def test_demo_summary_records_three_schemes_and_ift_is_fastest(demo_run):
     _, out = demo_run
     summary = json.loads((out / "summary.json").read_text())
     assert summary["version"] == jk.__version__
-    assert summary["parameters"]["steps"] == 20 and summary["parameters"]["particles"] == 30
+    assert summary["parameters"]["steps"] == 100 and summary["parameters"]["particles"] == 30
     assert set(summary["runs"]) == DEMO_SCHEMES
     first = {label: run["mmd"][0] for label, run in summary["runs"].items()}
     assert len(set(first.values())) == 1, f"the schemes start from different measures: {first}"
     for label, run in summary["runs"].items():
         mmd, energies = np.array(run["mmd"]), np.array(run["energies"])
-        assert mmd.shape == (21,), label
+        assert mmd.shape == (101,), label
         np.testing.assert_allclose(mmd, np.sqrt(2 * energies), rtol=1e-12, err_msg=label)
         assert mmd[-1] < 0.2 * mmd[0], f"{label} did not approach the target: {mmd[[0, -1]]}"
         assert abs(run["final_mass"] - 1.0) <= MASS_ATOL, label
@@ -58,10 +63,10 @@ def test_demo_summary_records_three_schemes_and_ift_is_fastest(demo_run):
     # the weight steps concentrate the mass; the MMD flow keeps uniform weights
     assert summary["runs"]["MMD flow"]["particles_with_99_percent_mass"] >= 29
     assert summary["runs"]["IFT"]["particles_with_99_percent_mass"] < 29
-    # the paper's claim on this target: IFT is far ahead of both after 20 iterations
-    ift = summary["runs"]["IFT"]["final_mmd"]
-    assert ift < 0.5 * summary["runs"]["MMD flow"]["final_mmd"]
-    assert ift < 0.5 * summary["runs"]["WFR"]["final_mmd"]
+    # the paper's claim on this target: IFT is far ahead of both early in the run
+    early = {label: run["mmd"][EARLY_ITERATION] for label, run in summary["runs"].items()}
+    assert early["IFT"] < 0.5 * early["MMD flow"]
+    assert early["IFT"] < 0.5 * early["WFR"]
     assert summary["wall_time"] > 0
 
 

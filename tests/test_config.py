@@ -250,11 +250,12 @@ def particle_config(**changes) -> dict:
     return _apply(config, **changes)
 
 
+@pytest.mark.filterwarnings("ignore::jko_ift.DissipationWarning")  # explicit steps promise none
 def test_particle_example_is_the_papers_seed_zero_run():
     """examples/configs/ift_particles.toml draws the particles and samples of
-    problems.paper_2d("mixture", seed=0) and runs ift_particle_method: the same steps, bit for bit."""
-    from jko_ift.methods.splitting import ift_particle_method
-    from jko_ift.problems import paper_2d
+    problems.paper_2d("mixture", seed=0) and runs the authors' loop with their step sizes
+    (problems.paper_scheme): the same steps, bit for bit."""
+    from jko_ift.problems import paper_2d, paper_scheme
 
     spec = load_config(EXAMPLES / "ift_particles.toml")
     experiment = paper_2d("mixture", particles=100, samples=100, seed=0)
@@ -264,8 +265,10 @@ def test_particle_example_is_the_papers_seed_zero_run():
     np.testing.assert_array_equal(spec.energy.target.points, experiment.target.points)
     assert spec.energy.kernel == experiment.kernel
     ours = spec.solve(progress=False, steps=5, save_at=None)
-    theirs = jk.solve(experiment.energy, jk.IFT(experiment.kernel, 50.0, 0.1, conserve_mass=True),
-                      experiment.initial, tau=1.0, steps=5, method=ift_particle_method(), progress=False)
+    scheme = paper_scheme(experiment.kernel, lr=50.0, n_particles=100, weight_lr=0.1)
+    assert spec.run.tau == scheme.tau and spec.geometry == scheme.geometry
+    theirs = jk.solve(experiment.energy, scheme.geometry, experiment.initial, tau=scheme.tau,
+                      steps=5, method=scheme.method, progress=False)
     np.testing.assert_array_equal(ours.energies, theirs.energies)
     np.testing.assert_array_equal(ours.final.points, theirs.final.points)
 

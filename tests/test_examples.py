@@ -32,16 +32,22 @@ def test_paper_2d(tmp_path, target):
     runs = result[target]
     check_figures(runs, f"mmd_{target}.png", f"particles_{target}.png", f"summary_{target}.txt",
                   folder=tmp_path)
-    for label in ("MMD flow", "IFT"):
+    for label in ("MMD flow", "IFT", "IFT, exact weight step"):
         assert runs[label].mmd.shape == (2, 5)
         assert np.all(np.isfinite(runs[label].mmd))
     assert runs["IFT"].mmd[:, -1].mean() < runs["IFT"].mmd[:, 0].mean()
+    # the paper's lr = 50 and lr_w = 0.1 on 12 particles: tau = 2 lr / 12, tau beta = 2 lr_w
+    assert "tau = 8.33333, tau beta = 0.2" in (tmp_path / f"summary_{target}.txt").read_text()
 
 
 def test_paper_highdim(tmp_path):
     result = load("paper_highdim").main(dim=3, particles=15, steps=4, seeds=2, out=tmp_path)
     check_figures(result, "mmd_highdim.png", "summary_highdim.txt", folder=tmp_path)
-    assert result["IFT"].mmd.shape == (2, 5) and result["IFT"].failed == 0
+    for label in ("IFT", "IFT, KL weight step"):
+        assert result[label].mmd.shape == (2, 5) and result[label].failed == 0
+    # the paper's steps scaled to 15 particles: the W2 step tau = 2 whatever N
+    summary = (tmp_path / "summary_highdim.txt").read_text()
+    assert "fresh target samples" in summary and "tau = 2," in summary
 
 
 def test_large_steps(tmp_path):

@@ -41,8 +41,8 @@ MASS_RTOL = 1e-12
 #: ridge 0 on a well-conditioned Gram): closed forms hold to this.
 LINEAR_ALGEBRA_ATOL = 1e-10
 
-#: theory §8 allows no slack: F(mu^{k+1}) <= F(mu^k) / (1 + beta tau)^2 for the exact MMD step.
-#: Only the round-off of evaluating F (sums of n^2 kernel terms of size 1) is allowed.
+#: Energy inequalities that are exact (F nonincreasing along JKO steps, the explicit MMD step's
+#: factor (1 - tau)^2): only the round-off of evaluating F (sums of n^2 kernel terms of size 1).
 ENERGY_ROUNDOFF = 1e-12
 
 
@@ -247,31 +247,84 @@ def test_ift_orders_against_the_particle_ode(name, method, order, conserve):
 DECAY_SCHEMES = [ExplicitEuler(), ParticleJKO(), Splitting(order=1), Splitting(order=2),
                  ift_particle_method()]
 
+#: Particle schemes whose every piece is a JKO step (each decreases F): F is nonincreasing.
+IMPLICIT_DECAY_SCHEMES = ("ParticleJKO", "Lie")
+
+#: ConicJKO's steps are certified to Clarabel's default gap, about 1e-8 of the step objective;
+#: the per-step ratio F(mu^{k+1}) (1 + beta tau)^2 / F(mu^k) below was measured at most
+#: 1 - 4e-8 (1 + 2e-6 after 25 steps, where F has fallen to 1e-4 of F(mu^0)).
+CONIC_RATIO_SLACK = 1e-5
+
+#: Once the particles have left the target's points F stalls on a floor, F(mu^{k+1}) / F(mu^k)
+#: -> 1, and the per-step ratio approaches (1 + beta tau)^2 = 1.44. Measured on the quick case
+#: below (alpha = 20): 0.34, 0.44, ..., 1.13, 1.23, 1.30 over 8 steps; with alpha = 1 the ratio
+#: first exceeds 1 at steps 15-19 and reaches 1.43 by step 40, in 20 of 20 random problems.
+PARTICLE_RATIO_MIN = 1.2
+
+def decay_problem(seed=3, n=30):
+    """1/2 MMD^2 to a target of random weights on the initial points of n uniform particles."""
+    rng = np.random.default_rng(seed)
+    points = rng.normal(size=(n, 2))
+    p = rng.random(n)
+    k = jk.Gaussian(1.0)
+    return jk.MMD2(jk.Measure(points, p / p.sum()), k), k, jk.Measure(points, np.full(n, 1 / n))
+
+
+def per_step_ratios(energies, beta, tau):
+    """F(mu^{k+1}) (1 + beta tau)^2 / F(mu^k): at most 1 where the discrete bound holds."""
+    energies = np.asarray(energies)
+    return energies[1:] * (1 + beta * tau) ** 2 / energies[:-1]
+
 
 @pytest.mark.parametrize("conserve", [False, True], ids=["M+", "spherical"])
 @pytest.mark.parametrize("method", DECAY_SCHEMES,
                          ids=["explicit", "ParticleJKO", "Lie", "Strang", "paper"])
-def test_half_mmd2_decays_like_the_discrete_bound(method, conserve):
-    """theory §8: with the target on the support, F(mu^k) <= (1 + beta tau)^{-2k} F(mu^0).
-
-    The bound is proved for the exact MMD step (the transport only adds dissipation); the
-    target lies on the initial support and the particles move, so this also checks that
-    transport does not spoil it in these schemes."""
-    rng = np.random.default_rng(3)
-    points = rng.normal(size=(30, 2))
-    p = rng.random(30)
-    k = jk.Gaussian(1.0)
-    F = jk.MMD2(jk.Measure(points, p / p.sum()), k)
+def test_particle_schemes_keep_weights_and_mass_while_half_mmd2_decays(method, conserve, request):
+    """Target on the initial points: weights stay >= 0, the spherical variants keep mass 1, the
+    schemes made of JKO steps decrease F at every step, and all of them bring F down. (The
+    fixed-support bound F(mu^k) <= (1 + beta tau)^{-2k} F(mu^0) is *not* a property of moving
+    particles: see test_the_discrete_decay_bound_needs_a_fixed_support.)"""
+    F, k, mu = decay_problem()
     beta, tau = 1.0, 0.2
     geometry = jk.IFT(k, 1.0, beta, conserve_mass=conserve)
-    mu = jk.Measure(points, np.full(30, 1 / 30))
-    F0 = F.value(mu)
-    for step in range(1, 11):
+    energies = [F.value(mu)]
+    for _ in range(10):
         mu = method.step(F, geometry, mu, tau).measure
-        assert F.value(mu) <= F0 * (1 + beta * tau) ** (-2 * step) + ENERGY_ROUNDOFF
+        energies.append(F.value(mu))
         assert np.all(mu.weights >= 0)
         if conserve:
             assert mu.mass == pytest.approx(1.0, rel=MASS_RTOL)
+    if request.node.callspec.id.split("-")[0] in IMPLICIT_DECAY_SCHEMES:
+        assert np.all(np.diff(energies) <= ENERGY_ROUNDOFF)
+    assert energies[-1] < 0.5 * energies[0]
+
+
+def test_the_discrete_decay_bound_needs_a_fixed_support():
+    """theory §8: on a fixed support holding the target the JKO step of 1/2 MMD^2 (IFT
+    geometry, no ridge) satisfies F(mu^{k+1}) <= F(mu^k) / (1 + beta tau)^2. ParticleJKO on
+    the same problem moves the particles off the target's points: its F still decreases at
+    every step (the dissipation inequality), but the per-step bound fails."""
+    F, k, mu0 = decay_problem(seed=0, n=12)
+    beta, tau = 1.0, 0.2
+    geometry = jk.IFT(k, 20.0, beta, ridge=0.0, conserve_mass=True)
+    fixed = jk.solve(F, geometry, mu0, tau=tau, steps=8, method=jk.ConicJKO(), progress=False)
+    np.testing.assert_array_equal(fixed.final.points, mu0.points)
+    assert per_step_ratios(fixed.energies, beta, tau).max() <= 1 + CONIC_RATIO_SLACK
+    moving = jk.solve(F, geometry, mu0, tau=tau, steps=8, method=ParticleJKO(), progress=False)
+    assert np.all(np.diff(moving.energies) <= ENERGY_ROUNDOFF)
+    assert per_step_ratios(moving.energies, beta, tau).max() > PARTICLE_RATIO_MIN
+
+
+@pytest.mark.slow
+def test_moving_particles_break_the_cumulative_decay_bound():
+    """Over 40 steps (alpha = 1) F(mu^k) of ParticleJKO ends far above (1 + beta tau)^{-2k}
+    F(mu^0) (measured 93x): the bound is not a property of particle schemes."""
+    F, k, mu0 = decay_problem(seed=0, n=20)
+    beta, tau, steps = 1.0, 0.2, 40
+    moving = jk.solve(F, jk.IFT(k, 1.0, beta, conserve_mass=True), mu0, tau=tau, steps=steps,
+                      method=ParticleJKO(), progress=False)
+    assert np.all(np.diff(moving.energies) <= ENERGY_ROUNDOFF)
+    assert moving.energies[-1] > 10 * (1 + beta * tau) ** (-2 * steps) * moving.energies[0]
 
 
 def test_explicit_steps_keep_the_continuous_rate_for_small_steps():

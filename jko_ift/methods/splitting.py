@@ -25,11 +25,13 @@ Pieces (``transport``, ``reaction``):
   "explicit": x_i - h alpha grad f(x_i) (velocity "euclidean" as in the paper code).
 * reaction "exact": the exact JKO step of the reaction (MMD: the QP of ``weights``, solved
   exactly; Hellinger: Newton); "explicit": the forward update; "projected_gradient": the paper
-  code's single projected-gradient step b = P_C(a - h beta f).
+  code's single projected-gradient step b = P_C(a - h beta f); "projected_multiplicative": the
+  paper code's KL weight step b = P_C(a exp(-h beta f)) (P_C the Euclidean projection onto the
+  simplex, or the orthant without ``conserve_mass``).
 
 The IFT particle algorithm of Gladin et al. is ``Splitting(order=1, transport="explicit",
 reaction="exact")`` (their code: ``reaction="projected_gradient"``, ``velocity="euclidean"``),
-see ``ift_particle_method``.
+see ``ift_particle_method``; ``jko_ift.problems.paper_scheme`` maps their step sizes.
 """
 
 from __future__ import annotations
@@ -61,10 +63,11 @@ from .weights import (
     explicit_hellinger,
     mmd_step,
     projected_gradient_weights,
+    projected_multiplicative_weights,
 )
 
 TRANSPORT_PIECES = ("implicit", "explicit")
-REACTION_PIECES = ("exact", "explicit", "projected_gradient")
+REACTION_PIECES = ("exact", "explicit", "projected_gradient", "projected_multiplicative")
 
 #: Reaction pieces that are forward steps, checked for stability like ``ExplicitEuler``.
 FORWARD_REACTIONS = ("explicit", "projected_gradient")
@@ -74,7 +77,8 @@ FORWARD_REACTIONS = ("explicit", "projected_gradient")
 class Splitting:
     """Lie (order=1) or symmetric Strang (order=2) splitting of transport and reaction.
 
-    transport: "implicit" | "explicit"; reaction: "exact" | "explicit" | "projected_gradient";
+    transport: "implicit" | "explicit"; reaction: "exact" | "explicit" | "projected_gradient" |
+    "projected_multiplicative" (see the module docstring);
     symmetric: for order 2, compose the implicit pieces with their adjoints (second order,
     default) or use T_{tau/2} R_tau T_{tau/2} (first order, unconditionally stable pieces).
     tol: relative certificate of the implicit pieces (see ParticleJKO).
@@ -168,6 +172,8 @@ class Splitting:
             f = F.first_variation(mu)
             if kind == "projected_gradient":
                 b = projected_gradient_weights(a, f, eta, conserve)
+            elif kind == "projected_multiplicative":
+                b = projected_multiplicative_weights(a, f, eta, conserve)
             elif isinstance(geometry.reaction, MMD):  # explicit and adjoint coincide
                 b = mmd_step(F, geometry.reaction, mu.points, a, eta, conserve, linearize_at=f,
                              energy_scale=run.scale).weights
@@ -215,8 +221,16 @@ class _Run:
 
 def ift_particle_method(weight_step: str = "exact", velocity: str = "wasserstein") -> Splitting:
     """The particle algorithm of Gladin et al. (NeurIPS 2024): an explicit W2 step of the
-    positions, then the MMD step of the weights on the new positions, solved exactly
-    (``weight_step="exact"``) or by the single projected-gradient step of the authors' code
-    (``"projected_gradient"``). Use with jk.IFT(kernel, alpha=position step, beta=weight step)
-    and tau = 1 for the paper's parametrization (their code's lr_w is beta / 2)."""
+    positions, x_i <- x_i - tau alpha v_i, then the MMD step of the weights on the new
+    positions with eta = tau beta, solved exactly (``weight_step="exact"``) or by the single
+    projected-gradient step b = P_C(a - eta f) of the authors' code (``"projected_gradient"``).
+
+    The authors' step sizes are not alpha and beta: their code moves x_i by 2 lr a_i grad f
+    (it differentiates MMD^2, not 1/2 MMD^2) and the weights by -2 lr_w f, so in the
+    library's units tau alpha = 2 lr M / n (with ``velocity="euclidean"``, v_i = (n a_i / M)
+    grad f) and tau beta = 2 lr_w: their 2-D "position step 50, weight step 0.1" with 100
+    particles is tau alpha = 1, tau beta = 0.2, not alpha = 50. Use
+    ``jko_ift.problems.paper_scheme(kernel, lr, n, weight_lr)``, which builds this method, the
+    geometry and tau from their numbers (and their KL branch and MMD-flow baseline).
+    """
     return Splitting(order=1, transport="explicit", reaction=weight_step, velocity=velocity)

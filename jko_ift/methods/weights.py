@@ -817,6 +817,21 @@ def projected_gradient_weights(a: np.ndarray, f: np.ndarray, eta: float, conserv
     return project_feasible(a - eta * f, float(a.sum()) if conserve_mass else None)
 
 
+def projected_multiplicative_weights(a: np.ndarray, f: np.ndarray, eta: float, conserve_mass: bool
+                                     ) -> np.ndarray:
+    """The paper code's KL weight step: b = P_C(a exp(-eta f)), the multiplicative (Hellinger,
+    mirror-descent) update followed by the *Euclidean* projection onto the simplex of mass
+    sum(a) (``conserve_mass``; the orthant otherwise, where it changes nothing).
+
+    a, f: (n,). The projection subtracts one level from all weights and clips at zero, so this
+    is not the renormalized multiplicative step a exp(-eta f) sum(a) / sum(a exp(-eta f)) of
+    ``explicit_hellinger``: it zeroes every weight below the level. The code of Gladin et al.
+    writes w *= exp(lr (K_xy 1/n - K w)) = exp(-lr f): its lr is eta here (no factor 2). The
+    product is taken unshifted, as theirs: scaling it by a constant would change the projection.
+    """
+    return project_feasible(a * np.exp(-eta * f), float(a.sum()) if conserve_mass else None)
+
+
 def check_weight_mode(mode: str) -> str:
     if mode not in WEIGHT_MODES:
         raise ValueError(f"unknown reaction step {mode!r}; choose one of {WEIGHT_MODES}")
