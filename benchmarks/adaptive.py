@@ -169,7 +169,9 @@ def ou_runs(quick):
 
 def ift_runs(quick, grid=True):
     results = []
-    # IFT on the paper's particles (position step 50, weight step 0.1): no grid to lock
+    # IFT(alpha = 50, beta = 0.1) on the paper's particles: no grid to lock. The transport is 50
+    # times the authors' loop (paper_scheme maps their steps to tau alpha = 1, tau beta = 0.2 for
+    # 100 particles); a fast flow that gives the controller a wide range of step sizes
     experiment = problems.paper_2d("mixture", particles=50, samples=50, seed=0)
     ift = problems.Problem("ift_paper_particles", experiment.energy,
                            jk.IFT(experiment.kernel, 50.0, 0.1, conserve_mass=True),
