@@ -21,7 +21,7 @@ import pytest
 from scipy.integrate import solve_ivp
 
 import jko_ift as jk
-from jko_ift.methods.particle import CLIPPED_MASS_RTOL, clipping_report
+from jko_ift.methods.base import CLIPPED_MASS_RTOL, clipping_report
 
 #: For a quadratic F the secant estimate of tau times the curvature is exact up to the
 #: round-off of F(mu^{k+1}) - F(mu^k) over the predicted decrease (values of size 1: ~1e-15).
@@ -270,6 +270,34 @@ def test_round_off_clipping_is_not_reported():
     big = np.array([0.5, 0.5, 2 * CLIPPED_MASS_RTOL, 0.0])
     _, caught = record(lambda: clipping_report(big, real, {}, "test"))
     assert categories(caught) == [jk.WeightClippingWarning]
+
+
+def _grid_1d():
+    grid = jk.Grid([-2], [2], [30])
+    return grid, grid.measure(lambda x: np.exp(-x[:, 0] ** 2), normalize=True)
+
+
+@pytest.mark.parametrize("geometry", [jk.MMD(jk.Gaussian(0.5)), jk.IFT(jk.Gaussian(0.5), 1.0, 1.0)])
+def test_conic_mmd_reaction_on_the_constraint_warns(geometry):
+    """A linear potential under an MMD reaction: d_t a = -beta (K + ridge I)^{-1} V drives the
+    weights on the uphill side below zero within t = 0.3, so the exact step ends on b >= 0."""
+    _, mu0 = _grid_1d()
+    F = jk.Potential(lambda x: x[:, 0], lambda x: np.ones_like(x))
+    tr, caught = record(lambda: jk.solve(F, geometry, mu0, tau=0.3, steps=2, progress=False))
+    (clipping,) = [w for w in tr.warnings if w.category == "WeightClippingWarning"]
+    assert clipping.count == 2 and tr.stats[0]["zeroed_weights"] > 10
+    assert categories(caught).count(jk.WeightClippingWarning) == 1
+
+
+@pytest.mark.parametrize("geometry", [jk.MMD(jk.Gaussian(0.5)), jk.IFT(jk.Gaussian(0.5), 1.0, 1.0)])
+def test_conic_mmd_flow_toward_a_target_stays_off_the_constraint(geometry):
+    """1/2 MMD^2 under MMD: mu_t = pi + e^{-t}(mu_0 - pi) stays positive; nothing clipped."""
+    grid, mu0 = _grid_1d()
+    target = grid.measure(lambda x: np.exp(-(x[:, 0] - 0.5) ** 2 / 0.3), normalize=True)
+    F = jk.MMD2(target, jk.Gaussian(0.5))
+    tr, caught = record(lambda: jk.solve(F, geometry, mu0, tau=0.3, steps=2, progress=False))
+    assert jk.WeightClippingWarning not in categories(caught)
+    assert all(s.get("zeroed_weights") is None for s in tr.stats)
 
 
 # ---------------------------------------------------------------------------------------------

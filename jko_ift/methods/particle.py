@@ -46,7 +46,7 @@ from ..energies import (
 )
 from ..geometries import MMD, Geometry, Hellinger, InfConvolution, Wasserstein
 from ..measures import Measure
-from .base import SolverError, StepResult, WeightClippingWarning, check_step_input, warn_user
+from .base import SolverError, StepResult, check_step_input, clipping_report
 from .weights import (
     DEFAULT_WEIGHT_RTOL,
     GramCache,
@@ -71,17 +71,6 @@ LBFGS_RESTARTS = 3
 
 #: Gradient-only iterations after L-BFGS-B stalls on round-off (``_gradient_polish``).
 POLISH_ITERATIONS = 50
-
-#: Weights set to zero in a step are reported (``WeightClippingWarning``) when the mass they
-#: carried before the step, plus the negative mass the unconstrained update gave them where it
-#: is known, exceeds this fraction of the mass. Below it is round-off: the QP's active set
-#: drops weights within ACTIVE_SET_ROUNDOFF = 1e-13 of their scale (n <= 10^4 of them: 1e-9),
-#: weights of 1e-300 or a drift of -1e-15. Measured: pure MMD flows with positive weights
-#: zero nothing; the IFT flow of tests/test_regimes.py, whose weights leave the cone, zeroes
-#: 4e-5 to 4e-3 of the mass in the step where a weight dies (ExplicitEuler, Splitting,
-#: ParticleJKO, projected gradient; tau = 0.01 .. 0.05). A weight that reaches zero at rate r
-#: carries about r tau: steps below 1e-9 / r would go unreported.
-CLIPPED_MASS_RTOL = 1e-9
 
 #: Alternations of (positions, weights) in the joint step before giving up.
 DEFAULT_ALTERNATIONS = 50
@@ -284,41 +273,6 @@ def forward_stability(F: Energy, mu: Measure, new: Measure, energy_after: float,
         f"Take tau below about {2 * tau / ratio:.3g}, or an implicit method: jk.ParticleJKO() or "
         "jk.Splitting(transport='implicit', reaction='exact')")
     return "unstable"
-
-
-def clipping_report(a: np.ndarray, b: np.ndarray, info: dict, method: str) -> None:
-    """Record (``info["zeroed_weights"]``, ``info["zeroed_mass"]``) and warn
-    (``WeightClippingWarning``) when a step set positive weights a_i to b_i <= 0.
-
-    The mass counted is what those weights carried before the step, plus the negative mass the
-    unconstrained update gave them where the method knows it (``info["clipped_mass"]`` of the
-    linear Hellinger update, negative entries of b). Below CLIPPED_MASS_RTOL of the mass it is
-    round-off and is not reported. A method whose reaction keeps weights positive (Hellinger:
-    the exact, multiplicative and adjoint updates) sets ``info["positivity_preserving"]``: its
-    zeros are underflow (a e^{-eta f} below 5e-324), recorded as ``underflow_weights``."""
-    zeroed = (a > 0) & (b <= 0)
-    count = int(np.count_nonzero(zeroed))
-    if count == 0:
-        return
-    if info.get("positivity_preserving", False):
-        info["underflow_weights"] = count
-        return
-    carried = float(a[zeroed].sum())
-    negative = float(info.get("clipped_mass", 0.0)) + float(-b[b < 0].sum())
-    info.update(zeroed_weights=count, zeroed_mass=carried)
-    mass = float(a.sum())
-    if carried + negative <= CLIPPED_MASS_RTOL * mass:
-        return
-    unconstrained = (f"; the unconstrained update would have made them negative, {-negative:.3g} "
-                     "in all" if negative > 0 else "")
-    warn_user(f"{method}: weights reached zero in this step: {count} (carrying mass "
-              f"{carried:.3g} of {mass:.3g} before it{unconstrained}); the constraint b >= 0 is "
-              "active, so the run follows the positivity-constrained flow, not the unconstrained "
-              "particle ODE, whose weights go negative. A smaller tau helps only when the "
-              "clipping is an overshoot of the step; when the flow itself drives weights below "
-              "zero (the MMD reaction of IFT can), every scheme converges to the constrained "
-              "flow whatever tau: compare a run at tau / 2 to tell which",
-              WeightClippingWarning)
 
 
 def finish(F: Energy, geometry: Geometry, mu: Measure, y: np.ndarray, b: np.ndarray, tau: float,
