@@ -21,8 +21,9 @@ from .diagnostics import dissipation_slack
 from .energies import Energy
 from .geometries import Geometry
 from .measures import Measure
-from .methods import ConicJKO, EntropicJKO, SolverError, StepResult
+from .methods import ConicJKO, EntropicJKO, SolverError, StepResult, grid_motion
 from .methods.base import check_step_input, warn_user
+from .methods.entropic import BLUR_WARN_RATIO
 from .run_warnings import RunWarning, WarningLog
 
 __all__ = ["DissipationWarning", "RunWarning", "SolverError", "StepResult", "Trajectory", "jko_step",
@@ -320,7 +321,23 @@ class _Run:
                           "tau was cut each time; try another solver or solver_options",
                           status=record["status"])
 
+    def _check_grid_run(self) -> None:
+        """Record a run whose grid defects add up although no step stood out
+        (``grid_motion.check_run``; an entropic blur wider than a cell is not the grid's)."""
+        grid = getattr(self.measures[0], "grid", None)
+        stats = [s for s in self.stats if s.get("accepted", True)]
+        if grid is None or not stats:
+            return
+        spacing = float(np.max(grid.spacing))
+        blurred = any((s.get("blur_ratio") or 0.0) > BLUR_WARN_RATIO
+                      or (s.get("eps") or 0.0) >= grid_motion.SUBCELL_BLUR * spacing**2 for s in stats)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            grid_motion.check_run(stats, spacing, blurred)
+        self.log.record(len(self.stats), caught)
+
     def _trajectory(self, reason: str) -> Trajectory:
+        self._check_grid_run()
         return Trajectory(np.array(self.times), self.measures, np.array(self.energies),
                           self.stats, reason, self.log.warnings())
 

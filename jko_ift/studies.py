@@ -12,7 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .control import StepController
-from .methods.grid_motion import LOCKED_FRACTION, STALL_RATIO, SUBCELL_BLUR, expected_moved_fraction
+from .methods import grid_motion
+from .methods.grid_motion import (
+    LOCKED_FRACTION,
+    ROUNDING_SHARE,
+    STALL_RATIO,
+    SUBCELL_BLUR,
+    expected_moved_fraction,
+)
 from .solve import Trajectory, solve
 
 #: Details of the studies (one line per run, scheme or case) at DEBUG level; ``jko-ift -v`` shows them.
@@ -83,16 +90,9 @@ def work_precision(F, geometry, mu0, t_final: float, error: Callable[[Trajectory
 # ---------------------------------------------------------------------------- tau -> 0 studies
 
 #: Grid locking (a step that moved less than ``STALL_RATIO`` of what the flow carries across cells,
-#: or nothing) is judged by the methods' own ``grid_motion`` (re-exported here).
-#: The h / tau rounding regime flags a row when the grid defect accumulated over the run (the
-#: signed sum over steps of the step's mean displacement minus the flow's, in cells) exceeds this
-#: share of the run's time-error estimate (the sum of the steps' local implicit Euler errors,
-#: tau alpha / 2 E|grad f_{k+1} - grad f_k|_1 / h): ``grid_share``. Measured on W2
-#: Ornstein-Uhlenbeck (tests/test_grid_regimes.py): runs whose error is their time error have
-#: shares 0.001 to 0.054 (the shipped config at tau = 0.1, whose +-0.5 cell snapping alternates
-#: and cancels); runs whose grid error is 1 to 2.5 times the time error have 0.3 to 1.7, more
-#: beyond. The estimate undershoots the grid error by a factor 2 to 4, hence a threshold below 1.
-ROUNDING_SHARE = 0.1
+#: or nothing) is judged by the methods' own ``grid_motion`` (re-exported here), and so is the
+#: h / tau rounding regime of a whole run (``ROUNDING_SHARE`` of its time error, ``grid_share``).
+
 #: Entropic diffusion flags a row when its estimated error, sqrt(s^2 + d eps t / (2 tau)) - s (the
 #: spurious heat flow eps / (4 tau) acting for t on a measure of spread s, without the flow's own
 #: contraction), exceeds this multiple of the run's time-error estimate (in length: h times the
@@ -205,30 +205,14 @@ def locked_steps(trajectory, energy=None, geometry=None) -> tuple[int, int]:
 
 
 def time_error_cells(trajectory) -> float | None:
-    """The run's time-error estimate in grid cells: the sum over steps of the local error of the
-    implicit Euler step, tau alpha / 2 E|grad f_{k+1} - grad f_k|_1 / h (``flow_change_cells``);
-    None when the steps carry no grid statistics."""
-    changes = [s["flow_change_cells"] for s in _accepted(trajectory) if "flow_change_cells" in s]
-    return 0.5 * float(np.sum(changes)) if changes else None
+    """The run's time-error estimate in grid cells (``methods.grid_motion.time_error_cells``)."""
+    return grid_motion.time_error_cells(_accepted(trajectory))
 
 
 def grid_share(trajectory) -> float | None:
     """The grid's share of a run's error, estimated from its steps (``methods.grid_motion``):
-    |sum_k (step displacement - flow displacement)| / ``time_error_cells``, both in cells.
-
-    Each step on a grid moves mass by whole cells where the flow moves it by tau alpha |grad f|
-    (theory §7): the difference accumulates into an error C2 h / tau next to the time error
-    C1 tau. Signed, because snapping that alternates (+-0.5 cell) cancels over the run. None
-    without grid statistics; inf when the run has a grid defect but no time error.
-    """
-    stats = [s for s in _accepted(trajectory) if "flow_change_cells" in s]
-    if not stats:
-        return None
-    defect = abs(sum(s["displacement_cells"] - s["flow_displacement_cells"] for s in stats))
-    time_error = time_error_cells(trajectory)
-    if time_error > 0:
-        return float(defect / time_error)
-    return 0.0 if defect == 0 else float("inf")
+    |sum_k (step displacement - flow displacement)| / ``time_error_cells``, both in cells."""
+    return grid_motion.grid_share(_accepted(trajectory))
 
 
 def entropic_diffusion_error(trajectory, t_final: float, dim: int) -> float | None:

@@ -15,6 +15,7 @@ from scipy.special import logsumexp
 
 import jko_ift as jk
 from jko_ift.cli import main
+from jko_ift.config import load_config
 from jko_ift.methods.grid_motion import (
     ROUNDING_RATIO,
     STALL_RATIO,
@@ -105,6 +106,26 @@ def test_a_smaller_step_on_a_coarse_grid_warns_in_every_locked_step():
     last = locked.stats[-1]
     assert last["grid_locked"] and last["moved_fraction"] < STALL_RATIO * last["expected_moved_fraction"]
     assert last["expected_moved_fraction"] == pytest.approx(0.45, abs=0.01)  # tau |grad f| / h
+
+
+def test_a_run_whose_small_grid_defects_add_up_warns_once_at_its_end():
+    """Same problem at tau = 0.1: no step's defect reaches ROUNDING_RATIO times its time error
+    (1.3 to 1.8), but they add up (error 0.14 against a time error of 0.05, grid share 0.33 >
+    ROUNDING_SHARE): the run warns once, at its end. The shipped config at its tau = 0.1 (share
+    0.054, its +-0.5 cell snapping alternates) stays silent."""
+    problem = ou_problem(100)
+    with pytest.warns(jk.GridLockingWarning, match="grid rounding over the run"):
+        run = jk.solve(problem.energy, problem.geometry, problem.initial, 0.1, t_final=1.0,
+                       progress=False)
+    (cause,) = run.warnings
+    assert cause.count == 1 and cause.first_step == 10
+    assert not any(s["grid_locked"] or s["grid_rounding"] for s in run.stats)
+    assert grid_share(run) == pytest.approx(0.33, abs=0.05)
+    spec = load_config(OU_CONFIG)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", jk.GridLockingWarning)
+        shipped = jk.solve(spec.energy, spec.geometry, spec.initial, 0.1, steps=10, progress=False)
+    assert shipped.warnings == () and grid_share(shipped) < ROUNDING_SHARE
 
 
 def test_single_step_on_a_line_measures_snapping_against_the_flow():
