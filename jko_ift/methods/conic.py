@@ -37,6 +37,7 @@ from ..kernels import row_blocks, squared_distances
 from ..measures import Measure
 from .base import SolverError, StepResult, check_step_input, support_key
 from .grid_motion import GridLockingWarning, barycentric_motion, check_step  # noqa: F401 (re-exported)
+from .options import check_solver_options, count, fraction, positive
 
 SOLVERS = ("CLARABEL", "SCS")
 
@@ -151,7 +152,7 @@ class ConicJKO:
     _radii: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
-        name = str(self.solver).upper()
+        name = self.solver.upper() if isinstance(self.solver, str) else self.solver
         if name not in SOLVERS:
             raise ValueError(f"unknown solver {self.solver!r}; ConicJKO supports {SOLVERS}")
         if name not in cp.installed_solvers():
@@ -159,8 +160,13 @@ class ConicJKO:
         self.solver = name
         if self.gap_tol is None:
             self.gap_tol = DEFAULT_GAP_TOL[name]
-        if self.radius is not None and not (self.radius > 0):
-            raise ValueError(f"radius must be positive (or np.inf for a dense plan), got {self.radius}")
+        # a gap_tol <= 0 could never be met (the radius would double forever), NaN never either
+        self.gap_tol = fraction("ConicJKO", "gap_tol", self.gap_tol)
+        if self.radius is not None:
+            self.radius = positive("ConicJKO", "radius (np.inf: a dense plan)", self.radius,
+                                           allow_inf=True)
+        self.cache_size = count("ConicJKO", "cache_size", self.cache_size)
+        self.solver_options = check_solver_options(name, self.solver_options)
 
     def step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float,
              throw: bool = True) -> StepResult:
