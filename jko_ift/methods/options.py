@@ -18,16 +18,17 @@ import math
 import numbers
 from collections.abc import Mapping
 
-__all__ = ["check_solver_options", "count", "flag", "fraction", "positive", "nonnegative"]
+__all__ = ["check_solver_options", "count", "flag", "fraction", "is_real", "nonnegative", "positive"]
 
 
-def _is_real(value) -> bool:
+def is_real(value) -> bool:
+    """A real number: int, float or numpy scalar, but not a bool (True is not a size)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def positive(owner: str, name: str, value, allow_inf: bool = False) -> float:
     """A finite positive number (or +inf with ``allow_inf``) as a float."""
-    if not _is_real(value) or math.isnan(value) or not value > 0 or (
+    if not is_real(value) or math.isnan(value) or not value > 0 or (
             math.isinf(value) and not allow_inf):
         kind = "a positive number" + (" (or inf)" if allow_inf else " (finite)")
         raise ValueError(f"{owner} {name} must be {kind}, got {value!r}")
@@ -36,7 +37,7 @@ def positive(owner: str, name: str, value, allow_inf: bool = False) -> float:
 
 def nonnegative(owner: str, name: str, value) -> float:
     """A finite number >= 0 as a float."""
-    if not _is_real(value) or not math.isfinite(value) or value < 0:
+    if not is_real(value) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{owner} {name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
@@ -44,7 +45,7 @@ def nonnegative(owner: str, name: str, value) -> float:
 def fraction(owner: str, name: str, value, low: float = 0.0, high: float = 1.0,
              closed_high: bool = True) -> float:
     """A number in (low, high] (or (low, high) with closed_high=False) as a float."""
-    inside = _is_real(value) and math.isfinite(value) and low < value and (
+    inside = is_real(value) and math.isfinite(value) and low < value and (
         value <= high if closed_high else value < high)
     if not inside:
         bracket = "]" if closed_high else ")"
