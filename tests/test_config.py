@@ -114,7 +114,7 @@ def test_energy_sums_and_scales():
     ({"geometry.kind": None}, "geometry.kind", ["missing", "'ift'"]),
     ({"method.kind": "conical"}, "method.kind", ["did you mean 'conic'", "'entropic'"]),
     ({"method.solvr": "SCS"}, "method.solvr", ["did you mean 'solver'"]),
-    ({"method.solver": "MOSEK-X"}, "method", ["unknown solver"]),
+    ({"method.solver": "MOSEK-X"}, "method.solver", ["unknown solver"]),
     ({"run.tau": None}, "run.tau", ["missing"]),
     ({"run.tau": -1.0}, "run.tau", ["positive"]),
     ({"run.stpes": 3}, "run.stpes", ["did you mean 'steps'"]),
