@@ -124,9 +124,12 @@ SOLVER_SETTINGS = {"CLARABEL": CLARABEL_SETTINGS, "SCS": SCS_SETTINGS}
 FILE_SETTINGS = ("write_data_filename", "log_csv_filename")
 
 
+#: Words of a setting's name (split at "_") that mark a file or folder output.
+FILE_WORDS = {"file", "filename", "path", "dir", "directory", "folder", "csv", "dump", "output"}
+
+
 def _writes_files(key: str) -> bool:
-    lowered = key.lower()
-    return key in FILE_SETTINGS or any(word in lowered for word in ("file", "path", "dir", "csv"))
+    return key in FILE_SETTINGS or bool(FILE_WORDS & set(key.lower().split("_")))
 
 
 def _describe(settings: Mapping) -> str:
