@@ -33,6 +33,7 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -90,6 +91,20 @@ ADAPTIVE_KEYS = ("rtol", "atol", "distance", "estimate", "tau0", "tau_min", "tau
 #: Choices of the [run.adaptive] fields that are names, not numbers.
 ADAPTIVE_CHOICES = {"distance": DISTANCES, "estimate": ESTIMATES}
 
+#: Named problems' size parameter and the dimension of their support: the support has
+#: value ** dim points in dim dimensions (checked against memory before the problem is built).
+NAMED_PROBLEM_SIZES = {"mmd_flow": ("cells", 1), "ornstein_uhlenbeck": ("cells", 1),
+                       "porous_medium": ("cells", 1), "ornstein_uhlenbeck_particles": ("n", 1),
+                       "ift_paper_mixture": ("cells", 2)}
+#: Arrays of the size of the support's points and weights that a run holds at once (the measure,
+#: its first variation and gradient, the solver's proposal, ...): a low estimate, so that only
+#: supports that cannot fit are refused up front. The methods' own work (a conic program's plan,
+#: a dense kernel) comes on top.
+WORKING_COPIES = 8
+#: The most steps a fixed-step run may take: at a millisecond per step 10^8 steps take a day
+#: and more; t_final / tau beyond this is a typo (tau = 1e-300) rather than a plan.
+MAX_STEPS = 10**8
+
 #: Methods by config name: the class (or factory) and the options it does not take from a
 #: config (objects that TOML cannot write). Options are the keyword arguments of the factory.
 METHODS: dict[str, tuple[Callable, tuple[str, ...]]] = {
@@ -116,6 +131,36 @@ class ConfigError(ValueError):
 
 
 # ---------------------------------------------------------------------------- checking helpers
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (MemAvailable; else the physical memory)."""
+    try:
+        with open("/proc/meminfo") as stream:
+            for line in stream:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 2**63 - 1
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2**30:.3g} GiB"
+
+
+def _check_memory(path: str, points: int, dim: int, what: str, copies: int = WORKING_COPIES) -> None:
+    """ConfigError when ``points`` points in ``dim`` dimensions (with their weights, times
+    ``copies`` working arrays) would not fit in the available memory."""
+    needed = float(points) * (dim + 1) * 8 * copies
+    limit = available_memory()
+    if needed > limit:
+        raise ConfigError(path, f"{what} of {points:,} points in {dim}-D needs at least {_gib(needed)} "
+                          f"({copies} arrays of its points and weights), but {_gib(limit)} of memory is "
+                          "available; use fewer points")
+
 
 def _allowed(values) -> str:
     return ", ".join(repr(v) for v in values) if values else "(none)"
@@ -263,6 +308,7 @@ def _grid(table, path: str) -> Grid:
     if not 1 <= len(shape) <= 3:
         raise ConfigError(_join(path, "shape"), f"expected 1 to 3 axes, got {shape!r}")
     shape = [_count(s, _join(path, "shape")) for s in shape]
+    _check_memory(_join(path, "shape"), math.prod(shape), len(shape), f"a grid of shape {shape}")
     lo = _vector(_require(table, "lo", path, "the lower corner of the box"), len(shape), _join(path, "lo"))
     hi = _vector(_require(table, "hi", path, "the upper corner of the box"), len(shape), _join(path, "hi"))
     return _build(path, Grid, lo, hi, shape)
@@ -306,6 +352,9 @@ def _particles(support_table: Mapping, initial_table, support_path: str,
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(_join(support_path, "seed"), f"expected a whole number >= 0, got {seed!r}")
     table = _table(initial_table, initial_path)
+    mean = table.get("mean")
+    _check_memory(_join(support_path, "n"), count, len(mean) if isinstance(mean, list) else 1,
+                  "a particle support")
     _kind(table, ("gaussian",), initial_path)
     _refuse_fields(table, GRID_ONLY_INITIAL, initial_path,
                    "'normalize' is a grid field (it scales the density on the grid); particles have "
@@ -348,6 +397,7 @@ def _target(table, support: _Support, path: str) -> Measure:
     # particles: n samples (default: as many as particles) with equal weights summing to 1, drawn
     # by the support's generator after the particles (as problems.paper_2d does), or by their own seed
     count = (_count(table["n"], _join(path, "n")) if "n" in table else support.count)
+    _check_memory(_join(path, "n"), count, support.dim, "a target sample")
     if "seed" in table:
         seed = table["seed"]
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -460,7 +510,7 @@ def _explicit_problem(table: dict, path: str = "problem") -> dict:
 
 def _named_problem(table: dict, path: str = "problem") -> dict:
     name = table["name"]
-    if name not in named_problems.PROBLEMS:
+    if not isinstance(name, str) or name not in named_problems.PROBLEMS:
         raise ConfigError(_join(path, "name"), f"unknown problem {name!r}"
                           f"{_suggest(name, named_problems.PROBLEMS)}; named problems: "
                           f"{_allowed(named_problems.PROBLEMS)}")
@@ -470,10 +520,18 @@ def _named_problem(table: dict, path: str = "problem") -> dict:
     _check_keys(overrides, ("name",) + tuple(parameters), path)
     for key, value in overrides.items():
         default = parameters[key].default
-        if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(default, bool):
+            _flag(value, _join(path, key))
+        elif isinstance(default, int):
             _count(value, _join(path, key))
         elif isinstance(default, float):
-            _number(value, _join(path, key))
+            _number(value, _join(path, key), positive=key == "t_final")
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise ConfigError(_join(path, key), f"expected a name (a string), got {value!r}")
+    if name in NAMED_PROBLEM_SIZES:
+        size_key, dim = NAMED_PROBLEM_SIZES[name]
+        size = overrides.get(size_key, parameters[size_key].default)
+        _check_memory(_join(path, size_key), size**dim, dim, f"the {name} support")
     problem = _build(path, factory, **overrides)
     kernel = getattr(problem.energy, "kernel", None) or getattr(problem.geometry, "kernel", None)
     return {"name": name, "energy": problem.energy, "initial": problem.initial, "kernel": kernel,
@@ -521,8 +579,27 @@ def _method(table, path: str = "method") -> tuple[str, dict]:
     factory, names = _method_options(kind)
     _check_keys(table, ("kind",) + names, path)
     options = {key: value for key, value in table.items() if key != "kind"}
-    _build(path, factory, **options)  # check the options now, before any computation
+    try:  # check the options now, before any computation
+        factory(**options)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(_option_field(path, options, str(error)), str(error)) from None
     return kind, options
+
+
+def _option_field(path: str, options: Mapping, message: str) -> str:
+    """The dotted field a method's ValueError is about: the option (or solver setting) that its
+    message names, the longest name first; ``path`` itself when it names none."""
+    names = sorted(options, key=len, reverse=True)
+    for name in names:
+        nested = options[name]
+        if isinstance(nested, Mapping):
+            for key in sorted(map(str, nested), key=len, reverse=True):
+                if repr(key) in message or f" {key} " in message:
+                    return _join(_join(path, name), key)
+    for name in names:
+        if name in message:
+            return _join(path, name)
+    return path
 
 
 @dataclass(frozen=True)
@@ -543,6 +620,9 @@ def _run(table, problem_t_final: float | None, path: str = "run") -> RunOptions:
     _check_keys(table, RUN_KEYS, path)
     tau = _number(table["tau"], _join(path, "tau"), positive=True) if "tau" in table else None
     steps = _count(table["steps"], _join(path, "steps")) if "steps" in table else None
+    if steps is not None and steps > MAX_STEPS:
+        raise ConfigError(_join(path, "steps"), f"{steps:,} steps is more than {MAX_STEPS:.0e}; take "
+                          "fewer, larger steps")
     t_final = (_number(table["t_final"], _join(path, "t_final"), positive=True)
                if "t_final" in table else None)
     controller = None
@@ -574,7 +654,12 @@ def _run(table, problem_t_final: float | None, path: str = "run") -> RunOptions:
             t_final = t_final if t_final is not None else problem_t_final
             if t_final is None:
                 raise ConfigError(_join(path, "steps"), "missing; give steps (a number) or t_final (a time)")
-            steps, t_final = max(1, math.ceil(t_final / tau - 1e-9)), None
+            ratio = t_final / tau
+            if not ratio <= MAX_STEPS:
+                raise ConfigError(_join(path, "tau"), f"t_final / tau = {t_final:g} / {tau:g} = {ratio:.3g} "
+                                  f"steps, more than {MAX_STEPS:.0e}; take a larger tau (or an adaptive "
+                                  "run: [run.adaptive])")
+            steps, t_final = max(1, math.ceil(ratio - 1e-9)), None
     save_at = None
     if "save_at" in table:
         values = table["save_at"] if isinstance(table["save_at"], list) else [table["save_at"]]
@@ -592,6 +677,21 @@ def _run(table, problem_t_final: float | None, path: str = "run") -> RunOptions:
     stop_energy = (_number(table["stop_energy"], _join(path, "stop_energy"))
                    if "stop_energy" in table else None)
     return RunOptions(tau, steps, t_final, controller, save_at, stop_rate, stop_energy)
+
+
+def _check_trajectory_memory(run: RunOptions, initial: Measure, method_kind: str) -> None:
+    """A fixed-step run keeps the measure of every step (or of the save_at times): refuse one whose
+    kept measures cannot fit in memory (weights; positions too where the particles move)."""
+    if run.steps is None:
+        return
+    kept = run.steps + 1 if run.save_at is None else len(run.save_at) + 1
+    moving = method_kind not in FIXED_SUPPORT_METHODS
+    per_measure = initial.n * 8 * (1 + (initial.dim if moving else 0))
+    needed, limit = float(kept) * per_measure, available_memory()
+    if needed > limit:
+        raise ConfigError("run.steps", f"the run keeps {kept:,} measures of {initial.n:,} points "
+                          f"({_gib(needed)}), more than the {_gib(limit)} of memory available; keep fewer "
+                          "(run.save_at = [times]) or take fewer steps")
 
 
 # ---------------------------------------------------------------------------- the spec
@@ -642,7 +742,10 @@ class RunSpec:
 
 def _read(source) -> tuple[dict, str | None]:
     if isinstance(source, Mapping):
-        return copy.deepcopy(dict(source)), None
+        try:
+            return copy.deepcopy(dict(source)), None
+        except RecursionError:
+            raise ConfigError("config", "the config is nested too deeply to be a config") from None
     path = Path(source)
     if not path.is_file():
         raise ConfigError("config", f"no config file at {path}")
@@ -651,6 +754,14 @@ def _read(source) -> tuple[dict, str | None]:
             return tomllib.load(stream), str(path)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError("config", f"{path} is not valid TOML: {error}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError("config", f"{path} is not UTF-8 text (TOML files are UTF-8): byte "
+                          f"{error.object[error.start]:#04x} at offset {error.start}; save it as "
+                          "UTF-8") from None
+    except RecursionError:
+        raise ConfigError("config", f"{path} nests arrays or tables too deeply to be a config") from None
+    except OSError as error:
+        raise ConfigError("config", f"cannot read {path}: {error.strerror or error}") from None
 
 
 def load_config(source) -> RunSpec:
@@ -680,6 +791,7 @@ def load_config(source) -> RunSpec:
                           "'explicit') or a grid support")
     run = _run(_require(config, "run", "", "a [run] section with tau and steps (or t_final)"),
                problem["t_final"])
+    _check_trajectory_memory(run, problem["initial"], method_kind)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
     return RunSpec(config, problem["name"], problem["energy"], geometry, problem["initial"],
                    method_kind, method_options, run, origin, digest)

@@ -41,6 +41,7 @@ from .diagnostics import mmd, w2
 from .geometries import Geometry
 from .kernels import Gaussian, Kernel
 from .measures import Measure
+from .methods.options import is_real
 
 DISTANCES = ("rms", "mmd", "w2")
 ESTIMATES = ("extrapolation", "doubling")
@@ -57,6 +58,11 @@ ERROR_FLOOR = 1e-10
 def local_error_order(method) -> float:
     """The order q of the local error O(tau^q) that ``method`` declares (default 2)."""
     return float(getattr(method, "local_error_order", DEFAULT_LOCAL_ERROR_ORDER))
+
+
+#: The StepController fields that are numbers (None allowed where the default is None).
+NUMERIC_FIELDS = ("rtol", "atol", "tau0", "tau_min", "tau_max", "safety", "shrink", "growth",
+                  "pcoeff", "icoeff", "error_order")
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,16 @@ class StepController:
     error_order: float | None = None
 
     def __post_init__(self):
+        for name in NUMERIC_FIELDS:  # a string or True would fail later, deep in a run
+            value = getattr(self, name)
+            if value is not None and (not is_real(value) or np.isnan(value)):
+                raise ValueError(f"StepController {name} must be a number, got {value!r}")
+        if self.tau0 is not None and not (np.isfinite(self.tau0) and self.tau0 > 0):
+            raise ValueError(f"StepController tau0 must be a positive finite step (or None: "
+                             f"t_final / 100), got {self.tau0!r}")
+        if not (np.isfinite(self.tau_min) and np.isfinite(self.growth)):
+            raise ValueError(f"StepController needs a finite tau_min and growth, got tau_min="
+                             f"{self.tau_min!r}, growth={self.growth!r}")
         for name in ("rtol", "atol", "pcoeff", "icoeff"):
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):

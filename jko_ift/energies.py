@@ -138,12 +138,31 @@ class Scaled(Energy):
         return self.factor * self.energy.conic(y, support)
 
 
-def _call_points(function, points: np.ndarray, shape: tuple, what: str) -> np.ndarray:
+def _call_points(function, points: np.ndarray, shape: tuple, what: str,
+                 allowed_inf: float | None = None) -> np.ndarray:
+    """``function(points)`` checked: shape ``shape``, no NaN, and no infinity except of the sign
+    of ``allowed_inf`` (+inf: a potential's hard wall; -inf: a log-density's zero)."""
     out = np.asarray(function(points), dtype=float)
     if out.shape != shape:
         raise ValueError(f"{what} must return shape {shape} for points of shape "
                          f"{points.shape}, got {out.shape}")
-    return out
+    return check_finite_output(out, points, what, allowed_inf)
+
+
+def check_finite_output(values: np.ndarray, points: np.ndarray, what: str,
+                        allowed_inf: float | None = None) -> np.ndarray:
+    """ValueError naming the user's callable (``what``) and the first point where it returned
+    NaN (or an infinity other than ``allowed_inf``): caught at its first evaluation, instead of
+    a solver's "data contains NaN", a LinAlgError or an iteration limit many steps later."""
+    bad = np.isnan(values) | (np.isinf(values) & (values != allowed_inf))
+    if np.any(bad):
+        flat = np.flatnonzero(bad.reshape(values.shape[0], -1).any(axis=1))
+        i = int(flat[0])
+        raise ValueError(f"{what} returned {values.reshape(values.shape[0], -1)[i].tolist()} at the "
+                         f"point {points[i].tolist()} (row {i}; {flat.size} of {values.shape[0]} rows "
+                         f"are not finite); it must return finite numbers on the support: check it "
+                         "there (e.g. a log or division at these points)")
+    return values
 
 
 @dataclass(frozen=True)
@@ -157,7 +176,7 @@ class Potential(Energy):
         return float(mu.weights @ self.first_variation(mu))
 
     def first_variation(self, mu):
-        return _call_points(self.V, mu.points, (mu.n,), "Potential V")
+        return _call_points(self.V, mu.points, (mu.n,), "Potential V", allowed_inf=np.inf)
 
     def grad_first_variation(self, mu):
         if self.grad_V is None:
@@ -185,7 +204,10 @@ class Interaction(Energy):
         out = np.zeros((n, width))
         for rows in row_blocks(n, m * d):
             diff = (x[rows, None, :] - y[None, :, :]).reshape(-1, d)
-            values = np.asarray(function(diff), dtype=float).reshape(rows.stop - rows.start, m, -1)
+            values = np.asarray(function(diff), dtype=float)
+            check_finite_output(values.reshape(diff.shape[0], -1), diff,
+                                f"Interaction {'W' if function is self.W else 'grad_W'} (at x_i - x_j)")
+            values = values.reshape(rows.stop - rows.start, m, -1)
             out[rows] = np.einsum("imk,m->ik", values, weights)
         return out if width > 1 else out[:, 0]
 
@@ -193,7 +215,9 @@ class Interaction(Energy):
         """[W(x_i - x_j)]: (n, n)."""
         x = as_points(points)
         n, d = x.shape
-        return np.asarray(self.W((x[:, None, :] - x[None, :, :]).reshape(-1, d)), float).reshape(n, n)
+        diff = (x[:, None, :] - x[None, :, :]).reshape(-1, d)
+        values = check_finite_output(np.asarray(self.W(diff), float), diff, "Interaction W (at x_i - x_j)")
+        return values.reshape(n, n)
 
     def value(self, mu):
         return 0.5 * float(mu.weights @ self.first_variation(mu))
@@ -487,7 +511,8 @@ class KL(Energy):
                                  f"got {self.target.n} target points for {mu.n} points")
             return self.target.weights
         h = require_cell_volume(mu, "KL to a log-density")
-        return np.exp(_call_points(self.target, mu.points, (mu.n,), "KL log-density")) * h
+        return np.exp(_call_points(self.target, mu.points, (mu.n,), "KL log-density",
+                                   allowed_inf=-np.inf)) * h
 
     def value(self, mu):
         a, b = mu.weights, self.reference_weights(mu)

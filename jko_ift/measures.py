@@ -7,14 +7,45 @@ which the densities of ``Entropy`` and ``PorousMedium`` need (rho_i = a_i / h^d)
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
 
+#: Arrays this module made read-only (Grid and Measure points): a Measure shares these
+#: instead of copying them. Keyed by id, holding the array, so an id is never reused while
+#: it is listed. Any other array is copied, even a read-only one: a read-only view of the
+#: caller's writable array would still change under the measure.
+_FROZEN: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def _freeze(array: np.ndarray) -> np.ndarray:
+    array.setflags(write=False)
+    _FROZEN[id(array)] = array
+    return array
+
+
+def _is_frozen_here(array: np.ndarray) -> bool:
+    return _FROZEN.get(id(array)) is array
+
+
+def _real_array(values, name: str, what: str) -> np.ndarray:
+    """``values`` as float, refusing complex numbers (a cast would drop the imaginary part)."""
+    raw = np.asarray(values)
+    if np.iscomplexobj(raw):
+        raise ValueError(f"{name} must be real {what}, got complex values; pass their real part "
+                         "(np.real) if the imaginary part is round-off")
+    if raw.dtype.kind not in "biuf":
+        try:
+            return raw.astype(float)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be {what}, got an array of {raw.dtype}") from None
+    return raw.astype(float, copy=False)
+
 
 def as_points(points, name: str = "points") -> np.ndarray:
     """Return ``points`` as a finite float array of shape (n, d); 1-D input means d = 1."""
-    x = np.asarray(points, dtype=float)
+    x = _real_array(points, name, "coordinates")
     if x.ndim == 1:
         x = x[:, None]
     if x.ndim != 2 or x.shape[0] == 0:
@@ -29,7 +60,7 @@ def as_points(points, name: str = "points") -> np.ndarray:
 
 def as_weights(weights, n: int, name: str = "weights") -> np.ndarray:
     """Return ``weights`` as a finite, nonnegative float array of shape (n,)."""
-    a = np.asarray(weights, dtype=float)
+    a = _real_array(weights, name, "nonnegative numbers")
     if a.ndim != 1 or a.shape[0] != n:
         raise ValueError(
             f"{name} must have shape ({n},) to match {n} points, got shape {a.shape}"
@@ -76,8 +107,7 @@ class Grid:
         object.__setattr__(self, "shape", tuple(int(s) for s in shape_))
         axes = [lo_[k] + (np.arange(self.shape[k]) + 0.5) * self.spacing[k] for k in range(d)]
         mesh = np.meshgrid(*axes, indexing="ij")
-        points = np.stack([m.ravel() for m in mesh], axis=1)
-        points.setflags(write=False)
+        points = _freeze(np.stack([m.ravel() for m in mesh], axis=1))
         object.__setattr__(self, "points", points)
 
     @property
@@ -137,10 +167,9 @@ class Measure:
                 f"points of shape {x.shape} are not the points of the grid of shape "
                 f"{self.grid.shape}; pass grid=None for a measure off the grid"
             )
-        if x.flags.writeable:  # never freeze the caller's array; share read-only ones (grids)
-            x = x.copy()
-            x.setflags(write=False)
-        a = a.copy()
+        if not _is_frozen_here(x):  # the caller's array, even read-only, may change: copy it
+            x = _freeze(x.copy())
+        a = a.copy()  # weights are never shared (with_weights makes new ones)
         a.setflags(write=False)
         object.__setattr__(self, "points", x)
         object.__setattr__(self, "weights", a)

@@ -114,7 +114,7 @@ def test_energy_sums_and_scales():
     ({"geometry.kind": None}, "geometry.kind", ["missing", "'ift'"]),
     ({"method.kind": "conical"}, "method.kind", ["did you mean 'conic'", "'entropic'"]),
     ({"method.solvr": "SCS"}, "method.solvr", ["did you mean 'solver'"]),
-    ({"method.solver": "MOSEK-X"}, "method", ["unknown solver"]),
+    ({"method.solver": "MOSEK-X"}, "method.solver", ["unknown solver"]),
     ({"run.tau": None}, "run.tau", ["missing"]),
     ({"run.tau": -1.0}, "run.tau", ["positive"]),
     ({"run.stpes": 3}, "run.stpes", ["did you mean 'steps'"]),
@@ -372,3 +372,56 @@ def test_entropy_on_1d_particles_is_allowed_only_where_the_energy_evaluates_it()
     assert trajectory.energies[-1] < trajectory.energies[0]
     error = error_of(_apply(config, **{"method": {"kind": "conic"}}))  # fixed points need a cell volume
     assert error.field == "method.kind" and "particle method" in str(error)
+
+
+# ------------------------------------------------------------------------- hostile configs
+
+def named_config(**changes) -> dict:
+    config = {"problem": {"name": "mmd_flow", "cells": 10}, "method": {"kind": "conic"},
+              "run": {"tau": 0.25, "steps": 2}}
+    return _apply(config, **changes)
+
+
+@pytest.mark.parametrize(("config", "field", "words"), [
+    (named_config(**{"problem.name": ["mmd_flow"]}), "problem.name", ["unknown problem"]),
+    (named_config(**{"problem.t_final": -1.0}), "problem.t_final", ["positive"]),
+    (named_config(**{"method.cache_size": -1}), "method.cache_size", ["positive whole number"]),
+    (named_config(**{"method.gap_tol": -1.0}), "method.gap_tol", ["(0, 1]"]),
+    (named_config(**{"method.gap_tol": "tight"}), "method.gap_tol", ["(0, 1]"]),
+    (named_config(**{"method": {"kind": "splitting", "max_iter": -5}}), "method.max_iter", ["-5"]),
+    (named_config(**{"method": {"kind": "explicit", "noise_steps": 2.5}}), "method.noise_steps",
+     ["whole number"]),
+    (named_config(**{"method.solver_options": {"bogus": 1}}), "method.solver_options.bogus",
+     ["unknown CLARABEL setting"]),
+    (named_config(**{"method.solver": "SCS", "method.solver_options": {"log_csv_filename": "x.csv"}}),
+     "method.solver_options.log_csv_filename", ["write a file"]),
+    (named_config(**{"run.steps": None, "run.tau": 1e-300, "run.t_final": 1e10}), "run.tau",
+     ["steps, more than"]),
+    (named_config(**{"run.steps": 10**12}), "run.steps", ["more than"]),
+    (named_config(**{"problem.cells": 1_000_000_000}), "problem.cells", ["GiB", "available"]),
+    (named_config(**{"problem.cells": 100_000, "run.steps": 10**7}), "run.steps",
+     ["measures", "save_at"]),
+    (explicit_config(**{"problem.support.shape": [100000, 100000]}), "problem.support.shape",
+     ["GiB", "available"]),
+    (explicit_config(**{"problem.support": {"kind": "particles", "n": 10**12},
+                        "problem.initial": {"kind": "gaussian", "mean": [0.0, 0.0], "cov": 1.0}}),
+     "problem.support.n", ["GiB"]),
+])
+def test_hostile_configs_get_a_config_error_naming_the_field(config, field, words):
+    """Each of these gave a traceback (TypeError, OverflowError, MemoryError), ran silently
+    (t_final = -1: one step) or hung (gap_tol = -1)."""
+    error = error_of(config)
+    assert error.field == field, str(error)
+    for word in words:
+        assert word in str(error), str(error)
+
+
+def test_unreadable_files_name_the_file(tmp_path):
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b"[run]\ntau = 0.1 # caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin.toml is not UTF-8 text.*0xe9"):
+        load_config(latin)
+    deep = tmp_path / "deep.toml"
+    deep.write_text("a = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(ConfigError, match="deep.toml nests arrays or tables too deeply"):
+        load_config(deep)

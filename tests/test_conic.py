@@ -7,6 +7,7 @@ import pytest
 
 import jko_ift as jk
 from jko_ift.methods.conic import (
+    DEFAULT_GAP_TOL,
     TOLERANCE_AT_FULL_TAU,
     TOLERANCE_FLOOR,
     TOLERANCE_FULL_TAU,
@@ -153,3 +154,26 @@ def test_clarabel_tolerances_shrink_like_tau_to_the_fourth_and_options_override(
     assert tight.info["tolerance"] == pytest.approx(clarabel_tolerances(0.00625)["tol_gap_rel"])
     assert loose.info["tolerance"] == 1e-8
     assert tight.info["error_bound"] < 0.1 * loose.info["error_bound"]
+
+
+def test_scs_step_worse_than_not_moving_is_not_optimal():
+    """At the target of KL (F(mu^k) = 0) the exact step does not move. SCS's certificate, relative
+    to the program's scaled objective 2 tau G / s, passes at its default eps (1e-4) while the step's
+    objective lies 5e-4 above F(mu^k) (measured; about 1e3 times the tolerance): it is
+    optimal_inaccurate with the cause, and throw=True names the fix. Clarabel, and SCS at
+    eps 1e-9, stay below the tolerance."""
+    grid = jk.Grid(-2.0, 2.0, 10)
+    target = grid.measure(lambda x: np.exp(-x[:, 0] ** 2 / 2) + 1e-3, normalize=True)
+    F, tau = jk.KL(target), 0.0028
+    loose = jk.ConicJKO(solver="SCS").step(F, jk.Wasserstein(), target, tau, throw=False)
+    assert loose.certificate <= DEFAULT_GAP_TOL["SCS"]  # the certificate alone passed
+    assert loose.status == "optimal_inaccurate"
+    assert loose.info["descent_excess"] > loose.info["descent_tolerance"]
+    assert "worse than not moving" in loose.info["inaccurate_cause"]
+    with pytest.raises(jk.SolverError, match=r"worse than not moving.*Try solver='CLARABEL'.*eps_abs"):
+        jk.ConicJKO(solver="SCS").step(F, jk.Wasserstein(), target, tau)
+    for method in (jk.ConicJKO(), jk.ConicJKO(solver="SCS", solver_options={"eps_abs": 1e-9,
+                                                                             "eps_rel": 1e-9})):
+        result = method.step(F, jk.Wasserstein(), target, tau)
+        assert result.status == "optimal"
+        assert result.info["descent_excess"] <= result.info["descent_tolerance"]

@@ -98,3 +98,25 @@ def test_a_measure_on_a_grid_must_sit_on_its_points():
     grid = jk.Grid([0], [1], [4])
     with pytest.raises(ValueError, match="not the points of the grid"):
         jk.Measure(grid.points + 0.1, np.ones(4), grid=grid)
+
+
+def test_measure_does_not_alias_a_read_only_view_of_the_callers_array():
+    """A read-only view shares the caller's memory: changing the base afterwards used to change
+    (and could put NaN into) a validated measure."""
+    base = np.linspace(0.0, 1.0, 5)[:, None].copy()
+    view = base.view()
+    view.setflags(write=False)
+    mu = jk.Measure(view, np.ones(5))
+    base[0, 0] = np.nan
+    assert np.all(np.isfinite(mu.points))
+    assert not mu.points.flags.writeable
+    # its own frozen arrays are shared, not copied, by measures on the same support
+    assert mu.with_weights(np.full(5, 2.0)).points is mu.points
+    grid = jk.Grid(0, 1, 4)
+    assert grid.measure(np.ones(4)).points is grid.points
+
+
+@pytest.mark.parametrize("weights", [np.array([1.0, 1.0, 1j]), np.array([1.0, 1.0, 1.0 + 0j])])
+def test_complex_weights_are_refused(weights):
+    with pytest.raises(ValueError, match="weights must be real"):
+        jk.Measure(np.zeros(3), weights)

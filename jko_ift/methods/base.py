@@ -83,6 +83,8 @@ def check_step_input(F, geometry, mu, tau, warn_masses: bool = True) -> float:
                          f"jk.WFR(alpha, beta), jk.IFT(k, alpha, beta); got {geometry!r}")
     if not isinstance(mu, Measure):
         raise ValueError(f"mu must be a jk.Measure, got {type(mu).__name__}")
+    if isinstance(tau, (bool, str)):  # float(True) = 1.0 and float("0.1") would pass silently
+        raise ValueError(f"tau must be a positive number, got {tau!r}")
     try:
         tau = float(tau)
     except (TypeError, ValueError):

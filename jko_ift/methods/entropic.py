@@ -43,6 +43,7 @@ from .entropic_prox import (
 )
 from .gibbs import DENSE_CACHE_ENTRIES, HKGibbs, gibbs_operator, transport_cost
 from .grid_motion import SUBCELL_BLUR, barycentric_motion, check_step
+from .options import count, flag, fraction, is_real
 
 DOMAINS = ("auto", "kernel", "log")
 
@@ -113,9 +114,7 @@ class EntropicJKO:
                              f"eps, {', '.join(_OPTIONS)}")
         self.eps = _positive("eps", eps, "e.g. EntropicJKO(eps=1e-3); eps is a squared length")
         self.tol = _positive("tol", tol, "e.g. tol=1e-6")
-        if not (isinstance(max_iter, (int, np.integer)) and max_iter >= 1):
-            raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
-        self.max_iter = int(max_iter)
+        self.max_iter = count("EntropicJKO", "max_iter", max_iter)
         if domain not in DOMAINS:
             raise ValueError(f"unknown domain {domain!r}; EntropicJKO supports {DOMAINS}")
         self.domain = domain
@@ -123,23 +122,21 @@ class EntropicJKO:
             raise ValueError(f"eps_scaling must be 'auto', True or False, got {eps_scaling!r}")
         self.eps_scaling = eps_scaling
         self.eps_start = None if eps_start is None else _positive("eps_start", eps_start, "")
-        if not (0 < scaling_factor < 1):
-            raise ValueError(f"scaling_factor must lie in (0, 1), got {scaling_factor!r}")
-        self.scaling_factor = float(scaling_factor)
+        self.scaling_factor = fraction("EntropicJKO", "scaling_factor", scaling_factor, closed_high=False)
         if relaxation != "auto":
-            try:
-                relaxation = float(relaxation)
-            except (TypeError, ValueError):
-                relaxation = np.nan
+            relaxation = float(relaxation) if is_real(relaxation) else np.nan
             if not 1.0 <= relaxation < 2.0:
                 raise ValueError(f"relaxation must be 'auto' or a number in [1, 2), got "
                                  f"{relaxation!r}; 1 is the plain Sinkhorn iteration")
         self.relaxation = relaxation
-        self.separable, self.warm_start = bool(separable), bool(warm_start)
-        if not (isinstance(cache_size, (int, np.integer)) and cache_size >= 1):
-            raise ValueError(f"cache_size must be a positive integer, got {cache_size!r}")
-        self.cache_size = int(cache_size)
-        self.dense_cache_entries = int(dense_cache_entries)
+        self.separable = flag("EntropicJKO", "separable", separable)
+        self.warm_start = flag("EntropicJKO", "warm_start", warm_start)
+        self.cache_size = count("EntropicJKO", "cache_size", cache_size)
+        self.dense_cache_entries = count("EntropicJKO", "dense_cache_entries", dense_cache_entries,
+                                         minimum=0)
+        if conic is not None and not callable(getattr(conic, "step", None)):
+            raise ValueError(f"EntropicJKO conic must be a method with a step (e.g. jk.ConicJKO()) or "
+                             f"None, got {conic!r}")
         self.conic = conic
         if wfr_cost not in WFR_COSTS:
             raise ValueError(f"unknown wfr_cost {wfr_cost!r}; EntropicJKO supports {WFR_COSTS}")
@@ -345,10 +342,9 @@ def _check_grid_motion(F, geometry, mu, tau, result, plan_times) -> None:
 
 
 def _positive(name, value, hint) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive number, got {value!r}; {hint}") from None
+    if not is_real(value):  # not True, not "1e-3"
+        raise ValueError(f"{name} must be a positive number, got {value!r}; {hint}")
+    value = float(value)
     if not (np.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}; {hint}")
     return value

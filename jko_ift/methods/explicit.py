@@ -37,6 +37,7 @@ from ..energies import Energy
 from ..geometries import MMD, Geometry, Hellinger
 from ..measures import Measure
 from .base import StepResult, check_choice
+from .options import count, flag, nonnegative
 from .particle import (
     VELOCITIES,
     ForwardStep,
@@ -87,10 +88,14 @@ class ExplicitEuler:
         check_choice("hellinger_update", self.hellinger_update, HELLINGER_UPDATES)
         check_choice("reaction update", self.reaction, REACTION_UPDATES)
         check_choice("velocity", self.velocity, VELOCITIES)
-        if not (np.isfinite(self.noise) and self.noise >= 0):
-            raise ValueError(f"noise must be a finite level >= 0, got {self.noise!r}")
-        if self.noise_steps is not None and int(self.noise_steps) < 0:
-            raise ValueError(f"noise_steps must be >= 0 or None, got {self.noise_steps!r}")
+        self.noise = nonnegative("ExplicitEuler", "noise", self.noise)
+        if self.noise_steps is not None:
+            self.noise_steps = count("ExplicitEuler", "noise_steps (or None: every step)",
+                                     self.noise_steps, minimum=0)
+        if self.seed is not None and not isinstance(self.seed, (np.random.SeedSequence,
+                                                                np.random.BitGenerator)):
+            self.seed = count("ExplicitEuler", "seed (or None)", self.seed, minimum=0)
+        self.perturb_measure = flag("ExplicitEuler", "perturb_measure", self.perturb_measure)
         self.reset()
 
     def reset(self) -> None:

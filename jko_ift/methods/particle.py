@@ -47,6 +47,7 @@ from ..energies import (
 from ..geometries import MMD, Geometry, Hellinger, InfConvolution, Wasserstein
 from ..measures import Measure
 from .base import SolverError, StepResult, check_step_input, clipping_report
+from .options import count, flag, positive
 from .weights import (
     DEFAULT_WEIGHT_RTOL,
     GramCache,
@@ -754,10 +755,10 @@ class ParticleJKO:
     predictor: bool = True
 
     def __post_init__(self):
-        if not (np.isfinite(self.tol) and self.tol > 0):
-            raise ValueError(f"tol must be a positive number, got {self.tol!r}")
-        if int(self.max_alternations) < 1:
-            raise ValueError(f"max_alternations must be >= 1, got {self.max_alternations!r}")
+        self.tol = positive("ParticleJKO", "tol", self.tol)
+        self.max_alternations = count("ParticleJKO", "max_alternations", self.max_alternations)
+        self.max_iter = count("ParticleJKO", "max_iter", self.max_iter)
+        self.predictor = flag("ParticleJKO", "predictor", self.predictor)
 
     def step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float,
              throw: bool = True) -> StepResult:

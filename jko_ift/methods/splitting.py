@@ -45,6 +45,7 @@ from ..energies import Energy
 from ..geometries import MMD, Geometry, Hellinger
 from ..measures import Measure
 from .base import StepResult, check_choice
+from .options import count, flag, positive
 from .particle import (
     DEFAULT_PARTICLE_TOL,
     VELOCITIES,
@@ -95,7 +96,7 @@ class Splitting:
     max_iter: int = 5000
 
     def __post_init__(self):
-        if self.order not in (1, 2):
+        if isinstance(self.order, bool) or self.order not in (1, 2):
             raise ValueError(f"Splitting order must be 1 (Lie) or 2 (Strang), got {self.order!r}")
         check_choice("transport piece", self.transport, TRANSPORT_PIECES)
         check_choice("reaction piece", self.reaction, REACTION_PIECES)
@@ -106,8 +107,9 @@ class Splitting:
             raise ValueError("Splitting(order=2) composes the implicit pieces with their "
                              "adjoints; it needs transport='implicit' and reaction='exact' "
                              "(or pass symmetric=False for T(tau/2) R(tau) T(tau/2))")
-        if not (np.isfinite(self.tol) and self.tol > 0):
-            raise ValueError(f"tol must be a positive number, got {self.tol!r}")
+        self.symmetric = flag("Splitting", "symmetric", self.symmetric)
+        self.tol = positive("Splitting", "tol", self.tol)
+        self.max_iter = count("Splitting", "max_iter", self.max_iter)
 
     def step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float,
              throw: bool = True) -> StepResult:
