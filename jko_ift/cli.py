@@ -184,8 +184,12 @@ def _add_run(commands) -> None:
             "replaces checkpoint.npz in the output folder after each chunk (atomically: a crash "
             "leaves the previous checkpoint intact). After an interruption, the same command with "
             "--resume continues from it and gives the same result, bit for bit, as an "
-            "uninterrupted run with the same N. Checkpoints need fixed steps ([run] tau and steps "
-            "or t_final); adaptive runs ([run.adaptive]) run in one piece."
+            "uninterrupted run with the same N. Adaptive runs ([run.adaptive]) are checkpointed at "
+            "every N-th time of their [run] save_at. "
+            "Faults: the folder is checked (writable, free space) and locked before any step; "
+            "summary.json says \"status\": \"running\" until the run is complete; a damaged or "
+            "altered checkpoint (SHA-256 checksum) is refused by name; Ctrl-C says where the run "
+            "stopped and how to resume. Exit codes: see 'jko-ift --help'."
         ),
     )
     run.add_argument("config", type=Path, metavar="CONFIG",

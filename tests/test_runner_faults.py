@@ -452,17 +452,22 @@ def test_kills_at_random_points(tmp_path, trial, long_reference):
 @pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="POSIX locks")
 def test_two_real_runs_into_one_folder_one_refused(tmp_path):
-    """Two configs started together into one folder: one runs, the other is refused (exit 2)
-    naming the holder; the folder holds the results of the one that ran."""
+    """A second config started into the folder of a running one is refused (exit 2) naming the
+    holder; the folder keeps the holder's run."""
     first, second = tmp_path / "first.toml", tmp_path / "second.toml"
-    first.write_text(LONG_CONFIG)
+    first.write_text(LONG_CONFIG.replace("steps = 30", "steps = 5000"))  # alive until interrupted
     second.write_text(LONG_CONFIG.replace("tau = 0.3", "tau = 0.2"))
     out = tmp_path / "results"
     holder = _start(first, out)
-    _wait_for(out / "checkpoint.npz", holder)
-    other = _start(second, out)
-    _, err = other.communicate(timeout=START_TIMEOUT_S)
-    holder.communicate(timeout=START_TIMEOUT_S)
-    assert holder.returncode == 0 and other.returncode == 2
+    try:
+        _wait_for(out / "checkpoint.npz", holder)
+        other = _start(second, out)
+        _, err = other.communicate(timeout=START_TIMEOUT_S)
+        assert holder.poll() is None, "the first run ended before the second started: make it longer"
+    finally:
+        holder.send_signal(signal.SIGINT)
+        holder.communicate(timeout=START_TIMEOUT_S)
+    assert other.returncode == 2 and holder.returncode == 130
     assert_one_clear_message(err, "in use by another run", str(first))
-    assert json.loads((out / "summary.json").read_text())["config_file"] == str(first)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config_file"] == str(first) and summary["status"] == "interrupted"
