@@ -22,6 +22,7 @@ Subcommands each get a parser (``_add_<name>``) and a runner (``_run_<name>``), 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import sys
@@ -531,8 +532,15 @@ def _locked(command):
 
     def locked(args) -> int:
         out = _default_out(args, what)
-        with folder_lock(out, {"command": what, "config_file": str(args.config)}):
-            return command(args)
+        existed = out.exists()
+        try:
+            with folder_lock(out, {"command": what, "config_file": str(args.config)}):
+                return command(args)
+        except BaseException:
+            if not existed:  # the lock made it: a study that failed leaves no empty folder
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise
 
     locked.__name__ = command.__name__
     return locked

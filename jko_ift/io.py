@@ -378,8 +378,10 @@ def _read_arrays(path: Path, advice: str) -> dict:
     def refuse(what: str):
         return ResultsFileError(f"{path} {what}; {advice}")
 
+    if not path.exists():
+        raise ResultsFileError(f"no trajectory file at {path}; pass the trajectory.npz of a results folder")
     if not path.is_file():
-        raise refuse("does not exist or is not a file")
+        raise refuse("is not a file")
     with open(path, "rb") as stream:
         head = stream.read(len(ZIP_MAGIC))
     if not head:
@@ -592,13 +594,17 @@ def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = N
 
 
 def estimated_bytes(spec, checkpoint_every: int | None) -> int:
-    """A cheap upper estimate of the bytes a run writes: every state's points and weights
-    (float64, uncompressed) in trajectory.npz, twice more for checkpoint.npz (the new one is
+    """A cheap upper estimate of the bytes a run writes: every state's weights, and its points
+    unless it stays on its grid (a fixed-support method from a grid measure: the file stores the
+    grid), as uncompressed float64 in trajectory.npz, twice more for checkpoint.npz (the new one is
     written beside the old), and ``SUMMARY_BYTES_PER_STEP`` per step in summary.json. An adaptive
     run's step count is not known before it runs: its save times (or only its ends) count."""
+    from .config import FIXED_SUPPORT_METHODS
+
     run, mu = spec.run, spec.initial
     steps = (run.steps or 0) if not spec.adaptive else len(run.save_at or ()) + 1
-    state = mu.n * (mu.dim + 1) * 8
+    on_grid = mu.grid is not None and spec.method_kind in FIXED_SUPPORT_METHODS
+    state = mu.n * (1 if on_grid else mu.dim + 1) * 8
     copies = 1 + (2 if checkpoint_every is not None else 0)
     return (steps + 1) * (state * copies + SUMMARY_BYTES_PER_STEP)
 
