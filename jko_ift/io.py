@@ -229,8 +229,8 @@ def folder_lock(folder, holder: Mapping | None = None) -> Iterator[Path]:
                 "or pass another --out") from None
         except OSError:  # a file system without flock (some network mounts): run unlocked
             os.close(descriptor)
-            yield folder
-            return
+            descriptor = None
+            break
         try:
             current = os.stat(path).st_ino == os.fstat(descriptor).st_ino
         except FileNotFoundError:
@@ -238,6 +238,11 @@ def folder_lock(folder, holder: Mapping | None = None) -> Iterator[Path]:
         if current:
             break
         os.close(descriptor)  # the holder removed the file as we opened it: lock the new one
+    if descriptor is None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        yield folder
+        return
     record = {**dict(holder or {}), "pid": os.getpid(), "host": socket.gethostname(),
               "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     os.ftruncate(descriptor, 0)
@@ -849,8 +854,10 @@ def _mark_running(spec, out: Path, resumed_from: int | None, checkpoint_every: i
 def _interrupted(spec, out: Path, position: Mapping, checkpoint_every: int | None) -> RunInterrupted:
     """The ``RunInterrupted`` of a run stopped by Ctrl-C at ``position`` (and its summary.json)."""
     step, t, saved = position["step"], position["t"], position["checkpoint"]
-    where = f"interrupted after step {step}" + (f" of {spec.run.steps}" if spec.run.steps else "") \
-        + f" (t = {t:.6g})"
+    if spec.adaptive:  # its steps are counted only at its checkpoints
+        where = "interrupted during an adaptive run" + (f" (done up to t = {t:.6g})" if step else "")
+    else:
+        where = f"interrupted after step {step} of {spec.run.steps} (t = {t:.6g})"
     if saved is not None:
         how = (f"the checkpoint at step {saved[0]} (t = {saved[1]:.6g}) is kept: run the same command "
                "with --resume to continue from it")
