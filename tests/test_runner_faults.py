@@ -471,3 +471,22 @@ def test_two_real_runs_into_one_folder_one_refused(tmp_path):
     assert_one_clear_message(err, "in use by another run", str(first))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config_file"] == str(first) and summary["status"] == "interrupted"
+
+
+def test_ctrl_c_of_an_adaptive_run_says_how_far_it_got(tmp_path, capsys, monkeypatch):
+    """An adaptive run counts its steps only at its checkpoints (its save times)."""
+    config = tmp_path / "adaptive.toml"
+    adaptive_run = "t_final = 2.0\nsave_at = [0.5, 1.0, 2.0]\n\n[run.adaptive]\nrtol = 1e-2\natol = 0.0\n"
+    config.write_text(SMALL_CONFIG.replace("tau = 0.3\nsteps = 5\n", adaptive_run))
+    real_make, made = RunSpec.make_method, []
+
+    def interrupt_second_chunk(self):
+        made.append(1)
+        if len(made) == 2:
+            raise KeyboardInterrupt
+        return real_make(self)
+
+    monkeypatch.setattr(RunSpec, "make_method", interrupt_second_chunk)
+    assert run(config, tmp_path / "results", "--checkpoint-every", "1") == 130
+    assert_one_clear_message(capsys.readouterr().err, "interrupted during an adaptive run",
+                             "(done up to t = 0.5)", "--resume")
