@@ -663,7 +663,7 @@ def _run_in_folder(spec, out: Path, resume: bool, checkpoint_every: int | None, 
     def write_checkpoint():
         save_trajectory(checkpoint, Trajectory(np.array(times), measures, np.array(energies),
                                                stats, stop_reason or "running", log.warnings()),
-                        metadata={"digest": spec.digest, "steps_done": done,
+                        metadata={"digest": spec.digest, "steps_done": done, "time": times[-1],
                                   "checkpoint_every": checkpoint_every, "stop_reason": stop_reason})
         position.update(step=done, t=times[-1], checkpoint=(done, times[-1]))
         logger.debug("checkpoint at step %d written to %s (t = %.6g)", done, checkpoint, times[-1])
@@ -800,6 +800,8 @@ def _run_in_folder(spec, out: Path, resume: bool, checkpoint_every: int | None, 
         plot_energy(Trajectory(times_array, measures, np.array(energies), stats, stop_reason),
                     out / ENERGY_FIGURE, title=title)
         write_json_atomic(out / SUMMARY_FILE, summary)
+    except KeyboardInterrupt:
+        raise _interrupted(spec, out, position, checkpoint_every) from None
     except OSError as error:
         kept = (f"the checkpoint at step {done} is kept: free space, then run again with --resume"
                 if checkpoint_every is not None else "nothing was saved")
@@ -854,6 +856,11 @@ def _mark_running(spec, out: Path, resumed_from: int | None, checkpoint_every: i
 def _interrupted(spec, out: Path, position: Mapping, checkpoint_every: int | None) -> RunInterrupted:
     """The ``RunInterrupted`` of a run stopped by Ctrl-C at ``position`` (and its summary.json)."""
     step, t, saved = position["step"], position["t"], position["checkpoint"]
+    with contextlib.suppress(ValueError, KeyError, TypeError):  # the file is the truth: an interrupt
+        metadata = read_metadata(out / CHECKPOINT_FILE, require_checksum=True)  # may follow its write
+        if metadata.get("digest") == spec.digest:
+            saved = (int(metadata["steps_done"]), float(metadata["time"]))
+            step, t = max(step, saved[0]), max(t, saved[1])
     if spec.adaptive:  # its steps are counted only at its checkpoints
         where = "interrupted during an adaptive run" + (f" (done up to t = {t:.6g})" if step else "")
     else:

@@ -17,7 +17,7 @@ import pytest
 import jko_ift as jk
 import jko_ift.io as jio
 from jko_ift.cli import EXIT_CODES, main
-from jko_ift.config import RunSpec
+from jko_ift.config import RunSpec, load_config
 from jko_ift.methods import SolverError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -404,7 +404,9 @@ def long_reference(tmp_path_factory):
 def _kill_and_check(tmp_path, sig: int, delay: float, reference) -> None:
     """Run LONG_CONFIG in a subprocess into a folder of old complete results of another config,
     send ``sig`` ``delay`` seconds after its first checkpoint, and check that the folder never
-    shows the old results as this run's, and that --resume then completes it exactly."""
+    shows the old results as this run's (its summary.json is this run's, not "complete" unless
+    the run ended, and any trajectory.npz is this config's), and that --resume then completes it
+    exactly."""
     config, old = tmp_path / "long.toml", tmp_path / "old.toml"
     config.write_text(LONG_CONFIG)
     old.write_text(SMALL_CONFIG.replace("tau = 0.3", "tau = 0.2"))
@@ -417,11 +419,12 @@ def _kill_and_check(tmp_path, sig: int, delay: float, reference) -> None:
     _, err = process.communicate(timeout=START_TIMEOUT_S)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config_file"] == str(config)  # never the old run's summary
-    if process.returncode == 0:  # it finished before the signal
-        assert summary["status"] == "complete"
+    if (out / "trajectory.npz").exists():  # this run's (written at the end), never the old one
+        assert jio.read_metadata(out / "trajectory.npz")["digest"] == load_config(config).digest
+    if summary["status"] == "complete":  # it finished (the signal may still hit its exit)
+        assert (out / "trajectory.npz").exists()
     else:
         assert summary["status"] in ("running", "interrupted")
-        assert not (out / "trajectory.npz").exists()
         if sig == signal.SIGINT:
             assert process.returncode == 130
             assert_one_clear_message(err, "interrupted after step", "--resume")
@@ -431,8 +434,23 @@ def _kill_and_check(tmp_path, sig: int, delay: float, reference) -> None:
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
-def test_ctrl_c_of_a_real_run_exits_130_in_one_line_and_resumes_exactly(tmp_path, long_reference):
-    _kill_and_check(tmp_path, signal.SIGINT, 0.2, long_reference)
+def test_ctrl_c_of_a_real_run_exits_130_in_one_line(tmp_path):
+    """SIGINT to a real run (in the solver or a checkpoint write): one line, exit 130, the
+    folder marked interrupted with its last checkpoint (resuming it exactly is tested above)."""
+    config = tmp_path / "endless.toml"
+    config.write_text(SMALL_CONFIG.replace("steps = 5", "steps = 100000"))  # alive until interrupted
+    out = tmp_path / "results"
+    process = _start(config, out)
+    _wait_for(out / "checkpoint.npz", process)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=START_TIMEOUT_S)
+    assert process.returncode == 130
+    assert_one_clear_message(err, "interrupted after step", "of 100000", "--resume")
+    assert len(err.strip().splitlines()) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert summary["checkpoint_step"] == jio.read_metadata(out / "checkpoint.npz")["steps_done"] >= 1
 
 
 #: Kill trials of the slow sweep: random delays after the first checkpoint, both signals.
