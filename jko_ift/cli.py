@@ -7,7 +7,13 @@
     jko-ift sweep CONFIG --param run.tau=0.1,0.05 [--param ...] [--scheduler ADDR] [--workers N] [-q | -v]
 
 Progress bars and messages go to stderr (stdout gets only the results folder); ``-q``/``--quiet``
-turns them off, ``-v``/``--verbose`` adds details from the ``jko_ift`` logger.
+turns them off, ``-v``/``--verbose`` adds details from the ``jko_ift`` logger (and the traceback
+of an error).
+
+Exit codes (``EXIT_CODES``): 0 success, 1 a JKO step failed (``SolverError``), 2 bad input (the
+command line, the config, an unreadable checkpoint or trajectory file, an output folder that cannot
+take the results or is in use by another run), 3 an internal error (a bug: the message says where
+to report it), 130 interrupted (Ctrl-C). No input ends in a Python traceback unless ``-v``.
 
 Subcommands each get a parser (``_add_<name>``) and a runner (``_run_<name>``), so later
 ``run``, ``compare``, ``converge`` and ``sweep`` slot in beside ``demo``.
@@ -16,10 +22,12 @@ Subcommands each get a parser (``_add_<name>``) and a runner (``_run_<name>``), 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,13 +35,26 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .io import check_results_target, results_folder, write_json_atomic
+from .io import check_writable, folder_lock, results_folder, write_json_atomic
 from .methods import SolverError
 from .plotting import plot_energy_decay, plot_particle_snapshots, plot_seed_curves
 from .problems import paper_2d, paper_scheme
 from .solve import DissipationWarning, Trajectory, solve
 
-__all__ = ["build_parser", "demo_schemes", "main"]
+__all__ = ["EXIT_CODES", "build_parser", "demo_schemes", "main"]
+
+#: The exit codes of ``jko-ift`` (also in ``jko-ift --help`` and docs/configs.md).
+EXIT_OK, EXIT_STEP_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_STEP_FAILED: "a JKO step failed (the message says why and what to change)",
+    EXIT_BAD_INPUT: "bad input: command line, config, an unreadable checkpoint or trajectory file, or an "
+                    "output folder that cannot take the results or is in use by another run",
+    EXIT_INTERNAL: "internal error: a bug in jko_ift (rerun with -v for the traceback and report it)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C); the message says where it stopped and how to resume",
+}
+#: Where an internal error is to be reported.
+REPORT_TO = "the jko_ift issue tracker"
 
 # The demo: the 2-D experiment of the IFT paper on its three-component mixture target (100
 # particles from N((5, 5), I), 100 target samples, Gaussian kernel of width 10), by the three
@@ -101,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jko-ift",
         description="JKO (minimizing-movement) gradient flows of measures: Wasserstein, "
                     "Hellinger, MMD, WFR and Interaction-Force Transport (IFT).",
-        epilog="Run 'jko-ift COMMAND --help' for the options of a command.",
+        epilog="Run 'jko-ift COMMAND --help' for the options of a command.\n\nexit codes:\n"
+               + "\n".join(f"  {code:<4} {meaning}" for code, meaning in EXIT_CODES.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -162,8 +185,12 @@ def _add_run(commands) -> None:
             "replaces checkpoint.npz in the output folder after each chunk (atomically: a crash "
             "leaves the previous checkpoint intact). After an interruption, the same command with "
             "--resume continues from it and gives the same result, bit for bit, as an "
-            "uninterrupted run with the same N. Checkpoints need fixed steps ([run] tau and steps "
-            "or t_final); adaptive runs ([run.adaptive]) run in one piece."
+            "uninterrupted run with the same N. Adaptive runs ([run.adaptive]) are checkpointed at "
+            "every N-th time of their [run] save_at. "
+            "Faults: the folder is checked (writable, free space) and locked before any step; "
+            "summary.json says \"status\": \"running\" until the run is complete; a damaged or "
+            "altered checkpoint (SHA-256 checksum) is refused by name; Ctrl-C says where the run "
+            "stopped and how to resume. Exit codes: see 'jko-ift --help'."
         ),
     )
     run.add_argument("config", type=Path, metavar="CONFIG",
@@ -193,17 +220,43 @@ def _quiet_verbose(parser, details: str) -> None:
 # ---------------------------------------------------------------------------- commands
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``jko-ift``; returns the exit status (0 on success)."""
+    """Entry point of ``jko-ift``; returns the exit status (``EXIT_CODES``; 0 on success).
+
+    Every error ends in one message on stderr and its exit code, never in a traceback (``-v``
+    prints the traceback too): a failed step 1, bad input 2 (``ValueError``, which covers
+    ``ConfigError`` and the results files and folders, and ``OSError``: a file that cannot be read
+    or written), Ctrl-C 130 (with where it stopped and how to resume), anything else 3 (a bug).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    prefix = f"jko-ift {args.command}:"
     try:
         return args.run(args)
+    except KeyboardInterrupt as interrupt:
+        print(f"{prefix} {interrupt or 'interrupted'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except SolverError as error:
-        print(f"jko-ift {args.command}: a JKO step failed: {error}", file=sys.stderr)
-        return 1
+        return _fail(args, f"{prefix} a JKO step failed: {error}", EXIT_STEP_FAILED)
+    except UnicodeDecodeError as error:  # a ValueError that names no file
+        return _fail(args, f"{prefix} {getattr(args, 'config', 'a file')} is not UTF-8 text ({error})",
+                     EXIT_BAD_INPUT)
     except ValueError as error:
-        print(f"jko-ift {args.command}: {error}", file=sys.stderr)
-        return 2
+        return _fail(args, f"{prefix} {error}", EXIT_BAD_INPUT)
+    except OSError as error:
+        where = f" ({error.filename})" if error.filename else ""
+        return _fail(args, f"{prefix} {error.strerror or error}{where}", EXIT_BAD_INPUT)
+    except Exception as error:  # noqa: BLE001 - the last resort: a message, not a traceback
+        return _fail(args, f"{prefix} internal error ({type(error).__name__}: {error}); this is a bug in "
+                           f"jko_ift {__version__}: please report it to {REPORT_TO} with the command, the "
+                           "config and the output of the same command with -v", EXIT_INTERNAL)
+
+
+def _fail(args, message: str, code: int) -> int:
+    """Print ``message`` (and, with --verbose, the traceback of the error being handled)."""
+    if getattr(args, "verbose", False):
+        traceback.print_exc(file=sys.stderr)
+    print(message, file=sys.stderr)
+    return code
 
 
 def _say(args, message: str) -> None:
@@ -212,7 +265,12 @@ def _say(args, message: str) -> None:
 
 
 def _run_demo(args) -> int:
-    out = check_results_target(args.out)  # fail before the computation, not after
+    out = check_writable(args.out, create=False)  # fail before the computation, not after
+    with folder_lock(out, {"command": "demo"}):
+        return _demo_in_folder(args, out)
+
+
+def _demo_in_folder(args, out: Path) -> int:
     start = time.perf_counter()
     experiment = paper_2d(DEMO_TARGET, args.particles, args.particles, seed=args.seed)
     schemes = demo_schemes(experiment.kernel, args.particles)
@@ -315,7 +373,6 @@ def _run_run(args) -> int:
     _configure_logging(args)
     spec = load_config(args.config)  # every field checked before any step is computed
     out = args.out if args.out is not None else Path("results") / args.config.stem
-    check_results_target(out)
     _say(args, f"running {args.config} ({spec.name or 'explicit problem'}, "
                f"{type(spec.geometry).__name__}, method {spec.method_kind}) into {out}")
     trajectory, summary = run_config(spec, out, resume=args.resume,
@@ -399,7 +456,7 @@ def _add_converge(commands) -> None:
     converge.add_argument("--distance", choices=("mmd", "w2"), default="mmd",
                           help="distance to the fine reference run's final measure")
     _common_out(converge, "converge")
-    converge.set_defaults(run=_run_converge)
+    converge.set_defaults(run=_locked(_run_converge))
 
 
 def _add_compare(commands) -> None:
@@ -423,7 +480,7 @@ def _add_compare(commands) -> None:
                          help="geometry kinds, comma-separated (wasserstein, hellinger, mmd, wfr, ift; "
                               "default: the config's)")
     _common_out(compare, "compare")
-    compare.set_defaults(run=_run_compare)
+    compare.set_defaults(run=_locked(_run_compare))
 
 
 def _add_sweep(commands) -> None:
@@ -453,7 +510,7 @@ def _add_sweep(commands) -> None:
     sweep.add_argument("--workers", type=_positive_int, default=2, metavar="N",
                        help="workers of the LocalCluster (one process and thread each)")
     _common_out(sweep, "sweep")
-    sweep.set_defaults(run=_run_sweep)
+    sweep.set_defaults(run=_locked(_run_sweep))
 
 
 def _read_config(path: Path) -> dict:
@@ -463,8 +520,30 @@ def _read_config(path: Path) -> dict:
 
 
 def _default_out(args, what: str) -> Path:
+    """The study's results folder, checked for writability before any compute."""
     out = args.out if args.out is not None else Path("results") / f"{args.config.stem}-{what}"
-    return check_results_target(out)
+    return check_writable(out, create=False)
+
+
+def _locked(command):
+    """Run the study ``command(args)`` holding the lock of its results folder (``folder_lock``):
+    two studies into one folder cannot interleave their files."""
+    what = command.__name__.removeprefix("_run_")
+
+    def locked(args) -> int:
+        out = _default_out(args, what)
+        existed = out.exists()
+        try:
+            with folder_lock(out, {"command": what, "config_file": str(args.config)}):
+                return command(args)
+        except BaseException:
+            if not existed:  # the lock made it: a study that failed leaves no empty folder
+                with contextlib.suppress(OSError):
+                    out.rmdir()
+            raise
+
+    locked.__name__ = command.__name__
+    return locked
 
 
 def _run_converge(args) -> int:

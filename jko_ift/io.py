@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -20,8 +21,32 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_path", "load", "read_metadata", "results_folder", "save_trajectory", "to_jsonable",
-           "write_json_atomic"]
+__all__ = ["FolderInUseError", "ResultsFileError", "ResultsFolderError", "RunInterrupted", "atomic_path",
+           "check_writable", "folder_lock", "load", "read_metadata", "results_folder", "save_trajectory",
+           "to_jsonable", "write_json_atomic"]
+
+
+class ResultsFileError(ValueError):
+    """A trajectory or checkpoint file that cannot be used: missing, empty, truncated, corrupted,
+    altered after it was written (its SHA-256 checksum does not match) or not a jko_ift file."""
+
+
+class ResultsFolderError(ValueError):
+    """A results folder that cannot take the results: not a folder, not writable, or too little
+    free space for what the run will write."""
+
+
+class FolderInUseError(ResultsFolderError):
+    """Another live process holds the lock of the results folder."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C (``KeyboardInterrupt``); the message says where it stopped and how
+    to resume. ``steps_done`` and ``time`` are the last completed step and its time."""
+
+    def __init__(self, message: str, steps_done: int, time: float):
+        super().__init__(message)
+        self.steps_done, self.time = steps_done, time
 
 
 def _umask() -> int:
@@ -103,12 +128,131 @@ def write_json_atomic(path, obj, indent: int = 2) -> Path:
 
 
 def check_results_target(path) -> Path:
-    """Return ``path`` as a Path, or raise ``ValueError`` if it exists and is not a folder."""
+    """Return ``path`` as a Path, or raise ``ResultsFolderError`` if it exists and is not a folder."""
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"the results folder {path} exists and is not a folder; "
-                         "pass another --out or remove that file")
+        raise ResultsFolderError(f"the results folder {path} exists and is not a folder; "
+                                 "pass another --out or remove that file")
     return path
+
+
+#: Free space asked for beyond a run's own estimate: the energy figure and summary.json with its
+#: per-step lists (an energy.png is 40 to 80 kB, a 1000-step summary.json about 1 MB).
+SPACE_MARGIN_BYTES = 8 * 2**20
+
+
+def check_writable(path, needed_bytes: int = 0, create: bool = True) -> Path:
+    """Check, before any compute, that results can be written at ``path``; return it as a Path.
+
+    With ``create`` the folder is made (with its parents) and a probe file is created and removed
+    in it; without, the probe goes into the folder that will hold ``path`` (``results_folder``
+    builds its results beside ``path``), and into ``path`` too if it exists. Also asks the file
+    system for its free space (``shutil.disk_usage``) and refuses when it is below ``needed_bytes``
+    + ``SPACE_MARGIN_BYTES``. Raises ``ResultsFolderError`` saying what is wrong and what to do.
+    """
+    path = check_results_target(path)
+    folders = [path] if create else [path.absolute().parent] + ([path] if path.exists() else [])
+    try:
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+            os.close(handle)
+            os.unlink(probe)
+        free = shutil.disk_usage(folders[0]).free
+    except OSError as error:
+        raise ResultsFolderError(
+            f"cannot write results into {path}: {error.strerror or error}"
+            f"{f' ({error.filename})' if error.filename else ''}; make it writable or pass another --out"
+        ) from None
+    needed = int(needed_bytes) + SPACE_MARGIN_BYTES
+    if free < needed:
+        raise ResultsFolderError(
+            f"too little free space for the results in {path}: {free / 2**20:.1f} MiB free, about "
+            f"{needed / 2**20:.1f} MiB needed; free some space or pass another --out")
+    return path
+
+
+#: The lock file of a results folder; it exists only while a run holds the folder.
+LOCK_FILE = ".jko-ift.lock"
+
+
+def _lock_holder(descriptor: int) -> str:
+    """What the lock file says about the run that holds it (pid, command, config, start)."""
+    os.lseek(descriptor, 0, os.SEEK_SET)
+    try:
+        holder = json.loads(os.read(descriptor, 1 << 16).decode("utf-8") or "{}")
+    except (OSError, ValueError):
+        holder = {}
+    if not isinstance(holder, dict) or not holder:
+        return "a process that is still starting"
+    parts = [f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"]
+    if holder.get("config_file"):
+        parts.append(f"config {holder['config_file']}")
+    if holder.get("digest"):
+        parts.append(f"config digest {str(holder['digest'])[:12]}")
+    if holder.get("started"):
+        parts.append(f"started {holder['started']}")
+    return ", ".join(parts)
+
+
+@contextlib.contextmanager
+def folder_lock(folder, holder: Mapping | None = None) -> Iterator[Path]:
+    """Hold the lock of the results folder ``folder`` (created if missing) for the block.
+
+    The lock is an exclusive ``flock`` on ``folder / LOCK_FILE``, which records ``holder`` (with
+    the pid, host and start time added). The kernel drops the lock when its process ends, however
+    it ends, so the lock of a killed run is taken over at once and never goes stale. A second run
+    into a held folder raises ``FolderInUseError`` naming the holder. The file is removed on
+    release while still locked; a run that opened the removed file sees that its inode is gone and
+    locks the new file instead. Where ``fcntl`` is missing (Windows) the folder is not locked.
+    """
+    import datetime
+    import socket
+
+    folder = check_results_target(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield folder
+        return
+    path = folder / LOCK_FILE
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            who = _lock_holder(descriptor)
+            os.close(descriptor)
+            raise FolderInUseError(
+                f"the results folder {folder} is in use by another run ({who}); wait for it to finish, "
+                "or pass another --out") from None
+        except OSError:  # a file system without flock (some network mounts): run unlocked
+            os.close(descriptor)
+            descriptor = None
+            break
+        try:
+            current = os.stat(path).st_ino == os.fstat(descriptor).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(descriptor)  # the holder removed the file as we opened it: lock the new one
+    if descriptor is None:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        yield folder
+        return
+    record = {**dict(holder or {}), "pid": os.getpid(), "host": socket.gethostname(),
+              "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    os.ftruncate(descriptor, 0)
+    os.write(descriptor, json.dumps(to_jsonable(record)).encode("utf-8"))
+    try:
+        yield folder
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(descriptor)
 
 
 @contextlib.contextmanager
@@ -149,6 +293,8 @@ def results_folder(path) -> Iterator[Path]:
 
 #: The format tag written into every trajectory file; ``load`` refuses other formats.
 TRAJECTORY_FORMAT = "jko_ift.trajectory/1"
+#: The array holding the SHA-256 checksum of all the other arrays of a trajectory file.
+CHECKSUM_KEY = "sha256"
 
 
 def _json_exact(obj):
@@ -172,8 +318,9 @@ def save_trajectory(path, trajectory, metadata: Mapping | None = None) -> Path:
     end with their ``sizes`` (k,), the points of the measures that are not on a grid (end
     to end, rows (N, d)), for measures on a ``Grid`` its ``lo``, ``hi`` and ``shape`` (the
     points are rebuilt from it), ``stats`` and ``metadata`` as JSON text, ``stop_reason``
-    and the run's ``warnings``. ``load`` reads it back into an equal ``Trajectory``. Arrays
-    only: the file is read with ``allow_pickle=False``.
+    and the run's ``warnings``, and ``sha256``, the checksum of all the other arrays (``load``
+    refuses a file that does not match it). ``load`` reads it back into an equal ``Trajectory``.
+    Arrays only: the file is read with ``allow_pickle=False``.
     """
     measures = list(trajectory.measures)
     if not measures:
@@ -203,6 +350,7 @@ def save_trajectory(path, trajectory, metadata: Mapping | None = None) -> Path:
         "stop_reason": np.array(str(trajectory.stop_reason)),
         "warnings": np.array(json.dumps([w.to_dict() for w in getattr(trajectory, "warnings", ())])),
     }
+    arrays[CHECKSUM_KEY] = np.array(_checksum(arrays))
     with atomic_path(path) as temporary:
         with open(temporary, "wb") as stream:
             np.savez_compressed(stream, **arrays)
@@ -211,35 +359,105 @@ def save_trajectory(path, trajectory, metadata: Mapping | None = None) -> Path:
     return Path(path)
 
 
-def _open_trajectory(path) -> dict:
-    path = Path(path)
+#: What to do about a trajectory file that cannot be read (``load``).
+LOAD_ADVICE = "write it again (rerun the command that made it)"
+#: The first bytes of a zip archive, which every ``.npz`` file is.
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _checksum(arrays: Mapping) -> str:
+    """SHA-256 of every array of a trajectory file but the checksum itself: names, dtypes, shapes
+    and bytes, in sorted order of the names."""
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        if key == CHECKSUM_KEY:
+            continue
+        value = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}\0{value.dtype.str}\0{value.shape}\0".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def _read_arrays(path: Path, advice: str) -> dict:
+    """The arrays of the ``.npz`` file ``path``; ``ResultsFileError`` for anything else."""
+    def refuse(what: str):
+        return ResultsFileError(f"{path} {what}; {advice}")
+
+    if not path.exists():
+        raise ResultsFileError(f"no trajectory file at {path}; pass the trajectory.npz of a results folder")
     if not path.is_file():
-        raise ValueError(f"no trajectory file at {path}; pass the trajectory.npz of a results folder")
+        raise refuse("is not a file")
+    with open(path, "rb") as stream:
+        head = stream.read(len(ZIP_MAGIC))
+    if not head:
+        raise refuse("is empty (0 bytes): a run was stopped before it was written, or it was cleared")
+    if head != ZIP_MAGIC:
+        raise refuse(f"is not a jko_ift trajectory file (an .npz archive starts with {ZIP_MAGIC!r}, "
+                     f"this one with {head!r})")
     try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path} is not a readable trajectory file ({error})") from None
+            return {key: data[key] for key in data.files}
+    except Exception as error:  # noqa: BLE001 - zipfile, zlib, EOF and numpy errors alike
+        raise refuse(f"is truncated or corrupted ({type(error).__name__}: {error})") from None
+
+
+def _open_trajectory(path, advice: str = LOAD_ADVICE, require_checksum: bool = False) -> dict:
+    """The checked arrays of the trajectory file ``path``.
+
+    Refuses (``ResultsFileError``, naming the file, what is wrong and ``advice``) a missing, empty,
+    truncated or corrupted file, one of another format, and one whose arrays do not match the
+    SHA-256 checksum stored with them. Files written before checksums existed have none: they are
+    read, unless ``require_checksum`` (checkpoints are resumed only when their checksum matches).
+    """
+    path = Path(path)
+    arrays = _read_arrays(path, advice)
     found = str(arrays.get("format", "none"))
     if found != TRAJECTORY_FORMAT:
-        raise ValueError(f"{path} is not a jko_ift trajectory file (format {found!r}, "
-                         f"expected {TRAJECTORY_FORMAT!r})")
+        raise ResultsFileError(f"{path} is not a jko_ift trajectory file (format {found!r}, "
+                               f"expected {TRAJECTORY_FORMAT!r}); {advice}")
+    if CHECKSUM_KEY in arrays:
+        if str(arrays[CHECKSUM_KEY]) != _checksum(arrays):
+            raise ResultsFileError(f"{path} was altered or damaged after it was written: its arrays do not "
+                                   f"match the SHA-256 checksum stored with them; {advice}")
+    elif require_checksum:
+        raise ResultsFileError(f"{path} has no checksum (it was written by an older jko_ift, or altered), "
+                               f"so it cannot be trusted; {advice}")
     return arrays
 
 
-def read_metadata(path) -> dict:
-    """The ``metadata`` dict stored by ``save_trajectory`` (empty if none was given)."""
-    return json.loads(str(_open_trajectory(path)["metadata"]))
+def read_metadata(path, advice: str = LOAD_ADVICE, require_checksum: bool = False) -> dict:
+    """The ``metadata`` dict stored by ``save_trajectory`` (empty if none was given); a file that
+    cannot be read raises ``ResultsFileError`` (see ``load``)."""
+    arrays = _open_trajectory(path, advice, require_checksum)
+    try:
+        metadata = json.loads(str(arrays["metadata"]))
+    except (KeyError, ValueError) as error:
+        raise ResultsFileError(f"{path} has no readable metadata ({error}); {advice}") from None
+    if not isinstance(metadata, dict):
+        raise ResultsFileError(f"{path} has metadata of type {type(metadata).__name__}, not a dict; {advice}")
+    return metadata
 
 
-def load(path):
+def load(path, advice: str = LOAD_ADVICE, require_checksum: bool = False):
     """Read a trajectory file written by ``save_trajectory`` (or ``jko-ift run``) back into
     a ``Trajectory``: same times, energies, weights, points, stats and stop reason; measures
-    that were on a ``Grid`` get an equal grid back (so ``Entropy`` and the plots work)."""
+    that were on a ``Grid`` get an equal grid back (so ``Entropy`` and the plots work).
+
+    A missing, empty, truncated, corrupted or altered file (its SHA-256 checksum does not match)
+    raises ``ResultsFileError`` (a ``ValueError``) naming the file, what is wrong and ``advice``.
+    """
+    arrays = _open_trajectory(path, advice, require_checksum)
+    try:
+        return _trajectory_from_arrays(arrays)
+    except (KeyError, IndexError, TypeError, ValueError) as error:
+        raise ResultsFileError(f"{path} holds an inconsistent trajectory ({type(error).__name__}: {error}); "
+                               f"{advice}") from None
+
+
+def _trajectory_from_arrays(arrays: Mapping):
     from .measures import Grid, Measure
     from .solve import Trajectory
 
-    arrays = _open_trajectory(path)
     grids: dict = {}
     measures, start, point_start = [], 0, 0
     for k, size in enumerate(arrays["sizes"].tolist()):
@@ -359,7 +577,50 @@ def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = N
     the current time and energy; a resumed run starts at its checkpoint's step), whatever the
     chunks; adaptive runs show ``jk.solve``'s bar (time done of t_final). Details (each step,
     chunk and checkpoint) go to the ``jko_ift.io`` logger at DEBUG level.
+
+    Faults: the folder is checked for writability and free space before any step
+    (``ResultsFolderError``), and locked for the run (``folder_lock``: a second run into it gets
+    ``FolderInUseError``). ``summary.json`` says ``"status": "running"`` from the start (older
+    results in the folder are removed then), and ``"complete"``, ``"interrupted"`` or ``"failed"``
+    at the end, so a killed run never leaves complete-looking results. A checkpoint that is
+    truncated, corrupted or altered (its SHA-256 checksum does not match) is refused with
+    ``ResultsFileError``. Ctrl-C raises ``RunInterrupted`` saying where the run stopped and how to
+    resume.
     """
+    if checkpoint_every is not None and (int(checkpoint_every) != checkpoint_every or checkpoint_every < 1):
+        raise ValueError("checkpoint_every must be a positive whole number of steps, "
+                         f"got {checkpoint_every!r}")
+    if spec.adaptive and checkpoint_every is not None and spec.run.save_at is None:
+        raise ValueError("an adaptive run ([run.adaptive]) writes its checkpoints at its save times; "
+                         "add [run] save_at = [...] to the config, or run without --checkpoint-every")
+    out = check_writable(out, needed_bytes=estimated_bytes(spec, checkpoint_every))
+    with folder_lock(out, {"command": "run", "config_file": spec.source, "digest": spec.digest}):
+        return _run_in_folder(spec, out, resume, checkpoint_every, progress)
+
+
+def estimated_bytes(spec, checkpoint_every: int | None) -> int:
+    """A cheap upper estimate of the bytes a run writes: every state's weights, and its points
+    unless it stays on its grid (a fixed-support method from a grid measure: the file stores the
+    grid), as uncompressed float64 in trajectory.npz, twice more for checkpoint.npz (the new one is
+    written beside the old), and ``SUMMARY_BYTES_PER_STEP`` per step in summary.json. An adaptive
+    run's step count is not known before it runs: its save times (or only its ends) count."""
+    from .config import FIXED_SUPPORT_METHODS
+
+    run, mu = spec.run, spec.initial
+    steps = (run.steps or 0) if not spec.adaptive else len(run.save_at or ()) + 1
+    on_grid = mu.grid is not None and spec.method_kind in FIXED_SUPPORT_METHODS
+    state = mu.n * (1 if on_grid else mu.dim + 1) * 8
+    copies = 1 + (2 if checkpoint_every is not None else 0)
+    return (steps + 1) * (state * copies + SUMMARY_BYTES_PER_STEP)
+
+
+#: summary.json holds per step its time, energy, tau, wall time, status, certificate and the
+#: step's stats: about 300 to 500 bytes (measured on the example configs); twice that, to be safe.
+SUMMARY_BYTES_PER_STEP = 1000
+
+
+def _run_in_folder(spec, out: Path, resume: bool, checkpoint_every: int | None, progress: bool) -> tuple:
+    """``run_config`` in the checked, locked folder ``out``."""
     import logging
     import time
 
@@ -367,31 +628,24 @@ def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = N
     from .solve import Trajectory, solve
 
     logger = logging.getLogger(__name__)
-    out = check_results_target(out)
-    out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / CHECKPOINT_FILE
     run = spec.run
-    if checkpoint_every is not None and (int(checkpoint_every) != checkpoint_every or checkpoint_every < 1):
-        raise ValueError("checkpoint_every must be a positive whole number of steps, "
-                         f"got {checkpoint_every!r}")
-    if spec.adaptive and checkpoint_every is not None and run.save_at is None:
-        raise ValueError("an adaptive run ([run.adaptive]) writes its checkpoints at its save times; "
-                         "add [run] save_at = [...] to the config, or run without --checkpoint-every")
     start = time.perf_counter()
     times, measures, energies, stats = [0.0], [spec.initial], [spec.energy.value(spec.initial)], []
     done, stop_reason, resumed_from = 0, None, None
     log = WarningLog()  # the warnings of every chunk, steps counted from the start of the run
     if resume and checkpoint.exists():
-        metadata = read_metadata(checkpoint)
+        advice = CHECKPOINT_ADVICE.format(checkpoint=checkpoint)
+        metadata = read_metadata(checkpoint, advice, require_checksum=True)
         if metadata.get("digest") != spec.digest:
             raise ValueError(f"the checkpoint in {out} belongs to another config (its config differs "
                              "from this one); resume with the same config, or run without --resume")
-        saved = load(checkpoint)
+        saved = load(checkpoint, advice, require_checksum=True)
+        done, stop_reason = _checkpoint_position(metadata, saved, checkpoint, advice)
         times, measures = list(saved.times), list(saved.measures)
         energies, stats = list(saved.energies), list(saved.stats)
         log.extend(saved.warnings)
-        done = resumed_from = metadata["steps_done"]
-        stop_reason = metadata["stop_reason"]
+        resumed_from = done
         if checkpoint_every != metadata["checkpoint_every"]:
             logger.info("resuming with the checkpoint interval of the interrupted run, %s steps "
                         "(the chunks decide the result bit for bit)", metadata["checkpoint_every"])
@@ -401,103 +655,117 @@ def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = N
         logger.warning("no checkpoint in %s: starting from the beginning", out)
     elif checkpoint.exists():
         checkpoint.unlink()  # a fresh run: an old checkpoint must not be resumed into it
+    _mark_running(spec, out, resumed_from, checkpoint_every)
+    # Where the run is: the last completed step and its time, and the last checkpoint's.
+    position = {"step": done, "t": times[-1],
+                "checkpoint": (done, times[-1]) if resumed_from is not None else None}
 
     def write_checkpoint():
         save_trajectory(checkpoint, Trajectory(np.array(times), measures, np.array(energies),
                                                stats, stop_reason or "running", log.warnings()),
-                        metadata={"digest": spec.digest, "steps_done": done,
+                        metadata={"digest": spec.digest, "steps_done": done, "time": times[-1],
                                   "checkpoint_every": checkpoint_every, "stop_reason": stop_reason})
+        position.update(step=done, t=times[-1], checkpoint=(done, times[-1]))
         logger.debug("checkpoint at step %d written to %s (t = %.6g)", done, checkpoint, times[-1])
 
-    if spec.adaptive and checkpoint_every is None:
-        trajectory = spec.solve(progress=progress)
-        times, measures = list(trajectory.times), list(trajectory.measures)
-        energies, stats = list(trajectory.energies), list(trajectory.stats)
-        log.extend(trajectory.warnings)
-        stop_reason = trajectory.stop_reason
-        done = len(trajectory.taus)
-    elif spec.adaptive:
-        # Chunks end at every N-th save time; each is one jk.solve whose controller starts from
-        # the last accepted tau of the chunk before. A resumed run takes the same chunks, so the
-        # result is the same, bit for bit, as the uninterrupted run with the same N.
-        saves = np.asarray(run.save_at, float)
-        ends = [float(t) for t in saves[checkpoint_every - 1::checkpoint_every]]
-        ends = [t for t in ends if t < run.t_final * (1 - 1e-12)] + [run.t_final]
-        bar = _time_bar(spec, run.t_final, times[-1], energies[-1], progress)
-        try:
-            for end in ends:
-                start_t = times[-1]
-                if stop_reason is not None or end <= start_t * (1 + 1e-12):
-                    continue
-                taus = [s["tau"] for s in stats if s.get("accepted", True)]
-                controller = (run.controller if not taus
-                              else dataclasses.replace(run.controller, tau0=taus[-1]))
-                chunk_saves = [t - start_t for t in saves if start_t < t < end] + [end - start_t]
-                part = solve(spec.energy, spec.geometry, measures[-1], t_final=end - start_t,
-                             method=spec.make_method(), controller=controller,
-                             save_at=chunk_saves, stop_rate=run.stop_rate,
-                             stop_energy=run.stop_energy, progress=False)
-                times.extend(start_t + t for t in part.times[1:])
-                measures.extend(part.measures[1:])
-                energies.extend(part.energies[1:].tolist())
-                stats.extend(dict(s, step=done + s["step"], t=start_t + s["t"]) for s in part.stats)
-                log.extend(part.warnings, done)
-                done += len(part.taus)
-                if part.stop_reason != "t_final":
-                    stop_reason = part.stop_reason
-                elif end >= run.t_final:
-                    stop_reason = "t_final"
-                bar.update(times[-1] - start_t)
-                bar.set_postfix_str(f"energy={energies[-1]:.4g}", refresh=False)
-                write_checkpoint()
-        finally:
-            bar.close()
-    else:
-        tau, total = run.tau, run.steps
-        chunk = checkpoint_every or total
-        bar = _run_bar(spec, total, done, times[-1], energies[-1], progress)
-        counter = {"step": done}
-
-        def on_step(result, _tau):
-            counter["step"] += 1
-            t = counter["step"] * tau
-            energy = "-" if result.energy is None else f"{result.energy:.4g}"
-            bar.set_postfix_str(f"t={t:.4g}, energy={energy}", refresh=False)
-            bar.update(1)
-            logger.debug("step %d of %d: t = %.6g, energy %s, status %s, certificate %s",
-                         counter["step"], total, t, energy, result.status, f"{result.certificate:.2g}")
-
-        try:
-            while done < total and stop_reason is None:
-                steps = min(chunk, total - done)
-                logger.debug("steps %d to %d of %d (tau = %g)", done + 1, done + steps, total, tau)
-                counter["step"] = done
-                part = solve(spec.energy, spec.geometry, measures[-1], tau=tau, steps=steps,
-                             method=_ReportingMethod(spec.make_method(), on_step),
-                             stop_rate=run.stop_rate, stop_energy=run.stop_energy, progress=False)
-                taken = len(part.measures) - 1
-                times.extend((done + j) * tau for j in range(1, taken + 1))
-                measures.extend(part.measures[1:])
-                energies.extend(part.energies[1:].tolist())
-                stats.extend(dict(s, step=done + s["step"]) for s in part.stats)
-                log.extend(part.warnings, done)
-                done += taken
-                if part.stop_reason != "steps":
-                    stop_reason = part.stop_reason
-                elif done >= total:
-                    stop_reason = "steps"
-                if checkpoint_every is not None:
+    try:
+        if spec.adaptive and checkpoint_every is None:
+            trajectory = spec.solve(progress=progress)
+            times, measures = list(trajectory.times), list(trajectory.measures)
+            energies, stats = list(trajectory.energies), list(trajectory.stats)
+            log.extend(trajectory.warnings)
+            stop_reason = trajectory.stop_reason
+            done = len(trajectory.taus)
+        elif spec.adaptive:
+            # Chunks end at every N-th save time; each is one jk.solve whose controller starts from
+            # the last accepted tau of the chunk before. A resumed run takes the same chunks, so the
+            # result is the same, bit for bit, as the uninterrupted run with the same N.
+            saves = np.asarray(run.save_at, float)
+            ends = [float(t) for t in saves[checkpoint_every - 1::checkpoint_every]]
+            ends = [t for t in ends if t < run.t_final * (1 - 1e-12)] + [run.t_final]
+            bar = _time_bar(spec, run.t_final, times[-1], energies[-1], progress)
+            try:
+                for end in ends:
+                    start_t = times[-1]
+                    if stop_reason is not None or end <= start_t * (1 + 1e-12):
+                        continue
+                    taus = [s["tau"] for s in stats if s.get("accepted", True)]
+                    controller = (run.controller if not taus
+                                  else dataclasses.replace(run.controller, tau0=taus[-1]))
+                    chunk_saves = [t - start_t for t in saves if start_t < t < end] + [end - start_t]
+                    part = solve(spec.energy, spec.geometry, measures[-1], t_final=end - start_t,
+                                 method=spec.make_method(), controller=controller,
+                                 save_at=chunk_saves, stop_rate=run.stop_rate,
+                                 stop_energy=run.stop_energy, progress=False)
+                    times.extend(start_t + t for t in part.times[1:])
+                    measures.extend(part.measures[1:])
+                    energies.extend(part.energies[1:].tolist())
+                    stats.extend(dict(s, step=done + s["step"], t=start_t + s["t"]) for s in part.stats)
+                    log.extend(part.warnings, done)
+                    done += len(part.taus)
+                    if part.stop_reason != "t_final":
+                        stop_reason = part.stop_reason
+                    elif end >= run.t_final:
+                        stop_reason = "t_final"
+                    bar.update(times[-1] - start_t)
+                    bar.set_postfix_str(f"energy={energies[-1]:.4g}", refresh=False)
                     write_checkpoint()
-        finally:
-            bar.close()
+            finally:
+                bar.close()
+        else:
+            tau, total = run.tau, run.steps
+            chunk = checkpoint_every or total
+            bar = _run_bar(spec, total, done, times[-1], energies[-1], progress)
+            counter = {"step": done}
+
+            def on_step(result, _tau):
+                counter["step"] += 1
+                t = counter["step"] * tau
+                position.update(step=counter["step"], t=t)
+                energy = "-" if result.energy is None else f"{result.energy:.4g}"
+                bar.set_postfix_str(f"t={t:.4g}, energy={energy}", refresh=False)
+                bar.update(1)
+                logger.debug("step %d of %d: t = %.6g, energy %s, status %s, certificate %s",
+                             counter["step"], total, t, energy, result.status, f"{result.certificate:.2g}")
+
+            try:
+                while done < total and stop_reason is None:
+                    steps = min(chunk, total - done)
+                    logger.debug("steps %d to %d of %d (tau = %g)", done + 1, done + steps, total, tau)
+                    counter["step"] = done
+                    part = solve(spec.energy, spec.geometry, measures[-1], tau=tau, steps=steps,
+                                 method=_ReportingMethod(spec.make_method(), on_step),
+                                 stop_rate=run.stop_rate, stop_energy=run.stop_energy, progress=False)
+                    taken = len(part.measures) - 1
+                    times.extend((done + j) * tau for j in range(1, taken + 1))
+                    measures.extend(part.measures[1:])
+                    energies.extend(part.energies[1:].tolist())
+                    stats.extend(dict(s, step=done + s["step"]) for s in part.stats)
+                    log.extend(part.warnings, done)
+                    done += taken
+                    if part.stop_reason != "steps":
+                        stop_reason = part.stop_reason
+                    elif done >= total:
+                        stop_reason = "steps"
+                    if checkpoint_every is not None:
+                        write_checkpoint()
+            finally:
+                bar.close()
+
+    except KeyboardInterrupt:
+        raise _interrupted(spec, out, position, checkpoint_every) from None
+    except Exception as error:
+        _write_status(out, spec, "failed", {"error": f"{type(error).__name__}: {error}",
+                                           "steps_done": position["step"], "time": position["t"]})
+        raise
 
     times_array = np.array(times)
     kept = _kept(times_array, run.save_at, float(times_array[-1]))
     trajectory = Trajectory(times_array[kept], [measures[i] for i in kept],
                             np.array(energies)[kept], stats, stop_reason, log.warnings())
-    save_trajectory(out / TRAJECTORY_FILE, trajectory, metadata={"digest": spec.digest})
     accepted = [s for s in stats if s.get("accepted", True)]
     summary = {
+        "status": "complete",
         "command": "run",
         "config": spec.config,
         "config_file": spec.source,
@@ -523,12 +791,88 @@ def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = N
         "warnings": [w.to_dict() for w in log.warnings()],
         "stats": stats,
     }
-    write_json_atomic(out / SUMMARY_FILE, summary)
     from .plotting import plot_energy  # plotting imports io: import it when needed
 
     label = spec.name or (Path(spec.source).stem if spec.source else "config")
     title = f"{label}: {type(spec.geometry).__name__}, {spec.method_kind}"
-    plot_energy(Trajectory(times_array, measures, np.array(energies), stats, stop_reason),
-                out / ENERGY_FIGURE, title=title)
+    try:  # summary.json last: until it says "complete", the folder's results are not
+        save_trajectory(out / TRAJECTORY_FILE, trajectory, metadata={"digest": spec.digest})
+        plot_energy(Trajectory(times_array, measures, np.array(energies), stats, stop_reason),
+                    out / ENERGY_FIGURE, title=title)
+        write_json_atomic(out / SUMMARY_FILE, summary)
+    except KeyboardInterrupt:
+        raise _interrupted(spec, out, position, checkpoint_every) from None
+    except OSError as error:
+        kept = (f"the checkpoint at step {done} is kept: free space, then run again with --resume"
+                if checkpoint_every is not None else "nothing was saved")
+        raise ResultsFolderError(f"the run finished but its results could not be written into {out} "
+                                 f"({error.strerror or error}); {kept}") from None
     logger.info("results written to %s", out)
     return trajectory, summary
+
+
+#: What to do about a checkpoint that cannot be resumed.
+CHECKPOINT_ADVICE = "delete {checkpoint} and run again without --resume (the run starts from the beginning)"
+#: The result files of a run, removed when a run starts in their folder (summary.json is replaced).
+RESULT_FILES = (TRAJECTORY_FILE, ENERGY_FIGURE)
+
+
+def _checkpoint_position(metadata: Mapping, saved, checkpoint: Path, advice: str) -> tuple:
+    """(steps done, stop reason) of a checkpoint, checked against the states it holds."""
+    done, stop_reason = metadata.get("steps_done"), metadata.get("stop_reason")
+    accepted = sum(1 for s in saved.stats if s.get("accepted", True))
+    if not isinstance(done, int) or isinstance(done, bool) or done != accepted or done < 0 \
+            or "checkpoint_every" not in metadata:
+        raise ResultsFileError(f"{checkpoint} is inconsistent: it says {done!r} steps were done but holds "
+                               f"{accepted} accepted steps; {advice}")
+    return done, stop_reason
+
+
+def _write_status(out: Path, spec, status: str, details: Mapping) -> None:
+    """Write a summary.json saying the run's ``status`` (running, interrupted, failed) and
+    ``details``; never raises (it runs while another error is on its way out)."""
+    import datetime
+
+    summary = {"status": status, "command": "run", "config": spec.config, "config_file": spec.source,
+               "problem": spec.name, "pid": os.getpid(),
+               "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               **details}
+    with contextlib.suppress(OSError, TypeError, ValueError):
+        write_json_atomic(out / SUMMARY_FILE, summary)
+
+
+def _mark_running(spec, out: Path, resumed_from: int | None, checkpoint_every: int | None) -> None:
+    """Say in summary.json that a run is in progress, then remove the results of any earlier run
+    in ``out``: a run killed from here on leaves a folder that says it is incomplete."""
+    write_json_atomic(out / SUMMARY_FILE, {
+        "status": "running", "command": "run", "config": spec.config, "config_file": spec.source,
+        "problem": spec.name, "pid": os.getpid(), "resumed_from_step": resumed_from,
+        "checkpoint_every": checkpoint_every})
+    for name in RESULT_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            (out / name).unlink()
+
+
+def _interrupted(spec, out: Path, position: Mapping, checkpoint_every: int | None) -> RunInterrupted:
+    """The ``RunInterrupted`` of a run stopped by Ctrl-C at ``position`` (and its summary.json)."""
+    step, t, saved = position["step"], position["t"], position["checkpoint"]
+    with contextlib.suppress(ValueError, KeyError, TypeError):  # the file is the truth: an interrupt
+        metadata = read_metadata(out / CHECKPOINT_FILE, require_checksum=True)  # may follow its write
+        if metadata.get("digest") == spec.digest:
+            saved = (int(metadata["steps_done"]), float(metadata["time"]))
+            step, t = max(step, saved[0]), max(t, saved[1])
+    if spec.adaptive:  # its steps are counted only at its checkpoints
+        where = "interrupted during an adaptive run" + (f" (done up to t = {t:.6g})" if step else "")
+    else:
+        where = f"interrupted after step {step} of {spec.run.steps} (t = {t:.6g})"
+    if saved is not None:
+        how = (f"the checkpoint at step {saved[0]} (t = {saved[1]:.6g}) is kept: run the same command "
+               "with --resume to continue from it")
+    elif checkpoint_every is not None:
+        how = ("no checkpoint was written yet (the first comes after "
+               f"{checkpoint_every} steps): run the same command again to start over")
+    else:
+        how = "nothing was saved: run with --checkpoint-every N to be able to resume an interrupted run"
+    _write_status(out, spec, "interrupted", {"steps_done": step, "time": t,
+                                             "checkpoint_step": None if saved is None else saved[0]})
+    return RunInterrupted(f"{where}; {how}", step, t)

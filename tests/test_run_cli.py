@@ -75,8 +75,8 @@ def _problem():
     return problem.energy, problem.geometry, problem.initial
 
 
-class Crash(Exception):
-    pass
+class Crash(BaseException):
+    """A crash that nothing catches (as a kill): the CLI turns every Exception into a message."""
 
 
 def crash_after_first_checkpoint(config, out, monkeypatch) -> list:
@@ -187,7 +187,9 @@ def test_a_half_written_checkpoint_never_replaces_the_last_one(config, tmp_path,
         main(["run", str(config), "--out", str(out), "--checkpoint-every", "2", "--quiet"])
     monkeypatch.setattr(np, "savez_compressed", real_savez)
     assert jio.read_metadata(out / "checkpoint.npz")["steps_done"] == 2  # the first one, intact
-    assert [p.name for p in out.iterdir()] == ["checkpoint.npz"]  # no temporary file left
+    # no temporary file left; summary.json says the run did not finish
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "summary.json"]
+    assert json.loads((out / "summary.json").read_text())["status"] == "running"
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(config, tmp_path, capsys):
