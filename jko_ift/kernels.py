@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from .measures import as_points
 
@@ -31,11 +32,133 @@ GEMV_COLUMNS_MAX = 8
 #: BLAS threads to pay off, and the Python overhead per block stays small.
 MIN_BLOCK_ROWS = 4
 
+EPS = float(np.finfo(float).eps)
+
+#: Up to this dimension the near pairs are found by a k-d tree (O(n log n + pairs)); above it a
+#: tree prunes poorly and one comparison pass over each block is cheaper.
+TREE_DIM_MAX = 8
+
+#: Pairs whose lifted squared distance is under NEAR_FACTOR times its round-off bound
+#: (``lifted_roundoff``) are recomputed from differences. Every other entry then has relative
+#: error <= 1 / NEAR_FACTOR; for unit-spread data in 2-D that refines |x - y| < ~7e-3, a
+#: fraction ~5e-5 of random pairs (plus x_i = y_i when x is y).
+NEAR_FACTOR = 1e10
+
+#: Largest absolute error allowed in the exponent of a Gaussian or Laplace value computed from
+#: the lifted product; past it (bandwidth small against the data's spread: sigma < ~R / 70 for a
+#: Gaussian) every pair with a non-negligible value is recomputed from differences.
+MAX_EXPONENT_ROUNDOFF = 1e-12
+
+#: exp(-NEGLIGIBLE_EXPONENT) = 8.5e-17 is under half an ulp of k(x, x) = 1: pairs beyond it
+#: need not be refined for the exponent's sake.
+NEGLIGIBLE_EXPONENT = 37.0
+
 
 def squared_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """|x_i - y_j|^2: (n, m), clipped at 0 against round-off."""
-    s = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * (x @ y.T)
-    return np.maximum(s, 0.0, out=s)
+    """|x_i - y_j|^2: (n, m), by the lifted product on centred points, near pairs exact.
+
+    Translation invariant to the precision of the inputs: the points are centred first
+    (``centred_pair``), and pairs whose lifted value is within ``NEAR_FACTOR`` times its round-off
+    bound of 0 are recomputed from differences, so the result is >= 0 and exact at x_i = y_j.
+    """
+    x, y = as_points(x, "x"), as_points(y, "y")
+    x, y = centred_pair(x, y)
+    lifted_x, lifted_y = _lifted(x, y)
+    s = lifted_x @ lifted_y
+    below = NEAR_FACTOR * lifted_roundoff(x, y)
+    _refine_near(s, x, y, 1.0, below, NearPairs.find(x, y, below), slice(0, x.shape[0]))
+    return s
+
+
+def centred_pair(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x - c, y - c with c the centre of the bounding box of both sets (O((n + m) d)).
+
+    |x_i - y_j| is unchanged, and the cancellation error of the lifted product
+    |x|^2 + |y|^2 - 2 x.y becomes relative to the data's spread, not to its distance from the
+    origin (uncentred, a shift by 1e8 of unit-spread data left no correct digit at all).
+    """
+    if x.size == 0 or y.size == 0:
+        return x, y
+    lo = np.minimum(x.min(0), y.min(0))
+    hi = np.maximum(x.max(0), y.max(0))
+    centre = lo + 0.5 * (hi - lo)
+    if y is x:
+        x = x - centre
+        return x, x  # the identity tells the near-pair search that one tree serves both
+    return x - centre, y - centre
+
+
+def lifted_roundoff(x: np.ndarray, y: np.ndarray) -> float:
+    """Bound on |fl([x, |x|^2, 1] . [-2 y, 1, |y|^2]) - |x - y|^2| over all pairs.
+
+    The d + 2 products sum to at most (|x| + |y|)^2 in absolute value and |x|^2, |y|^2 carry
+    d roundings each: (d + 3) eps (max|x| + max|y|)^2 (Higham, Accuracy and Stability, 3.1).
+    """
+    if x.size == 0 or y.size == 0:
+        return 0.0
+    radius = np.sqrt((x * x).sum(1).max()) + np.sqrt((y * y).sum(1).max())
+    return float((x.shape[1] + 3) * EPS * radius**2)
+
+
+@dataclass(frozen=True)
+class NearPairs:
+    """The pairs (i, j) with |x_i - y_j|^2 < ``below``, sorted by row, with their squared
+    distances computed from the differences (exact to the inputs' precision).
+
+    Found by a k-d tree in O((n + m) log(n + m) + pairs) for d <= TREE_DIM_MAX, else by one
+    comparison pass over the lifted blocks (``scan``).
+    """
+
+    rows: np.ndarray
+    cols: np.ndarray
+    squared: np.ndarray
+
+    @classmethod
+    def find(cls, x: np.ndarray, y: np.ndarray, below: float) -> NearPairs | None:
+        """The near pairs by a k-d tree, or None where a comparison pass is cheaper (large d)."""
+        if x.shape[1] > TREE_DIM_MAX:
+            return None
+        if below <= 0 or x.size == 0 or y.size == 0:
+            return cls(*(np.empty(0, int),) * 2, np.empty(0))
+        tree_x = cKDTree(x)
+        tree_y = tree_x if y is x else cKDTree(y)
+        found = tree_x.sparse_distance_matrix(tree_y, np.sqrt(below), output_type="ndarray")
+        order = np.argsort(found["i"], kind="stable")
+        rows, cols = found["i"][order].astype(np.intp), found["j"][order].astype(np.intp)
+        difference = x[rows] - y[cols]
+        return cls(rows, cols, np.einsum("kd,kd->k", difference, difference))
+
+    def overwrite(self, block: np.ndarray, rows: slice, scale: float) -> None:
+        """block[i - rows.start, j] = scale |x_i - y_j|^2 for the near pairs of these rows."""
+        lo, hi = np.searchsorted(self.rows, [rows.start, rows.stop])
+        if hi > lo:
+            block[self.rows[lo:hi] - rows.start, self.cols[lo:hi]] = scale * self.squared[lo:hi]
+
+    @staticmethod
+    def scan(block: np.ndarray, x: np.ndarray, y: np.ndarray, scale: float, below: float) -> None:
+        """The comparison-pass variant: overwrite the entries of ``block`` (scale times lifted
+        squared distances of rows x, columns y) under ``below`` from the differences."""
+        limit = scale * below
+        near = np.greater(block, limit) if scale < 0 else np.less(block, limit)
+        rows, cols = np.nonzero(near)
+        if rows.size:
+            difference = x[rows] - y[cols]
+            block[rows, cols] = scale * np.einsum("kd,kd->k", difference, difference)
+
+
+def _refine_near(block: np.ndarray, x: np.ndarray, y: np.ndarray, scale: float, below: float,
+                 near: NearPairs | None, rows: slice) -> None:
+    """Overwrite the near pairs of a block of scale * lifted squared distances (rows ``rows`` of
+    x against all of y) by their exact values.
+
+    Every entry left alone then has a true squared distance >= below > NEAR_FACTOR * round-off,
+    so its lifted value is > 0 (no clipping pass is needed), and the near pairs, where the
+    lifted product has no correct digit, are exact to the inputs' precision.
+    """
+    if near is None:
+        NearPairs.scan(block, x[rows], y, scale, below)
+    else:
+        near.overwrite(block, rows, scale)
 
 
 def row_blocks(n: int, m: int):
@@ -99,6 +222,29 @@ class Kernel:
         s[...] = self.profile_derivative(s)
         return 1.0
 
+    def _refine_below(self, roundoff: float) -> float:
+        """Squared distance under which the blocked sums recompute a pair from its difference,
+        given the lifted product's round-off bound: NEAR_FACTOR times it by default (relative
+        error of every other squared distance <= 1 / NEAR_FACTOR)."""
+        return NEAR_FACTOR * roundoff
+
+    def _distance_blocks(self, x: np.ndarray, y: np.ndarray):
+        """(rows, block, centred x, centred y) for each row block of the sum: ``block`` holds
+        ``_distance_scale`` |x_i - y_j|^2 (centred lifted product, near pairs exact), to be
+        overwritten in place. One buffer is reused across the blocks."""
+        x, y = centred_pair(x, y)
+        scale = self._distance_scale
+        below = self._refine_below(lifted_roundoff(x, y))
+        near = NearPairs.find(x, y, below)
+        lifted_x, lifted_y = _lifted(x, y, scale)
+        buffer = None
+        for rows in _sum_blocks(x.shape[0], y.shape[0], x.shape[1]):
+            buffer = _block_buffer(buffer, rows, y.shape[0])
+            block = buffer[: rows.stop - rows.start]
+            np.matmul(lifted_x[rows], lifted_y, out=block)
+            _refine_near(block, x, y, scale, below, near, rows)
+            yield rows, block, x, y
+
     def __call__(self, x, y) -> np.ndarray:
         """Gram matrix k(x_i, y_j): (n, m) for x: (n, d), y: (m, d)."""
         x, y = _pair(x, y)
@@ -114,13 +260,8 @@ class Kernel:
         """sum_j k(x_i, y_j) w_j: (n,), computed in row blocks (memory O(block))."""
         x, y = _pair(x, y)
         w = _sum_weights(w, y.shape[0])
-        lifted_x, lifted_y = _lifted(x, y, self._distance_scale)
         out = np.empty(x.shape[0])
-        buffer = None
-        for rows in _sum_blocks(x.shape[0], y.shape[0], x.shape[1]):
-            buffer = _block_buffer(buffer, rows, y.shape[0])
-            block = buffer[: rows.stop - rows.start]
-            np.matmul(lifted_x[rows], lifted_y, out=block)  # squared distances, then in place
+        for rows, block, _, _ in self._distance_blocks(x, y):
             self._profile_inplace(block)
             np.matmul(block, w, out=out[rows])
         return out
@@ -130,23 +271,21 @@ class Kernel:
 
         Computed in row blocks: one matrix product per block gives the squared distances (the
         kernel's scale folded in), the profile derivative is applied in place, and d + 1
-        matrix-vector products give [D w, D (w y)]: no (n, m, d) array, memory O(block).
+        matrix-vector products give [D w, D (w y)]: no (n, m, d) array, memory O(block). x and
+        y are centred by a common point first (the difference x_i (D w)_i - (D w y)_i cancels
+        like |x|, not like |x - y|).
         """
         x, y = _pair(x, y)
         w = _sum_weights(w, y.shape[0])
         d = x.shape[1]
-        lifted_x, lifted_y = _lifted(x, y, self._distance_scale)
+        x, y = centred_pair(x, y)
         columns = np.empty((d + 1, y.shape[0]))  # [w, w y]^T, one contiguous row per column
         columns[0] = w
         columns[1:] = (w[:, None] * y).T
         sums = np.empty((d + 1, x.shape[0]))
         by_column = d + 1 <= GEMV_COLUMNS_MAX
         factor = 1.0
-        buffer = None
-        for rows in _sum_blocks(x.shape[0], y.shape[0], d):
-            buffer = _block_buffer(buffer, rows, y.shape[0])
-            block = buffer[: rows.stop - rows.start]
-            np.matmul(lifted_x[rows], lifted_y, out=block)
+        for rows, block, _, _ in self._distance_blocks(x, y):
             factor = self._derivative_inplace(block)
             if by_column:
                 for k in range(d + 1):
@@ -204,11 +343,18 @@ class Gaussian(Kernel):
         return -1.0 / (2.0 * self.sigma**2)  # the blocks arrive as exponents
 
     def _profile_inplace(self, s):
-        np.exp(s, out=s)
+        np.exp(s, out=s)  # exponents <= 0: ``_refine_near`` left no lifted value above 0
 
     def _derivative_inplace(self, s):
         np.exp(s, out=s)
         return -1.0 / (2.0 * self.sigma**2)
+
+    def _refine_below(self, roundoff):
+        """Past MAX_EXPONENT_ROUNDOFF in the exponent, every pair whose value is not negligible."""
+        below = NEAR_FACTOR * roundoff
+        if roundoff / (2.0 * self.sigma**2) > MAX_EXPONENT_ROUNDOFF:
+            below = max(below, 2.0 * self.sigma**2 * NEGLIGIBLE_EXPONENT)
+        return below
 
 
 @dataclass(frozen=True)
@@ -258,6 +404,12 @@ class Laplace(Kernel):
 
     def profile_derivative(self, s):
         return -_over_root(self.profile(s) / self.sigma, s)
+
+    def _refine_below(self, roundoff):
+        """The exponent |x - y| / sigma errs by ~roundoff / (2 |x - y| sigma): pairs closer than
+        where that reaches MAX_EXPONENT_ROUNDOFF (and not negligible) are refined."""
+        radius = min(roundoff / (2.0 * self.sigma * MAX_EXPONENT_ROUNDOFF), NEGLIGIBLE_EXPONENT * self.sigma)
+        return max(NEAR_FACTOR * roundoff, radius**2)
 
 
 @dataclass(frozen=True)
