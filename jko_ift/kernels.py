@@ -38,16 +38,16 @@ EPS = float(np.finfo(float).eps)
 #: tree prunes poorly and one comparison pass over each block is cheaper.
 TREE_DIM_MAX = 8
 
-#: Pairs whose lifted squared distance is under NEAR_FACTOR times its round-off bound
-#: (``lifted_roundoff``) are recomputed from differences. Every other entry then has relative
-#: error <= 1 / NEAR_FACTOR; for unit-spread data in 2-D that refines |x - y| < ~7e-3, a
-#: fraction ~5e-5 of random pairs (plus x_i = y_i when x is y).
-NEAR_FACTOR = 1e10
+#: Largest relative error a kernel value may take from the lifted product (an absolute error in
+#: the exponent of a Gaussian or Laplace value). Pairs where the lifted product's round-off
+#: (``lifted_roundoff``) would exceed it are recomputed from their differences (``NearPairs``):
+#: for unit-spread data in 2-D, |x - y| < ~0.05 for IMQ and EnergyKernel (well under 1 % of
+#: random pairs), none for a Gaussian with sigma >= ~R / 70.
+MAX_ROUNDOFF = 1e-12
 
-#: Largest absolute error allowed in the exponent of a Gaussian or Laplace value computed from
-#: the lifted product; past it (bandwidth small against the data's spread: sigma < ~R / 70 for a
-#: Gaussian) every pair with a non-negligible value is recomputed from differences.
-MAX_EXPONENT_ROUNDOFF = 1e-12
+#: Pairs under twice the lifted round-off bound are always recomputed: every entry left alone
+#: is then > 0, so no clipping pass is needed and no profile exceeds its value at 0.
+POSITIVITY_MARGIN = 2.0
 
 #: exp(-NEGLIGIBLE_EXPONENT) = 8.5e-17 is under half an ulp of k(x, x) = 1: pairs beyond it
 #: need not be refined for the exponent's sake.
@@ -58,16 +58,22 @@ def squared_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """|x_i - y_j|^2: (n, m), by the lifted product on centred points, near pairs exact.
 
     Translation invariant to the precision of the inputs: the points are centred first
-    (``centred_pair``), and pairs whose lifted value is within ``NEAR_FACTOR`` times its round-off
-    bound of 0 are recomputed from differences, so the result is >= 0 and exact at x_i = y_j.
+    (``centred_pair``), and pairs whose lifted value has relative round-off above MAX_ROUNDOFF
+    are recomputed from differences, so the result is >= 0 and exact at x_i = y_j.
     """
     x, y = as_points(x, "x"), as_points(y, "y")
     x, y = centred_pair(x, y)
     lifted_x, lifted_y = _lifted(x, y)
     s = lifted_x @ lifted_y
-    below = NEAR_FACTOR * lifted_roundoff(x, y)
+    below = relative_refine_below(lifted_roundoff(x, y))
     _refine_near(s, x, y, 1.0, below, NearPairs.find(x, y, below), slice(0, x.shape[0]))
     return s
+
+
+def relative_refine_below(roundoff: float) -> float:
+    """Squared distance under which the lifted product's relative error (roundoff / s) exceeds
+    MAX_ROUNDOFF: pairs closer than that are recomputed from their differences."""
+    return max(POSITIVITY_MARGIN, 1.0 / MAX_ROUNDOFF) * roundoff
 
 
 def centred_pair(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -151,7 +157,7 @@ def _refine_near(block: np.ndarray, x: np.ndarray, y: np.ndarray, scale: float, 
     """Overwrite the near pairs of a block of scale * lifted squared distances (rows ``rows`` of
     x against all of y) by their exact values.
 
-    Every entry left alone then has a true squared distance >= below > NEAR_FACTOR * round-off,
+    Every entry left alone then has a true squared distance >= below > round-off bound,
     so its lifted value is > 0 (no clipping pass is needed), and the near pairs, where the
     lifted product has no correct digit, are exact to the inputs' precision.
     """
@@ -223,10 +229,11 @@ class Kernel:
         return 1.0
 
     def _refine_below(self, roundoff: float) -> float:
-        """Squared distance under which the blocked sums recompute a pair from its difference,
-        given the lifted product's round-off bound: NEAR_FACTOR times it by default (relative
-        error of every other squared distance <= 1 / NEAR_FACTOR)."""
-        return NEAR_FACTOR * roundoff
+        """Squared distance under which a pair is recomputed from its difference, given the
+        lifted product's round-off bound: by default where the squared distance's relative
+        error would exceed MAX_ROUNDOFF (for EnergyKernel, -|x - y| then errs by <= MAX_ROUNDOFF / 2
+        relative)."""
+        return relative_refine_below(roundoff)
 
     def _distance_blocks(self, x: np.ndarray, y: np.ndarray):
         """(rows, block, centred x, centred y) for each row block of the sum: ``block`` holds
@@ -350,9 +357,10 @@ class Gaussian(Kernel):
         return -1.0 / (2.0 * self.sigma**2)
 
     def _refine_below(self, roundoff):
-        """Past MAX_EXPONENT_ROUNDOFF in the exponent, every pair whose value is not negligible."""
-        below = NEAR_FACTOR * roundoff
-        if roundoff / (2.0 * self.sigma**2) > MAX_EXPONENT_ROUNDOFF:
+        """The exponent errs by roundoff / (2 sigma^2) for every pair: past MAX_ROUNDOFF, every
+        pair whose value is not negligible is recomputed."""
+        below = POSITIVITY_MARGIN * roundoff
+        if roundoff / (2.0 * self.sigma**2) > MAX_ROUNDOFF:
             below = max(below, 2.0 * self.sigma**2 * NEGLIGIBLE_EXPONENT)
         return below
 
@@ -383,6 +391,11 @@ class IMQ(Kernel):
         np.power(s, 3, out=s)
         return -0.5
 
+    def _refine_below(self, roundoff):
+        """(c^2 + s)^(-1/2) errs by roundoff / (2 (c^2 + s)) relative: recompute where that
+        exceeds MAX_ROUNDOFF."""
+        return max(POSITIVITY_MARGIN * roundoff, roundoff / (2.0 * MAX_ROUNDOFF) - self.c**2)
+
 
 def _over_root(scale: np.ndarray, s: np.ndarray) -> np.ndarray:
     """scale / (2 sqrt(s)), with 0 at s = 0 (the symmetric subgradient of |x - y|)."""
@@ -407,9 +420,9 @@ class Laplace(Kernel):
 
     def _refine_below(self, roundoff):
         """The exponent |x - y| / sigma errs by ~roundoff / (2 |x - y| sigma): pairs closer than
-        where that reaches MAX_EXPONENT_ROUNDOFF (and not negligible) are refined."""
-        radius = min(roundoff / (2.0 * self.sigma * MAX_EXPONENT_ROUNDOFF), NEGLIGIBLE_EXPONENT * self.sigma)
-        return max(NEAR_FACTOR * roundoff, radius**2)
+        where that reaches MAX_ROUNDOFF (and the value is not negligible) are recomputed."""
+        radius = min(roundoff / (2.0 * self.sigma * MAX_ROUNDOFF), NEGLIGIBLE_EXPONENT * self.sigma)
+        return max(POSITIVITY_MARGIN * roundoff, radius**2)
 
 
 @dataclass(frozen=True)
