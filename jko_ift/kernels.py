@@ -134,26 +134,32 @@ class NearPairs:
         difference = x[rows] - y[cols]
         return cls(rows, cols, np.einsum("kd,kd->k", difference, difference))
 
-    def overwrite(self, block: np.ndarray, rows: slice, scale: float) -> None:
-        """block[i - rows.start, j] = scale |x_i - y_j|^2 for the near pairs of these rows."""
+    def overwrite(self, block: np.ndarray, rows: slice, scale: float) -> tuple[np.ndarray, np.ndarray]:
+        """block[i - rows.start, j] = scale |x_i - y_j|^2 for the near pairs of these rows;
+        returns their (i - rows.start, j)."""
         lo, hi = np.searchsorted(self.rows, [rows.start, rows.stop])
+        local, cols = self.rows[lo:hi] - rows.start, self.cols[lo:hi]
         if hi > lo:
-            block[self.rows[lo:hi] - rows.start, self.cols[lo:hi]] = scale * self.squared[lo:hi]
+            block[local, cols] = scale * self.squared[lo:hi]
+        return local, cols
 
     @staticmethod
-    def scan(block: np.ndarray, x: np.ndarray, y: np.ndarray, scale: float, below: float) -> None:
+    def scan(block: np.ndarray, x: np.ndarray, y: np.ndarray, scale: float,
+             below: float) -> tuple[np.ndarray, np.ndarray]:
         """The comparison-pass variant: overwrite the entries of ``block`` (scale times lifted
-        squared distances of rows x, columns y) under ``below`` from the differences."""
+        squared distances of rows x, columns y) under ``below`` from the differences; returns
+        their (row in the block, column)."""
         limit = scale * below
         near = np.greater(block, limit) if scale < 0 else np.less(block, limit)
         rows, cols = np.nonzero(near)
         if rows.size:
             difference = x[rows] - y[cols]
             block[rows, cols] = scale * np.einsum("kd,kd->k", difference, difference)
+        return rows, cols
 
 
 def _refine_near(block: np.ndarray, x: np.ndarray, y: np.ndarray, scale: float, below: float,
-                 near: NearPairs | None, rows: slice) -> None:
+                 near: NearPairs | None, rows: slice) -> tuple[np.ndarray, np.ndarray]:
     """Overwrite the near pairs of a block of scale * lifted squared distances (rows ``rows`` of
     x against all of y) by their exact values.
 
@@ -162,9 +168,8 @@ def _refine_near(block: np.ndarray, x: np.ndarray, y: np.ndarray, scale: float, 
     lifted product has no correct digit, are exact to the inputs' precision.
     """
     if near is None:
-        NearPairs.scan(block, x[rows], y, scale, below)
-    else:
-        near.overwrite(block, rows, scale)
+        return NearPairs.scan(block, x[rows], y, scale, below)
+    return near.overwrite(block, rows, scale)
 
 
 def row_blocks(n: int, m: int):
@@ -236,10 +241,10 @@ class Kernel:
         return relative_refine_below(roundoff)
 
     def _distance_blocks(self, x: np.ndarray, y: np.ndarray):
-        """(rows, block, centred x, centred y) for each row block of the sum: ``block`` holds
-        ``_distance_scale`` |x_i - y_j|^2 (centred lifted product, near pairs exact), to be
-        overwritten in place. One buffer is reused across the blocks."""
-        x, y = centred_pair(x, y)
+        """(rows, block, near rows, near columns) for each row block of the sum over centred
+        x, y (``centred_pair``): ``block`` holds ``_distance_scale`` |x_i - y_j|^2 (lifted
+        product, the near pairs -- block rows and columns given -- from their differences), to
+        be overwritten in place. One buffer is reused across the blocks."""
         scale = self._distance_scale
         below = self._refine_below(lifted_roundoff(x, y))
         near = NearPairs.find(x, y, below)
@@ -249,8 +254,8 @@ class Kernel:
             buffer = _block_buffer(buffer, rows, y.shape[0])
             block = buffer[: rows.stop - rows.start]
             np.matmul(lifted_x[rows], lifted_y, out=block)
-            _refine_near(block, x, y, scale, below, near, rows)
-            yield rows, block, x, y
+            near_rows, near_cols = _refine_near(block, x, y, scale, below, near, rows)
+            yield rows, block, near_rows, near_cols
 
     def __call__(self, x, y) -> np.ndarray:
         """Gram matrix k(x_i, y_j): (n, m) for x: (n, d), y: (m, d)."""
@@ -268,7 +273,7 @@ class Kernel:
         x, y = _pair(x, y)
         w = _sum_weights(w, y.shape[0])
         out = np.empty(x.shape[0])
-        for rows, block, _, _ in self._distance_blocks(x, y):
+        for rows, block, _, _ in self._distance_blocks(*centred_pair(x, y)):
             self._profile_inplace(block)
             np.matmul(block, w, out=out[rows])
         return out
@@ -280,7 +285,9 @@ class Kernel:
         kernel's scale folded in), the profile derivative is applied in place, and d + 1
         matrix-vector products give [D w, D (w y)]: no (n, m, d) array, memory O(block). x and
         y are centred by a common point first (the difference x_i (D w)_i - (D w y)_i cancels
-        like |x|, not like |x - y|).
+        like |x|, not like |x - y|), and the near pairs, where it would cancel to round-off
+        (every non-negligible pair for a bandwidth tiny against the spread), are summed from their
+        differences w_j phi'(s_ij) (x_i - y_j) instead.
         """
         x, y = _pair(x, y)
         w = _sum_weights(w, y.shape[0])
@@ -292,14 +299,20 @@ class Kernel:
         sums = np.empty((d + 1, x.shape[0]))
         by_column = d + 1 <= GEMV_COLUMNS_MAX
         factor = 1.0
-        for rows, block, _, _ in self._distance_blocks(x, y):
+        near_sum = np.zeros((x.shape[0], d))
+        for rows, block, near_rows, near_cols in self._distance_blocks(x, y):
             factor = self._derivative_inplace(block)
+            if near_rows.size:
+                at = near_rows + rows.start
+                terms = (block[near_rows, near_cols] * w[near_cols])[:, None] * (x[at] - y[near_cols])
+                np.add.at(near_sum, at, terms)
+                block[near_rows, near_cols] = 0.0
             if by_column:
                 for k in range(d + 1):
                     np.matmul(block, columns[k], out=sums[k, rows])
             else:
                 sums[:, rows] = columns @ block.T
-        return (2.0 * factor) * (x * sums[0][:, None] - sums[1:].T)
+        return (2.0 * factor) * (x * sums[0][:, None] - sums[1:].T + near_sum)
 
 
 def _block_buffer(buffer, rows: slice, m: int) -> np.ndarray:
@@ -340,19 +353,28 @@ class Gaussian(Kernel):
         object.__setattr__(self, "sigma", _positive("Gaussian sigma", self.sigma))
 
     def profile(self, s):
-        return np.exp(-s / (2.0 * self.sigma**2))
+        with np.errstate(over="ignore"):  # s / sigma = inf: the value is 0
+            return np.exp(-0.5 * (s / self.sigma) / self.sigma)  # no sigma^2: underflows < 1e-154
 
     def profile_derivative(self, s):
+        if _underflows(self.sigma):
+            return _tiny_bandwidth_derivative(self.profile(s), s)
         return -self.profile(s) / (2.0 * self.sigma**2)
 
     @property
     def _distance_scale(self) -> float:
+        if _underflows(self.sigma):
+            return 1.0  # -1 / (2 sigma^2) is -inf: the generic in-place path, on distances
         return -1.0 / (2.0 * self.sigma**2)  # the blocks arrive as exponents
 
     def _profile_inplace(self, s):
+        if _underflows(self.sigma):
+            return super()._profile_inplace(s)
         np.exp(s, out=s)  # exponents <= 0: ``_refine_near`` left no lifted value above 0
 
     def _derivative_inplace(self, s):
+        if _underflows(self.sigma):
+            return super()._derivative_inplace(s)
         np.exp(s, out=s)
         return -1.0 / (2.0 * self.sigma**2)
 
@@ -360,7 +382,7 @@ class Gaussian(Kernel):
         """The exponent errs by roundoff / (2 sigma^2) for every pair: past MAX_ROUNDOFF, every
         pair whose value is not negligible is recomputed."""
         below = POSITIVITY_MARGIN * roundoff
-        if roundoff / (2.0 * self.sigma**2) > MAX_ROUNDOFF:
+        if _underflows(self.sigma) or roundoff / (2.0 * self.sigma**2) > MAX_ROUNDOFF:
             below = max(below, 2.0 * self.sigma**2 * NEGLIGIBLE_EXPONENT)
         return below
 
@@ -375,18 +397,28 @@ class IMQ(Kernel):
         object.__setattr__(self, "c", _positive("IMQ c", self.c))
 
     def profile(self, s):
+        if _underflows(self.c):
+            return 1.0 / np.hypot(self.c, np.sqrt(s))  # c^2 underflows: k(x, x) = 1 / c
         return (self.c**2 + s) ** -0.5
 
     def profile_derivative(self, s):
+        if _underflows(self.c):
+            with np.errstate(over="ignore"):  # 1 / c^3 at s = 0, where the gradient is 0
+                return _tiny_bandwidth_derivative(-0.5 * self.profile(s) ** 3, s)
         return -0.5 * (self.c**2 + s) ** -1.5
 
     def _profile_inplace(self, s):
+        if _underflows(self.c):
+            s[...] = self.profile(s)
+            return
         np.maximum(s, 0.0, out=s)
         s += self.c**2
         np.sqrt(s, out=s)
         np.reciprocal(s, out=s)
 
     def _derivative_inplace(self, s):
+        if _underflows(self.c):
+            return super()._derivative_inplace(s)
         self._profile_inplace(s)
         np.power(s, 3, out=s)
         return -0.5
@@ -395,6 +427,20 @@ class IMQ(Kernel):
         """(c^2 + s)^(-1/2) errs by roundoff / (2 (c^2 + s)) relative: recompute where that
         exceeds MAX_ROUNDOFF."""
         return max(POSITIVITY_MARGIN * roundoff, roundoff / (2.0 * MAX_ROUNDOFF) - self.c**2)
+
+
+def _underflows(bandwidth: float) -> bool:
+    """bandwidth^2 below the smallest normal float (bandwidth < ~1.5e-154): 1 / bandwidth^2
+    overflows, and the profiles are evaluated without forming it."""
+    return bandwidth * bandwidth < np.finfo(float).tiny
+
+
+def _tiny_bandwidth_derivative(derivative: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """phi'(s) for a bandwidth whose square underflows: phi'(0) ~ -1 / bandwidth^2 (or its cube)
+    is not a float, but the gradient 2 phi'(0) (x - y) it multiplies is 0 at s = 0; elsewhere
+    phi'(s) is 0 or finite. Set to 0 at s = 0 (the symmetric subgradient, as for Laplace)."""
+    derivative = np.asarray(derivative, dtype=float)
+    return np.where(np.asarray(s) > 0, np.nan_to_num(derivative, neginf=0.0, posinf=0.0), 0.0)
 
 
 def _over_root(scale: np.ndarray, s: np.ndarray) -> np.ndarray:
