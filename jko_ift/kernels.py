@@ -33,6 +33,7 @@ GEMV_COLUMNS_MAX = 8
 MIN_BLOCK_ROWS = 4
 
 EPS = float(np.finfo(float).eps)
+SMALLEST_NORMAL = float(np.finfo(float).tiny)
 
 #: Up to this dimension the near pairs are found by a k-d tree (O(n log n + pairs)); above it a
 #: tree prunes poorly and one comparison pass over each block is cheaper.
@@ -118,6 +119,8 @@ class NearPairs:
     rows: np.ndarray
     cols: np.ndarray
     squared: np.ndarray
+    #: offsets[i]: the first pair of row i (n + 1 entries), so a block finds its pairs in O(1)
+    offsets: np.ndarray
 
     @classmethod
     def find(cls, x: np.ndarray, y: np.ndarray, below: float) -> NearPairs | None:
@@ -125,19 +128,21 @@ class NearPairs:
         if x.shape[1] > TREE_DIM_MAX:
             return None
         if below <= 0 or x.size == 0 or y.size == 0:
-            return cls(*(np.empty(0, int),) * 2, np.empty(0))
+            return cls(np.empty(0, np.intp), np.empty(0, np.intp), np.empty(0),
+                       np.zeros(x.shape[0] + 1, np.intp))
         tree_x = cKDTree(x)
         tree_y = tree_x if y is x else cKDTree(y)
         found = tree_x.sparse_distance_matrix(tree_y, np.sqrt(below), output_type="ndarray")
         order = np.argsort(found["i"], kind="stable")
         rows, cols = found["i"][order].astype(np.intp), found["j"][order].astype(np.intp)
         difference = x[rows] - y[cols]
-        return cls(rows, cols, np.einsum("kd,kd->k", difference, difference))
+        offsets = np.searchsorted(rows, np.arange(x.shape[0] + 1))
+        return cls(rows, cols, np.einsum("kd,kd->k", difference, difference), offsets)
 
     def overwrite(self, block: np.ndarray, rows: slice, scale: float) -> tuple[np.ndarray, np.ndarray]:
         """block[i - rows.start, j] = scale |x_i - y_j|^2 for the near pairs of these rows;
         returns their (i - rows.start, j)."""
-        lo, hi = np.searchsorted(self.rows, [rows.start, rows.stop])
+        lo, hi = self.offsets[rows.start], self.offsets[rows.stop]
         local, cols = self.rows[lo:hi] - rows.start, self.cols[lo:hi]
         if hi > lo:
             block[local, cols] = scale * self.squared[lo:hi]
@@ -432,7 +437,7 @@ class IMQ(Kernel):
 def _underflows(bandwidth: float) -> bool:
     """bandwidth^2 below the smallest normal float (bandwidth < ~1.5e-154): 1 / bandwidth^2
     overflows, and the profiles are evaluated without forming it."""
-    return bandwidth * bandwidth < np.finfo(float).tiny
+    return bandwidth * bandwidth < SMALLEST_NORMAL
 
 
 def _tiny_bandwidth_derivative(derivative: np.ndarray, s: np.ndarray) -> np.ndarray:
