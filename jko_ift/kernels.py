@@ -39,6 +39,10 @@ SMALLEST_NORMAL = float(np.finfo(float).tiny)
 #: tree prunes poorly and one comparison pass over each block is cheaper.
 TREE_DIM_MAX = 8
 
+#: Most near pairs listed at once (40 bytes each: 40 MB, like one block); past it (particles
+#: collapsed into clusters) the comparison pass over each block takes over.
+NEAR_PAIRS_MAX = BLOCK_ENTRIES // 4
+
 #: Largest relative error a kernel value may take from the lifted product (an absolute error in
 #: the exponent of a Gaussian or Laplace value). Pairs where the lifted product's round-off
 #: (``lifted_roundoff``) would exceed it are recomputed from their differences (``NearPairs``):
@@ -124,7 +128,9 @@ class NearPairs:
 
     @classmethod
     def find(cls, x: np.ndarray, y: np.ndarray, below: float) -> NearPairs | None:
-        """The near pairs by a k-d tree, or None where a comparison pass is cheaper (large d)."""
+        """The near pairs by a k-d tree, or None where a comparison pass is cheaper: large d, or
+        more than NEAR_PAIRS_MAX pairs (clusters of coincident particles), whose list would
+        outgrow the blocks' memory."""
         if x.shape[1] > TREE_DIM_MAX:
             return None
         if below <= 0 or x.size == 0 or y.size == 0:
@@ -132,6 +138,8 @@ class NearPairs:
                        np.zeros(x.shape[0] + 1, np.intp))
         tree_x = cKDTree(x)
         tree_y = tree_x if y is x else cKDTree(y)
+        if tree_x.count_neighbors(tree_y, np.sqrt(below)) > NEAR_PAIRS_MAX:
+            return None
         found = tree_x.sparse_distance_matrix(tree_y, np.sqrt(below), output_type="ndarray")
         order = np.argsort(found["i"], kind="stable")
         rows, cols = found["i"][order].astype(np.intp), found["j"][order].astype(np.intp)

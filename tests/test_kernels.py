@@ -146,3 +146,14 @@ def test_near_pairs_by_tree_and_by_scan_agree(d):
     dense = kernel(x, x) @ w
     np.testing.assert_allclose(kernel.apply(x, x, w), dense, rtol=1e-12)
     assert kernel.apply(x, x, w)[3] >= 2e6 * min(w[3], w[9])
+
+
+def test_clusters_of_coincident_points_go_through_the_comparison_pass(monkeypatch):
+    """Particles collapsed into two clusters make every within-cluster pair near: past
+    NEAR_PAIRS_MAX the list is not built (memory) and the blocks are scanned instead."""
+    monkeypatch.setattr(kernels, "NEAR_PAIRS_MAX", 10)
+    x = np.repeat([[0.0, 0.0], [1.0, 2.0]], 20, axis=0) + 1e6
+    assert kernels.NearPairs.find(*kernels.centred_pair(x, x), 1e-20) is None
+    w = np.full(40, 1.0 / 40)
+    np.testing.assert_allclose(jk.Gaussian(1e-8).apply(x, x, w), 0.5, rtol=1e-15)
+    np.testing.assert_array_equal(jk.Gaussian(1e-8).grad_sum(x, x, w), 0.0)
