@@ -14,19 +14,45 @@ from .measures import Measure
 
 
 def mmd(mu: Measure, nu: Measure, kernel: Kernel, squared: bool = False) -> float:
-    """MMD(mu, nu) = ||mu - nu||_H for any two supports (blocked kernel sums)."""
+    """MMD(mu, nu) = ||mu - nu||_H for any two supports (blocked kernel sums).
+
+    MMD is 1-homogeneous in the pair of masses: it is computed as s MMD(mu / s, nu / s) with
+    s the larger mass, so that masses near the ends of the float range neither underflow nor
+    overflow in the quadratic form. The kernel sums are translation invariant (centred). On a
+    common support the weights are subtracted first, so that MMD is accurate relative to itself
+    (the expanded form a^T K a - 2 a^T K b + b^T K b leaves ~sqrt(eps) |a| of round-off).
+    """
     if mu.dim != nu.dim:
         raise ValueError(f"mmd needs measures in the same dimension, got {mu.dim} and {nu.dim}")
-    a, b = mu.weights, nu.weights
-    value = (a @ kernel.apply(mu.points, mu.points, a)
-             - 2 * a @ kernel.apply(mu.points, nu.points, b)
-             + b @ kernel.apply(nu.points, nu.points, b))
+    scale = max(_finite_mass(mu, "mu"), _finite_mass(nu, "nu"))
+    if scale == 0.0:
+        return 0.0
+    a, b = mu.weights / scale, nu.weights / scale
+    if mu.same_support(nu):  # (a - b)^T K (a - b): accurate relative to MMD^2 itself
+        difference = a - b
+        value = difference @ kernel.apply(mu.points, mu.points, difference)
+    else:  # three terms of size |a| |b|: MMD below ~sqrt(eps) |a| is round-off
+        value = (a @ kernel.apply(mu.points, mu.points, a)
+                 - 2 * a @ kernel.apply(mu.points, nu.points, b)
+                 + b @ kernel.apply(nu.points, nu.points, b))
     value = max(float(value), 0.0)
-    return value if squared else float(np.sqrt(value))
+    return scale**2 * value if squared else scale * float(np.sqrt(value))
+
+
+def _finite_mass(mu: Measure, name: str) -> float:
+    mass = mu.mass
+    if not np.isfinite(mass):
+        raise ValueError(f"mmd needs measures of finite mass; {name} has mass {mass!r} (the weights "
+                         "overflow when summed); rescale the weights")
+    return mass
 
 
 def w2(mu: Measure, nu: Measure) -> float:
-    """W2(mu, nu) by exact optimal transport (POT's network simplex); equal masses."""
+    """W2(mu, nu) by exact optimal transport (POT's network simplex); equal masses m > 0.
+
+    Computed as sqrt(m W2^2(mu / m, nu / m)) (W2^2 is 1-homogeneous in the masses), so any
+    positive finite mass works; zero or non-finite masses raise a ValueError.
+    """
     return float(np.sqrt(max(Wasserstein().squared_distance(mu, nu), 0.0)))
 
 

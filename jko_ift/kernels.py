@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.spatial import cKDTree
 
 from .measures import as_points
 
@@ -31,11 +32,157 @@ GEMV_COLUMNS_MAX = 8
 #: BLAS threads to pay off, and the Python overhead per block stays small.
 MIN_BLOCK_ROWS = 4
 
+EPS = float(np.finfo(float).eps)
+SMALLEST_NORMAL = float(np.finfo(float).tiny)
+
+#: Up to this dimension the near pairs are found by a k-d tree (O(n log n + pairs)); above it a
+#: tree prunes poorly and one comparison pass over each block is cheaper.
+TREE_DIM_MAX = 8
+
+#: Most near pairs listed at once (40 bytes each: 40 MB, like one block); past it (particles
+#: collapsed into clusters) the comparison pass over each block takes over.
+NEAR_PAIRS_MAX = BLOCK_ENTRIES // 4
+
+#: Largest relative error a kernel value may take from the lifted product (an absolute error in
+#: the exponent of a Gaussian or Laplace value). Pairs where the lifted product's round-off
+#: (``lifted_roundoff``) would exceed it are recomputed from their differences (``NearPairs``):
+#: for unit-spread data in 2-D, |x - y| < ~0.05 for IMQ and EnergyKernel (well under 1 % of
+#: random pairs), none for a Gaussian with sigma >= ~R / 70.
+MAX_ROUNDOFF = 1e-12
+
+#: Pairs under twice the lifted round-off bound are always recomputed: every entry left alone
+#: is then > 0, so no clipping pass is needed and no profile exceeds its value at 0.
+POSITIVITY_MARGIN = 2.0
+
+#: exp(-NEGLIGIBLE_EXPONENT) = 8.5e-17 is under half an ulp of k(x, x) = 1: pairs beyond it
+#: need not be refined for the exponent's sake.
+NEGLIGIBLE_EXPONENT = 37.0
+
 
 def squared_distances(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """|x_i - y_j|^2: (n, m), clipped at 0 against round-off."""
-    s = (x * x).sum(1)[:, None] + (y * y).sum(1)[None, :] - 2.0 * (x @ y.T)
-    return np.maximum(s, 0.0, out=s)
+    """|x_i - y_j|^2: (n, m), by the lifted product on centred points, near pairs exact.
+
+    Translation invariant to the precision of the inputs: the points are centred first
+    (``centred_pair``), and pairs whose lifted value has relative round-off above MAX_ROUNDOFF
+    are recomputed from differences, so the result is >= 0 and exact at x_i = y_j.
+    """
+    x, y = as_points(x, "x"), as_points(y, "y")
+    x, y = centred_pair(x, y)
+    lifted_x, lifted_y = _lifted(x, y)
+    s = lifted_x @ lifted_y
+    below = relative_refine_below(lifted_roundoff(x, y))
+    _refine_near(s, x, y, 1.0, below, NearPairs.find(x, y, below), slice(0, x.shape[0]))
+    return s
+
+
+def relative_refine_below(roundoff: float) -> float:
+    """Squared distance under which the lifted product's relative error (roundoff / s) exceeds
+    MAX_ROUNDOFF: pairs closer than that are recomputed from their differences."""
+    return max(POSITIVITY_MARGIN, 1.0 / MAX_ROUNDOFF) * roundoff
+
+
+def centred_pair(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x - c, y - c with c the centre of the bounding box of both sets (O((n + m) d)).
+
+    |x_i - y_j| is unchanged, and the cancellation error of the lifted product
+    |x|^2 + |y|^2 - 2 x.y becomes relative to the data's spread, not to its distance from the
+    origin (uncentred, a shift by 1e8 of unit-spread data left no correct digit at all).
+    """
+    if x.size == 0 or y.size == 0:
+        return x, y
+    lo = np.minimum(x.min(0), y.min(0))
+    hi = np.maximum(x.max(0), y.max(0))
+    centre = lo + 0.5 * (hi - lo)
+    if y is x:
+        x = x - centre
+        return x, x  # the identity tells the near-pair search that one tree serves both
+    return x - centre, y - centre
+
+
+def lifted_roundoff(x: np.ndarray, y: np.ndarray) -> float:
+    """Bound on |fl([x, |x|^2, 1] . [-2 y, 1, |y|^2]) - |x - y|^2| over all pairs.
+
+    The d + 2 products sum to at most (|x| + |y|)^2 in absolute value and |x|^2, |y|^2 carry
+    d roundings each: (d + 3) eps (max|x| + max|y|)^2 (Higham, Accuracy and Stability, 3.1).
+    """
+    if x.size == 0 or y.size == 0:
+        return 0.0
+    radius = np.sqrt((x * x).sum(1).max()) + np.sqrt((y * y).sum(1).max())
+    return float((x.shape[1] + 3) * EPS * radius**2)
+
+
+@dataclass(frozen=True)
+class NearPairs:
+    """The pairs (i, j) with |x_i - y_j|^2 < ``below``, sorted by row, with their squared
+    distances computed from the differences (exact to the inputs' precision).
+
+    Found by a k-d tree in O((n + m) log(n + m) + pairs) for d <= TREE_DIM_MAX, else by one
+    comparison pass over the lifted blocks (``scan``).
+    """
+
+    rows: np.ndarray
+    cols: np.ndarray
+    squared: np.ndarray
+    #: offsets[i]: the first pair of row i (n + 1 entries), so a block finds its pairs in O(1)
+    offsets: np.ndarray
+
+    @classmethod
+    def find(cls, x: np.ndarray, y: np.ndarray, below: float) -> NearPairs | None:
+        """The near pairs by a k-d tree, or None where a comparison pass is cheaper: large d, or
+        more than NEAR_PAIRS_MAX pairs (clusters of coincident particles), whose list would
+        outgrow the blocks' memory."""
+        if x.shape[1] > TREE_DIM_MAX:
+            return None
+        if below <= 0 or x.size == 0 or y.size == 0:
+            return cls(np.empty(0, np.intp), np.empty(0, np.intp), np.empty(0),
+                       np.zeros(x.shape[0] + 1, np.intp))
+        tree_x = cKDTree(x)
+        tree_y = tree_x if y is x else cKDTree(y)
+        if tree_x.count_neighbors(tree_y, np.sqrt(below)) > NEAR_PAIRS_MAX:
+            return None
+        found = tree_x.sparse_distance_matrix(tree_y, np.sqrt(below), output_type="ndarray")
+        order = np.argsort(found["i"], kind="stable")
+        rows, cols = found["i"][order].astype(np.intp), found["j"][order].astype(np.intp)
+        difference = x[rows] - y[cols]
+        offsets = np.searchsorted(rows, np.arange(x.shape[0] + 1))
+        return cls(rows, cols, np.einsum("kd,kd->k", difference, difference), offsets)
+
+    def overwrite(self, block: np.ndarray, rows: slice, scale: float) -> tuple[np.ndarray, np.ndarray]:
+        """block[i - rows.start, j] = scale |x_i - y_j|^2 for the near pairs of these rows;
+        returns their (i - rows.start, j)."""
+        lo, hi = self.offsets[rows.start], self.offsets[rows.stop]
+        local, cols = self.rows[lo:hi] - rows.start, self.cols[lo:hi]
+        if hi > lo:
+            block[local, cols] = scale * self.squared[lo:hi]
+        return local, cols
+
+    @staticmethod
+    def scan(block: np.ndarray, x: np.ndarray, y: np.ndarray, scale: float,
+             below: float) -> tuple[np.ndarray, np.ndarray]:
+        """The comparison-pass variant: overwrite the entries of ``block`` (scale times lifted
+        squared distances of rows x, columns y) under ``below`` from the differences; returns
+        their (row in the block, column)."""
+        limit = scale * below
+        near = np.greater(block, limit) if scale < 0 else np.less(block, limit)
+        rows, cols = np.nonzero(near)
+        if rows.size:
+            difference = x[rows] - y[cols]
+            block[rows, cols] = scale * np.einsum("kd,kd->k", difference, difference)
+        return rows, cols
+
+
+def _refine_near(block: np.ndarray, x: np.ndarray, y: np.ndarray, scale: float, below: float,
+                 near: NearPairs | None, rows: slice) -> tuple[np.ndarray, np.ndarray]:
+    """Overwrite the near pairs of a block of scale * lifted squared distances (rows ``rows`` of
+    x against all of y) by their exact values.
+
+    Every entry left alone then has a true squared distance >= below > round-off bound,
+    so its lifted value is > 0 (no clipping pass is needed), and the near pairs, where the
+    lifted product has no correct digit, are exact to the inputs' precision.
+    """
+    if near is None:
+        return NearPairs.scan(block, x[rows], y, scale, below)
+    return near.overwrite(block, rows, scale)
 
 
 def row_blocks(n: int, m: int):
@@ -99,10 +246,43 @@ class Kernel:
         s[...] = self.profile_derivative(s)
         return 1.0
 
+    def _refine_below(self, roundoff: float) -> float:
+        """Squared distance under which a pair is recomputed from its difference, given the
+        lifted product's round-off bound: by default where the squared distance's relative
+        error would exceed MAX_ROUNDOFF (for EnergyKernel, -|x - y| then errs by <= MAX_ROUNDOFF / 2
+        relative)."""
+        return relative_refine_below(roundoff)
+
+    def _distance_blocks(self, x: np.ndarray, y: np.ndarray):
+        """(rows, block, near rows, near columns) for each row block of the sum over centred
+        x, y (``centred_pair``): ``block`` holds ``_distance_scale`` |x_i - y_j|^2 (lifted
+        product, the near pairs -- block rows and columns given -- from their differences), to
+        be overwritten in place. One buffer is reused across the blocks."""
+        scale = self._distance_scale
+        below = self._refine_below(lifted_roundoff(x, y))
+        near = NearPairs.find(x, y, below)
+        lifted_x, lifted_y = _lifted(x, y, scale)
+        buffer = None
+        for rows in _sum_blocks(x.shape[0], y.shape[0], x.shape[1]):
+            buffer = _block_buffer(buffer, rows, y.shape[0])
+            block = buffer[: rows.stop - rows.start]
+            np.matmul(lifted_x[rows], lifted_y, out=block)
+            near_rows, near_cols = _refine_near(block, x, y, scale, below, near, rows)
+            yield rows, block, near_rows, near_cols
+
     def __call__(self, x, y) -> np.ndarray:
-        """Gram matrix k(x_i, y_j): (n, m) for x: (n, d), y: (m, d)."""
+        """Gram matrix k(x_i, y_j): (n, m) for x: (n, d), y: (m, d).
+
+        The same values as ``apply`` sums (same blocks, same near pairs), so that a solve with
+        the Gram and a sum with ``apply`` agree to the summation order: the Gram of a smooth
+        kernel is numerically singular and amplifies any other difference (1e8 at ridge 1e-8).
+        """
         x, y = _pair(x, y)
-        return self.profile(squared_distances(x, y))
+        gram = np.empty((x.shape[0], y.shape[0]))
+        for rows, block, _, _ in self._distance_blocks(*centred_pair(x, y)):
+            self._profile_inplace(block)
+            gram[rows] = block
+        return gram
 
     def gradient(self, x, y) -> np.ndarray:
         """grad_x k(x_i, y_j): (n, m, d). Small sets only; prefer ``grad_sum``."""
@@ -114,13 +294,8 @@ class Kernel:
         """sum_j k(x_i, y_j) w_j: (n,), computed in row blocks (memory O(block))."""
         x, y = _pair(x, y)
         w = _sum_weights(w, y.shape[0])
-        lifted_x, lifted_y = _lifted(x, y, self._distance_scale)
         out = np.empty(x.shape[0])
-        buffer = None
-        for rows in _sum_blocks(x.shape[0], y.shape[0], x.shape[1]):
-            buffer = _block_buffer(buffer, rows, y.shape[0])
-            block = buffer[: rows.stop - rows.start]
-            np.matmul(lifted_x[rows], lifted_y, out=block)  # squared distances, then in place
+        for rows, block, _, _ in self._distance_blocks(*centred_pair(x, y)):
             self._profile_inplace(block)
             np.matmul(block, w, out=out[rows])
         return out
@@ -130,30 +305,36 @@ class Kernel:
 
         Computed in row blocks: one matrix product per block gives the squared distances (the
         kernel's scale folded in), the profile derivative is applied in place, and d + 1
-        matrix-vector products give [D w, D (w y)]: no (n, m, d) array, memory O(block).
+        matrix-vector products give [D w, D (w y)]: no (n, m, d) array, memory O(block). x and
+        y are centred by a common point first (the difference x_i (D w)_i - (D w y)_i cancels
+        like |x|, not like |x - y|), and the near pairs, where it would cancel to round-off
+        (every non-negligible pair for a bandwidth tiny against the spread), are summed from their
+        differences w_j phi'(s_ij) (x_i - y_j) instead.
         """
         x, y = _pair(x, y)
         w = _sum_weights(w, y.shape[0])
         d = x.shape[1]
-        lifted_x, lifted_y = _lifted(x, y, self._distance_scale)
+        x, y = centred_pair(x, y)
         columns = np.empty((d + 1, y.shape[0]))  # [w, w y]^T, one contiguous row per column
         columns[0] = w
         columns[1:] = (w[:, None] * y).T
         sums = np.empty((d + 1, x.shape[0]))
         by_column = d + 1 <= GEMV_COLUMNS_MAX
         factor = 1.0
-        buffer = None
-        for rows in _sum_blocks(x.shape[0], y.shape[0], d):
-            buffer = _block_buffer(buffer, rows, y.shape[0])
-            block = buffer[: rows.stop - rows.start]
-            np.matmul(lifted_x[rows], lifted_y, out=block)
+        near_sum = np.zeros((x.shape[0], d))
+        for rows, block, near_rows, near_cols in self._distance_blocks(x, y):
             factor = self._derivative_inplace(block)
+            if near_rows.size:
+                at = near_rows + rows.start
+                terms = (block[near_rows, near_cols] * w[near_cols])[:, None] * (x[at] - y[near_cols])
+                np.add.at(near_sum, at, terms)
+                block[near_rows, near_cols] = 0.0
             if by_column:
                 for k in range(d + 1):
                     np.matmul(block, columns[k], out=sums[k, rows])
             else:
                 sums[:, rows] = columns @ block.T
-        return (2.0 * factor) * (x * sums[0][:, None] - sums[1:].T)
+        return (2.0 * factor) * (x * sums[0][:, None] - sums[1:].T + near_sum)
 
 
 def _block_buffer(buffer, rows: slice, m: int) -> np.ndarray:
@@ -194,21 +375,38 @@ class Gaussian(Kernel):
         object.__setattr__(self, "sigma", _positive("Gaussian sigma", self.sigma))
 
     def profile(self, s):
-        return np.exp(-s / (2.0 * self.sigma**2))
+        with np.errstate(over="ignore"):  # s / sigma = inf: the value is 0
+            return np.exp(-0.5 * (s / self.sigma) / self.sigma)  # no sigma^2: underflows < 1e-154
 
     def profile_derivative(self, s):
+        if _underflows(self.sigma):
+            return _tiny_bandwidth_derivative(self.profile(s), s)
         return -self.profile(s) / (2.0 * self.sigma**2)
 
     @property
     def _distance_scale(self) -> float:
+        if _underflows(self.sigma):
+            return 1.0  # -1 / (2 sigma^2) is -inf: the generic in-place path, on distances
         return -1.0 / (2.0 * self.sigma**2)  # the blocks arrive as exponents
 
     def _profile_inplace(self, s):
-        np.exp(s, out=s)
+        if _underflows(self.sigma):
+            return super()._profile_inplace(s)
+        np.exp(s, out=s)  # exponents <= 0: ``_refine_near`` left no lifted value above 0
 
     def _derivative_inplace(self, s):
+        if _underflows(self.sigma):
+            return super()._derivative_inplace(s)
         np.exp(s, out=s)
         return -1.0 / (2.0 * self.sigma**2)
+
+    def _refine_below(self, roundoff):
+        """The exponent errs by roundoff / (2 sigma^2) for every pair: past MAX_ROUNDOFF, every
+        pair whose value is not negligible is recomputed."""
+        below = POSITIVITY_MARGIN * roundoff
+        if _underflows(self.sigma) or roundoff / (2.0 * self.sigma**2) > MAX_ROUNDOFF:
+            below = max(below, 2.0 * self.sigma**2 * NEGLIGIBLE_EXPONENT)
+        return below
 
 
 @dataclass(frozen=True)
@@ -221,21 +419,50 @@ class IMQ(Kernel):
         object.__setattr__(self, "c", _positive("IMQ c", self.c))
 
     def profile(self, s):
+        if _underflows(self.c):
+            return 1.0 / np.hypot(self.c, np.sqrt(s))  # c^2 underflows: k(x, x) = 1 / c
         return (self.c**2 + s) ** -0.5
 
     def profile_derivative(self, s):
+        if _underflows(self.c):
+            with np.errstate(over="ignore"):  # 1 / c^3 at s = 0, where the gradient is 0
+                return _tiny_bandwidth_derivative(-0.5 * self.profile(s) ** 3, s)
         return -0.5 * (self.c**2 + s) ** -1.5
 
     def _profile_inplace(self, s):
+        if _underflows(self.c):
+            s[...] = self.profile(s)
+            return
         np.maximum(s, 0.0, out=s)
         s += self.c**2
         np.sqrt(s, out=s)
         np.reciprocal(s, out=s)
 
     def _derivative_inplace(self, s):
+        if _underflows(self.c):
+            return super()._derivative_inplace(s)
         self._profile_inplace(s)
         np.power(s, 3, out=s)
         return -0.5
+
+    def _refine_below(self, roundoff):
+        """(c^2 + s)^(-1/2) errs by roundoff / (2 (c^2 + s)) relative: recompute where that
+        exceeds MAX_ROUNDOFF."""
+        return max(POSITIVITY_MARGIN * roundoff, roundoff / (2.0 * MAX_ROUNDOFF) - self.c**2)
+
+
+def _underflows(bandwidth: float) -> bool:
+    """bandwidth^2 below the smallest normal float (bandwidth < ~1.5e-154): 1 / bandwidth^2
+    overflows, and the profiles are evaluated without forming it."""
+    return bandwidth * bandwidth < SMALLEST_NORMAL
+
+
+def _tiny_bandwidth_derivative(derivative: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """phi'(s) for a bandwidth whose square underflows: phi'(0) ~ -1 / bandwidth^2 (or its cube)
+    is not a float, but the gradient 2 phi'(0) (x - y) it multiplies is 0 at s = 0; elsewhere
+    phi'(s) is 0 or finite. Set to 0 at s = 0 (the symmetric subgradient, as for Laplace)."""
+    derivative = np.asarray(derivative, dtype=float)
+    return np.where(np.asarray(s) > 0, np.nan_to_num(derivative, neginf=0.0, posinf=0.0), 0.0)
 
 
 def _over_root(scale: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -258,6 +485,12 @@ class Laplace(Kernel):
 
     def profile_derivative(self, s):
         return -_over_root(self.profile(s) / self.sigma, s)
+
+    def _refine_below(self, roundoff):
+        """The exponent |x - y| / sigma errs by ~roundoff / (2 |x - y| sigma): pairs closer than
+        where that reaches MAX_ROUNDOFF (and the value is not negligible) are recomputed."""
+        radius = min(roundoff / (2.0 * self.sigma * MAX_ROUNDOFF), NEGLIGIBLE_EXPONENT * self.sigma)
+        return max(POSITIVITY_MARGIN * roundoff, radius**2)
 
 
 @dataclass(frozen=True)

@@ -70,3 +70,90 @@ def test_kernel_parameters_are_validated(bad):
 def test_dimension_mismatch_is_refused():
     with pytest.raises(ValueError, match="dimension"):
         jk.Gaussian(1.0)(np.zeros((2, 2)), np.zeros((2, 3)))
+
+
+#: Bandwidths from small against the data's spread (1e-8: the lifted product alone gave row sums
+#: of 2e26 and k(x, x) = 1.65 at 1e-7) to ones whose square underflows (1e-160, 1e-300).
+TINY_BANDWIDTHS = [1e-7, 1e-8, 1e-160, 1e-300]
+
+
+def _cloud_with_a_duplicate():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(40, 2)) * 3.0 + 5.0
+    x[7] = x[2]  # a coincident pair: k = 1 there, and the gradient 0
+    return x, rng.random(40)
+
+
+@pytest.mark.parametrize("sigma", TINY_BANDWIDTHS)
+def test_gaussian_at_tiny_bandwidth_is_one_on_the_diagonal_and_zero_off_it(sigma):
+    """Distinct points of spread 3 are >= 1e-3 apart, so exp(-|x - y|^2 / (2 sigma^2)) is exactly
+    0 off the coincident pairs: every value is exact, not merely bounded."""
+    x, w = _cloud_with_a_duplicate()
+    kernel = jk.Gaussian(sigma)
+    coincident = (x[:, None, :] == x[None, :, :]).all(-1).astype(float)
+    np.testing.assert_array_equal(kernel(x, x), coincident)
+    np.testing.assert_array_equal(kernel.apply(x, x, w), coincident @ w)
+    assert np.all(kernel.apply(x, x, w / w.sum()) <= 1.0)
+    np.testing.assert_array_equal(kernel.grad_sum(x, x, w), 0.0)
+    np.testing.assert_array_equal(kernel.gradient(x, x), 0.0)
+
+
+@pytest.mark.parametrize("kernel", [jk.Gaussian(1e-300), jk.Laplace(1e-300), jk.IMQ(1e-300)],
+                         ids=lambda k: type(k).__name__)
+def test_tiny_bandwidths_give_finite_values_without_warnings(kernel, recwarn):
+    x, w = _cloud_with_a_duplicate()
+    values, gradient = kernel.apply(x, x, w), kernel.grad_sum(x, x, w)
+    assert np.all(np.isfinite(values)) and np.all(np.isfinite(gradient))
+    assert kernel(x[:1], x[:1])[0, 0] == pytest.approx(1e300 if isinstance(kernel, jk.IMQ) else 1.0)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: type(k).__name__)
+def test_profiles_never_exceed_their_value_at_zero_far_from_the_origin(kernel):
+    """The lifted |x|^2 + |y|^2 - 2 x.y went below 0 by the cancellation error; squared
+    distances are now >= 0 and exact at coincident points, wherever the data sit."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(50, 3)) + 1e8
+    s = kernels.squared_distances(x, x)
+    assert np.all(s >= 0) and np.all(np.diag(s) == 0)
+    gram = kernel(x, x)
+    assert np.all(gram <= kernel.profile(np.zeros(1))[0])
+    np.testing.assert_array_equal(np.diag(gram), kernel.profile(np.zeros(1))[0])
+
+
+def test_squared_distances_are_exact_at_near_pairs_and_relative_elsewhere():
+    """Against differences in extended precision: |x - y|^2 for pairs from 1e-9 to 10 apart,
+    shifted by 1e6, relative error <= MAX_ROUNDOFF (plus the inputs' own rounding, which the
+    reference shares: it is computed from the same float64 points)."""
+    rng = np.random.default_rng(6)
+    base = rng.normal(size=(30, 2)) + 1e6
+    offsets = 10.0 ** rng.uniform(-9, 1, size=(30, 1)) * rng.normal(size=(30, 2))
+    y = base + offsets
+    exact = ((base[:, None, :].astype(np.longdouble) - y[None, :, :]) ** 2).sum(-1)
+    computed = kernels.squared_distances(base, y)
+    relative = np.abs(computed - exact) / np.maximum(exact, np.finfo(float).tiny)
+    assert relative.max() <= kernels.MAX_ROUNDOFF
+
+
+@pytest.mark.parametrize("d", [2, 10])
+def test_near_pairs_by_tree_and_by_scan_agree(d):
+    """d = 10 > TREE_DIM_MAX goes through the comparison pass: same values as the tree."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(25, d)) + 1e7
+    x[3] = x[9]
+    w = rng.random(25)
+    kernel = jk.IMQ(1e-6)  # near pairs are all that count at this c
+    dense = kernel(x, x) @ w
+    np.testing.assert_allclose(kernel.apply(x, x, w), dense, rtol=1e-12)
+    assert kernel.apply(x, x, w)[3] >= 2e6 * min(w[3], w[9])
+
+
+def test_clusters_of_coincident_points_go_through_the_comparison_pass(monkeypatch):
+    """Particles collapsed into two clusters make every within-cluster pair near: past
+    NEAR_PAIRS_MAX the list is not built (memory) and the blocks are scanned instead."""
+    monkeypatch.setattr(kernels, "NEAR_PAIRS_MAX", 10)
+    x = np.repeat([[0.0, 0.0], [1.0, 2.0]], 20, axis=0) + 1e6
+    assert kernels.NearPairs.find(*kernels.centred_pair(x, x), 1e-20) is None
+    w = np.full(40, 1.0 / 40)
+    np.testing.assert_allclose(jk.Gaussian(1e-8).apply(x, x, w), 0.5, rtol=1e-15)
+    np.testing.assert_array_equal(jk.Gaussian(1e-8).grad_sum(x, x, w), 0.0)

@@ -10,16 +10,16 @@ xi^T = xi.
   matrix is never formed. The log domain uses the same products after a tilted shift of
   each block of outputs (``_LogAxis``), so it stays on BLAS instead of O(n^(1 + 1/d))
   exponentials.
-* ``DenseGibbs``: a point cloud, through POT's ``ot.dist`` in row blocks, with memory
-  O(n * block); the n x n kernel is cached only when it is small (``DENSE_CACHE_ENTRIES``).
+* ``DenseGibbs``: a point cloud, through ``kernels.squared_distances`` (centred, so translation
+  invariant) in row blocks, with memory O(n * block); the n x n kernel is cached only when it is
+  small (``DENSE_CACHE_ENTRIES``).
 """
 
 from __future__ import annotations
 
 import numpy as np
-import ot
 
-from ..kernels import row_blocks
+from ..kernels import row_blocks, squared_distances
 from ..measures import Grid
 
 #: Largest n * n for which a point-cloud kernel (or cost matrix) is kept in memory
@@ -194,13 +194,13 @@ class DenseGibbs(GibbsOperator):
     def __init__(self, points: np.ndarray, eps: float, cache_entries: int = DENSE_CACHE_ENTRIES):
         self.points, self.eps, self.n = points, float(eps), points.shape[0]
         self.cached = self.n * self.n <= cache_entries
-        self._cost = ot.dist(points, points) if self.cached else None
+        self._cost = squared_distances(points, points) if self.cached else None
         self._kernel = None
 
     def _cost_rows(self, rows: slice) -> np.ndarray:
         if self._cost is not None:
             return self._cost[rows]
-        return ot.dist(self.points[rows], self.points)
+        return squared_distances(self.points[rows], self.points)
 
     @property
     def kernel(self) -> np.ndarray | None:
@@ -284,13 +284,13 @@ class HKGibbs(DenseGibbs):
         self.ell = float(ell)
         self.points, self.eps, self.n = points, float(eps), points.shape[0]
         self.cached = self.n * self.n <= cache_entries
-        self._cost = hk_cost(ot.dist(points, points), self.ell) if self.cached else None
+        self._cost = hk_cost(squared_distances(points, points), self.ell) if self.cached else None
         self._kernel = None
 
     def _cost_rows(self, rows: slice) -> np.ndarray:
         if self._cost is not None:
             return self._cost[rows]
-        return hk_cost(ot.dist(self.points[rows], self.points), self.ell)
+        return hk_cost(squared_distances(self.points[rows], self.points), self.ell)
 
     def log_apply(self, g):
         out = np.full(self.n, -np.inf)
