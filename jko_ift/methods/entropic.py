@@ -542,10 +542,10 @@ class _Sinkhorn:
     # -- relaxation ----------------------------------------------------------------------------
     def _relaxation(self, last: bool) -> _Relaxation:
         setting = self.method.relaxation
+        if setting == "auto" and (last or self.column.kind == "IFT"):
+            return _Relaxation(1.0, adaptive=True)
         if not last or setting == 1.0:
             return _Relaxation(1.0, adaptive=False)
-        if setting == "auto":
-            return _Relaxation(1.0, adaptive=True)
         return _Relaxation(float(setting), adaptive=False)
 
     # -- kernel domain -------------------------------------------------------------------------

@@ -618,7 +618,7 @@ class MMDEnvelope:
     def update_zero_set(self, nu: np.ndarray) -> bool:
         """Move weights between the free set and Z by the KKT conditions; True if Z changed."""
         b = self.minimizer(nu)
-        gradient = self.offset + (self.S - self.c * self.metric) @ b + self.c * self.metric @ (b - nu)
+        gradient = self.offset + self.S @ b - self.c * (self.metric @ nu)
         free = ~self.zero
         shift = -gradient[free].mean() if (self.mass is not None and free.any()) else 0.0
         scale = max(np.abs(b).max(), 1e-300)
