@@ -65,8 +65,18 @@ LEVEL_TOL = 1e-3
 #: a quarter of the true one.
 BLUR_WARN_RATIO = 0.5
 
-#: Kernel-domain scalings above this count as overflow: the step continues in the log domain.
+#: Kernel-domain scalings above this (or below its inverse) leave the kernel domain: the step
+#: continues in the log domain.
 KERNEL_DOMAIN_MAX = 1e200
+
+#: A level whose marginal violation, at the rate measured over the last PROGRESS_WINDOW
+#: iterations, would need more than FUTILE_FACTOR times the remaining budget to reach its
+#: tolerance stops early (status "not_converged", info["stopped"] says why): the iteration
+#: count is bounded by max_iter anyway, this only spends less time on a step that cannot
+#: converge. Sinkhorn's violation is not monotone over short spans; a window of 200
+#: iterations, checked from 400 on, and a factor 10 keep a slow but converging level going.
+PROGRESS_WINDOW = 200
+FUTILE_FACTOR = 10.0
 
 _OPTIONS = ("tol", "max_iter", "domain", "eps_scaling", "eps_start", "scaling_factor",
             "separable", "warm_start", "relaxation", "cache_size", "dense_cache_entries", "conic",
@@ -362,6 +372,17 @@ def _failure_message(result: StepResult, method: EntropicJKO) -> str:
         "overflow": ("the kernel-domain scalings left the float range at "
                      f"eps = {info.get('eps_reached', method.eps):.3g}"),
     }.get(result.status, f"status {result.status!r}")
+    stopped = info.get("stopped")
+    if stopped:
+        return (
+            f"entropic JKO step failed: the iterations stopped at eps = "
+            f"{info.get('eps_reached', method.eps):.3g} after {info.get('iterations')} iterations "
+            f"because {stopped} (target eps = {method.eps:.3g}, tau = {info.get('tau', np.nan):.3g}, "
+            f"{info.get('domain')} domain). Sinkhorn is slow when eps is far below the squared "
+            "spacing of the support and the energy pins the new measure (large tau). Increase eps "
+            "(eps near h^2 on a grid of spacing h), take a smaller tau, or use jk.ConicJKO (the exact "
+            "step, no eps); pass throw=False to get the StepResult instead"
+        )
     return (
         f"entropic JKO step failed: {what} (eps = {method.eps:.3g}, {info.get('domain')} domain). "
         "Raise max_iter (iterations grow like 1/eps), loosen tol, increase eps, or use "
@@ -409,9 +430,12 @@ class _ColumnFunction:
                 "marginal_violation": state.violation, "kernel": solver.kernel_kind,
                 "newton_steps": state.newton_steps, "eps_reached": state.eps,
                 "relaxation": state.relaxation}
+        if state.stopped is not None:
+            info["stopped"] = state.stopped
         if state.status == "overflow" or state.nu is None or not np.all(np.isfinite(state.nu)):
-            return StepResult(None, np.nan, np.nan, np.nan, "overflow" if state.status == "overflow"
-                              else "failed", np.inf, info)
+            status = ("overflow" if state.status == "overflow"
+                      else "not_converged" if state.stopped else "failed")
+            return StepResult(None, np.nan, np.nan, np.nan, status, np.inf, info)
         nu = np.maximum(state.nu, 0.0)  # the column marginal of the plan, whose rows are a
         if self.kind == "W2":
             weights = nu * (mu.mass / nu.sum())  # removes round-off only: sum(nu) = sum(a)
@@ -440,7 +464,8 @@ class _ColumnFunction:
                     dual_gap=gap, relative_dual_gap=(gap / max(1.0, abs(objective))
                                                      if gap is not None else None),
                     intermediate=nu, negative_mass_clipped=negative)
-        status = "optimal" if state.violation <= solver.tol else "not_converged"
+        converged = state.violation <= solver.tol and state.stopped is None
+        status = "optimal" if converged else "not_converged"
         return StepResult(new, float(objective), float(energy), float(distance_sq), status,
                           float(state.violation), info)
 
@@ -490,6 +515,7 @@ class _State:
         self.prox = None
         self.relaxation = 1.0
         self.plan_times = None  # P w for w > 0, of the final plan
+        self.stopped = None  # why the iterations stopped before max_iter without converging
 
 
 class _Sinkhorn:
@@ -517,6 +543,7 @@ class _Sinkhorn:
             budget = self.method.max_iter - state.iterations - (0 if last else 1)
             if budget <= 0 and not last:
                 continue
+            budget = max(budget, 1)
             tol = self.tol if last else max(self.tol, LEVEL_TOL)
             op = self.method.operator(self.mu, eps)
             prox = self.column.prox(eps, self.tau_alpha)
@@ -529,9 +556,12 @@ class _Sinkhorn:
                         return state
                     domain = "log"
                     psi = state.psi
+                    budget = max(self.method.max_iter - state.iterations - (0 if last else 1), 1)
             if domain == "log":
                 self._log(op, prox, eps, psi, tol, budget, state, last)
             psi = state.psi
+            if state.stopped is not None:
+                break
         state.newton_steps = sum(getattr(p, "newton_steps", 0) for p in self._proxes())
         return state
 
@@ -556,7 +586,7 @@ class _Sinkhorn:
         with np.errstate(all="ignore"):
             log_v = psi / eps
             v = np.exp(log_v)
-            if not np.all(np.isfinite(v)) or v.max() > KERNEL_DOMAIN_MAX:
+            if _out_of_range(v, log_v):
                 state.psi = psi
                 return False
             good_v = v
@@ -566,7 +596,7 @@ class _Sinkhorn:
                 Kv = op.apply(v)
                 if u is not None:
                     violation = float(np.abs(u * Kv - a).sum() / mass)
-                    if not np.isfinite(violation) or v.max() > KERNEL_DOMAIN_MAX:
+                    if not np.isfinite(violation) or _out_of_range(v, log_v):
                         state.psi = eps * np.log(good_v)
                         state.domain = "log"
                         return False
@@ -574,6 +604,9 @@ class _Sinkhorn:
                     if (violation <= tol and relax.plain) or it == budget:
                         break
                     relax.observe(violation, tol)
+                    state.stopped = _futile(relax.history, tol, budget - it)
+                    if state.stopped is not None:
+                        break
                 new_log_u = np.where(self.positive, log_a - np.log(Kv), -np.inf)
                 log_u = relax(log_u, new_log_u)
                 u = np.exp(log_u)
@@ -583,6 +616,9 @@ class _Sinkhorn:
                     new_log_v = prox.c0 - prox.theta * log_q
                 else:
                     new_log_v = prox(log_q) - log_q
+                    state.stopped = _unresolved(prox)
+                    if state.stopped is not None:
+                        break
                 log_v = relax(log_v, new_log_v)
                 v = np.exp(log_v)  # inf or nan (overflow) moves to the log domain
                 state.iterations += 1
@@ -621,9 +657,15 @@ class _Sinkhorn:
                     if (violation <= tol and relax.plain) or it == budget:
                         break
                     relax.observe(violation, tol)
+                    state.stopped = _futile(relax.history, tol, budget - it)
+                    if state.stopped is not None:
+                        break
                 f = relax(f, np.where(self.positive, log_a - lKv, -np.inf))
                 log_q = op.log_apply(f)
                 log_nu = prox(log_q)
+                state.stopped = _unresolved(prox)
+                if state.stopped is not None:
+                    break
                 g = relax(g, np.where(np.isfinite(log_q), log_nu - log_q, -np.inf))
                 state.iterations += 1
             state.violation, state.domain, state.relaxation = violation, "log", relax.peak
@@ -638,6 +680,45 @@ class _Sinkhorn:
             state.log_v = g
             state.plan_times = lambda w: np.exp(f + op.log_apply(g + np.log(w)))
             state.transport_cost = transport_cost(self.mu.points, a, nu, state.plan_times)
+
+
+def _out_of_range(v: np.ndarray, log_v: np.ndarray) -> bool:
+    """Kernel-domain scalings that overflow, or underflow where the potential is finite (a zero
+    v would make its column dead for good, and log(v) = -inf would carry that to the log domain)."""
+    if not np.all(np.isfinite(v)) or v.max(initial=0.0) > KERNEL_DOMAIN_MAX:
+        return True
+    return bool(np.any((v < 1.0 / KERNEL_DOMAIN_MAX) & np.isfinite(log_v)))
+
+
+def _futile(history: list[float], tol: float, remaining: int) -> str | None:
+    """Why the level cannot reach tol within the remaining iterations (module constants
+    PROGRESS_WINDOW, FUTILE_FACTOR), or None."""
+    window = PROGRESS_WINDOW
+    if len(history) < 2 * window or len(history) % 50:
+        return None
+    old, new = history[-window], history[-1]
+    if not (np.isfinite(new) and new > 0):
+        return None
+    rate = (new / old) ** (1.0 / (window - 1)) if old > 0 else 1.0
+    if rate >= 1.0:
+        return (f"the marginal violation stopped decreasing ({old:.3g} -> {new:.3g} over the last "
+                f"{window} iterations)")
+    needed = np.log(tol / new) / np.log(rate)
+    if needed > FUTILE_FACTOR * remaining:
+        return (f"the marginal violation decreases by a factor {rate:.6f} per iteration: about "
+                f"{needed:.3g} more iterations would reach tol, {remaining} remain")
+    return None
+
+
+def _unresolved(prox) -> str | None:
+    """Why the last KL-proximal map of a coupled energy (MMD2, Interaction, the IFT envelope)
+    is not trustworthy (its Newton solve ended above PROX_FAIL_RESIDUAL), or None."""
+    source = prox if hasattr(prox, "unresolved") else getattr(prox, "equation", None)
+    if source is None or not getattr(source, "unresolved", 0):
+        return None
+    return (f"the KL-proximal map of the coupled energy did not converge (Newton residual "
+            f"{source.worst_residual:.3g}): the column function is too stiff at this eps "
+            "(sigma = 2 tau alpha / eps times its curvature)")
 
 
 class _Relaxation:

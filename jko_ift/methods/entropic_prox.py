@@ -78,6 +78,12 @@ LOG_FLOOR = -700.0
 #: (183-265 of 400 on the 20 x 20 grid of examples/configs/ift_mixture.toml).
 RANK_TOL = 1e-12
 
+#: A coupled solve that ends (NEWTON_MAX_ITER steps, or a line search that no longer
+#: decreases) with a residual of (*) above this is unresolved: the Sinkhorn step that used it
+#: is not an exact block maximization, and the entropic step stops and says so. Float64
+#: resolves the residual to about 1e-13 times sigma ||Q|| max(b); 1e-8 leaves room for that.
+PROX_FAIL_RESIDUAL = 1e-8
+
 
 class UnsupportedEnergyError(ValueError):
     """The entropic step has no KL-proximal map for this energy."""
@@ -231,6 +237,8 @@ class LogEquation:
             raise ValueError(f"the log coefficient must be positive, got {A}")
         self.A, self.offset, self.powers, self.Q = float(A), offset, list(powers), Q
         self._W = factor
+        self.unresolved = 0  # coupled solves that ended above PROX_FAIL_RESIDUAL
+        self.worst_residual = 0.0
         self.zero = ~np.isfinite(offset) & (offset > 0)  # b = 0 forced (KL target 0)
         self.newton_steps = 0
 
@@ -246,7 +254,7 @@ class LogEquation:
                               self.factor[live])
             start = None if start is None else start[live]
             s[live] = sub._coupled(R[live], rhs[live], start)
-            self.newton_steps += sub.newton_steps
+            self._absorb(sub)
         else:
             s = self._coupled_split(R, rhs, start)
         s[dead] = -np.inf
@@ -270,7 +278,7 @@ class LogEquation:
                 sub = LogEquation(self.A, self.offset[big], self.powers, self.Q[np.ix_(big, big)],
                                   self.factor[big])
                 s[big] = sub._coupled(R[big], rhs[big], None if start is None else start[big])
-                self.newton_steps += sub.newton_steps
+                self._absorb(sub)
                 coupling = self.Q[np.ix_(small, big)] @ np.exp(s[big])
             else:
                 coupling = 0.0
@@ -313,6 +321,17 @@ class LogEquation:
         return s
 
     # -- coupled ---------------------------------------------------------------------------
+    def _absorb(self, sub: LogEquation) -> None:
+        self.newton_steps += sub.newton_steps
+        self.unresolved += sub.unresolved
+        self.worst_residual = max(self.worst_residual, sub.worst_residual)
+
+    def _give_up(self, size: float) -> None:
+        if not size <= PROX_FAIL_RESIDUAL:
+            self.unresolved += 1
+            self.worst_residual = max(self.worst_residual, float(size)) if np.isfinite(size) \
+                else np.inf
+
     @property
     def factor(self) -> np.ndarray:
         if self._W is None:
@@ -356,8 +375,9 @@ class LogEquation:
         s = np.maximum(np.asarray(start, float).copy(), LOG_FLOOR)
         merit = self._merit(s, R)
         phi, b = self._residual(s, R)
+        size = np.max(np.abs(phi), initial=0.0)
         for _ in range(NEWTON_MAX_ITER):
-            size = np.max(np.abs(phi))
+            size = np.max(np.abs(phi), initial=0.0)
             if not np.isfinite(size) or size <= NEWTON_RESIDUAL_TOL:
                 break
             self.newton_steps += 1
@@ -382,8 +402,11 @@ class LogEquation:
                     break
                 t *= 0.5
                 if t < 1e-12:
+                    self._give_up(size)
                     return s
             s, merit, phi, b = trial, value, phi_trial, b_trial
+            size = np.max(np.abs(phi), initial=0.0)
+        self._give_up(size)
         return s
 
     def _separable_start(self, R):
@@ -649,6 +672,8 @@ class EnvelopeProx:
         self._prox = KLProx(envelope.form, sigma)
         self._form = envelope.form
         self.newton_steps = 0
+        self.unresolved = 0
+        self.worst_residual = 0.0
 
     def __call__(self, log_q: np.ndarray) -> np.ndarray:
         for _ in range(self.MAX_ROUNDS):
@@ -657,9 +682,14 @@ class EnvelopeProx:
                 self._prox = KLProx(self.envelope.form, self.sigma)
                 self._prox._last = last
                 self._form = self.envelope.form
-            before = self._prox.equation.newton_steps
+            equation = self._prox.equation
+            before, failed = equation.newton_steps, equation.unresolved
             log_nu = self._prox(log_q)
-            self.newton_steps += self._prox.equation.newton_steps - before
+            self.newton_steps += equation.newton_steps - before
+            if equation.unresolved > failed:
+                self.unresolved += equation.unresolved - failed
+                self.worst_residual = max(self.worst_residual, equation.worst_residual)
+                return log_nu
             if not self.envelope.update_zero_set(np.exp(log_nu)):
                 break
         return log_nu
