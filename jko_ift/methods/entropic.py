@@ -156,7 +156,6 @@ class EntropicJKO:
         self.wfr_cost = wfr_cost
         self._potentials: OrderedDict = OrderedDict()
         self._operators: OrderedDict = OrderedDict()
-        self._warned: set = set()
 
     def __repr__(self) -> str:
         return (f"EntropicJKO(eps={self.eps:g}, tol={self.tol:g}, max_iter={self.max_iter}, "
@@ -186,7 +185,8 @@ class EntropicJKO:
         state = solver.run(levels, psi)
         result = column.result(mu, tau, geometry, solver, state)
         info = result.info
-        info.update(eps=self.eps, tau=float(tau), warm_start=warm, levels=len(levels),
+        info.update(eps=self.eps, tau=float(tau), alpha=float(geometry.alpha), warm_start=warm,
+                    levels=len(levels),
                     blur_ratio=blur_ratio)
         if result.ok and state.plan_times is not None:
             _check_grid_motion(F, geometry, mu, tau, result, state.plan_times)
@@ -308,7 +308,7 @@ class EntropicJKO:
             self._potentials.popitem(last=False)
 
     def _check_blur(self, F, geometry, mu, tau, key, diffusion) -> float:
-        """Blur / motion of the step (module constant BLUR_WARN_RATIO), warned once per problem.
+        """Blur / motion of the step (module constant BLUR_WARN_RATIO), warned once per step.
 
         blur^2 = d eps / 2 is the mean-square displacement the Gibbs kernel adds; the step's own
         is motion^2 = (tau alpha)^2 int |grad f|^2 dmu + 2 d tau alpha D, the drift plus the
@@ -327,8 +327,7 @@ class EntropicJKO:
         motion = float(np.sqrt(tau_alpha**2 * drift_sq + 2 * mu.dim * tau_alpha * diffusion))
         blur = np.sqrt(mu.dim * self.eps / 2.0)
         ratio = float(blur / motion) if motion > 0 else float("inf")
-        if ratio > BLUR_WARN_RATIO and key not in self._warned:
-            self._warned.add(key)
+        if ratio > BLUR_WARN_RATIO:  # every step where it holds: jk.solve counts them once per run
             warn_user(
                 f"entropic blur sqrt(d eps / 2) = {blur:.3g} is {ratio:.2g} times the rms "
                 f"displacement of the step ({motion:.3g}, drift and diffusion): the entropic term "
@@ -379,7 +378,9 @@ def _failure_message(result: StepResult, method: EntropicJKO) -> str:
             f"{info.get('eps_reached', method.eps):.3g} after {info.get('iterations')} iterations "
             f"because {stopped} (target eps = {method.eps:.3g}, tau = {info.get('tau', np.nan):.3g}, "
             f"{info.get('domain')} domain). Sinkhorn is slow when eps is far below the squared "
-            "spacing of the support and the energy pins the new measure (large tau). Increase eps "
+            "spacing of the support, and when the energy pins the new measure: its mass mode "
+            "contracts only like 1 - 1 / (1 + sigma) per iteration, sigma = 2 tau alpha / eps = "
+            f"{2 * info.get('tau', np.nan) * info.get('alpha', 1.0) / method.eps:.3g}. Increase eps "
             "(eps near h^2 on a grid of spacing h), take a smaller tau, or use jk.ConicJKO (the exact "
             "step, no eps); pass throw=False to get the StepResult instead"
         )
