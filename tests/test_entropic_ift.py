@@ -88,22 +88,30 @@ def _ou_problem():
     return F, mu0, grid.points[:, 0]
 
 
+#: At tau = 1e6 the step is argmin F up to (W2^2 + eps KL) / (2 tau): the Gibbs density
+#: e^-V / Z on the grid, to about 1e-5 in the weights (observed 1e-7 at eps = 1e-2).
+GIBBS_ATOL = 1e-5
+
+
 @pytest.mark.filterwarnings("ignore::jko_ift.EntropicBlurWarning")
-def test_large_tau_converges_at_eps_near_h2():
+def test_large_tau_matches_the_conic_step():
     F, mu0, x = _ou_problem()
-    result = jk.jko_step(F, jk.Wasserstein(), mu0, 100.0, method=EntropicJKO(0.2))
+    eps = 1e-2
+    start = time.perf_counter()
+    result = jk.jko_step(F, jk.Wasserstein(), mu0, 100.0, method=EntropicJKO(eps))
+    assert time.perf_counter() - start < BOUNDED_SECONDS
     exact = jk.jko_step(F, jk.Wasserstein(), mu0, 100.0, method=jk.ConicJKO())
     w1 = ot.emd2_1d(x, x, result.measure.weights, exact.measure.weights, metric="euclidean")
-    assert w1 <= W1_PER_EPS * 0.2
+    assert w1 <= W1_PER_EPS * eps
 
 
-@pytest.mark.parametrize("tau", [100.0, 1e6])
-def test_large_tau_at_small_eps_stops_with_the_cause_and_the_fix(tau):
-    F, mu0, _ = _ou_problem()
-    start = time.perf_counter()
-    with pytest.raises(SolverError, match=r"mass mode.*sigma = 2 tau alpha / eps.*ConicJKO"):
-        jk.jko_step(F, jk.Wasserstein(), mu0, tau, method=EntropicJKO(1e-2))
-    assert time.perf_counter() - start < BOUNDED_SECONDS
+@pytest.mark.filterwarnings("ignore::jko_ift.EntropicBlurWarning")
+def test_huge_tau_gives_the_minimizer_of_the_energy():
+    F, mu0, x = _ou_problem()
+    result = jk.jko_step(F, jk.Wasserstein(), mu0, 1e6, method=EntropicJKO(1e-2))
+    gibbs = np.exp(-0.5 * x**2)
+    assert result.status == "optimal"
+    assert np.allclose(result.measure.weights, gibbs / gibbs.sum(), atol=GIBBS_ATOL)
 
 
 def test_tiny_eps_ift_ends_in_bounded_time():
