@@ -177,7 +177,7 @@ class EntropicJKO:
         except UnsupportedEnergyError as error:
             raise ValueError(str(error)) from None
         key = (support_key(mu), id(F), id(geometry))
-        blur_ratio = self._check_blur(F, geometry, mu, tau, key, column.form.log_coef)
+        blur_ratio = self._check_blur(F, geometry, mu, tau, column.form.log_coef)
         psi = self._potentials.get(key) if self.warm_start else None
         warm = psi is not None
         levels = self._levels(mu, warm)
@@ -207,7 +207,7 @@ class EntropicJKO:
             raise ValueError(str(error)) from None
         alpha, beta = geometry.alpha, geometry.beta
         key = (support_key(mu), id(F), id(geometry), "hellinger_kantorovich")
-        blur_ratio = self._check_blur(F, geometry, mu, tau, key, form.log_coef)
+        blur_ratio = self._check_blur(F, geometry, mu, tau, form.log_coef)
         psi = self._potentials.get(key) if self.warm_start else None
         warm = psi is not None
         levels = self._levels(mu, warm)
@@ -307,7 +307,7 @@ class EntropicJKO:
         while len(self._potentials) > self.cache_size:
             self._potentials.popitem(last=False)
 
-    def _check_blur(self, F, geometry, mu, tau, key, diffusion) -> float:
+    def _check_blur(self, F, geometry, mu, tau, diffusion) -> float:
         """Blur / motion of the step (module constant BLUR_WARN_RATIO), warned once per step.
 
         blur^2 = d eps / 2 is the mean-square displacement the Gibbs kernel adds; the step's own
