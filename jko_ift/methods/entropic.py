@@ -66,8 +66,18 @@ LEVEL_TOL = 1e-3
 #: a quarter of the true one.
 BLUR_WARN_RATIO = 0.5
 
-#: Kernel-domain scalings above this count as overflow: the step continues in the log domain.
+#: Kernel-domain scalings above this (or below its inverse) leave the kernel domain: the step
+#: continues in the log domain.
 KERNEL_DOMAIN_MAX = 1e200
+
+#: A level whose marginal violation, at the rate measured over the last PROGRESS_WINDOW
+#: iterations, would need more than FUTILE_FACTOR times the remaining budget to reach its
+#: tolerance stops early (status "not_converged", info["stopped"] says why): the iteration
+#: count is bounded by max_iter anyway, this only spends less time on a step that cannot
+#: converge. Sinkhorn's violation is not monotone over short spans; a window of 200
+#: iterations, checked from 400 on, and a factor 10 keep a slow but converging level going.
+PROGRESS_WINDOW = 200
+FUTILE_FACTOR = 10.0
 
 _OPTIONS = ("tol", "max_iter", "domain", "eps_scaling", "eps_start", "scaling_factor",
             "separable", "warm_start", "relaxation", "cache_size", "dense_cache_entries", "conic",
@@ -143,7 +153,6 @@ class EntropicJKO:
         self.wfr_cost = wfr_cost
         self._potentials: OrderedDict = OrderedDict()
         self._operators: OrderedDict = OrderedDict()
-        self._warned: set = set()
 
     def __repr__(self) -> str:
         return (f"EntropicJKO(eps={self.eps:g}, tol={self.tol:g}, max_iter={self.max_iter}, "
@@ -165,7 +174,7 @@ class EntropicJKO:
         except UnsupportedEnergyError as error:
             raise ValueError(str(error)) from None
         key = (support_key(mu), id(F), id(geometry))
-        blur_ratio = self._check_blur(F, geometry, mu, tau, key, column.form.log_coef)
+        blur_ratio = self._check_blur(F, geometry, mu, tau, column.form.log_coef)
         psi = self._potentials.get(key) if self.warm_start else None
         warm = psi is not None
         levels = self._levels(mu, warm)
@@ -173,7 +182,8 @@ class EntropicJKO:
         state = solver.run(levels, psi)
         result = column.result(mu, tau, geometry, solver, state)
         info = result.info
-        info.update(eps=self.eps, tau=float(tau), warm_start=warm, levels=len(levels),
+        info.update(eps=self.eps, tau=float(tau), alpha=float(geometry.alpha), warm_start=warm,
+                    levels=len(levels),
                     blur_ratio=blur_ratio)
         if result.ok and state.plan_times is not None:
             _check_grid_motion(F, geometry, mu, tau, result, state.plan_times)
@@ -194,7 +204,7 @@ class EntropicJKO:
             raise ValueError(str(error)) from None
         alpha, beta = geometry.alpha, geometry.beta
         key = (support_key(mu), id(F), id(geometry), "hellinger_kantorovich")
-        blur_ratio = self._check_blur(F, geometry, mu, tau, key, form.log_coef)
+        blur_ratio = self._check_blur(F, geometry, mu, tau, form.log_coef)
         psi = self._potentials.get(key) if self.warm_start else None
         warm = psi is not None
         levels = self._levels(mu, warm)
@@ -294,8 +304,8 @@ class EntropicJKO:
         while len(self._potentials) > self.cache_size:
             self._potentials.popitem(last=False)
 
-    def _check_blur(self, F, geometry, mu, tau, key, diffusion) -> float:
-        """Blur / motion of the step (module constant BLUR_WARN_RATIO), warned once per problem.
+    def _check_blur(self, F, geometry, mu, tau, diffusion) -> float:
+        """Blur / motion of the step (module constant BLUR_WARN_RATIO), warned once per step.
 
         blur^2 = d eps / 2 is the mean-square displacement the Gibbs kernel adds; the step's own
         is motion^2 = (tau alpha)^2 int |grad f|^2 dmu + 2 d tau alpha D, the drift plus the
@@ -314,8 +324,7 @@ class EntropicJKO:
         motion = float(np.sqrt(tau_alpha**2 * drift_sq + 2 * mu.dim * tau_alpha * diffusion))
         blur = np.sqrt(mu.dim * self.eps / 2.0)
         ratio = float(blur / motion) if motion > 0 else float("inf")
-        if ratio > BLUR_WARN_RATIO and key not in self._warned:
-            self._warned.add(key)
+        if ratio > BLUR_WARN_RATIO:  # every step where it holds: jk.solve counts them once per run
             warn_user(
                 f"entropic blur sqrt(d eps / 2) = {blur:.3g} is {ratio:.2g} times the rms "
                 f"displacement of the step ({motion:.3g}, drift and diffusion): the entropic term "
@@ -358,6 +367,19 @@ def _failure_message(result: StepResult, method: EntropicJKO) -> str:
         "overflow": ("the kernel-domain scalings left the float range at "
                      f"eps = {info.get('eps_reached', method.eps):.3g}"),
     }.get(result.status, f"status {result.status!r}")
+    stopped = info.get("stopped")
+    if stopped:
+        return (
+            f"entropic JKO step failed: the iterations stopped at eps = "
+            f"{info.get('eps_reached', method.eps):.3g} after {info.get('iterations')} iterations "
+            f"because {stopped} (target eps = {method.eps:.3g}, tau = {info.get('tau', np.nan):.3g}, "
+            f"{info.get('domain')} domain). Sinkhorn is slow when eps is far below the squared "
+            "spacing of the support, and when the energy pins the new measure: its mass mode "
+            "contracts only like 1 - 1 / (1 + sigma) per iteration, sigma = 2 tau alpha / eps = "
+            f"{2 * info.get('tau', np.nan) * info.get('alpha', 1.0) / method.eps:.3g}. Increase eps "
+            "(eps near h^2 on a grid of spacing h), take a smaller tau, or use jk.ConicJKO (the exact "
+            "step, no eps); pass throw=False to get the StepResult instead"
+        )
     return (
         f"entropic JKO step failed: {what} (eps = {method.eps:.3g}, {info.get('domain')} domain). "
         "Raise max_iter (iterations grow like 1/eps), loosen tol, increase eps, or use "
@@ -405,9 +427,12 @@ class _ColumnFunction:
                 "marginal_violation": state.violation, "kernel": solver.kernel_kind,
                 "newton_steps": state.newton_steps, "eps_reached": state.eps,
                 "relaxation": state.relaxation}
+        if state.stopped is not None:
+            info["stopped"] = state.stopped
         if state.status == "overflow" or state.nu is None or not np.all(np.isfinite(state.nu)):
-            return StepResult(None, np.nan, np.nan, np.nan, "overflow" if state.status == "overflow"
-                              else "failed", np.inf, info)
+            status = ("overflow" if state.status == "overflow"
+                      else "not_converged" if state.stopped else "failed")
+            return StepResult(None, np.nan, np.nan, np.nan, status, np.inf, info)
         nu = np.maximum(state.nu, 0.0)  # the column marginal of the plan, whose rows are a
         if self.kind == "W2":
             weights = nu * (mu.mass / nu.sum())  # removes round-off only: sum(nu) = sum(a)
@@ -436,7 +461,8 @@ class _ColumnFunction:
                     dual_gap=gap, relative_dual_gap=(gap / max(1.0, abs(objective))
                                                      if gap is not None else None),
                     intermediate=nu, negative_mass_clipped=negative)
-        status = "optimal" if state.violation <= solver.tol else "not_converged"
+        converged = state.violation <= solver.tol and state.stopped is None
+        status = "optimal" if converged else "not_converged"
         return StepResult(new, float(objective), float(energy), float(distance_sq), status,
                           float(state.violation), info)
 
@@ -486,6 +512,7 @@ class _State:
         self.prox = None
         self.relaxation = 1.0
         self.plan_times = None  # P w for w > 0, of the final plan
+        self.stopped = None  # why the iterations stopped before max_iter without converging
 
 
 class _Sinkhorn:
@@ -499,6 +526,7 @@ class _Sinkhorn:
         self.all_positive = bool(self.positive.all())
         with np.errstate(divide="ignore"):
             self.log_a = np.log(self.a)
+        self.log_mass = float(np.log(self.mass))
         self.tol = method.tol
         self.kernel_kind = ("separable" if (mu.grid is not None and method.separable)
                             else "dense")
@@ -513,6 +541,7 @@ class _Sinkhorn:
             budget = self.method.max_iter - state.iterations - (0 if last else 1)
             if budget <= 0 and not last:
                 continue
+            budget = max(budget, 1)
             tol = self.tol if last else max(self.tol, LEVEL_TOL)
             op = self.method.operator(self.mu, eps)
             prox = self.column.prox(eps, self.tau_alpha)
@@ -525,9 +554,12 @@ class _Sinkhorn:
                         return state
                     domain = "log"
                     psi = state.psi
+                    budget = max(self.method.max_iter - state.iterations - (0 if last else 1), 1)
             if domain == "log":
                 self._log(op, prox, eps, psi, tol, budget, state, last)
             psi = state.psi
+            if state.stopped is not None:
+                break
         state.newton_steps = sum(getattr(p, "newton_steps", 0) for p in self._proxes())
         return state
 
@@ -538,10 +570,10 @@ class _Sinkhorn:
     # -- relaxation ----------------------------------------------------------------------------
     def _relaxation(self, last: bool) -> _Relaxation:
         setting = self.method.relaxation
+        if setting == "auto" and (last or self.column.kind == "IFT"):
+            return _Relaxation(1.0, adaptive=True)
         if not last or setting == 1.0:
             return _Relaxation(1.0, adaptive=False)
-        if setting == "auto":
-            return _Relaxation(1.0, adaptive=True)
         return _Relaxation(float(setting), adaptive=False)
 
     # -- kernel domain -------------------------------------------------------------------------
@@ -552,7 +584,7 @@ class _Sinkhorn:
         with np.errstate(all="ignore"):
             log_v = psi / eps
             v = np.exp(log_v)
-            if not np.all(np.isfinite(v)) or v.max() > KERNEL_DOMAIN_MAX:
+            if _out_of_range(v, log_v):
                 state.psi = psi
                 return False
             good_v = v
@@ -562,7 +594,7 @@ class _Sinkhorn:
                 Kv = op.apply(v)
                 if u is not None:
                     violation = float(np.abs(u * Kv - a).sum() / mass)
-                    if not np.isfinite(violation) or v.max() > KERNEL_DOMAIN_MAX:
+                    if not np.isfinite(violation) or _out_of_range(v, log_v):
                         state.psi = eps * np.log(good_v)
                         state.domain = "log"
                         return False
@@ -570,15 +602,25 @@ class _Sinkhorn:
                     if (violation <= tol and relax.plain) or it == budget:
                         break
                     relax.observe(violation, tol)
+                    state.stopped = _futile(relax.history, tol, budget - it)
+                    if state.stopped is not None:
+                        break
                 new_log_u = np.where(self.positive, log_a - np.log(Kv), -np.inf)
                 log_u = relax(log_u, new_log_u)
                 u = np.exp(log_u)
                 q = op.apply(u)
                 log_q = np.log(q)
                 if closed:
+                    shift = _mass_shift(log_q, prox, self.log_mass)
+                    if shift != 0.0:  # the plan diag(u) xi diag(v) is unchanged, its mass right
+                        log_u = log_u + shift
+                        u, q, log_q = u * np.exp(shift), q * np.exp(shift), log_q + shift
                     new_log_v = prox.c0 - prox.theta * log_q
                 else:
                     new_log_v = prox(log_q) - log_q
+                    state.stopped = _unresolved(prox)
+                    if state.stopped is not None:
+                        break
                 log_v = relax(log_v, new_log_v)
                 v = np.exp(log_v)  # inf or nan (overflow) moves to the log domain
                 state.iterations += 1
@@ -617,9 +659,18 @@ class _Sinkhorn:
                     if (violation <= tol and relax.plain) or it == budget:
                         break
                     relax.observe(violation, tol)
+                    state.stopped = _futile(relax.history, tol, budget - it)
+                    if state.stopped is not None:
+                        break
                 f = relax(f, np.where(self.positive, log_a - lKv, -np.inf))
                 log_q = op.log_apply(f)
+                if getattr(prox, "closed", False):
+                    shift = _mass_shift(log_q, prox, self.log_mass)
+                    f, log_q = f + shift, log_q + shift
                 log_nu = prox(log_q)
+                state.stopped = _unresolved(prox)
+                if state.stopped is not None:
+                    break
                 g = relax(g, np.where(np.isfinite(log_q), log_nu - log_q, -np.inf))
                 state.iterations += 1
             state.violation, state.domain, state.relaxation = violation, "log", relax.peak
@@ -634,6 +685,65 @@ class _Sinkhorn:
             state.log_v = g
             state.plan_times = lambda w: np.exp(f + op.log_apply(g + np.log(w)))
             state.transport_cost = transport_cost(self.mu.points, a, nu, state.plan_times)
+
+
+def _mass_shift(log_q: np.ndarray, prox, log_mass: float) -> float:
+    """The scalar c for which the closed-form prox of q e^c has the mass of the rows.
+
+    (f, g) -> (f + c, g - c) leaves the plan unchanged; maximizing the dual over c (a third,
+    one-dimensional block of the coordinate ascent, the translation-invariant Sinkhorn of
+    Sejourne et al. 2022) makes the prox output mass equal sum(a), which every column
+    marginal of a plan with rows a has. Without it the mass mode contracts only like
+    1 - 1 / (1 + sigma), sigma = 2 tau alpha / eps (thousands of iterations at large tau).
+    With log nu = (1 - theta)(log q + c) + c0 the root is explicit.
+    """
+    with np.errstate(all="ignore"):
+        terms = (1.0 - prox.theta) * log_q + prox.c0
+        top = np.max(terms, initial=-np.inf)
+        if not np.isfinite(top):
+            return 0.0
+        log_total = top + np.log(np.sum(np.exp(terms - top)))
+    shift = (log_mass - log_total) / (1.0 - prox.theta)
+    return float(shift) if np.isfinite(shift) else 0.0
+
+
+def _out_of_range(v: np.ndarray, log_v: np.ndarray) -> bool:
+    """Kernel-domain scalings that overflow, or underflow where the potential is finite (a zero
+    v would make its column dead for good, and log(v) = -inf would carry that to the log domain)."""
+    if not np.all(np.isfinite(v)) or v.max(initial=0.0) > KERNEL_DOMAIN_MAX:
+        return True
+    return bool(np.any((v < 1.0 / KERNEL_DOMAIN_MAX) & np.isfinite(log_v)))
+
+
+def _futile(history: list[float], tol: float, remaining: int) -> str | None:
+    """Why the level cannot reach tol within the remaining iterations (module constants
+    PROGRESS_WINDOW, FUTILE_FACTOR), or None."""
+    window = PROGRESS_WINDOW
+    if len(history) < 2 * window or len(history) % 50:
+        return None
+    old, new = history[-window], history[-1]
+    if not (np.isfinite(new) and new > 0):
+        return None
+    rate = (new / old) ** (1.0 / (window - 1)) if old > 0 else 1.0
+    if rate >= 1.0:
+        return (f"the marginal violation stopped decreasing ({old:.3g} -> {new:.3g} over the last "
+                f"{window} iterations)")
+    needed = np.log(tol / new) / np.log(rate)
+    if needed > FUTILE_FACTOR * remaining:
+        return (f"the marginal violation decreases by a factor {rate:.6f} per iteration: about "
+                f"{needed:.3g} more iterations would reach tol, {remaining} remain")
+    return None
+
+
+def _unresolved(prox) -> str | None:
+    """Why the last KL-proximal map of a coupled energy (MMD2, Interaction, the IFT envelope)
+    is not trustworthy (its Newton solve ended above PROX_FAIL_RESIDUAL), or None."""
+    source = prox if hasattr(prox, "unresolved") else getattr(prox, "equation", None)
+    if source is None or not getattr(source, "unresolved", 0):
+        return None
+    return (f"the KL-proximal map of the coupled energy did not converge (Newton residual "
+            f"{source.worst_residual:.3g}): the column function is too stiff at this eps "
+            "(sigma = 2 tau alpha / eps times its curvature)")
 
 
 class _Relaxation:
