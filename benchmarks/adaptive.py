@@ -50,24 +50,6 @@ def ift_reference_error(problem, steps, save_at, method=None):
 VARIANTS = (("extrapolation", {"estimate": "extrapolation"}), ("doubling", {"estimate": "doubling"}))
 
 
-def quadratic_w2_particles(minimum, center, t_final, n=20, seed=0):
-    """V = |x - m|^2 / 2 under W2 on n equal particles from N(center, 0.5^2 I) in 2-D: each
-    particle follows x(t) = m + e^{-t} (x0 - m); the error is the largest
-    sqrt(sum_i a_i |x_i - x_i(t)|^2) over the saved times."""
-    minimum = np.asarray(minimum, float)
-    rng = np.random.default_rng(seed)
-    mu0 = jk.Measure(rng.normal(size=(n, 2)) * 0.5 + np.asarray(center, float), np.full(n, 1 / n))
-    energy = jk.Potential(lambda x: 0.5 * ((x - minimum) ** 2).sum(1), lambda x: x - minimum)
-
-    def error(trajectory):
-        return max(np.sqrt(mu.weights @ ((mu.points - minimum - np.exp(-t) * (mu0.points - minimum))
-                                         ** 2).sum(1))
-                   for t, mu in zip(trajectory.times, trajectory.measures, strict=True))
-
-    name = f"w2_quadratic (m = {minimum.tolist()}, x0 ~ N({list(center)}, 0.25 I), {n} particles)"
-    return problems.Problem(name, energy, jk.Wasserstein(), mu0, t_final, error)
-
-
 def step_growth(trajectory) -> float:
     """The largest accepted tau over the first one that had a history (the second): how much the
     controller let the steps grow (the first step is tau0; later ones are cut at save times)."""
@@ -141,7 +123,7 @@ def quadratic_runs(quick):
     rtols = [1e-2, 1e-3] if quick else [1e-2, 1e-3, 1e-4]
     steps = [16, 64] if quick else [16, 32, 64, 128, 256, 512]
     for minimum, t_final in [((1.0, 0.5), 4.0), ((1.0, 0.5), 8.0), ((0.0, 0.0), 4.0)]:
-        quadratic = quadratic_w2_particles(minimum, (3.0, 2.0), t_final)
+        quadratic = problems.quadratic_w2_particles(minimum, (3.0, 2.0), t_final)
         save = [t for t in (0.5, 1.0, 2.0, 4.0, 8.0) if t <= t_final]
         results.append(run(quadratic, steps, rtols, save, jk.ParticleJKO))
     return results

@@ -21,8 +21,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
-
 import jko_ift as jk
 from jko_ift import problems
 from jko_ift.plotting import plot_step_sizes, plot_work_precision
@@ -30,22 +28,6 @@ from jko_ift.studies import work_precision
 
 RTOLS = [1e-1, 1e-2, 1e-3, 1e-4]
 DOCS_FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
-
-
-def quadratic_w2_particles(minimum=(1.0, 0.5), center=(3.0, 2.0), t_final=8.0, n=20, seed=0):
-    """V = |x - m|^2 / 2 under W2 on n equal particles from N(center, 0.5^2 I); the error is
-    the largest sqrt(sum_i a_i |x_i - x_i(t)|^2) over the saved times."""
-    minimum = np.asarray(minimum, float)
-    rng = np.random.default_rng(seed)
-    mu0 = jk.Measure(rng.normal(size=(n, 2)) * 0.5 + np.asarray(center, float), np.full(n, 1 / n))
-    energy = jk.Potential(lambda x: 0.5 * ((x - minimum) ** 2).sum(1), lambda x: x - minimum)
-
-    def error(trajectory):
-        return max(np.sqrt(mu.weights @ ((mu.points - minimum - np.exp(-t) * (mu0.points - minimum))
-                                         ** 2).sum(1))
-                   for t, mu in zip(trajectory.times, trajectory.measures, strict=True))
-
-    return problems.Problem("w2_quadratic", energy, jk.Wasserstein(), mu0, t_final, error)
 
 
 def study(problem, method_factory, steps, save_at, out, prefix, title):
@@ -76,7 +58,7 @@ def study(problem, method_factory, steps, save_at, out, prefix, title):
 
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    quadratic = quadratic_w2_particles()
+    quadratic = problems.quadratic_w2_particles()
     ou = problems.ornstein_uhlenbeck_particles(n=1000, t_final=8.0)
     figures = [
         *study(quadratic, jk.ParticleJKO, [16, 32, 64, 128, 256, 512, 1024], [0.5, 1.0, 2.0, 4.0, 8.0],

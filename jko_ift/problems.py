@@ -19,6 +19,7 @@ from .energies import MMD2, Energy, Entropy, PorousMedium, Potential, line_terms
 from .geometries import IFT, MMD, WFR, Geometry, Wasserstein
 from .kernels import Gaussian, Kernel
 from .measures import Grid, Measure
+from .methods.options import positive
 
 #: The paper's 2-D mixture target (Gladin et al. 2024, section 5): equal weights.
 PAPER_MIXTURE = (
@@ -208,6 +209,25 @@ def particle_flow(F: Energy, mu0: Measure, times, rtol: float = SEMI_DISCRETE_RT
     if not solution.success:
         raise RuntimeError(f"Radau failed on the particle ODE: {solution.message}")
     return [Measure(x[:, None], a) for x in solution.y.T]
+
+
+def quadratic_w2_particles(minimum=(1.0, 0.5), center=(3.0, 2.0), t_final: float = 8.0, n: int = 20,
+                           seed: int = 0) -> Problem:
+    """V = |x - m|^2 / 2 under W2 on n equal particles from N(center, 0.5^2 I) in 2-D: each
+    particle follows x(t) = m + e^{-t} (x0 - m); the error is the largest
+    sqrt(sum_i a_i |x_i - x_i(t)|^2) over the saved times."""
+    minimum = np.asarray(minimum, float)
+    rng = np.random.default_rng(seed)
+    mu0 = Measure(rng.normal(size=(n, 2)) * 0.5 + np.asarray(center, float), np.full(n, 1 / n))
+    energy = Potential(lambda x: 0.5 * ((x - minimum) ** 2).sum(1), lambda x: x - minimum)
+
+    def error(trajectory):
+        return max(np.sqrt(mu.weights @ ((mu.points - minimum - np.exp(-t) * (mu0.points - minimum))
+                                         ** 2).sum(1))
+                   for t, mu in zip(trajectory.times, trajectory.measures, strict=True))
+
+    name = f"w2_quadratic (m = {minimum.tolist()}, x0 ~ N({list(center)}, 0.25 I), {n} particles)"
+    return Problem(name, energy, Wasserstein(), mu0, t_final, error)
 
 
 def ornstein_uhlenbeck_particles(n: int = 200, m0: float = 3.0, s0: float = 0.5,
@@ -481,7 +501,7 @@ def paper_scheme(kernel: Kernel, lr: float, n_particles: int, weight_lr: float |
 
     if not isinstance(kernel, Kernel):
         raise ValueError(f"paper_scheme needs a kernel such as jk.Gaussian(10.0), got {kernel!r}")
-    lr, mass = _positive_number("lr", lr), _positive_number("mass", mass)
+    lr, mass = positive("paper_scheme", "lr", lr), positive("paper_scheme", "mass", mass)
     if isinstance(n_particles, bool) or int(n_particles) != n_particles or n_particles < 1:
         raise ValueError(f"n_particles must be a positive whole number, got {n_particles!r}")
     n_particles = int(n_particles)
@@ -499,7 +519,7 @@ def paper_scheme(kernel: Kernel, lr: float, n_particles: int, weight_lr: float |
                               perturb_measure=True)
         geometry = Wasserstein()
     else:
-        weight_lr = _positive_number("weight_lr", weight_lr)
+        weight_lr = positive("paper_scheme", "weight_lr", weight_lr)
         if noise:
             raise ValueError("the authors' IFT loop injects no noise; noise is an option of the "
                              "MMD-flow baseline (weight_lr=None)")
@@ -514,16 +534,6 @@ def paper_scheme(kernel: Kernel, lr: float, n_particles: int, weight_lr: float |
         inner = Splitting(order=1, transport="explicit", reaction=reaction, velocity="euclidean")
     method = PaperMethod(inner, n_particles, mass, fresh_target, target_samples, target_seed)
     return PaperScheme(method, geometry, tau, lr, weight_lr, weight_update, n_particles, mass)
-
-
-def _positive_number(name: str, value) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive number, got {value!r}") from None
-    if not (np.isfinite(number) and number > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return number
 
 
 @dataclass(frozen=True)
