@@ -58,6 +58,11 @@ class Energy:
         """grad f at the points: (n, d); by central differences on a grid by default."""
         return grid_gradient(mu, _finite_part(self.first_variation(mu)))
 
+    def excluded(self, mu: Measure) -> np.ndarray | None:
+        """The points of mu where F is +inf unless their weight is zero (a boolean (n,) mask),
+        or None: a JKO step must put exactly zero mass there."""
+        return None
+
     def conic(self, y: cp.Expression, support: ConicSupport) -> cp.Expression:
         raise NotConvexError(
             f"{type(self).__name__} is not convex in the weights on a fixed support, so the "
@@ -110,6 +115,10 @@ class Sum(Energy):
     def grad_first_variation(self, mu):
         return sum(term.grad_first_variation(mu) for term in self.terms)
 
+    def excluded(self, mu):
+        masks = [m for m in (term.excluded(mu) for term in self.terms) if m is not None]
+        return np.logical_or.reduce(masks) if masks else None
+
     def conic(self, y, support):
         return cp.sum([term.conic(y, support) for term in self.terms])
 
@@ -131,6 +140,9 @@ class Scaled(Energy):
 
     def grad_first_variation(self, mu):
         return self.factor * self.energy.grad_first_variation(mu)
+
+    def excluded(self, mu):
+        return self.energy.excluded(mu) if self.factor > 0 else None
 
     def conic(self, y, support):
         if self.factor < 0 and not isinstance(self.energy, Potential):
@@ -524,6 +536,10 @@ class KL(Energy):
     def first_variation(self, mu):
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.log(mu.weights) - np.log(self.reference_weights(mu))
+
+    def excluded(self, mu):
+        zero = self.reference_weights(mu) == 0
+        return zero if zero.any() else None
 
     def conic(self, y, support):
         # sum kl_div(s y, b) = s sum kl_div(y, b / s)

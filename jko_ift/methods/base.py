@@ -213,3 +213,13 @@ def clipping_report(a: np.ndarray, b: np.ndarray, info: dict, method: str) -> No
               "zero (the MMD reaction of IFT can), every scheme converges to the constrained "
               "flow whatever tau: compare a run at tau / 2 to tell which",
               WeightClippingWarning)
+
+
+def without_excluded(F, mu: Measure, weights: np.ndarray) -> np.ndarray:
+    """The weights with exact zeros where F is +inf unless the weight vanishes
+    (``Energy.excluded``: KL to a target with zeros). Iterative solvers leave tiny masses
+    there (1e-11 to 1e-215), which make every later energy infinite."""
+    excluded = F.excluded(mu)
+    if excluded is None:
+        return weights
+    return np.where(excluded, 0.0, weights)

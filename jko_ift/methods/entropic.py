@@ -31,7 +31,7 @@ import numpy as np
 from ..energies import Energy
 from ..geometries import Geometry, Hellinger, InfConvolution, Wasserstein
 from ..measures import Measure
-from .base import SolverError, StepResult, check_step_input, support_key, warn_user
+from .base import SolverError, StepResult, check_step_input, support_key, warn_user, without_excluded
 from .entropic_prox import (
     EnvelopeProx,
     HellingerEnvelopeProx,
@@ -228,6 +228,7 @@ class EntropicJKO:
             result = StepResult(None, np.nan, np.nan, np.nan, "failed", np.inf, info)
         else:
             weights = np.where(np.isfinite(state.log_b), np.exp(state.log_b), 0.0)
+            weights = without_excluded(F, mu, weights)
             if mass is not None:
                 weights *= mass / weights.sum()
             new = mu.with_weights(weights)
@@ -441,7 +442,7 @@ class _ColumnFunction:
         else:
             weights = np.exp(state.prox.log_b)
         negative = float(-weights[weights < 0].sum())
-        weights = np.maximum(weights, 0.0)
+        weights = without_excluded(self.F, mu, np.maximum(weights, 0.0))
         if self.mass is not None and self.kind != "W2":
             weights *= self.mass / weights.sum()
         new = mu.with_weights(weights)
