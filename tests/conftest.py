@@ -7,6 +7,21 @@ import pytest
 
 EXAMPLE_CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
 
+#: The pure MMD flow on 10 cells: deterministic conic steps of a few milliseconds (the runner's
+#: and the CLI's tests).
+SMALL_CONFIG = """
+[problem]
+name = "mmd_flow"
+cells = 10
+
+[method]
+kind = "conic"
+
+[run]
+tau = 0.3
+steps = 5
+"""
+
 
 @pytest.fixture
 def small_ift_particles():

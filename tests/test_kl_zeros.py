@@ -8,6 +8,7 @@ import pytest
 from scipy.optimize import brentq
 
 import jko_ift as jk
+from jko_ift.methods.base import without_excluded
 
 #: The step's certified error bound (docs/conic.md §8) is sharp to a few per cent for tau <= 0.1;
 #: this covers the brentq root's own error (1e-14 relative).
@@ -78,3 +79,17 @@ def test_excluded_composes_through_sums_and_positive_scaling():
     assert potential.excluded(mu0) is None
     assert np.array_equal((potential + 2.0 * jk.KL(target)).excluded(mu0), zero)
     assert (-1.0 * jk.KL(target)).excluded(mu0) is None
+
+
+def test_zeroing_more_than_roundoff_is_reported():
+    """Solver leftovers of 1e-215 are set to zero quietly; real mass there is not hidden."""
+    target, mu0 = _problem()
+    zero = target.weights == 0
+    F = jk.KL(target)
+    leftover = np.where(zero, 1e-215, mu0.weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.all(without_excluded(F, mu0, leftover)[zero] == 0)
+    real = np.where(zero, 0.01, mu0.weights)
+    with pytest.warns(jk.WeightClippingWarning, match="set to zero"):
+        assert np.all(without_excluded(F, mu0, real)[zero] == 0)

@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 import pytest
+from conftest import SMALL_CONFIG
 
 import jko_ift as jk
 import jko_ift.io as jio
@@ -15,19 +16,6 @@ from jko_ift.config import load_config
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RUN_OPTIONS = ("--out", "--resume", "--quiet", "--checkpoint-every", "--verbose")
 
-#: The pure MMD flow on 10 cells: deterministic conic steps of a few milliseconds.
-SMALL_CONFIG = """
-[problem]
-name = "mmd_flow"
-cells = 10
-
-[method]
-kind = "conic"
-
-[run]
-tau = 0.3
-steps = 5
-"""
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SMALL_CONFIG
 
 import jko_ift as jk
 import jko_ift.io as jio
@@ -22,19 +23,6 @@ from jko_ift.methods import SolverError
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: The pure MMD flow on 10 cells: deterministic conic steps of a few milliseconds.
-SMALL_CONFIG = """
-[problem]
-name = "mmd_flow"
-cells = 10
-
-[method]
-kind = "conic"
-
-[run]
-tau = 0.3
-steps = 5
-"""
 #: The same flow run long enough to be killed in the middle: each step with its checkpoint takes
 #: 20 to 100 ms on this machine, so 30 steps last about 1 to 3 s.
 LONG_CONFIG = SMALL_CONFIG.replace("steps = 5", "steps = 30")
@@ -62,13 +50,18 @@ def status(out) -> str:
     return json.loads((out / "summary.json").read_text())["status"]
 
 
+def uninterrupted(tmp_path_factory, config: str, every: int):
+    """The trajectory of an uninterrupted run of ``config`` with checkpoints every ``every`` steps."""
+    folder = tmp_path_factory.mktemp("reference")
+    (folder / "config.toml").write_text(config)
+    assert run(folder / "config.toml", folder / "out", "--checkpoint-every", str(every)) == 0
+    return jk.load(folder / "out" / "trajectory.npz")
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted run of SMALL_CONFIG with checkpoints every 2 steps."""
-    folder = tmp_path_factory.mktemp("reference")
-    (folder / "small.toml").write_text(SMALL_CONFIG)
-    assert run(folder / "small.toml", folder / "out", "--checkpoint-every", "2") == 0
-    return jk.load(folder / "out" / "trajectory.npz")
+    return uninterrupted(tmp_path_factory, SMALL_CONFIG, 2)
 
 
 @pytest.fixture
@@ -395,10 +388,7 @@ def _wait_for(path: Path, process: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def long_reference(tmp_path_factory):
     """The uninterrupted run of LONG_CONFIG with checkpoints every step."""
-    folder = tmp_path_factory.mktemp("long_reference")
-    (folder / "long.toml").write_text(LONG_CONFIG)
-    assert run(folder / "long.toml", folder / "out", "--checkpoint-every", "1") == 0
-    return jk.load(folder / "out" / "trajectory.npz")
+    return uninterrupted(tmp_path_factory, LONG_CONFIG, 1)
 
 
 def _kill_and_check(tmp_path, sig: int, delay: float, reference) -> None:

@@ -222,4 +222,10 @@ def without_excluded(F, mu: Measure, weights: np.ndarray) -> np.ndarray:
     excluded = F.excluded(mu)
     if excluded is None:
         return weights
+    removed = float(weights[excluded].sum())
+    if removed > CLIPPED_MASS_RTOL * float(weights.sum()):  # more than round-off: not silently
+        warn_user(f"the step left mass {removed:.3g} (of {weights.sum():.3g}) where the energy is "
+                  "+inf unless the weight vanishes (KL to a target with zeros); it was set to zero, "
+                  "so the step is not the solver's minimizer there: tighten the solver's tolerance",
+                  WeightClippingWarning)
     return np.where(excluded, 0.0, weights)

@@ -35,7 +35,14 @@ from ..energies import ConicSupport, Energy, NotConvexError, psd_factor
 from ..geometries import MMD, Geometry, Hellinger, Wasserstein
 from ..kernels import row_blocks, squared_distances
 from ..measures import Measure
-from .base import SolverError, StepResult, check_step_input, clipping_report, support_key
+from .base import (
+    SolverError,
+    StepResult,
+    check_step_input,
+    clipping_report,
+    support_key,
+    without_excluded,
+)
 from .grid_motion import GridLockingWarning, barycentric_motion, check_step  # noqa: F401 (re-exported)
 from .options import check_solver_options, count, fraction, positive
 
@@ -284,9 +291,9 @@ class ConicProgram:
         mass = mu.mass if geometry.conserve_mass else None
         # where F is +inf unless the weight vanishes (KL to a target with zeros), the weight is
         # 0 by constraint: the exponential cone alone leaves ~1e-10 there, and F = inf after
-        self.excluded = F.excluded(mu)
-        if self.excluded is not None:
-            constraints.append(self.y[np.flatnonzero(self.excluded)] == 0)
+        excluded = F.excluded(mu)
+        if excluded is not None:
+            constraints.append(self.y[np.flatnonzero(excluded)] == 0)
         energy = F.conic(self.y, ConicSupport(mu, self.scale, mass))
         # 2 tau (F + D^2 / (2 tau)) / s: tau multiplies the parameter-free F (DPP), and the
         # s-scaled terms are of order n
@@ -340,8 +347,7 @@ class ConicProgram:
             return StepResult(None, np.nan, np.nan, np.nan, _status_name(solver_status), np.inf,
                               info)
         weights = np.maximum(self.scale * np.asarray(self.y.value), 0.0)
-        if self.excluded is not None:  # the equality holds to the solver's feasibility, not to 0
-            weights[self.excluded] = 0.0
+        weights = without_excluded(self.F, mu, weights)  # the constraint holds to feasibility only
         if self.geometry.conserve_mass:  # remove the solver's ~1e-9 drift so runs conserve exactly
             weights *= mu.mass / weights.sum()
         new = mu.with_weights(weights)
