@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from jko_ift.plotting import plot_particle_snapshots, plot_seed_curves
-from jko_ift.problems import paper_2d, paper_scheme, run_over_seeds
+from jko_ift.problems import paper_2d, paper_scheme
+from jko_ift.studies import run_over_seeds
 
 #: The paper: 50 seeds. Three keep a 2-D run (both targets, four schemes) near ten minutes
 #: on two shared cores.

@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 
 from jko_ift.plotting import plot_seed_curves
-from jko_ift.problems import paper_highdim, paper_scheme, run_over_seeds
+from jko_ift.problems import paper_highdim, paper_scheme
+from jko_ift.studies import run_over_seeds
 
 #: The paper's run: particles, position lr, weight lr (MMD and KL branches), noise level.
 PAPER_PARTICLES, PAPER_LR, PAPER_WEIGHT_LR, PAPER_KL_WEIGHT_LR, NOISE = 10_000, 1e4, 1e-3, 1.0, 2.0

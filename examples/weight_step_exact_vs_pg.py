@@ -25,7 +25,8 @@ import numpy as np
 
 from jko_ift.methods.splitting import ift_particle_method
 from jko_ift.plotting import plot_particle_snapshots, plot_seed_curves
-from jko_ift.problems import paper_2d, paper_scheme, run_over_seeds
+from jko_ift.problems import paper_2d, paper_scheme
+from jko_ift.studies import run_over_seeds
 
 POSITION_LR, WEIGHT_LR = 50.0, 0.1  # the paper's steps (their lr and lr_)
 

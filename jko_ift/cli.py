@@ -28,18 +28,26 @@ import math
 import sys
 import time
 import traceback
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
 from . import __version__
+from .config import read_config
+from .demo import (
+    DEMO_IFT_WEIGHT_LR,
+    DEMO_LEVELS,
+    DEMO_OUT,
+    DEMO_PARTICLES,
+    DEMO_POSITION_LR,
+    DEMO_SEED,
+    DEMO_STEPS,
+    DEMO_WFR_WEIGHT_LR,
+    demo_schemes,
+    run_demo,
+)
 from .io import check_writable, folder_lock, results_folder, write_json_atomic
-from .methods import SolverError, WeightClippingWarning
-from .plotting import plot_energy_decay, plot_particle_snapshots, plot_seed_curves
-from .problems import paper_2d, paper_scheme
-from .solve import DissipationWarning, Trajectory, solve
+from .methods import SolverError
+from .plotting import plot_energy_decay
 
 __all__ = ["EXIT_CODES", "build_parser", "demo_schemes", "main"]
 
@@ -55,35 +63,6 @@ EXIT_CODES = {
 }
 #: Where an internal error is to be reported.
 REPORT_TO = "the jko_ift issue tracker"
-
-# The demo: the 2-D experiment of the IFT paper on its three-component mixture target (100
-# particles from N((5, 5), I), 100 target samples, Gaussian kernel of width 10), by the three
-# update loops of the authors' code with their position step lr = 50 (problems.paper_scheme:
-# the W2 step tau = 2 lr / n, 1 for 100 particles): the MMD flow (positions only), WFR (then
-# their KL weight step, multiplicative and projected onto the simplex, lr_w = 1) and IFT (then
-# their projected-gradient MMD weight step, lr_w = 0.1).
-DEMO_TARGET = "mixture"
-DEMO_PARTICLES = 100
-DEMO_STEPS = 2000
-DEMO_SEED = 0
-DEMO_POSITION_LR = 50.0   # the paper's position step (their lr)
-DEMO_IFT_WEIGHT_LR = 0.1  # the paper's weight step (their lr_ of the MMD branch)
-DEMO_WFR_WEIGHT_LR = 1.0  # their lr_ of the KL branch (the 100-D experiment)
-DEMO_OUT = "jko-ift-demo"
-#: MMD levels whose first crossing the demo reports for each scheme.
-DEMO_LEVELS = (1e-2, 1e-3)
-
-
-def demo_schemes(kernel, particles: int = DEMO_PARTICLES) -> dict:
-    """label -> (method, geometry, tau) of the demo: the authors' loops with lr = 50 for
-    ``particles`` equal-weight particles of mass 1 (``problems.paper_scheme``)."""
-    schemes = {
-        "MMD flow": paper_scheme(kernel, DEMO_POSITION_LR, particles),
-        "WFR": paper_scheme(kernel, DEMO_POSITION_LR, particles, DEMO_WFR_WEIGHT_LR, weight_update="kl"),
-        "IFT": paper_scheme(kernel, DEMO_POSITION_LR, particles, DEMO_IFT_WEIGHT_LR),
-    }
-    return {label: tuple(scheme) for label, scheme in schemes.items()}
-
 
 # ---------------------------------------------------------------------------- argument types
 
@@ -265,85 +244,15 @@ def _say(args, message: str) -> None:
 
 
 def _run_demo(args) -> int:
-    out = check_writable(args.out, create=False)  # fail before the computation, not after
-    with folder_lock(out, {"command": "demo"}):
-        return _demo_in_folder(args, out)
-
-
-def _demo_in_folder(args, out: Path) -> int:
-    start = time.perf_counter()
-    experiment = paper_2d(DEMO_TARGET, args.particles, args.particles, seed=args.seed)
-    schemes = demo_schemes(experiment.kernel, args.particles)
-    snapshot_steps = sorted({0, min(10, args.steps), min(100, args.steps), args.steps})
-    curves, runs, snapshots = {}, {}, {}
-    for label, (method, geometry, tau) in schemes.items():
-        _say(args, f"{label}: {args.steps} iterations, {args.particles} particles")
-        run_start = time.perf_counter()
-        # Explicit position steps do not promise F + D^2/(2 tau) <= F(mu^k), and the paper's
-        # weight step projects onto the simplex, zeroing the weights of far particles by design:
-        # count, not show (the run keeps every cause with its count, in summary.json too).
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DissipationWarning)
-            warnings.simplefilter("ignore", WeightClippingWarning)
-            trajectory = solve(experiment.energy, geometry, experiment.initial, tau=tau,
-                               steps=args.steps, method=method, progress=not args.quiet)
-        curves[label] = np.sqrt(2.0 * np.maximum(trajectory.energies, 0.0))
-        snapshots[label] = {k: trajectory.measures[k] for k in snapshot_steps}
-        broken = sum(w.count for w in trajectory.warnings if w.category == DissipationWarning.__name__)
-        runs[label] = _demo_run_summary(trajectory, curves[label], time.perf_counter() - run_start,
-                                        broken)
-        runs[label]["geometry"], runs[label]["method"], runs[label]["tau"] = repr(geometry), repr(method), tau
-
-    with results_folder(out) as folder:
-        title = (f"IFT paper, 2-D mixture target: {args.particles} particles, seed {args.seed}, "
-                 f"lr {DEMO_POSITION_LR:g} (tau = {schemes['IFT'][2]:.3g})")
-        plot_seed_curves({title: curves}, folder / "mmd_decay.png", log_x=True,
-                         ylabel="MMD$(\\mu^k, \\pi)$ (target samples)")
-        plot_particle_snapshots(snapshots, experiment.target, folder / "particles.png",
-                                title="particles (marker area ~ weight) and target samples (grey)")
-        summary = {
-            "command": "demo",
-            "version": __version__,
-            "parameters": {
-                "target": DEMO_TARGET, "particles": args.particles, "samples": args.particles,
-                "seed": args.seed, "steps": args.steps, "kernel": repr(experiment.kernel),
-                "energy": "MMD2: 1/2 MMD^2(mu, target samples)",
-                "position_lr": DEMO_POSITION_LR, "ift_weight_lr": DEMO_IFT_WEIGHT_LR,
-                "wfr_weight_lr": DEMO_WFR_WEIGHT_LR,
-            },
-            "runs": runs,
-            "wall_time": time.perf_counter() - start,
-        }
-        write_json_atomic(folder / "summary.json", summary)
-
+    runs = run_demo(args.out, args.particles, args.steps, args.seed, say=lambda line: _say(args, line),
+                    progress=not args.quiet)
     for label, run in runs.items():
         reached = ", ".join(f"MMD {level:g} at iteration {run['first_below'][str(level)]}"
                             for level in DEMO_LEVELS if run["first_below"][str(level)] is not None)
         _say(args, f"{label}: final MMD {run['final_mmd']:.3g}"
                    + (f"; {reached}" if reached else "") + f" ({run['wall_time']:.1f} s)")
-    print(f"results in {out.absolute()}")
+    print(f"results in {Path(args.out).absolute()}")
     return 0
-
-
-def _demo_run_summary(trajectory: Trajectory, mmd_curve: np.ndarray, wall_time: float,
-                      dissipation_warnings: int) -> dict:
-    """The JSON-ready record of one demo run (numpy values are converted by write_json_atomic)."""
-    below = {str(level): (int(np.argmax(mmd_curve <= level)) if np.any(mmd_curve <= level) else None)
-             for level in DEMO_LEVELS}
-    weights = np.sort(trajectory.measures[-1].weights)[::-1]
-    return {
-        "energies": trajectory.energies,
-        "mmd": mmd_curve,
-        "final_mmd": mmd_curve[-1],
-        "first_below": below,
-        "final_mass": weights.sum(),
-        # how many particles carry 99% of the mass: the weight steps concentrate it
-        "particles_with_99_percent_mass": int(np.searchsorted(np.cumsum(weights), 0.99 * weights.sum()) + 1),
-        "statuses": sorted({s["status"] for s in trajectory.stats}),
-        "dissipation_warnings": dissipation_warnings,
-        "warnings": [w.to_dict() for w in trajectory.warnings],
-        "wall_time": wall_time,
-    }
 
 
 class _BarSafeHandler(logging.Handler):
@@ -373,7 +282,7 @@ def _configure_logging(args) -> None:
 
 def _run_run(args) -> int:
     from .config import load_config
-    from .io import run_config
+    from .runner import run_config
 
     _configure_logging(args)
     spec = load_config(args.config)  # every field checked before any step is computed
@@ -518,12 +427,6 @@ def _add_sweep(commands) -> None:
     sweep.set_defaults(run=_locked(_run_sweep))
 
 
-def _read_config(path: Path) -> dict:
-    from .config import _read
-
-    return _read(path)[0]
-
-
 def _default_out(args, what: str) -> Path:
     """The study's results folder, checked for writability before any compute."""
     out = args.out if args.out is not None else Path("results") / f"{args.config.stem}-{what}"
@@ -570,7 +473,7 @@ def _run_converge(args) -> int:
         plot_convergence(study, folder / "convergence.png", title=f"{args.config.stem}: convergence in tau")
         write_json_atomic(folder / "summary.json", {
             "command": "converge", "version": __version__, "config_file": str(args.config),
-            "config": _read_config(args.config), "taus": args.taus, "refine_grid": args.refine_grid,
+            "config": read_config(args.config)[0], "taus": args.taus, "refine_grid": args.refine_grid,
             **study.summary()})
     _say(args, f"reference: {study.reference}")
     for row in study.rows:
@@ -619,7 +522,7 @@ def _run_compare(args) -> int:
 
     _configure_logging(args)
     out = _default_out(args, "compare")
-    raw = _read_config(args.config)
+    raw = read_config(args.config)[0]
     specs = {label: load_config(config) for label, config in
              _scheme_configs(raw, args.methods, args.geometries).items()}  # all checked first
     first = next(iter(specs.values()))
@@ -670,7 +573,7 @@ def _run_sweep(args) -> int:
         write_table(folder / "sweep.csv", rows)
         write_json_atomic(folder / "summary.json", {
             "command": "sweep", "version": __version__, "config_file": str(args.config),
-            "config": _read_config(args.config), "params": params, "where": where, "rows": rows,
+            "config": read_config(args.config)[0], "params": params, "where": where, "rows": rows,
             "wall_time": time.perf_counter() - start})
     _say(args, f"{len(rows)} cases in {time.perf_counter() - start:.1f} s")
     print(f"results in {out.absolute()}")

@@ -55,7 +55,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-__all__ = ["ConfigError", "METHODS", "RunSpec", "load_config", "register_method"]
+__all__ = ["ConfigError", "METHODS", "RunSpec", "load_config", "read_config", "register_method"]
 
 SECTIONS = ("problem", "geometry", "method", "run")
 GEOMETRY_KEYS = {
@@ -740,7 +740,10 @@ class RunSpec:
                      progress=progress, **options)
 
 
-def _read(source) -> tuple[dict, str | None]:
+def read_config(source) -> tuple[dict, str | None]:
+    """The raw config (a TOML file path, or a dict, copied) as a dict, unchecked, and the path it
+    was read from (None for a dict). ``ConfigError`` for a missing, unreadable or invalid file;
+    ``load_config`` checks the fields."""
     if isinstance(source, Mapping):
         try:
             return copy.deepcopy(dict(source)), None
@@ -770,7 +773,7 @@ def load_config(source) -> RunSpec:
     Everything is checked here, before any step is computed; errors are ``ConfigError``
     naming the field (``geometry.kind``), the allowed values and the closest match.
     """
-    config, origin = _read(source)
+    config, origin = read_config(source)
     _check_keys(config, SECTIONS, "")
     problem_table = _table(_require(config, "problem", "", "a [problem] section (name = ... or support, "
                                      "initial, energy)"), "problem")

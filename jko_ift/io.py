@@ -1,15 +1,15 @@
-"""Results on disk: JSON-safe conversion, atomic file writes and results folders.
+"""Files: JSON-safe conversion, atomic writes, checksummed trajectory files, results folders.
 
 Nothing here half-writes a file: every file is first written under a temporary name in
 its own folder and then moved into place with ``os.replace`` (atomic on POSIX and
 Windows), and a results folder is built beside its target and renamed into place.
-A crash leaves either the old file or the new one, never a truncated one.
+A crash leaves either the old file or the new one, never a truncated one. This module
+only reads and writes files; running a config into a results folder is ``runner``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import math
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["FolderInUseError", "ResultsFileError", "ResultsFolderError", "RunInterrupted", "atomic_path",
-           "check_writable", "folder_lock", "load", "read_metadata", "results_folder", "save_trajectory",
-           "to_jsonable", "write_json_atomic"]
+__all__ = ["FolderInUseError", "ResultsFileError", "ResultsFolderError", "atomic_path", "check_writable",
+           "folder_lock", "load", "read_metadata", "results_folder", "save_trajectory", "to_jsonable",
+           "write_json_atomic"]
 
 
 class ResultsFileError(ValueError):
@@ -38,15 +38,6 @@ class ResultsFolderError(ValueError):
 
 class FolderInUseError(ResultsFolderError):
     """Another live process holds the lock of the results folder."""
-
-
-class RunInterrupted(KeyboardInterrupt):
-    """A run stopped by Ctrl-C (``KeyboardInterrupt``); the message says where it stopped and how
-    to resume. ``steps_done`` and ``time`` are the last completed step and its time."""
-
-    def __init__(self, message: str, steps_done: int, time: float):
-        super().__init__(message)
-        self.steps_done, self.time = steps_done, time
 
 
 def _umask() -> int:
@@ -68,6 +59,17 @@ def to_jsonable(obj):
     become strings. JSON has no NaN or infinity, so non-finite floats become ``None``.
     Anything else that ``json`` cannot write raises ``TypeError`` naming its type.
     """
+    return _plain(obj, lambda value: value if math.isfinite(value) else None)
+
+
+def _json_exact(obj):
+    """Like ``to_jsonable`` but keeps NaN and infinity (written as JSON's NaN/Infinity
+    extensions, which Python's ``json`` reads back), so that stats round-trip exactly."""
+    return _plain(obj, lambda value: value)
+
+
+def _plain(obj, real: Callable[[float], float | None]):
+    """``obj`` in Python's plain types (see ``to_jsonable``), each float ``x`` as ``real(x)``."""
     if obj is None or isinstance(obj, (bool, str)):
         return obj
     if isinstance(obj, np.bool_):
@@ -75,14 +77,13 @@ def to_jsonable(obj):
     if isinstance(obj, (int, np.integer)):
         return int(obj)
     if isinstance(obj, (float, np.floating)):
-        value = float(obj)
-        return value if math.isfinite(value) else None
+        return real(float(obj))
     if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
+        return _plain(obj.tolist(), real)
     if isinstance(obj, Mapping):
-        return {str(key): to_jsonable(value) for key, value in obj.items()}
+        return {str(key): _plain(value, real) for key, value in obj.items()}
     if isinstance(obj, (list, tuple, set, frozenset)):
-        return [to_jsonable(value) for value in obj]
+        return [_plain(value, real) for value in obj]
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
     raise TypeError(
@@ -217,27 +218,7 @@ def folder_lock(folder, holder: Mapping | None = None) -> Iterator[Path]:
         yield folder
         return
     path = folder / LOCK_FILE
-    while True:
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            who = _lock_holder(descriptor)
-            os.close(descriptor)
-            raise FolderInUseError(
-                f"the results folder {folder} is in use by another run ({who}); wait for it to finish, "
-                "or pass another --out") from None
-        except OSError:  # a file system without flock (some network mounts): run unlocked
-            os.close(descriptor)
-            descriptor = None
-            break
-        try:
-            current = os.stat(path).st_ino == os.fstat(descriptor).st_ino
-        except FileNotFoundError:
-            current = False
-        if current:
-            break
-        os.close(descriptor)  # the holder removed the file as we opened it: lock the new one
+    descriptor = _take_lock(fcntl, path, folder)
     if descriptor is None:
         with contextlib.suppress(OSError):
             path.unlink()
@@ -253,6 +234,32 @@ def folder_lock(folder, holder: Mapping | None = None) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             path.unlink()
         os.close(descriptor)
+
+
+def _take_lock(fcntl, path: Path, folder: Path) -> int | None:
+    """An open descriptor of the lock file ``path`` holding its exclusive ``flock``; None on a file
+    system without ``flock`` (some network mounts: the run goes unlocked). ``FolderInUseError``
+    when another live process holds it."""
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            who = _lock_holder(descriptor)
+            os.close(descriptor)
+            raise FolderInUseError(
+                f"the results folder {folder} is in use by another run ({who}); wait for it to finish, "
+                "or pass another --out") from None
+        except OSError:
+            os.close(descriptor)
+            return None
+        try:
+            current = os.stat(path).st_ino == os.fstat(descriptor).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            return descriptor
+        os.close(descriptor)  # the holder removed the file as we opened it: lock the new one
 
 
 @contextlib.contextmanager
@@ -295,20 +302,6 @@ def results_folder(path) -> Iterator[Path]:
 TRAJECTORY_FORMAT = "jko_ift.trajectory/1"
 #: The array holding the SHA-256 checksum of all the other arrays of a trajectory file.
 CHECKSUM_KEY = "sha256"
-
-
-def _json_exact(obj):
-    """Like ``to_jsonable`` but keeps NaN and infinity (written as JSON's NaN/Infinity
-    extensions, which Python's ``json`` reads back), so that stats round-trip exactly."""
-    if isinstance(obj, (float, np.floating)) and not math.isfinite(float(obj)):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return _json_exact(obj.tolist())
-    if isinstance(obj, Mapping):
-        return {str(key): _json_exact(value) for key, value in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return [_json_exact(value) for value in obj]
-    return to_jsonable(obj)
 
 
 def save_trajectory(path, trajectory, metadata: Mapping | None = None) -> Path:
@@ -476,403 +469,3 @@ def _trajectory_from_arrays(arrays: Mapping):
     run_warnings = from_dicts(json.loads(str(arrays["warnings"]))) if "warnings" in arrays else ()
     return Trajectory(arrays["times"], measures, arrays["energies"],
                       json.loads(str(arrays["stats"])), str(arrays["stop_reason"]), run_warnings)
-
-
-# ---------------------------------------------------------------------------- runs with checkpoints
-
-#: The files of a results folder written by ``run_config`` (and ``jko-ift run``).
-SUMMARY_FILE, TRAJECTORY_FILE, ENERGY_FIGURE, CHECKPOINT_FILE = (
-    "summary.json", "trajectory.npz", "energy.png", "checkpoint.npz")
-
-
-def versions() -> dict:
-    """Versions of Python and of the libraries a result depends on."""
-    import platform
-
-    import cvxpy
-    import ot
-    import scipy
-
-    from . import __version__
-    return {"jko_ift": __version__, "numpy": np.__version__, "scipy": scipy.__version__,
-            "cvxpy": cvxpy.__version__, "POT": ot.__version__, "python": platform.python_version()}
-
-
-class _ReportingMethod:
-    """A method that hands every step it takes to ``on_step(result, tau)`` (a progress bar, the
-    log) and returns the result unchanged: the run is the same, bit for bit.
-
-    ``jk.solve`` calls ``method.step`` once per fixed step; everything else is the wrapped
-    method's (attributes, ``repr``, and ``isinstance`` through ``__class__``, so that code that
-    dispatches on the method's class sees the method itself).
-    """
-
-    def __init__(self, method, on_step: Callable):
-        self._method, self._on_step = method, on_step
-
-    def step(self, F, geometry, mu, tau, throw: bool = True):
-        result = self._method.step(F, geometry, mu, tau, throw=throw)
-        self._on_step(result, tau)
-        return result
-
-    @property
-    def __class__(self):  # isinstance(reporting, ConicJKO) is True when it wraps a ConicJKO
-        return type(self._method)
-
-    def __getattr__(self, name):
-        return getattr(self._method, name)
-
-    def __repr__(self) -> str:
-        return repr(self._method)
-
-
-def _kept(times: np.ndarray, save_at, total_time: float) -> np.ndarray:
-    """Indices of the saved states: the start, the save_at times and the last state."""
-    if save_at is None:
-        return np.arange(times.size)
-    close = np.abs(times[:, None] - np.asarray(save_at)[None, :]) <= 1e-9 * max(total_time, 1.0)
-    keep = close.any(1)
-    keep[0] = keep[-1] = True
-    return np.flatnonzero(keep)
-
-
-def _run_bar(spec, total: int, done: int, t: float, energy: float, progress: bool):
-    """The one progress bar of a fixed-step run (tqdm on stderr; disabled without progress)."""
-    from tqdm.auto import tqdm
-
-    label = f"{spec.method_kind} {type(spec.geometry).__name__}"
-    bar = tqdm(total=total, initial=done, disable=not progress, desc=label, unit="step",
-               dynamic_ncols=True)
-    bar.set_postfix_str(f"t={t:.4g}, energy={energy:.4g}", refresh=False)
-    return bar
-
-
-def _time_bar(spec, total_time: float, t: float, energy: float, progress: bool):
-    """The one progress bar of an adaptive run in chunks: time done of t_final."""
-    from tqdm.auto import tqdm
-
-    label = f"{spec.method_kind} {type(spec.geometry).__name__}"
-    bar = tqdm(total=total_time, initial=t, disable=not progress, desc=label, unit="time",
-               dynamic_ncols=True,
-               bar_format="{l_bar}{bar}| t={n:.4g}/{total:.4g} [{elapsed}<{remaining}{postfix}]")
-    bar.set_postfix_str(f"energy={energy:.4g}", refresh=False)
-    return bar
-
-
-def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = None,
-               progress: bool = True) -> tuple:
-    """Run a checked config (``config.load_config``) into the results folder ``out``.
-
-    Writes ``summary.json`` (the config, library versions, per-step energies, timings and
-    statuses, the stop reason, the run's warnings with their counts), ``trajectory.npz``
-    (``jk.load`` reads it) and ``energy.png``, each atomically. With ``checkpoint_every = N``
-    the run goes in chunks of N steps (an adaptive run: up to every N-th of its save times, each
-    chunk's controller starting from the last accepted tau), each one a ``jk.solve`` from the
-    last measure with a fresh method object, and after each chunk ``checkpoint.npz`` is replaced
-    atomically; ``resume=True`` continues from that checkpoint (same config required) in the
-    same chunks, so the result is the same, bit for bit, as the uninterrupted run with the same
-    N. Returns (trajectory, summary).
-
-    ``progress=True`` shows one bar for the whole run on stderr (steps done of the total, ETA,
-    the current time and energy; a resumed run starts at its checkpoint's step), whatever the
-    chunks; adaptive runs show ``jk.solve``'s bar (time done of t_final). Details (each step,
-    chunk and checkpoint) go to the ``jko_ift.io`` logger at DEBUG level.
-
-    Faults: the folder is checked for writability and free space before any step
-    (``ResultsFolderError``), and locked for the run (``folder_lock``: a second run into it gets
-    ``FolderInUseError``). ``summary.json`` says ``"status": "running"`` from the start (older
-    results in the folder are removed then), and ``"complete"``, ``"interrupted"`` or ``"failed"``
-    at the end, so a killed run never leaves complete-looking results. A checkpoint that is
-    truncated, corrupted or altered (its SHA-256 checksum does not match) is refused with
-    ``ResultsFileError``. Ctrl-C raises ``RunInterrupted`` saying where the run stopped and how to
-    resume.
-    """
-    if checkpoint_every is not None and (int(checkpoint_every) != checkpoint_every or checkpoint_every < 1):
-        raise ValueError("checkpoint_every must be a positive whole number of steps, "
-                         f"got {checkpoint_every!r}")
-    if spec.adaptive and checkpoint_every is not None and spec.run.save_at is None:
-        raise ValueError("an adaptive run ([run.adaptive]) writes its checkpoints at its save times; "
-                         "add [run] save_at = [...] to the config, or run without --checkpoint-every")
-    out = check_writable(out, needed_bytes=estimated_bytes(spec, checkpoint_every))
-    with folder_lock(out, {"command": "run", "config_file": spec.source, "digest": spec.digest}):
-        return _run_in_folder(spec, out, resume, checkpoint_every, progress)
-
-
-def estimated_bytes(spec, checkpoint_every: int | None) -> int:
-    """A cheap upper estimate of the bytes a run writes: every state's weights, and its points
-    unless it stays on its grid (a fixed-support method from a grid measure: the file stores the
-    grid), as uncompressed float64 in trajectory.npz, twice more for checkpoint.npz (the new one is
-    written beside the old), and ``SUMMARY_BYTES_PER_STEP`` per step in summary.json. An adaptive
-    run's step count is not known before it runs: its save times (or only its ends) count."""
-    from .config import FIXED_SUPPORT_METHODS
-
-    run, mu = spec.run, spec.initial
-    steps = (run.steps or 0) if not spec.adaptive else len(run.save_at or ()) + 1
-    on_grid = mu.grid is not None and spec.method_kind in FIXED_SUPPORT_METHODS
-    state = mu.n * (1 if on_grid else mu.dim + 1) * 8
-    copies = 1 + (2 if checkpoint_every is not None else 0)
-    return (steps + 1) * (state * copies + SUMMARY_BYTES_PER_STEP)
-
-
-#: summary.json holds per step its time, energy, tau, wall time, status, certificate and the
-#: step's stats: about 300 to 500 bytes (measured on the example configs); twice that, to be safe.
-SUMMARY_BYTES_PER_STEP = 1000
-
-
-def _run_in_folder(spec, out: Path, resume: bool, checkpoint_every: int | None, progress: bool) -> tuple:
-    """``run_config`` in the checked, locked folder ``out``."""
-    import logging
-    import time
-
-    from .run_warnings import WarningLog
-    from .solve import Trajectory, solve
-
-    logger = logging.getLogger(__name__)
-    checkpoint = out / CHECKPOINT_FILE
-    run = spec.run
-    start = time.perf_counter()
-    times, measures, energies, stats = [0.0], [spec.initial], [spec.energy.value(spec.initial)], []
-    done, stop_reason, resumed_from = 0, None, None
-    log = WarningLog()  # the warnings of every chunk, steps counted from the start of the run
-    if resume and checkpoint.exists():
-        advice = CHECKPOINT_ADVICE.format(checkpoint=checkpoint)
-        metadata = read_metadata(checkpoint, advice, require_checksum=True)
-        if metadata.get("digest") != spec.digest:
-            raise ValueError(f"the checkpoint in {out} belongs to another config (its config differs "
-                             "from this one); resume with the same config, or run without --resume")
-        saved = load(checkpoint, advice, require_checksum=True)
-        done, stop_reason = _checkpoint_position(metadata, saved, checkpoint, advice)
-        times, measures = list(saved.times), list(saved.measures)
-        energies, stats = list(saved.energies), list(saved.stats)
-        log.extend(saved.warnings)
-        resumed_from = done
-        if checkpoint_every != metadata["checkpoint_every"]:
-            logger.info("resuming with the checkpoint interval of the interrupted run, %s steps "
-                        "(the chunks decide the result bit for bit)", metadata["checkpoint_every"])
-        checkpoint_every = metadata["checkpoint_every"]
-        logger.info("resuming %s from step %d (t = %.6g)", out, done, times[-1])
-    elif resume:
-        logger.warning("no checkpoint in %s: starting from the beginning", out)
-    elif checkpoint.exists():
-        checkpoint.unlink()  # a fresh run: an old checkpoint must not be resumed into it
-    _mark_running(spec, out, resumed_from, checkpoint_every)
-    # Where the run is: the last completed step and its time, and the last checkpoint's.
-    position = {"step": done, "t": times[-1],
-                "checkpoint": (done, times[-1]) if resumed_from is not None else None}
-
-    def write_checkpoint():
-        save_trajectory(checkpoint, Trajectory(np.array(times), measures, np.array(energies),
-                                               stats, stop_reason or "running", log.warnings()),
-                        metadata={"digest": spec.digest, "steps_done": done, "time": times[-1],
-                                  "checkpoint_every": checkpoint_every, "stop_reason": stop_reason})
-        position.update(step=done, t=times[-1], checkpoint=(done, times[-1]))
-        logger.debug("checkpoint at step %d written to %s (t = %.6g)", done, checkpoint, times[-1])
-
-    try:
-        if spec.adaptive and checkpoint_every is None:
-            trajectory = spec.solve(progress=progress)
-            times, measures = list(trajectory.times), list(trajectory.measures)
-            energies, stats = list(trajectory.energies), list(trajectory.stats)
-            log.extend(trajectory.warnings)
-            stop_reason = trajectory.stop_reason
-            done = len(trajectory.taus)
-        elif spec.adaptive:
-            # Chunks end at every N-th save time; each is one jk.solve whose controller starts from
-            # the last accepted tau of the chunk before. A resumed run takes the same chunks, so the
-            # result is the same, bit for bit, as the uninterrupted run with the same N.
-            saves = np.asarray(run.save_at, float)
-            ends = [float(t) for t in saves[checkpoint_every - 1::checkpoint_every]]
-            ends = [t for t in ends if t < run.t_final * (1 - 1e-12)] + [run.t_final]
-            bar = _time_bar(spec, run.t_final, times[-1], energies[-1], progress)
-            try:
-                for end in ends:
-                    start_t = times[-1]
-                    if stop_reason is not None or end <= start_t * (1 + 1e-12):
-                        continue
-                    taus = [s["tau"] for s in stats if s.get("accepted", True)]
-                    controller = (run.controller if not taus
-                                  else dataclasses.replace(run.controller, tau0=taus[-1]))
-                    chunk_saves = [t - start_t for t in saves if start_t < t < end] + [end - start_t]
-                    part = solve(spec.energy, spec.geometry, measures[-1], t_final=end - start_t,
-                                 method=spec.make_method(), controller=controller,
-                                 save_at=chunk_saves, stop_rate=run.stop_rate,
-                                 stop_energy=run.stop_energy, progress=False)
-                    times.extend(start_t + t for t in part.times[1:])
-                    measures.extend(part.measures[1:])
-                    energies.extend(part.energies[1:].tolist())
-                    stats.extend(dict(s, step=done + s["step"], t=start_t + s["t"]) for s in part.stats)
-                    log.extend(part.warnings, done)
-                    done += len(part.taus)
-                    if part.stop_reason != "t_final":
-                        stop_reason = part.stop_reason
-                    elif end >= run.t_final:
-                        stop_reason = "t_final"
-                    bar.update(times[-1] - start_t)
-                    bar.set_postfix_str(f"energy={energies[-1]:.4g}", refresh=False)
-                    write_checkpoint()
-            finally:
-                bar.close()
-        else:
-            tau, total = run.tau, run.steps
-            chunk = checkpoint_every or total
-            bar = _run_bar(spec, total, done, times[-1], energies[-1], progress)
-            counter = {"step": done}
-
-            def on_step(result, _tau):
-                counter["step"] += 1
-                t = counter["step"] * tau
-                position.update(step=counter["step"], t=t)
-                energy = "-" if result.energy is None else f"{result.energy:.4g}"
-                bar.set_postfix_str(f"t={t:.4g}, energy={energy}", refresh=False)
-                bar.update(1)
-                logger.debug("step %d of %d: t = %.6g, energy %s, status %s, certificate %s",
-                             counter["step"], total, t, energy, result.status, f"{result.certificate:.2g}")
-
-            try:
-                while done < total and stop_reason is None:
-                    steps = min(chunk, total - done)
-                    logger.debug("steps %d to %d of %d (tau = %g)", done + 1, done + steps, total, tau)
-                    counter["step"] = done
-                    part = solve(spec.energy, spec.geometry, measures[-1], tau=tau, steps=steps,
-                                 method=_ReportingMethod(spec.make_method(), on_step),
-                                 stop_rate=run.stop_rate, stop_energy=run.stop_energy, progress=False)
-                    taken = len(part.measures) - 1
-                    times.extend((done + j) * tau for j in range(1, taken + 1))
-                    measures.extend(part.measures[1:])
-                    energies.extend(part.energies[1:].tolist())
-                    stats.extend(dict(s, step=done + s["step"]) for s in part.stats)
-                    log.extend(part.warnings, done)
-                    done += taken
-                    if part.stop_reason != "steps":
-                        stop_reason = part.stop_reason
-                    elif done >= total:
-                        stop_reason = "steps"
-                    if checkpoint_every is not None:
-                        write_checkpoint()
-            finally:
-                bar.close()
-
-    except KeyboardInterrupt:
-        raise _interrupted(spec, out, position, checkpoint_every) from None
-    except Exception as error:
-        _write_status(out, spec, "failed", {"error": f"{type(error).__name__}: {error}",
-                                           "steps_done": position["step"], "time": position["t"]})
-        raise
-
-    times_array = np.array(times)
-    kept = _kept(times_array, run.save_at, float(times_array[-1]))
-    trajectory = Trajectory(times_array[kept], [measures[i] for i in kept],
-                            np.array(energies)[kept], stats, stop_reason, log.warnings())
-    accepted = [s for s in stats if s.get("accepted", True)]
-    summary = {
-        "status": "complete",
-        "command": "run",
-        "config": spec.config,
-        "config_file": spec.source,
-        "problem": spec.name,
-        "energy": repr(spec.energy),
-        "geometry": repr(spec.geometry),
-        "method": {"kind": spec.method_kind, "options": spec.method_options},
-        "versions": versions(),
-        "stop_reason": stop_reason,
-        "steps": done,
-        "final_time": times[-1],
-        "final_energy": energies[-1],
-        "checkpoint_every": checkpoint_every,
-        "resumed_from_step": resumed_from,
-        "wall_time": time.perf_counter() - start,
-        "per_step": {
-            "times": times, "energies": energies,
-            "tau": [s["tau"] for s in accepted],
-            "wall_time": [s.get("wall_time") for s in accepted],
-            "status": [s.get("status") for s in accepted],
-            "certificate": [s.get("certificate") for s in accepted],
-        },
-        "warnings": [w.to_dict() for w in log.warnings()],
-        "stats": stats,
-    }
-    from .plotting import plot_energy  # plotting imports io: import it when needed
-
-    label = spec.name or (Path(spec.source).stem if spec.source else "config")
-    title = f"{label}: {type(spec.geometry).__name__}, {spec.method_kind}"
-    try:  # summary.json last: until it says "complete", the folder's results are not
-        save_trajectory(out / TRAJECTORY_FILE, trajectory, metadata={"digest": spec.digest})
-        plot_energy(Trajectory(times_array, measures, np.array(energies), stats, stop_reason),
-                    out / ENERGY_FIGURE, title=title)
-        write_json_atomic(out / SUMMARY_FILE, summary)
-    except KeyboardInterrupt:
-        raise _interrupted(spec, out, position, checkpoint_every) from None
-    except OSError as error:
-        kept = (f"the checkpoint at step {done} is kept: free space, then run again with --resume"
-                if checkpoint_every is not None else "nothing was saved")
-        raise ResultsFolderError(f"the run finished but its results could not be written into {out} "
-                                 f"({error.strerror or error}); {kept}") from None
-    logger.info("results written to %s", out)
-    return trajectory, summary
-
-
-#: What to do about a checkpoint that cannot be resumed.
-CHECKPOINT_ADVICE = "delete {checkpoint} and run again without --resume (the run starts from the beginning)"
-#: The result files of a run, removed when a run starts in their folder (summary.json is replaced).
-RESULT_FILES = (TRAJECTORY_FILE, ENERGY_FIGURE)
-
-
-def _checkpoint_position(metadata: Mapping, saved, checkpoint: Path, advice: str) -> tuple:
-    """(steps done, stop reason) of a checkpoint, checked against the states it holds."""
-    done, stop_reason = metadata.get("steps_done"), metadata.get("stop_reason")
-    accepted = sum(1 for s in saved.stats if s.get("accepted", True))
-    if not isinstance(done, int) or isinstance(done, bool) or done != accepted or done < 0 \
-            or "checkpoint_every" not in metadata:
-        raise ResultsFileError(f"{checkpoint} is inconsistent: it says {done!r} steps were done but holds "
-                               f"{accepted} accepted steps; {advice}")
-    return done, stop_reason
-
-
-def _write_status(out: Path, spec, status: str, details: Mapping) -> None:
-    """Write a summary.json saying the run's ``status`` (running, interrupted, failed) and
-    ``details``; never raises (it runs while another error is on its way out)."""
-    import datetime
-
-    summary = {"status": status, "command": "run", "config": spec.config, "config_file": spec.source,
-               "problem": spec.name, "pid": os.getpid(),
-               "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               **details}
-    with contextlib.suppress(OSError, TypeError, ValueError):
-        write_json_atomic(out / SUMMARY_FILE, summary)
-
-
-def _mark_running(spec, out: Path, resumed_from: int | None, checkpoint_every: int | None) -> None:
-    """Say in summary.json that a run is in progress, then remove the results of any earlier run
-    in ``out``: a run killed from here on leaves a folder that says it is incomplete."""
-    write_json_atomic(out / SUMMARY_FILE, {
-        "status": "running", "command": "run", "config": spec.config, "config_file": spec.source,
-        "problem": spec.name, "pid": os.getpid(), "resumed_from_step": resumed_from,
-        "checkpoint_every": checkpoint_every})
-    for name in RESULT_FILES:
-        with contextlib.suppress(FileNotFoundError):
-            (out / name).unlink()
-
-
-def _interrupted(spec, out: Path, position: Mapping, checkpoint_every: int | None) -> RunInterrupted:
-    """The ``RunInterrupted`` of a run stopped by Ctrl-C at ``position`` (and its summary.json)."""
-    step, t, saved = position["step"], position["t"], position["checkpoint"]
-    with contextlib.suppress(ValueError, KeyError, TypeError):  # the file is the truth: an interrupt
-        metadata = read_metadata(out / CHECKPOINT_FILE, require_checksum=True)  # may follow its write
-        if metadata.get("digest") == spec.digest:
-            saved = (int(metadata["steps_done"]), float(metadata["time"]))
-            step, t = max(step, saved[0]), max(t, saved[1])
-    if spec.adaptive:  # its steps are counted only at its checkpoints
-        where = "interrupted during an adaptive run" + (f" (done up to t = {t:.6g})" if step else "")
-    else:
-        where = f"interrupted after step {step} of {spec.run.steps} (t = {t:.6g})"
-    if saved is not None:
-        how = (f"the checkpoint at step {saved[0]} (t = {saved[1]:.6g}) is kept: run the same command "
-               "with --resume to continue from it")
-    elif checkpoint_every is not None:
-        how = ("no checkpoint was written yet (the first comes after "
-               f"{checkpoint_every} steps): run the same command again to start over")
-    else:
-        how = "nothing was saved: run with --checkpoint-every N to be able to resume an interrupted run"
-    _write_status(out, spec, "interrupted", {"steps_done": step, "time": t,
-                                             "checkpoint_step": None if saved is None else saved[0]})
-    return RunInterrupted(f"{where}; {how}", step, t)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,7 +22,10 @@ from .methods.grid_motion import (
     SUBCELL_BLUR,
     expected_moved_fraction,
 )
-from .solve import Trajectory, solve
+from .solve import DissipationWarning, Trajectory, solve
+
+if TYPE_CHECKING:
+    from .problems import ParticleExperiment
 
 #: Details of the studies (one line per run, scheme or case) at DEBUG level; ``jko-ift -v`` shows them.
 logger = logging.getLogger(__name__)
@@ -616,9 +621,9 @@ def config_convergence_study(config, taus: Sequence[float], refine_grid: bool = 
     """``convergence_study`` of a config (path or dict): its problem, geometry and method, to the
     final time of its [run]; with ``refine_grid`` the grid is refined with tau (h ~ tau, the
     config's grid at the largest tau). Every variant is checked before any run."""
-    from .config import _read, load_config
+    from .config import load_config, read_config
 
-    raw, _ = _read(config) if not isinstance(config, Mapping) else (dict(config), None)
+    raw, _ = read_config(config) if not isinstance(config, Mapping) else (dict(config), None)
     spec = load_config(raw)
     if spec.adaptive:
         from .config import ConfigError
@@ -667,8 +672,6 @@ def sweep_cases(config: Mapping, params: Mapping[str, Sequence]) -> list[dict]:
 def run_case(config: Mapping, values: Mapping | None = None) -> dict:
     """Run one config (a dict) to its end; the row of a sweep table. Top-level so that Dask can
     send it to a worker."""
-    import warnings
-
     from .config import load_config
 
     spec = load_config(config)
@@ -701,9 +704,9 @@ def sweep(config, params: Mapping[str, Sequence], *, serial: bool = False, sched
     max_certificate, grid_locked_steps and wall_time. progress: one bar over the cases, advanced
     as they complete (in any order on Dask); each case is logged at DEBUG level.
     """
-    from .config import ConfigError, _read, load_config
+    from .config import ConfigError, load_config, read_config
 
-    raw, _ = _read(config) if not isinstance(config, Mapping) else (dict(config), None)
+    raw, _ = read_config(config) if not isinstance(config, Mapping) else (dict(config), None)
     cases = sweep_cases(raw, params)
     configs = []
     for values in cases:
@@ -753,3 +756,61 @@ def _gather(client, configs, cases, bar) -> list[dict]:
         if future.status == "finished":
             _case_done(bar, index[future.key], cases, future.result())
     return client.gather(futures)
+
+
+# ---------------------------------------------------------------------------- particle schemes over seeds
+
+@dataclass(frozen=True)
+class SeedRuns:
+    """Runs of one scheme over seeds: ``mmd`` (seeds, steps + 1) = MMD(mu^k, target samples)
+    = sqrt(2 F); ``snapshots``: step -> measure of the first seed; ``seconds``: wall time of
+    each run."""
+
+    label: str
+    mmd: np.ndarray
+    snapshots: dict
+    seconds: np.ndarray
+    warnings: int = 0
+    failed: int = 0
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.mmd.mean(axis=0)
+
+    @property
+    def sd(self) -> np.ndarray:
+        return self.mmd.std(axis=0, ddof=1) if self.mmd.shape[0] > 1 else np.zeros(self.mmd.shape[1])
+
+
+def run_over_seeds(label: str, make_experiment: Callable[[int], ParticleExperiment],
+                   make_scheme: Callable[[ParticleExperiment, int], tuple], seeds, steps: int,
+                   snapshot_steps=()) -> SeedRuns:
+    """Run a particle scheme once per seed and collect the MMD curves.
+
+    make_experiment(seed) -> ParticleExperiment; make_scheme(experiment, seed) -> (method,
+    geometry, tau) or a ``PaperScheme``, a fresh method object per run (they own their noise
+    generators). Every
+    step's energy is kept (the MMD curve); measures only at ``snapshot_steps`` of the first
+    seed. The dissipation inequality of jk.solve does not hold for explicit schemes; its
+    warnings are counted in ``warnings``, not shown. A run whose step fails (SolverError)
+    ends there: its curve is NaN afterwards and it is counted in ``failed``.
+    """
+    curves, seconds, snapshots, caught, failed = [], [], {}, 0, 0
+    for index, seed in enumerate(seeds):
+        experiment = make_experiment(seed)
+        method, geometry, tau = make_scheme(experiment, seed)
+        start = time.perf_counter()
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always", DissipationWarning)
+            trajectory = solve(experiment.energy, geometry, experiment.initial, tau=tau,
+                               steps=steps, method=method, progress=False, throw=False)
+        failed += trajectory.stop_reason == "failed"
+        caught += sum(issubclass(w.category, DissipationWarning) for w in record)
+        seconds.append(time.perf_counter() - start)
+        energies = np.full(steps + 1, np.nan)
+        energies[:len(trajectory.energies)] = trajectory.energies
+        curves.append(np.sqrt(2 * np.maximum(energies, 0.0)))
+        if index == 0:
+            snapshots = {k: trajectory.measures[k] for k in snapshot_steps
+                         if 0 <= k < len(trajectory.measures)}
+    return SeedRuns(label, np.array(curves), snapshots, np.array(seconds), caught, failed)

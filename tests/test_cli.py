@@ -1,16 +1,18 @@
-"""The command line: ``jko-ift demo`` end to end on a small problem, and the help texts."""
+"""The command line: ``jko-ift demo`` end to end on a small problem, the help texts, and what
+``jko-ift run`` says about bad input and with --quiet (the runs themselves: test_runner.py)."""
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from conftest import SMALL_CONFIG
 
 import jko_ift as jk
 from jko_ift.cli import build_parser, main
-from jko_ift.io import results_folder, to_jsonable, write_json_atomic
 
 DEMO_FILES = ("mmd_decay.png", "particles.png", "summary.json")
 DEMO_OPTIONS = ("--steps", "--particles", "--seed", "--out", "--quiet")
@@ -129,39 +131,70 @@ def test_console_script_help():
         assert option in done.stdout
 
 
-# ---------------------------------------------------------------------------- io helpers
+# ---------------------------------------------------------------------------- jko-ift run
 
-def test_to_jsonable_converts_numpy_and_non_finite_values():
-    value = {"a": np.float32(1.5), "b": np.arange(3), "c": (np.int64(2), np.bool_(True)),
-             "d": float("nan"), "e": np.array([np.inf, 1.0]), 3: None}
-    assert to_jsonable(value) == {"a": 1.5, "b": [0, 1, 2], "c": [2, True], "d": None,
-                                  "e": [None, 1.0], "3": None}
-    with pytest.raises(TypeError, match="object"):
-        to_jsonable(object())
+RUN_OPTIONS = ("--out", "--resume", "--quiet", "--checkpoint-every", "--verbose")
 
 
-def test_write_json_atomic_replaces_and_keeps_old_file_on_failure(tmp_path):
-    path = tmp_path / "summary.json"
-    write_json_atomic(path, {"x": np.float64(1.0)})
-    assert json.loads(path.read_text()) == {"x": 1.0}
-    with pytest.raises(TypeError):
-        write_json_atomic(path, {"x": object()})
-    assert json.loads(path.read_text()) == {"x": 1.0}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "small.toml"
+    path.write_text(SMALL_CONFIG)
+    return path
 
 
-def test_results_folder_appears_whole_or_not_at_all(tmp_path):
-    target = tmp_path / "results"
-    with pytest.raises(RuntimeError), results_folder(target) as folder:
-        (folder / "half.txt").write_text("half")
-        raise RuntimeError("crash")
-    assert list(tmp_path.iterdir()) == []
-    with results_folder(target) as folder:
-        (folder / "one.txt").write_text("1")
-    assert (target / "one.txt").read_text() == "1"
-    # into an existing folder: files replaced one by one, other files left alone
-    (target / "mine.txt").write_text("mine")
-    with results_folder(target) as folder:
-        (folder / "one.txt").write_text("2")
-    assert (target / "one.txt").read_text() == "2" and (target / "mine.txt").read_text() == "mine"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+@pytest.fixture(autouse=True)
+def _restore_log_level():
+    """The CLI sets the level of the 'jko_ift' logger (--quiet, --verbose); put it back."""
+    logger = logging.getLogger("jko_ift")
+    level = logger.level
+    yield
+    logger.setLevel(level)
+
+
+def test_config_error_is_reported_before_any_computation(tmp_path, capsys):
+    path = tmp_path / "typo.toml"
+    path.write_text(SMALL_CONFIG.replace('kind = "conic"', 'kind = "conik"'))
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "method.kind" in err and "did you mean 'conic'" in err and "'entropic'" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_help_explains_each_option(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["run", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for option in RUN_OPTIONS + ("CONFIG",):
+        assert option in text
+    assert "checkpoint.npz" in text and "jk.load" in text
+
+
+def particle_config(small_ift_particles) -> str:
+    """The shipped IFT particle config on 20 particles and 30 samples, 4 steps."""
+    return small_ift_particles(particles=20, samples=30, seed=1)
+
+
+def test_particle_config_errors_name_the_field_on_the_command_line(tmp_path, capsys,
+                                                                  small_ift_particles):
+    PARTICLE_CONFIG = particle_config(small_ift_particles)
+    path = tmp_path / "bad.toml"
+    path.write_text(PARTICLE_CONFIG.replace(
+        'kind = "mmd2"\ntarget = { kind = "paper_mixture", n = 30 }   # 100 samples, weights 1/100',
+        'kind = "entropy"'))
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "problem.energy.kind" in err and "particle supports in d = 2" in err and "grid support" in err
+    path.write_text(PARTICLE_CONFIG.replace("seed = 1 ", "shape = [10, 10]\nseed = 1 "))
+    assert main(["run", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "problem.support.shape" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_quiet_prints_only_the_results_folder(config, tmp_path, capsys):
+    out = tmp_path / "results"
+    assert main(["run", str(config), "--out", str(out), "--checkpoint-every", "2", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"results in {out.absolute()}\n"
+    assert captured.err == ""

@@ -1,5 +1,5 @@
 """Configs as data: every field checked before any computation, errors that name the field,
-the example configs load and run, and trajectory files round-trip exactly."""
+the example configs load and run (trajectory files: test_io.py)."""
 
 from pathlib import Path
 
@@ -8,7 +8,6 @@ import pytest
 
 import jko_ift as jk
 from jko_ift.config import ConfigError, load_config, tomllib  # tomli on Python 3.10
-from jko_ift.io import read_metadata, save_trajectory
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "configs"
 EXAMPLE_CONFIGS = sorted(EXAMPLES.glob("*.toml"))
@@ -176,50 +175,6 @@ def test_adaptive_run_section():
     error = error_of(explicit_config(**{"run": {"t_final": 0.4, "adaptive": {"estimate": "doubleing"}}}))
     assert error.field == "run.adaptive.estimate" and "did you mean 'doubling'" in str(error)
     assert "'extrapolation', 'doubling'" in str(error)
-
-
-# ---------------------------------------------------------------------------- trajectory files
-
-@pytest.mark.filterwarnings("ignore::jko_ift.GridLockingWarning")  # coarse grid: fine for a file test
-def test_trajectory_round_trip_is_exact(tmp_path):
-    spec = load_config(explicit_config())
-    trajectory = spec.solve(progress=False)
-    trajectory.stats[0]["error"] = np.inf  # non-finite stats survive too
-    path = save_trajectory(tmp_path / "run" / "trajectory.npz", trajectory, metadata={"note": "x"})
-    loaded = jk.load(path)
-    assert isinstance(loaded, jk.Trajectory)
-    np.testing.assert_array_equal(loaded.times, trajectory.times)
-    np.testing.assert_array_equal(loaded.energies, trajectory.energies)
-    for mu, nu in zip(loaded.measures, trajectory.measures, strict=True):
-        np.testing.assert_array_equal(mu.weights, nu.weights)
-        np.testing.assert_array_equal(mu.points, nu.points)
-        assert mu.grid.shape == nu.grid.shape and mu.grid.lo == nu.grid.lo and mu.grid.hi == nu.grid.hi
-        assert mu.cell_volume == nu.cell_volume
-    assert loaded.stats == [dict(s) for s in trajectory.stats]
-    assert loaded.stop_reason == trajectory.stop_reason
-    assert read_metadata(path) == {"note": "x"}
-    assert not list(path.parent.glob(".*partial*"))  # no temporary file left behind
-
-
-def test_trajectory_round_trip_without_grid(tmp_path):
-    rng = np.random.default_rng(0)
-    measures = [jk.Measure(rng.normal(size=(n, 2)), rng.random(n)) for n in (5, 7)]
-    trajectory = jk.Trajectory(np.array([0.0, 0.5]), measures, np.array([2.0, 1.0]), [{"tau": 0.5}], "energy")
-    loaded = jk.load(save_trajectory(tmp_path / "particles.npz", trajectory))
-    for mu, nu in zip(loaded.measures, measures, strict=True):
-        assert mu.grid is None
-        np.testing.assert_array_equal(mu.points, nu.points)
-        np.testing.assert_array_equal(mu.weights, nu.weights)
-    assert loaded.stop_reason == "energy"
-
-
-def test_load_rejects_other_files(tmp_path):
-    other = tmp_path / "other.npz"
-    np.savez(other, x=np.zeros(3))
-    with pytest.raises(ValueError, match="not a jko_ift trajectory"):
-        jk.load(other)
-    with pytest.raises(ValueError, match="no trajectory file"):
-        jk.load(tmp_path / "absent.npz")
 
 
 @pytest.mark.parametrize("kind", ["particle", "splitting", "explicit"])
