@@ -627,56 +627,72 @@ def _run(table, problem_t_final: float | None, path: str = "run") -> RunOptions:
                if "t_final" in table else None)
     controller = None
     if "adaptive" in table:
-        adaptive = _table(table["adaptive"], _join(path, "adaptive"))
-        _check_keys(adaptive, ADAPTIVE_KEYS, _join(path, "adaptive"))
-        for key, value in adaptive.items():
-            if key not in ADAPTIVE_CHOICES:  # a zero tolerance or gain is allowed (not both)
-                may_be_zero = key in ("rtol", "atol", "pcoeff", "icoeff")
-                _number(value, _join(path, f"adaptive.{key}"), positive=not may_be_zero,
-                        nonnegative=may_be_zero)
-            elif value not in ADAPTIVE_CHOICES[key]:
-                raise ConfigError(_join(path, f"adaptive.{key}"), f"unknown {key} {value!r}"
-                                  f"{_suggest(value, ADAPTIVE_CHOICES[key])}; allowed: "
-                                  f"{_allowed(ADAPTIVE_CHOICES[key])}")
-        controller = _build(_join(path, "adaptive"), StepController, **adaptive)
+        controller = _controller(table["adaptive"], _join(path, "adaptive"))
         if steps is not None:
             raise ConfigError(_join(path, "steps"), "an adaptive run ends at t_final; remove steps")
         t_final = t_final if t_final is not None else problem_t_final
         if t_final is None:
             raise ConfigError(_join(path, "t_final"), "missing; an adaptive run needs t_final")
     else:
-        if tau is None:
-            raise ConfigError(_join(path, "tau"), "missing; give the step size tau (or a [run.adaptive] "
-                              "table with rtol, atol for error-controlled steps)")
-        if steps is not None and t_final is not None:
-            raise ConfigError(_join(path, "steps"), "give steps or t_final, not both")
-        if steps is None:
-            t_final = t_final if t_final is not None else problem_t_final
-            if t_final is None:
-                raise ConfigError(_join(path, "steps"), "missing; give steps (a number) or t_final (a time)")
-            ratio = t_final / tau
-            if not ratio <= MAX_STEPS:
-                raise ConfigError(_join(path, "tau"), f"t_final / tau = {t_final:g} / {tau:g} = {ratio:.3g} "
-                                  f"steps, more than {MAX_STEPS:.0e}; take a larger tau (or an adaptive "
-                                  "run: [run.adaptive])")
-            steps, t_final = max(1, math.ceil(ratio - 1e-9)), None
-    save_at = None
-    if "save_at" in table:
-        values = table["save_at"] if isinstance(table["save_at"], list) else [table["save_at"]]
-        save_at = tuple(sorted(_number(v, _join(path, "save_at"), positive=True) for v in values))
-        end = t_final if controller is not None else steps * tau
-        if not save_at or save_at[-1] > end * (1 + 1e-9):
-            raise ConfigError(_join(path, "save_at"), f"times must lie in (0, {end:g}], got {list(save_at)}")
-        if controller is None:
-            off = [t for t in save_at if abs(t / tau - round(t / tau)) > 1e-6]
-            if off:
-                raise ConfigError(_join(path, "save_at"), f"with a fixed tau = {tau:g} the save times "
-                                  f"must be multiples of tau; {off} are not")
+        steps, t_final = _fixed_steps(tau, steps, t_final, problem_t_final, path)
+    save_at = _save_at(table["save_at"], _join(path, "save_at"), tau, steps, t_final, controller) \
+        if "save_at" in table else None
     stop_rate = (_number(table["stop_rate"], _join(path, "stop_rate"), positive=True)
                  if "stop_rate" in table else None)
     stop_energy = (_number(table["stop_energy"], _join(path, "stop_energy"))
                    if "stop_energy" in table else None)
     return RunOptions(tau, steps, t_final, controller, save_at, stop_rate, stop_energy)
+
+
+def _controller(table, path: str) -> StepController:
+    """The [run.adaptive] table, checked, as a ``StepController``."""
+    adaptive = _table(table, path)
+    _check_keys(adaptive, ADAPTIVE_KEYS, path)
+    for key, value in adaptive.items():
+        if key not in ADAPTIVE_CHOICES:  # a zero tolerance or gain is allowed (not both)
+            may_be_zero = key in ("rtol", "atol", "pcoeff", "icoeff")
+            _number(value, _join(path, key), positive=not may_be_zero, nonnegative=may_be_zero)
+        elif value not in ADAPTIVE_CHOICES[key]:
+            raise ConfigError(_join(path, key), f"unknown {key} {value!r}"
+                              f"{_suggest(value, ADAPTIVE_CHOICES[key])}; allowed: "
+                              f"{_allowed(ADAPTIVE_CHOICES[key])}")
+    return _build(path, StepController, **adaptive)
+
+
+def _fixed_steps(tau, steps, t_final, problem_t_final, path: str) -> tuple:
+    """(steps, None) of a fixed-step run: its steps, or t_final / tau rounded up (the problem's
+    t_final when the config gives neither)."""
+    if tau is None:
+        raise ConfigError(_join(path, "tau"), "missing; give the step size tau (or a [run.adaptive] "
+                          "table with rtol, atol for error-controlled steps)")
+    if steps is not None and t_final is not None:
+        raise ConfigError(_join(path, "steps"), "give steps or t_final, not both")
+    if steps is not None:
+        return steps, t_final
+    t_final = t_final if t_final is not None else problem_t_final
+    if t_final is None:
+        raise ConfigError(_join(path, "steps"), "missing; give steps (a number) or t_final (a time)")
+    ratio = t_final / tau
+    if not ratio <= MAX_STEPS:
+        raise ConfigError(_join(path, "tau"), f"t_final / tau = {t_final:g} / {tau:g} = {ratio:.3g} "
+                          f"steps, more than {MAX_STEPS:.0e}; take a larger tau (or an adaptive "
+                          "run: [run.adaptive])")
+    return max(1, math.ceil(ratio - 1e-9)), None
+
+
+def _save_at(value, path: str, tau, steps, t_final, controller) -> tuple[float, ...]:
+    """The save times, sorted, within the run (and multiples of tau for fixed steps)."""
+    values = value if isinstance(value, list) else [value]
+    save_at = tuple(sorted(_number(v, path, positive=True) for v in values))
+    end = t_final if controller is not None else steps * tau
+    if not save_at or save_at[-1] > end * (1 + 1e-9):
+        raise ConfigError(path, f"times must lie in (0, {end:g}], got {list(save_at)}")
+    if controller is None:
+        off = [t for t in save_at if abs(t / tau - round(t / tau)) > 1e-6]
+        if off:
+            raise ConfigError(path, f"with a fixed tau = {tau:g} the save times "
+                              f"must be multiples of tau; {off} are not")
+    return save_at
 
 
 def _check_trajectory_memory(run: RunOptions, initial: Measure, method_kind: str) -> None:

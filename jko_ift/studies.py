@@ -359,11 +359,46 @@ def convergence_study(problem, taus: Sequence[float], *, method_factory: Callabl
     progress: one bar over the runs (the reference run, then one per tau) with the last error;
     each row is logged at DEBUG level (logger ``jko_ift.studies``).
     """
-    from .diagnostics import mmd as mmd_distance
-    from .diagnostics import w2 as w2_distance
-    from .kernels import Gaussian
+    taus = _checked_taus(taus, distance, reference)
+    method_factory = method_factory or _default_method
+    t_final = float(t_final if t_final is not None else problem.t_final)
+    steps = [_steps_for(t_final, tau) for tau in taus]  # check before computing anything
+    problems_by_tau = [refine(tau) if refine is not None else problem for tau in taus]
+    ref = _choose_reference(problem, problems_by_tau[0], t_final, taus[-1], reference, reference_tau,
+                            distance, kernel)
+    rows, trajectories = [], []
+    with _progress_bar(len(taus) + (not ref.closed), "converge", "run", progress) as bar:
+        reference_run = None
+        if not ref.closed:
+            bar.set_postfix_str(f"reference run, tau={ref.tau:g}")
+            reference_run, wall = _timed_run(problems_by_tau[-1], ref.tau, ref.steps, method_factory)
+            bar.update(1)
+            logger.debug("reference run: tau = %g, %d steps, %.2f s", ref.tau, ref.steps, wall)
+        for p, tau, n in zip(problems_by_tau, taus, steps, strict=True):
+            bar.set_postfix_str(f"running tau={tau:g}")
+            trajectory, wall = _timed_run(p, tau, n, method_factory)
+            row = _study_row(p, tau, n, trajectory, wall, ref.error(p, trajectory, reference_run), t_final)
+            rows.append(row)
+            if keep_trajectories:
+                trajectories.append(trajectory)
+            bar.set_postfix_str(f"tau={tau:g}: error={row['error']:.3g}", refresh=False)
+            bar.update(1)
+    _flag_growing_errors(rows)
+    reference_flags = () if ref.closed else _flag_spoiled_reference(rows, reference_run, ref, t_final,
+                                                                     problem.initial.dim, taus[-1])
+    clean = [r for r in rows if not r["flags"]]
+    return ConvergenceStudy(rows, _fit(clean), _fit(rows), ref.description(), distance if not ref.closed
+                            else "closed form", tuple(trajectories), reference_flags)
+
+
+def _default_method():
     from .methods import ConicJKO
 
+    return ConicJKO()
+
+
+def _checked_taus(taus, distance: str, reference: str) -> list[float]:
+    """The step sizes of a convergence study in decreasing order, its options checked."""
     taus = sorted((float(t) for t in taus), reverse=True)
     if len(taus) < 2 or any(not (np.isfinite(t) and t > 0) for t in taus):
         raise ValueError(f"a convergence study needs at least two positive step sizes, got {taus}")
@@ -371,76 +406,89 @@ def convergence_study(problem, taus: Sequence[float], *, method_factory: Callabl
         raise ValueError(f"distance must be 'mmd' or 'w2', got {distance!r}")
     if reference not in ("auto", "closed_form", "fine"):
         raise ValueError(f"reference must be 'auto', 'closed_form' or 'fine', got {reference!r}")
-    method_factory = method_factory or ConicJKO
-    t_final = float(t_final if t_final is not None else problem.t_final)
-    steps = [_steps_for(t_final, tau) for tau in taus]  # check before computing anything
-    problems_by_tau = [refine(tau) if refine is not None else problem for tau in taus]
-    closed = getattr(problems_by_tau[0], "error", None) is not None
+    return taus
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """What a convergence study measures its errors against: the closed form of the problem
+    (``closed``), or the final measure of a fine run (step ``tau``, ``steps`` steps) in the
+    ``distance`` "mmd" (with ``kernel``) or "w2"."""
+
+    closed: bool
+    distance: str
+    tau: float | None = None
+    steps: int | None = None
+    kernel: object = None
+
+    def description(self) -> str:
+        if self.closed:
+            return "closed form (problem.error: largest distance over the saved times)"
+        return (f"run with tau = {self.tau:g} ({self.steps} steps) on the finest problem; "
+                f"{self.distance} distance between the final measures")
+
+    def error(self, problem, trajectory, reference_run) -> float:
+        from .diagnostics import mmd, w2
+
+        if self.closed:
+            return float(problem.error(trajectory))
+        if self.distance == "mmd":
+            return mmd(trajectory.final, reference_run.final, self.kernel)
+        return w2(trajectory.final, reference_run.final)
+
+
+def _choose_reference(problem, first, t_final: float, finest_tau: float, reference: str,
+                      reference_tau: float | None, distance: str, kernel) -> _Reference:
+    """The closed form when ``first`` (the problem of the largest tau) has one and ``reference``
+    allows it, else a fine run with step ``reference_tau`` (default finest_tau / 8)."""
+    from .kernels import Gaussian
+
+    closed = getattr(first, "error", None) is not None
     if reference == "closed_form" and not closed:
         raise ValueError("this problem has no closed form (problem.error is None); use reference='fine'")
-    use_closed = closed and reference != "fine"
-    fine_tau = None
-    if not use_closed:
-        fine_tau = float(reference_tau) if reference_tau is not None else taus[-1] / 8
-        fine_steps = _steps_for(t_final, fine_tau)
-        if kernel is None:
-            kernel = (getattr(problem.energy, "kernel", None) or getattr(problem.geometry, "kernel", None)
-                      or Gaussian(1.0))
+    if closed and reference != "fine":
+        return _Reference(True, distance)
+    fine_tau = float(reference_tau) if reference_tau is not None else finest_tau / 8
+    fine_steps = _steps_for(t_final, fine_tau)
+    if kernel is None:
+        kernel = (getattr(problem.energy, "kernel", None) or getattr(problem.geometry, "kernel", None)
+                  or Gaussian(1.0))
+    return _Reference(False, distance, fine_tau, fine_steps, kernel)
 
-    def run(p, tau, n):
-        start = time.perf_counter()
-        trajectory = solve(p.energy, p.geometry, p.initial, tau=tau, steps=n, method=method_factory(),
-                           progress=False)
-        return trajectory, time.perf_counter() - start
 
-    rows, trajectories = [], []
-    with _progress_bar(len(taus) + (not use_closed), "converge", "run", progress) as bar:
-        if use_closed:
-            description = "closed form (problem.error: largest distance over the saved times)"
-        else:
-            finest = problems_by_tau[-1]
-            bar.set_postfix_str(f"reference run, tau={fine_tau:g}")
-            reference_run, wall = run(finest, fine_tau, fine_steps)
-            bar.update(1)
-            logger.debug("reference run: tau = %g, %d steps, %.2f s", fine_tau, fine_steps, wall)
-            description = (f"run with tau = {fine_tau:g} ({fine_steps} steps) on the finest problem; "
-                           f"{distance} distance between the final measures")
-        for p, tau, n in zip(problems_by_tau, taus, steps, strict=True):
-            bar.set_postfix_str(f"running tau={tau:g}")
-            trajectory, wall = run(p, tau, n)
-            if use_closed:
-                error = float(p.error(trajectory))
-            elif distance == "mmd":
-                error = mmd_distance(trajectory.final, reference_run.final, kernel)
-            else:
-                error = w2_distance(trajectory.final, reference_run.final)
-            locked = locked_steps(trajectory, p.energy, p.geometry)
-            flags = _flags(trajectory, error, t_final, p.initial.dim, locked=locked)
-            rows.append({"tau": tau, "h": _grid_spacing(p.initial), "steps": n, "locked_steps": locked[0],
-                         "grid_share": grid_share(trajectory), "error": error, "wall_time": wall,
-                         "flags": flags})
-            if keep_trajectories:
-                trajectories.append(trajectory)
-            bar.set_postfix_str(f"tau={tau:g}: error={error:.3g}", refresh=False)
-            bar.update(1)
-            logger.debug("tau = %g: %d steps, error %.6g, %d locked, %.2f s%s", tau, n, error, locked[0],
-                         wall, f" ({', '.join(flags)})" if flags else "")
-    _flag_growing_errors(rows)
-    reference_flags = ()
-    if not use_closed:
-        errors = [r["error"] for r in rows if r["error"] is not None and np.isfinite(r["error"])]
-        reference_flags = tuple(_reference_flags(reference_run, t_final, problem.initial.dim, taus[-1],
-                                                 min(errors, default=np.inf)))
-        if reference_flags:
-            logger.warning("the reference run (tau = %g) is itself spoiled (%s): the errors are measured "
-                           "against a wrong flow, every row is flagged and no order is fitted. Refine the "
-                           "grid with tau (refine=, --refine-grid), use a problem with a closed form, or "
-                           "particles", fine_tau, ", ".join(reference_flags))
-            for row in rows:
-                row["flags"].append("reference_spoiled")
-    clean = [r for r in rows if not r["flags"]]
-    return ConvergenceStudy(rows, _fit(clean), _fit(rows), description, distance if not use_closed
-                            else "closed form", tuple(trajectories), reference_flags)
+def _timed_run(p, tau: float, n: int, method_factory) -> tuple:
+    """(trajectory, wall time) of ``n`` steps of size ``tau`` on the problem ``p``."""
+    start = time.perf_counter()
+    trajectory = solve(p.energy, p.geometry, p.initial, tau=tau, steps=n, method=method_factory(),
+                       progress=False)
+    return trajectory, time.perf_counter() - start
+
+
+def _study_row(p, tau: float, n: int, trajectory, wall: float, error: float, t_final: float) -> dict:
+    """The row of one run of a convergence study, with its flags (logged at DEBUG level)."""
+    locked = locked_steps(trajectory, p.energy, p.geometry)
+    flags = _flags(trajectory, error, t_final, p.initial.dim, locked=locked)
+    logger.debug("tau = %g: %d steps, error %.6g, %d locked, %.2f s%s", tau, n, error, locked[0],
+                 wall, f" ({', '.join(flags)})" if flags else "")
+    return {"tau": tau, "h": _grid_spacing(p.initial), "steps": n, "locked_steps": locked[0],
+            "grid_share": grid_share(trajectory), "error": error, "wall_time": wall, "flags": flags}
+
+
+def _flag_spoiled_reference(rows, reference_run, ref: _Reference, t_final: float, dim: int,
+                            finest_tau: float) -> tuple:
+    """The flags of the fine reference run (``_reference_flags``); when there are any, every row
+    gets ``reference_spoiled`` and a warning says why and what to do."""
+    errors = [r["error"] for r in rows if r["error"] is not None and np.isfinite(r["error"])]
+    reference_flags = tuple(_reference_flags(reference_run, t_final, dim, finest_tau,
+                                             min(errors, default=np.inf)))
+    if reference_flags:
+        logger.warning("the reference run (tau = %g) is itself spoiled (%s): the errors are measured "
+                       "against a wrong flow, every row is flagged and no order is fitted. Refine the "
+                       "grid with tau (refine=, --refine-grid), use a problem with a closed form, or "
+                       "particles", ref.tau, ", ".join(reference_flags))
+        for row in rows:
+            row["flags"].append("reference_spoiled")
+    return reference_flags
 
 
 # ---------------------------------------------------------------------------- scheme comparisons
