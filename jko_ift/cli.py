@@ -64,6 +64,87 @@ EXIT_CODES = {
 #: Where an internal error is to be reported.
 REPORT_TO = "the jko_ift issue tracker"
 
+#: The help, description and epilog of each command (``jko-ift COMMAND --help``).
+COMMAND_TEXTS = {
+    "demo": dict(
+        help="IFT against the MMD flow and WFR on the IFT paper's 2-D mixture target (particles)",
+        description=(
+            "The 2-D experiment of Gladin et al., 'Interaction-Force Transport Gradient Flows' "
+            "(NeurIPS 2024): particles from N((5, 5), I) flow towards samples of a mixture of "
+            "three Gaussians under F = 1/2 MMD^2(mu, target) (Gaussian kernel, width 10). "
+            "Three update loops of the authors' code share their position step lr = "
+            f"{DEMO_POSITION_LR:g} (the W2 step tau = 2 lr / N, 1 for 100 particles): the MMD flow "
+            "(positions only), WFR (then their KL weight step, multiplicative and projected "
+            f"onto the simplex, lr_w = {DEMO_WFR_WEIGHT_LR:g}) and IFT (then their projected-"
+            f"gradient MMD weight step, lr_w = {DEMO_IFT_WEIGHT_LR:g}: the paper's algorithm). "
+            "Writes mmd_decay.png (MMD to the target samples against iteration), particles.png "
+            "(snapshots, marker area ~ weight) and summary.json."
+        ),
+        epilog="Takes about 30 s with the defaults. The paper runs 6000 iterations over 50 seeds: "
+               "python examples/paper_2d.py.",
+    ),
+    "run": dict(
+        help="run a TOML config (problem, geometry, method, steps) into a results folder",
+        description=(
+            "Read CONFIG (a TOML file: [problem], [geometry], [method], [run]; see docs/configs.md "
+            "and examples/configs/), check every field before computing anything, run it with "
+            "jk.solve and write a results folder: summary.json (the config, library versions, "
+            "per-step energies, timings and statuses, the stop reason), trajectory.npz (read it "
+            "back with jk.load) and energy.png (energy against time)."
+        ),
+        epilog=(
+            "Checkpoints: with --checkpoint-every N the run goes in chunks of N steps and "
+            "replaces checkpoint.npz in the output folder after each chunk (atomically: a crash "
+            "leaves the previous checkpoint intact). After an interruption, the same command with "
+            "--resume continues from it and gives the same result, bit for bit, as an "
+            "uninterrupted run with the same N. Adaptive runs ([run.adaptive]) are checkpointed at "
+            "every N-th time of their [run] save_at. "
+            "Faults: the folder is checked (writable, free space) and locked before any step; "
+            "summary.json says \"status\": \"running\" until the run is complete; a damaged or "
+            "altered checkpoint (SHA-256 checksum) is refused by name; Ctrl-C says where the run "
+            "stopped and how to resume. Exit codes: see 'jko-ift --help'."
+        ),
+    ),
+    "converge": dict(
+        help="tau -> 0 convergence study of a config: error table, fitted order, log-log plot",
+        description=(
+            "Run the problem, geometry and method of CONFIG to the final time of its [run] (tau * "
+            "steps, or t_final) once per step size of --taus, measure each run against a reference "
+            "(the closed form of a named problem, or a run with a much smaller step) and fit "
+            "error ~ C tau^order with a 95% confidence interval. Rows where a known regime spoils "
+            "the order are flagged and left out of the fit: 'grid_locking in k/n steps' (k > 0 W2 "
+            "steps moved no mass, or far less than the flow would, because tau*alpha*|grad f| is "
+            "below the grid spacing), entropic_diffusion (eps / tau "
+            "not small against the error), solver_tolerance (the steps' summed error bounds not well "
+            "below the error). "
+            "Writes summary.json, convergence.csv and convergence.png."),
+    ),
+    "compare": dict(
+        help="one problem through several methods and geometries: table and energy-decay plot",
+        description=(
+            "Run the problem of CONFIG with the tau and steps of its [run] through every pair of "
+            "--methods and --geometries (each pair a variant of the config, checked before any "
+            "computation; a geometry takes the alpha, beta, ridge, conserve_mass and kernel of the "
+            "config's [geometry] where they apply, a method the options of [method] if it is the "
+            "same kind). Writes summary.json, compare.csv (final energy, MMD^2 to the target when "
+            "the energy has one, steps, wall time; a failed scheme gets its error message) and "
+            "energy_decay.png (the energies overlaid)."),
+    ),
+    "sweep": dict(
+        help="run a grid of parameter values of a config, on Dask distributed or serially",
+        description=(
+            "Run CONFIG once for every combination of the --param values (each a dotted field of "
+            "the config and comma-separated values, read as TOML values), on Dask distributed: a "
+            "LocalCluster on this machine by default, or the scheduler at --scheduler. Every case "
+            "is checked before any runs. Writes summary.json and sweep.csv: one row per case with "
+            "its values, final energy, MMD^2 to the target (when the energy has one), steps, final "
+            "time, stop reason, worst certificate, grid-locked steps and wall time."),
+        epilog="Example: jko-ift sweep examples/configs/mmd_flow.toml --param run.tau=0.5,0.25 "
+               "--param problem.kernel_width=1,2 --workers 4",
+    ),
+}
+
+
 # ---------------------------------------------------------------------------- argument types
 
 def _positive_int(text: str) -> int:
@@ -116,25 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_demo(commands) -> None:
-    demo = commands.add_parser(
-        "demo",
-        help="IFT against the MMD flow and WFR on the IFT paper's 2-D mixture target (particles)",
-        description=(
-            "The 2-D experiment of Gladin et al., 'Interaction-Force Transport Gradient Flows' "
-            "(NeurIPS 2024): particles from N((5, 5), I) flow towards samples of a mixture of "
-            "three Gaussians under F = 1/2 MMD^2(mu, target) (Gaussian kernel, width 10). "
-            "Three update loops of the authors' code share their position step lr = "
-            f"{DEMO_POSITION_LR:g} (the W2 step tau = 2 lr / N, 1 for 100 particles): the MMD flow "
-            "(positions only), WFR (then their KL weight step, multiplicative and projected "
-            f"onto the simplex, lr_w = {DEMO_WFR_WEIGHT_LR:g}) and IFT (then their projected-"
-            f"gradient MMD weight step, lr_w = {DEMO_IFT_WEIGHT_LR:g}: the paper's algorithm). "
-            "Writes mmd_decay.png (MMD to the target samples against iteration), particles.png "
-            "(snapshots, marker area ~ weight) and summary.json."
-        ),
-        epilog="Takes about 30 s with the defaults. The paper runs 6000 iterations over 50 seeds: "
-               "python examples/paper_2d.py.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    demo = commands.add_parser("demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                               **COMMAND_TEXTS["demo"])
     demo.add_argument("--steps", type=_positive_int, default=DEMO_STEPS, metavar="N",
                       help="iterations of each scheme")
     demo.add_argument("--particles", type=_positive_int, default=DEMO_PARTICLES, metavar="N",
@@ -149,29 +213,7 @@ def _add_demo(commands) -> None:
 
 
 def _add_run(commands) -> None:
-    run = commands.add_parser(
-        "run",
-        help="run a TOML config (problem, geometry, method, steps) into a results folder",
-        description=(
-            "Read CONFIG (a TOML file: [problem], [geometry], [method], [run]; see docs/configs.md "
-            "and examples/configs/), check every field before computing anything, run it with "
-            "jk.solve and write a results folder: summary.json (the config, library versions, "
-            "per-step energies, timings and statuses, the stop reason), trajectory.npz (read it "
-            "back with jk.load) and energy.png (energy against time)."
-        ),
-        epilog=(
-            "Checkpoints: with --checkpoint-every N the run goes in chunks of N steps and "
-            "replaces checkpoint.npz in the output folder after each chunk (atomically: a crash "
-            "leaves the previous checkpoint intact). After an interruption, the same command with "
-            "--resume continues from it and gives the same result, bit for bit, as an "
-            "uninterrupted run with the same N. Adaptive runs ([run.adaptive]) are checkpointed at "
-            "every N-th time of their [run] save_at. "
-            "Faults: the folder is checked (writable, free space) and locked before any step; "
-            "summary.json says \"status\": \"running\" until the run is complete; a damaged or "
-            "altered checkpoint (SHA-256 checksum) is refused by name; Ctrl-C says where the run "
-            "stopped and how to resume. Exit codes: see 'jko-ift --help'."
-        ),
-    )
+    run = commands.add_parser("run", **COMMAND_TEXTS["run"])
     run.add_argument("config", type=Path, metavar="CONFIG",
                      help="the TOML config file to run (e.g. examples/configs/mmd_flow.toml)")
     run.add_argument("--out", type=Path, default=None, metavar="DIR",
@@ -332,6 +374,22 @@ STUDY_DETAILS = {"converge": "one line per run (tau, steps, error, locked steps,
                  "sweep": "one line per case as it completes (values, final energy, steps)"}
 
 
+def _study_parser(commands, name: str) -> argparse.ArgumentParser:
+    """The parser of the study command ``name`` (its texts from ``COMMAND_TEXTS``), with its CONFIG
+    argument."""
+    parser = commands.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                 **COMMAND_TEXTS[name])
+    parser.add_argument("config", type=Path, metavar="CONFIG", help="the TOML config (docs/configs.md)")
+    return parser
+
+
+def _study_options(parser, what: str, command) -> None:
+    """The options every study command ends with (--out, -q, -v), and its runner ``command``,
+    which holds the lock of the results folder while it runs."""
+    _common_out(parser, what)
+    parser.set_defaults(run=_locked(command))
+
+
 def _common_out(parser, what: str) -> None:
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help=f"results folder (created if missing; its files are replaced); default: "
@@ -340,23 +398,7 @@ def _common_out(parser, what: str) -> None:
 
 
 def _add_converge(commands) -> None:
-    converge = commands.add_parser(
-        "converge",
-        help="tau -> 0 convergence study of a config: error table, fitted order, log-log plot",
-        description=(
-            "Run the problem, geometry and method of CONFIG to the final time of its [run] (tau * "
-            "steps, or t_final) once per step size of --taus, measure each run against a reference "
-            "(the closed form of a named problem, or a run with a much smaller step) and fit "
-            "error ~ C tau^order with a 95% confidence interval. Rows where a known regime spoils "
-            "the order are flagged and left out of the fit: 'grid_locking in k/n steps' (k > 0 W2 "
-            "steps moved no mass, or far less than the flow would, because tau*alpha*|grad f| is "
-            "below the grid spacing), entropic_diffusion (eps / tau "
-            "not small against the error), solver_tolerance (the steps' summed error bounds not well "
-            "below the error). "
-            "Writes summary.json, convergence.csv and convergence.png."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    converge.add_argument("config", type=Path, metavar="CONFIG", help="the TOML config (docs/configs.md)")
+    converge = _study_parser(commands, "converge")
     converge.add_argument("--taus", type=_float_list, required=True, metavar="T1,T2,...",
                           help="step sizes, comma-separated (each must divide the final time)")
     converge.add_argument("--refine-grid", action="store_true",
@@ -369,50 +411,21 @@ def _add_converge(commands) -> None:
                           help="step of the fine reference run (default: smallest tau / 8)")
     converge.add_argument("--distance", choices=("mmd", "w2"), default="mmd",
                           help="distance to the fine reference run's final measure")
-    _common_out(converge, "converge")
-    converge.set_defaults(run=_locked(_run_converge))
+    _study_options(converge, "converge", _run_converge)
 
 
 def _add_compare(commands) -> None:
-    compare = commands.add_parser(
-        "compare",
-        help="one problem through several methods and geometries: table and energy-decay plot",
-        description=(
-            "Run the problem of CONFIG with the tau and steps of its [run] through every pair of "
-            "--methods and --geometries (each pair a variant of the config, checked before any "
-            "computation; a geometry takes the alpha, beta, ridge, conserve_mass and kernel of the "
-            "config's [geometry] where they apply, a method the options of [method] if it is the "
-            "same kind). Writes summary.json, compare.csv (final energy, MMD^2 to the target when "
-            "the energy has one, steps, wall time; a failed scheme gets its error message) and "
-            "energy_decay.png (the energies overlaid)."),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    compare.add_argument("config", type=Path, metavar="CONFIG", help="the TOML config (docs/configs.md)")
+    compare = _study_parser(commands, "compare")
     compare.add_argument("--methods", type=_name_list, default=None, metavar="M1,M2",
                          help="method kinds, comma-separated (conic, entropic, ...; default: the config's)")
     compare.add_argument("--geometries", type=_name_list, default=None, metavar="G1,G2",
                          help="geometry kinds, comma-separated (wasserstein, hellinger, mmd, wfr, ift; "
                               "default: the config's)")
-    _common_out(compare, "compare")
-    compare.set_defaults(run=_locked(_run_compare))
+    _study_options(compare, "compare", _run_compare)
 
 
 def _add_sweep(commands) -> None:
-    sweep = commands.add_parser(
-        "sweep",
-        help="run a grid of parameter values of a config, on Dask distributed or serially",
-        description=(
-            "Run CONFIG once for every combination of the --param values (each a dotted field of "
-            "the config and comma-separated values, read as TOML values), on Dask distributed: a "
-            "LocalCluster on this machine by default, or the scheduler at --scheduler. Every case "
-            "is checked before any runs. Writes summary.json and sweep.csv: one row per case with "
-            "its values, final energy, MMD^2 to the target (when the energy has one), steps, final "
-            "time, stop reason, worst certificate, grid-locked steps and wall time."),
-        epilog="Example: jko-ift sweep examples/configs/mmd_flow.toml --param run.tau=0.5,0.25 "
-               "--param problem.kernel_width=1,2 --workers 4",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    sweep.add_argument("config", type=Path, metavar="CONFIG", help="the TOML config (docs/configs.md)")
+    sweep = _study_parser(commands, "sweep")
     sweep.add_argument("--param", type=_param, action="append", required=True, metavar="FIELD=V1,V2",
                        help="a dotted config field and its values (repeat for a grid), e.g. run.tau=0.1,0.05")
     where = sweep.add_mutually_exclusive_group()
@@ -423,8 +436,7 @@ def _add_sweep(commands) -> None:
                                                              "without Dask")
     sweep.add_argument("--workers", type=_positive_int, default=2, metavar="N",
                        help="workers of the LocalCluster (one process and thread each)")
-    _common_out(sweep, "sweep")
-    sweep.set_defaults(run=_locked(_run_sweep))
+    _study_options(sweep, "sweep", _run_sweep)
 
 
 def _default_out(args, what: str) -> Path:

@@ -63,6 +63,15 @@ def _save(fig: Figure, path) -> Path:
     return path
 
 
+def _label(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Axis labels, the title, a grid at every (log) tick and the legend of a one-axes figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+
+
 def plot_snapshots(trajectories: Mapping[str, Trajectory], target: Measure, path,
                    count: int = 4, title: str | None = None) -> Path:
     """Densities at ``count`` times of each trajectory (one row each), beside the target.
@@ -150,11 +159,7 @@ def plot_work_precision(curves: Sequence, path, title: str = "") -> Path:
         for parameter, solves, error in zip(curve.parameter, curve.solves, curve.errors, strict=True):
             text = f"{parameter:.0e}" if parameter < 1 else f"{parameter:.0f}"
             ax.annotate(text, (solves, error), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("work: step solves")
-    ax.set_ylabel("error (largest over the saved times)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    _label(ax, "work: step solves", "error (largest over the saved times)", title)
     return _save(fig, path)
 
 
@@ -171,11 +176,7 @@ def plot_step_sizes(trajectories: Mapping[str, Trajectory], path, title: str = "
         if rejected:
             ax.semilogy([s["t"] for s in rejected], [s["tau"] for s in rejected], "x",
                         color=line.get_color())
-    ax.set_xlabel("time t")
-    ax.set_ylabel("step size tau (x: rejected)")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    _label(ax, "time t", "step size tau (x: rejected)", title)
     return _save(fig, path)
 
 

@@ -66,8 +66,8 @@ def layer_of(module: str) -> int | None:
     best, index = -1, None
     for k, names in enumerate(LAYERS):
         for name in names:
-            matches = relative == name if name == "" else (relative == name or relative.startswith(name + "."))
-            if matches and len(name) > best:
+            inside = relative == name or (name != "" and relative.startswith(name + "."))
+            if inside and len(name) > best:
                 best, index = len(name), k
     return index
 
