@@ -382,7 +382,7 @@ class PaperScheme:
     n_particles: int
     mass: float
 
-    def __iter__(self):  # (method, geometry, tau): what run_over_seeds' make_scheme returns
+    def __iter__(self):  # (method, geometry, tau): what studies.run_over_seeds' make_scheme returns
         return iter((self.method, self.geometry, self.tau))
 
 

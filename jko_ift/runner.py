@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import FIXED_SUPPORT_METHODS
 from .io import (
     ResultsFileError,
     ResultsFolderError,
@@ -453,8 +454,6 @@ def estimated_bytes(spec, checkpoint_every: int | None) -> int:
     grid), as uncompressed float64 in trajectory.npz, twice more for checkpoint.npz (the new one is
     written beside the old), and ``SUMMARY_BYTES_PER_STEP`` per step in summary.json. An adaptive
     run's step count is not known before it runs: its save times (or only its ends) count."""
-    from .config import FIXED_SUPPORT_METHODS
-
     run, mu = spec.run, spec.initial
     steps = (run.steps or 0) if not spec.adaptive else len(run.save_at or ()) + 1
     on_grid = mu.grid is not None and spec.method_kind in FIXED_SUPPORT_METHODS

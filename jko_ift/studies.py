@@ -263,26 +263,41 @@ def _flags(trajectory, error: float, t_final: float, dim: int, energy=None, geom
         flags.append("grid_rounding")
     # entropic diffusion only where the grid does not explain the error: a locked entropic run
     # (eps below h^2) is grid locking, and a smaller eps would make it worse
-    blur_error = entropic_diffusion_error(trajectory, t_final, dim)
-    if blur_error is not None and not flags:
-        cells = time_error_cells(trajectory)
-        scale = cells * h if cells is not None and h is not None else error
-        if dominated or blur_error > DIFFUSION_MARGIN * scale:
-            flags.append("entropic_diffusion")
-    # The steps' error bounds add up (a non-expansive step map carries each step's error to
-    # the end; the flows here contract). Steps without a bound (transport geometries on a fixed
-    # support, entropic and particle methods) are judged by their relative certificate only.
-    bounds = [s.get("error_bound") for s in stats]
-    bounded = [b for b in bounds if b is not None]
-    certificates = [s["certificate"] for s, b in zip(stats, bounds, strict=True)
-                    if b is None and s.get("certificate") is not None]
-    if ((bounded and sum(bounded) > SOLVER_MARGIN * error)
-            or (certificates and max(certificates) > CERTIFICATE_MARGIN * error)
-            or not np.isfinite(sum(bounded) + max(certificates, default=0.0))):
+    if not flags and _diffusion_dominates(trajectory, error, t_final, dim, h, dominated):
+        flags.append("entropic_diffusion")
+    if _solver_tolerance_spoils(stats, error):
         flags.append("solver_tolerance")
     if trajectory.stop_reason not in ("steps", "t_final"):
         flags.append(f"stopped_{trajectory.stop_reason}")
     return flags
+
+
+def _diffusion_dominates(trajectory, error: float, t_final: float, dim: int, h: float | None,
+                         dominated: bool) -> bool:
+    """Whether the entropic blur of the run (if any) dominates a step or its diffusion error
+    (``entropic_diffusion_error``) exceeds ``DIFFUSION_MARGIN`` times the run's time error (in
+    cells times h where the grid says, else ``error``)."""
+    blur_error = entropic_diffusion_error(trajectory, t_final, dim)
+    if blur_error is None:
+        return False
+    cells = time_error_cells(trajectory)
+    scale = cells * h if cells is not None and h is not None else error
+    return dominated or blur_error > DIFFUSION_MARGIN * scale
+
+
+def _solver_tolerance_spoils(stats, error: float) -> bool:
+    """Whether the steps' solver errors are not well below the run's ``error``.
+
+    The steps' error bounds add up (a non-expansive step map carries each step's error to the
+    end; the flows here contract). Steps without a bound (transport geometries on a fixed support,
+    entropic and particle methods) are judged by their relative certificate only."""
+    bounds = [s.get("error_bound") for s in stats]
+    bounded = [b for b in bounds if b is not None]
+    certificates = [s["certificate"] for s, b in zip(stats, bounds, strict=True)
+                    if b is None and s.get("certificate") is not None]
+    return bool((bounded and sum(bounded) > SOLVER_MARGIN * error)
+                or (certificates and max(certificates) > CERTIFICATE_MARGIN * error)
+                or not np.isfinite(sum(bounded) + max(certificates, default=0.0)))
 
 
 def _flag_growing_errors(rows) -> None:
