@@ -501,42 +501,17 @@ def _run_converge(args) -> int:
     return 0
 
 
-def _scheme_configs(raw: dict, methods, geometries) -> dict:
-    """label -> config variant for each (method, geometry) pair."""
-    from .config import GEOMETRY_KEYS
-    from .studies import set_field
-
-    base_method = raw.get("method", {"kind": "conic"})
-    base_geometry = raw.get("geometry")
-    methods = methods or [base_method.get("kind", "conic") if isinstance(base_method, dict) else "conic"]
-    variants = {}
-    for method in methods:
-        method_table = base_method if isinstance(base_method, dict) and base_method.get("kind") == method \
-            else {"kind": method}
-        for geometry in geometries or [None]:
-            config = set_field(raw, "method", dict(method_table))
-            if geometry is not None:
-                table = {"kind": geometry}
-                if isinstance(base_geometry, dict):
-                    table.update({k: v for k, v in base_geometry.items()
-                                  if k in GEOMETRY_KEYS.get(geometry, ())})
-                config = set_field(config, "geometry", table)
-            label = f"{method}/{geometry or (base_geometry or {}).get('kind', 'default')}"
-            variants[label] = config
-    return variants
-
-
 def _run_compare(args) -> int:
     import warnings
 
     from .config import ConfigError, load_config
-    from .studies import compare_schemes, write_table
+    from .studies import compare_schemes, scheme_configs, write_table
 
     _configure_logging(args)
     out = _default_out(args, "compare")
     raw = read_config(args.config)[0]
     specs = {label: load_config(config) for label, config in
-             _scheme_configs(raw, args.methods, args.geometries).items()}  # all checked first
+             scheme_configs(raw, args.methods, args.geometries).items()}  # all checked first
     first = next(iter(specs.values()))
     if first.adaptive:
         raise ConfigError("run.adaptive", "compare runs fixed steps; give [run] tau with steps or t_final")

@@ -607,6 +607,33 @@ def write_table(path, rows: Sequence[Mapping], columns: Sequence[str] | None = N
 
 # ---------------------------------------------------------------------------- configs as studies
 
+def scheme_configs(raw: Mapping, methods=None, geometries=None) -> dict:
+    """label "method/geometry" -> the variant of the config ``raw`` for each pair of the method
+    kinds ``methods`` and geometry kinds ``geometries`` (default: the config's own). A geometry
+    takes the fields of the config's [geometry] that apply to it, a method the options of [method]
+    if it is the same kind (``jko-ift compare``)."""
+    from .config import GEOMETRY_KEYS
+
+    base_method = raw.get("method", {"kind": "conic"})
+    base_geometry = raw.get("geometry")
+    methods = methods or [base_method.get("kind", "conic") if isinstance(base_method, dict) else "conic"]
+    variants = {}
+    for method in methods:
+        method_table = base_method if isinstance(base_method, dict) and base_method.get("kind") == method \
+            else {"kind": method}
+        for geometry in geometries or [None]:
+            config = set_field(raw, "method", dict(method_table))
+            if geometry is not None:
+                table = {"kind": geometry}
+                if isinstance(base_geometry, dict):
+                    table.update({k: v for k, v in base_geometry.items()
+                                  if k in GEOMETRY_KEYS.get(geometry, ())})
+                config = set_field(config, "geometry", table)
+            label = f"{method}/{geometry or (base_geometry or {}).get('kind', 'default')}"
+            variants[label] = config
+    return variants
+
+
 def set_field(config: Mapping, dotted: str, value) -> dict:
     """A deep copy of ``config`` with ``dotted`` (``"run.tau"``, ``"geometry.alpha"``) set."""
     import copy
