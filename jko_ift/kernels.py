@@ -337,6 +337,33 @@ class Kernel:
         return (2.0 * factor) * (x * sums[0][:, None] - sums[1:].T + near_sum)
 
 
+def centred(matrix: np.ndarray) -> np.ndarray:
+    """P M P with P = I - 1 1^T / n (rows and columns of mean zero): (n, n).
+
+    The Gram matrix of a conditionally positive definite kernel (``EnergyKernel``) is positive
+    semidefinite only on zero-sum vectors; on measures of one fixed mass b^T M b and
+    b^T (P M P) b differ by a term linear in b, and P M P is positive semidefinite.
+    """
+    out = matrix - matrix.mean(0, keepdims=True)
+    return out - out.mean(1, keepdims=True)
+
+
+class GramCache:
+    """Gram matrices K(y, y) on one support y: (n, d), computed once per kernel."""
+
+    def __init__(self, points: np.ndarray):
+        self.points = points
+        self._grams: list[tuple[Kernel, np.ndarray]] = []
+
+    def gram(self, kernel: Kernel) -> np.ndarray:
+        for known, matrix in self._grams:
+            if known is kernel or known == kernel:
+                return matrix
+        matrix = kernel(self.points, self.points)
+        self._grams.append((kernel, matrix))
+        return matrix
+
+
 def _block_buffer(buffer, rows: slice, m: int) -> np.ndarray:
     """One block buffer reused across the blocks of a sum (no allocation per block)."""
     if buffer is None or buffer.shape[0] < rows.stop - rows.start:
