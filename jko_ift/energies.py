@@ -56,15 +56,18 @@ _PSD_ORDER = (PSD, ZERO_SUM_PSD, UNKNOWN_PSD)
 class WeightForm:
     """An energy on a fixed support of n points as a function of the weights b (n,):
 
-        f(b) = dF/db = log_coef log b + offset + sum_k c_k b^p_k + quadratic @ b,
-        F(b) = log_coef sum_i (b_i log b_i - b_i) + offset^T b
+        f(b) = dF/db = log_coef log(b / reference) + offset + sum_k c_k b^p_k + quadratic @ b,
+        F(b) = log_coef sum_i (b_i log(b_i / r_i) - b_i) + offset^T b
                + sum_k c_k / (p_k + 1) sum_i b_i^(p_k + 1) + 1/2 b^T quadratic b + const.
 
-    log_coef >= 0 for a convex form; offset: (n,), +inf where b must vanish (a KL target
-    without mass there); powers: ((c_k, p_k), ...) with p_k > 0 (c_k > 0 for a convex form);
-    quadratic: (n, n), symmetric up to round-off, or None. quadratic_psd: how Q is known to
-    be positive semidefinite (PSD, ZERO_SUM_PSD or UNKNOWN_PSD). convex: False for a negative
-    multiple of a form that is not linear. Forms add and scale like their energies.
+    log_coef >= 0 for a convex form, with reference r: (n,) >= 0 (r_i = 0: b_i must vanish;
+    None without a log part; the log part is a relative entropy, which the conic program
+    writes as one, with its reference inside the cone); offset: (n,), the linear rest, +inf
+    where b must vanish; powers: ((c_k, p_k), ...) with p_k > 0 (c_k > 0 for a convex form);
+    quadratic: (n, n), symmetric up to round-off, or None. quadratic_psd: how Q is known to be
+    positive semidefinite (PSD, ZERO_SUM_PSD or UNKNOWN_PSD). convex: False for a negative
+    multiple of a form that is not linear. Forms add and scale like their energies
+    (two log parts add to one whose reference is the weighted geometric mean).
     """
 
     n: int
@@ -74,11 +77,25 @@ class WeightForm:
     quadratic: np.ndarray | None = None
     quadratic_psd: str = PSD
     convex: bool = True
+    reference: np.ndarray | None = None
 
     def __post_init__(self):
         if self.offset is None:
             object.__setattr__(self, "offset", np.zeros(self.n))
+        if self.log_coef == 0:
+            object.__setattr__(self, "reference", None)
+        elif self.reference is None:
+            object.__setattr__(self, "reference", np.ones(self.n))
         object.__setattr__(self, "powers", tuple(self.powers))
+
+    @property
+    def total_offset(self) -> np.ndarray:
+        """o = offset - log_coef log(reference), so that f(b) = log_coef log b + o + ...: (n,),
+        +inf where the reference vanishes."""
+        if self.reference is None:
+            return self.offset
+        with np.errstate(divide="ignore"):
+            return self.offset - self.log_coef * np.log(self.reference)
 
     @property
     def is_linear(self) -> bool:
@@ -97,7 +114,7 @@ class WeightForm:
         known = max(self.quadratic_psd, other.quadratic_psd, key=_PSD_ORDER.index)
         return WeightForm(self.n, self.log_coef + other.log_coef, self.offset + other.offset,
                           self.powers + other.powers, quadratic, known,
-                          self.convex and other.convex)
+                          self.convex and other.convex, _mean_reference(self, other))
 
     def scaled(self, factor: float) -> WeightForm:
         """The form of factor * F: a negative multiple is convex only when F is linear."""
@@ -106,17 +123,27 @@ class WeightForm:
         return WeightForm(self.n, factor * self.log_coef, factor * self.offset,
                           tuple((factor * c, p) for c, p in self.powers), quadratic,
                           UNKNOWN_PSD if negative and quadratic is not None else self.quadratic_psd,
-                          self.convex and not (negative and not self.is_linear))
+                          self.convex and not (negative and not self.is_linear), self.reference)
 
     def first_variation(self, b: np.ndarray) -> np.ndarray:
         """f(b): (n,)."""
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            f = self.offset + (self.log_coef * np.log(b) if self.log_coef else 0.0)
+            f = self.total_offset + (self.log_coef * np.log(b) if self.log_coef else 0.0)
             for c, p in self.powers:
                 f = f + c * b**p
         if self.quadratic is not None:
             f = f + self.quadratic @ b
         return f
+
+
+def _mean_reference(first: WeightForm, second: WeightForm) -> np.ndarray | None:
+    """The reference of L1 log(b / r1) + L2 log(b / r2) = (L1 + L2) log(b / r): r = r1^w r2^(1-w)."""
+    if first.reference is None or second.reference is None:
+        return second.reference if first.reference is None else first.reference
+    weight = first.log_coef / (first.log_coef + second.log_coef)
+    with np.errstate(divide="ignore"):
+        log_mean = weight * np.log(first.reference) + (1 - weight) * np.log(second.reference)
+    return np.exp(log_mean)
 
 
 class Energy:
@@ -597,9 +624,9 @@ class Entropy(InternalEnergy):
             return np.log(mu.density()) + 1.0
 
     def form(self, mu, grams=None):
-        # sum b log(b / h) = sum (b log b - b) + (1 - log h) sum b
+        # sum b log(b / h) = sum (b log(b / h) - b) + sum b: f = log(b / h) + 1
         h = self._cell_volume_for_form(mu)
-        return WeightForm(mu.n, log_coef=1.0, offset=np.full(mu.n, 1.0 - np.log(h)))
+        return WeightForm(mu.n, log_coef=1.0, offset=np.ones(mu.n), reference=np.full(mu.n, h))
 
 
 @dataclass(frozen=True)
@@ -728,9 +755,8 @@ class KL(Energy):
         return zero if zero.any() else None
 
     def form(self, mu, grams=None):
-        # sum b log(b / r) - b + r = sum (b log b - b) - (log r)^T b + const
-        with np.errstate(divide="ignore"):
-            return WeightForm(mu.n, log_coef=1.0, offset=-np.log(self.reference_weights(mu)))
+        # sum b log(b / r) - b + r: f = log(b / r)
+        return WeightForm(mu.n, log_coef=1.0, reference=self.reference_weights(mu))
 
     def targets(self):
         if isinstance(self.target, Measure):

@@ -177,7 +177,7 @@ def energy_form(F: Energy, mu: Measure) -> EnergyForm:
                 "this energy is not convex in the weights (its matrix, e.g. an Interaction's "
                 "[W(x_i - x_j)], is not positive semidefinite, e.g. an attraction); the entropic "
                 "step cannot take it. Use a particle method (jk.ParticleJKO, jk.ExplicitEuler)")
-    return EnergyForm(mu.n, form.log_coef, form.offset, list(form.powers), quadratic)
+    return EnergyForm(mu.n, form.log_coef, form.total_offset, list(form.powers), quadratic)
 
 
 def _check_coupled(n: int, name: str) -> None:

@@ -511,7 +511,7 @@ def weight_quadratic(F: Energy, points: np.ndarray, grams: GramCache | None = No
         return None
     if not form.is_quadratic:
         return None
-    return WeightQuadratic(form.quadratic, -form.offset, form.quadratic_psd == PSD)
+    return WeightQuadratic(form.quadratic, -form.total_offset, form.quadratic_psd == PSD)
 
 
 # -------------------------------------------------------------------------------------------------
