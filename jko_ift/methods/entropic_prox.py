@@ -26,13 +26,13 @@ exponentiate a potential.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import linalg
 from scipy.special import wrightomega
 
-from ..energies import UNKNOWN_PSD, ZERO_SUM_PSD, Energy, NoWeightFormError, psd_factor
+from ..energies import UNKNOWN_PSD, ZERO_SUM_PSD, Energy, NoWeightFormError, WeightForm, psd_factor
 from ..measures import Measure
 
 #: Points above which a coupled energy (MMD2, Interaction) is refused: its KL-proximal map
@@ -78,65 +78,25 @@ class UnsupportedEnergyError(ValueError):
     """The entropic step has no KL-proximal map for this energy."""
 
 
-@dataclass
-class EnergyForm:
-    """f(b) = log_coef log b + offset + sum_k c_k b^p_k + quadratic @ b on a fixed support.
-
-    offset: (n,), +inf where b must vanish (a KL target without mass there).
-    powers: [(c_k, p_k)], c_k > 0, p_k > 0. quadratic: (n, n) PSD or None.
+@dataclass(frozen=True)
+class EnergyForm(WeightForm):
+    """f(b) = log_coef log b + offset + sum_k c_k b^p_k + quadratic @ b on a fixed support: the
+    energy's own normal form (``energies.WeightForm``) with the log part's reference folded into
+    the offset (+inf where b must vanish), and the low-rank factor of Q kept once computed.
+    Built from an energy by ``energy_form``.
     """
-
-    n: int
-    log_coef: float = 0.0
-    offset: np.ndarray = None
-    powers: list = field(default_factory=list)
-    quadratic: np.ndarray | None = None
-
-    def __post_init__(self):
-        if self.offset is None:
-            self.offset = np.zeros(self.n)
-        self._factor = None
 
     def factor(self) -> np.ndarray | None:
         """W (n, r) with quadratic = W W^T up to RANK_TOL (``low_rank_factor``), computed once."""
         if self.quadratic is None:
             return None
-        if self._factor is None:
-            self._factor = low_rank_factor(self.quadratic)
+        if self.__dict__.get("_factor") is None:
+            object.__setattr__(self, "_factor", low_rank_factor(self.quadratic))
         return self._factor
-
-    def __add__(self, other: EnergyForm) -> EnergyForm:
-        quadratic = self.quadratic
-        if other.quadratic is not None:
-            quadratic = other.quadratic if quadratic is None else quadratic + other.quadratic
-        return EnergyForm(self.n, self.log_coef + other.log_coef, self.offset + other.offset,
-                          self.powers + other.powers, quadratic)
-
-    def scaled(self, factor: float) -> EnergyForm:
-        form = EnergyForm(self.n, factor * self.log_coef, factor * self.offset,
-                          [(factor * c, p) for c, p in self.powers],
-                          None if self.quadratic is None else factor * self.quadratic)
-        if self._factor is not None and factor >= 0:
-            form._factor = np.sqrt(factor) * self._factor
-        return form
 
     @property
     def separable(self) -> bool:
         return self.quadratic is None
-
-    @property
-    def is_quadratic(self) -> bool:
-        """f affine in b: no log term and no power."""
-        return self.log_coef == 0 and not self.powers
-
-    def first_variation(self, b: np.ndarray) -> np.ndarray:
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            f = self.offset + (self.log_coef * np.log(b) if self.log_coef else 0.0)
-            for c, p in self.powers:
-                f = f + c * b**p
-        if self.quadratic is not None:
-            f = f + self.quadratic @ b
-        return f
 
 
 def low_rank_factor(Q: np.ndarray) -> np.ndarray:
@@ -177,7 +137,7 @@ def energy_form(F: Energy, mu: Measure) -> EnergyForm:
                 "this energy is not convex in the weights (its matrix, e.g. an Interaction's "
                 "[W(x_i - x_j)], is not positive semidefinite, e.g. an attraction); the entropic "
                 "step cannot take it. Use a particle method (jk.ParticleJKO, jk.ExplicitEuler)")
-    return EnergyForm(mu.n, form.log_coef, form.total_offset, list(form.powers), quadratic)
+    return EnergyForm(mu.n, form.log_coef, form.total_offset, form.powers, quadratic)
 
 
 def _check_coupled(n: int, name: str) -> None:
