@@ -392,14 +392,21 @@ def _positive(name: str, value: float) -> float:
     return value
 
 
+class _ScaledKernel(Kernel):
+    """A kernel with one scale parameter (named by ``_scale_name``), positive and finite."""
+
+    _scale_name = "sigma"
+
+    def __post_init__(self):
+        name = self._scale_name
+        object.__setattr__(self, name, _positive(f"{type(self).__name__} {name}", getattr(self, name)))
+
+
 @dataclass(frozen=True)
-class Gaussian(Kernel):
+class Gaussian(_ScaledKernel):
     """k(x, y) = exp(-|x - y|^2 / (2 sigma^2))."""
 
     sigma: float = 1.0
-
-    def __post_init__(self):
-        object.__setattr__(self, "sigma", _positive("Gaussian sigma", self.sigma))
 
     def profile(self, s):
         with np.errstate(over="ignore"):  # s / sigma = inf: the value is 0
@@ -437,13 +444,11 @@ class Gaussian(Kernel):
 
 
 @dataclass(frozen=True)
-class IMQ(Kernel):
+class IMQ(_ScaledKernel):
     """Inverse multiquadric k(x, y) = (c^2 + |x - y|^2)^(-1/2)."""
 
     c: float = 1.0
-
-    def __post_init__(self):
-        object.__setattr__(self, "c", _positive("IMQ c", self.c))
+    _scale_name = "c"
 
     def profile(self, s):
         if _underflows(self.c):
@@ -499,13 +504,10 @@ def _over_root(scale: np.ndarray, s: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class Laplace(Kernel):
+class Laplace(_ScaledKernel):
     """k(x, y) = exp(-|x - y| / sigma). Not differentiable at x = y; the gradient there is 0."""
 
     sigma: float = 1.0
-
-    def __post_init__(self):
-        object.__setattr__(self, "sigma", _positive("Laplace sigma", self.sigma))
 
     def profile(self, s):
         return np.exp(-np.sqrt(s) / self.sigma)
