@@ -133,7 +133,18 @@ class ReactionGeometry(Geometry):
     """
 
     #: R^2(a, b) = (a - b)^T G (a - b) with G from ``metric_parts`` (MMD); False: Hellinger.
-    quadratic = False
+    quadratic = True
+    #: The distance that the methods' non-quadratic reaction maps (Hellinger's cones, envelopes
+    #: and Newton steps) solve: only Hellinger's.
+    _solved_distance = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not cls.quadratic and cls._solved_distance is not cls.weight_distance_sq:
+            raise TypeError(
+                f"{cls.__name__} is a reaction that is not quadratic and not Hellinger's: no method "
+                "has its proximal maps. Give a metric (quadratic = True and metric_parts), or "
+                "keep Hellinger's distance")
     #: Its steps keep positive weights positive (the Hellinger flow multiplies them).
     positivity_preserving = False
 
@@ -182,9 +193,12 @@ class Hellinger(ReactionGeometry):
 
     conserve_mass: bool = False
     positivity_preserving = True
+    quadratic = False
 
     def weight_distance_sq(self, points, a, b):
         return float(4.0 * np.sum((np.sqrt(a) - np.sqrt(b)) ** 2))
+
+    _solved_distance = weight_distance_sq
 
 
 @dataclass(frozen=True)
@@ -198,7 +212,6 @@ class MMD(ReactionGeometry):
     kernel: Kernel
     ridge: float = DEFAULT_RIDGE
     conserve_mass: bool = False
-    quadratic = True
 
     def __post_init__(self):
         if not isinstance(self.kernel, Kernel):

@@ -237,6 +237,19 @@ def test_new_energy_hellinger_particle_steps_match_the_closed_form(method):
     np.testing.assert_allclose(result.measure.weights, hellinger_closed_form(mu, TAU), rtol=WEIGHT_RTOL)
 
 
+def test_a_non_quadratic_reaction_other_than_hellinger_is_refused_at_definition():
+    """The methods have proximal maps for Hellinger's distance only: a reaction that changes
+    it without a metric would otherwise be solved as Hellinger, silently."""
+    with pytest.raises(TypeError, match="not quadratic"):
+        @dataclass(frozen=True)
+        class WeightedHellinger(jk.Hellinger):
+            def weight_distance_sq(self, points, a, b):
+                return 2.0 * super().weight_distance_sq(points, a, b)
+    with pytest.raises(TypeError, match="metric_parts"):
+        class Unknown(ReactionGeometry):
+            quadratic = False
+
+
 def test_energies_module_does_not_import_cvxpy():
     """The CVXPY translation lives in methods/conic.py: particle-only code needs no cvxpy."""
     source = pathlib.Path(jk.energies.__file__).read_text()
