@@ -1,9 +1,21 @@
 """Energies F(mu) on weighted supports, and their algebra (F1 + F2, c * F).
 
 Each energy gives ``value``, ``first_variation`` f = dF/dmu at the points (n,) and
-``grad_first_variation`` grad f at the points (n, d). Energies that are convex in the
-weights on a fixed support also give a CVXPY expression (``conic``) used by the exact
-JKO step; the others raise ``NotConvexError``.
+``grad_first_variation`` grad f at the points (n, d), and states once the mathematics the
+methods read, so that no method dispatches on energy classes:
+
+* ``form(mu)``: the normal form on a fixed support (``WeightForm``: log, linear, power and
+  quadratic parts in the weights), composing through + and *. The conic translation (CVXPY,
+  methods/conic.py), the KL-proximal maps (methods/entropic_prox.py) and the weight QPs
+  (methods/weights.py) are built from it. Energies without one raise ``NoWeightFormError``.
+* ``first_variation_at(mu, z)``: f (or grad f) at points z other than the support (noise
+  injection, particles of zero mass).
+* ``position_terms`` / ``add_position_derivatives``: the 1-D position terms of the Newton
+  position step (``line_terms``, ``position_derivatives``).
+* ``value_magnitude``, ``targets``, ``check_measure``: round-off scale, target measures and
+  the checks of a measure against the energy.
+
+A new energy is one class: its value, first variation and form.
 
 ``Entropy`` and ``PorousMedium`` need a density: on a grid rho_i = a_i / h^d; on 1-D particles
 (points (n, 1), no grid) the Lagrangian density between neighbouring particles
@@ -18,29 +30,120 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
-import cvxpy as cp
 import numpy as np
 
-from .kernels import Kernel, row_blocks
+from .kernels import GramCache, Kernel, row_blocks
 from .measures import Measure, as_points, grid_gradient, require_cell_volume
 
 
-class NotConvexError(ValueError):
+class NoWeightFormError(ValueError):
+    """The energy states no normal form in the weights on this support (``Energy.form``)."""
+
+
+class NotConvexError(NoWeightFormError):
     """The energy is not convex in the weights on this support."""
 
 
-@dataclass(frozen=True)
-class ConicSupport:
-    """What an energy needs to write its CVXPY expression on a fixed support.
+#: How the quadratic part Q of a ``WeightForm`` is known to be positive semidefinite, from the
+#: surest to the least: by construction (positive definite kernels); only on zero-sum vectors
+#: (conditionally positive definite kernels: convex on measures of one fixed mass); unknown
+#: (checked numerically by the methods that need it, e.g. an Interaction's matrix).
+PSD, ZERO_SUM_PSD, UNKNOWN_PSD = "psd", "zero_sum_psd", "unknown"
+_PSD_ORDER = (PSD, ZERO_SUM_PSD, UNKNOWN_PSD)
 
-    The weights variable is y with b = scale * y (scale makes y of order one).
-    ``mass`` is sum(b) when the step conserves mass (fixed over a run), else None.
-    Expressions may differ from F by a constant on the feasible set.
+
+@dataclass(frozen=True)
+class WeightForm:
+    """An energy on a fixed support of n points as a function of the weights b (n,):
+
+        f(b) = dF/db = log_coef log(b / reference) + offset + sum_k c_k b^p_k + quadratic @ b,
+        F(b) = log_coef sum_i (b_i log(b_i / r_i) - b_i) + offset^T b
+               + sum_k c_k / (p_k + 1) sum_i b_i^(p_k + 1) + 1/2 b^T quadratic b + const.
+
+    log_coef >= 0 for a convex form, with reference r: (n,) >= 0 (r_i = 0: b_i must vanish;
+    None without a log part; the log part is a relative entropy, which the conic program
+    writes as one, with its reference inside the cone); offset: (n,), the linear rest, +inf
+    where b must vanish; powers: ((c_k, p_k), ...) with p_k > 0 (c_k > 0 for a convex form);
+    quadratic: (n, n), symmetric up to round-off, or None. quadratic_psd: how Q is known to be
+    positive semidefinite (PSD, ZERO_SUM_PSD or UNKNOWN_PSD). convex: False for a negative
+    multiple of a form that is not linear. Forms add and scale like their energies
+    (two log parts add to one whose reference is the weighted geometric mean).
     """
 
-    measure: Measure
-    scale: float
-    mass: float | None
+    n: int
+    log_coef: float = 0.0
+    offset: np.ndarray | None = None
+    powers: tuple = ()
+    quadratic: np.ndarray | None = None
+    quadratic_psd: str = PSD
+    convex: bool = True
+    reference: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.offset is None:
+            object.__setattr__(self, "offset", np.zeros(self.n))
+        if self.log_coef == 0:
+            object.__setattr__(self, "reference", None)
+        elif self.reference is None:
+            object.__setattr__(self, "reference", np.ones(self.n))
+        object.__setattr__(self, "powers", tuple(self.powers))
+
+    @property
+    def total_offset(self) -> np.ndarray:
+        """o = offset - log_coef log(reference), so that f(b) = log_coef log b + o + ...: (n,),
+        +inf where the reference vanishes."""
+        if self.reference is None:
+            return self.offset
+        with np.errstate(divide="ignore"):
+            return self.offset - self.log_coef * np.log(self.reference)
+
+    @property
+    def is_linear(self) -> bool:
+        """F linear in b (f = offset): no log, power or quadratic part."""
+        return self.is_quadratic and self.quadratic is None
+
+    @property
+    def is_quadratic(self) -> bool:
+        """f affine in b: no log term and no power."""
+        return self.log_coef == 0 and not self.powers
+
+    def __add__(self, other: WeightForm) -> WeightForm:
+        quadratic = self.quadratic
+        if other.quadratic is not None:
+            quadratic = other.quadratic if quadratic is None else quadratic + other.quadratic
+        known = max(self.quadratic_psd, other.quadratic_psd, key=_PSD_ORDER.index)
+        return WeightForm(self.n, self.log_coef + other.log_coef, self.offset + other.offset,
+                          self.powers + other.powers, quadratic, known,
+                          self.convex and other.convex, _mean_reference(self, other))
+
+    def scaled(self, factor: float) -> WeightForm:
+        """The form of factor * F: a negative multiple is convex only when F is linear."""
+        negative = factor < 0
+        quadratic = None if self.quadratic is None else factor * self.quadratic
+        return WeightForm(self.n, factor * self.log_coef, factor * self.offset,
+                          tuple((factor * c, p) for c, p in self.powers), quadratic,
+                          UNKNOWN_PSD if negative and quadratic is not None else self.quadratic_psd,
+                          self.convex and not (negative and not self.is_linear), self.reference)
+
+    def first_variation(self, b: np.ndarray) -> np.ndarray:
+        """f(b): (n,)."""
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            f = self.total_offset + (self.log_coef * np.log(b) if self.log_coef else 0.0)
+            for c, p in self.powers:
+                f = f + c * b**p
+        if self.quadratic is not None:
+            f = f + self.quadratic @ b
+        return f
+
+
+def _mean_reference(first: WeightForm, second: WeightForm) -> np.ndarray | None:
+    """The reference of L1 log(b / r1) + L2 log(b / r2) = (L1 + L2) log(b / r): r = r1^w r2^(1-w)."""
+    if first.reference is None or second.reference is None:
+        return second.reference if first.reference is None else first.reference
+    weight = first.log_coef / (first.log_coef + second.log_coef)
+    with np.errstate(divide="ignore"):
+        log_mean = weight * np.log(first.reference) + (1 - weight) * np.log(second.reference)
+    return np.exp(log_mean)
 
 
 class Energy:
@@ -63,8 +166,40 @@ class Energy:
         or None: a JKO step must put exactly zero mass there."""
         return None
 
-    def conic(self, y: cp.Expression, support: ConicSupport) -> cp.Expression:
-        raise NotConvexError(
+    def form(self, mu: Measure, grams: GramCache | None = None) -> WeightForm:
+        """The normal form of F in the weights on the support of mu (``WeightForm``); grams: a
+        cache of kernel Gram matrices on these points, shared with the geometry."""
+        raise NoWeightFormError(
+            f"{type(self).__name__} states no form in the weights on a fixed support "
+            "(Energy.form), so the fixed-support steps (jk.ConicJKO, jk.EntropicJKO) cannot take "
+            "it; use a particle method (jk.ParticleJKO, jk.Splitting or jk.ExplicitEuler) instead")
+
+    def first_variation_at(self, mu: Measure, z: np.ndarray, gradient: bool = False) -> np.ndarray:
+        """f = dF/dmu[mu] at other points z: (m, d) -> (m,), or grad f there, (m, d)."""
+        raise ValueError(f"{type(self).__name__} cannot be evaluated away from the particles; "
+                         "noise injection needs Potential, Interaction or MMD2 energies")
+
+    def position_terms(self, factor: float = 1.0) -> list[tuple[float, Energy]] | None:
+        """F as [(c_k, G_k)] of 1-D position terms (``line_terms``), or None."""
+        return None
+
+    #: Whether the energy's position terms couple neighbouring 1-D particles (their spacings).
+    couples_neighbours = False
+
+    def value_magnitude(self, mu: Measure) -> float:
+        """The size of the terms that add up to F(mu) (their sum's round-off is eps times it)."""
+        return abs(self.value(mu))
+
+    def targets(self):
+        """(name, target measure) of each term with a target measure (MMD2, KL to a Measure)."""
+        return iter(())
+
+    def check_measure(self, mu: Measure, mass_conserved: bool) -> None:
+        """ValueError when F is not defined for mu (dimension) or is an energy only on
+        measures of fixed mass while the geometry changes the mass."""
+
+    def _not_convex(self) -> NotConvexError:
+        return NotConvexError(
             f"{type(self).__name__} is not convex in the weights on a fixed support, so the "
             "exact conic JKO step cannot take it; use a particle method "
             "(jk.ParticleJKO, jk.Splitting or jk.ExplicitEuler) instead"
@@ -119,8 +254,29 @@ class Sum(Energy):
         masks = [m for m in (term.excluded(mu) for term in self.terms) if m is not None]
         return np.logical_or.reduce(masks) if masks else None
 
-    def conic(self, y, support):
-        return cp.sum([term.conic(y, support) for term in self.terms])
+    def form(self, mu, grams=None):
+        form = WeightForm(mu.n)
+        for term in self.terms:
+            form = form + term.form(mu, grams)
+        return form
+
+    def first_variation_at(self, mu, z, gradient=False):
+        return sum(term.first_variation_at(mu, z, gradient) for term in self.terms)
+
+    def position_terms(self, factor=1.0):
+        terms = [term.position_terms(factor) for term in self.terms]
+        return None if any(t is None for t in terms) else [pair for t in terms for pair in t]
+
+    def value_magnitude(self, mu):
+        return sum(term.value_magnitude(mu) for term in self.terms)
+
+    def targets(self):
+        for term in self.terms:
+            yield from term.targets()
+
+    def check_measure(self, mu, mass_conserved):
+        for term in self.terms:
+            term.check_measure(mu, mass_conserved)
 
 
 @dataclass(frozen=True)
@@ -144,10 +300,23 @@ class Scaled(Energy):
     def excluded(self, mu):
         return self.energy.excluded(mu) if self.factor > 0 else None
 
-    def conic(self, y, support):
-        if self.factor < 0 and not isinstance(self.energy, Potential):
-            return Energy.conic(self, y, support)
-        return self.factor * self.energy.conic(y, support)
+    def form(self, mu, grams=None):
+        return self.energy.form(mu, grams).scaled(self.factor)
+
+    def first_variation_at(self, mu, z, gradient=False):
+        return self.factor * self.energy.first_variation_at(mu, z, gradient)
+
+    def position_terms(self, factor=1.0):
+        return self.energy.position_terms(factor * self.factor)
+
+    def value_magnitude(self, mu):
+        return abs(self.factor) * self.energy.value_magnitude(mu)
+
+    def targets(self):
+        return self.energy.targets()
+
+    def check_measure(self, mu, mass_conserved):
+        self.energy.check_measure(mu, mass_conserved)
 
 
 def _call_points(function, points: np.ndarray, shape: tuple, what: str,
@@ -195,8 +364,42 @@ class Potential(Energy):
             return super().grad_first_variation(mu)
         return _call_points(self.grad_V, mu.points, mu.points.shape, "Potential grad_V")
 
-    def conic(self, y, support):
-        return support.scale * (self.first_variation(support.measure) @ y)
+    def form(self, mu, grams=None):
+        return WeightForm(mu.n, offset=self.first_variation(mu))
+
+    def first_variation_at(self, mu, z, gradient=False):
+        if gradient:
+            return np.asarray(self._grad_V_for_particles()(z), dtype=float)
+        return np.asarray(self.V(z), dtype=float)
+
+    def _grad_V_for_particles(self):
+        if self.grad_V is None:
+            raise ValueError("Potential needs grad_V for particle methods: jk.Potential(V, grad_V)")
+        return self.grad_V
+
+    def position_terms(self, factor=1.0):
+        return [(factor, self)]
+
+    def add_position_derivatives(self, factor: float, points: np.ndarray, weights: np.ndarray,
+                                 sums: PositionDerivatives) -> None:
+        """Add factor * (F, dF/dx_i, the diagonal a_i V''(x_i)) at 1-D points (n,) to ``sums``."""
+        n = points.size
+        column = points[:, None]
+        grad_V = self._grad_V_for_particles()
+        potential = _call_points(self.V, column, (n,), "Potential V")
+        force = factor * weights * _call_points(grad_V, column, (n, 1), "Potential grad_V")[:, 0]
+        sums.value += factor * float(weights @ potential)
+        sums.value_magnitude += abs(factor) * float(weights @ np.abs(potential))
+        sums.gradient += force
+        sums.magnitude += np.abs(force)
+        if sums.diagonal is not None:
+            step = POTENTIAL_HESSIAN_STEP * (1.0 + np.abs(points))
+            both = np.concatenate([points + step, points - step])[:, None]
+            slopes = _call_points(grad_V, both, (2 * n, 1), "Potential grad_V")[:, 0]
+            sums.diagonal += factor * weights * (slopes[:n] - slopes[n:]) / (2 * step)
+
+    def value_magnitude(self, mu):
+        return float(mu.weights @ np.abs(np.asarray(self.V(mu.points), dtype=float)))
 
 
 @dataclass(frozen=True)
@@ -224,12 +427,16 @@ class Interaction(Energy):
         return out if width > 1 else out[:, 0]
 
     def matrix(self, points) -> np.ndarray:
-        """[W(x_i - x_j)]: (n, n)."""
+        """[W(x_i - x_j)], symmetrized: (n, n), in row blocks (never an (n, n, d) array)."""
         x = as_points(points)
         n, d = x.shape
-        diff = (x[:, None, :] - x[None, :, :]).reshape(-1, d)
-        values = check_finite_output(np.asarray(self.W(diff), float), diff, "Interaction W (at x_i - x_j)")
-        return values.reshape(n, n)
+        out = np.empty((n, n))
+        for rows in row_blocks(n, n * d):
+            diff = (x[rows, None, :] - x[None, :, :]).reshape(-1, d)
+            values = check_finite_output(np.asarray(self.W(diff), dtype=float), diff,
+                                         "Interaction W (at x_i - x_j)")
+            out[rows] = values.reshape(rows.stop - rows.start, n)
+        return 0.5 * (out + out.T)
 
     def value(self, mu):
         return 0.5 * float(mu.weights @ self.first_variation(mu))
@@ -243,11 +450,20 @@ class Interaction(Energy):
                              "jk.Interaction(W, grad_W)")
         return self._pairwise(self.grad_W, mu.points, mu.points, mu.weights, mu.dim)
 
-    def conic(self, y, support):
-        factor = psd_factor(self.matrix(support.measure.points))
-        if factor is None:
-            return super().conic(y, support)
-        return 0.5 * support.scale**2 * psd_quadratic(y, factor)
+    def form(self, mu, grams=None):
+        return WeightForm(mu.n, quadratic=self.matrix(mu.points), quadratic_psd=UNKNOWN_PSD)
+
+    def first_variation_at(self, mu, z, gradient=False):
+        if gradient:
+            if self.grad_W is None:
+                raise ValueError("Interaction needs grad_W for particle methods: "
+                                 "jk.Interaction(W, grad_W)")
+            return self._pairwise(self.grad_W, z, mu.points, mu.weights, mu.dim)
+        return self._pairwise(self.W, z, mu.points, mu.weights, 1)
+
+    def value_magnitude(self, mu):
+        absolute = self._pairwise(lambda z: np.abs(self.W(z)), mu.points, mu.points, mu.weights, 1)
+        return 0.5 * float(mu.weights @ absolute)
 
 
 class ParticleOrderError(ValueError):
@@ -337,6 +553,37 @@ class InternalEnergy(Energy):
             return super().grad_first_variation(mu)  # central differences on the grid
         return self._particle_gradient(mu)
 
+    couples_neighbours = True
+
+    def _cell_volume_for_form(self, mu: Measure) -> float:
+        """h^d of a grid; without one (particles) the energy depends on the positions, not on
+        the weights alone: no form on a fixed support."""
+        if mu.cell_volume is None:
+            raise NoWeightFormError(
+                f"{type(self).__name__} needs a cell volume to be a function of the weights on a "
+                "fixed support (on particles its density depends on the positions); build the "
+                "measure with jk.Grid(lo, hi, shape).measure(density), or use a particle method")
+        return mu.cell_volume
+
+    def position_terms(self, factor=1.0):
+        return [(factor, self)] if factor >= 0 else None
+
+    def add_position_derivatives(self, factor: float, points: np.ndarray, weights: np.ndarray,
+                                 sums: PositionDerivatives) -> None:
+        """Add factor * (F_n, dF_n/dx, the tridiagonal Hessian) at 1-D points (n,) to ``sums``:
+        dF/dx_i = e'(d_{i-1}) - e'(d_i), Hessian sum_i e''(d_i) (u_{i+1} - u_i)(u_{i+1} - u_i)^T."""
+        cells = particle_cells(points, weights, type(self).__name__)
+        energy, d_width, d2_width, _ = self.cell_terms(*cells)
+        sums.value += factor * float(np.sum(energy))
+        sums.value_magnitude += factor * float(np.sum(np.abs(energy)))
+        sums.gradient += factor * spacing_gradient(d_width)
+        sums.magnitude[1:] += factor * np.abs(d_width)
+        sums.magnitude[:-1] += factor * np.abs(d_width)
+        if sums.diagonal is not None:
+            sums.diagonal[1:] += factor * d2_width
+            sums.diagonal[:-1] += factor * d2_width
+            sums.upper -= factor * d2_width
+
 
 def spacing_gradient(d_width: np.ndarray) -> np.ndarray:
     """dF/dx (n,) of F = sum_i e(x_{i+1} - x_i) from de/dd (n - 1,): e'(d_{i-1}) - e'(d_i)."""
@@ -376,10 +623,10 @@ class Entropy(InternalEnergy):
         with np.errstate(divide="ignore"):
             return np.log(mu.density()) + 1.0
 
-    def conic(self, y, support):
-        # sum s y log(s y / h) = s (-sum entr(y) + log(s / h) sum y)
-        s, h = support.scale, require_cell_volume(support.measure, "Entropy")
-        return s * (-cp.sum(cp.entr(y)) + np.log(s / h) * cp.sum(y))
+    def form(self, mu, grams=None):
+        # sum b log(b / h) = sum (b log(b / h) - b) + sum b: f = log(b / h) + 1
+        h = self._cell_volume_for_form(mu)
+        return WeightForm(mu.n, log_coef=1.0, offset=np.ones(mu.n), reference=np.full(mu.n, h))
 
 
 @dataclass(frozen=True)
@@ -415,9 +662,10 @@ class PorousMedium(InternalEnergy):
             return self._particle_first_variation(mu)
         return self.m / (self.m - 1) * mu.density() ** (self.m - 1)
 
-    def conic(self, y, support):
-        s, h = support.scale, require_cell_volume(support.measure, "PorousMedium")
-        return s**self.m * h ** (1 - self.m) / (self.m - 1) * cp.sum(cp.power(y, self.m))
+    def form(self, mu, grams=None):
+        # h sum (b / h)^m / (m - 1): f = c b^(m - 1) with c = m h^(1 - m) / (m - 1)
+        h, m = self._cell_volume_for_form(mu), self.m
+        return WeightForm(mu.n, powers=((m / (m - 1) * h ** (1 - m), m - 1),))
 
 
 #: Relative step of the central difference of grad_V that gives V'' for the Newton position step
@@ -429,18 +677,12 @@ POTENTIAL_HESSIAN_STEP = 1e-5
 def line_terms(F: Energy, factor: float = 1.0) -> list[tuple[float, Energy]] | None:
     """F as sum_k c_k G_k with each G_k a Potential (any c_k) or an InternalEnergy (c_k >= 0):
     the energies whose Hessian in the positions of 1-D particles is tridiagonal and that keep
-    the particles ordered. None for any other energy (Interaction, MMD2, KL, ...)."""
-    if isinstance(F, Sum):
-        terms = [line_terms(term, factor) for term in F.terms]
-        return None if any(t is None for t in terms) else [pair for t in terms for pair in t]
-    if isinstance(F, Scaled):
-        return line_terms(F.energy, factor * F.factor)
-    if isinstance(F, Potential) or (isinstance(F, InternalEnergy) and factor >= 0):
-        return [(factor, F)]
-    return None
+    the particles ordered (each states it: ``Energy.position_terms``). None for any other
+    energy (Interaction, MMD2, KL, ...)."""
+    return F.position_terms(factor)
 
 
-@dataclass(frozen=True)
+@dataclass
 class PositionDerivatives:
     """F and its derivatives in the positions x (n,) of 1-D particles, weights fixed.
 
@@ -461,7 +703,8 @@ class PositionDerivatives:
 def position_derivatives(terms: list[tuple[float, Energy]], points: np.ndarray,
                          weights: np.ndarray, hessian: bool = True) -> PositionDerivatives:
     """Value, gradient and tridiagonal Hessian in the positions of F = sum_k c_k G_k
-    (``line_terms``) at 1-D particles points (n,) with weights (n,).
+    (``line_terms``) at 1-D particles points (n,) with weights (n,), each term adding its own
+    (``add_position_derivatives``).
 
     InternalEnergy: F_n = sum_i e(d_i, m_{i+1/2}) gives dF/dx_i = e'(d_{i-1}) - e'(d_i) and the
     Hessian sum_i e''(d_i) (u_{i+1} - u_i)(u_{i+1} - u_i)^T (exact). Potential: dF/dx_i =
@@ -469,41 +712,11 @@ def position_derivatives(terms: list[tuple[float, Energy]], points: np.ndarray,
     Raises ParticleOrderError when the points are not strictly increasing.
     """
     n = points.size
-    value, value_magnitude = 0.0, 0.0
-    gradient, magnitude = np.zeros(n), np.zeros(n)
-    diagonal = np.zeros(n) if hessian else None
-    upper = np.zeros(n - 1) if hessian else None
-    cells = None
-    column = points[:, None]
+    sums = PositionDerivatives(0.0, np.zeros(n), np.zeros(n), 0.0,
+                               np.zeros(n) if hessian else None, np.zeros(n - 1) if hessian else None)
     for factor, term in terms:
-        if isinstance(term, Potential):
-            if term.grad_V is None:
-                raise ValueError("Potential needs grad_V for particle methods: jk.Potential(V, grad_V)")
-            potential = _call_points(term.V, column, (n,), "Potential V")
-            force = factor * weights * _call_points(term.grad_V, column, (n, 1), "Potential grad_V")[:, 0]
-            value += factor * float(weights @ potential)
-            value_magnitude += abs(factor) * float(weights @ np.abs(potential))
-            gradient += force
-            magnitude += np.abs(force)
-            if hessian:
-                step = POTENTIAL_HESSIAN_STEP * (1.0 + np.abs(points))
-                both = np.concatenate([points + step, points - step])[:, None]
-                slopes = _call_points(term.grad_V, both, (2 * n, 1), "Potential grad_V")[:, 0]
-                diagonal += factor * weights * (slopes[:n] - slopes[n:]) / (2 * step)
-            continue
-        if cells is None:
-            cells = particle_cells(points, weights, type(term).__name__)
-        energy, d_width, d2_width, _ = term.cell_terms(*cells)
-        value += factor * float(np.sum(energy))
-        value_magnitude += factor * float(np.sum(np.abs(energy)))
-        gradient += factor * spacing_gradient(d_width)
-        magnitude[1:] += factor * np.abs(d_width)
-        magnitude[:-1] += factor * np.abs(d_width)
-        if hessian:
-            diagonal[1:] += factor * d2_width
-            diagonal[:-1] += factor * d2_width
-            upper -= factor * d2_width
-    return PositionDerivatives(value, gradient, magnitude, value_magnitude, diagonal, upper)
+        term.add_position_derivatives(factor, points, weights, sums)
+    return sums
 
 
 @dataclass(frozen=True)
@@ -541,10 +754,13 @@ class KL(Energy):
         zero = self.reference_weights(mu) == 0
         return zero if zero.any() else None
 
-    def conic(self, y, support):
-        # sum kl_div(s y, b) = s sum kl_div(y, b / s)
-        b = self.reference_weights(support.measure)
-        return support.scale * cp.sum(cp.kl_div(y, b / support.scale))
+    def form(self, mu, grams=None):
+        # sum b log(b / r) - b + r: f = log(b / r)
+        return WeightForm(mu.n, log_coef=1.0, reference=self.reference_weights(mu))
+
+    def targets(self):
+        if isinstance(self.target, Measure):
+            yield "KL", self.target
 
 
 @dataclass(frozen=True)
@@ -596,12 +812,44 @@ class MMD2(Energy):
         return (self.kernel.grad_sum(mu.points, mu.points, mu.weights)
                 - self.kernel.grad_sum(mu.points, t.points, t.weights))
 
-    def conic(self, y, support):
-        x, s = support.measure.points, support.scale
-        self._check(support.measure)
+    def form(self, mu, grams=None):
+        """f = K b - K_xy p: the Gram K (n, n) on the support and the offset -K_xy p."""
+        self._check(mu)
+        x, t = mu.points, self.target
+        gram = self.kernel(x, x) if grams is None else grams.gram(self.kernel)
+        return WeightForm(mu.n, offset=-self.kernel.apply(x, t.points, t.weights), quadratic=gram,
+                          quadratic_psd=PSD if self.kernel.positive_definite else ZERO_SUM_PSD)
+
+    def first_variation_at(self, mu, z, gradient=False):
+        t, k = self.target, self.kernel
+        if gradient:
+            return k.grad_sum(z, mu.points, mu.weights) - k.grad_sum(z, t.points, t.weights)
+        return k.apply(z, mu.points, mu.weights) - k.apply(z, t.points, t.weights)
+
+    def value_magnitude(self, mu):
+        """Kernel sums bounded through |k(x, y)| <= k(x, x) (positive definite, stationary) or
+        |x - y| <= the diameter (the energy kernel)."""
         t = self.target
-        linear = s * self.kernel.apply(x, t.points, t.weights) @ y
-        return 0.5 * kernel_quadratic(self.kernel(x, x), y, s, support.mass) - linear
+        points = np.vstack([mu.points, t.points])
+        if self.kernel.positive_definite:
+            bound = abs(float(self.kernel.apply(points[:1], points[:1], np.ones(1))[0]))
+        else:
+            bound = float(np.linalg.norm(np.ptp(points, axis=0)))
+        return 0.5 * bound * (mu.mass + t.mass) ** 2
+
+    def targets(self):
+        yield "MMD2", self.target
+
+    def check_measure(self, mu, mass_conserved):
+        if not mass_conserved and not self.kernel.positive_definite:
+            raise ValueError(f"MMD2 with the conditionally positive definite "
+                             f"{type(self.kernel).__name__} is an energy only between "
+                             "measures of equal mass, but this reaction geometry changes "
+                             "the mass; pass conserve_mass=True to the geometry")
+        if self.target.dim != mu.dim:
+            raise ValueError(f"the particles live in dimension {mu.dim} but the target of "
+                             f"MMD2 in dimension {self.target.dim}: give both points of shape "
+                             "(n, d) with the same d")
 
 
 def psd_factor(matrix: np.ndarray, rtol: float = 1e-10) -> np.ndarray | None:
@@ -613,34 +861,3 @@ def psd_factor(matrix: np.ndarray, rtol: float = 1e-10) -> np.ndarray | None:
         return None
     keep = values > rtol * top
     return np.sqrt(values[keep])[:, None] * vectors[:, keep].T
-
-
-def psd_quadratic(y, factor: np.ndarray) -> cp.Expression:
-    """|factor @ y|^2 as one PSD quadratic form: the solver gets an n x n block, not dense
-    second-order cone rows (faster for the interior point, benchmarks/conic_step.py)."""
-    return cp.quad_form(y, cp.psd_wrap(factor.T @ factor))
-
-
-def kernel_quadratic(gram: np.ndarray, y, scale: float, mass) -> cp.Expression:
-    """(s y)^T K (s y) as a convex expression, up to a constant on the feasible set.
-
-    A positive definite Gram uses its factor directly. A conditionally positive
-    definite one is PSD only on zero-sum vectors: with P the centring projector and
-    sum(b) = mass fixed, b^T K b = |L_P b|^2 + 2 (mass / n) (P K 1)^T b + const.
-    """
-    factor = psd_factor(gram)
-    if factor is not None:
-        return scale**2 * psd_quadratic(y, factor)
-    n = gram.shape[0]
-    centred = gram - gram.mean(0, keepdims=True)
-    centred -= centred.mean(1, keepdims=True)
-    factor = psd_factor(centred)
-    if factor is None or mass is None:
-        raise NotConvexError(
-            "this kernel is only conditionally positive definite: its MMD^2 is convex only "
-            "where mass is conserved; use conserve_mass=True, a Wasserstein geometry, or a "
-            "positive definite kernel (jk.Gaussian, jk.IMQ, jk.Laplace)"
-        )
-    row_sums = gram.sum(1)
-    linear = (2.0 * scale / n) * (row_sums - row_sums.mean()) @ y
-    return scale**2 * psd_quadratic(y, factor) + mass * linear

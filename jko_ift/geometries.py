@@ -10,10 +10,19 @@ WFR(alpha, beta)       inf_nu W2^2(mu, nu)/alpha + He^2(nu, nu')/beta     alpha 
 IFT(k, alpha, beta)    inf_nu W2^2(mu, nu)/alpha + MMD^2(nu, nu')/beta    alpha W2 + beta MMD
 =====================  ==================================================  ==========================
 
-Every geometry is read by the methods through the same three attributes: the weight of its
-transport part (``alpha``, None without transport), its ``reaction`` part (a Hellinger or
-MMD geometry, or None) with weight ``beta``, and ``conserve_mass``. WFR and IFT are the
-one ``InfConvolution`` of W2 with a reaction geometry.
+Every geometry is read by the methods through the same attributes: the weight of its
+transport part (``alpha``, None without transport), its ``reaction`` part (a
+``ReactionGeometry``, or None) with weight ``beta``, ``conserve_mass``, and the squared distance
+of a step through an intermediate measure (``step_distance``). WFR and IFT are the one
+``InfConvolution`` of W2 with a reaction geometry.
+
+A reaction geometry states its own mathematics, so that the methods never ask for its class:
+its squared distance between weights on common points (``weight_distance_sq``), whether it is
+a quadratic form R^2 = (a - b)^T G (a - b) and then its metric G (``metric_parts``: the matrix,
+centred for a conditionally positive definite kernel, and the ridge), the force on moving
+points (``position_force``) and whether its steps keep positive weights positive. A new
+quadratic reaction is one class (``metric_parts``); its proximal map is the weight QP of
+methods/weights.py. Hellinger is the non-quadratic one, with its own proximal maps.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import ot
 
-from .kernels import Kernel, squared_distances
+from .kernels import GramCache, Kernel, centred, squared_distances
 from .measures import Measure
 
 #: Default ridge lambda of the MMD geometry, K + lambda I (paper, Remark 3.1): the Gram of a
@@ -80,6 +89,20 @@ class Geometry:
     def has_transport(self) -> bool:
         return self.alpha is not None
 
+    def step_distance(self, transport_cost: float, points: np.ndarray, intermediate: np.ndarray,
+                      new: np.ndarray) -> float:
+        """D^2 of a step through an intermediate measure nu on the new support (the one formula
+        every method evaluates): C / alpha + R^2(nu, mu^{k+1}) / beta.
+
+        transport_cost: C, the cost of a coupling of mu^k and nu (W2^2(mu^k, nu) or any plan's
+        cost, which bounds it; 0 without transport); points: (n, d), the support of nu and of
+        mu^{k+1}; intermediate, new: their weights (n,). An upper bound of D^2, and D^2 itself at
+        the best nu and coupling."""
+        total = transport_cost / self.alpha if self.has_transport else 0.0
+        if self.reaction is not None:
+            total += self.reaction.weight_distance_sq(points, intermediate, new) / self.beta
+        return total
+
 
 @dataclass(frozen=True)
 class Wasserstein(Geometry):
@@ -101,27 +124,85 @@ class Wasserstein(Geometry):
         return exact_w2_squared(mu, nu)
 
 
-@dataclass(frozen=True)
-class Hellinger(Geometry):
-    """He^2(mu, nu) = 4 sum_i (sqrt a_i - sqrt b_i)^2 on a common support (Fisher-Rao)."""
+class ReactionGeometry(Geometry):
+    """A reaction part: weights change on fixed points, D^2 = R^2(a, b) on a common support.
 
-    conserve_mass: bool = False
+    Subclasses give ``weight_distance_sq``; a quadratic one (``quadratic = True``) gives its
+    metric through ``metric_parts``, and a metric that depends on the points its
+    ``position_force``.
+    """
+
+    #: R^2(a, b) = (a - b)^T G (a - b) with G from ``metric_parts`` (MMD); False: Hellinger.
+    quadratic = True
+    #: The distance that the methods' non-quadratic reaction maps (Hellinger's cones, envelopes
+    #: and Newton steps) solve: only Hellinger's.
+    _solved_distance = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not cls.quadratic and cls._solved_distance is not cls.weight_distance_sq:
+            raise TypeError(
+                f"{cls.__name__} is a reaction that is not quadratic and not Hellinger's: no method "
+                "has its proximal maps. Give a metric (quadratic = True and metric_parts), or "
+                "keep Hellinger's distance")
+    #: Its steps keep positive weights positive (the Hellinger flow multiplies them).
+    positivity_preserving = False
 
     @property
-    def reaction(self) -> Hellinger:
+    def reaction(self) -> ReactionGeometry:
         return self
 
     @property
     def beta(self) -> float:
         return 1.0
 
+    def weight_distance_sq(self, points: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+        """R^2 between weights a and b (n,) on the same points (n, d)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
     def squared_distance(self, mu: Measure, nu: Measure) -> float:
-        _common_support(mu, nu, "Hellinger")
-        return float(4.0 * np.sum((np.sqrt(mu.weights) - np.sqrt(nu.weights)) ** 2))
+        _common_support(mu, nu, type(self).__name__)
+        return self.weight_distance_sq(mu.points, mu.weights, nu.weights)
+
+    def metric_parts(self, points: np.ndarray, grams: GramCache | None = None
+                     ) -> tuple[np.ndarray, float]:
+        """(M, ridge) with the metric G = M + ridge I on points (n, d), M positive semidefinite
+        (on zero-sum vectors, centred, when only conditionally so: see ``metric_definite``);
+        quadratic reactions only."""
+        raise ValueError(f"{type(self).__name__} is not a quadratic reaction: it has no metric")
+
+    def metric(self, points: np.ndarray, grams: GramCache | None = None) -> np.ndarray:
+        """G = M + ridge I (``metric_parts``): (n, n)."""
+        matrix, ridge = self.metric_parts(points, grams)
+        metric = matrix.copy()
+        metric[np.diag_indices_from(metric)] += ridge
+        return metric
+
+    #: G is definite on all vectors (False: only on zero-sum ones, a centred metric).
+    metric_definite = True
+
+    def position_force(self, y: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+        """1/2 grad_y R^2(a, b on the points y): (n, d), or None when R^2 does not depend on
+        the points."""
+        return None
 
 
 @dataclass(frozen=True)
-class MMD(Geometry):
+class Hellinger(ReactionGeometry):
+    """He^2(mu, nu) = 4 sum_i (sqrt a_i - sqrt b_i)^2 on a common support (Fisher-Rao)."""
+
+    conserve_mass: bool = False
+    positivity_preserving = True
+    quadratic = False
+
+    def weight_distance_sq(self, points, a, b):
+        return float(4.0 * np.sum((np.sqrt(a) - np.sqrt(b)) ** 2))
+
+    _solved_distance = weight_distance_sq
+
+
+@dataclass(frozen=True)
+class MMD(ReactionGeometry):
     """MMD^2(mu, nu) = (a - b)^T (K + ridge I)(a - b) on a common support.
 
     The ridge makes the step unique in the weights (the Gram of a smooth kernel is
@@ -139,17 +220,29 @@ class MMD(Geometry):
             raise ValueError(f"MMD ridge must be a finite number >= 0, got {self.ridge!r}")
 
     @property
-    def reaction(self) -> MMD:
-        return self
+    def metric_definite(self) -> bool:
+        return self.kernel.positive_definite
 
-    @property
-    def beta(self) -> float:
-        return 1.0
+    def weight_distance_sq(self, points, a, b):
+        diff = a - b
+        return float(diff @ self.kernel.apply(points, points, diff) + self.ridge * diff @ diff)
 
-    def squared_distance(self, mu: Measure, nu: Measure) -> float:
-        _common_support(mu, nu, "MMD")
-        diff = mu.weights - nu.weights
-        return float(diff @ self.kernel.apply(mu.points, mu.points, diff) + self.ridge * diff @ diff)
+    def metric_parts(self, points, grams=None):
+        """(K, ridge); P K P for a conditionally positive definite kernel, a metric only on
+        zero-sum differences, so only where the mass is conserved."""
+        gram = self.kernel(points, points) if grams is None else grams.gram(self.kernel)
+        if not self.kernel.positive_definite:
+            if not self.conserve_mass:
+                raise ValueError(
+                    f"{type(self.kernel).__name__} is only conditionally positive definite, so "
+                    "its MMD is a distance only between measures of equal mass; pass "
+                    "conserve_mass=True to the geometry or use a positive definite kernel")
+            gram = centred(gram)
+        return gram, self.ridge
+
+    def position_force(self, y, a, b):
+        c = b - a
+        return c[:, None] * self.kernel.grad_sum(y, y, c)
 
 
 @dataclass(frozen=True)
@@ -161,13 +254,14 @@ class InfConvolution(Geometry):
     inverses, so the JKO step reaches d_t mu = alpha div(mu grad f) - beta G_R^{-1} f.
     """
 
-    reaction: Hellinger | MMD
+    reaction: ReactionGeometry
     alpha: float = 1.0
     beta: float = 1.0
 
     def __post_init__(self):
-        if not isinstance(self.reaction, (Hellinger, MMD)):
-            raise ValueError(f"the reaction part must be jk.Hellinger or jk.MMD, got {self.reaction!r}")
+        if not isinstance(self.reaction, ReactionGeometry):
+            raise ValueError(f"the reaction part must be a reaction geometry such as jk.Hellinger() "
+                             f"or jk.MMD(kernel), got {self.reaction!r}")
         object.__setattr__(self, "alpha", _positive("alpha", self.alpha))
         object.__setattr__(self, "beta", _positive("beta", self.beta))
 

@@ -337,6 +337,33 @@ class Kernel:
         return (2.0 * factor) * (x * sums[0][:, None] - sums[1:].T + near_sum)
 
 
+def centred(matrix: np.ndarray) -> np.ndarray:
+    """P M P with P = I - 1 1^T / n (rows and columns of mean zero): (n, n).
+
+    The Gram matrix of a conditionally positive definite kernel (``EnergyKernel``) is positive
+    semidefinite only on zero-sum vectors; on measures of one fixed mass b^T M b and
+    b^T (P M P) b differ by a term linear in b, and P M P is positive semidefinite.
+    """
+    out = matrix - matrix.mean(0, keepdims=True)
+    return out - out.mean(1, keepdims=True)
+
+
+class GramCache:
+    """Gram matrices K(y, y) on one support y: (n, d), computed once per kernel."""
+
+    def __init__(self, points: np.ndarray):
+        self.points = points
+        self._grams: list[tuple[Kernel, np.ndarray]] = []
+
+    def gram(self, kernel: Kernel) -> np.ndarray:
+        for known, matrix in self._grams:
+            if known is kernel or known == kernel:
+                return matrix
+        matrix = kernel(self.points, self.points)
+        self._grams.append((kernel, matrix))
+        return matrix
+
+
 def _block_buffer(buffer, rows: slice, m: int) -> np.ndarray:
     """One block buffer reused across the blocks of a sum (no allocation per block)."""
     if buffer is None or buffer.shape[0] < rows.stop - rows.start:
@@ -365,14 +392,21 @@ def _positive(name: str, value: float) -> float:
     return value
 
 
+class _ScaledKernel(Kernel):
+    """A kernel with one scale parameter (named by ``_scale_name``), positive and finite."""
+
+    _scale_name = "sigma"
+
+    def __post_init__(self):
+        name = self._scale_name
+        object.__setattr__(self, name, _positive(f"{type(self).__name__} {name}", getattr(self, name)))
+
+
 @dataclass(frozen=True)
-class Gaussian(Kernel):
+class Gaussian(_ScaledKernel):
     """k(x, y) = exp(-|x - y|^2 / (2 sigma^2))."""
 
     sigma: float = 1.0
-
-    def __post_init__(self):
-        object.__setattr__(self, "sigma", _positive("Gaussian sigma", self.sigma))
 
     def profile(self, s):
         with np.errstate(over="ignore"):  # s / sigma = inf: the value is 0
@@ -410,13 +444,11 @@ class Gaussian(Kernel):
 
 
 @dataclass(frozen=True)
-class IMQ(Kernel):
+class IMQ(_ScaledKernel):
     """Inverse multiquadric k(x, y) = (c^2 + |x - y|^2)^(-1/2)."""
 
     c: float = 1.0
-
-    def __post_init__(self):
-        object.__setattr__(self, "c", _positive("IMQ c", self.c))
+    _scale_name = "c"
 
     def profile(self, s):
         if _underflows(self.c):
@@ -472,13 +504,10 @@ def _over_root(scale: np.ndarray, s: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class Laplace(Kernel):
+class Laplace(_ScaledKernel):
     """k(x, y) = exp(-|x - y| / sigma). Not differentiable at x = y; the gradient there is 0."""
 
     sigma: float = 1.0
-
-    def __post_init__(self):
-        object.__setattr__(self, "sigma", _positive("Laplace sigma", self.sigma))
 
     def profile(self, s):
         return np.exp(-np.sqrt(s) / self.sigma)

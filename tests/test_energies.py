@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import jko_ift as jk
-from jko_ift.energies import ConicSupport, NotConvexError
+from jko_ift.energies import NotConvexError
+from jko_ift.methods.conic import ConicSupport, conic_expression
 
 #: Central differences (step 1e-7 relative) of smooth functions: truncation ~1e-12,
 #: round-off ~1e-9 relative.
@@ -77,7 +78,7 @@ def test_cvxpy_expression_agrees_with_value_up_to_a_constant(name):
     F = ENERGIES[name]
     scale = MU.mass / MU.n
     y = cp.Variable(MU.n, nonneg=True)
-    expression = F.conic(y, ConicSupport(MU, scale, MU.mass))
+    expression = conic_expression(F, y, ConicSupport(MU, scale, MU.mass))
     other = MU.with_weights(MU.weights * (1 + 0.3 * np.sin(np.arange(MU.n))))
     other = other.with_weights(other.weights * MU.mass / other.mass)  # same mass (c.p.d. kernel)
     values = []
@@ -90,10 +91,10 @@ def test_cvxpy_expression_agrees_with_value_up_to_a_constant(name):
 def test_repulsive_interaction_is_convex_and_attractive_is_refused():
     support = ConicSupport(MU, 1.0, None)
     y = cp.Variable(MU.n)
-    assert REPULSION.conic(y, support).is_convex()
+    assert conic_expression(REPULSION, y, support).is_convex()
     attraction = jk.Interaction(lambda z: 0.5 * (z**2).sum(1), lambda z: z)
     with pytest.raises(NotConvexError, match="ParticleJKO"):
-        attraction.conic(y, support)
+        conic_expression(attraction, y, support)
     with pytest.raises(ValueError, match="particle method"):
         jk.jko_step(attraction, jk.Hellinger(), MU, 0.1)
 
@@ -101,7 +102,7 @@ def test_repulsive_interaction_is_convex_and_attractive_is_refused():
 def test_energy_kernel_needs_fixed_mass():
     F = jk.MMD2(TARGET, jk.EnergyKernel())
     with pytest.raises(NotConvexError, match="conserve_mass"):
-        F.conic(cp.Variable(MU.n), ConicSupport(MU, 1.0, None))
+        conic_expression(F, cp.Variable(MU.n), ConicSupport(MU, 1.0, None))
 
 
 def test_algebra():
@@ -114,7 +115,7 @@ def test_algebra():
         jk.Entropy().value(MU) + QUADRATIC.value(MU))
     assert len((F + jk.Entropy()).terms) == 3
     with pytest.raises(ValueError, match="particle method"):
-        (-1.0 * jk.Entropy()).conic(cp.Variable(MU.n), ConicSupport(MU, 1.0, None))
+        conic_expression(-1.0 * jk.Entropy(), cp.Variable(MU.n), ConicSupport(MU, 1.0, None))
 
 
 def test_generalized_kl_on_positive_measures():

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..energies import KL, MMD2, Energy, Scaled, Sum
+from ..energies import Energy
 from ..geometries import Geometry
 from ..measures import Measure
 
@@ -100,16 +100,9 @@ def check_step_input(F, geometry, mu, tau, warn_masses: bool = True) -> float:
 
 def energy_targets(F: Energy):
     """(name, target measure) of each term of F with a target measure: MMD2, and KL given a
-    Measure (a KL to a log-density has no mass of its own: spherical flows ignore it)."""
-    if isinstance(F, MMD2):
-        yield "MMD2", F.target
-    elif isinstance(F, KL) and isinstance(F.target, Measure):
-        yield "KL", F.target
-    elif isinstance(F, Scaled):
-        yield from energy_targets(F.energy)
-    elif isinstance(F, Sum):
-        for term in F.terms:
-            yield from energy_targets(term)
+    Measure (a KL to a log-density has no mass of its own: spherical flows ignore it), as
+    the energy states them (``Energy.targets``)."""
+    yield from F.targets()
 
 
 def check_masses(F: Energy, geometry: Geometry, mu: Measure) -> None:

@@ -7,8 +7,11 @@ On the points x_1..x_n of mu^k = sum_i a_i delta_{x_i} the step solves
           b = nu                        (without a reaction part)
           sum(b) = sum(a)               (reaction part with conserve_mass)
 
-with C_ij = |x_i - x_j|^2, R^2 = He^2 (second-order cones) or MMD^2 (a PSD quadratic form).
-The same program serves all five geometries. Variables are scaled by s = mass / n so that
+with C_ij = |x_i - x_j|^2, R^2 = He^2 (second-order cones) or a quadratic reaction such as
+MMD^2 (a PSD quadratic form of the geometry's metric). The same program serves all five
+geometries. F enters through its normal form in the weights (``Energy.form``), translated here
+to CVXPY atoms (``form_expression``): the log part by entropy cones, powers by power cones, the
+quadratic part as one PSD block. Variables are scaled by s = mass / n so that
 they are of order one, and the problem is compiled once per support with a / s and 2 tau
 as parameters (DPP): later steps only re-solve.
 
@@ -24,6 +27,7 @@ import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import reduce
 
 import cvxpy as cp
 import numpy as np
@@ -31,9 +35,9 @@ from cvxpy.reductions.solvers.conic_solvers.clarabel_conif import CLARABEL as _C
 from scipy import sparse
 from scipy.spatial import cKDTree
 
-from ..energies import ConicSupport, Energy, NotConvexError, psd_factor
-from ..geometries import MMD, Geometry, Hellinger, Wasserstein
-from ..kernels import row_blocks, squared_distances
+from ..energies import ZERO_SUM_PSD, Energy, NotConvexError, WeightForm, psd_factor
+from ..geometries import Geometry, Wasserstein
+from ..kernels import centred, row_blocks, squared_distances
 from ..measures import Measure
 from .base import (
     SolverError,
@@ -143,6 +147,97 @@ ACTIVE_BOUND_RTOL = 1e-6
 
 def _solver_instance(name: str):
     return _CLARABEL if name == "CLARABEL" else name
+
+
+# -------------------------------------------------------------------------------------------------
+# The energy as a CVXPY expression, from its normal form in the weights
+# -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ConicSupport:
+    """What the CVXPY expression of an energy needs on a fixed support.
+
+    The weights variable is y with b = scale * y (scale makes y of order one).
+    ``mass`` is sum(b) when the step conserves mass (fixed over a run), else None.
+    Expressions may differ from F by a constant on the feasible set.
+    """
+
+    measure: Measure
+    scale: float
+    mass: float | None
+
+
+def conic_expression(F: Energy, y: cp.Expression, support: ConicSupport) -> cp.Expression:
+    """F(b) at b = scale * y as a convex CVXPY expression (up to a constant), from F's form.
+
+    Raises ``NotConvexError`` (a ValueError) for an energy that is not convex in the weights
+    on this support, and ``NoWeightFormError`` for one that states no form."""
+    return form_expression(F, F.form(support.measure), y, support)
+
+
+def form_expression(F: Energy, form: WeightForm, y: cp.Expression,
+                    support: ConicSupport) -> cp.Expression:
+    """The ``WeightForm`` of F as CVXPY atoms, b = s y:
+
+        L sum (b log(b / r) - b)      -> L s sum kl_div(y, r / s) + const, or, for a constant
+                                         r (a cell volume), L s (-sum entr(y) + (log(s / r) - 1) sum y),
+        o^T b                         -> s o^T y  (o = +inf: b = 0 by constraint, term dropped),
+        c / (p + 1) sum b^(p + 1)     -> c s^(p + 1) / (p + 1) sum power(y, p + 1),
+        1/2 b^T Q b                   -> one PSD block (``quadratic_expression``).
+
+    The relative entropy keeps its reference inside the exponential cone: written as
+    -entr(y) plus a linear term, a KL to a target with weights near zero is resolved only to
+    about 1e-4 relative instead of 1e-5 (tests/test_kl_zeros.py).
+    """
+    if not form.convex:
+        raise F._not_convex()
+    s = support.scale
+    parts = []
+    if form.log_coef:
+        r = form.reference
+        if np.all(r == r[0]) and r[0] > 0:
+            log_part = -cp.sum(cp.entr(y)) + (np.log(s / r[0]) - 1.0) * cp.sum(y)
+        else:
+            log_part = cp.sum(cp.kl_div(y, r / s))
+        parts.append(form.log_coef * s * log_part)
+    for c, p in form.powers:
+        parts.append(c * s ** (p + 1) / (p + 1) * cp.sum(cp.power(y, p + 1)))
+    if form.quadratic is not None:
+        parts.append(0.5 * quadratic_expression(F, form, y, s, support.mass))
+    if np.any(form.offset != 0):
+        parts.append(s * (np.where(np.isfinite(form.offset), form.offset, 0.0) @ y))
+    return reduce(lambda left, right: left + right, parts, cp.Constant(0.0))
+
+
+def quadratic_expression(F: Energy, form: WeightForm, y, scale: float, mass) -> cp.Expression:
+    """(s y)^T Q (s y) as a convex expression, up to a constant on the feasible set.
+
+    A positive semidefinite Q uses its factor directly. One that is PSD only on zero-sum
+    vectors (a conditionally positive definite kernel) with P the centring projector and
+    sum(b) = mass fixed: b^T Q b = |L_P b|^2 + 2 (mass / n) (P Q 1)^T b + const.
+    """
+    gram = form.quadratic
+    factor = psd_factor(gram)
+    if factor is not None:
+        return scale**2 * psd_quadratic(y, factor)
+    factor = psd_factor(centred(gram)) if mass is not None else None
+    if factor is None:
+        if form.quadratic_psd == ZERO_SUM_PSD:
+            raise NotConvexError(
+                "this kernel is only conditionally positive definite: its MMD^2 is convex only "
+                "where mass is conserved; use conserve_mass=True, a Wasserstein geometry, or a "
+                "positive definite kernel (jk.Gaussian, jk.IMQ, jk.Laplace)")
+        raise F._not_convex()
+    n = gram.shape[0]
+    row_sums = gram.sum(1)
+    linear = (2.0 * scale / n) * (row_sums - row_sums.mean()) @ y
+    return scale**2 * psd_quadratic(y, factor) + mass * linear
+
+
+def psd_quadratic(y, factor: np.ndarray) -> cp.Expression:
+    """|factor @ y|^2 as one PSD quadratic form: the solver gets an n x n block, not dense
+    second-order cone rows (faster for the interior point, benchmarks/conic_step.py)."""
+    return cp.quad_form(y, cp.psd_wrap(factor.T @ factor))
 
 
 @dataclass(eq=False)
@@ -256,6 +351,7 @@ class ConicProgram:
         self.has_transport = geometry.has_transport
         self.reaction = geometry.reaction
         self._spectrum = None  # eigendecomposition of K + ridge I, for the residual bound
+        self._metric = None  # (M, ridge) of a quadratic reaction
         n = mu.n
         self.mass = mu.mass
         self.scale = mu.mass / n
@@ -291,10 +387,13 @@ class ConicProgram:
         mass = mu.mass if geometry.conserve_mass else None
         # where F is +inf unless the weight vanishes (KL to a target with zeros), the weight is
         # 0 by constraint: the exponential cone alone leaves ~1e-10 there, and F = inf after
+        form = F.form(mu)
         excluded = F.excluded(mu)
-        if excluded is not None:
+        infinite = ~np.isfinite(form.total_offset)  # f = +inf: b = 0 (a KL target's zeros)
+        excluded = infinite if excluded is None else excluded | infinite
+        if excluded.any():
             constraints.append(self.y[np.flatnonzero(excluded)] == 0)
-        energy = F.conic(self.y, ConicSupport(mu, self.scale, mass))
+        energy = form_expression(F, form, self.y, ConicSupport(mu, self.scale, mass))
         # 2 tau (F + D^2 / (2 tau)) / s: tau multiplies the parameter-free F (DPP), and the
         # s-scaled terms are of order n
         objective = self.two_tau * (energy / self.scale) + transport + reaction
@@ -304,26 +403,24 @@ class ConicProgram:
 
     def _reaction_term(self, nu, y):
         """R^2(nu, y) in scaled units (He^2 / s or MMD^2 / s) and its cone constraints."""
-        if isinstance(self.reaction, Hellinger):
+        if not self.reaction.quadratic:  # Hellinger
             # 4 sum (nu + y - 2 t) with t_i^2 <= nu_i y_i: a rotated second-order cone
             t = cp.Variable(y.shape[0], name="hellinger_mean")
             cone = cp.SOC(nu + y, cp.vstack([2 * t, nu - y]), axis=0)
             return 4 * cp.sum(nu + y - 2 * t), [cone]
-        gram = self.reaction.kernel(self.support.points, self.support.points)
-        factor = psd_factor(gram, PSD_RTOL)
-        if factor is None:  # conditionally p.d.: a norm on zero-sum differences only
-            if not self.geometry.conserve_mass:
-                raise NotConvexError(
-                    f"{type(self.reaction.kernel).__name__} is only conditionally positive "
-                    "definite, so its MMD is a distance only between measures of equal mass; "
-                    "pass conserve_mass=True to the geometry")
-            centred = gram - gram.mean(0, keepdims=True)
-            factor = psd_factor(centred - centred.mean(1, keepdims=True), PSD_RTOL)
+        try:  # G = M + ridge I, M centred for a conditionally p.d. kernel (the geometry's metric)
+            matrix, ridge = self._metric_parts()
+        except ValueError as error:
+            raise NotConvexError(str(error)) from None
+        factor = psd_factor(matrix, PSD_RTOL)
+        if factor is None:
+            raise NotConvexError(f"the metric of {self.reaction!r} is not positive semidefinite "
+                                 "on this support")
         # d = y - nu as a variable keeps the form parameter-free when nu = a (DPP), and the
         # quadratic form goes to the solver as one PSD block instead of dense cone rows
         diff = cp.Variable(y.shape[0], name="reaction_difference")
         form = cp.quad_form(diff, cp.psd_wrap(factor.T @ factor))
-        return self.scale * (form + self.reaction.ridge * cp.sum_squares(diff)), [diff == y - nu]
+        return self.scale * (form + ridge * cp.sum_squares(diff)), [diff == y - nu]
 
     def solve(self, mu, tau, solver, options, gap_tol) -> StepResult:
         self.a.value = mu.weights / self.scale
@@ -353,7 +450,7 @@ class ConicProgram:
         new = mu.with_weights(weights)
         nu = (np.maximum(self.scale * np.asarray(self.nu.value), 0.0) if self.has_transport
               else mu.weights)
-        if isinstance(self.reaction, MMD):  # the Hellinger step keeps weights positive
+        if self.reaction is not None and not self.reaction.positivity_preserving:  # not He
             # the interior point leaves an active b_i >= 0 at ~1e-10 of nu_i, not at 0
             clipping_report(nu, np.where(weights <= ACTIVE_BOUND_RTOL * nu, 0.0, weights), info,
                             "ConicJKO")
@@ -443,7 +540,7 @@ class ConicProgram:
         if not np.isfinite(absolute_gap):
             return np.inf
         bound_sq = self.scale * max(absolute_gap, 0.0)
-        if not isinstance(self.reaction, Hellinger):
+        if self.reaction.quadratic:
             return float(np.sqrt(bound_sq)) + self._truncation_slack(new)
         old, weights = mu.weights, new.weights
         held = old > 0
@@ -469,7 +566,7 @@ class ConicProgram:
             first_variation = np.asarray(self.F.first_variation(new), dtype=float)
         except (ValueError, NotImplementedError):
             return np.nan
-        if isinstance(self.reaction, Hellinger):
+        if not self.reaction.quadratic:  # Hellinger
             gradient = first_variation + (2.0 / tau) * (1.0 - np.sqrt(old / weights))
             dual_weights = weights * np.sqrt(weights / old)
             if self.geometry.conserve_mass:
@@ -478,7 +575,7 @@ class ConicProgram:
             bound_sq = tau**2 * float(dual_weights @ gradient**2) / modulus
         else:
             values, vectors = self._reaction_spectrum()  # in the eigenbasis of K + ridge I
-            if not values.min() > 0:  # no ridge, or a conditionally p.d. kernel: no dual norm
+            if not (values.min() > 0 and self.reaction.metric_definite):  # no dual norm
                 return np.nan
             gradient = vectors.T @ first_variation + values * (vectors.T @ (weights - old)) / tau
             if self.geometry.conserve_mass:
@@ -496,16 +593,27 @@ class ConicProgram:
         """
         values, _ = self._reaction_spectrum()
         truncated = PSD_RTOL * float(values.max())
-        if self.reaction.ridge >= truncated:
+        if self._ridge >= truncated:
             return 0.0
         return float(np.sqrt(truncated) * 2.0 * np.linalg.norm(new.weights))
 
+    @property
+    def _ridge(self) -> float:
+        return self._metric_parts()[1]
+
+    def _metric_parts(self) -> tuple[np.ndarray, float]:
+        """The quadratic reaction's (M, ridge) on the support (``metric_parts``), once."""
+        if self._metric is None:
+            self._metric = self.reaction.metric_parts(self.support.points)
+        return self._metric
+
     def _reaction_spectrum(self):
-        """Eigenvalues and vectors of K + ridge I on the support (MMD reaction), once."""
+        """Eigenvalues and vectors of the metric M + ridge I on the support (a quadratic
+        reaction: K + ridge I for MMD, K centred for a conditionally p.d. kernel), once."""
         if self._spectrum is None:
-            gram = self.reaction.kernel(self.support.points, self.support.points)
-            values, vectors = np.linalg.eigh(0.5 * (gram + gram.T))
-            values = values + self.reaction.ridge
+            matrix, ridge = self._metric_parts()
+            values, vectors = np.linalg.eigh(0.5 * (matrix + matrix.T))
+            values = values + ridge
             self._spectrum = (values, vectors)
         return self._spectrum
 
@@ -543,12 +651,8 @@ class ConicProgram:
     def _distance_through(self, mu, nu, new) -> float:
         """W2^2(mu, nu) / alpha + R^2(nu, new) / beta, with nu rescaled to the mass of mu."""
         intermediate = mu.with_weights(nu * (mu.mass / nu.sum()))
-        total = 0.0
-        if self.has_transport:
-            total += Wasserstein().squared_distance(mu, intermediate) / self.geometry.alpha
-        if self.reaction is not None:
-            total += self.reaction.squared_distance(intermediate, new) / self.geometry.beta
-        return total
+        cost = Wasserstein().squared_distance(mu, intermediate) if self.has_transport else 0.0
+        return self.geometry.step_distance(cost, mu.points, intermediate.weights, new.weights)
 
     def plan_times(self, w: np.ndarray) -> np.ndarray:
         """P w for the plan of the last solve: (n,) -> (n,)."""

@@ -29,7 +29,7 @@ from collections import OrderedDict
 import numpy as np
 
 from ..energies import Energy
-from ..geometries import Geometry, Hellinger, InfConvolution, Wasserstein
+from ..geometries import Geometry
 from ..measures import Measure
 from .base import SolverError, StepResult, check_step_input, support_key, warn_user, without_excluded
 from .entropic_prox import (
@@ -166,8 +166,8 @@ class EntropicJKO:
         if not geometry.has_transport:
             return self._delegate(F, geometry, mu, tau, throw)
         start = time.perf_counter()
-        if (self.wfr_cost == "hellinger_kantorovich" and isinstance(geometry, InfConvolution)
-                and isinstance(geometry.reaction, Hellinger)):
+        if (self.wfr_cost == "hellinger_kantorovich" and geometry.reaction is not None
+                and not geometry.reaction.quadratic):
             return self._hk_step(F, geometry, mu, tau, throw, start)
         try:
             column = _ColumnFunction(F, geometry, mu, tau)
@@ -397,12 +397,14 @@ class _ColumnFunction:
     """What the second marginal of the plan pays, and how the new measure is read off it."""
 
     def __init__(self, F: Energy, geometry: Geometry, mu: Measure, tau: float):
-        if not isinstance(geometry, (Wasserstein, InfConvolution)):
+        if not geometry.has_transport:
             raise UnsupportedEnergyError(f"EntropicJKO does not know the geometry {geometry!r}")
         self.F, self.geometry = F, geometry
         self.form = energy_form(F, mu)
-        self.kind = "W2" if isinstance(geometry, Wasserstein) else (
-            "WFR" if isinstance(geometry.reaction, Hellinger) else "IFT")
+        # the reaction declares its kind: Hellinger (an envelope of its own) or a quadratic
+        # metric (the MMD envelope, any metric G = M + ridge I)
+        reaction = geometry.reaction
+        self.kind = "W2" if reaction is None else ("IFT" if reaction.quadratic else "WFR")
         self.envelope = MMDEnvelope(self.form, geometry, mu, tau) if self.kind == "IFT" else None
         self.mass = mu.mass if geometry.conserve_mass else None
         self.tau_beta = None if self.kind == "W2" else tau * geometry.beta
@@ -452,10 +454,7 @@ class _ColumnFunction:
         with np.errstate(invalid="ignore"):
             entropic = state.eps * (np.sum(np.where(a > 0, a * state.log_u_over_a, 0.0))
                                     + np.sum(np.where(nu > 0, nu * state.log_v, 0.0))) - cost
-        distance_sq = cost / alpha
-        if self.kind != "W2":
-            intermediate = mu.with_weights(nu)
-            distance_sq += geometry.reaction.squared_distance(intermediate, new) / geometry.beta
+        distance_sq = geometry.step_distance(cost, mu.points, nu, weights)
         objective = energy + (distance_sq + entropic / alpha) / (2 * tau)
         gap = self._gap(mu, state, nu, tau)
         info.update(transport_cost=float(cost), entropic_term=float(entropic),

@@ -26,25 +26,14 @@ exponentiate a potential.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import linalg
 from scipy.special import wrightomega
 
-from ..energies import (
-    KL,
-    MMD2,
-    Energy,
-    Entropy,
-    Interaction,
-    PorousMedium,
-    Potential,
-    Scaled,
-    Sum,
-    psd_factor,
-)
-from ..measures import Measure, require_cell_volume
+from ..energies import UNKNOWN_PSD, ZERO_SUM_PSD, Energy, NoWeightFormError, WeightForm, psd_factor
+from ..measures import Measure
 
 #: Points above which a coupled energy (MMD2, Interaction) is refused: its KL-proximal map
 #: solves dense n x n systems (O(n^3)), and its Gram matrix alone would need n^2 floats.
@@ -89,65 +78,25 @@ class UnsupportedEnergyError(ValueError):
     """The entropic step has no KL-proximal map for this energy."""
 
 
-@dataclass
-class EnergyForm:
-    """f(b) = log_coef log b + offset + sum_k c_k b^p_k + quadratic @ b on a fixed support.
-
-    offset: (n,), +inf where b must vanish (a KL target without mass there).
-    powers: [(c_k, p_k)], c_k > 0, p_k > 0. quadratic: (n, n) PSD or None.
+@dataclass(frozen=True)
+class EnergyForm(WeightForm):
+    """f(b) = log_coef log b + offset + sum_k c_k b^p_k + quadratic @ b on a fixed support: the
+    energy's own normal form (``energies.WeightForm``) with the log part's reference folded into
+    the offset (+inf where b must vanish), and the low-rank factor of Q kept once computed.
+    Built from an energy by ``energy_form``.
     """
-
-    n: int
-    log_coef: float = 0.0
-    offset: np.ndarray = None
-    powers: list = field(default_factory=list)
-    quadratic: np.ndarray | None = None
-
-    def __post_init__(self):
-        if self.offset is None:
-            self.offset = np.zeros(self.n)
-        self._factor = None
 
     def factor(self) -> np.ndarray | None:
         """W (n, r) with quadratic = W W^T up to RANK_TOL (``low_rank_factor``), computed once."""
         if self.quadratic is None:
             return None
-        if self._factor is None:
-            self._factor = low_rank_factor(self.quadratic)
+        if self.__dict__.get("_factor") is None:
+            object.__setattr__(self, "_factor", low_rank_factor(self.quadratic))
         return self._factor
-
-    def __add__(self, other: EnergyForm) -> EnergyForm:
-        quadratic = self.quadratic
-        if other.quadratic is not None:
-            quadratic = other.quadratic if quadratic is None else quadratic + other.quadratic
-        return EnergyForm(self.n, self.log_coef + other.log_coef, self.offset + other.offset,
-                          self.powers + other.powers, quadratic)
-
-    def scaled(self, factor: float) -> EnergyForm:
-        form = EnergyForm(self.n, factor * self.log_coef, factor * self.offset,
-                          [(factor * c, p) for c, p in self.powers],
-                          None if self.quadratic is None else factor * self.quadratic)
-        if self._factor is not None and factor >= 0:
-            form._factor = np.sqrt(factor) * self._factor
-        return form
 
     @property
     def separable(self) -> bool:
         return self.quadratic is None
-
-    @property
-    def is_quadratic(self) -> bool:
-        """f affine in b: no log term and no power."""
-        return self.log_coef == 0 and not self.powers
-
-    def first_variation(self, b: np.ndarray) -> np.ndarray:
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            f = self.offset + (self.log_coef * np.log(b) if self.log_coef else 0.0)
-            for c, p in self.powers:
-                f = f + c * b**p
-        if self.quadratic is not None:
-            f = f + self.quadratic @ b
-        return f
 
 
 def low_rank_factor(Q: np.ndarray) -> np.ndarray:
@@ -160,58 +109,35 @@ def low_rank_factor(Q: np.ndarray) -> np.ndarray:
 
 
 def energy_form(F: Energy, mu: Measure) -> EnergyForm:
-    """The ``EnergyForm`` of F on the support of mu, or UnsupportedEnergyError."""
-    n = mu.n
-    if isinstance(F, Sum):
-        form = EnergyForm(n)
-        for term in F.terms:
-            form = form + energy_form(term, mu)
-        return form
-    if isinstance(F, Scaled):
-        inner = energy_form(F.energy, mu)
-        if F.factor < 0 and not (inner.is_quadratic and inner.quadratic is None):
+    """The ``EnergyForm`` of F on the support of mu, read off F's own normal form
+    (``Energy.form``), or UnsupportedEnergyError when the entropic step cannot take it."""
+    try:
+        form = F.form(mu)
+    except NoWeightFormError as error:
+        raise UnsupportedEnergyError(
+            f"EntropicJKO has no KL-proximal map for {type(F).__name__} ({error}); it takes "
+            "energies that state a convex form in the weights: sums and positive multiples of "
+            "jk.Entropy, jk.KL, jk.Potential, jk.PorousMedium, jk.MMD2 and convex "
+            "jk.Interaction energies") from None
+    if not form.convex:
+        raise UnsupportedEnergyError(
+            f"{type(F).__name__} is a negative multiple of an energy that is not linear in the "
+            "weights, so it is not convex; the entropic JKO step needs a convex energy")
+    quadratic = form.quadratic
+    if quadratic is not None:
+        _check_coupled(mu.n, type(F).__name__)
+        if form.quadratic_psd == ZERO_SUM_PSD:
             raise UnsupportedEnergyError(
-                f"a negative multiple ({F.factor}) of {type(F.energy).__name__} is not convex; "
-                "the entropic JKO step needs a convex energy")
-        return inner.scaled(F.factor)
-    if isinstance(F, Potential):
-        return EnergyForm(n, offset=F.first_variation(mu))
-    if isinstance(F, Entropy):
-        h = require_cell_volume(mu, "Entropy")
-        return EnergyForm(n, log_coef=1.0, offset=np.full(n, 1.0 - np.log(h)))
-    if isinstance(F, KL):
-        with np.errstate(divide="ignore"):
-            offset = -np.log(F.reference_weights(mu))
-        return EnergyForm(n, log_coef=1.0, offset=offset)
-    if isinstance(F, PorousMedium):
-        h = require_cell_volume(mu, "PorousMedium")
-        m = F.m
-        return EnergyForm(n, powers=[(m / (m - 1) * h ** (1 - m), m - 1)])
-    if isinstance(F, MMD2):
-        _check_coupled(n, "MMD2")
-        target = F.target
-        if not F.kernel.positive_definite:
-            raise UnsupportedEnergyError(
-                f"MMD2 with {type(F.kernel).__name__} (conditionally positive definite) is not "
+                f"{type(F).__name__} has a conditionally positive definite kernel, so it is not "
                 "convex on M+; the entropic step takes positive definite kernels "
                 "(jk.Gaussian, jk.IMQ, jk.Laplace)")
-        gram = F.kernel(mu.points, mu.points)
-        offset = -F.kernel.apply(mu.points, target.points, target.weights)
-        return EnergyForm(n, offset=offset, quadratic=0.5 * (gram + gram.T))
-    if isinstance(F, Interaction):
-        _check_coupled(n, "Interaction")
-        matrix = F.matrix(mu.points)
-        matrix = 0.5 * (matrix + matrix.T)
-        if psd_factor(matrix) is None:
+        quadratic = 0.5 * (quadratic + quadratic.T)
+        if form.quadratic_psd == UNKNOWN_PSD and psd_factor(quadratic) is None:
             raise UnsupportedEnergyError(
-                "this Interaction is not convex in the weights (its matrix [W(x_i - x_j)] is not "
-                "positive semidefinite, e.g. an attraction); the entropic step cannot take it. "
-                "Use a particle method (jk.ParticleJKO, jk.ExplicitEuler)")
-        return EnergyForm(n, quadratic=matrix)
-    raise UnsupportedEnergyError(
-        f"EntropicJKO has no KL-proximal map for {type(F).__name__}; it takes sums and positive "
-        "multiples of jk.Entropy, jk.KL, jk.Potential, jk.PorousMedium, jk.MMD2 and convex "
-        "jk.Interaction energies")
+                "this energy is not convex in the weights (its matrix, e.g. an Interaction's "
+                "[W(x_i - x_j)], is not positive semidefinite, e.g. an attraction); the entropic "
+                "step cannot take it. Use a particle method (jk.ParticleJKO, jk.ExplicitEuler)")
+    return EnergyForm(mu.n, form.log_coef, form.total_offset, form.powers, quadratic)
 
 
 def _check_coupled(n: int, name: str) -> None:
@@ -600,15 +526,16 @@ class MMDEnvelope:
                 "envelope is then piecewise quadratic (docs/entropic.md). For KL, Entropy or "
                 "PorousMedium under IFT use jk.ConicJKO or jk.Splitting")
         reaction = geometry.reaction
-        if not reaction.kernel.positive_definite:
+        if not reaction.metric_definite:
             raise UnsupportedEnergyError(
-                f"the IFT kernel {type(reaction.kernel).__name__} is only conditionally positive "
-                "definite; EntropicJKO's IFT step needs a positive definite kernel")
+                f"the metric of {reaction!r} is positive definite only on zero-sum vectors (a "
+                "conditionally positive definite kernel); EntropicJKO's IFT step needs a "
+                "positive definite kernel")
         n = mu.n
         _check_coupled(n, "IFT")
         self.n, self.c = n, 1.0 / (tau * geometry.beta)
-        gram = reaction.kernel(mu.points, mu.points)
-        self.metric = 0.5 * (gram + gram.T) + reaction.ridge * np.eye(n)
+        matrix, ridge = reaction.metric_parts(mu.points)  # G_M = K + ridge I for MMD
+        self.metric = 0.5 * (matrix + matrix.T) + ridge * np.eye(n)
         self.S = self.c * self.metric + (0.0 if form.quadratic is None else form.quadratic)
         self.offset = form.offset
         self.mass = mu.mass if geometry.conserve_mass else None

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..energies import Energy
-from ..geometries import MMD, Geometry, Hellinger
+from ..geometries import Geometry
 from ..measures import Measure
 from .base import StepResult, check_choice
 from .options import count, flag, nonnegative
@@ -44,7 +44,7 @@ from .particle import (
     check_particle_input,
     explicit_transport,
     finish,
-    variation_at,
+    positivity_preserving,
 )
 from .weights import (
     HELLINGER_UPDATES,
@@ -124,7 +124,7 @@ class ExplicitEuler:
         level = self.noise_level(self.steps_taken)
         self.steps_taken += 1
         info: dict = {"method": "explicit_euler", "noise": level, "positivity_preserving": (
-            isinstance(geometry.reaction, Hellinger) and self.reaction == "explicit"
+            positivity_preserving(geometry) and self.reaction == "explicit"
             and self.hellinger_update == "multiplicative")}
         energy_before = self._energy_of(F, mu)
         y, b, descent = x, a, 0.0
@@ -133,7 +133,7 @@ class ExplicitEuler:
                 if level > 0:
                     noisy = x + level * self._rng.standard_normal(x.shape)
                     witness_of = Measure(noisy, a) if self.perturb_measure else mu
-                    gradient = variation_at(F, witness_of, noisy, gradient=True)
+                    gradient = F.first_variation_at(witness_of, noisy, gradient=True)
                 else:
                     gradient = F.grad_first_variation(mu)
                 y = explicit_transport(F, mu, tau * geometry.alpha, self.velocity, gradient)
@@ -163,7 +163,7 @@ class ExplicitEuler:
         conserve = geometry.conserve_mass
         if self.reaction == "projected_gradient":
             return projected_gradient_weights(a, f, eta, conserve)
-        if isinstance(geometry.reaction, MMD):
+        if geometry.reaction.quadratic:  # a metric G: the G-projection of the forward step
             forward = mmd_step(F, geometry.reaction, mu.points, a, eta, conserve,
                                linearize_at=f, energy_scale=abs(energy_before))
             info["projected"] = bool(np.any(forward.weights[a > 0] == 0))

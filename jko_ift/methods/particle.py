@@ -34,17 +34,12 @@ from scipy.linalg import LinAlgError, solveh_banded
 from scipy.optimize import minimize
 
 from ..energies import (
-    MMD2,
     Energy,
-    Interaction,
     ParticleOrderError,
-    Potential,
-    Scaled,
-    Sum,
     line_terms,
     position_derivatives,
 )
-from ..geometries import MMD, Geometry, Hellinger, InfConvolution, Wasserstein
+from ..geometries import Geometry, InfConvolution, ReactionGeometry, Wasserstein
 from ..measures import Measure
 from .base import SolverError, StepResult, check_step_input, clipping_report
 from .options import count, flag, positive
@@ -89,29 +84,19 @@ def check_particle_input(F: Energy, geometry: Geometry, mu: Measure, tau) -> flo
     """The common checks of the particle methods; returns tau. Raises ValueError naming what
     was expected, what was received and how to fix it."""
     tau = check_step_input(F, geometry, mu, tau)
-    if not isinstance(geometry, (Wasserstein, Hellinger, MMD, InfConvolution)):
+    if not isinstance(geometry, (Wasserstein, ReactionGeometry, InfConvolution)):
         raise ValueError(f"particle methods take jk.Wasserstein(), jk.Hellinger(), jk.MMD(k), "
-                         f"jk.WFR or jk.IFT; got {geometry!r}")
-    if geometry.reaction is not None and not geometry.conserve_mass:
-        for term in _mmd_terms(F):
-            if not term.kernel.positive_definite:
-                raise ValueError(f"MMD2 with the conditionally positive definite "
-                                 f"{type(term.kernel).__name__} is an energy only between "
-                                 "measures of equal mass, but this reaction geometry changes "
-                                 "the mass; pass conserve_mass=True to the geometry")
-    for target in (term.target for term in _mmd_terms(F)):
-        if target.dim != mu.dim:
-            raise ValueError(f"the particles live in dimension {mu.dim} but the target of "
-                             f"MMD2 in dimension {target.dim}: give both points of shape (n, d) "
-                             "with the same d")
+                         f"jk.WFR or jk.IFT (or another reaction geometry); got {geometry!r}")
+    F.check_measure(mu, geometry.reaction is None or geometry.conserve_mass)
     f = _checked("first variation", lambda: F.first_variation(mu), mu)
     if geometry.has_transport:
         _checked("gradient of the first variation", lambda: F.grad_first_variation(mu), mu)
-    if geometry.reaction is not None and isinstance(geometry.reaction, MMD):
-        if geometry.reaction.kernel.positive_definite is False and not geometry.conserve_mass:
-            raise ValueError(f"{type(geometry.reaction.kernel).__name__} is only conditionally "
-                             "positive definite: its MMD is a distance only between equal "
-                             "masses; pass conserve_mass=True to the geometry")
+    reaction = geometry.reaction
+    if reaction is not None and reaction.quadratic and not reaction.metric_definite \
+            and not geometry.conserve_mass:
+        raise ValueError(f"{reaction!r} is only conditionally positive definite: its distance "
+                         "is one only between equal masses; pass conserve_mass=True to the "
+                         "geometry")
     del f
     return tau
 
@@ -128,70 +113,34 @@ def _checked(what: str, compute, mu: Measure) -> np.ndarray:
     return values
 
 
-def _mmd_terms(F: Energy):
-    if isinstance(F, MMD2):
-        yield F
-    elif isinstance(F, Scaled):
-        yield from _mmd_terms(F.energy)
-    elif isinstance(F, Sum):
-        for term in F.terms:
-            yield from _mmd_terms(term)
-
-
 def variation_at(F: Energy, mu: Measure, z: np.ndarray, gradient: bool = False) -> np.ndarray:
-    """The first variation f = dF/dmu[mu] (or its gradient) at other points z: (m, d).
-
-    Needed for noise injection (Arbel et al.) and for particles of zero mass. Supported:
-    Potential, Interaction, MMD2 and their sums and multiples.
-    """
-    if isinstance(F, Potential):
-        if gradient:
-            if F.grad_V is None:
-                raise ValueError("Potential needs grad_V for particle methods: jk.Potential(V, grad_V)")
-            return np.asarray(F.grad_V(z), dtype=float)
-        return np.asarray(F.V(z), dtype=float)
-    if isinstance(F, MMD2):
-        t, k = F.target, F.kernel
-        if gradient:
-            return k.grad_sum(z, mu.points, mu.weights) - k.grad_sum(z, t.points, t.weights)
-        return k.apply(z, mu.points, mu.weights) - k.apply(z, t.points, t.weights)
-    if isinstance(F, Interaction):
-        if gradient:
-            if F.grad_W is None:
-                raise ValueError("Interaction needs grad_W for particle methods: "
-                                 "jk.Interaction(W, grad_W)")
-            return F._pairwise(F.grad_W, z, mu.points, mu.weights, mu.dim)
-        return F._pairwise(F.W, z, mu.points, mu.weights, 1)
-    if isinstance(F, Scaled):
-        return F.factor * variation_at(F.energy, mu, z, gradient)
-    if isinstance(F, Sum):
-        return sum(variation_at(term, mu, z, gradient) for term in F.terms)
-    raise ValueError(f"{type(F).__name__} cannot be evaluated away from the particles; "
-                     "noise injection needs Potential, Interaction or MMD2 energies")
+    """The first variation f = dF/dmu[mu] (or its gradient) at other points z: (m, d), as the
+    energy states it (``Energy.first_variation_at``). Needed for noise injection (Arbel et al.)
+    and for particles of zero mass."""
+    return F.first_variation_at(mu, z, gradient)
 
 
 def reaction_distance_sq(reaction, points: np.ndarray, a: np.ndarray, b: np.ndarray,
                          conserve_mass: bool, grams: GramCache | None = None) -> float:
-    """R^2 between weights a and b on the same points: He^2 or MMD^2 (with the ridge)."""
-    if isinstance(reaction, Hellinger):
-        return float(4.0 * np.sum((np.sqrt(a) - np.sqrt(b)) ** 2))
-    diff = b - a
-    if grams is not None:
+    """R^2 between weights a and b on the same points: He^2 or MMD^2 (with the ridge); with
+    ``grams``, a quadratic reaction's metric from the cached Gram matrices."""
+    if grams is not None and reaction.quadratic:
+        diff = b - a
         return float(diff @ mmd_metric(reaction, grams, conserve_mass) @ diff)
-    kernel = reaction.kernel
-    return float(diff @ kernel.apply(points, points, diff) + reaction.ridge * diff @ diff)
+    return reaction.weight_distance_sq(points, a, b)
 
 
 def particle_distance_sq(geometry: Geometry, x: np.ndarray, a: np.ndarray, y: np.ndarray,
                          b: np.ndarray) -> float:
-    """sum_i a_i |y_i - x_i|^2 / alpha + R^2(a, b on y) / beta: an upper bound of D^2."""
-    total = 0.0
-    if geometry.has_transport:
-        total += float(a @ np.sum((y - x) ** 2, axis=1)) / geometry.alpha
-    if geometry.reaction is not None:
-        total += reaction_distance_sq(geometry.reaction, y, a, b,
-                                      geometry.conserve_mass) / geometry.beta
-    return total
+    """sum_i a_i |y_i - x_i|^2 / alpha + R^2(a, b on y) / beta: an upper bound of D^2 (the
+    geometry's ``step_distance`` through nu = sum_i a_i delta_{y_i})."""
+    cost = float(a @ np.sum((y - x) ** 2, axis=1)) if geometry.has_transport else 0.0
+    return geometry.step_distance(cost, y, a, b)
+
+
+def positivity_preserving(geometry: Geometry) -> bool:
+    """Whether the geometry's reaction steps keep positive weights positive (Hellinger)."""
+    return geometry.reaction is not None and geometry.reaction.positivity_preserving
 
 
 def energy_scale(F: Energy, mu: Measure) -> float:
@@ -222,29 +171,9 @@ def stability_ratio(energy_before: float, energy_after: float, descent: float) -
 
 
 def value_magnitude(F: Energy, mu: Measure) -> float:
-    """The size of the terms that add up to F(mu) (their sum's round-off is eps times this).
-
-    Kernel sums are bounded through |k(x, y)| <= k(x, x) (positive definite, stationary) or
-    |x - y| <= the diameter (the energy kernel); energies not listed fall back to |F(mu)|.
-    """
-    if isinstance(F, Sum):
-        return sum(value_magnitude(term, mu) for term in F.terms)
-    if isinstance(F, Scaled):
-        return abs(F.factor) * value_magnitude(F.energy, mu)
-    if isinstance(F, Potential):
-        return float(mu.weights @ np.abs(np.asarray(F.V(mu.points), dtype=float)))
-    if isinstance(F, Interaction):
-        absolute = F._pairwise(lambda z: np.abs(F.W(z)), mu.points, mu.points, mu.weights, 1)
-        return 0.5 * float(mu.weights @ absolute)
-    if isinstance(F, MMD2):
-        t = F.target
-        points = np.vstack([mu.points, t.points])
-        if F.kernel.positive_definite:
-            bound = abs(float(F.kernel.apply(points[:1], points[:1], np.ones(1))[0]))
-        else:
-            bound = float(np.linalg.norm(np.ptp(points, axis=0)))
-        return 0.5 * bound * (mu.mass + t.mass) ** 2
-    return abs(F.value(mu))
+    """The size of the terms that add up to F(mu) (their sum's round-off is eps times this), as
+    the energy states it (``Energy.value_magnitude``; |F(mu)| by default)."""
+    return F.value_magnitude(mu)
 
 
 def forward_stability(F: Energy, mu: Measure, new: Measure, energy_after: float,
@@ -417,13 +346,12 @@ def implicit_transport(F: Energy, x: np.ndarray, a: np.ndarray, eta: float,
             return np.inf, np.zeros_like(u_flat)
         if coupling is not None:
             reaction, reaction_eta, conserve = coupling
-            if isinstance(reaction, MMD):  # MMD^2 on the moving support: a force on y
-                c = b - a
-                kc = reaction.kernel.apply(y, y, c)
-                value += float(c @ kc + reaction.ridge * c @ c) / (2 * reaction_eta)
-                grad_y += (c[:, None] * reaction.kernel.grad_sum(y, y, c))[live] / reaction_eta
-            else:  # He^2 does not depend on y, but b*(y) does in the reduced problem
-                value += float(4 * np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)) / (2 * reaction_eta)
+            # R^2(a, b on y): MMD^2 on the moving support pulls on y; He^2 does not depend on
+            # y, but b*(y) does in the reduced problem
+            value += reaction.weight_distance_sq(y, a, b) / (2 * reaction_eta)
+            force = reaction.position_force(y, a, b)
+            if force is not None:
+                grad_y += force[live] / reaction_eta
         grad_u = grad_y * root
         return value / scale, grad_u.ravel() / scale
 
@@ -524,7 +452,7 @@ def newton_transport_1d(terms, x: np.ndarray, a: np.ndarray, b: np.ndarray, eta:
     """
     start_time = time.perf_counter()
     x_line, pull = x[:, 0], a / eta
-    spacings = any(not isinstance(term, Potential) for _, term in terms)
+    spacings = any(term.couples_neighbours for _, term in terms)
     scale = max(abs(scale), 1e-300)
     evaluations = 0
 
@@ -698,7 +626,7 @@ def reaction_exact(F: Energy, geometry: Geometry, points: np.ndarray, a: np.ndar
                    grams: GramCache | None = None):
     """The exact reaction step of the geometry's reaction part on fixed points."""
     reaction = geometry.reaction
-    if isinstance(reaction, MMD):
+    if reaction.quadratic:  # its metric G: the weight QP
         return mmd_step(F, reaction, points, a, eta, geometry.conserve_mass, start=start,
                         rtol=rtol, grams=grams, energy_scale=scale)
     return hellinger_step(F, points, a, eta, geometry.conserve_mass, rtol=rtol, grams=grams,
@@ -715,10 +643,9 @@ def position_residual(F: Energy, x: np.ndarray, a: np.ndarray, y: np.ndarray, b:
     pull = a[:, None] * (y - x) / eta
     grad = force + pull
     size = np.abs(force) + np.abs(pull)
-    if coupling is not None and isinstance(coupling[0], MMD):
-        reaction, reaction_eta, _ = coupling
-        c = b - a
-        coupled = c[:, None] * reaction.kernel.grad_sum(y, y, c) / reaction_eta
+    force = None if coupling is None else coupling[0].position_force(y, a, b)
+    if force is not None:
+        coupled = force / coupling[1]
         grad += coupled
         size += np.abs(coupled)
     root = np.sqrt(eta / weight[live])[:, None]
@@ -767,7 +694,7 @@ class ParticleJKO:
         x, a = mu.points, mu.weights
         scale = energy_scale(F, mu)
         info: dict = {"method": "particle_jko",
-                      "positivity_preserving": isinstance(geometry.reaction, Hellinger)}
+                      "positivity_preserving": positivity_preserving(geometry)}
         if not geometry.has_transport:  # pure reaction: the exact weight step
             reaction = reaction_exact(F, geometry, x, a, tau * geometry.beta, scale=scale,
                                       rtol=self.tol)

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..energies import Energy
-from ..geometries import MMD, Geometry, Hellinger
+from ..geometries import Geometry
 from ..measures import Measure
 from .base import StepResult, check_choice
 from .options import count, flag, positive
@@ -56,6 +56,7 @@ from .particle import (
     finish,
     forward_stability,
     implicit_transport,
+    positivity_preserving,
     reaction_exact,
 )
 from .weights import (
@@ -117,7 +118,7 @@ class Splitting:
         start = time.perf_counter()
         run = _Run(energy_scale(F, mu), {"method": f"splitting_{self.order}"}, tau)
         # Hellinger pieces other than the linear and projected-gradient updates never clip
-        run.info["positivity_preserving"] = isinstance(geometry.reaction, Hellinger) and not (
+        run.info["positivity_preserving"] = positivity_preserving(geometry) and not (
             self.reaction == "projected_gradient"
             or (self.reaction == "explicit" and self.hellinger_update == "linear"))
         if self.order == 1:
@@ -176,7 +177,7 @@ class Splitting:
                 b = projected_gradient_weights(a, f, eta, conserve)
             elif kind == "projected_multiplicative":
                 b = projected_multiplicative_weights(a, f, eta, conserve)
-            elif isinstance(geometry.reaction, MMD):  # explicit and adjoint coincide
+            elif geometry.reaction.quadratic:  # explicit and adjoint coincide
                 b = mmd_step(F, geometry.reaction, mu.points, a, eta, conserve, linearize_at=f,
                              energy_scale=run.scale).weights
             elif kind == "adjoint":

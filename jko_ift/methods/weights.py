@@ -2,12 +2,14 @@
 
 Points y_1..y_n stay fixed; weights a (old) become b (new). With eta = tau * beta:
 
-* MMD reaction (exact):  min_b  F(b) + (b - a)^T G (b - a) / (2 eta),   G = K + ridge I,
+* quadratic reaction (exact): min_b  F(b) + (b - a)^T G (b - a) / (2 eta), G the geometry's
+  metric (``ReactionGeometry.metric``: K + ridge I for MMD),
 * Hellinger (exact):     min_b  F(b) + (2 / eta) sum_i (sqrt b_i - sqrt a_i)^2,
 
 over b >= 0, and sum(b) = sum(a) in the spherical variants (``conserve_mass``). On particles
 every energy of the library (``Potential``, ``Interaction``, ``MMD2``, their sums and multiples)
-is quadratic in the weights, F(b) = 1/2 b^T A b - c^T b + const (``weight_quadratic``), so the
+is quadratic in the weights, F(b) = 1/2 b^T A b - c^T b + const (``weight_quadratic``, read off
+the energy's own form, ``Energy.form``), so the
 MMD step is the convex quadratic program
 
     min_b  1/2 b^T H b - g^T b   over  C = {b >= 0}  or  {b >= 0, sum(b) = M},
@@ -34,9 +36,8 @@ import numpy as np
 from scipy import linalg
 from scipy.linalg.blas import dtrsm, dtrsv
 
-from ..energies import MMD2, Energy, Interaction, Potential, Scaled, Sum
-from ..geometries import MMD, Hellinger
-from ..kernels import Kernel, row_blocks
+from ..energies import PSD, Energy, NoWeightFormError
+from ..kernels import GramCache, centred
 from ..measures import Measure
 
 #: Default relative accuracy of the weight step: the certified gap over the scale of the step
@@ -468,11 +469,13 @@ def spectral_projected_gradient(value, gradient, n: int, mass, start=None, atol=
 class WeightQuadratic:
     """F(sum_i b_i delta_{y_i}) = 1/2 b^T A b - c^T b + const on fixed points y.
 
-    hessian A: (n, n), or None when F is linear in the weights; linear c: (n,).
+    hessian A: (n, n), or None when F is linear in the weights; linear c: (n,). known_psd: A is
+    positive semidefinite by construction (else it may be so only on zero-sum vectors).
     """
 
     hessian: np.ndarray | None
     linear: np.ndarray
+    known_psd: bool = True
 
     def value(self, b: np.ndarray) -> float:
         quadratic = 0.0 if self.hessian is None else 0.5 * b @ (self.hessian @ b)
@@ -488,66 +491,27 @@ class WeightQuadratic:
             hessian = self.hessian
         else:
             hessian = self.hessian + other.hessian
-        return WeightQuadratic(hessian, self.linear + other.linear)
+        return WeightQuadratic(hessian, self.linear + other.linear,
+                               self.known_psd and other.known_psd)
 
     def scaled(self, factor: float) -> WeightQuadratic:
         hessian = None if self.hessian is None else factor * self.hessian
-        return WeightQuadratic(hessian, factor * self.linear)
-
-
-class GramCache:
-    """Gram matrices K(y, y) on one support, computed once per kernel."""
-
-    def __init__(self, points: np.ndarray):
-        self.points = points
-        self._grams: list[tuple[Kernel, np.ndarray]] = []
-
-    def gram(self, kernel: Kernel) -> np.ndarray:
-        for known, matrix in self._grams:
-            if known is kernel or known == kernel:
-                return matrix
-        matrix = kernel(self.points, self.points)
-        self._grams.append((kernel, matrix))
-        return matrix
+        return WeightQuadratic(hessian, factor * self.linear, self.known_psd and factor >= 0)
 
 
 def weight_quadratic(F: Energy, points: np.ndarray, grams: GramCache | None = None
                      ) -> WeightQuadratic | None:
-    """The quadratic form of F in the weights on ``points``: (n, d); None if F is not one of
-    the quadratic energies (Potential, Interaction, MMD2 and their sums and multiples)."""
+    """The quadratic form of F in the weights on ``points``: (n, d), read off F's normal form
+    (``Energy.form``); None if F is not quadratic in the weights there (a log or power part, or
+    no form: Entropy on particles)."""
     grams = GramCache(points) if grams is None else grams
-    if isinstance(F, Potential):
-        return WeightQuadratic(None, -F.first_variation(Measure(points, np.zeros(len(points)))))
-    if isinstance(F, MMD2):
-        t = F.target
-        if t.dim != points.shape[1]:
-            raise ValueError(f"MMD2: the particles live in dimension {points.shape[1]} but the "
-                             f"target in {t.dim}; give both points of the same d")
-        return WeightQuadratic(grams.gram(F.kernel), F.kernel.apply(points, t.points, t.weights))
-    if isinstance(F, Interaction):
-        return WeightQuadratic(_interaction_matrix(F, points), np.zeros(len(points)))
-    if isinstance(F, Scaled):
-        inner = weight_quadratic(F.energy, points, grams)
-        return None if inner is None else inner.scaled(F.factor)
-    if isinstance(F, Sum):
-        total = None
-        for term in F.terms:
-            part = weight_quadratic(term, points, grams)
-            if part is None:
-                return None
-            total = part if total is None else total + part
-        return total
-    return None
-
-
-def _interaction_matrix(F: Interaction, points: np.ndarray) -> np.ndarray:
-    """[W(y_i - y_j)]: (n, n), in row blocks (never an (n, n, d) array)."""
-    n, d = points.shape
-    out = np.empty((n, n))
-    for rows in row_blocks(n, n * d):
-        diff = (points[rows, None, :] - points[None, :, :]).reshape(-1, d)
-        out[rows] = np.asarray(F.W(diff), dtype=float).reshape(rows.stop - rows.start, n)
-    return 0.5 * (out + out.T)
+    try:
+        form = F.form(Measure(points, np.zeros(len(points))), grams)
+    except NoWeightFormError:
+        return None
+    if not form.is_quadratic:
+        return None
+    return WeightQuadratic(form.quadratic, -form.total_offset, form.quadratic_psd == PSD)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -568,28 +532,14 @@ class ReactionResult:
         return self.status == "optimal"
 
 
-def mmd_metric(reaction: MMD, grams: GramCache, conserve_mass: bool) -> np.ndarray:
-    """G = K + ridge I of the MMD reaction; centred (P K P) for a conditionally positive
-    definite kernel, which is a metric only on zero-sum differences (spherical variants)."""
-    gram = grams.gram(reaction.kernel)
-    if not reaction.kernel.positive_definite:
-        if not conserve_mass:
-            raise ValueError(
-                f"{type(reaction.kernel).__name__} is only conditionally positive definite, so "
-                "its MMD is a distance only between measures of equal mass; pass "
-                "conserve_mass=True to the geometry or use a positive definite kernel")
-        gram = _centred(gram)
-    metric = gram.copy()
-    metric[np.diag_indices_from(metric)] += reaction.ridge
-    return metric
+def mmd_metric(reaction, grams: GramCache, conserve_mass: bool) -> np.ndarray:
+    """G = M + ridge I of a quadratic reaction (``ReactionGeometry.metric``: K + ridge I for
+    MMD, P K P + ridge I for a conditionally positive definite kernel). conserve_mass is the
+    reaction's own (kept for the callers)."""
+    return reaction.metric(grams.points, grams)
 
 
-def _centred(matrix: np.ndarray) -> np.ndarray:
-    centred = matrix - matrix.mean(0, keepdims=True)
-    return centred - centred.mean(1, keepdims=True)
-
-
-def mmd_step(F: Energy, reaction: MMD, points: np.ndarray, a: np.ndarray, eta: float,
+def mmd_step(F: Energy, reaction, points: np.ndarray, a: np.ndarray, eta: float,
              conserve_mass: bool, start=None, rtol: float = DEFAULT_WEIGHT_RTOL,
              grams: GramCache | None = None, linearize_at: np.ndarray | None = None,
              energy_scale: float | None = None) -> ReactionResult:
@@ -613,14 +563,14 @@ def mmd_step(F: Energy, reaction: MMD, points: np.ndarray, a: np.ndarray, eta: f
     n = len(a)
     H = metric / eta
     g = model.linear + metric @ a / eta
-    needs_shift = conserve_mass and not reaction.kernel.positive_definite
+    needs_shift = conserve_mass and not reaction.metric_definite
     if model.hessian is not None:
         hessian = model.hessian
-        if conserve_mass and not _known_psd(F):
+        if conserve_mass and not model.known_psd:
             # on the simplex 1/2 b^T A b = 1/2 b^T (P A P) b + (M / n) (P A 1)^T b + const
             row_sums = hessian.sum(1)
             g = g - mass / n * (row_sums - row_sums.mean())
-            hessian = _centred(hessian)
+            hessian = centred(hessian)
             needs_shift = True
         H = H + hessian
     if needs_shift:  # + s/(2n) (1^T b - M)^2 is zero on the simplex and makes H definite along 1
@@ -635,17 +585,11 @@ def mmd_step(F: Energy, reaction: MMD, points: np.ndarray, a: np.ndarray, eta: f
     return ReactionResult(solution.weights, solution.gap / scale, solution.status, info)
 
 
-def _known_psd(F: Energy) -> bool:
-    """Whether the Hessian of F in the weights is positive semidefinite by construction."""
-    if isinstance(F, Potential):
-        return True
-    if isinstance(F, MMD2):
-        return F.kernel.positive_definite
-    if isinstance(F, Scaled):
-        return F.factor >= 0 and _known_psd(F.energy)
-    if isinstance(F, Sum):
-        return all(_known_psd(term) for term in F.terms)
-    return False
+def _known_psd(F: Energy, points: np.ndarray, grams: GramCache | None = None) -> bool:
+    """Whether the Hessian of F in the weights is positive semidefinite by construction (F's
+    form says so: ``WeightForm.quadratic_psd``)."""
+    grams = GramCache(points) if grams is None else grams
+    return F.form(Measure(points, np.zeros(len(points))), grams).quadratic_psd == PSD
 
 
 def _generic_mmd_step(F, points, a, metric, eta, mass, start, rtol, scale) -> ReactionResult:
@@ -839,8 +783,7 @@ def check_weight_mode(mode: str) -> str:
 
 
 def reaction_kind(reaction) -> str:
-    if isinstance(reaction, MMD):
-        return "mmd"
-    if isinstance(reaction, Hellinger):
-        return "hellinger"
-    raise ValueError(f"unsupported reaction geometry {reaction!r}")
+    """"mmd" for a quadratic reaction (a metric G), "hellinger" otherwise."""
+    if getattr(reaction, "quadratic", None) is None:
+        raise ValueError(f"unsupported reaction geometry {reaction!r}")
+    return "mmd" if reaction.quadratic else "hellinger"
