@@ -183,12 +183,12 @@ class StepReport:
     record: dict
     t_final: float
     steps: int | None
-    _run: _Run = field(repr=False)
+    _snapshot: Callable[[], Trajectory] = field(repr=False)
 
     def trajectory(self) -> Trajectory:
         """The run up to this step (stop_reason "running"), with its state: what a checkpoint
-        saves, and what ``solve(..., resume=...)`` continues."""
-        return self._run.snapshot()
+        saves, and what ``solve(..., resume=...)`` continues (also when called later)."""
+        return self._snapshot()
 
 
 class _Run:
@@ -422,22 +422,23 @@ class _Run:
 
     def _report(self, tau: float, controller) -> StepReport:
         steps = controller.steps if isinstance(controller, ConstantStepSize) else None
+        # what the snapshot needs, as it is now (the lists only grow; the states are replaced)
+        saved, recorded, warned = len(self.times), len(self.stats), self.log.warnings()
+        state = RunState(self.t, self.mu, self.energy, self.method_state, self.controller_state)
         return StepReport(self.controller_state.accepted, self.t, tau, self.energy, self.mu,
-                          self.stats[-1], self.t_final, steps, self)
+                          self.stats[-1], self.t_final, steps,
+                          lambda: self._snapshot(saved, recorded, state, warned))
 
-    def snapshot(self, reason: str = "running", state: ControllerState | None = None) -> Trajectory:
-        """The run so far, its last measure saved (``RunState.extra_save`` when it is kept only
-        for this), with the state to resume it."""
-        times, measures, energies = list(self.times), list(self.measures), list(self.energies)
-        extra = times[-1] != self.t
-        if extra:
-            times.append(self.t)
-            measures.append(self.mu)
-            energies.append(self.energy)
-        state = RunState(self.t, self.mu, self.energy, self.method_state,
-                         state or self.controller_state, extra)
-        return Trajectory(np.array(times), measures, np.array(energies), list(self.stats), reason,
-                          self.log.warnings(), state)
+    def _snapshot(self, saved: int, recorded: int, state: RunState, warned) -> Trajectory:
+        """The run when it had ``saved`` measures and ``recorded`` stats, its last measure
+        saved (``RunState.extra_save`` when it is kept only for this), with its state."""
+        times, measures = self.times[:saved], self.measures[:saved]
+        energies = self.energies[:saved]
+        if times[-1] != state.t:
+            times, measures = times + [state.t], measures + [state.measure]
+            energies, state = energies + [state.energy], replace(state, extra_save=True)
+        return Trajectory(np.array(times), measures, np.array(energies), self.stats[:recorded],
+                          "running", warned, state)
 
     def _is_save_time(self, t: float) -> bool:
         return bool(np.any(np.abs(self.save_at - t) <= TIME_RTOL * self.t_final))
@@ -525,13 +526,15 @@ class _ProgressBar:
 
 
 def _dissipation_diagnosis(result: StepResult) -> str:
-    """Why a step broke the dissipation inequality: an explicit step (it reports its
-    ``stability_ratio`` tau kappa, and its certificate is 0 by construction) breaks it whenever
-    tau kappa > 1, although it is stable up to 2; an implicit step only by an inaccurate solve."""
+    """Why a step broke the dissipation inequality: an explicit step or piece (it reports its
+    ``stability_ratio`` tau kappa; status "explicit": nothing is solved, so no certificate
+    measures its error) breaks it whenever tau kappa > 1, although it is stable up to 2; an
+    implicit step only by an inaccurate solve."""
     ratio = result.info.get("stability_ratio")
     if ratio is None:
         return f"the solve is less accurate than certified (certificate {result.certificate:.2g})"
-    return (f"the step is explicit (its certificate is 0 by construction): a time-stepping "
+    return (f"the step is explicit (or has explicit pieces, whose error no certificate "
+            f"measures): a time-stepping "
             f"error, not a solver error. Forward Euler satisfies this inequality of the JKO step "
             f"only while tau times the curvature of F along the step is <= 1 (here about "
             f"{ratio:.3g}; the step stays stable below 2), and only as the gradient step of the "

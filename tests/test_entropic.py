@@ -303,7 +303,7 @@ def test_non_convergence_raises_with_the_residual_and_advice():
     assert "max_iter" in str(err.value) and "eps" in str(err.value)
     result = EntropicJKO(eps=1e-3, max_iter=5).step(DRIFT_2D, jk.Wasserstein(), MU_2D, 0.02,
                                                     throw=False)
-    assert result.status == "not_converged" and not result.ok
+    assert result.status == "max_iterations" and not result.ok
     assert np.all(np.isfinite(result.measure.weights)) and result.certificate > 1e-6
 
 
