@@ -147,7 +147,8 @@ def test_a_trajectory_without_state_resumes_from_its_last_measure():
     resumed = jk.solve(F, jk.Hellinger(), MU, tau=0.25, steps=4, progress=False,
                        resume=dataclasses.replace(first, state=None))
     np.testing.assert_allclose(resumed.times, whole.times)
-    np.testing.assert_allclose(resumed.energies, whole.energies, rtol=1e-9)
+    # fresh method state (a program compiled anew): equal to the solver's accuracy, not bit for bit
+    np.testing.assert_allclose(resumed.energies, whole.energies, rtol=1e-4)
     assert [s["step"] for s in resumed.stats] == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="resume must be a jk.Trajectory"):
         jk.solve(F, jk.Hellinger(), MU, tau=0.25, steps=4, progress=False, resume=[MU])
