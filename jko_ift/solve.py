@@ -167,6 +167,37 @@ class RunState:
     controller: ControllerState
     extra_save: bool = False
 
+    def to_record(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """(JSON-ready metadata, arrays) for a file next to the trajectory (whose last measure
+        is ``measure``): ``from_record`` reads them back. The method's warm starts and caches
+        are not kept (``MethodState.to_dict``)."""
+        c = self.controller
+        meta = {"t": self.t, "energy": self.energy, "extra_save": self.extra_save,
+                "method": None if self.method is None else self.method.to_dict(),
+                "controller": {"proposed": c.proposed, "previous_error": c.previous_error,
+                               "attempt": c.attempt, "failures": c.failures,
+                               "accepted": c.accepted,
+                               "history_tau": None if c.history is None else c.history[1]}}
+        arrays = {}
+        if c.history is not None:
+            arrays = {"history_points": c.history[0].points, "history_weights": c.history[0].weights}
+        return meta, arrays
+
+    @classmethod
+    def from_record(cls, meta: dict, arrays, measure: Measure) -> RunState:
+        """The state back from ``to_record``; ``measure``: the trajectory's last measure."""
+        c = dict(meta["controller"])
+        history_tau, history = c.pop("history_tau"), None
+        if history_tau is not None:
+            points = np.asarray(arrays["history_points"], float)
+            weights = np.asarray(arrays["history_weights"], float)
+            before = (measure.with_weights(weights) if np.array_equal(points, measure.points)
+                      else Measure(points, weights))
+            history = (before, float(history_tau))
+        method = None if meta["method"] is None else MethodState.from_dict(meta["method"])
+        return cls(float(meta["t"]), measure, float(meta["energy"]), method,
+                   ControllerState(history=history, **c), bool(meta["extra_save"]))
+
 
 @dataclass(frozen=True)
 class StepReport:

@@ -1,9 +1,13 @@
 """Error-controlled step sizes: tolerance tracking, step-size shape, rejections, stopping."""
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 
 import jko_ift as jk
+from jko_ift.solve import RunState
 from jko_ift.studies import work_precision
 
 KERNEL = jk.Gaussian(1.0)
@@ -395,3 +399,25 @@ def test_adaptive_explicit_noise_resumes_bit_for_bit():
 
     whole = run()
     assert_same_run(run(resume=run(callback=stop_after(3)[0])), whole)
+
+
+def test_the_controller_history_survives_a_file():
+    """previous error, the last step's tau and the measure before it, written and read back."""
+    method = jk.ConicJKO()
+    first = adaptive(1e-2, method=method, callback=stop_after(4)[0])
+    meta, arrays = first.state.to_record()
+    back = RunState.from_record(json.loads(json.dumps(meta)), arrays, first.final)
+    saved = first.state.controller
+    assert back.controller.previous_error == saved.previous_error
+    assert back.controller.proposed == saved.proposed and back.controller.history[1] == saved.history[1]
+    np.testing.assert_array_equal(back.controller.history[0].weights, saved.history[0].weights)
+    assert back.controller.history[0].grid is not None  # the grid of the run's measures
+    whole = adaptive(1e-2, method=method)
+    resumed = adaptive(1e-2, method=method, resume=dataclasses.replace(first, state=back))
+    # the history is there: the next step extrapolates (a fresh controller would double)
+    assert resumed.stats[len(first.stats)]["estimate"] == "extrapolation"
+    # the same steps up to the solver's tolerance (a file keeps no compiled program), which the
+    # controller amplifies a little from step to step
+    assert len(resumed.times) == len(whole.times)
+    np.testing.assert_allclose(resumed.times, whole.times, rtol=1e-3)
+    np.testing.assert_allclose(resumed.energies, whole.energies, rtol=1e-3)

@@ -1,11 +1,13 @@
 """The driver: trajectories, step counts, stats, failures."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 
 import jko_ift as jk
+from jko_ift.solve import RunState
 
 GRID = jk.Grid([-3], [3], [40])
 MU = GRID.measure(lambda x: np.exp(-((x[:, 0] - 1) ** 2)), normalize=True)
@@ -152,3 +154,17 @@ def test_a_trajectory_without_state_resumes_from_its_last_measure():
     assert [s["step"] for s in resumed.stats] == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="resume must be a jk.Trajectory"):
         jk.solve(F, jk.Hellinger(), MU, tau=0.25, steps=4, progress=False, resume=[MU])
+
+
+def test_a_run_state_written_to_a_file_resumes_bit_for_bit():
+    """RunState.to_record is JSON and arrays; the generator continues where it stood."""
+    def run(**kwargs):
+        return jk.solve(PARTICLE_F, jk.Wasserstein(), PARTICLE_MU, tau=0.1, steps=8,
+                        method=jk.ExplicitEuler(noise=0.3, seed=4), progress=False, **kwargs)
+
+    whole = run()
+    first = run(callback=stop_after(5)[0])
+    meta, arrays = first.state.to_record()
+    state = RunState.from_record(json.loads(json.dumps(meta)), dict(arrays), first.final)
+    assert state.method.steps == 5 and state.controller.accepted == 5
+    assert_same_run(run(resume=dataclasses.replace(first, state=state)), whole)

@@ -217,6 +217,24 @@ class MethodState:
         return MethodState(self.steps, copy.deepcopy(self.rng),
                            {key: copy.copy(value) for key, value in self.warm.items()}, self.cache)
 
+    def to_dict(self) -> dict:
+        """What a file keeps (JSON-ready): the step counter and the generator's state. Warm
+        starts and caches are not kept: a run resumed from a file starts them anew (grid
+        methods then agree with the uninterrupted run to their solver's tolerance; particle
+        methods and ExplicitEuler, whose noise is the generator's, bit for bit)."""
+        return {"steps": self.steps,
+                "rng": None if self.rng is None else self.rng.bit_generator.state}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MethodState:
+        """The state back from ``to_dict`` (its generator continues where it stood)."""
+        rng = None
+        if data.get("rng") is not None:
+            bit_generator = getattr(np.random, data["rng"]["bit_generator"])()
+            bit_generator.state = data["rng"]
+            rng = np.random.Generator(bit_generator)
+        return cls(steps=int(data["steps"]), rng=rng)
+
 
 class Method:
     """The protocol of a JKO-step method: frozen settings, declared capabilities, explicit state.
