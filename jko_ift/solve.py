@@ -486,7 +486,8 @@ class _Run:
         raise SolverError(f"adaptive run stopped at t = {self.t:.6g}: {MAX_SOLVER_RETRIES + 1} "
                           f"step solves in a row were not certified (last status "
                           f"{record['status']!r}, certificate {record['certificate']:.3g}) although "
-                          "tau was cut each time; try another solver or solver_options",
+                          f"tau was cut each time: {Status(record['status']).advice}; smaller steps "
+                          "do not cure it, so try another solver or solver_options",
                           status=record["status"])
 
     def _check_grid_run(self) -> None:
