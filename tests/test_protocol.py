@@ -11,6 +11,9 @@ import jko_ift as jk
 from jko_ift.methods import Method, MethodState, Status, StepResult
 from jko_ift.methods.base import OK_STATUSES
 
+#: The grid problem is coarse on purpose (quick); its steps' grid locking is not under test here.
+pytestmark = pytest.mark.filterwarnings("ignore::jko_ift.methods.GridLockingWarning")
+
 KERNEL = jk.Gaussian(1.0)
 RNG = np.random.default_rng(0)
 TARGET = jk.Measure(RNG.normal(size=(8, 2)), np.full(8, 1 / 8))

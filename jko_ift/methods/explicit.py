@@ -78,6 +78,7 @@ class ExplicitEuler(Method):
     problem where the step lands.
     """
 
+    keeps_support = False  # the particles move
     local_error_order = 2  # O(tau^2) per step: forward Euler (jko_ift.control)
     hellinger_update: str = "multiplicative"
     reaction: str = "explicit"

@@ -748,6 +748,7 @@ class ParticleJKO(Method):
     terms, <= 1e-12 or its round-off floor ``relative_gradient_floor``) and the iterations.
     """
 
+    keeps_support = False  # the particles move
     local_error_order = 2  # O(tau^2) per step: implicit Euler (jko_ift.control)
     tol: float = DEFAULT_PARTICLE_TOL
     max_alternations: int = DEFAULT_ALTERNATIONS

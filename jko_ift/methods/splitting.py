@@ -85,6 +85,7 @@ class Splitting(Method):
     tol: relative certificate of the implicit pieces (see ParticleJKO).
     """
 
+    keeps_support = False  # the particles move; local_error_order: the property below
     order: int = 1
     transport: str = "implicit"
     reaction: str = "exact"
