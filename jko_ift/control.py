@@ -33,7 +33,7 @@ error per step, the global error of a method of order q - 1 scales like rtol^((q
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -56,8 +56,58 @@ ERROR_FLOOR = 1e-10
 
 
 def local_error_order(method) -> float:
-    """The order q of the local error O(tau^q) that ``method`` declares (default 2)."""
+    """The order q of the local error O(tau^q) that ``method`` declares (``Method`` declares
+    ``local_error_order``; a duck-typed method without it gets 2)."""
     return float(getattr(method, "local_error_order", DEFAULT_LOCAL_ERROR_ORDER))
+
+
+@dataclass(frozen=True)
+class ControllerState:
+    """What the step-size control carries from one step of a run to the next (kept with the
+    run's ``Trajectory.state``, so that a resumed run continues as the one run would).
+
+    proposed: the tau proposed for the next attempt; previous_error: the normalized error of
+    the last accepted step (the PI controller's memory; None before the first); history:
+    (the measure before the last accepted step, that step's tau), the extrapolation's
+    reference; attempt: attempts so far (the ``step`` numbers of the stats); failures:
+    uncertified solves in a row; accepted: accepted steps so far."""
+
+    proposed: float
+    previous_error: float | None = None
+    history: tuple[Measure, float] | None = None
+    attempt: int = 0
+    failures: int = 0
+    accepted: int = 0
+
+
+@dataclass(frozen=True)
+class ConstantStepSize:
+    """Fixed steps as a controller that accepts every step (diffrax's ``ConstantStepSize``):
+    ``steps`` steps of size ``tau``; ``jk.solve(tau=..., steps=...)`` builds it."""
+
+    tau: float
+    steps: int
+
+    def __post_init__(self):
+        if not (is_real(self.tau) and np.isfinite(self.tau) and self.tau > 0):
+            raise ValueError(f"tau must be a positive finite step size, got {self.tau!r}")
+        if isinstance(self.steps, bool) or int(self.steps) != self.steps or self.steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+
+    @property
+    def t_final(self) -> float:
+        return self.steps * self.tau
+
+    def init_state(self, accepted: int = 0) -> ControllerState:
+        return ControllerState(self.tau, attempt=accepted, accepted=accepted)
+
+    def finished(self, state: ControllerState, t: float) -> bool:
+        return state.accepted >= self.steps
+
+    def accept(self, state: ControllerState, tau: float, error: float, order: float,
+               before: Measure) -> tuple[bool, ControllerState]:
+        """Every step is accepted, and the next one has the same tau."""
+        return True, replace(state, accepted=state.accepted + 1)
 
 
 #: The StepController fields that are numbers (None allowed where the default is None).
@@ -139,8 +189,29 @@ class StepController:
         tau = tau if tau is not None else self.tau0 if self.tau0 is not None else t_final / 100
         return float(np.clip(tau, self.tau_min, self.tau_max))
 
+    def init_state(self, t_final: float, tau: float | None = None) -> ControllerState:
+        return ControllerState(self.first_tau(t_final, tau))
+
+    def accept(self, state: ControllerState, tau: float, error: float, order: float,
+               before: Measure) -> tuple[bool, ControllerState]:
+        """Whether a step of size tau from ``before`` with normalized error ``error`` is
+        accepted, and the state after it: the next proposed tau (PI controller), and for an
+        accepted step its error and (before, tau) as the history of the next estimate."""
+        accepted = error <= 1.0
+        proposed = min(state.proposed * self.factor(error, state.previous_error, accepted, order),
+                       self.tau_max)
+        if not accepted:
+            return False, replace(state, proposed=proposed, failures=0)
+        return True, replace(state, proposed=proposed, failures=0, previous_error=error,
+                             history=(before, tau), accepted=state.accepted + 1)
+
+    def failed(self, state: ControllerState, tau: float) -> ControllerState:
+        """The state after an attempt whose solve was not certified: retry at tau * shrink."""
+        return replace(state, proposed=tau * self.shrink, failures=state.failures + 1)
+
     def order_of(self, method) -> float:
-        """The local error order q used for ``method``: ``error_order``, else the method's own."""
+        """The local error order q used for ``method``: ``error_order``, else the one the
+        method declares (``Method.local_error_order``)."""
         return float(self.error_order) if self.error_order is not None else local_error_order(method)
 
     def norm(self, geometry: Geometry, mu0: Measure, fixed_support: bool,

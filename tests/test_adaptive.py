@@ -1,9 +1,13 @@
 """Error-controlled step sizes: tolerance tracking, step-size shape, rejections, stopping."""
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 
 import jko_ift as jk
+from jko_ift.solve import RunState
 from jko_ift.studies import work_precision
 
 KERNEL = jk.Gaussian(1.0)
@@ -341,3 +345,79 @@ def test_atol_zero_on_cells_without_mass_names_the_cause():
     with pytest.raises(jk.SolverError, match="with atol = 0 a component at 0"):
         run(0.0)
     assert run(1e-8).stop_reason == "t_final"
+
+
+# ---------------------------------------------------------------------------- callback and resume
+def stop_after(count):
+    reports = []
+
+    def callback(report):
+        reports.append(report)
+        return report.step >= count
+
+    return callback, reports
+
+
+def assert_same_run(one, other):
+    """Bit for bit: times, energies, measures, and the stats but their wall times."""
+    np.testing.assert_array_equal(one.times, other.times)
+    np.testing.assert_array_equal(one.energies, other.energies)
+    for mu, nu in zip(one.measures, other.measures, strict=True):
+        np.testing.assert_array_equal(mu.points, nu.points)
+        np.testing.assert_array_equal(mu.weights, nu.weights)
+    strip = [{k: v for k, v in s.items() if "time" not in k} for s in one.stats]
+    assert strip == [{k: v for k, v in s.items() if "time" not in k} for s in other.stats]
+
+
+@pytest.mark.parametrize("save_at", [None, [1.0, 2.5, T_FINAL]])
+def test_an_adaptive_run_resumed_is_the_run_in_one(save_at):
+    """The controller's history (previous error, the extrapolation's last step, the proposed
+    tau) and the method's state survive in Trajectory.state."""
+    method = jk.ConicJKO()  # one method: its state holds the compiled program of the problem
+    whole = adaptive(1e-2, method=method, save_at=save_at)
+    callback, reports = stop_after(4)
+    first = adaptive(1e-2, method=method, save_at=save_at, callback=callback)
+    assert first.stop_reason == "callback" and first.state.controller.previous_error is not None
+    resumed = adaptive(1e-2, method=method, save_at=save_at, resume=first)
+    assert_same_run(resumed, whole)
+    assert resumed.stop_reason == whole.stop_reason == "t_final"
+    accepted = [s["step"] for s in whole.stats if s["accepted"]]
+    assert [r.record["step"] for r in reports] == accepted[:4]
+    assert [r.step for r in reports] == [1, 2, 3, 4]
+
+
+def test_adaptive_explicit_noise_resumes_bit_for_bit():
+    rng = np.random.default_rng(5)
+    target = jk.Measure(rng.normal(size=(10, 2)), np.full(10, 0.1))
+    mu0 = jk.Measure(rng.normal(size=(10, 2)) + 1.0, np.full(10, 0.1))
+    controller = jk.StepController(rtol=1e-2, atol=1e-4)
+
+    def run(**kwargs):
+        return jk.solve(jk.MMD2(target, KERNEL), jk.Wasserstein(), mu0, t_final=2.0,
+                        controller=controller, method=jk.ExplicitEuler(noise=0.05, seed=2),
+                        progress=False, **kwargs)
+
+    whole = run()
+    assert_same_run(run(resume=run(callback=stop_after(3)[0])), whole)
+
+
+def test_the_controller_history_survives_a_file():
+    """previous error, the last step's tau and the measure before it, written and read back."""
+    method = jk.ConicJKO()
+    first = adaptive(1e-2, method=method, callback=stop_after(4)[0])
+    meta, arrays = first.state.to_record()
+    back = RunState.from_record(json.loads(json.dumps(meta)), arrays, first.final)
+    saved = first.state.controller
+    assert back.controller.previous_error == saved.previous_error
+    assert back.controller.proposed == saved.proposed and back.controller.history[1] == saved.history[1]
+    np.testing.assert_array_equal(back.controller.history[0].weights, saved.history[0].weights)
+    assert back.controller.history[0].grid is not None  # the grid of the run's measures
+    whole = adaptive(1e-2, method=method)
+    resumed = adaptive(1e-2, method=method, resume=dataclasses.replace(first, state=back))
+    # the history is there: the next step extrapolates (a fresh controller would double)
+    assert resumed.stats[len(first.stats)]["estimate"] == "extrapolation"
+    # the same steps up to the solver's tolerance (a file keeps no compiled program), which the
+    # controller amplifies a little from step to step
+    assert len(resumed.times) == len(whole.times)
+    np.testing.assert_allclose(resumed.times, whole.times, rtol=1e-3)
+    np.testing.assert_allclose(resumed.energies, whole.energies, rtol=1e-3)

@@ -60,7 +60,8 @@ def test_demo_summary_records_three_schemes_and_ift_is_fastest(demo_run):
         np.testing.assert_allclose(mmd, np.sqrt(2 * energies), rtol=1e-12, err_msg=label)
         assert mmd[-1] < 0.2 * mmd[0], f"{label} did not approach the target: {mmd[[0, -1]]}"
         assert abs(run["final_mass"] - 1.0) <= MASS_ATOL, label
-        assert run["statuses"] == ["optimal"], label
+        # the MMD flow takes explicit steps, which solve nothing: status "explicit"
+        assert run["statuses"] == ["explicit" if label == "MMD flow" else "optimal"], label
         assert run["wall_time"] > 0
     # the weight steps concentrate the mass; the MMD flow keeps uniform weights
     assert summary["runs"]["MMD flow"]["particles_with_99_percent_mass"] >= 29

@@ -1,9 +1,13 @@
 """The driver: trajectories, step counts, stats, failures."""
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 
 import jko_ift as jk
+from jko_ift.solve import RunState
 
 GRID = jk.Grid([-3], [3], [40])
 MU = GRID.measure(lambda x: np.exp(-((x[:, 0] - 1) ** 2)), normalize=True)
@@ -49,3 +53,118 @@ def test_failed_step_ends_the_run_with_its_status_when_not_throwing():
 def test_method_must_have_a_step():
     with pytest.raises(ValueError, match="method must be"):
         jk.jko_step(F, jk.Hellinger(), MU, 0.1, method="conic")
+
+
+# ---------------------------------------------------------------------------- callback and resume
+PARTICLE_KERNEL = jk.Gaussian(1.0)
+PARTICLE_TARGET = jk.Measure(np.random.default_rng(1).normal(size=(12, 2)), np.full(12, 1 / 12))
+PARTICLE_MU = jk.Measure(np.random.default_rng(2).normal(size=(12, 2)) + 1.0, np.full(12, 1 / 12))
+PARTICLE_F = jk.MMD2(PARTICLE_TARGET, PARTICLE_KERNEL)
+
+
+def assert_same_run(one, other):
+    """Bit for bit: times, energies, measures, and the stats but their wall times."""
+    np.testing.assert_array_equal(one.times, other.times)
+    np.testing.assert_array_equal(one.energies, other.energies)
+    assert len(one.measures) == len(other.measures)
+    for mu, nu in zip(one.measures, other.measures, strict=True):
+        np.testing.assert_array_equal(mu.points, nu.points)
+        np.testing.assert_array_equal(mu.weights, nu.weights)
+    strip = [{k: v for k, v in s.items() if "time" not in k} for s in one.stats]
+    assert strip == [{k: v for k, v in s.items() if "time" not in k} for s in other.stats]
+    assert one.stop_reason == other.stop_reason
+
+
+def stop_after(count):
+    """A callback that records its reports and stops the run after ``count`` accepted steps."""
+    reports = []
+
+    def callback(report):
+        reports.append(report)
+        return report.step >= count
+
+    return callback, reports
+
+
+def test_callback_is_called_once_per_accepted_step():
+    reports = []
+    tr = jk.solve(F, jk.Hellinger(), MU, tau=0.25, steps=4, progress=False, callback=reports.append)
+    assert [r.step for r in reports] == [1, 2, 3, 4] and [r.steps for r in reports] == [4] * 4
+    np.testing.assert_array_equal([r.t for r in reports], tr.times[1:])
+    np.testing.assert_array_equal([r.energy for r in reports], tr.energies[1:])
+    assert [r.record for r in reports] == tr.stats and reports[-1].measure is tr.final
+    snapshot = reports[1].trajectory()
+    assert snapshot.stop_reason == "running" and len(snapshot) == 3 and snapshot.state.t == 0.5
+    with pytest.raises(ValueError, match="callback must be a callable"):
+        jk.solve(F, jk.Hellinger(), MU, tau=0.25, steps=4, progress=False, callback=3)
+
+
+def test_a_callback_can_stop_the_run_where_it_stands():
+    callback, reports = stop_after(2)
+    tr = jk.solve(F, jk.Hellinger(), MU, tau=0.25, steps=6, progress=False, callback=callback,
+                  save_at=[1.5])
+    assert tr.stop_reason == "callback" and len(reports) == 2
+    np.testing.assert_allclose(tr.times, [0.0, 0.5])  # the last state is kept, off the save times
+    assert tr.final is reports[-1].measure and tr.state.extra_save
+
+
+@pytest.mark.parametrize("save_at", [None, [0.75, 1.5]])
+@pytest.mark.parametrize("how", ["callback", "snapshot", "shorter run"])
+def test_a_fixed_run_resumed_is_the_run_in_one(how, save_at):
+    geometry = jk.Hellinger()  # one problem: the method's state holds its compiled program
+
+    def run(**kwargs):
+        kwargs.setdefault("save_at", save_at)
+        return jk.solve(F, geometry, MU, tau=0.25, progress=False, **kwargs)
+
+    whole = run(steps=6)
+    if how == "callback":
+        first = run(steps=6, callback=stop_after(3)[0])
+    elif how == "snapshot":
+        callback, reports = stop_after(10)
+        run(steps=6, callback=callback)
+        first = reports[2].trajectory()
+    else:
+        first = run(steps=3, save_at=None if save_at is None else [0.75])
+    assert_same_run(run(steps=6, resume=first), whole)
+
+
+def test_explicit_noise_resumes_bit_for_bit():
+    """The random generator and the step counter (noise_steps) are the run's state."""
+    def run(**kwargs):
+        return jk.solve(PARTICLE_F, jk.Wasserstein(), PARTICLE_MU, tau=0.1, steps=8,
+                        method=jk.ExplicitEuler(noise=0.3, noise_steps=6, seed=4), progress=False,
+                        **kwargs)
+
+    whole = run()
+    first = run(callback=stop_after(5)[0])
+    assert_same_run(run(resume=first), whole)
+    again = run(resume=first)  # resuming twice from one trajectory: its state was not consumed
+    assert_same_run(again, whole)
+
+
+def test_a_trajectory_without_state_resumes_from_its_last_measure():
+    whole = jk.solve(F, jk.Hellinger(), MU, tau=0.25, steps=4, progress=False)
+    first = jk.solve(F, jk.Hellinger(), MU, tau=0.25, steps=2, progress=False)
+    resumed = jk.solve(F, jk.Hellinger(), MU, tau=0.25, steps=4, progress=False,
+                       resume=dataclasses.replace(first, state=None))
+    np.testing.assert_allclose(resumed.times, whole.times)
+    # fresh method state (a program compiled anew): equal to the solver's accuracy, not bit for bit
+    np.testing.assert_allclose(resumed.energies, whole.energies, rtol=1e-4)
+    assert [s["step"] for s in resumed.stats] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="resume must be a jk.Trajectory"):
+        jk.solve(F, jk.Hellinger(), MU, tau=0.25, steps=4, progress=False, resume=[MU])
+
+
+def test_a_run_state_written_to_a_file_resumes_bit_for_bit():
+    """RunState.to_record is JSON and arrays; the generator continues where it stood."""
+    def run(**kwargs):
+        return jk.solve(PARTICLE_F, jk.Wasserstein(), PARTICLE_MU, tau=0.1, steps=8,
+                        method=jk.ExplicitEuler(noise=0.3, seed=4), progress=False, **kwargs)
+
+    whole = run()
+    first = run(callback=stop_after(5)[0])
+    meta, arrays = first.state.to_record()
+    state = RunState.from_record(json.loads(json.dumps(meta)), dict(arrays), first.final)
+    assert state.method.steps == 5 and state.controller.accepted == 5
+    assert_same_run(run(resume=dataclasses.replace(first, state=state)), whole)

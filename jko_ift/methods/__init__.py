@@ -1,6 +1,14 @@
 """Methods: each turns (F, geometry, mu, tau) into a StepResult."""
 
-from .base import MassMismatchWarning, SolverError, StepResult, WeightClippingWarning
+from .base import (
+    MassMismatchWarning,
+    Method,
+    MethodState,
+    SolverError,
+    Status,
+    StepResult,
+    WeightClippingWarning,
+)
 from .conic import ConicJKO, GridLockingWarning
 from .entropic import EntropicBlurWarning, EntropicJKO
 from .explicit import ExplicitEuler
@@ -8,5 +16,5 @@ from .particle import ParticleJKO
 from .splitting import Splitting
 
 __all__ = ["ConicJKO", "EntropicBlurWarning", "EntropicJKO", "ExplicitEuler", "GridLockingWarning",
-           "MassMismatchWarning", "ParticleJKO", "SolverError", "Splitting", "StepResult",
-           "WeightClippingWarning"]
+           "MassMismatchWarning", "Method", "MethodState", "ParticleJKO", "SolverError", "Splitting",
+           "Status", "StepResult", "WeightClippingWarning"]

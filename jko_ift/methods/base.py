@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import enum
 import hashlib
 import os
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import FrozenInstanceError, dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -14,10 +17,90 @@ from ..energies import Energy
 from ..geometries import Geometry
 from ..measures import Measure
 
-#: Statuses of a step whose measure can be trusted. Others: "diverged" (non-finite result),
-#: "unstable" (an explicit step past its stability limit: the energy rose, see
-#: ``particle.finish``), solver statuses such as "optimal_inaccurate" or "max_iterations".
-OK_STATUSES = ("optimal",)
+
+class Status(str, enum.Enum):
+    """How a step ended. A ``str`` (``Status.OPTIMAL == "optimal"``, JSON writes the string);
+    ``advice`` says what it means and what to change; ``ok``: the measure can be trusted."""
+
+    def __new__(cls, value: str, advice: str):
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.advice = advice
+        return member
+
+    OPTIMAL = "optimal", "the step problem was solved to the method's tolerance"
+    EXPLICIT = "explicit", (
+        "an explicit (forward) step: no minimization problem was solved, so there is nothing to "
+        "certify (certificate 0); its error is a time-stepping error: compare a run at tau / 2, "
+        "and see info['stability_ratio'] (tau times the curvature of F along the step, < 2)")
+    OPTIMAL_INACCURATE = "optimal_inaccurate", (
+        "the solver stopped before its tolerance (or the step rose above not moving): tighten "
+        "the solver's options, take a smaller tau or try another solver")
+    MAX_ITERATIONS = "max_iterations", (
+        "the iteration limit was reached before the tolerance: raise max_iter, loosen tol, or "
+        "take a smaller tau (for entropic steps: a larger eps)")
+    DIVERGED = "diverged", (
+        "the step produced non-finite positions, weights or energy: tau is beyond the stability "
+        "limit of the scheme; take a smaller tau or an implicit method (jk.ParticleJKO())")
+    UNSTABLE = "unstable", (
+        "an explicit step past its stability limit (F rose along it, info['stability_ratio'] "
+        "> 2): take a smaller tau or an implicit method")
+    OVERFLOW = "overflow", (
+        "the scalings left the float range: use domain='log' or 'auto', or a larger eps")
+    INFEASIBLE = "infeasible", (
+        "the step problem has no feasible point: check that the support carries the mass the "
+        "geometry keeps, and that the energy is finite somewhere on it")
+    INFEASIBLE_INACCURATE = "infeasible_inaccurate", (
+        "the solver found the step problem (probably) infeasible: see 'infeasible'")
+    UNBOUNDED = "unbounded", "the energy is unbounded below on this support"
+    UNBOUNDED_INACCURATE = "unbounded_inaccurate", (
+        "the solver found the energy (probably) unbounded below on this support")
+    USER_LIMIT = "user_limit", (
+        "the solver stopped at a limit set in its options (time, iterations): raise it")
+    SOLVER_ERROR = "solver_error", (
+        "the solver failed (numerical trouble): try another solver, other solver_options or a "
+        "smaller tau")
+    FAILED = "failed", "the step produced no measure: see the error message and info"
+    TAU_MIN = "tau_min", (
+        "an adaptive step size fell below the controller's tau_min: loosen rtol/atol or lower "
+        "tau_min")
+
+    @classmethod
+    def _missing_(cls, value):
+        # one meaning, one name: the Sinkhorn loops' old "not_converged" is MAX_ITERATIONS
+        if value == "not_converged":
+            return cls.MAX_ITERATIONS
+        return None
+
+    @classmethod
+    def of_solver(cls, name) -> Status:
+        """The status of a solver's own status name (CVXPY's: "optimal", "infeasible", ...);
+        names without a member are SOLVER_ERROR (the name itself goes to info)."""
+        try:
+            return cls(str(name).replace(" ", "_").lower())
+        except ValueError:
+            return cls.SOLVER_ERROR
+
+    @property
+    def ok(self) -> bool:
+        return self in OK_STATUSES
+
+    # a Status is its string everywhere: in dicts (hash), messages (repr, str, format), JSON
+    __hash__ = str.__hash__
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+#: Statuses of a step whose measure can be trusted: solved to tolerance, or explicit (nothing
+#: to solve). Others: see ``Status`` and each member's ``advice``.
+OK_STATUSES = (Status.OPTIMAL, Status.EXPLICIT)
 
 #: Masses that agree to this relative tolerance are the same mass. A float64 sum of n weights
 #: is exact to about n * 1.1e-16; weights that passed through float32 (torch tensors) carry a
@@ -42,33 +125,175 @@ class SolverError(RuntimeError):
 
     def __init__(self, message: str, status: str = "failed", result: StepResult | None = None):
         super().__init__(message)
-        self.status = status
+        self.status = Status(status)
         self.result = result
+
+    @property
+    def advice(self) -> str:
+        return self.status.advice
 
 
 @dataclass(frozen=True)
 class StepResult:
-    """One step mu^k -> mu^{k+1}.
+    """One step mu^k -> mu^{k+1}; build it with ``StepResult.build`` (or ``.failed``).
 
     measure: the new measure (None when the solve produced no solution).
-    objective: F(mu^{k+1}) + D^2(mu^{k+1}, mu^k) / (2 tau), evaluated in NumPy.
-    energy: F(mu^{k+1}); distance_sq: the D^2 of the step (at the intermediate measure the
-    solver found, for inf-convolutions an upper bound of the infimum).
-    certificate: a relative optimality measure (duality gap, KKT or exclusion residual).
-    info: method-specific statistics (solver, iterations, times, radius, ...).
+    objective: F(mu^{k+1}) + D^2 / (2 tau), for every method: the value of the JKO problem at
+    the returned measure (for an explicit step: where it lands, not what it minimizes). A
+    method's own regularization (the entropic term) is not in it but in ``info``
+    (``entropic_term``, ``regularized_objective``).
+    energy: F(mu^{k+1}); distance_sq: the D^2 of the step as the method measured it (for
+    inf-convolutions at the intermediate measure it found: an upper bound of the infimum; for
+    particles, that of the particle coupling).
+    status: a ``Status`` (strings are converted; ``Status(...).advice`` says what to change).
+    certificate: a relative optimality measure (duality gap, KKT or exclusion residual; 0 for
+    explicit steps, which solve nothing).
+    info: method-specific statistics (solver, iterations, times, radius, ...); complete at
+    construction, never changed afterwards (build a new result with ``dataclasses.replace``).
     """
 
     measure: Measure | None
     objective: float
     energy: float
     distance_sq: float
-    status: str
+    status: Status
     certificate: float
     info: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        object.__setattr__(self, "status", Status(self.status))  # ValueError on an unknown name
+
     @property
     def ok(self) -> bool:
-        return self.status in OK_STATUSES
+        return self.status.ok
+
+    @classmethod
+    def build(cls, F: Energy, measure: Measure, tau: float, distance_sq: float, status,
+              certificate: float, info: dict, energy: float | None = None) -> StepResult:
+        """The result of a step that produced ``measure``: energy F(measure) (pass ``energy``
+        when it is already known) and objective energy + distance_sq / (2 tau)."""
+        energy = float(F.value(measure)) if energy is None else float(energy)
+        distance_sq = float(distance_sq)
+        return cls(measure, energy + distance_sq / (2 * float(tau)), energy, distance_sq, status,
+                   float(certificate), info)
+
+    @classmethod
+    def failed(cls, status, info: dict, certificate: float = np.inf) -> StepResult:
+        """The result of a step that produced no measure."""
+        return cls(None, np.nan, np.nan, np.nan, status, float(certificate), info)
+
+
+class Same:
+    """A dict key that stands for an object by identity and holds it, so that its ``id``
+    cannot be recycled while the key lives (keys of bare ``id(F)`` can match a new energy)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Same) and other.obj is self.obj
+
+
+@dataclass
+class MethodState:
+    """What a method carries from one step of a run to the next, owned by the driver.
+
+    steps: steps taken with this state; rng: the method's random generator (None: none);
+    warm: what changes the next step's result (warm starts, radii, reused energies): copied
+    by ``fork``, so that a state handed out stays as it was; cache: pure caches (compiled
+    programs, Gibbs operators), shared between forks since they never change a result."""
+
+    steps: int = 0
+    rng: np.random.Generator | None = None
+    warm: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)
+
+    def fork(self) -> MethodState:
+        return MethodState(self.steps, copy.deepcopy(self.rng),
+                           {key: copy.copy(value) for key, value in self.warm.items()}, self.cache)
+
+    def to_dict(self) -> dict:
+        """What a file keeps (JSON-ready): the step counter and the generator's state. Warm
+        starts and caches are not kept: a run resumed from a file starts them anew (grid
+        methods then agree with the uninterrupted run to their solver's tolerance; particle
+        methods and ExplicitEuler, whose noise is the generator's, bit for bit)."""
+        return {"steps": self.steps,
+                "rng": None if self.rng is None else self.rng.bit_generator.state}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MethodState:
+        """The state back from ``to_dict`` (its generator continues where it stood)."""
+        rng = None
+        if data.get("rng") is not None:
+            bit_generator = getattr(np.random, data["rng"]["bit_generator"])()
+            bit_generator.state = data["rng"]
+            rng = np.random.Generator(bit_generator)
+        return cls(steps=int(data["steps"]), rng=rng)
+
+
+class Method:
+    """The protocol of a JKO-step method: frozen settings, declared capabilities, explicit state.
+
+    keeps_support: every step keeps the points of mu^k and changes the weights only (grid
+    methods; the error norm of an adaptive run then compares weights). local_error_order: the
+    order q of the local error O(tau^q) (2: implicit and explicit Euler, Lie splitting).
+
+    ``advance(F, geometry, mu, tau, state)`` -> (StepResult, new state) leaves ``state``
+    unchanged (the driver keeps it for a retry or a resumed run); ``step`` runs with the
+    method's own default state (the warm starts and caches of ``jk.jko_step`` calls), which
+    ``reset`` forgets. Subclasses implement ``_step(F, geometry, mu, tau, state, throw)``,
+    which may update ``state`` in place.
+    """
+
+    keeps_support: ClassVar[bool] = False
+    local_error_order: ClassVar[float] = 2
+
+    def init_state(self, F: Energy | None = None, geometry: Geometry | None = None,
+                   mu0: Measure | None = None) -> MethodState:
+        """The state of a new run (the problem is given for methods that prepare for it)."""
+        return MethodState()
+
+    def advance(self, F: Energy, geometry: Geometry, mu: Measure, tau: float, state: MethodState,
+                throw: bool = True) -> tuple[StepResult, MethodState]:
+        if not isinstance(state, MethodState):
+            raise ValueError(f"state must be a MethodState (from method.init_state()), got "
+                             f"{type(state).__name__}")
+        state = state.fork()
+        return self._step(F, geometry, mu, tau, state, throw), state
+
+    def step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float,
+             throw: bool = True) -> StepResult:
+        """One step with the method's default state (its warm starts and caches)."""
+        state = self.__dict__.get("_default_state")
+        if state is None:
+            state = self.__dict__["_default_state"] = self.init_state(F, geometry, mu)
+        return self._step(F, geometry, mu, tau, state, throw)
+
+    def reset(self) -> None:
+        """Forget the default state of ``step`` (counters, random generators, warm starts)."""
+        self.__dict__.pop("_default_state", None)
+
+    def _step(self, F, geometry, mu, tau, state: MethodState, throw: bool) -> StepResult:
+        raise NotImplementedError
+
+    def __setattr__(self, name: str, value) -> None:
+        if self.__dict__.get("_frozen", False):  # classes with an __init__ freeze at its end
+            raise FrozenInstanceError(f"cannot assign to {name!r}: the settings of "
+                                      f"{type(self).__name__} are frozen; make a new method")
+        object.__setattr__(self, name, value)
+
+    def _freeze(self) -> None:
+        self.__dict__["_frozen"] = True
+
+    def _settle(self, **values) -> None:
+        """Set normalized settings in validation (``__post_init__`` of frozen settings)."""
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
 
 
 def check_step_input(F, geometry, mu, tau, warn_masses: bool = True) -> float:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import reduce
 
 import cvxpy as cp
@@ -40,7 +40,10 @@ from ..geometries import Geometry, Wasserstein
 from ..kernels import centred, row_blocks, squared_distances
 from ..measures import Measure
 from .base import (
+    Method,
+    Same,
     SolverError,
+    Status,
     StepResult,
     check_step_input,
     clipping_report,
@@ -240,8 +243,8 @@ def psd_quadratic(y, factor: np.ndarray) -> cp.Expression:
     return cp.quad_form(y, cp.psd_wrap(factor.T @ factor))
 
 
-@dataclass(eq=False)
-class ConicJKO:
+@dataclass(frozen=True, eq=False)
+class ConicJKO(Method):
     """Exact JKO step on the support of mu^k (points fixed, weights change).
 
     solver: "CLARABEL" (interior point, default) or "SCS" (first order, for large problems).
@@ -257,14 +260,13 @@ class ConicJKO:
     None with a transport part, where the gap bounds the objective only; docs/conic.md §8).
     """
 
+    keeps_support = True  # the points of mu^k, new weights
     local_error_order = 2  # O(tau^2) per step: implicit Euler (jko_ift.control)
     solver: str = "CLARABEL"
     radius: float | None = None
     gap_tol: float | None = None
     solver_options: dict = field(default_factory=dict)
     cache_size: int = 4
-    _programs: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False)
-    _radii: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
         name = self.solver.upper() if isinstance(self.solver, str) else self.solver
@@ -272,34 +274,36 @@ class ConicJKO:
             raise ValueError(f"unknown solver {self.solver!r}; ConicJKO supports {SOLVERS}")
         if name not in cp.installed_solvers():
             raise ValueError(f"solver {name} is not installed; pip install {name.lower()}")
-        self.solver = name
-        if self.gap_tol is None:
-            self.gap_tol = DEFAULT_GAP_TOL[name]
+        self._settle(solver=name)
         # a gap_tol <= 0 could never be met (the radius would double forever), NaN never either
-        self.gap_tol = fraction("ConicJKO", "gap_tol", self.gap_tol)
+        self._settle(gap_tol=fraction("ConicJKO", "gap_tol", DEFAULT_GAP_TOL[name]
+                                      if self.gap_tol is None else self.gap_tol))
         if self.radius is not None:
-            self.radius = positive("ConicJKO", "radius (np.inf: a dense plan)", self.radius,
-                                           allow_inf=True)
-        self.cache_size = count("ConicJKO", "cache_size", self.cache_size)
-        self.solver_options = check_solver_options(name, self.solver_options)
+            self._settle(radius=positive("ConicJKO", "radius (np.inf: a dense plan)", self.radius,
+                                         allow_inf=True))
+        self._settle(cache_size=count("ConicJKO", "cache_size", self.cache_size),
+                     solver_options=check_solver_options(name, self.solver_options))
 
-    def step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float,
-             throw: bool = True) -> StepResult:
+    def _step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float, state,
+              throw: bool = True) -> StepResult:
         tau = check_step_input(F, geometry, mu, tau)
-        key = (id(F), id(geometry), support_key(mu))
-        radius = self._radii.get(key) or self._initial_radius(F, geometry, mu, tau)
+        key = (Same(F), Same(geometry), support_key(mu))
+        radii = state.warm.setdefault("radii", {})  # the radius that sufficed, per problem
+        programs = state.cache.setdefault("programs", OrderedDict())
+        radius = radii.get(key) or self._initial_radius(F, geometry, mu, tau)
         while True:
-            program, compiled = self._program(key, F, geometry, mu, radius)
+            program, compiled = self._program(programs, key, F, geometry, mu, radius)
             result = program.solve(mu, tau, self.solver, self.solver_options, self.gap_tol)
-            result.info.update(compiled=compiled)
             violation = result.info.get("exclusion_violation", 0.0)
             if result.measure is not None and violation > self.gap_tol:
                 radius *= 2.0  # an excluded pair would carry mass: enlarge and re-solve
                 continue
             break
-        self._radii[key] = radius
+        radii[key] = radius
+        info = {**result.info, "compiled": compiled}
         if program.has_transport and result.measure is not None:
-            _check_grid_locking(F, geometry, mu, tau, result, program)
+            _check_grid_locking(F, geometry, mu, tau, result, program, info)
+        result = replace(result, info=info)
         if throw and not result.ok:
             raise SolverError(_failure_message(result, self.solver), result.status, result)
         return result
@@ -318,18 +322,18 @@ class ConicJKO:
         # mass moves about tau alpha |grad f|; the certificate catches a radius too small
         return max(2.5 * spacing, 2.0 * tau * geometry.alpha * typical)
 
-    def _program(self, key, F, geometry, mu, radius):
+    def _program(self, programs: OrderedDict, key, F, geometry, mu, radius):
         full_key = key + (radius,)
-        program = self._programs.get(full_key)
+        program = programs.get(full_key)
         # a conserved mass enters the program as a constant (ConicSupport): same mass, same program
         if program is not None and (not geometry.conserve_mass
                                     or abs(program.mass - mu.mass) <= 1e-9 * mu.mass):
-            self._programs.move_to_end(full_key)
+            programs.move_to_end(full_key)
             return program, False
         program = ConicProgram(F, geometry, mu, radius)
-        self._programs[full_key] = program
-        while len(self._programs) > self.cache_size:
-            self._programs.popitem(last=False)
+        programs[full_key] = program
+        while len(programs) > self.cache_size:
+            programs.popitem(last=False)
         return program, True
 
 
@@ -441,8 +445,7 @@ class ConicProgram:
         if stats is not None:
             info.update(solve_time=stats.solve_time, iterations=stats.num_iters)
         if not _has_solution(solver_status) or self.y.value is None:
-            return StepResult(None, np.nan, np.nan, np.nan, _status_name(solver_status), np.inf,
-                              info)
+            return StepResult.failed(_status_name(solver_status), info)
         weights = np.maximum(self.scale * np.asarray(self.y.value), 0.0)
         weights = without_excluded(self.F, mu, weights)  # the constraint holds to feasibility only
         if self.geometry.conserve_mass:  # remove the solver's ~1e-9 drift so runs conserve exactly
@@ -476,7 +479,7 @@ class ConicProgram:
         # stopped at its own (tighter) tolerances or just short of them, and the step is no
         # worse than not moving (descends).
         status = "optimal" if certificate <= gap_tol and descends else "optimal_inaccurate"
-        return StepResult(new, objective, energy, distance_sq, status, certificate, info)
+        return StepResult.build(self.F, new, tau, distance_sq, status, certificate, info, energy)
 
     def _check_descent(self, mu: Measure, objective: float, tau: float, gap_tol: float,
                        info: dict) -> bool:
@@ -730,8 +733,8 @@ def _solver_certificate(stats) -> tuple[float, float, float, float]:
     return absolute / max(1.0, abs(primal)), float(residual), float(primal), absolute
 
 
-def _status_name(status: str) -> str:
-    return str(status).replace(" ", "_")
+def _status_name(status: str) -> Status:
+    return Status.of_solver(status)
 
 
 #: The settings that tighten each solver, named by the failure message.
@@ -753,7 +756,7 @@ def _failure_message(result: StepResult, solver: str) -> str:
     )
 
 
-def _check_grid_locking(F, geometry, mu, tau, result, program) -> None:
+def _check_grid_locking(F, geometry, mu, tau, result, program, info: dict) -> None:
     """Measure a W2 step on a grid against the flow (``grid_motion``): record it in ``info``
     (``grid_locked``, ``grid_rounding``, ``expected_moved_fraction``, ...) and warn
     ``GridLockingWarning`` in every step that is locked or in the h / tau rounding regime (the
@@ -761,5 +764,4 @@ def _check_grid_locking(F, geometry, mu, tau, result, program) -> None:
     if mu.grid is None or not result.ok:
         return
     _, displacement = barycentric_motion(mu, program.plan_times)
-    check_step(F, geometry, mu, result.measure, tau, result.info["moved_fraction"], displacement,
-               result.info)
+    check_step(F, geometry, mu, result.measure, tau, info["moved_fraction"], displacement, info)

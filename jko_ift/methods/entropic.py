@@ -25,13 +25,23 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from dataclasses import replace
 
 import numpy as np
 
 from ..energies import Energy
 from ..geometries import Geometry
 from ..measures import Measure
-from .base import SolverError, StepResult, check_step_input, support_key, warn_user, without_excluded
+from .base import (
+    Method,
+    Same,
+    SolverError,
+    StepResult,
+    check_step_input,
+    support_key,
+    warn_user,
+    without_excluded,
+)
 from .entropic_prox import (
     EnvelopeProx,
     HellingerEnvelopeProx,
@@ -72,7 +82,7 @@ KERNEL_DOMAIN_MAX = 1e200
 
 #: A level whose marginal violation, at the rate measured over the last PROGRESS_WINDOW
 #: iterations, would need more than FUTILE_FACTOR times the remaining budget to reach its
-#: tolerance stops early (status "not_converged", info["stopped"] says why): the iteration
+#: tolerance stops early (status "max_iterations", info["stopped"] says why): the iteration
 #: count is bounded by max_iter anyway, this only spends less time on a step that cannot
 #: converge. Sinkhorn's violation is not monotone over short spans; a window of 200
 #: iterations, checked from 400 on, and a factor 10 keep a slow but converging level going.
@@ -88,7 +98,7 @@ class EntropicBlurWarning(UserWarning):
     """The entropic blur sqrt(d eps / 2) is not small against the displacement of the step."""
 
 
-class EntropicJKO:
+class EntropicJKO(Method):
     """Entropic JKO step on the support of mu^k (points fixed, weights change).
 
     eps: entropic regularization, in units of squared length (the Gibbs kernel is
@@ -111,6 +121,7 @@ class EntropicJKO:
     ignore it.
     """
 
+    keeps_support = True  # the points of mu^k, new weights
     local_error_order = 2  # O(tau^2) per step: implicit Euler (jko_ift.control)
 
     def __init__(self, eps: float = 1e-2, *, tol: float = DEFAULT_TOL, max_iter: int = 20_000,
@@ -151,51 +162,53 @@ class EntropicJKO:
         if wfr_cost not in WFR_COSTS:
             raise ValueError(f"unknown wfr_cost {wfr_cost!r}; EntropicJKO supports {WFR_COSTS}")
         self.wfr_cost = wfr_cost
-        self._potentials: OrderedDict = OrderedDict()
+        # Gibbs operators by support and eps: a pure cache (it never changes a result), shared
+        # by the runs of this method; the warm starts live in the run's state
         self._operators: OrderedDict = OrderedDict()
+        self._freeze()
 
     def __repr__(self) -> str:
         return (f"EntropicJKO(eps={self.eps:g}, tol={self.tol:g}, max_iter={self.max_iter}, "
                 f"domain={self.domain!r}, eps_scaling={self.eps_scaling!r})")
 
     # -----------------------------------------------------------------------------------------
-    def step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float,
-             throw: bool = True) -> StepResult:
+    def _step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float, state,
+              throw: bool = True) -> StepResult:
         """mu^{k+1} = argmin F(mu) + D_eps^2(mu, mu^k) / (2 tau), by entropic transport."""
         tau = check_step_input(F, geometry, mu, tau)
         if not geometry.has_transport:
-            return self._delegate(F, geometry, mu, tau, throw)
+            return self._delegate(F, geometry, mu, tau, throw, state)
         start = time.perf_counter()
+        potentials = state.warm.setdefault("potentials", OrderedDict())
         if (self.wfr_cost == "hellinger_kantorovich" and geometry.reaction is not None
                 and not geometry.reaction.quadratic):
-            return self._hk_step(F, geometry, mu, tau, throw, start)
+            return self._hk_step(F, geometry, mu, tau, throw, start, potentials)
         try:
             column = _ColumnFunction(F, geometry, mu, tau)
         except UnsupportedEnergyError as error:
             raise ValueError(str(error)) from None
-        key = (support_key(mu), id(F), id(geometry))
+        key = (support_key(mu), Same(F), Same(geometry))
         blur_ratio = self._check_blur(F, geometry, mu, tau, column.form.log_coef)
-        psi = self._potentials.get(key) if self.warm_start else None
+        psi = potentials.get(key) if self.warm_start else None
         warm = psi is not None
         levels = self._levels(mu, warm)
         solver = _Sinkhorn(self, mu, column, tau * geometry.alpha)
         state = solver.run(levels, psi)
         result = column.result(mu, tau, geometry, solver, state)
-        info = result.info
-        info.update(eps=self.eps, tau=float(tau), alpha=float(geometry.alpha), warm_start=warm,
-                    levels=len(levels),
-                    blur_ratio=blur_ratio)
+        info = {**result.info, "eps": self.eps, "tau": float(tau), "alpha": float(geometry.alpha),
+                "warm_start": warm, "levels": len(levels), "blur_ratio": blur_ratio}
         if result.ok and state.plan_times is not None:
-            _check_grid_motion(F, geometry, mu, tau, result, state.plan_times)
+            _check_grid_motion(F, geometry, mu, tau, result, state.plan_times, info)
         info["wall_time"] = time.perf_counter() - start
+        result = replace(result, info=info)
         if result.measure is not None and not np.any(np.isnan(state.psi)):
-            self._remember(key, state.psi)
+            self._remember(potentials, key, state.psi)
         if throw and not result.ok:
             raise SolverError(_failure_message(result, self), result.status, result)
         return result
 
     # -----------------------------------------------------------------------------------------
-    def _hk_step(self, F, geometry, mu, tau, throw, start):
+    def _hk_step(self, F, geometry, mu, tau, throw, start, potentials):
         """The WFR step with the exact HK distance (LET form): docs/entropic.md §2b."""
         try:
             form = energy_form(F, mu)
@@ -203,9 +216,9 @@ class EntropicJKO:
         except UnsupportedEnergyError as error:
             raise ValueError(str(error)) from None
         alpha, beta = geometry.alpha, geometry.beta
-        key = (support_key(mu), id(F), id(geometry), "hellinger_kantorovich")
+        key = (support_key(mu), Same(F), Same(geometry), "hellinger_kantorovich")
         blur_ratio = self._check_blur(F, geometry, mu, tau, form.log_coef)
-        psi = self._potentials.get(key) if self.warm_start else None
+        psi = potentials.get(key) if self.warm_start else None
         warm = psi is not None
         levels = self._levels(mu, warm)
         mass = mu.mass if geometry.conserve_mass else None
@@ -225,7 +238,7 @@ class EntropicJKO:
                     length_scale=solver.ell)
         if state.log_b is None or not np.all(np.isfinite(state.gamma2)):
             info["wall_time"] = time.perf_counter() - start
-            result = StepResult(None, np.nan, np.nan, np.nan, "failed", np.inf, info)
+            result = StepResult.failed("failed", info)
         else:
             weights = np.where(np.isfinite(state.log_b), np.exp(state.log_b), 0.0)
             weights = without_excluded(F, mu, weights)
@@ -236,19 +249,21 @@ class EntropicJKO:
             lam = 2.0 / (tau * beta)  # (4 / beta) / (2 tau)
             distance_sq = (4.0 / beta) * state.let_value(weights)
             entropic = lam * state.entropic
-            objective = energy + distance_sq / (2.0 * tau) + entropic
             info.update(entropic_term=float(entropic), intermediate=state.gamma2,
+                        regularized_objective=float(energy + distance_sq / (2.0 * tau) + entropic),
                         wall_time=time.perf_counter() - start)
-            status = "optimal" if state.violation <= self.tol else "not_converged"
-            result = StepResult(new, float(objective), float(energy), float(distance_sq), status,
-                                float(state.violation), info)
+            status = "optimal" if state.violation <= self.tol else "max_iterations"
+            result = StepResult.build(F, new, tau, distance_sq, status, state.violation, info,
+                                      energy)
             if result.ok:
                 op = self.hk_operator(mu, state.eps, solver.ell)
                 f, g = state.f, state.g
+                info = dict(info)
                 _check_grid_motion(F, geometry, mu, tau, result,
-                                   lambda w: np.exp(f + op.log_apply(g + np.log(w))))
+                                   lambda w: np.exp(f + op.log_apply(g + np.log(w))), info)
+                result = replace(result, info=info)
             if np.all(np.isfinite(state.g)):
-                self._remember(key, state.eps * state.g)
+                self._remember(potentials, key, state.eps * state.g)
         if throw and not result.ok:
             raise SolverError(_failure_message(result, self), result.status, result)
         return result
@@ -257,15 +272,19 @@ class EntropicJKO:
         return self._cached_operator((support_key(mu), eps, "hk", ell),
                                      lambda: HKGibbs(mu.points, eps, ell, self.dense_cache_entries))
 
-    def _delegate(self, F, geometry, mu, tau, throw):
+    def _delegate(self, F, geometry, mu, tau, throw, state):
         """Pure reaction geometries: no transport, no entropic term; the exact step is cheap."""
-        if self.conic is None:
+        conic = self.conic
+        if conic is None:
             from .conic import ConicJKO
 
-            self.conic = ConicJKO()
-        result = self.conic.step(F, geometry, mu, tau, throw=throw)
-        result.info["delegated_to"] = type(self.conic).__name__
-        return result
+            conic = state.cache.setdefault("conic", ConicJKO())
+        if isinstance(conic, Method):  # its state is part of this run's
+            inner = state.warm.get("conic_state") or conic.init_state(F, geometry, mu)
+            result, state.warm["conic_state"] = conic.advance(F, geometry, mu, tau, inner, throw)
+        else:
+            result = conic.step(F, geometry, mu, tau, throw=throw)
+        return replace(result, info={**result.info, "delegated_to": type(conic).__name__})
 
     def _levels(self, mu: Measure, warm: bool) -> list[float]:
         scaling = self.eps_scaling if self.eps_scaling != "auto" else not warm
@@ -299,11 +318,11 @@ class EntropicJKO:
             self._operators.move_to_end(key)
         return op
 
-    def _remember(self, key, psi):
-        self._potentials[key] = psi
-        self._potentials.move_to_end(key)
-        while len(self._potentials) > self.cache_size:
-            self._potentials.popitem(last=False)
+    def _remember(self, potentials: OrderedDict, key, psi):
+        potentials[key] = psi
+        potentials.move_to_end(key)
+        while len(potentials) > self.cache_size:
+            potentials.popitem(last=False)
 
     def _check_blur(self, F, geometry, mu, tau, diffusion) -> float:
         """Blur / motion of the step (module constant BLUR_WARN_RATIO), warned once per step.
@@ -335,7 +354,7 @@ class EntropicJKO:
         return ratio
 
 
-def _check_grid_motion(F, geometry, mu, tau, result, plan_times) -> None:
+def _check_grid_motion(F, geometry, mu, tau, result, plan_times, info: dict) -> None:
     """On a grid: the fraction of mass the plan moved and its mean displacement, from its
     barycentric map T(x_i) = (P x)_i / (P 1)_i (the Gibbs blur is symmetric: it puts mass off the
     diagonal but does not move barycentres, so a locked entropic step has T = id), against the
@@ -344,10 +363,10 @@ def _check_grid_motion(F, geometry, mu, tau, result, plan_times) -> None:
     if mu.grid is None:
         return
     moved, displacement = barycentric_motion(mu, plan_times)
-    result.info["moved_fraction"] = moved
-    blurred = (result.info.get("blur_ratio", 0.0) > BLUR_WARN_RATIO
-               or result.info["eps"] >= SUBCELL_BLUR * float(np.max(mu.grid.spacing)) ** 2)
-    check_step(F, geometry, mu, result.measure, tau, moved, displacement, result.info,
+    info["moved_fraction"] = moved
+    blurred = (info.get("blur_ratio", 0.0) > BLUR_WARN_RATIO
+               or info["eps"] >= SUBCELL_BLUR * float(np.max(mu.grid.spacing)) ** 2)
+    check_step(F, geometry, mu, result.measure, tau, moved, displacement, info,
                judge_rounding=not blurred)
 
 
@@ -363,7 +382,7 @@ def _positive(name, value, hint) -> float:
 def _failure_message(result: StepResult, method: EntropicJKO) -> str:
     info = result.info
     what = {
-        "not_converged": (f"the marginal violation reached {result.certificate:.3g} after "
+        "max_iterations": (f"the marginal violation reached {result.certificate:.3g} after "
                           f"{info.get('iterations')} iterations, above tol = {method.tol:.3g}"),
         "overflow": ("the kernel-domain scalings left the float range at "
                      f"eps = {info.get('eps_reached', method.eps):.3g}"),
@@ -434,8 +453,8 @@ class _ColumnFunction:
             info["stopped"] = state.stopped
         if state.status == "overflow" or state.nu is None or not np.all(np.isfinite(state.nu)):
             status = ("overflow" if state.status == "overflow"
-                      else "not_converged" if state.stopped else "failed")
-            return StepResult(None, np.nan, np.nan, np.nan, status, np.inf, info)
+                      else "max_iterations" if state.stopped else "failed")
+            return StepResult.failed(status, info)
         nu = np.maximum(state.nu, 0.0)  # the column marginal of the plan, whose rows are a
         if self.kind == "W2":
             weights = nu * (mu.mass / nu.sum())  # removes round-off only: sum(nu) = sum(a)
@@ -455,16 +474,17 @@ class _ColumnFunction:
             entropic = state.eps * (np.sum(np.where(a > 0, a * state.log_u_over_a, 0.0))
                                     + np.sum(np.where(nu > 0, nu * state.log_v, 0.0))) - cost
         distance_sq = geometry.step_distance(cost, mu.points, nu, weights)
+        # the problem solved: the JKO objective plus the entropic term (in info, not objective)
         objective = energy + (distance_sq + entropic / alpha) / (2 * tau)
         gap = self._gap(mu, state, nu, tau)
         info.update(transport_cost=float(cost), entropic_term=float(entropic),
+                    regularized_objective=float(objective),
                     dual_gap=gap, relative_dual_gap=(gap / max(1.0, abs(objective))
                                                      if gap is not None else None),
                     intermediate=nu, negative_mass_clipped=negative)
         converged = state.violation <= solver.tol and state.stopped is None
-        status = "optimal" if converged else "not_converged"
-        return StepResult(new, float(objective), float(energy), float(distance_sq), status,
-                          float(state.violation), info)
+        status = "optimal" if converged else "max_iterations"
+        return StepResult.build(self.F, new, tau, distance_sq, status, state.violation, info, energy)
 
     def _gap(self, mu, state, nu, tau) -> float | None:
         """Primal minus dual value at the final potentials (docs/entropic.md, §3).
@@ -503,7 +523,7 @@ class _State:
         self.newton_steps = 0
         self.violation = np.inf
         self.domain = None
-        self.status = "not_converged"
+        self.status = "max_iterations"
         self.psi = None
         self.nu = self.nu_prox = None
         self.log_u_over_a = self.log_v = None

@@ -29,14 +29,14 @@ one object per run, or call ``reset()``.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..energies import Energy
 from ..geometries import Geometry
 from ..measures import Measure
-from .base import StepResult, check_choice
+from .base import Method, MethodState, StepResult, check_choice
 from .options import count, flag, nonnegative
 from .particle import (
     VELOCITIES,
@@ -56,8 +56,8 @@ from .weights import (
 REACTION_UPDATES = ("explicit", "projected_gradient")
 
 
-@dataclass(eq=False)
-class ExplicitEuler:
+@dataclass(frozen=True, eq=False)
+class ExplicitEuler(Method):
     """Forward Euler step on particles (see the module docstring for the updates).
 
     hellinger_update: "multiplicative" (default; positivity preserving) or "linear".
@@ -70,8 +70,15 @@ class ExplicitEuler:
     noise (None: all); seed: of the method's random generator. perturb_measure=True also moves
     the particles inside the witness (f of the perturbed measure, as in the IFT authors' code);
     the default follows Arbel et al. (f of mu^k at perturbed points).
+
+    The step counter (for noise_steps) and the random generator are the run's state
+    (``init_state``: a generator seeded by ``seed``); ``step`` keeps its own until ``reset()``.
+    The status of a step is "explicit" (nothing is solved, the certificate is 0), or
+    "unstable" past the stability limit; its objective F + D^2 / (2 tau) is that of the JKO
+    problem where the step lands.
     """
 
+    keeps_support = False  # the particles move
     local_error_order = 2  # O(tau^2) per step: forward Euler (jko_ift.control)
     hellinger_update: str = "multiplicative"
     reaction: str = "explicit"
@@ -80,29 +87,29 @@ class ExplicitEuler:
     noise_steps: int | None = None
     seed: int | None = None
     perturb_measure: bool = False
-    steps_taken: int = field(default=0, init=False)
-    _rng: np.random.Generator = field(init=False, repr=False)
-    _last: tuple = field(default=(None, None, None), init=False, repr=False)
 
     def __post_init__(self):
         check_choice("hellinger_update", self.hellinger_update, HELLINGER_UPDATES)
         check_choice("reaction update", self.reaction, REACTION_UPDATES)
         check_choice("velocity", self.velocity, VELOCITIES)
-        self.noise = nonnegative("ExplicitEuler", "noise", self.noise)
+        self._settle(noise=nonnegative("ExplicitEuler", "noise", self.noise))
         if self.noise_steps is not None:
-            self.noise_steps = count("ExplicitEuler", "noise_steps (or None: every step)",
-                                     self.noise_steps, minimum=0)
+            self._settle(noise_steps=count("ExplicitEuler", "noise_steps (or None: every step)",
+                                           self.noise_steps, minimum=0))
         if self.seed is not None and not isinstance(self.seed, (np.random.SeedSequence,
                                                                 np.random.BitGenerator)):
-            self.seed = count("ExplicitEuler", "seed (or None)", self.seed, minimum=0)
-        self.perturb_measure = flag("ExplicitEuler", "perturb_measure", self.perturb_measure)
-        self.reset()
+            self._settle(seed=count("ExplicitEuler", "seed (or None)", self.seed, minimum=0))
+        self._settle(perturb_measure=flag("ExplicitEuler", "perturb_measure", self.perturb_measure))
 
-    def reset(self) -> None:
-        """Restart the step counter and the random generator (a new run)."""
-        self.steps_taken = 0
-        self._rng = np.random.default_rng(self.seed)
-        self._last = (None, None, None)  # (F, measure, F(measure)) of the last step
+    def init_state(self, F=None, geometry=None, mu0=None) -> MethodState:
+        """A run's state: step counter 0, a generator seeded by ``seed``."""
+        return MethodState(rng=np.random.default_rng(self.seed))
+
+    @property
+    def steps_taken(self) -> int:
+        """Steps taken by ``step`` since the last ``reset()``."""
+        state = self.__dict__.get("_default_state")
+        return 0 if state is None else state.steps
 
     def noise_level(self, step_index: int) -> float:
         """The noise level of step ``step_index`` (0-based)."""
@@ -110,8 +117,8 @@ class ExplicitEuler:
             return 0.0
         return float(self.noise)
 
-    def step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float,
-             throw: bool = True) -> StepResult:
+    def _step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float, state: MethodState,
+              throw: bool = True) -> StepResult:
         """mu^{k+1} from one forward Euler step of size tau (all parts at mu^k).
 
         Without noise the step is checked for stability: an energy that rises along it (beyond
@@ -121,17 +128,17 @@ class ExplicitEuler:
         tau = check_particle_input(F, geometry, mu, tau)
         start = time.perf_counter()
         x, a = mu.points, mu.weights
-        level = self.noise_level(self.steps_taken)
-        self.steps_taken += 1
+        level = self.noise_level(state.steps)
+        state.steps += 1
         info: dict = {"method": "explicit_euler", "noise": level, "positivity_preserving": (
             positivity_preserving(geometry) and self.reaction == "explicit"
             and self.hellinger_update == "multiplicative")}
-        energy_before = self._energy_of(F, mu)
+        energy_before = self._energy_of(F, mu, state)
         y, b, descent = x, a, 0.0
         with np.errstate(over="ignore", invalid="ignore"):
             if geometry.has_transport:
                 if level > 0:
-                    noisy = x + level * self._rng.standard_normal(x.shape)
+                    noisy = x + level * state.rng.standard_normal(x.shape)
                     witness_of = Measure(noisy, a) if self.perturb_measure else mu
                     gradient = F.first_variation_at(witness_of, noisy, gradient=True)
                 else:
@@ -146,14 +153,14 @@ class ExplicitEuler:
         info["wall_time"] = time.perf_counter() - start
         # with noise the transport is not a descent step of F: no stability to judge
         forward = ForwardStep(energy_before, descent) if level == 0 else None
-        result = finish(F, geometry, mu, y, b, tau, "optimal", 0.0, info, throw, "ExplicitEuler",
+        result = finish(F, geometry, mu, y, b, tau, "explicit", 0.0, info, throw, "ExplicitEuler",
                         forward)
-        self._last = (F, result.measure, result.energy)
+        state.warm["last"] = (F, result.measure, result.energy)
         return result
 
-    def _energy_of(self, F: Energy, mu: Measure) -> float:
+    def _energy_of(self, F: Energy, mu: Measure, state: MethodState) -> float:
         """F(mu), reused from the previous step when mu is the measure it returned."""
-        last_F, last_measure, last_energy = self._last
+        last_F, last_measure, last_energy = state.warm.get("last", (None, None, None))
         if F is last_F and mu is last_measure:
             return last_energy
         return float(F.value(mu))

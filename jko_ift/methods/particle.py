@@ -41,7 +41,7 @@ from ..energies import (
 )
 from ..geometries import Geometry, InfConvolution, ReactionGeometry, Wasserstein
 from ..measures import Measure
-from .base import SolverError, StepResult, check_step_input, clipping_report
+from .base import Method, SolverError, Status, StepResult, check_step_input, clipping_report
 from .options import count, flag, positive
 from .weights import (
     DEFAULT_WEIGHT_RTOL,
@@ -213,7 +213,7 @@ def finish(F: Energy, geometry: Geometry, mu: Measure, y: np.ndarray, b: np.ndar
     Weights set to zero are reported (``clipping_report``); ``forward`` (explicit steps) makes
     a step whose energy rose "unstable" (``forward_stability``)."""
     if not (np.all(np.isfinite(y)) and np.all(np.isfinite(b))):
-        result = StepResult(None, np.nan, np.nan, np.nan, "diverged", np.inf, info)
+        result = StepResult.failed("diverged", info)
         if throw:
             raise SolverError(f"{method}: the step produced non-finite positions or weights "
                               f"(tau = {tau:.3g} is beyond the stability limit of this scheme); "
@@ -233,10 +233,10 @@ def finish(F: Energy, geometry: Geometry, mu: Measure, y: np.ndarray, b: np.ndar
         distance_sq = particle_distance_sq(geometry, mu.points, mu.weights, y, new.weights)
     if not (np.isfinite(energy) and np.isfinite(distance_sq)):
         status, certificate = "diverged", np.inf
-    elif status == "optimal" and forward is not None:
-        status = forward_stability(F, mu, new, energy, forward, tau, info, method)
-    result = StepResult(new, energy + distance_sq / (2 * tau), energy, distance_sq, status,
-                        certificate, info)
+    elif Status(status).ok and forward is not None \
+            and forward_stability(F, mu, new, energy, forward, tau, info, method) == "unstable":
+        status = "unstable"
+    result = StepResult.build(F, new, tau, distance_sq, status, certificate, info, energy)
     if throw and not result.ok:
         why = f" ({info['failure']})" if "failure" in info else ""
         if status == "diverged":
@@ -658,8 +658,8 @@ def position_residual(F: Energy, x: np.ndarray, a: np.ndarray, y: np.ndarray, b:
 # The method
 # -------------------------------------------------------------------------------------------------
 
-@dataclass(eq=False)
-class ParticleJKO:
+@dataclass(frozen=True, eq=False)
+class ParticleJKO(Method):
     """Lagrangian JKO step: argmin over positions y and weights b of
 
         F(sum_i b_i delta_{y_i}) + [sum_i a_i |y_i - x_i|^2 / alpha + R^2(a, b on y) / beta] / (2 tau)
@@ -675,6 +675,7 @@ class ParticleJKO:
     terms, <= 1e-12 or its round-off floor ``relative_gradient_floor``) and the iterations.
     """
 
+    keeps_support = False  # the particles move
     local_error_order = 2  # O(tau^2) per step: implicit Euler (jko_ift.control)
     tol: float = DEFAULT_PARTICLE_TOL
     max_alternations: int = DEFAULT_ALTERNATIONS
@@ -682,13 +683,13 @@ class ParticleJKO:
     predictor: bool = True
 
     def __post_init__(self):
-        self.tol = positive("ParticleJKO", "tol", self.tol)
-        self.max_alternations = count("ParticleJKO", "max_alternations", self.max_alternations)
-        self.max_iter = count("ParticleJKO", "max_iter", self.max_iter)
-        self.predictor = flag("ParticleJKO", "predictor", self.predictor)
+        self._settle(tol=positive("ParticleJKO", "tol", self.tol),
+                     max_alternations=count("ParticleJKO", "max_alternations", self.max_alternations),
+                     max_iter=count("ParticleJKO", "max_iter", self.max_iter),
+                     predictor=flag("ParticleJKO", "predictor", self.predictor))
 
-    def step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float,
-             throw: bool = True) -> StepResult:
+    def _step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float, state,
+              throw: bool = True) -> StepResult:
         tau = check_particle_input(F, geometry, mu, tau)
         start = time.perf_counter()
         x, a = mu.points, mu.weights

@@ -44,7 +44,7 @@ import numpy as np
 from ..energies import Energy
 from ..geometries import Geometry
 from ..measures import Measure
-from .base import StepResult, check_choice
+from .base import Method, StepResult, check_choice
 from .options import count, flag, positive
 from .particle import (
     DEFAULT_PARTICLE_TOL,
@@ -75,8 +75,8 @@ REACTION_PIECES = ("exact", "explicit", "projected_gradient", "projected_multipl
 FORWARD_REACTIONS = ("explicit", "projected_gradient")
 
 
-@dataclass(eq=False)
-class Splitting:
+@dataclass(frozen=True, eq=False)
+class Splitting(Method):
     """Lie (order=1) or symmetric Strang (order=2) splitting of transport and reaction.
 
     transport: "implicit" | "explicit"; reaction: "exact" | "explicit" | "projected_gradient" |
@@ -86,7 +86,7 @@ class Splitting:
     tol: relative certificate of the implicit pieces (see ParticleJKO).
     """
 
-    local_error_order = property(lambda self: 3 if self.order == 2 and self.symmetric else 2)  # Strang 3
+    keeps_support = False  # the particles move; local_error_order: the property below
     order: int = 1
     transport: str = "implicit"
     reaction: str = "exact"
@@ -108,12 +108,18 @@ class Splitting:
             raise ValueError("Splitting(order=2) composes the implicit pieces with their "
                              "adjoints; it needs transport='implicit' and reaction='exact' "
                              "(or pass symmetric=False for T(tau/2) R(tau) T(tau/2))")
-        self.symmetric = flag("Splitting", "symmetric", self.symmetric)
-        self.tol = positive("Splitting", "tol", self.tol)
-        self.max_iter = count("Splitting", "max_iter", self.max_iter)
+        self._settle(symmetric=flag("Splitting", "symmetric", self.symmetric),
+                     tol=positive("Splitting", "tol", self.tol),
+                     max_iter=count("Splitting", "max_iter", self.max_iter))
 
-    def step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float,
-             throw: bool = True) -> StepResult:
+    @property
+    def local_error_order(self) -> int:
+        """3 for the symmetric Strang composition (second order), 2 otherwise (Lie, or
+        T(tau/2) R(tau) T(tau/2) of first-order pieces): jko_ift.control."""
+        return 3 if self.order == 2 and self.symmetric else 2
+
+    def _step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float, state,
+              throw: bool = True) -> StepResult:
         tau = check_particle_input(F, geometry, mu, tau)
         start = time.perf_counter()
         run = _Run(energy_scale(F, mu), {"method": f"splitting_{self.order}"}, tau)
