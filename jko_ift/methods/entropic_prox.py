@@ -45,6 +45,7 @@ from ..energies import (
     psd_factor,
 )
 from ..measures import Measure, require_cell_volume
+from .roots import bracket_roots, bracketed_newton, mass_multiplier
 
 #: Points above which a coupled energy (MMD2, Interaction) is refused: its KL-proximal map
 #: solves dense n x n systems (O(n^3)), and its Gram matrix alone would need n^2 floats.
@@ -510,36 +511,20 @@ class HellingerEnvelopeProx:
 
     def _solve_t(self, lq, shift):
         offset = self.form.offset + shift
-        n = lq.size
-        lo, hi = np.full(n, -1.0), np.full(n, 1.0)
-        for _ in range(8):  # widen the brackets to [-T_MAX, T_MAX] where needed
-            g_lo = self._g(lo, lq, offset)[0]
-            g_hi = self._g(hi, lq, offset)[0]
-            widen_lo, widen_hi = g_lo > 0, ~(g_hi > 0)
-            if not (widen_lo.any() or widen_hi.any()):
-                break
-            lo = np.where(widen_lo, np.maximum(2 * lo, -self.T_MAX), lo)
-            hi = np.where(widen_hi, np.minimum(2 * hi, self.T_MAX), hi)
-        if np.any(~(self._g(hi, lq, offset)[0] > 0)):
+
+        def residual(t):
+            return self._g(t, lq, offset)
+
+        lo, hi = bracket_roots(residual, lq.size, self.T_MAX)
+        if np.any(~(residual(hi)[0] > 0)):
             raise UnsupportedEnergyError(
                 "the WFR step is unbounded: some mass would grow by more than "
                 f"e^{2 * self.T_MAX:.0f}; the energy is unbounded below in the Hellinger "
                 "direction (e.g. a potential below -2 / (tau beta))")
-        t = np.zeros(n) if self._t is None else np.clip(self._t, lo, hi)
-        for _ in range(NEWTON_MAX_ITER):
-            self.newton_steps += 1
-            g, dg, _ = self._g(t, lq, offset)
-            lo = np.where(g < 0, t, lo)
-            hi = np.where(g > 0, t, hi)
-            step = g / dg
-            new = t - step
-            outside = (new < lo) | (new > hi) | ~np.isfinite(new)  # Newton left the bracket
-            new = np.where(outside, 0.5 * (lo + hi), new)
-            done = np.max(np.abs(new - t)) <= NEWTON_TOL
-            t = new
-            if done:
-                break
-        g, dg, lb = self._g(t, lq, offset)
+        start = np.zeros(lq.size) if self._t is None else np.clip(self._t, lo, hi)
+        t, steps = bracketed_newton(residual, start, lo, hi, NEWTON_TOL, NEWTON_MAX_ITER)
+        self.newton_steps += steps
+        g, dg, lb = residual(t)
         return t, lb, dg
 
     def __call__(self, log_q):
@@ -555,29 +540,17 @@ class HellingerEnvelopeProx:
         return np.where(live, log_nu, -np.inf)
 
     def _conserve(self, lq, live):
-        target = np.log(self.mass)
-        shift = self.shift
-        lo, hi = -np.inf, np.inf
-        for _ in range(60):
+        """sum(b) = mass through the multiplier added to the first variation (module ``roots``)."""
+
+        def solve(shift):
             t, lb, dg = self._solve_t(lq, shift)
-            weights = np.where(live, np.exp(lb), 0.0)
-            total = weights.sum()
-            h = np.log(total) - target
-            if abs(h) <= 1e-13:
-                break
-            if h > 0:
-                lo = shift
-            else:
-                hi = shift
-            derivative = -(weights * (self.kappa * np.exp(t) + 2.0) * self.sigma / dg).sum() / total
-            new = shift - h / derivative if derivative < 0 else np.nan
-            if not (np.isfinite(new) and lo < new < hi):
-                if np.isfinite(lo) and np.isfinite(hi):
-                    new = 0.5 * (lo + hi)
-                else:
-                    new = shift + (1.0 if h > 0 else -1.0) * max(1.0, abs(shift))
-            shift = new
-        self.shift = shift
+            return np.where(live, np.exp(lb), 0.0), (t, lb, dg)
+
+        def slope(weights, total, solution):
+            t, _, dg = solution
+            return -(weights * (self.kappa * np.exp(t) + 2.0) * self.sigma / dg).sum() / total
+
+        self.shift, (t, lb, _) = mass_multiplier(solve, slope, self.mass, self.shift, 60)
         return t, lb
 
 
@@ -749,35 +722,19 @@ class LETEnvelopeProx:
         return h, dh, lb
 
     def _solve_y(self, lq, offset):
-        n = lq.size
-        lo, hi = np.full(n, -1.0), np.full(n, 1.0)
-        for _ in range(8):  # widen the brackets to [-Y_MAX, Y_MAX] where needed
-            h_lo = self._h(lo, lq, offset)[0]
-            h_hi = self._h(hi, lq, offset)[0]
-            widen_lo, widen_hi = h_lo > 0, h_hi < 0
-            if not (widen_lo.any() or widen_hi.any()):
-                break
-            lo = np.where(widen_lo, np.maximum(2 * lo, -self.Y_MAX), lo)
-            hi = np.where(widen_hi, np.minimum(2 * hi, self.Y_MAX), hi)
-        if np.any(self._h(lo, lq, offset)[0] > 0):
+        def residual(y):
+            return self._h(y, lq, offset)
+
+        lo, hi = bracket_roots(residual, lq.size, self.Y_MAX)
+        if np.any(residual(lo)[0] > 0):
             raise UnsupportedEnergyError(
                 "the Hellinger-Kantorovich step is unbounded: some mass would grow without "
                 "bound; the energy is unbounded below in the reaction direction (e.g. a "
                 "potential below -2 / (tau beta))")
-        y = np.zeros(n) if self._y is None else np.clip(self._y, lo, hi)
-        for _ in range(NEWTON_MAX_ITER):
-            self.newton_steps += 1
-            h, dh, _ = self._h(y, lq, offset)
-            lo = np.where(h < 0, y, lo)
-            hi = np.where(h > 0, y, hi)
-            new = y - h / dh
-            outside = (new < lo) | (new > hi) | ~np.isfinite(new)
-            new = np.where(outside, 0.5 * (lo + hi), new)
-            done = np.max(np.abs(new - y), initial=0.0) <= NEWTON_TOL
-            y = new
-            if done:
-                break
-        h, dh, lb = self._h(y, lq, offset)
+        start = np.zeros(lq.size) if self._y is None else np.clip(self._y, lo, hi)
+        y, steps = bracketed_newton(residual, start, lo, hi, NEWTON_TOL, NEWTON_MAX_ITER)
+        self.newton_steps += steps
+        h, dh, lb = residual(y)
         return y, lb, dh
 
     def __call__(self, log_q):
@@ -794,29 +751,16 @@ class LETEnvelopeProx:
         return np.where(live, log_nu, -np.inf)
 
     def _conserve(self, lq, offset, live):
-        target = np.log(self.mass)
-        shift = self.shift
-        lo, hi = -np.inf, np.inf
-        for _ in range(100):
+        """sum(b) = mass through the multiplier added to the first variation (module ``roots``)."""
+
+        def solve(shift):
             y, lb, dh = self._solve_y(lq, offset + shift)
-            weights = np.where(live, np.exp(lb), 0.0)
-            total = weights.sum()
-            gap = np.log(total) - target
-            if abs(gap) <= 1e-13:
-                break
-            if gap > 0:
-                lo = shift
-            else:
-                hi = shift
-            derivative = -(weights * self.rho / (self.kappa * dh)).sum() / total
-            new = shift - gap / derivative if derivative < 0 else np.nan
-            if not (np.isfinite(new) and lo < new < hi):
-                if np.isfinite(lo) and np.isfinite(hi):
-                    new = 0.5 * (lo + hi)
-                else:
-                    new = shift + (1.0 if gap > 0 else -1.0) * max(1.0, abs(shift))
-            shift = new
-        self.shift = shift
+            return np.where(live, np.exp(lb), 0.0), (y, lb, dh)
+
+        def slope(weights, total, solution):
+            return -(weights * self.rho / (self.kappa * solution[2])).sum() / total
+
+        self.shift, (y, lb, _) = mass_multiplier(solve, slope, self.mass, self.shift, 100)
         return y, lb
 
 
