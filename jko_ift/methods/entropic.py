@@ -615,7 +615,7 @@ class _Sinkhorn:
         """Finish with an f-update: the plan is then feasible (rows a) and its columns nu."""
         g, log_kv = scalings.g, scalings.log_kv
         nu_prox = np.exp(g + scalings.log_q)
-        f = np.where(self.positive, self.log_a - log_kv, -np.inf)
+        f = scalings.f_next  # log a - log K v: the rows of the plan are a
         nu = np.exp(g + op.log_apply(f))
         state.nu, state.nu_prox = nu, nu_prox
         state.log_u_over_a = -log_kv

@@ -105,7 +105,7 @@ class HardRows:
     def log_update(self, log_kv: np.ndarray) -> np.ndarray:
         return np.where(self.positive, self.log_a - log_kv, -np.inf)
 
-    def log_violation(self, f: np.ndarray, log_kv: np.ndarray) -> float:
+    def log_violation(self, f: np.ndarray, log_kv: np.ndarray, update: np.ndarray) -> float:
         rows = np.where(self.positive, np.exp(f + log_kv), 0.0)
         return float(np.abs(rows - self.a).sum() / self.mass)
 
@@ -129,9 +129,10 @@ class SoftRows:
     def log_update(self, log_kv: np.ndarray) -> np.ndarray:
         return self.row_const - self.theta * log_kv
 
-    def log_violation(self, f: np.ndarray, log_kv: np.ndarray) -> float:
+    def log_violation(self, f: np.ndarray, log_kv: np.ndarray, update: np.ndarray) -> float:
+        """update: ``log_update(log_kv)``, the next f."""
         rows = np.where(self.positive, np.exp(f + log_kv), 0.0)
-        target = np.where(self.positive, np.exp(self.log_update(log_kv) + log_kv), 0.0)
+        target = np.where(self.positive, np.exp(update + log_kv), 0.0)
         return float(np.abs(rows - target).sum() / self.mass)
 
 
@@ -150,7 +151,7 @@ class LogScalings:
         self.stop_if_not_finite = stop_if_not_finite
         self.closed = rows.hard and getattr(prox, "closed", False)
         self.f, self.g = None, g
-        self.log_kv = self.log_q = self.log_nu = None
+        self.log_kv = self.f_next = self.log_q = self.log_nu = None
 
     @property
     def started(self) -> bool:
@@ -158,15 +159,16 @@ class LogScalings:
 
     def apply_to_columns(self) -> None:
         self.log_kv = self.op.log_apply(self.g)
+        self.f_next = self.rows.log_update(self.log_kv)
 
     def violation(self) -> float:
-        return self.rows.log_violation(self.f, self.log_kv)
+        return self.rows.log_violation(self.f, self.log_kv, self.f_next)
 
     def healthy(self, violation: float) -> bool:
         return not self.stop_if_not_finite or bool(np.isfinite(violation))
 
     def update_rows(self, relax: Relaxation) -> None:
-        self.f = relax(self.f, self.rows.log_update(self.log_kv))
+        self.f = relax(self.f, self.f_next)
 
     def update_columns(self, relax: Relaxation) -> str | None:
         log_q = self.op.log_apply(self.f)
