@@ -606,14 +606,14 @@ class _Sinkhorn:
         state.iterations += outcome.iterations
         state.stopped = outcome.stopped
         state.violation, state.domain, state.relaxation = outcome.violation, "log", relax.peak
-        state.psi = level.eps * scalings.g
+        state.psi = level.eps * scalings.log_v
         if level.last:
             with np.errstate(all="ignore"):
                 self._log_plan(op, scalings, state)
 
     def _log_plan(self, op, scalings, state) -> None:
         """Finish with an f-update: the plan is then feasible (rows a) and its columns nu."""
-        g, log_kv = scalings.g, scalings.log_kv
+        g, log_kv = scalings.log_v, scalings.log_kv
         nu_prox = np.exp(g + scalings.log_q)
         f = scalings.f_next  # log a - log K v: the rows of the plan are a
         nu = np.exp(g + op.log_apply(f))
@@ -717,7 +717,7 @@ class _LETSinkhorn:
             relax = self._relaxation(level.last)
             outcome = iterate(scalings, relax, level.tol, level.budget)
             state.iterations += outcome.iterations
-            f, g = scalings.f, scalings.g
+            f, g = scalings.log_u, scalings.log_v
             state.violation, state.relaxation = outcome.violation, relax.peak
             state.eps = level.eps
         # the plan at (f, g): gamma_2 is the prox output nu, gamma_1 within tol of its prox

@@ -45,7 +45,7 @@ from ..energies import (
     psd_factor,
 )
 from ..measures import Measure, require_cell_volume
-from .roots import bracket_roots, bracketed_newton, mass_multiplier
+from .roots import mass_multiplier, solve_increasing
 
 #: Points above which a coupled energy (MMD2, Interaction) is refused: its KL-proximal map
 #: solves dense n x n systems (O(n^3)), and its Gram matrix alone would need n^2 floats.
@@ -467,7 +467,55 @@ class KLProx:
 # ---------------------------------------------------------------------------------------------
 
 
-class HellingerEnvelopeProx:
+class _PointwiseProx:
+    """A KL-proximal map that solves one increasing equation r(z) = 0 per point (F separable).
+
+    Subclasses give ``_residual(z, lq, offset) -> (r, dr / dz, log b)``, ``_refuse(residual,
+    lo, hi)`` (raise when the brackets show an unbounded step), ``_log_mass_slope(weights,
+    total, z, dr)`` (d log sum b / d l) and the constants BOUND and MASS_ROUNDS. The roots come
+    from ``roots.solve_increasing`` (warm started at the last call's roots); with a mass, the
+    multiplier l added to the offset of f comes from ``roots.mass_multiplier``.
+    """
+
+    BOUND = 60.0
+    MASS_ROUNDS = 60
+
+    def __init__(self, form: EnergyForm, mass: float | None):
+        self.form, self.mass = form, mass
+        self.shift = 0.0  # the multiplier of the last call
+        self._previous = None  # the roots of the last call
+        self.newton_steps = 0
+        self.log_b = None  # log of the measure read off the column, at the last call
+
+    def _solve(self, lq, offset):
+        """(z, log b, dr / dz) at the roots, for the offset of f given."""
+
+        def residual(z):
+            return self._residual(z, lq, offset)
+
+        z, steps, (_, slope, lb) = solve_increasing(
+            residual, lq.size, self.BOUND, self._previous,
+            lambda lo, hi: self._refuse(residual, lo, hi), NEWTON_TOL, NEWTON_MAX_ITER)
+        self.newton_steps += steps
+        return z, lb, slope
+
+    def _conserve(self, lq, offset, live):
+        """sum(b) = mass through the multiplier added to the first variation: (z, log b)."""
+
+        def solve(shift):
+            z, lb, slope = self._solve(lq, offset + shift)
+            return np.where(live, np.exp(lb), 0.0), (z, lb, slope)
+
+        def log_mass_slope(weights, total, solution):
+            z, _, slope = solution
+            return self._log_mass_slope(weights, total, z, slope)
+
+        self.shift, (z, lb, _) = mass_multiplier(solve, log_mass_slope, self.mass, self.shift,
+                                                 self.MASS_ROUNDS)
+        return z, lb
+
+
+class HellingerEnvelopeProx(_PointwiseProx):
     """KL-proximal map of sigma G, G(nu) = min_b F(b) + He^2(nu, b) / (2 tau beta) (WFR).
 
     Per point (F separable) the prox min_{nu, b} KL(nu | q) + sigma F(b) + kappa sum (nu + b
@@ -483,76 +531,44 @@ class HellingerEnvelopeProx:
 
     #: |t| = |log sqrt(b / nu)| is bracketed in [-T_MAX, T_MAX]: a step changes a mass by at
     #: most e^(2 T_MAX) relative, or the energy is unbounded below.
-    T_MAX = 60.0
+    T_MAX = BOUND = 60.0
 
     def __init__(self, form: EnergyForm, sigma: float, tau_beta: float, mass: float | None):
         _require_separable(form, "WFR step")
-        self.form, self.sigma = form, float(sigma)
+        super().__init__(form, mass)
+        self.sigma = float(sigma)
         self.kappa = 2.0 * self.sigma / tau_beta
-        self.mass = mass
-        self.shift = 0.0
-        self._t = None
-        self.newton_steps = 0
-        self.log_b = None
 
-    def _g(self, t, lq, offset):
+    def _residual(self, t, lq, offset):
+        """g(t), g'(t) and log b at t."""
         lb = lq - self.kappa * (1.0 - np.exp(t)) + 2.0 * t
-        form = self.form
         with np.errstate(over="ignore", invalid="ignore"):
-            f = offset + form.log_coef * lb
-            slope = np.full_like(t, form.log_coef)
-            for c, p in form.powers:
-                term = c * np.exp(p * lb)
-                f = f + term
-                slope = slope + p * term
+            f, slope = _separable_variation(self.form, lb, offset)
             g = self.sigma * f + self.kappa * (1.0 - np.exp(-t))
             dg = self.sigma * slope * (self.kappa * np.exp(t) + 2.0) + self.kappa * np.exp(-t)
         return g, dg, lb
 
-    def _solve_t(self, lq, shift):
-        offset = self.form.offset + shift
-
-        def residual(t):
-            return self._g(t, lq, offset)
-
-        lo, hi = bracket_roots(residual, lq.size, self.T_MAX)
+    def _refuse(self, residual, lo, hi):
         if np.any(~(residual(hi)[0] > 0)):
             raise UnsupportedEnergyError(
                 "the WFR step is unbounded: some mass would grow by more than "
                 f"e^{2 * self.T_MAX:.0f}; the energy is unbounded below in the Hellinger "
                 "direction (e.g. a potential below -2 / (tau beta))")
-        start = np.zeros(lq.size) if self._t is None else np.clip(self._t, lo, hi)
-        t, steps = bracketed_newton(residual, start, lo, hi, NEWTON_TOL, NEWTON_MAX_ITER)
-        self.newton_steps += steps
-        g, dg, lb = residual(t)
-        return t, lb, dg
+
+    def _log_mass_slope(self, weights, total, t, dg):
+        return -(weights * (self.kappa * np.exp(t) + 2.0) * self.sigma / dg).sum() / total
 
     def __call__(self, log_q):
         live = np.isfinite(log_q)
         lq = np.where(live, log_q, 0.0)
         if self.mass is None:
-            t, lb, _ = self._solve_t(lq, 0.0)
+            t, lb, _ = self._solve(lq, self.form.offset)
         else:
-            t, lb = self._conserve(lq, live)
-        self._t = t
+            t, lb = self._conserve(lq, self.form.offset, live)
+        self._previous = t
         log_nu = lq - self.kappa * (1.0 - np.exp(t))
         self.log_b = np.where(live, lb, -np.inf)
         return np.where(live, log_nu, -np.inf)
-
-    def _conserve(self, lq, live):
-        """sum(b) = mass through the multiplier added to the first variation (module ``roots``)."""
-
-        def solve(shift):
-            t, lb, dg = self._solve_t(lq, shift)
-            return np.where(live, np.exp(lb), 0.0), (t, lb, dg)
-
-        def slope(weights, total, solution):
-            t, _, dg = solution
-            return -(weights * (self.kappa * np.exp(t) + 2.0) * self.sigma / dg).sum() / total
-
-        self.shift, (t, lb, _) = mass_multiplier(solve, slope, self.mass, self.shift, 60)
-        return t, lb
-
 
 class MMDEnvelope:
     """G(nu) = min_{b >= 0} F(b) + MMD^2(nu, b) / (2 tau beta) for a quadratic F (IFT).
@@ -673,7 +689,7 @@ class EnvelopeProx:
 # ---------------------------------------------------------------------------------------------
 
 
-class LETEnvelopeProx:
+class LETEnvelopeProx(_PointwiseProx):
     """KL-proximal map of the column function of the entropic LET step (docs/entropic.md §2b).
 
     The column function is G(nu) = min_b rho F(b) + KL(nu | b) (the soft second marginal of
@@ -694,74 +710,58 @@ class LETEnvelopeProx:
     """
 
     #: |y| = |log(nu / b)| is bracketed in [-Y_MAX, Y_MAX].
-    Y_MAX = 60.0
+    Y_MAX = BOUND = 60.0
+    MASS_ROUNDS = 100
 
     def __init__(self, form: EnergyForm, rho: float, eps_prime: float, mass: float | None):
         _require_separable(form, "Hellinger-Kantorovich step")
-        self.form, self.rho = form, float(rho)
+        super().__init__(form, mass)
+        self.rho = float(rho)
         self.theta = 1.0 / (1.0 + eps_prime)
         self.kappa = eps_prime / (1.0 + eps_prime)
-        self.mass = mass
-        self.shift = 0.0
-        self._y = None
-        self.newton_steps = 0
-        self.log_b = None
 
-    def _h(self, y, lq, offset):
+    def _residual(self, y, lq, offset):
+        """h(y), h'(y) and log b at y."""
         lb = lq - y / self.kappa
-        form = self.form
         with np.errstate(over="ignore", invalid="ignore"):
-            f = offset + form.log_coef * lb
-            slope = np.full_like(y, form.log_coef)
-            for c, p in form.powers:
-                term = c * np.exp(p * lb)
-                f = f + term
-                slope = slope + p * term
+            f, slope = _separable_variation(self.form, lb, offset)
             h = np.exp(y) - 1.0 - self.rho * f
             dh = np.exp(y) + self.rho * slope / self.kappa
         return h, dh, lb
 
-    def _solve_y(self, lq, offset):
-        def residual(y):
-            return self._h(y, lq, offset)
-
-        lo, hi = bracket_roots(residual, lq.size, self.Y_MAX)
+    def _refuse(self, residual, lo, hi):
         if np.any(residual(lo)[0] > 0):
             raise UnsupportedEnergyError(
                 "the Hellinger-Kantorovich step is unbounded: some mass would grow without "
                 "bound; the energy is unbounded below in the reaction direction (e.g. a "
                 "potential below -2 / (tau beta))")
-        start = np.zeros(lq.size) if self._y is None else np.clip(self._y, lo, hi)
-        y, steps = bracketed_newton(residual, start, lo, hi, NEWTON_TOL, NEWTON_MAX_ITER)
-        self.newton_steps += steps
-        h, dh, lb = residual(y)
-        return y, lb, dh
+
+    def _log_mass_slope(self, weights, total, y, dh):
+        return -(weights * self.rho / (self.kappa * dh)).sum() / total
 
     def __call__(self, log_q):
         live = np.isfinite(log_q) & np.isfinite(self.form.offset)
         lq = np.where(live, log_q, 0.0)
         offset = np.where(live, self.form.offset, 0.0)
         if self.mass is None:
-            y, lb, _ = self._solve_y(lq, offset)
+            y, lb, _ = self._solve(lq, offset)
         else:
             y, lb = self._conserve(lq, offset, live)
-        self._y = y
+        self._previous = y
         self.log_b = np.where(live, lb, -np.inf)
         log_nu = self.theta * lb + (1.0 - self.theta) * lq
         return np.where(live, log_nu, -np.inf)
 
-    def _conserve(self, lq, offset, live):
-        """sum(b) = mass through the multiplier added to the first variation (module ``roots``)."""
-
-        def solve(shift):
-            y, lb, dh = self._solve_y(lq, offset + shift)
-            return np.where(live, np.exp(lb), 0.0), (y, lb, dh)
-
-        def slope(weights, total, solution):
-            return -(weights * self.rho / (self.kappa * solution[2])).sum() / total
-
-        self.shift, (y, lb, _) = mass_multiplier(solve, slope, self.mass, self.shift, 100)
-        return y, lb
+def _separable_variation(form: EnergyForm, lb: np.ndarray, offset) -> tuple[np.ndarray, np.ndarray]:
+    """f = offset + L log b + sum_k c_k b^p_k at log b = lb (a separable form, the offset
+    possibly shifted by a multiplier), and its derivative df / dlog b = L + sum_k p_k c_k b^p_k."""
+    f = offset + form.log_coef * lb
+    slope = np.full_like(lb, form.log_coef)
+    for c, p in form.powers:
+        term = c * np.exp(p * lb)
+        f = f + term
+        slope = slope + p * term
+    return f, slope
 
 
 def _require_separable(form: EnergyForm, step: str) -> None:

@@ -5,9 +5,10 @@ equation per point, r_i(z_i) = 0 with r_i increasing in z_i, and their mass-cons
 variants add one scalar multiplier l (a shift of the first variation) chosen so that the
 weights read off the roots have a prescribed mass. Both solvers are written here once:
 
-* ``bracket_roots`` and ``bracketed_newton``: brackets [lo, hi] that double from [-1, 1]
-  up to a bound, then Newton steps kept inside the brackets (a step that leaves them, or is
-  not finite, is replaced by bisection), the brackets shrinking with the sign of r;
+* ``solve_increasing`` (``bracket_roots``, then ``bracketed_newton``): brackets [lo, hi] that
+  double from [-1, 1] up to a bound, then Newton steps kept inside the brackets (a step that
+  leaves them, or is not finite, is replaced by bisection), the brackets shrinking with the
+  sign of r;
 * ``mass_multiplier``: Newton on log sum w(l) - log M in l (sum w decreases in l), safeguarded
   by bisection once l is bracketed and by steps of size max(1, |l|) before.
 """
@@ -65,6 +66,20 @@ def bracketed_newton(residual: Residual, start: np.ndarray, lo: np.ndarray, hi: 
         if done:
             break
     return z, steps
+
+
+def solve_increasing(residual: Residual, n: int, bound: float, previous: np.ndarray | None,
+                     check: Callable[[np.ndarray, np.ndarray], None], tol: float,
+                     max_iter: int) -> tuple[np.ndarray, int, tuple]:
+    """Roots of n increasing residuals: ``bracket_roots`` up to ``bound``, ``check(lo, hi)``
+    (raises when the brackets show a root beyond the bound), then ``bracketed_newton`` from
+    ``previous`` (the last call's roots, clipped to the brackets) or zero.
+    Returns the roots, the Newton steps taken and residual(roots)."""
+    lo, hi = bracket_roots(residual, n, bound)
+    check(lo, hi)
+    start = np.zeros(n) if previous is None else np.clip(previous, lo, hi)
+    roots, steps = bracketed_newton(residual, start, lo, hi, tol, max_iter)
+    return roots, steps, residual(roots)
 
 
 def mass_multiplier(solve: Callable[[float], tuple[np.ndarray, object]],

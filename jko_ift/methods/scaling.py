@@ -141,65 +141,73 @@ class SoftRows:
 # ---------------------------------------------------------------------------------------------
 
 
-class LogScalings:
-    """f = log u, g = log v: stable at any eps. ``prox``: log q -> log nu, the column map;
-    ``check()``: why its last call cannot be trusted, or None. ``stop_if_not_finite``: a
-    non-finite violation ends the level (otherwise the budget does)."""
+class _Scalings:
+    """What both domains hold: log u and log v (dimensionless potentials f, g), the Gibbs
+    operator, the row marginal, the column map
+    ``prox`` (log q -> log nu) and ``check()``, why its last call cannot be trusted (or None).
+    ``closed``: the column map has the closed form log nu = c0 + (1 - theta) log q, and the rows
+    are hard, so that the translation block (``mass_shift``) applies."""
 
-    def __init__(self, op, rows, prox, g: np.ndarray, check=None, stop_if_not_finite=False):
+    def __init__(self, op, rows, prox, check, log_v: np.ndarray):
         self.op, self.rows, self.prox, self.check = op, rows, prox, check
-        self.stop_if_not_finite = stop_if_not_finite
         self.closed = rows.hard and getattr(prox, "closed", False)
-        self.f, self.g = None, g
-        self.log_kv = self.f_next = self.log_q = self.log_nu = None
+        self.log_u, self.log_v = None, log_v
 
     @property
     def started(self) -> bool:
-        return self.f is not None
+        """A row update was made (the first pass only computes K v)."""
+        return self.log_u is not None
+
+    def column_trouble(self) -> str | None:
+        return self.check() if self.check is not None else None
+
+
+class LogScalings(_Scalings):
+    """Only the potentials f = log u, g = log v: stable at any eps. ``stop_if_not_finite``:
+    a non-finite violation ends the level (otherwise the budget does)."""
+
+    def __init__(self, op, rows, prox, g: np.ndarray, check=None, stop_if_not_finite=False):
+        super().__init__(op, rows, prox, check, g)
+        self.stop_if_not_finite = stop_if_not_finite
+        self.log_kv = self.f_next = self.log_q = self.log_nu = None
 
     def apply_to_columns(self) -> None:
-        self.log_kv = self.op.log_apply(self.g)
+        self.log_kv = self.op.log_apply(self.log_v)
         self.f_next = self.rows.log_update(self.log_kv)
 
     def violation(self) -> float:
-        return self.rows.log_violation(self.f, self.log_kv, self.f_next)
+        return self.rows.log_violation(self.log_u, self.log_kv, self.f_next)
 
     def healthy(self, violation: float) -> bool:
         return not self.stop_if_not_finite or bool(np.isfinite(violation))
 
     def update_rows(self, relax: Relaxation) -> None:
-        self.f = relax(self.f, self.f_next)
+        self.log_u = relax(self.log_u, self.f_next)
 
     def update_columns(self, relax: Relaxation) -> str | None:
-        log_q = self.op.log_apply(self.f)
+        log_q = self.op.log_apply(self.log_u)
         if self.closed:
             shift = mass_shift(log_q, self.prox, self.rows.log_mass)
-            self.f, log_q = self.f + shift, log_q + shift
+            self.log_u, log_q = self.log_u + shift, log_q + shift
         self.log_q = log_q
         self.log_nu = log_nu = self.prox(log_q)
-        stopped = self.check() if self.check is not None else None
+        stopped = self.column_trouble()
         if stopped is not None:
             return stopped
-        self.g = relax(self.g, np.where(np.isfinite(log_q), log_nu - log_q, -np.inf))
+        self.log_v = relax(self.log_v, np.where(np.isfinite(log_q), log_nu - log_q, -np.inf))
         return None
 
 
-class KernelScalings:
+class KernelScalings(_Scalings):
     """u, v themselves (with their logs, which the relaxation mixes): one product with K per
     half-step, no logarithm of a kernel sum. Hard rows only. ``healthy`` is False once the
     scalings leave float range (``out_of_range``): the caller then continues in the log domain
     from ``good_v``, the last scaling that was in range."""
 
     def __init__(self, op, rows: HardRows, prox, log_v: np.ndarray, check=None):
-        self.op, self.rows, self.prox, self.check = op, rows, prox, check
-        self.closed = getattr(prox, "closed", False)
-        self.log_v = log_v
+        super().__init__(op, rows, prox, check, log_v)
         self.v = self.good_v = np.exp(log_v)
-        self.u = self.log_u = self.q = self.kv = None
-
-    @property
-    def started(self) -> bool:
-        return self.u is not None
+        self.u = self.q = self.kv = None
 
     def apply_to_columns(self) -> None:
         self.kv = self.op.apply(self.v)
@@ -229,7 +237,7 @@ class KernelScalings:
             new_log_v = prox.c0 - prox.theta * log_q
         else:
             new_log_v = prox(log_q) - log_q
-            stopped = self.check() if self.check is not None else None
+            stopped = self.column_trouble()
             if stopped is not None:
                 self.q = q
                 return stopped

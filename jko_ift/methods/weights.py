@@ -37,18 +37,10 @@ from ..energies import MMD2, Energy, Interaction, Potential, Scaled, Sum
 from ..geometries import MMD, Hellinger
 from ..kernels import Kernel, row_blocks
 from ..measures import Measure
-from .qp import (
-    DEFAULT_WEIGHT_RTOL,
-    ROUNDOFF_FACTOR,
-    project_feasible,
-    solve_weight_qp,
-    spectral_projected_gradient,
-)
+from . import qp
 
 # the QP pieces that moved to ``qp`` stay importable from here
-from .qp import QPSolution as QPSolution  # noqa: E402
-from .qp import frank_wolfe_gap as frank_wolfe_gap  # noqa: E402
-from .qp import project_simplex as project_simplex  # noqa: E402
+from .qp import DEFAULT_WEIGHT_RTOL, QPSolution, frank_wolfe_gap, project_simplex  # noqa: F401
 
 WEIGHT_MODES = ("exact", "explicit", "projected_gradient")
 HELLINGER_UPDATES = ("multiplicative", "linear")
@@ -221,7 +213,7 @@ def mmd_step(F: Energy, reaction: MMD, points: np.ndarray, a: np.ndarray, eta: f
         shift = float(np.mean(np.diag(H)))
         H = H + shift / n
         g = g + shift * mass / n
-    solution = solve_weight_qp(H, g, mass, start=a if start is None else start,
+    solution = qp.solve_weight_qp(H, g, mass, start=a if start is None else start,
                                atol=rtol * scale, rtol=0.0)
     info = {"weight_solver": solution.method, "weight_iterations": solution.iterations,
             "weight_support": solution.info.get("support"), "weight_gap": solution.gap,
@@ -250,7 +242,7 @@ def _generic_mmd_step(F, points, a, metric, eta, mass, start, rtol, scale) -> Re
     def gradient(b):
         return F.first_variation(Measure(points, b)) + metric @ (b - a) / eta
 
-    solution = spectral_projected_gradient(value, gradient, len(a), mass, a if start is None
+    solution = qp.spectral_projected_gradient(value, gradient, len(a), mass, a if start is None
                                            else start, atol=rtol * scale, rtol=rtol)
     info = {"weight_solver": solution.method, "weight_iterations": solution.iterations,
             "weight_gap": solution.gap, "weight_roundoff": solution.info.get("roundoff", 0.0) / scale}
@@ -327,7 +319,7 @@ def hellinger_step(F: Energy, points: np.ndarray, a: np.ndarray, eta: float, con
     root_b = np.sqrt(b)
     size = float(np.abs(0.0 if A is None else A @ b).max(initial=0.0) + np.abs(c).max()
                  + (2 / eta) * np.max(1 + root_a / root_b))
-    floor = ROUNDOFF_FACTOR * np.finfo(float).eps * mass * size
+    floor = qp.ROUNDOFF_FACTOR * np.finfo(float).eps * mass * size
     status = "optimal" if gap <= max(rtol * scale, floor) else "max_iterations"
     info = {"weight_solver": "newton", "weight_iterations": iterations, "weight_gap": gap,
             "weight_roundoff": floor / scale}
@@ -408,7 +400,7 @@ def projected_gradient_weights(a: np.ndarray, f: np.ndarray, eta: float, conserv
     and the forward Euler step of the Euclidean flow d_t a = -f, not of the MMD flow
     d_t a = -K^{-1} f. The code of Gladin et al. writes w += lr (-2 f) (it differentiates
     MMD^2, not 1/2 MMD^2): its weight step lr is eta / 2 here."""
-    return project_feasible(a - eta * f, float(a.sum()) if conserve_mass else None)
+    return qp.project_feasible(a - eta * f, float(a.sum()) if conserve_mass else None)
 
 
 def projected_multiplicative_weights(a: np.ndarray, f: np.ndarray, eta: float, conserve_mass: bool
@@ -423,7 +415,7 @@ def projected_multiplicative_weights(a: np.ndarray, f: np.ndarray, eta: float, c
     writes w *= exp(lr (K_xy 1/n - K w)) = exp(-lr f): its lr is eta here (no factor 2). The
     product is taken unshifted, as theirs: scaling it by a constant would change the projection.
     """
-    return project_feasible(a * np.exp(-eta * f), float(a.sum()) if conserve_mass else None)
+    return qp.project_feasible(a * np.exp(-eta * f), float(a.sum()) if conserve_mass else None)
 
 
 def check_weight_mode(mode: str) -> str:
