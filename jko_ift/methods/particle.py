@@ -350,6 +350,25 @@ def explicit_transport(F: Energy, mu: Measure, eta: float, velocity: str = "wass
     return mu.points - eta * grad
 
 
+def forward_transport(F: Energy, mu: Measure, eta: float, velocity: str = "wasserstein",
+                      gradient: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """The explicit transport piece: y = ``explicit_transport`` (points (n, d)) and the first
+    order change of F along it, sum_i a_i grad f(x_i) . (y_i - x_i) (minus the decrease that
+    ``forward_stability`` compares the actual change with)."""
+    gradient = F.grad_first_variation(mu) if gradient is None else gradient
+    y = explicit_transport(F, mu, eta, velocity, gradient)
+    return y, float(mu.weights @ np.sum(gradient * (y - mu.points), axis=1))
+
+
+def backward_transport(F: Energy, mu: Measure, eta: float, tol: float, scale: float,
+                       max_iter: int, predictor: bool = True) -> TransportResult:
+    """The implicit transport piece: the proximal position step of ``implicit_transport`` at
+    b = a, started from the explicit step (``predictor``) or from the points."""
+    guess = explicit_transport(F, mu, eta) if predictor else mu.points
+    return implicit_transport(F, mu.points, mu.weights, eta, start=guess, tol=tol, scale=scale,
+                              max_iter=max_iter)
+
+
 @dataclass(frozen=True)
 class TransportResult:
     points: np.ndarray
@@ -842,16 +861,14 @@ class ParticleJKO:
             return finish(F, geometry, mu, x, reaction.weights, tau, reaction.status,
                           reaction.certificate, info, throw, "ParticleJKO")
         eta = tau * geometry.alpha
-        guess = explicit_transport(F, mu, eta) if self.predictor else x
         if geometry.reaction is None:  # pure transport: one proximal position step
-            moved = implicit_transport(F, x, a, eta, start=guess, tol=self.tol, scale=scale,
-                                       max_iter=self.max_iter)
+            moved = backward_transport(F, mu, eta, self.tol, scale, self.max_iter, self.predictor)
             info.update(moved.info, wall_time=time.perf_counter() - start)
             return finish(F, geometry, mu, moved.points, a, tau, moved.status, moved.certificate,
                           info, throw, "ParticleJKO")
-        return self._joint(F, geometry, mu, tau, eta, guess, scale, info, throw, start)
+        return self._joint(F, geometry, mu, tau, eta, scale, info, throw, start)
 
-    def _joint(self, F, geometry, mu, tau, eta, guess, scale, info, throw, start):
+    def _joint(self, F, geometry, mu, tau, eta, scale, info, throw, start):
         """Alternate once (positions at b = a, then the exact weights), then minimize the reduced
         objective phi(y) = min_b J(y, b) by L-BFGS-B: every evaluation solves the weight step
         exactly (warm started) and, the minimizer b*(y) being unique (strictly convex reaction),
@@ -861,8 +878,7 @@ class ParticleJKO:
         reaction_eta = tau * geometry.beta
         coupling = (geometry.reaction, reaction_eta, geometry.conserve_mass)
         inner = INNER_TOL_FRACTION * self.tol
-        moved = implicit_transport(F, x, a, eta, start=guess, tol=inner, scale=scale,
-                                   max_iter=self.max_iter)
+        moved = backward_transport(F, mu, eta, inner, scale, self.max_iter, self.predictor)
         if moved.status == "diverged":
             return finish(F, geometry, mu, moved.points, a, tau, "diverged", np.inf, info, throw,
                           "ParticleJKO")

@@ -38,9 +38,11 @@ from ..geometries import MMD, Hellinger
 from ..kernels import Kernel, row_blocks
 from ..measures import Measure
 from . import qp
+from .qp import DEFAULT_WEIGHT_RTOL
 
 # the QP pieces that moved to ``qp`` stay importable from here
-from .qp import DEFAULT_WEIGHT_RTOL, QPSolution, frank_wolfe_gap, project_simplex  # noqa: F401
+QPSolution, frank_wolfe_gap, project_simplex, solve_weight_qp = (
+    qp.QPSolution, qp.frank_wolfe_gap, qp.project_simplex, qp.solve_weight_qp)
 
 WEIGHT_MODES = ("exact", "explicit", "projected_gradient")
 HELLINGER_UPDATES = ("multiplicative", "linear")
@@ -275,35 +277,8 @@ def hellinger_step(F: Energy, points: np.ndarray, a: np.ndarray, eta: float, con
     A = None if model.hessian is None else model.hessian[np.ix_(live, live)]
     c = model.linear[live]
 
-    def value(b):
-        quadratic = 0.0 if A is None else 0.5 * b @ (A @ b)
-        return float(quadratic - c @ b + (2 / eta) * np.sum(b - 2 * root_a * np.sqrt(b)))
-
-    b = a[live].copy()
-    decrement_sq = np.inf
-    iterations = 0
-    for iterations in range(1, max_iter + 1):  # noqa: B007 - reported below
-        root_b = np.sqrt(b)
-        gradient = (0.0 if A is None else A @ b) - c + (2 / eta) * (1 - root_a / root_b)
-        curvature = root_a / (eta * b * root_b)  # d^2/db^2 of the Hellinger term
-        direction = _newton_direction(A, curvature, gradient, conserve_mass)
-        decrement_sq = float(-gradient @ direction)
-        if 0.5 * decrement_sq <= 0.1 * rtol * scale or not decrement_sq > 0:
-            break  # (quadratic convergence: asking 10x more than needed is cheap)
-        negative = direction < 0
-        step = min(1.0, 0.99 * float(np.min(-b[negative] / direction[negative]))) \
-            if np.any(negative) else 1.0
-        f0 = value(b)
-        while True:
-            trial = b + step * direction
-            if np.all(trial > 0) and value(trial) <= f0 - 1e-4 * step * decrement_sq:
-                break
-            step *= 0.5
-            if step < 1e-16:
-                break
-        b = trial
-        if conserve_mass:
-            b *= mass / b.sum()
+    b, decrement_sq, iterations = _hellinger_newton(A, c, root_a, a[live].copy(), eta, conserve_mass,
+                                                    mass, 0.1 * rtol * scale, max_iter)
     weights = np.zeros_like(a)
     weights[live] = b
     # KKT at the particles of zero weight: d/db_i at b_i = 0 is r_i - nu + 2 / eta >= 0
@@ -324,6 +299,44 @@ def hellinger_step(F: Energy, points: np.ndarray, a: np.ndarray, eta: float, con
     info = {"weight_solver": "newton", "weight_iterations": iterations, "weight_gap": gap,
             "weight_roundoff": floor / scale}
     return ReactionResult(weights, gap / scale, status, info)
+
+
+def _hellinger_newton(A, c, root_a, b, eta, conserve_mass, mass, stop, max_iter):
+    """Damped Newton on min_b 1/2 b^T A b - c^T b + (2 / eta) sum(b - 2 sqrt(a b)) from b (> 0,
+    the live weights), with a fraction-to-the-boundary rule and an Armijo search, on the simplex
+    sum(b) = mass with ``conserve_mass`` (else on the orthant); stops when half the Newton
+    decrement^2 is at most ``stop`` (quadratic convergence: asking 10x more than needed is
+    cheap). Returns (b, decrement^2, iterations)."""
+
+    def value(b):
+        quadratic = 0.0 if A is None else 0.5 * b @ (A @ b)
+        return float(quadratic - c @ b + (2 / eta) * np.sum(b - 2 * root_a * np.sqrt(b)))
+
+    decrement_sq = np.inf
+    iterations = 0
+    for iterations in range(1, max_iter + 1):  # noqa: B007 - reported below
+        root_b = np.sqrt(b)
+        gradient = (0.0 if A is None else A @ b) - c + (2 / eta) * (1 - root_a / root_b)
+        curvature = root_a / (eta * b * root_b)  # d^2/db^2 of the Hellinger term
+        direction = _newton_direction(A, curvature, gradient, conserve_mass)
+        decrement_sq = float(-gradient @ direction)
+        if 0.5 * decrement_sq <= stop or not decrement_sq > 0:
+            break
+        negative = direction < 0
+        step = min(1.0, 0.99 * float(np.min(-b[negative] / direction[negative]))) \
+            if np.any(negative) else 1.0
+        f0 = value(b)
+        while True:
+            trial = b + step * direction
+            if np.all(trial > 0) and value(trial) <= f0 - 1e-4 * step * decrement_sq:
+                break
+            step *= 0.5
+            if step < 1e-16:
+                break
+        b = trial
+        if conserve_mass:
+            b *= mass / b.sum()
+    return b, decrement_sq, iterations
 
 
 def _newton_direction(A, curvature, gradient, conserve_mass):
