@@ -34,9 +34,9 @@ KERNEL_DOMAIN_MAX = 1e200
 
 #: A level whose marginal violation, at the rate measured over the last PROGRESS_WINDOW
 #: iterations, would need more than FUTILE_FACTOR times the remaining budget to reach its
-#: tolerance stops early (status "not_converged", info["stopped"] says why): the iteration
-#: count is bounded by max_iter anyway, this only spends less time on a step that cannot
-#: converge. Sinkhorn's violation is not monotone over short spans; a window of 200
+#: tolerance stops early (the step is reported not converged, info["stopped"] says why): the
+#: iteration count is bounded by max_iter anyway, this only spends less time on a step that
+#: cannot converge. Sinkhorn's violation is not monotone over short spans; a window of 200
 #: iterations, checked from 400 on, and a factor 10 keep a slow but converging level going.
 PROGRESS_WINDOW = 200
 FUTILE_FACTOR = 10.0
