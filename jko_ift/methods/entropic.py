@@ -54,6 +54,20 @@ from .entropic_prox import (
 from .gibbs import DENSE_CACHE_ENTRIES, HKGibbs, gibbs_operator, transport_cost
 from .grid_motion import SUBCELL_BLUR, barycentric_motion, check_step
 from .options import count, flag, fraction, is_real
+from .scaling import (
+    HardRows,
+    KernelScalings,
+    LogScalings,
+    Relaxation,
+    SoftRelaxation,
+    SoftRows,
+    eps_levels,
+    eps_schedule,
+    futile,
+    iterate,
+    level_budget,
+    out_of_range,
+)
 
 DOMAINS = ("auto", "kernel", "log")
 
@@ -65,9 +79,6 @@ WFR_COSTS = ("inf_convolution", "hellinger_kantorovich")
 #: asks for 1e-6).
 DEFAULT_TOL = 1e-6
 
-#: Tolerance of the intermediate eps levels of eps-scaling: they only give a starting point.
-LEVEL_TOL = 1e-3
-
 #: The blur warning: the Gibbs kernel spreads every plan row with variance eps / 2 per
 #: coordinate, a mean-square displacement d eps / 2 that the flow does not make. It warns
 #: when sqrt(d eps / 2) exceeds this fraction of the step's own rms displacement (drift
@@ -75,19 +86,6 @@ LEVEL_TOL = 1e-3
 #: for the heat flow that is eps > tau, where the spurious diffusion eps / (4 tau) reaches
 #: a quarter of the true one.
 BLUR_WARN_RATIO = 0.5
-
-#: Kernel-domain scalings above this (or below its inverse) leave the kernel domain: the step
-#: continues in the log domain.
-KERNEL_DOMAIN_MAX = 1e200
-
-#: A level whose marginal violation, at the rate measured over the last PROGRESS_WINDOW
-#: iterations, would need more than FUTILE_FACTOR times the remaining budget to reach its
-#: tolerance stops early (status "max_iterations", info["stopped"] says why): the iteration
-#: count is bounded by max_iter anyway, this only spends less time on a step that cannot
-#: converge. Sinkhorn's violation is not monotone over short spans; a window of 200
-#: iterations, checked from 400 on, and a factor 10 keep a slow but converging level going.
-PROGRESS_WINDOW = 200
-FUTILE_FACTOR = 10.0
 
 _OPTIONS = ("tol", "max_iter", "domain", "eps_scaling", "eps_start", "scaling_factor",
             "separable", "warm_start", "relaxation", "cache_size", "dense_cache_entries", "conic",
@@ -295,12 +293,7 @@ class EntropicJKO(Method):
         else:
             extent = mu.points.max(axis=0) - mu.points.min(axis=0)
             top = float(extent @ extent) / 4.0
-        levels = []
-        eps = top
-        while eps > self.eps:
-            levels.append(eps)
-            eps *= self.scaling_factor
-        return levels + [self.eps]
+        return eps_schedule(top, self.eps, self.scaling_factor)
 
     def operator(self, mu: Measure, eps: float):
         return self._cached_operator(
@@ -536,17 +529,12 @@ class _State:
 
 
 class _Sinkhorn:
-    """Generalized Sinkhorn on the levels of eps, kernel or log domain."""
+    """Generalized Sinkhorn on the levels of eps, kernel or log domain (engine: ``scaling``)."""
 
     def __init__(self, method: EntropicJKO, mu: Measure, column: _ColumnFunction, tau_alpha: float):
         self.method, self.mu, self.column, self.tau_alpha = method, mu, column, tau_alpha
-        self.a = mu.weights
-        self.mass = mu.mass
-        self.positive = self.a > 0
-        self.all_positive = bool(self.positive.all())
-        with np.errstate(divide="ignore"):
-            self.log_a = np.log(self.a)
-        self.log_mass = float(np.log(self.mass))
+        self.rows = HardRows(mu.weights)
+        self.a, self.positive, self.log_a = mu.weights, self.rows.positive, self.rows.log_a
         self.tol = method.tol
         self.kernel_kind = ("separable" if (mu.grid is not None and method.separable)
                             else "dense")
@@ -555,28 +543,20 @@ class _Sinkhorn:
         state = _State()
         psi = np.zeros(self.mu.n) if psi is None else psi.copy()
         domain = "kernel" if self.method.domain in ("auto", "kernel") else "log"
-        for index, eps in enumerate(levels):
-            last = index == len(levels) - 1
-            # the final level always runs: intermediate levels leave it at least one iteration
-            budget = self.method.max_iter - state.iterations - (0 if last else 1)
-            if budget <= 0 and not last:
-                continue
-            budget = max(budget, 1)
-            tol = self.tol if last else max(self.tol, LEVEL_TOL)
-            op = self.method.operator(self.mu, eps)
-            prox = self.column.prox(eps, self.tau_alpha)
-            state.eps, state.prox = eps, prox
-            if domain == "kernel":
-                ok = self._kernel(op, prox, eps, psi, tol, budget, state, last)
-                if not ok:
-                    if self.method.domain == "kernel":
-                        state.status, state.domain = "overflow", "kernel"
-                        return state
-                    domain = "log"
-                    psi = state.psi
-                    budget = max(self.method.max_iter - state.iterations - (0 if last else 1), 1)
+        for level in eps_levels(levels, self.method.max_iter, self.tol, lambda: state.iterations):
+            op = self.method.operator(self.mu, level.eps)
+            prox = self.column.prox(level.eps, self.tau_alpha)
+            state.eps, state.prox = level.eps, prox
+            budget = level.budget
+            if domain == "kernel" and not self._kernel(op, prox, level, psi, state):
+                if self.method.domain == "kernel":
+                    state.status, state.domain = "overflow", "kernel"
+                    return state
+                domain = "log"
+                psi = state.psi
+                budget = max(level_budget(self.method.max_iter, state.iterations, level.last), 1)
             if domain == "log":
-                self._log(op, prox, eps, psi, tol, budget, state, last)
+                self._log(op, prox, level, budget, psi, state)
             psi = state.psi
             if state.stopped is not None:
                 break
@@ -588,171 +568,79 @@ class _Sinkhorn:
             yield prox if isinstance(prox, EnvelopeProx) else getattr(prox, "equation", prox)
 
     # -- relaxation ----------------------------------------------------------------------------
-    def _relaxation(self, last: bool) -> _Relaxation:
+    def _relaxation(self, last: bool) -> Relaxation:
         setting = self.method.relaxation
         if setting == "auto" and (last or self.column.kind == "IFT"):
-            return _Relaxation(1.0, adaptive=True)
+            return Relaxation(1.0, adaptive=True)
         if not last or setting == 1.0:
-            return _Relaxation(1.0, adaptive=False)
-        return _Relaxation(float(setting), adaptive=False)
+            return Relaxation(1.0, adaptive=False)
+        return Relaxation(float(setting), adaptive=False)
 
     # -- kernel domain -------------------------------------------------------------------------
-    def _kernel(self, op, prox, eps, psi, tol, budget, state, last) -> bool:
-        a, mass, log_a = self.a, self.mass, self.log_a
-        closed = getattr(prox, "closed", False)
-        relax = self._relaxation(last)
+    def _kernel(self, op, prox, level, psi, state) -> bool:
+        """One level in the kernel domain; False: continue in the log domain from state.psi."""
+        eps = level.eps
         with np.errstate(all="ignore"):
             log_v = psi / eps
-            v = np.exp(log_v)
-            if _out_of_range(v, log_v):
+            if out_of_range(np.exp(log_v), log_v):
                 state.psi = psi
                 return False
-            good_v = v
-            u = log_u = q = None
-            violation = np.inf
-            for it in range(budget + 1):
-                Kv = op.apply(v)
-                if u is not None:
-                    violation = float(np.abs(u * Kv - a).sum() / mass)
-                    if not np.isfinite(violation) or _out_of_range(v, log_v):
-                        state.psi = eps * np.log(good_v)
-                        state.domain = "log"
-                        return False
-                    good_v = v
-                    if (violation <= tol and relax.plain) or it == budget:
-                        break
-                    relax.observe(violation, tol)
-                    state.stopped = _futile(relax.history, tol, budget - it)
-                    if state.stopped is not None:
-                        break
-                new_log_u = np.where(self.positive, log_a - np.log(Kv), -np.inf)
-                log_u = relax(log_u, new_log_u)
-                u = np.exp(log_u)
-                q = op.apply(u)
-                log_q = np.log(q)
-                if closed:
-                    shift = _mass_shift(log_q, prox, self.log_mass)
-                    if shift != 0.0:  # the plan diag(u) xi diag(v) is unchanged, its mass right
-                        log_u = log_u + shift
-                        u, q, log_q = u * np.exp(shift), q * np.exp(shift), log_q + shift
-                    new_log_v = prox.c0 - prox.theta * log_q
-                else:
-                    new_log_v = prox(log_q) - log_q
-                    state.stopped = _unresolved(prox)
-                    if state.stopped is not None:
-                        break
-                log_v = relax(log_v, new_log_v)
-                v = np.exp(log_v)  # inf or nan (overflow) moves to the log domain
-                state.iterations += 1
-            state.violation, state.domain, state.relaxation = violation, "kernel", relax.peak
-            state.psi = eps * log_v
-            if not last:
-                return True
-            nu_prox = v * q
-            # finish with a u-update: the plan is then feasible (rows a) and its columns nu
-            u = np.where(self.positive, a / Kv, 0.0)
-            q = op.apply(u)
-            nu = v * q
-            if not (np.all(np.isfinite(nu)) and np.all(np.isfinite(u))):
-                state.psi = eps * np.log(good_v)
+        scalings = KernelScalings(op, self.rows, prox, log_v, check=lambda: _unresolved(prox))
+        relax = self._relaxation(level.last)
+        outcome = iterate(scalings, relax, level.tol, level.budget, futile)
+        state.iterations += outcome.iterations
+        state.stopped = outcome.stopped
+        with np.errstate(all="ignore"):
+            if outcome.broken:
+                state.psi = eps * np.log(scalings.good_v)
+                state.domain = "log"
                 return False
-            state.nu, state.nu_prox = nu, nu_prox
-            state.log_u_over_a = -np.log(Kv)
-            state.log_v = log_v
-            state.plan_times = lambda w: u * op.apply(v * w)
-            state.transport_cost = transport_cost(self.mu.points, a, nu, state.plan_times)
+            state.violation, state.domain, state.relaxation = outcome.violation, "kernel", relax.peak
+            state.psi = eps * scalings.log_v
+            return self._kernel_plan(op, scalings, state) if level.last else True
+
+    def _kernel_plan(self, op, scalings, state) -> bool:
+        """Finish with a u-update: the plan is then feasible (rows a) and its columns nu."""
+        v, kv = scalings.v, scalings.kv
+        nu_prox = v * scalings.q
+        u = np.where(self.positive, self.a / kv, 0.0)
+        nu = v * op.apply(u)
+        if not (np.all(np.isfinite(nu)) and np.all(np.isfinite(u))):
+            state.psi = state.eps * np.log(scalings.good_v)
+            return False
+        state.nu, state.nu_prox = nu, nu_prox
+        state.log_u_over_a = -np.log(kv)
+        state.log_v = scalings.log_v
+        state.plan_times = lambda w: u * op.apply(v * w)
+        state.transport_cost = transport_cost(self.mu.points, self.a, nu, state.plan_times)
         return True
 
     # -- log domain ----------------------------------------------------------------------------
-    def _log(self, op, prox, eps, psi, tol, budget, state, last) -> None:
-        a, mass, log_a = self.a, self.mass, self.log_a
-        relax = self._relaxation(last)
+    def _log(self, op, prox, level, budget, psi, state) -> None:
         with np.errstate(all="ignore"):
-            g = psi / eps
-            f = None
-            violation = np.inf
-            for it in range(budget + 1):
-                lKv = op.log_apply(g)
-                if f is not None:
-                    violation = float(np.abs(np.where(self.positive, np.exp(f + lKv), 0.0)
-                                             - a).sum() / mass)
-                    if (violation <= tol and relax.plain) or it == budget:
-                        break
-                    relax.observe(violation, tol)
-                    state.stopped = _futile(relax.history, tol, budget - it)
-                    if state.stopped is not None:
-                        break
-                f = relax(f, np.where(self.positive, log_a - lKv, -np.inf))
-                log_q = op.log_apply(f)
-                if getattr(prox, "closed", False):
-                    shift = _mass_shift(log_q, prox, self.log_mass)
-                    f, log_q = f + shift, log_q + shift
-                log_nu = prox(log_q)
-                state.stopped = _unresolved(prox)
-                if state.stopped is not None:
-                    break
-                g = relax(g, np.where(np.isfinite(log_q), log_nu - log_q, -np.inf))
-                state.iterations += 1
-            state.violation, state.domain, state.relaxation = violation, "log", relax.peak
-            state.psi = eps * g
-            if not last:
-                return
-            nu_prox = np.exp(g + log_q)
-            f = np.where(self.positive, log_a - lKv, -np.inf)
-            nu = np.exp(g + op.log_apply(f))
-            state.nu, state.nu_prox = nu, nu_prox
-            state.log_u_over_a = -lKv
-            state.log_v = g
-            state.plan_times = lambda w: np.exp(f + op.log_apply(g + np.log(w)))
-            state.transport_cost = transport_cost(self.mu.points, a, nu, state.plan_times)
+            g = psi / level.eps
+        scalings = LogScalings(op, self.rows, prox, g, check=lambda: _unresolved(prox))
+        relax = self._relaxation(level.last)
+        outcome = iterate(scalings, relax, level.tol, budget, futile)
+        state.iterations += outcome.iterations
+        state.stopped = outcome.stopped
+        state.violation, state.domain, state.relaxation = outcome.violation, "log", relax.peak
+        state.psi = level.eps * scalings.log_v
+        if level.last:
+            with np.errstate(all="ignore"):
+                self._log_plan(op, scalings, state)
 
-
-def _mass_shift(log_q: np.ndarray, prox, log_mass: float) -> float:
-    """The scalar c for which the closed-form prox of q e^c has the mass of the rows.
-
-    (f, g) -> (f + c, g - c) leaves the plan unchanged; maximizing the dual over c (a third,
-    one-dimensional block of the coordinate ascent, the translation-invariant Sinkhorn of
-    Sejourne et al. 2022) makes the prox output mass equal sum(a), which every column
-    marginal of a plan with rows a has. Without it the mass mode contracts only like
-    1 - 1 / (1 + sigma), sigma = 2 tau alpha / eps (thousands of iterations at large tau).
-    With log nu = (1 - theta)(log q + c) + c0 the root is explicit.
-    """
-    with np.errstate(all="ignore"):
-        terms = (1.0 - prox.theta) * log_q + prox.c0
-        top = np.max(terms, initial=-np.inf)
-        if not np.isfinite(top):
-            return 0.0
-        log_total = top + np.log(np.sum(np.exp(terms - top)))
-    shift = (log_mass - log_total) / (1.0 - prox.theta)
-    return float(shift) if np.isfinite(shift) else 0.0
-
-
-def _out_of_range(v: np.ndarray, log_v: np.ndarray) -> bool:
-    """Kernel-domain scalings that overflow, or underflow where the potential is finite (a zero
-    v would make its column dead for good, and log(v) = -inf would carry that to the log domain)."""
-    if not np.all(np.isfinite(v)) or v.max(initial=0.0) > KERNEL_DOMAIN_MAX:
-        return True
-    return bool(np.any((v < 1.0 / KERNEL_DOMAIN_MAX) & np.isfinite(log_v)))
-
-
-def _futile(history: list[float], tol: float, remaining: int) -> str | None:
-    """Why the level cannot reach tol within the remaining iterations (module constants
-    PROGRESS_WINDOW, FUTILE_FACTOR), or None."""
-    window = PROGRESS_WINDOW
-    if len(history) < 2 * window or len(history) % 50:
-        return None
-    old, new = history[-window], history[-1]
-    if not (np.isfinite(new) and new > 0):
-        return None
-    rate = (new / old) ** (1.0 / (window - 1)) if old > 0 else 1.0
-    if rate >= 1.0:
-        return (f"the marginal violation stopped decreasing ({old:.3g} -> {new:.3g} over the last "
-                f"{window} iterations)")
-    needed = np.log(tol / new) / np.log(rate)
-    if needed > FUTILE_FACTOR * remaining:
-        return (f"the marginal violation decreases by a factor {rate:.6f} per iteration: about "
-                f"{needed:.3g} more iterations would reach tol, {remaining} remain")
-    return None
+    def _log_plan(self, op, scalings, state) -> None:
+        """Finish with an f-update: the plan is then feasible (rows a) and its columns nu."""
+        g, log_kv = scalings.log_v, scalings.log_kv
+        nu_prox = np.exp(g + scalings.log_q)
+        f = scalings.f_next  # log a - log K v: the rows of the plan are a
+        nu = np.exp(g + op.log_apply(f))
+        state.nu, state.nu_prox = nu, nu_prox
+        state.log_u_over_a = -log_kv
+        state.log_v = g
+        state.plan_times = lambda w: np.exp(f + op.log_apply(g + np.log(w)))
+        state.transport_cost = transport_cost(self.mu.points, self.a, nu, state.plan_times)
 
 
 def _unresolved(prox) -> str | None:
@@ -764,62 +652,6 @@ def _unresolved(prox) -> str | None:
     return (f"the KL-proximal map of the coupled energy did not converge (Newton residual "
             f"{source.worst_residual:.3g}): the column function is too stiff at this eps "
             "(sigma = 2 tau alpha / eps times its curvature)")
-
-
-class _Relaxation:
-    """Over-relaxed scalings: log u <- (1 - omega) log u_old + omega log u_new (same for v).
-
-    omega = 1 is the plain iteration (block coordinate ascent, convergent). With ``adaptive``
-    the first PROBE iterations are plain; their linear rate r of the marginal violation gives
-    omega = 2 / (1 + sqrt(1 - r)) (the optimal relaxation of a linear iteration of rate r,
-    Young; for Sinkhorn see Thibault et al. 2017, Lehmann et al. 2021), capped at OMEGA_MAX.
-    If the violation then stops decreasing for STALL iterations, omega is halved towards 1.
-    Once the violation is below tolerance the last update is made plain, so that the
-    potentials returned are those of an exact KL-proximal update (the dual gap needs it).
-    """
-
-    PROBE = 20
-    STALL = 30
-    OMEGA_MAX = 1.9
-
-    def __init__(self, omega: float, adaptive: bool):
-        self.omega, self.adaptive = omega, adaptive
-        self.peak = omega
-        self.history: list[float] = []
-        self.best, self.since_best = np.inf, 0
-        self.finishing = False
-
-    @property
-    def plain(self) -> bool:
-        return self.omega == 1.0
-
-    def observe(self, violation: float, tol: float) -> None:
-        self.history.append(violation)
-        if violation <= tol:  # converged while relaxed: one plain update to finish
-            self.omega, self.finishing = 1.0, True
-            return
-        if self.finishing:
-            return
-        if violation < self.best:
-            self.best, self.since_best = violation, 0
-        else:
-            self.since_best += 1
-            if self.since_best >= self.STALL and self.omega > 1.0:
-                self.omega = 1.0 + 0.5 * (self.omega - 1.0)
-                self.omega = 1.0 if self.omega < 1.05 else self.omega
-                self.since_best = 0
-        if self.adaptive and len(self.history) == self.PROBE:
-            old, new = self.history[self.PROBE // 2], self.history[-1]
-            if 0 < new < old:
-                rate = (new / old) ** (1.0 / (self.PROBE - self.PROBE // 2 - 1))
-                self.omega = min(self.OMEGA_MAX, 2.0 / (1.0 + np.sqrt(1.0 - rate)))
-                self.peak = max(self.peak, self.omega)
-
-    def __call__(self, old, new):
-        if old is None or self.omega == 1.0:
-            return new
-        mixed = (1.0 - self.omega) * old + self.omega * new
-        return np.where(np.isfinite(old) & np.isfinite(new), mixed, new)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -852,13 +684,6 @@ class _LETState:
         return _kl(self.gamma1, self.a) + _kl(self.gamma2, b) + self.plan_cost
 
 
-class _SoftRelaxation(_Relaxation):
-    """``_Relaxation`` with a higher cap: with soft marginals the plain rate is about
-    (1 + eps')^-2, and the optimal omega = 2 / (1 + sqrt(1 - r)) approaches 2 as eps' -> 0."""
-
-    OMEGA_MAX = 1.98
-
-
 class _LETSinkhorn:
     """Log-domain scaling iterations (Chizat et al. 2018) for the entropic LET problem
 
@@ -878,15 +703,15 @@ class _LETSinkhorn:
         with np.errstate(divide="ignore"):
             self.log_a = np.log(self.a)
 
-    def _relaxation(self, last: bool) -> _Relaxation:
+    def _relaxation(self, last: bool) -> Relaxation:
         """Over-relaxation as in ``_Sinkhorn``: here it matters more, the soft marginals make
         the plain iteration contract only like (1 + eps')^-2 in the mass direction."""
         setting = self.method.relaxation
         if not last or setting == 1.0:
-            return _SoftRelaxation(1.0, adaptive=setting == "auto" and not last)
+            return SoftRelaxation(1.0, adaptive=setting == "auto" and not last)
         if setting == "auto":
-            return _SoftRelaxation(1.0, adaptive=True)
-        return _SoftRelaxation(float(setting), adaptive=False)
+            return SoftRelaxation(1.0, adaptive=True)
+        return SoftRelaxation(float(setting), adaptive=False)
 
     def run(self, levels, make_prox, psi) -> _LETState:
         state = _LETState()
@@ -895,14 +720,10 @@ class _LETSinkhorn:
         g = np.zeros(n) if psi is None else psi / levels[0]
         ell2 = self.ell**2
         positive = self.a > 0
-        for index, eps in enumerate(levels):
-            last = index == len(levels) - 1
-            budget = self.method.max_iter - state.iterations - (0 if last else 1)
-            if budget <= 0 and not last:
-                continue
-            tol = self.method.tol if last else max(self.method.tol, LEVEL_TOL)
-            op = self.method.hk_operator(self.mu, eps, self.ell)
-            eps_prime = eps / ell2
+        for level in eps_levels(levels, self.method.max_iter, self.method.tol,
+                                lambda: state.iterations):
+            op = self.method.hk_operator(self.mu, level.eps, self.ell)
+            eps_prime = level.eps / ell2
             theta = 1.0 / (1.0 + eps_prime)
             prox = make_prox(eps_prime)
             with np.errstate(all="ignore"):
@@ -910,27 +731,14 @@ class _LETSinkhorn:
                 log_w = np.where(positive, self.log_a - log_z, -np.inf)
                 # f = log u: the KL-prox of KL(. | a) / eps' at p = w (k v), divided by k v
                 row_const = np.where(positive, theta * self.log_a + (1 - theta) * log_w, -np.inf)
-                f = None
-                violation = np.inf
-                relax = self._relaxation(last)
-                for it in range(budget + 1):
-                    lKv = op.log_apply(g)
-                    f_new = row_const - theta * lKv
-                    if f is not None:
-                        gamma1 = np.where(positive, np.exp(f + lKv), 0.0)
-                        target = np.where(positive, np.exp(f_new + lKv), 0.0)
-                        violation = float(np.abs(gamma1 - target).sum() / self.mass)
-                        if not np.isfinite(violation) or it == budget or (
-                                violation <= tol and relax.plain):
-                            break
-                        relax.observe(violation, tol)
-                    f = relax(f, f_new)
-                    log_q = op.log_apply(f)
-                    log_nu = prox(log_q)
-                    g = relax(g, np.where(np.isfinite(log_q), log_nu - log_q, -np.inf))
-                    state.iterations += 1
-            state.violation, state.relaxation = violation, relax.peak
-            state.eps = eps
+            rows = SoftRows(positive, row_const, theta, self.mass)
+            scalings = LogScalings(op, rows, prox, g, stop_if_not_finite=True)
+            relax = self._relaxation(level.last)
+            outcome = iterate(scalings, relax, level.tol, level.budget)
+            state.iterations += outcome.iterations
+            f, g = scalings.log_u, scalings.log_v
+            state.violation, state.relaxation = outcome.violation, relax.peak
+            state.eps = level.eps
         # the plan at (f, g): gamma_2 is the prox output nu, gamma_1 within tol of its prox
         with np.errstate(all="ignore"):
             state.f, state.g = f, g

@@ -34,6 +34,7 @@ from scipy.special import wrightomega
 
 from ..energies import UNKNOWN_PSD, ZERO_SUM_PSD, Energy, NoWeightFormError, WeightForm, psd_factor
 from ..measures import Measure
+from .roots import mass_multiplier, solve_increasing
 
 #: Points above which a coupled energy (MMD2, Interaction) is refused: its KL-proximal map
 #: solves dense n x n systems (O(n^3)), and its Gram matrix alone would need n^2 floats.
@@ -392,7 +393,55 @@ class KLProx:
 # ---------------------------------------------------------------------------------------------
 
 
-class HellingerEnvelopeProx:
+class _PointwiseProx:
+    """A KL-proximal map that solves one increasing equation r(z) = 0 per point (F separable).
+
+    Subclasses give ``_residual(z, lq, offset) -> (r, dr / dz, log b)``, ``_refuse(residual,
+    lo, hi)`` (raise when the brackets show an unbounded step), ``_log_mass_slope(weights,
+    total, z, dr)`` (d log sum b / d l) and the constants BOUND and MASS_ROUNDS. The roots come
+    from ``roots.solve_increasing`` (warm started at the last call's roots); with a mass, the
+    multiplier l added to the offset of f comes from ``roots.mass_multiplier``.
+    """
+
+    BOUND = 60.0
+    MASS_ROUNDS = 60
+
+    def __init__(self, form: EnergyForm, mass: float | None):
+        self.form, self.mass = form, mass
+        self.shift = 0.0  # the multiplier of the last call
+        self._previous = None  # the roots of the last call
+        self.newton_steps = 0
+        self.log_b = None  # log of the measure read off the column, at the last call
+
+    def _solve(self, lq, offset):
+        """(z, log b, dr / dz) at the roots, for the offset of f given."""
+
+        def residual(z):
+            return self._residual(z, lq, offset)
+
+        z, steps, (_, slope, lb) = solve_increasing(
+            residual, lq.size, self.BOUND, self._previous,
+            lambda lo, hi: self._refuse(residual, lo, hi), NEWTON_TOL, NEWTON_MAX_ITER)
+        self.newton_steps += steps
+        return z, lb, slope
+
+    def _conserve(self, lq, offset, live):
+        """sum(b) = mass through the multiplier added to the first variation: (z, log b)."""
+
+        def solve(shift):
+            z, lb, slope = self._solve(lq, offset + shift)
+            return np.where(live, np.exp(lb), 0.0), (z, lb, slope)
+
+        def log_mass_slope(weights, total, solution):
+            z, _, slope = solution
+            return self._log_mass_slope(weights, total, z, slope)
+
+        self.shift, (z, lb, _) = mass_multiplier(solve, log_mass_slope, self.mass, self.shift,
+                                                 self.MASS_ROUNDS)
+        return z, lb
+
+
+class HellingerEnvelopeProx(_PointwiseProx):
     """KL-proximal map of sigma G, G(nu) = min_b F(b) + He^2(nu, b) / (2 tau beta) (WFR).
 
     Per point (F separable) the prox min_{nu, b} KL(nu | q) + sigma F(b) + kappa sum (nu + b
@@ -408,104 +457,44 @@ class HellingerEnvelopeProx:
 
     #: |t| = |log sqrt(b / nu)| is bracketed in [-T_MAX, T_MAX]: a step changes a mass by at
     #: most e^(2 T_MAX) relative, or the energy is unbounded below.
-    T_MAX = 60.0
+    T_MAX = BOUND = 60.0
 
     def __init__(self, form: EnergyForm, sigma: float, tau_beta: float, mass: float | None):
         _require_separable(form, "WFR step")
-        self.form, self.sigma = form, float(sigma)
+        super().__init__(form, mass)
+        self.sigma = float(sigma)
         self.kappa = 2.0 * self.sigma / tau_beta
-        self.mass = mass
-        self.shift = 0.0
-        self._t = None
-        self.newton_steps = 0
-        self.log_b = None
 
-    def _g(self, t, lq, offset):
+    def _residual(self, t, lq, offset):
+        """g(t), g'(t) and log b at t."""
         lb = lq - self.kappa * (1.0 - np.exp(t)) + 2.0 * t
-        form = self.form
         with np.errstate(over="ignore", invalid="ignore"):
-            f = offset + form.log_coef * lb
-            slope = np.full_like(t, form.log_coef)
-            for c, p in form.powers:
-                term = c * np.exp(p * lb)
-                f = f + term
-                slope = slope + p * term
+            f, slope = _separable_variation(self.form, lb, offset)
             g = self.sigma * f + self.kappa * (1.0 - np.exp(-t))
             dg = self.sigma * slope * (self.kappa * np.exp(t) + 2.0) + self.kappa * np.exp(-t)
         return g, dg, lb
 
-    def _solve_t(self, lq, shift):
-        offset = self.form.offset + shift
-        n = lq.size
-        lo, hi = np.full(n, -1.0), np.full(n, 1.0)
-        for _ in range(8):  # widen the brackets to [-T_MAX, T_MAX] where needed
-            g_lo = self._g(lo, lq, offset)[0]
-            g_hi = self._g(hi, lq, offset)[0]
-            widen_lo, widen_hi = g_lo > 0, ~(g_hi > 0)
-            if not (widen_lo.any() or widen_hi.any()):
-                break
-            lo = np.where(widen_lo, np.maximum(2 * lo, -self.T_MAX), lo)
-            hi = np.where(widen_hi, np.minimum(2 * hi, self.T_MAX), hi)
-        if np.any(~(self._g(hi, lq, offset)[0] > 0)):
+    def _refuse(self, residual, lo, hi):
+        if np.any(~(residual(hi)[0] > 0)):
             raise UnsupportedEnergyError(
                 "the WFR step is unbounded: some mass would grow by more than "
                 f"e^{2 * self.T_MAX:.0f}; the energy is unbounded below in the Hellinger "
                 "direction (e.g. a potential below -2 / (tau beta))")
-        t = np.zeros(n) if self._t is None else np.clip(self._t, lo, hi)
-        for _ in range(NEWTON_MAX_ITER):
-            self.newton_steps += 1
-            g, dg, _ = self._g(t, lq, offset)
-            lo = np.where(g < 0, t, lo)
-            hi = np.where(g > 0, t, hi)
-            step = g / dg
-            new = t - step
-            outside = (new < lo) | (new > hi) | ~np.isfinite(new)  # Newton left the bracket
-            new = np.where(outside, 0.5 * (lo + hi), new)
-            done = np.max(np.abs(new - t)) <= NEWTON_TOL
-            t = new
-            if done:
-                break
-        g, dg, lb = self._g(t, lq, offset)
-        return t, lb, dg
+
+    def _log_mass_slope(self, weights, total, t, dg):
+        return -(weights * (self.kappa * np.exp(t) + 2.0) * self.sigma / dg).sum() / total
 
     def __call__(self, log_q):
         live = np.isfinite(log_q)
         lq = np.where(live, log_q, 0.0)
         if self.mass is None:
-            t, lb, _ = self._solve_t(lq, 0.0)
+            t, lb, _ = self._solve(lq, self.form.offset)
         else:
-            t, lb = self._conserve(lq, live)
-        self._t = t
+            t, lb = self._conserve(lq, self.form.offset, live)
+        self._previous = t
         log_nu = lq - self.kappa * (1.0 - np.exp(t))
         self.log_b = np.where(live, lb, -np.inf)
         return np.where(live, log_nu, -np.inf)
-
-    def _conserve(self, lq, live):
-        target = np.log(self.mass)
-        shift = self.shift
-        lo, hi = -np.inf, np.inf
-        for _ in range(60):
-            t, lb, dg = self._solve_t(lq, shift)
-            weights = np.where(live, np.exp(lb), 0.0)
-            total = weights.sum()
-            h = np.log(total) - target
-            if abs(h) <= 1e-13:
-                break
-            if h > 0:
-                lo = shift
-            else:
-                hi = shift
-            derivative = -(weights * (self.kappa * np.exp(t) + 2.0) * self.sigma / dg).sum() / total
-            new = shift - h / derivative if derivative < 0 else np.nan
-            if not (np.isfinite(new) and lo < new < hi):
-                if np.isfinite(lo) and np.isfinite(hi):
-                    new = 0.5 * (lo + hi)
-                else:
-                    new = shift + (1.0 if h > 0 else -1.0) * max(1.0, abs(shift))
-            shift = new
-        self.shift = shift
-        return t, lb
-
 
 class MMDEnvelope:
     """G(nu) = min_{b >= 0} F(b) + MMD^2(nu, b) / (2 tau beta) for a quadratic F (IFT).
@@ -627,7 +616,7 @@ class EnvelopeProx:
 # ---------------------------------------------------------------------------------------------
 
 
-class LETEnvelopeProx:
+class LETEnvelopeProx(_PointwiseProx):
     """KL-proximal map of the column function of the entropic LET step (docs/entropic.md §2b).
 
     The column function is G(nu) = min_b rho F(b) + KL(nu | b) (the soft second marginal of
@@ -648,103 +637,58 @@ class LETEnvelopeProx:
     """
 
     #: |y| = |log(nu / b)| is bracketed in [-Y_MAX, Y_MAX].
-    Y_MAX = 60.0
+    Y_MAX = BOUND = 60.0
+    MASS_ROUNDS = 100
 
     def __init__(self, form: EnergyForm, rho: float, eps_prime: float, mass: float | None):
         _require_separable(form, "Hellinger-Kantorovich step")
-        self.form, self.rho = form, float(rho)
+        super().__init__(form, mass)
+        self.rho = float(rho)
         self.theta = 1.0 / (1.0 + eps_prime)
         self.kappa = eps_prime / (1.0 + eps_prime)
-        self.mass = mass
-        self.shift = 0.0
-        self._y = None
-        self.newton_steps = 0
-        self.log_b = None
 
-    def _h(self, y, lq, offset):
+    def _residual(self, y, lq, offset):
+        """h(y), h'(y) and log b at y."""
         lb = lq - y / self.kappa
-        form = self.form
         with np.errstate(over="ignore", invalid="ignore"):
-            f = offset + form.log_coef * lb
-            slope = np.full_like(y, form.log_coef)
-            for c, p in form.powers:
-                term = c * np.exp(p * lb)
-                f = f + term
-                slope = slope + p * term
+            f, slope = _separable_variation(self.form, lb, offset)
             h = np.exp(y) - 1.0 - self.rho * f
             dh = np.exp(y) + self.rho * slope / self.kappa
         return h, dh, lb
 
-    def _solve_y(self, lq, offset):
-        n = lq.size
-        lo, hi = np.full(n, -1.0), np.full(n, 1.0)
-        for _ in range(8):  # widen the brackets to [-Y_MAX, Y_MAX] where needed
-            h_lo = self._h(lo, lq, offset)[0]
-            h_hi = self._h(hi, lq, offset)[0]
-            widen_lo, widen_hi = h_lo > 0, h_hi < 0
-            if not (widen_lo.any() or widen_hi.any()):
-                break
-            lo = np.where(widen_lo, np.maximum(2 * lo, -self.Y_MAX), lo)
-            hi = np.where(widen_hi, np.minimum(2 * hi, self.Y_MAX), hi)
-        if np.any(self._h(lo, lq, offset)[0] > 0):
+    def _refuse(self, residual, lo, hi):
+        if np.any(residual(lo)[0] > 0):
             raise UnsupportedEnergyError(
                 "the Hellinger-Kantorovich step is unbounded: some mass would grow without "
                 "bound; the energy is unbounded below in the reaction direction (e.g. a "
                 "potential below -2 / (tau beta))")
-        y = np.zeros(n) if self._y is None else np.clip(self._y, lo, hi)
-        for _ in range(NEWTON_MAX_ITER):
-            self.newton_steps += 1
-            h, dh, _ = self._h(y, lq, offset)
-            lo = np.where(h < 0, y, lo)
-            hi = np.where(h > 0, y, hi)
-            new = y - h / dh
-            outside = (new < lo) | (new > hi) | ~np.isfinite(new)
-            new = np.where(outside, 0.5 * (lo + hi), new)
-            done = np.max(np.abs(new - y), initial=0.0) <= NEWTON_TOL
-            y = new
-            if done:
-                break
-        h, dh, lb = self._h(y, lq, offset)
-        return y, lb, dh
+
+    def _log_mass_slope(self, weights, total, y, dh):
+        return -(weights * self.rho / (self.kappa * dh)).sum() / total
 
     def __call__(self, log_q):
         live = np.isfinite(log_q) & np.isfinite(self.form.offset)
         lq = np.where(live, log_q, 0.0)
         offset = np.where(live, self.form.offset, 0.0)
         if self.mass is None:
-            y, lb, _ = self._solve_y(lq, offset)
+            y, lb, _ = self._solve(lq, offset)
         else:
             y, lb = self._conserve(lq, offset, live)
-        self._y = y
+        self._previous = y
         self.log_b = np.where(live, lb, -np.inf)
         log_nu = self.theta * lb + (1.0 - self.theta) * lq
         return np.where(live, log_nu, -np.inf)
 
-    def _conserve(self, lq, offset, live):
-        target = np.log(self.mass)
-        shift = self.shift
-        lo, hi = -np.inf, np.inf
-        for _ in range(100):
-            y, lb, dh = self._solve_y(lq, offset + shift)
-            weights = np.where(live, np.exp(lb), 0.0)
-            total = weights.sum()
-            gap = np.log(total) - target
-            if abs(gap) <= 1e-13:
-                break
-            if gap > 0:
-                lo = shift
-            else:
-                hi = shift
-            derivative = -(weights * self.rho / (self.kappa * dh)).sum() / total
-            new = shift - gap / derivative if derivative < 0 else np.nan
-            if not (np.isfinite(new) and lo < new < hi):
-                if np.isfinite(lo) and np.isfinite(hi):
-                    new = 0.5 * (lo + hi)
-                else:
-                    new = shift + (1.0 if gap > 0 else -1.0) * max(1.0, abs(shift))
-            shift = new
-        self.shift = shift
-        return y, lb
+def _separable_variation(form: EnergyForm, lb: np.ndarray, offset) -> tuple[np.ndarray, np.ndarray]:
+    """f = offset + L log b + sum_k c_k b^p_k at log b = lb (a separable form, the offset
+    possibly shifted by a multiplier), and its derivative df / dlog b = L + sum_k p_k c_k b^p_k."""
+    f = offset + form.log_coef * lb
+    slope = np.full_like(lb, form.log_coef)
+    for c, p in form.powers:
+        term = c * np.exp(p * lb)
+        f = f + term
+        slope = slope + p * term
+    return f, slope
 
 
 def _require_separable(form: EnergyForm, step: str) -> None:

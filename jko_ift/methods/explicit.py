@@ -42,8 +42,8 @@ from .particle import (
     VELOCITIES,
     ForwardStep,
     check_particle_input,
-    explicit_transport,
     finish,
+    forward_transport,
     positivity_preserving,
 )
 from .weights import (
@@ -143,9 +143,9 @@ class ExplicitEuler(Method):
                     gradient = F.first_variation_at(witness_of, noisy, gradient=True)
                 else:
                     gradient = F.grad_first_variation(mu)
-                y = explicit_transport(F, mu, tau * geometry.alpha, self.velocity, gradient)
+                y, change = forward_transport(F, mu, tau * geometry.alpha, self.velocity, gradient)
                 info["max_displacement"] = float(np.sqrt(np.max(np.sum((y - x) ** 2, axis=1))))
-                descent -= float(a @ np.sum(gradient * (y - x), axis=1))
+                descent -= change
             if geometry.reaction is not None:
                 f = F.first_variation(mu)
                 b = self._reaction(F, geometry, mu, tau * geometry.beta, info, f, energy_before)

@@ -279,6 +279,25 @@ def explicit_transport(F: Energy, mu: Measure, eta: float, velocity: str = "wass
     return mu.points - eta * grad
 
 
+def forward_transport(F: Energy, mu: Measure, eta: float, velocity: str = "wasserstein",
+                      gradient: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """The explicit transport piece: y = ``explicit_transport`` (points (n, d)) and the first
+    order change of F along it, sum_i a_i grad f(x_i) . (y_i - x_i) (minus the decrease that
+    ``forward_stability`` compares the actual change with)."""
+    gradient = F.grad_first_variation(mu) if gradient is None else gradient
+    y = explicit_transport(F, mu, eta, velocity, gradient)
+    return y, float(mu.weights @ np.sum(gradient * (y - mu.points), axis=1))
+
+
+def backward_transport(F: Energy, mu: Measure, eta: float, tol: float, scale: float,
+                       max_iter: int, predictor: bool = True) -> TransportResult:
+    """The implicit transport piece: the proximal position step of ``implicit_transport`` at
+    b = a, started from the explicit step (``predictor``) or from the points."""
+    guess = explicit_transport(F, mu, eta) if predictor else mu.points
+    return implicit_transport(F, mu.points, mu.weights, eta, start=guess, tol=tol, scale=scale,
+                              max_iter=max_iter)
+
+
 @dataclass(frozen=True)
 class TransportResult:
     points: np.ndarray
@@ -317,26 +336,46 @@ def implicit_transport(F: Energy, x: np.ndarray, a: np.ndarray, eta: float,
         if terms is not None:
             return newton_transport_1d(terms, x, a, b, eta, start, scale if scale is not None else 1.0,
                                        min(max_iter, NEWTON_MAX_ITERATIONS))
-    weights = b
-    n, d = x.shape
-    weight = np.maximum(a, b)
-    live = np.flatnonzero(weight > 0)
     scale = max(abs(scale) if scale is not None else 1.0, 1e-300)
-    # y = x + root * u on the live particles: u_i = (y_i - x_i) sqrt(w_i / (eta scale)) makes the
-    # scaled transport term |u|^2 / 2, so values, gradients and variables are all of order one
-    root = np.sqrt(eta * scale / weight[live])[:, None]
-    y_full = x.copy() if start is None else np.array(start, dtype=float)
-    evaluations = 0
+    objective = _PositionObjective(F, x, a, b, eta, coupling, scale, weights_at, start)
+    start_time = time.perf_counter()
+    y_full, b, status, certificate, iterations, floor = _lbfgs_positions(
+        objective, tol, max_iter)
+    if status == "optimal" and objective.live.size < x.shape[0]:
+        y_full = _move_massless(F, x, b, y_full, objective.live, eta)
+    info = {"position_iterations": iterations, "position_evaluations": objective.evaluations,
+            "position_time": time.perf_counter() - start_time, "position_roundoff": floor}
+    return TransportResult(y_full, certificate, status, info)
 
-    def objective(u_flat):
-        nonlocal evaluations
-        evaluations += 1
-        u = u_flat.reshape(-1, d)
-        y = y_full.copy()
-        y[live] = x[live] + root * u
+
+class _PositionObjective:
+    """J of ``implicit_transport`` in the scaled variables u of the live particles:
+    y = x + root * u on them, root_i = sqrt(eta scale / w_i); calls return (J / scale,
+    grad_u J / scale), and (inf, 0) outside the domain of F."""
+
+    def __init__(self, F, x, a, b, eta, coupling, scale, weights_at, start):
+        self.F, self.x, self.a, self.weights, self.eta = F, x, a, b, eta
+        self.coupling, self.scale, self.weights_at = coupling, scale, weights_at
+        weight = np.maximum(a, b)
+        self.live = np.flatnonzero(weight > 0)
+        # u_i = (y_i - x_i) sqrt(w_i / (eta scale)) makes the scaled transport term |u|^2 / 2,
+        # so values, gradients and variables are all of order one
+        self.root = np.sqrt(eta * scale / weight[self.live])[:, None]
+        self.y_full = x.copy() if start is None else np.array(start, dtype=float)
+        self.evaluations = 0
+
+    def positions(self, u_flat: np.ndarray) -> np.ndarray:
+        y = self.y_full.copy()
+        y[self.live] = self.x[self.live] + self.root * u_flat.reshape(-1, self.x.shape[1])
+        return y
+
+    def __call__(self, u_flat):
+        self.evaluations += 1
+        F, x, a, eta, live, coupling = self.F, self.x, self.a, self.eta, self.live, self.coupling
+        y = self.positions(u_flat)
         if not np.all(np.isfinite(y)):
             return np.inf, np.zeros_like(u_flat)
-        b = weights if weights_at is None else weights_at(y.copy())
+        b = self.weights if self.weights_at is None else self.weights_at(y.copy())
         mu_y = Measure(y, b)
         try:
             value = F.value(mu_y) + float(a[live] @ np.sum((y[live] - x[live]) ** 2, axis=1)) / (2 * eta)
@@ -352,41 +391,44 @@ def implicit_transport(F: Energy, x: np.ndarray, a: np.ndarray, eta: float,
             force = reaction.position_force(y, a, b)
             if force is not None:
                 grad_y += force[live] / reaction_eta
-        grad_u = grad_y * root
-        return value / scale, grad_u.ravel() / scale
+        grad_u = grad_y * self.root
+        return value / self.scale, grad_u.ravel() / self.scale
 
-    u0 = ((y_full[live] - x[live]) / root).ravel()
-    gtol = np.sqrt(2.0 * tol / max(u0.size, 1))
+
+def _lbfgs_positions(objective: _PositionObjective, tol: float, max_iter: int):
+    """L-BFGS-B on the live particles (with LBFGS_RESTARTS restarts and a gradient polish when
+    it stalls on value noise) until the position residual is at most tol or its floor.
+    Returns (positions, weights, status, certificate, iterations, floor)."""
+    x, a, live = objective.x, objective.a, objective.live
+    y_full, b = objective.y_full, objective.weights
+    u = ((y_full[live] - x[live]) / objective.root).ravel()
+    gtol = np.sqrt(2.0 * tol / max(u.size, 1))
     status, certificate, iterations, floor = "optimal", 0.0, 0, 0.0
-    u = u0
-    start_time = time.perf_counter()
-    if live.size:
-        for _ in range(LBFGS_RESTARTS + 1):
-            result = minimize(objective, u, jac=True, method="L-BFGS-B",
-                              options={"maxcor": LBFGS_MEMORY, "gtol": gtol, "ftol": 1e-3 * tol,
-                                       "maxiter": max_iter, "maxfun": 2 * max_iter})
-            iterations += int(result.nit)
-            u = result.x
-            value, grad = objective(u)
-            if not np.isfinite(value):
-                status = "diverged"
-                break
-            if 0.5 * float(grad @ grad) > tol:  # stalled on value noise: use gradients only
-                u = _gradient_polish(objective, u, grad, tol)
-            y_full = y_full.copy()  # (a Measure built on it below makes it read-only)
-            y_full[live] = x[live] + root * u.reshape(-1, d)
-            if weights_at is not None:
-                b = weights_at(y_full.copy())
-            certificate, floor = position_residual(F, x, a, y_full, b, eta, coupling, scale)
-            if certificate <= max(tol, floor):
-                break
-        else:
-            status = "optimal_inaccurate"
-    if status == "optimal" and live.size < n:
-        y_full = _move_massless(F, x, b, y_full, live, eta)
-    info = {"position_iterations": iterations, "position_evaluations": evaluations,
-            "position_time": time.perf_counter() - start_time, "position_roundoff": floor}
-    return TransportResult(y_full, certificate, status, info)
+    if not live.size:
+        return y_full, b, status, certificate, iterations, floor
+    for _ in range(LBFGS_RESTARTS + 1):
+        result = minimize(objective, u, jac=True, method="L-BFGS-B",
+                          options={"maxcor": LBFGS_MEMORY, "gtol": gtol, "ftol": 1e-3 * tol,
+                                   "maxiter": max_iter, "maxfun": 2 * max_iter})
+        iterations += int(result.nit)
+        u = result.x
+        value, grad = objective(u)
+        if not np.isfinite(value):
+            status = "diverged"
+            break
+        if 0.5 * float(grad @ grad) > tol:  # stalled on value noise: use gradients only
+            u = _gradient_polish(objective, u, grad, tol)
+        y_full = y_full.copy()  # (a Measure built on it below makes it read-only)
+        y_full[live] = x[live] + objective.root * u.reshape(-1, x.shape[1])
+        if objective.weights_at is not None:
+            b = objective.weights_at(y_full.copy())
+        certificate, floor = position_residual(objective.F, x, a, y_full, b, objective.eta,
+                                               objective.coupling, objective.scale)
+        if certificate <= max(tol, floor):
+            break
+    else:
+        status = "optimal_inaccurate"
+    return y_full, b, status, certificate, iterations, floor
 
 
 # -------------------------------------------------------------------------------------------------
@@ -451,102 +493,146 @@ def newton_transport_1d(terms, x: np.ndarray, a: np.ndarray, b: np.ndarray, eta:
     saying why; particles that are not ordered at the start give "diverged".
     """
     start_time = time.perf_counter()
-    x_line, pull = x[:, 0], a / eta
-    spacings = any(term.couples_neighbours for _, term in terms)
-    scale = max(abs(scale), 1e-300)
-    evaluations = 0
-
-    def evaluate(y):
-        nonlocal evaluations
-        evaluations += 1
-        derivatives = position_derivatives(terms, y, b)
-        shift = y - x_line
-        value = derivatives.value + 0.5 * float(pull @ shift**2)
-        gradient = derivatives.gradient + pull * shift
-        return value, gradient, derivatives
-
-    def ordered(y):
-        return not spacings or bool(np.all(np.diff(y) > 0))
-
+    problem = _LineProblem(terms, x[:, 0], a, b, eta)
     info: dict = {"position_solver": "newton_banded"}
-    if not ordered(x_line):
-        i = int(np.flatnonzero(np.diff(x_line) <= 0)[0])
+    if not problem.ordered(problem.x):
+        i = int(np.flatnonzero(np.diff(problem.x) <= 0)[0])
         info.update(position_iterations=0, position_evaluations=0,
                     failure=f"the particles are not strictly increasing at the start of the "
                             f"position step (x[{i}] >= x[{i + 1}]; an explicit piece moved them "
                             "past each other): take a smaller tau")
         return TransportResult(x.copy(), np.inf, "diverged", info)
-    y = x_line.copy()
-    value, gradient, derivatives = evaluate(y)
-    if start is not None:
-        guess = np.asarray(start, dtype=float)[:, 0]
-        if np.all(np.isfinite(guess)) and ordered(guess):
-            guess_value, guess_gradient, guess_derivatives = evaluate(guess)
-            if guess_value < value:
-                y, value, gradient, derivatives = guess, guess_value, guess_gradient, guess_derivatives
+    point = problem.start(start)
     status, iterations, failure = "optimal_inaccurate", 0, None
-    eps = np.finfo(float).eps
     while True:
-        hessian_diagonal = derivatives.diagonal + pull
-        size = derivatives.magnitude + pull * np.abs(y - x_line)
-        size_norm = max(float(np.linalg.norm(size)), 1e-300)
-        residual = float(np.linalg.norm(gradient))
-        relative = residual / size_norm
-        # round-off of grad J: its terms, and H times a perturbation of y by eps |y|
-        spread = np.abs(hessian_diagonal) * np.abs(y)
-        spread[:-1] += np.abs(derivatives.upper) * np.abs(y[1:])
-        spread[1:] += np.abs(derivatives.upper) * np.abs(y[:-1])
-        noise = NEWTON_ROUNDOFF_FACTOR * eps * (size + spread)
-        floor = float(np.linalg.norm(noise)) / size_norm
-        if relative <= max(NEWTON_GRADIENT_RTOL, floor):
+        test = problem.stopping_test(point)
+        if test.relative <= max(NEWTON_GRADIENT_RTOL, test.floor):
             status = "optimal"
             break
         if iterations >= max_iter:
             failure = (f"the Newton position step did not reach the relative gradient "
-                       f"{NEWTON_GRADIENT_RTOL:.0e} in {max_iter} iterations (at {relative:.2g}); "
+                       f"{NEWTON_GRADIENT_RTOL:.0e} in {max_iter} iterations (at {test.relative:.2g}); "
                        "Newton converges in a few iterations when grad_V is the gradient of V "
                        "and V is convex: check grad_V, or take a smaller tau")
             break
         iterations += 1
-        direction = _banded_newton_direction(hessian_diagonal, derivatives.upper, gradient, pull)
+        trial = problem.line_search(point, test)
+        if trial is None:
+            if test.relative <= NEWTON_STALL_FACTOR * test.floor:  # no representable y does better
+                status = "optimal"
+                info["stalled_at_roundoff"] = True
+                break
+            failure = (f"the Newton position step stalled at the relative gradient "
+                       f"{test.relative:.2g} (target {NEWTON_GRADIENT_RTOL:.0e}, round-off floor "
+                       f"{test.floor:.2g}) after {iterations} iterations: no step along the "
+                       "Newton direction lowers the objective; check that grad_V is the gradient "
+                       "of V, or take a smaller tau")
+            break
+        point = trial
+    root = np.sqrt(eta / np.maximum(a, b))
+    certificate = 0.5 * float(np.sum((point.gradient * root) ** 2)) / max(abs(scale), 1e-300)
+    roundoff = 0.5 * float(np.sum((test.noise * root) ** 2)) / max(abs(scale), 1e-300)
+    info.update(position_iterations=iterations, position_evaluations=problem.evaluations,
+                position_time=time.perf_counter() - start_time, position_roundoff=roundoff,
+                relative_gradient=test.relative, relative_gradient_floor=test.floor)
+    if failure is not None:
+        info["failure"] = failure
+    return TransportResult(point.y[:, None], certificate, status, info)
+
+
+@dataclass(frozen=True)
+class _LinePoint:
+    """An iterate of the 1-D Newton step: positions y (n,), J(y), grad J (n,), the terms."""
+
+    y: np.ndarray
+    value: float
+    gradient: np.ndarray
+    derivatives: object  # energies.position_derivatives: value, gradient, tridiagonal Hessian
+
+
+@dataclass(frozen=True)
+class _StoppingTest:
+    """|grad J| over the size of its terms, its round-off floor, the Hessian's diagonal."""
+
+    relative: float
+    floor: float
+    residual: float
+    noise: np.ndarray
+    hessian_diagonal: np.ndarray
+
+
+class _LineProblem:
+    """J(y) = F(sum_i b_i delta_{y_i}) + sum_i a_i (y_i - x_i)^2 / (2 eta) on the line
+    (``newton_transport_1d``): evaluations, the stopping test and the safeguarded line search."""
+
+    def __init__(self, terms, x: np.ndarray, a: np.ndarray, b: np.ndarray, eta: float):
+        self.terms, self.x, self.b = terms, x, b
+        self.pull = a / eta
+        self.spacings = any(term.couples_neighbours for _, term in terms)
+        self.evaluations = 0
+
+    def evaluate(self, y: np.ndarray) -> _LinePoint:
+        self.evaluations += 1
+        derivatives = position_derivatives(self.terms, y, self.b)
+        shift = y - self.x
+        value = derivatives.value + 0.5 * float(self.pull @ shift**2)
+        gradient = derivatives.gradient + self.pull * shift
+        return _LinePoint(y, value, gradient, derivatives)
+
+    def ordered(self, y: np.ndarray) -> bool:
+        return not self.spacings or bool(np.all(np.diff(y) > 0))
+
+    def start(self, start: np.ndarray | None) -> _LinePoint:
+        """x, or the guess ``start`` (n, 1) when it keeps the order and lowers J."""
+        point = self.evaluate(self.x.copy())
+        if start is not None:
+            guess = np.asarray(start, dtype=float)[:, 0]
+            if np.all(np.isfinite(guess)) and self.ordered(guess):
+                guessed = self.evaluate(guess)
+                if guessed.value < point.value:
+                    return guessed
+        return point
+
+    def stopping_test(self, point: _LinePoint) -> _StoppingTest:
+        """The relative gradient and its floor: the round-off of the terms of grad J, and of
+        H times a perturbation of y by eps |y|."""
+        y, derivatives, pull = point.y, point.derivatives, self.pull
+        hessian_diagonal = derivatives.diagonal + pull
+        size = derivatives.magnitude + pull * np.abs(y - self.x)
+        size_norm = max(float(np.linalg.norm(size)), 1e-300)
+        residual = float(np.linalg.norm(point.gradient))
+        spread = np.abs(hessian_diagonal) * np.abs(y)
+        spread[:-1] += np.abs(derivatives.upper) * np.abs(y[1:])
+        spread[1:] += np.abs(derivatives.upper) * np.abs(y[:-1])
+        noise = NEWTON_ROUNDOFF_FACTOR * np.finfo(float).eps * (size + spread)
+        floor = float(np.linalg.norm(noise)) / size_norm
+        return _StoppingTest(residual / size_norm, floor, residual, noise, hessian_diagonal)
+
+    def line_search(self, point: _LinePoint, test: _StoppingTest) -> _LinePoint | None:
+        """The accepted trial along the Newton direction, or None after MAX_BACKTRACKS."""
+        y, value, gradient = point.y, point.value, point.gradient
+        direction = _banded_newton_direction(test.hessian_diagonal, point.derivatives.upper,
+                                             gradient, self.pull)
         slope = float(gradient @ direction)
         step = 1.0
-        if spacings:
+        if self.spacings:
             closing = np.diff(direction)
             meeting = closing < 0
             if meeting.any():
                 step = min(1.0, BOUNDARY_FRACTION * float(np.min(-np.diff(y)[meeting] / closing[meeting])))
-        value_noise = VALUE_ROUNDOFF_FACTOR * eps * (derivatives.value_magnitude + abs(value))
+        value_noise = (VALUE_ROUNDOFF_FACTOR * np.finfo(float).eps
+                       * (point.derivatives.value_magnitude + abs(value)))
         for _ in range(MAX_BACKTRACKS):
             trial = y + step * direction
-            if ordered(trial):
-                trial_value, trial_gradient, trial_derivatives = evaluate(trial)
-                if np.isfinite(trial_value) and (
-                        trial_value <= value + ARMIJO_FRACTION * step * slope
-                        or (-step * slope <= value_noise and trial_value <= value + value_noise
-                            and np.linalg.norm(trial_gradient) < residual)):
-                    break
+            if self.ordered(trial):
+                candidate = self.evaluate(trial)
+                if np.isfinite(candidate.value) and (
+                        candidate.value <= value + ARMIJO_FRACTION * step * slope
+                        or (-step * slope <= value_noise and candidate.value <= value + value_noise
+                            and np.linalg.norm(candidate.gradient) < test.residual)):
+                    return candidate
             step *= 0.5
-        else:
-            if relative <= NEWTON_STALL_FACTOR * floor:  # no representable y does better
-                status = "optimal"
-                info["stalled_at_roundoff"] = True
-                break
-            failure = (f"the Newton position step stalled at the relative gradient {relative:.2g} "
-                       f"(target {NEWTON_GRADIENT_RTOL:.0e}, round-off floor {floor:.2g}) after "
-                       f"{iterations} iterations: no step along the Newton direction lowers the "
-                       "objective; check that grad_V is the gradient of V, or take a smaller tau")
-            break
-        y, value, gradient, derivatives = trial, trial_value, trial_gradient, trial_derivatives
-    root = np.sqrt(eta / np.maximum(a, b))
-    certificate = 0.5 * float(np.sum((gradient * root) ** 2)) / scale
-    roundoff = 0.5 * float(np.sum((noise * root) ** 2)) / scale
-    info.update(position_iterations=iterations, position_evaluations=evaluations,
-                position_time=time.perf_counter() - start_time, position_roundoff=roundoff,
-                relative_gradient=relative, relative_gradient_floor=floor)
-    if failure is not None:
-        info["failure"] = failure
-    return TransportResult(y[:, None], certificate, status, info)
+        return None
 
 
 def _banded_newton_direction(diagonal, upper, gradient, pull) -> np.ndarray:
@@ -703,16 +789,14 @@ class ParticleJKO(Method):
             return finish(F, geometry, mu, x, reaction.weights, tau, reaction.status,
                           reaction.certificate, info, throw, "ParticleJKO")
         eta = tau * geometry.alpha
-        guess = explicit_transport(F, mu, eta) if self.predictor else x
         if geometry.reaction is None:  # pure transport: one proximal position step
-            moved = implicit_transport(F, x, a, eta, start=guess, tol=self.tol, scale=scale,
-                                       max_iter=self.max_iter)
+            moved = backward_transport(F, mu, eta, self.tol, scale, self.max_iter, self.predictor)
             info.update(moved.info, wall_time=time.perf_counter() - start)
             return finish(F, geometry, mu, moved.points, a, tau, moved.status, moved.certificate,
                           info, throw, "ParticleJKO")
-        return self._joint(F, geometry, mu, tau, eta, guess, scale, info, throw, start)
+        return self._joint(F, geometry, mu, tau, eta, scale, info, throw, start)
 
-    def _joint(self, F, geometry, mu, tau, eta, guess, scale, info, throw, start):
+    def _joint(self, F, geometry, mu, tau, eta, scale, info, throw, start):
         """Alternate once (positions at b = a, then the exact weights), then minimize the reduced
         objective phi(y) = min_b J(y, b) by L-BFGS-B: every evaluation solves the weight step
         exactly (warm started) and, the minimizer b*(y) being unique (strictly convex reaction),
@@ -722,8 +806,7 @@ class ParticleJKO(Method):
         reaction_eta = tau * geometry.beta
         coupling = (geometry.reaction, reaction_eta, geometry.conserve_mass)
         inner = INNER_TOL_FRACTION * self.tol
-        moved = implicit_transport(F, x, a, eta, start=guess, tol=inner, scale=scale,
-                                   max_iter=self.max_iter)
+        moved = backward_transport(F, mu, eta, inner, scale, self.max_iter, self.predictor)
         if moved.status == "diverged":
             return finish(F, geometry, mu, moved.points, a, tau, "diverged", np.inf, info, throw,
                           "ParticleJKO")

@@ -50,12 +50,12 @@ from .particle import (
     DEFAULT_PARTICLE_TOL,
     VELOCITIES,
     ForwardStep,
+    backward_transport,
     check_particle_input,
     energy_scale,
-    explicit_transport,
     finish,
     forward_stability,
-    implicit_transport,
+    forward_transport,
     positivity_preserving,
     reaction_exact,
 )
@@ -155,12 +155,10 @@ class Splitting(Method):
     def _transport(self, F, geometry, mu, h, kind, run) -> Measure | None:
         eta = h * geometry.alpha
         if kind == "explicit":
-            gradient = F.grad_first_variation(mu)
-            y = explicit_transport(F, mu, eta, self.velocity, gradient)
-            descent = -float(mu.weights @ np.sum(gradient * (y - mu.points), axis=1))
+            y, change = forward_transport(F, mu, eta, self.velocity)
+            descent = -change
         else:
-            moved = implicit_transport(F, mu.points, mu.weights, eta, start=explicit_transport(
-                F, mu, eta), tol=self.tol, scale=run.scale, max_iter=self.max_iter)
+            moved = backward_transport(F, mu, eta, self.tol, run.scale, self.max_iter)
             run.merge(moved.status, moved.certificate, moved.info)
             y = moved.points
         if not np.all(np.isfinite(y)):

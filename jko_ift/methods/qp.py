@@ -1,0 +1,440 @@
+"""Quadratic programs over the orthant or a simplex, and the projections onto them.
+
+    min_b  1/2 b^T H b - g^T b   over  C = {b >= 0}  or  {b >= 0, sum(b) = M}
+
+``solve_weight_qp`` solves it exactly (docs/particles.md §3): a primal active-set method
+grown from a vertex (Lawson-Hanson for the orthant, its simplex analogue), with each face
+minimum from a Cholesky factorization of H on the face, updated as indices enter and leave.
+Kernel Gram matrices with a small ridge are numerically singular and the minimizers are
+sparse, which is what this method exploits. The result is certified by the Frank-Wolfe gap
+r^T b - M min_i r_i, r = H b - g, an upper bound of objective - optimum on the simplex (on the
+orthant the same bound with the mass of b). ``spectral_projected_gradient`` (Barzilai-Borwein
+steps, nonmonotone Armijo search) is the first-order fallback for programs that are not
+positive definite on a face, and for smooth non-quadratic objectives.
+
+The reaction steps that build these programs live in ``weights``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.linalg.blas import dtrsm, dtrsv
+
+#: Default relative accuracy of the weight step: the certified gap over the scale of the step
+#: objective. Clarabel's default gap tolerance is 1e-8; the active-set method ends at round-off.
+DEFAULT_WEIGHT_RTOL = 1e-10
+
+#: Relative round-off allowance in the active-set tests (z_i > 0, lambda_i < 0): values within
+#: this fraction of their scale are treated as zero, so that round-off cannot make an index
+#: enter and leave the face forever.
+ACTIVE_SET_ROUNDOFF = 1e-13
+
+#: Warm starts whose support is at most this fraction of the points start the method on their
+#: face. A denser warm start (the uniform weights of a first step) is tried as one dense face
+#: solve only up to DENSE_FACE_MAX points (a Cholesky of that size costs about a millisecond);
+#: otherwise the method starts from the best vertex. Kernel QPs with a small ridge have sparse
+#: minimizers, so growing the face from a vertex is the fast path (docs/particles.md §3).
+WARM_START_FRACTION = 0.25
+DENSE_FACE_MAX = 400
+
+#: Round-off floor of a certified gap: r = H b - g is computed with errors of about
+#: eps (|H b| + |g|) per entry, so r^T b - M min r is known only to ROUNDOFF_FACTOR * eps *
+#: M * (max|H b| + max|g|). Kernel steps cancel terms of size a^T G a / eta down to F, so this
+#: floor, not the tolerance, can bind when F is small; tolerances below it are not demanded.
+ROUNDOFF_FACTOR = 1e3
+
+#: Nonmonotone projected-gradient fallback (for non-convex or non-quadratic problems):
+#: Armijo constant and memory of the Grippo-Lampariello-Lucidi line search.
+SPG_ARMIJO = 1e-4
+SPG_MEMORY = 10
+
+#: An objective below -UNBOUNDED (or overflowing) means a program unbounded below (possible only
+#: on the orthant with a Hessian that is not positive semidefinite).
+UNBOUNDED = 1e100
+
+
+# -------------------------------------------------------------------------------------------------
+# Projections
+# -------------------------------------------------------------------------------------------------
+
+def project_simplex(v: np.ndarray, mass: float = 1.0) -> np.ndarray:
+    """Euclidean projection of v: (n,) onto {b >= 0, sum(b) = mass} (sort based, O(n log n))."""
+    v = np.asarray(v, dtype=float)
+    if not mass > 0:
+        raise ValueError(f"the simplex needs a positive mass, got {mass!r}")
+    u = np.sort(v)[::-1]
+    excess = np.cumsum(u) - mass
+    count = np.arange(1, v.size + 1)
+    rank = np.count_nonzero(u - excess / count > 0)
+    threshold = excess[rank - 1] / rank
+    return np.maximum(v - threshold, 0.0)
+
+
+def project_feasible(v: np.ndarray, mass: float | None) -> np.ndarray:
+    """Projection onto the orthant (mass None) or onto the simplex of the given mass."""
+    return np.maximum(v, 0.0) if mass is None else project_simplex(v, mass)
+
+
+# -------------------------------------------------------------------------------------------------
+# The quadratic program
+# -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class QPSolution:
+    """Solution of min 1/2 b^T H b - g^T b over the orthant or a simplex.
+
+    weights: (n,) feasible; objective: 1/2 b^T H b - g^T b; gap: certified upper bound of
+    objective - optimum (Frank-Wolfe gap; for non-convex problems a stationarity measure);
+    status: "optimal" when gap <= the requested tolerance.
+    """
+
+    weights: np.ndarray
+    objective: float
+    gap: float
+    iterations: int
+    status: str
+    method: str
+    info: dict = field(default_factory=dict)
+
+
+def frank_wolfe_gap(gradient: np.ndarray, b: np.ndarray, mass: float | None,
+                    mass_bound: float = 0.0) -> float:
+    """r^T b - M min_i r_i (simplex of mass M), or r^T b - B min(0, min_i r_i) on the orthant
+    with B = max(sum(b), mass_bound).
+
+    For a convex objective with gradient r at a feasible b this bounds objective - optimum:
+    on the simplex always; on the orthant when the minimizer's mass is at most B (the callers
+    pass the mass of the previous weights, of the order of the new ones).
+    """
+    low = float(gradient.min())
+    if mass is None:
+        return float(gradient @ b - max(float(b.sum()), mass_bound) * min(low, 0.0))
+    return float(gradient @ b - mass * low)
+
+
+def _objective(H, g, b):
+    return float(0.5 * b @ (H @ b) - g @ b)
+
+
+def solve_weight_qp(H, g, mass: float | None = None, start=None, atol: float | None = None,
+                    rtol: float = DEFAULT_WEIGHT_RTOL, max_iter: int | None = None,
+                    mass_bound: float | None = None) -> QPSolution:
+    """Minimize 1/2 b^T H b - g^T b over b >= 0 (mass None) or {b >= 0, sum(b) = mass}.
+
+    H: (n, n) symmetric positive definite (a ridge makes kernel Grams so); g: (n,);
+    start: a feasible warm start (its face is tried first). mass_bound: on the orthant, the
+    mass used in the certificate (default: that of ``start``; see ``frank_wolfe_gap``).
+    Stops when the certified gap is at most max(atol, rtol * max(1e-300, |objective|)).
+    A matrix that is not positive definite on the faces visited (a non-convex program, e.g.
+    an attractive interaction with a large step) falls back to a projected-gradient method
+    that ends at a stationary point (status "optimal" then means first-order stationary).
+    """
+    H = np.asarray(H, dtype=float)
+    g = np.asarray(g, dtype=float)
+    n = g.size
+    if H.shape != (n, n):
+        raise ValueError(f"H must be ({n}, {n}) to match g of shape {g.shape}, got {H.shape}")
+    if not (np.all(np.isfinite(H)) and np.all(np.isfinite(g))):
+        raise ValueError("the weight QP has non-finite data (H or g contains NaN or inf)")
+    if mass is not None and not (np.isfinite(mass) and mass > 0):
+        raise ValueError(f"the simplex mass must be positive and finite, got {mass!r}")
+    max_iter = 20 * n + 100 if max_iter is None else int(max_iter)
+    if mass_bound is None:
+        mass_bound = 0.0 if start is None else float(np.abs(np.asarray(start, float)).sum())
+    solver = _ActiveSet(H, g, mass, rtol, atol, mass_bound)
+    try:
+        b, iterations = solver.run(start, max_iter)
+    except np.linalg.LinAlgError:
+        return projected_gradient_qp(H, g, mass, start, atol=atol, rtol=rtol, max_iter=max_iter,
+                                     note="not positive definite on a face",
+                                     mass_bound=mass_bound)
+    objective = _objective(H, g, b)
+    gap = frank_wolfe_gap(H @ b - g, b, mass, mass_bound)
+    floor = roundoff_floor(H, g, b, mass, mass_bound)
+    tolerance = max(solver.tolerance(objective), floor)
+    status = "optimal" if gap <= tolerance else "max_iterations"
+    if status != "optimal":  # round-off limited or out of iterations: polish from here
+        polished = projected_gradient_qp(H, g, mass, b, atol=atol, rtol=rtol, max_iter=max_iter,
+                                         note="active set ended above tolerance",
+                                         mass_bound=mass_bound)
+        if polished.gap < gap:
+            return polished
+    return QPSolution(b, objective, gap, iterations, status, "active_set",
+                      {"support": int(np.count_nonzero(b)), "tolerance": tolerance,
+                       "roundoff": floor})
+
+
+def roundoff_floor(H, g, b, mass, mass_bound=0.0) -> float:
+    """The accuracy to which the gap of ``frank_wolfe_gap`` can be computed (ROUNDOFF_FACTOR)."""
+    size = float(np.abs(H @ b).max() + np.abs(g).max())
+    weight = mass if mass is not None else max(float(b.sum()), mass_bound)
+    return ROUNDOFF_FACTOR * np.finfo(float).eps * weight * size
+
+
+class _FaceFactor:
+    """Cholesky factor of H on the current face (support order), updated as indices enter
+    (one triangular solve, O(k^2)) and leave (the trailing block re-factored)."""
+
+    def __init__(self, H: np.ndarray):
+        self.H = H
+        self.support = np.zeros(0, dtype=int)
+        self.factor = np.zeros((0, 0))
+
+    def reset(self, support: np.ndarray) -> None:
+        self.support = np.array(support, dtype=int)
+        block = self.H[np.ix_(self.support, self.support)]
+        self.factor = np.linalg.cholesky(block) if self.support.size else np.zeros((0, 0))
+
+    def append(self, indices: np.ndarray) -> None:
+        """Add indices at the end: one blocked triangular solve and a small Cholesky."""
+        indices = np.asarray(indices, dtype=int)
+        k, m = self.support.size, indices.size
+        columns = self.H[np.ix_(self.support, indices)]
+        w = _triangular(self.factor, columns) if k else np.zeros((0, m))
+        schur = self.H[np.ix_(indices, indices)] - w.T @ w
+        factor = np.zeros((k + m, k + m))
+        factor[:k, :k] = self.factor
+        factor[k:, :k] = w.T
+        factor[k:, k:] = np.linalg.cholesky(schur)  # LinAlgError: not positive definite
+        self.factor = factor
+        self.support = np.append(self.support, indices)
+
+    def remove(self, leaving: np.ndarray) -> None:
+        """Drop the positions where ``leaving`` (a mask over the support) is True."""
+        first = int(np.argmax(leaving))
+        keep = ~leaving
+        head = self.factor[:first, :first]
+        tail_rows = first + np.flatnonzero(keep[first:])
+        coupling = self.factor[tail_rows, :first]
+        tail = self.support[tail_rows]
+        schur = self.H[np.ix_(tail, tail)] - coupling @ coupling.T
+        k = first + tail.size
+        factor = np.zeros((k, k))
+        factor[:first, :first] = head
+        factor[first:, :first] = coupling
+        if tail.size:
+            factor[first:, first:] = np.linalg.cholesky(schur)
+        self.factor = factor
+        self.support = self.support[keep]
+
+    def solve(self, rhs: np.ndarray) -> np.ndarray:
+        return _triangular(self.factor, _triangular(self.factor, rhs), transpose=True)
+
+
+def _triangular(lower: np.ndarray, rhs: np.ndarray, transpose: bool = False) -> np.ndarray:
+    """Solve L x = rhs (or L^T x = rhs) with BLAS trsv / trsm directly (small systems, many
+    calls). Not LAPACK's trtrs: OpenBLAS runs it on all threads whatever the size as soon as
+    there are two right-hand sides, and on a busy machine each call then waited ~8 ms."""
+    trans = 1 if transpose else 0
+    if rhs.ndim == 1:
+        return dtrsv(lower, rhs, lower=1, trans=trans)
+    return dtrsm(1.0, lower, rhs, lower=1, trans_a=trans)
+
+
+class _ActiveSet:
+    """Primal active-set method: feasible iterates, exact minima on faces {b_i = 0, i not in S}.
+
+    Outer step: add the index with the most negative multiplier lambda_i = r_i - nu.
+    Inner step: minimize on the face; if the minimizer z leaves the orthant, move from b
+    towards z until the first weight hits zero and drop it (ratio test). Each face minimum
+    strictly lowers the objective, so no face repeats and the method ends.
+    """
+
+    def __init__(self, H, g, mass, rtol, atol, mass_bound=0.0):
+        self.H, self.g, self.mass = H, g, mass
+        self.n = g.size
+        self.rtol, self.atol = rtol, atol
+        self.mass_bound = mass_bound
+        self.face = _FaceFactor(H)
+
+    def tolerance(self, objective: float) -> float:
+        relative = self.rtol * max(abs(objective), 1e-300)
+        return relative if self.atol is None else max(self.atol, relative)
+
+    def face_minimum(self, support: np.ndarray) -> np.ndarray:
+        """argmin on the face: H_SS z = g_S + nu 1 (sum(z) = mass); raises LinAlgError.
+
+        ``support`` must be the factor's support (kept in step by the caller). One step of
+        iterative refinement against H_SS follows (faces can be ill-conditioned)."""
+        face = self.face
+        g_S = self.g[support]
+        H_SS = self.H[np.ix_(support, support)]
+        if self.mass is None:
+            z = face.solve(g_S)
+            return z + face.solve(g_S - H_SS @ z)
+        both = face.solve(np.column_stack([g_S, np.ones(support.size)]))
+        z, ones = both[:, 0], both[:, 1]
+        total = ones.sum()
+        z = z + (self.mass - z.sum()) / total * ones
+        residual = g_S - H_SS @ z
+        correction = face.solve(residual - residual.mean())
+        return z + correction - correction.sum() / total * ones
+
+    def gradient(self, b: np.ndarray, support: np.ndarray) -> np.ndarray:
+        """r = H b - g using only the rows of the support (H symmetric): O(n |S|)."""
+        if support.size == 0:
+            return -self.g.copy()
+        # einsum's own loop, not a BLAS call: OpenBLAS threads this (k, n) product, which on a
+        # shared machine was up to 10x slower than one core (see kernels.SINGLE_THREAD_WORK)
+        return np.einsum("i,ij->j", b[support], self.H[support]) - self.g
+
+    def start(self, start):
+        n, mass = self.n, self.mass
+        if start is not None:
+            b = project_feasible(np.asarray(start, dtype=float), mass)
+            support = np.flatnonzero(b > 0)
+            if 0 < support.size <= max(WARM_START_FRACTION * n, 1):
+                self.face.reset(support)
+                return b, support
+            if support.size and n <= DENSE_FACE_MAX:
+                self.face.reset(support)
+                z = self.face_minimum(support)  # dense warm start: its face, if feasible
+                if np.all(z > 0):
+                    b = np.zeros(n)
+                    b[support] = z
+                    return b, support
+        b = np.zeros(n)
+        if mass is None:
+            self.face.reset(np.zeros(0, dtype=int))
+            return b, np.zeros(0, dtype=int)
+        vertex = int(np.argmin(0.5 * mass * mass * self.H.diagonal() - mass * self.g))
+        b[vertex] = mass
+        self.face.reset(np.array([vertex]))
+        return b, np.array([vertex])
+
+    def run(self, start, max_iter):
+        b, support = self.start(start)
+        excluded: set[int] = set()
+        # a warm start's weights need not be the minimum of their face: settle them first,
+        # since the outer step below only looks at indices off the face
+        support, iterations, _ = self.settle(b, None, excluded, 0, max_iter)
+        block = 1  # indices entering per outer step: doubles while no index has to leave
+        while iterations < max_iter:
+            r = self.gradient(b, support)
+            objective = 0.5 * float(b @ r) - 0.5 * float(self.g @ b)  # 1/2 b^T H b - g^T b
+            low = float(r.min())
+            if self.mass is None:
+                gap = float(r @ b) - max(float(b.sum()), self.mass_bound) * min(low, 0.0)
+            else:
+                gap = float(r @ b) - self.mass * low
+            if gap <= self.tolerance(objective):
+                break
+            nu = 0.0
+            if self.mass is not None and support.size:
+                nu = float(b[support] @ r[support] / b[support].sum())
+            multipliers = r - nu
+            multipliers[support] = np.inf
+            if excluded:
+                multipliers[list(excluded)] = np.inf
+            roundoff = ACTIVE_SET_ROUNDOFF * max(float(np.abs(r).max()), abs(nu), 1e-300)
+            candidates = np.flatnonzero(multipliers < -roundoff)
+            if candidates.size == 0:
+                break  # optimal up to round-off
+            if candidates.size > block:
+                candidates = candidates[np.argpartition(multipliers[candidates], block - 1)[:block]]
+            entering = int(candidates[np.argmin(multipliers[candidates])])
+            self.face.append(candidates)
+            support, iterations, removed = self.settle(b, entering, excluded, iterations, max_iter)
+            block = 1 if removed else 2 * block
+        return b, iterations
+
+    def settle(self, b, entering, excluded, iterations, max_iter):
+        """Inner loop: move b (in place) to the minimum of its face inside the orthant,
+        dropping the weights that hit zero on the way. Returns (support, iterations,
+        whether an index left)."""
+        support = self.face.support
+        removed = False
+        while support.size and iterations < max_iter:
+            iterations += 1
+            z = self.face_minimum(support)
+            current = b[support]
+            small = ACTIVE_SET_ROUNDOFF * max(float(current.max(initial=0.0)), 1e-300)
+            if np.all(z > -small):
+                b[support] = np.maximum(z, 0.0)
+                excluded.clear()
+                break
+            blocking = z <= -small
+            ratios = current[blocking] / (current[blocking] - z[blocking])
+            step = float(ratios.min())
+            moved = current + step * (z - current)
+            leaving = np.zeros(support.size, dtype=bool)
+            leaving[np.flatnonzero(blocking)[ratios <= step * (1 + 1e-12)]] = True
+            leaving |= moved <= 0
+            removed = True
+            if step == 0.0 and entering in support[leaving]:
+                excluded.add(entering)  # degenerate: the new index cannot enter here
+            b[support] = np.where(leaving, 0.0, moved)
+            self.face.remove(leaving)
+            support = self.face.support
+        if self.mass is not None and support.size:  # exact mass (round-off only)
+            b[support] *= self.mass / b[support].sum()
+        return support, iterations, removed
+
+
+def projected_gradient_qp(H, g, mass, start=None, atol=None, rtol=DEFAULT_WEIGHT_RTOL,
+                          max_iter: int = 10_000, note: str = "", mass_bound: float = 0.0
+                          ) -> QPSolution:
+    """Spectral projected gradient (Birgin-Martinez-Raydan) on the QP: the fallback."""
+    solution = spectral_projected_gradient(
+        lambda b: _objective(H, g, b), lambda b: H @ b - g, g.size, mass, start,
+        atol=atol, rtol=rtol, max_iter=max_iter, mass_bound=mass_bound)
+    solution.info["note"] = note
+    return solution
+
+
+def spectral_projected_gradient(value, gradient, n: int, mass, start=None, atol=None,
+                                rtol=DEFAULT_WEIGHT_RTOL, max_iter: int = 10_000,
+                                mass_bound: float = 0.0) -> QPSolution:
+    """Minimize a smooth function over the orthant or a simplex by projected gradient steps with
+    Barzilai-Borwein lengths and a nonmonotone Armijo search; stops on the Frank-Wolfe gap.
+
+    Converges to a stationary point for any smooth objective (first order: use for non-convex
+    or non-quadratic problems, where the active-set method does not apply).
+    """
+    if start is None:
+        b = np.full(n, (mass if mass is not None else 1.0) / n)
+    else:
+        b = project_feasible(np.asarray(start, dtype=float), mass)
+    f, r = value(b), gradient(b)
+    history = [f]
+    length = 1.0 / max(float(np.abs(r).max()), 1e-300)
+    gap = frank_wolfe_gap(r, b, mass, mass_bound)
+    iterations = 0
+    for iterations in range(1, max_iter + 1):  # noqa: B007 - reported below
+        tolerance = rtol * max(abs(f), 1e-300) if atol is None else max(atol, rtol * abs(f))
+        if gap <= tolerance:
+            break
+        direction = project_feasible(b - length * r, mass) - b
+        slope = float(r @ direction)
+        if slope >= 0:
+            break
+        reference = max(history[-SPG_MEMORY:])
+        step = 1.0
+        with np.errstate(over="ignore", invalid="ignore"):
+            while True:
+                trial = b + step * direction
+                f_trial = value(trial)
+                if f_trial <= reference + SPG_ARMIJO * step * slope or step < 1e-20:
+                    break
+                step *= 0.5
+            r_trial = gradient(trial)
+        if not (np.isfinite(f_trial) and np.all(np.isfinite(r_trial))) or f_trial < -UNBOUNDED:
+            return QPSolution(trial, -np.inf, np.inf, iterations, "unbounded",
+                              "projected_gradient", {"support": int(np.count_nonzero(trial))})
+        s, y = trial - b, r_trial - r
+        curvature = float(s @ y)
+        length = float(s @ s) / curvature if curvature > 0 else 1e3 * length
+        length = min(max(length, 1e-30), 1e30)
+        b, f, r = trial, f_trial, r_trial
+        history.append(f)
+        gap = frank_wolfe_gap(r, b, mass, mass_bound)
+    tolerance = rtol * max(abs(f), 1e-300) if atol is None else max(atol, rtol * abs(f))
+    weight = mass if mass is not None else max(float(b.sum()), mass_bound)
+    floor = ROUNDOFF_FACTOR * np.finfo(float).eps * weight * float(np.abs(r).max() + 1e-300)
+    tolerance = max(tolerance, floor)
+    status = "optimal" if gap <= tolerance else "max_iterations"
+    return QPSolution(b, float(f), float(gap), iterations, status, "projected_gradient",
+                      {"support": int(np.count_nonzero(b)), "tolerance": tolerance,
+                       "roundoff": floor})
