@@ -25,7 +25,7 @@ from .energies import Energy
 from .geometries import Geometry
 from .measures import Measure
 from .methods import ConicJKO, SolverError, StepResult, grid_motion
-from .methods.base import Method, MethodState, Status, check_step_input, warn_user
+from .methods.base import Method, MethodState, Status, check_step_input, positive_finite, warn_user
 from .methods.entropic import BLUR_WARN_RATIO
 from .run_warnings import RunWarning, WarningLog
 
@@ -582,13 +582,7 @@ def _summed_bound(records) -> float | None:
 
 
 def _positive_time(t_final) -> float:
-    try:
-        t_final = float(t_final)
-    except (TypeError, ValueError):
-        raise ValueError(f"t_final must be a positive time, got {t_final!r}") from None
-    if not (np.isfinite(t_final) and t_final > 0):
-        raise ValueError(f"t_final must be a positive time, got {t_final!r}")
-    return t_final
+    return positive_finite(t_final, "t_final", "a positive time")
 
 
 def _save_times(save_at, t_final: float) -> np.ndarray:

@@ -296,6 +296,21 @@ class Method:
             object.__setattr__(self, name, value)
 
 
+def positive_finite(value, name: str, expected: str) -> float:
+    """``value`` as a finite positive float, else a ValueError: "{name} must be {expected}".
+
+    Bools and strings are refused: float(True) = 1.0 and float("0.1") would pass silently."""
+    number = None
+    if not isinstance(value, (bool, str)):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            pass
+    if number is None or not (np.isfinite(number) and number > 0):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return number
+
+
 def check_step_input(F, geometry, mu, tau, warn_masses: bool = True) -> float:
     """Validate the arguments every method shares; return tau as a float.
 
@@ -308,14 +323,7 @@ def check_step_input(F, geometry, mu, tau, warn_masses: bool = True) -> float:
                          f"jk.WFR(alpha, beta), jk.IFT(k, alpha, beta); got {geometry!r}")
     if not isinstance(mu, Measure):
         raise ValueError(f"mu must be a jk.Measure, got {type(mu).__name__}")
-    if isinstance(tau, (bool, str)):  # float(True) = 1.0 and float("0.1") would pass silently
-        raise ValueError(f"tau must be a positive number, got {tau!r}")
-    try:
-        tau = float(tau)
-    except (TypeError, ValueError):
-        raise ValueError(f"tau must be a positive number, got {tau!r}") from None
-    if not (np.isfinite(tau) and tau > 0):
-        raise ValueError(f"tau must be a positive finite step size, got {tau!r}")
+    tau = positive_finite(tau, "tau", "a positive finite step size")
     if mu.mass <= 0:
         raise ValueError("mu has zero total mass; a JKO step needs a measure with positive mass")
     if warn_masses:
