@@ -70,7 +70,7 @@ def test_inf_convolutions_need_positive_finite_weights(alpha, beta):
 
 
 def test_inf_convolution_needs_a_reaction_geometry():
-    with pytest.raises(ValueError, match="jk.Hellinger or jk.MMD"):
+    with pytest.raises(ValueError, match=r"reaction geometry such as jk.Hellinger\(\) or jk.MMD"):
         jk.InfConvolution(jk.Wasserstein())
 
 
