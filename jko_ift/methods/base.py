@@ -217,6 +217,21 @@ class MethodState:
         return MethodState(self.steps, copy.deepcopy(self.rng),
                            {key: copy.copy(value) for key, value in self.warm.items()}, self.cache)
 
+    def without_cache(self) -> MethodState:
+        """This state less its caches (also those of the method states in its warm starts, such
+        as a nested method's): what a finished run keeps (compiled programs and Gibbs operators
+        can take megabytes; a run resumed from it builds them anew)."""
+        warm = {key: value.without_cache() if isinstance(value, MethodState) else value
+                for key, value in self.warm.items()}
+        return MethodState(self.steps, self.rng, warm, {})
+
+    def forget(self) -> None:
+        """Drop the warm starts and caches in place: the state becomes what a run resumed from a
+        file starts with (``from_dict(to_dict())``), so that a run that writes a checkpoint here
+        and its copy resumed from that checkpoint take the same steps, bit for bit."""
+        self.warm.clear()
+        self.cache.clear()
+
     def to_dict(self) -> dict:
         """What a file keeps (JSON-ready): the step counter and the generator's state. Warm
         starts and caches are not kept: a run resumed from a file starts them anew (grid
