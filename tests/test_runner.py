@@ -642,7 +642,8 @@ def _kill_and_check(tmp_path, sig: int, delay: float, reference) -> None:
         assert summary["status"] in ("running", "interrupted")
         if sig in (signal.SIGINT, signal.SIGTERM):
             assert process.returncode == 128 + sig
-            assert_one_clear_message(err, "interrupted" if sig == signal.SIGINT else "terminated (SIGTERM)", "after step", "--resume")
+            verb = "interrupted" if sig == signal.SIGINT else "terminated (SIGTERM)"
+            assert_one_clear_message(err, verb, "after step", "--resume")
             assert len(err.strip().splitlines()) == 1
     assert run(config, out, "--resume") == 0 and status(out) == "complete"
     np.testing.assert_array_equal(weights(jk.load(out / "trajectory.npz")), weights(reference))
