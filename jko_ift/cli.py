@@ -13,7 +13,8 @@ of an error).
 Exit codes (``EXIT_CODES``): 0 success, 1 a JKO step failed (``SolverError``), 2 bad input (the
 command line, the config, an unreadable checkpoint or trajectory file, an output folder that cannot
 take the results or is in use by another run), 3 an internal error (a bug: the message says where
-to report it), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, e.g. by a batch scheduler). No input ends in a Python traceback unless ``-v``.
+to report it), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, e.g. by a batch scheduler).
+No input ends in a Python traceback unless ``-v``.
 
 Subcommands each get a parser (``_add_<name>``) and a runner (``_run_<name>``), so later
 ``run``, ``compare``, ``converge`` and ``sweep`` slot in beside ``demo``.
