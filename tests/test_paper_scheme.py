@@ -218,3 +218,26 @@ def test_exact_weight_step_option_solves_the_weight_qp(experiment):
     theirs = jk.jko_step(experiment.energy, pg.geometry, mu, pg.tau, method=pg.method)
     np.testing.assert_allclose(ours.measure.points, theirs.measure.points, atol=1e-12)
     assert ours.objective < theirs.objective
+
+
+def test_fresh_targets_are_the_runs_state_and_resume_bit_for_bit():
+    """The draws come from the run's generator (MethodState.rng): each solve starts from the
+    seed, and a run stopped early and resumed takes the draws of the run in one."""
+    rng = np.random.default_rng(0)
+    target = jk.Measure(rng.normal(size=(12, 2)), np.full(12, 1 / 12))
+    mu0 = jk.Measure(rng.normal(size=(12, 2)) + 2.0, np.full(12, 1 / 12))
+    scheme = jko_ift.problems.paper_scheme(jk.Gaussian(1.0), 1.0, 12, 0.1, seed=3, target_samples=12,
+                                           fresh_target=lambda count, g: g.normal(size=(count, 2)))
+
+    def run(**kwargs):
+        return jk.solve(jk.MMD2(target, jk.Gaussian(1.0)),
+                        scheme.geometry, mu0, tau=scheme.tau, steps=6, method=scheme.method,
+                        progress=False, **kwargs)
+
+    whole = run()
+    np.testing.assert_array_equal(run().final.points, whole.final.points)  # no reset() needed
+    first = run(callback=lambda report: report.step >= 3)
+    resumed = run(resume=first)
+    np.testing.assert_array_equal(resumed.energies, whole.energies)
+    np.testing.assert_array_equal(resumed.final.points, whole.final.points)
+    np.testing.assert_array_equal(resumed.final.weights, whole.final.weights)
