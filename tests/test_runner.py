@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +160,34 @@ def test_resume_after_a_crash_is_identical_to_an_uninterrupted_run(config, tmp_p
     summary = json.loads((crashed / "summary.json").read_text())
     assert summary["resumed_from_step"] == 2 and summary["steps"] == 5
     assert [s["step"] for s in resumed.stats] == [1, 2, 3, 4, 5]
+
+
+class _Flagged(UserWarning):
+    pass
+
+
+def test_warnings_of_a_resumed_run_keep_their_step_numbers(config, tmp_path, monkeypatch):
+    """A warning raised in every step, before and after a crash: summary.json lists it once, with
+    the count and the first and last steps of the whole run."""
+    real_make = RunSpec.make_method
+
+    class Flagging:
+        def __init__(self, method):
+            self.method = method
+
+        def step(self, *args, **kwargs):
+            warnings.warn("flagged step", _Flagged, stacklevel=2)
+            return self.method.step(*args, **kwargs)
+
+    monkeypatch.setattr(RunSpec, "make_method", lambda self: Flagging(real_make(self)))
+    out = tmp_path / "results"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        crash_after_first_checkpoint(config, out, monkeypatch)
+        assert run(config, out, "--resume") == 0
+    listed = json.loads((out / "summary.json").read_text())["warnings"]
+    assert [(w["category"], w["count"], w["first_step"], w["last_step"]) for w in listed] == [
+        ("_Flagged", 5, 1, 5)]
 
 
 ADAPTIVE_CONFIG = """
