@@ -70,6 +70,8 @@ class RunInterrupted(KeyboardInterrupt):
 class _Terminated(KeyboardInterrupt):
     """Raised by the SIGTERM handler of a run: stops it as Ctrl-C does."""
 
+    exit_code = 128 + signal.SIGTERM
+
 
 def versions() -> dict:
     """Versions of Python and of the libraries a result depends on."""
@@ -315,9 +317,9 @@ def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = N
     every N accepted steps (fixed or adaptive) and at the end, with the run so far and its state
     (the method's counters and random generator, the step-size controller's history);
     ``resume=True`` continues from that checkpoint (same config required) through ``solve``'s
-    ``resume``, so the result is the same, bit for bit, as the uninterrupted run (for methods
-    whose steps do not depend on warm starts, which a checkpoint does not keep). Returns
-    (trajectory, summary).
+    ``resume``, so the result is the same, bit for bit, as the uninterrupted run with the same N
+    (a checkpoint keeps no warm starts or caches, so the running method drops its own at each
+    checkpoint too). Returns (trajectory, summary).
 
     ``progress=True`` shows one bar for the whole run on stderr (steps done of the total, or
     time done of t_final for adaptive runs, with the current time and energy; a resumed run
@@ -437,7 +439,7 @@ def _interrupted(position: _Position, interrupt: KeyboardInterrupt) -> RunInterr
             step, t = max(step, saved[0]), max(t, saved[1])
     terminated = isinstance(interrupt, _Terminated)
     verb = "terminated (SIGTERM)" if terminated else "interrupted"
-    total = (f"of an adaptive run to t = {spec.run.t_final:g}" if spec.adaptive
+    total = (f"of an adaptive run to t_final = {spec.run.t_final:g}" if spec.adaptive
              else f"of {spec.run.steps}")
     where = f"{verb} after step {step} {total} (t = {t:.6g})"
     if saved is not None:

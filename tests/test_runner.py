@@ -772,5 +772,5 @@ def test_ctrl_c_of_an_adaptive_run_says_how_far_it_got(tmp_path, capsys, monkeyp
 
     monkeypatch.setattr(jrun, "save_trajectory", interrupt_at_the_second_checkpoint)
     assert run(config, tmp_path / "results", "--checkpoint-every", "1") == 130
-    assert_one_clear_message(capsys.readouterr().err, "interrupted after step 2 of an adaptive run to t = 2",
-                             "the checkpoint at step 1", "--resume")
+    assert_one_clear_message(capsys.readouterr().err, "interrupted after step 2 of an adaptive run",
+                             "to t_final = 2 (t = ", "the checkpoint at step 1", "--resume")
