@@ -13,7 +13,8 @@ of an error).
 Exit codes (``EXIT_CODES``): 0 success, 1 a JKO step failed (``SolverError``), 2 bad input (the
 command line, the config, an unreadable checkpoint or trajectory file, an output folder that cannot
 take the results or is in use by another run), 3 an internal error (a bug: the message says where
-to report it), 130 interrupted (Ctrl-C). No input ends in a Python traceback unless ``-v``.
+to report it), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM, e.g. by a batch scheduler).
+No input ends in a Python traceback unless ``-v``.
 
 Subcommands each get a parser (``_add_<name>``) and a runner (``_run_<name>``), so later
 ``run``, ``compare``, ``converge`` and ``sweep`` slot in beside ``demo``.
@@ -52,7 +53,8 @@ from .plotting import plot_energy_decay
 __all__ = ["EXIT_CODES", "build_parser", "demo_schemes", "main"]
 
 #: The exit codes of ``jko-ift`` (also in ``jko-ift --help`` and docs/configs.md).
-EXIT_OK, EXIT_STEP_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_STEP_FAILED, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED = (
+    0, 1, 2, 3, 130, 143)
 EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_STEP_FAILED: "a JKO step failed (the message says why and what to change)",
@@ -60,6 +62,7 @@ EXIT_CODES = {
                     "output folder that cannot take the results or is in use by another run",
     EXIT_INTERNAL: "internal error: a bug in jko_ift (rerun with -v for the traceback and report it)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C); the message says where it stopped and how to resume",
+    EXIT_TERMINATED: "terminated (SIGTERM, e.g. a batch scheduler's kill) during a run: as Ctrl-C",
 }
 #: Where an internal error is to be reported.
 REPORT_TO = "the jko_ift issue tracker"
@@ -93,16 +96,16 @@ COMMAND_TEXTS = {
             "back with jk.load) and energy.png (energy against time)."
         ),
         epilog=(
-            "Checkpoints: with --checkpoint-every N the run goes in chunks of N steps and "
-            "replaces checkpoint.npz in the output folder after each chunk (atomically: a crash "
-            "leaves the previous checkpoint intact). After an interruption, the same command with "
-            "--resume continues from it and gives the same result, bit for bit, as an "
-            "uninterrupted run with the same N. Adaptive runs ([run.adaptive]) are checkpointed at "
-            "every N-th time of their [run] save_at. "
+            "Checkpoints: with --checkpoint-every N the run replaces checkpoint.npz in the output "
+            "folder after every N accepted steps (fixed or adaptive) and at its end, atomically (a "
+            "crash leaves the previous checkpoint intact), with the method's and the step-size "
+            "controller's state. After an interruption, the same command with --resume continues "
+            "from it and gives the same result, bit for bit, as an uninterrupted run with the "
+            "same N. "
             "Faults: the folder is checked (writable, free space) and locked before any step; "
             "summary.json says \"status\": \"running\" until the run is complete; a damaged or "
             "altered checkpoint (SHA-256 checksum) is refused by name; Ctrl-C says where the run "
-            "stopped and how to resume. Exit codes: see 'jko-ift --help'."
+            "stopped and how to resume (SIGTERM too, with exit 143). Exit codes: see 'jko-ift --help'."
         ),
     ),
     "converge": dict(
@@ -224,7 +227,7 @@ def _add_run(commands) -> None:
     run.add_argument("--resume", action="store_true",
                      help="continue from the checkpoint in the results folder (the config must be "
                           "the same; without a checkpoint the run starts from the beginning)")
-    _quiet_verbose(run, "each step (time, energy, status, certificate), chunk and checkpoint")
+    _quiet_verbose(run, "each step (time, energy, status, certificate) and checkpoint")
     run.set_defaults(run=_run_run)
 
 
@@ -246,7 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Every error ends in one message on stderr and its exit code, never in a traceback (``-v``
     prints the traceback too): a failed step 1, bad input 2 (``ValueError``, which covers
     ``ConfigError`` and the results files and folders, and ``OSError``: a file that cannot be read
-    or written), Ctrl-C 130 (with where it stopped and how to resume), anything else 3 (a bug).
+    or written), Ctrl-C 130 and SIGTERM during a run 143 (with where it stopped and how to resume),
+    anything else 3 (a bug).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -255,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except KeyboardInterrupt as interrupt:
         print(f"{prefix} {interrupt or 'interrupted'}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return getattr(interrupt, "exit_code", EXIT_INTERRUPTED)
     except SolverError as error:
         return _fail(args, f"{prefix} a JKO step failed: {error}", EXIT_STEP_FAILED)
     except UnicodeDecodeError as error:  # a ValueError that names no file

@@ -83,8 +83,6 @@ PARTICLE_ONLY_TARGET = ("n", "seed")
 #: Energies that need a density (a cell volume): on particles only in 1-D, and only where the
 #: energy itself can evaluate a particle measure (checked on the initial particles).
 DENSITY_ENERGIES = ("entropy", "porous_medium")
-#: Methods that keep the support fixed (they change weights, not points).
-FIXED_SUPPORT_METHODS = ("conic", "entropic")
 RUN_KEYS = ("tau", "steps", "t_final", "adaptive", "save_at", "stop_rate", "stop_energy")
 ADAPTIVE_KEYS = ("rtol", "atol", "distance", "estimate", "tau0", "tau_min", "tau_max", "safety",
                  "shrink", "growth", "pcoeff", "icoeff", "error_order")
@@ -114,6 +112,14 @@ METHODS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "splitting": (Splitting, ()),
     "explicit": (ExplicitEuler, ()),
 }
+
+
+def keeps_support(method_kind: str) -> bool:
+    """Whether the method of ``[method] kind = method_kind`` keeps the points of its measures
+    (changes weights only), as its class declares (``Method.keeps_support``; False for a
+    registered factory that declares nothing)."""
+    factory, _ = METHODS[method_kind]
+    return bool(getattr(factory, "keeps_support", False))
 
 
 def register_method(name: str, factory: Callable, hidden: tuple[str, ...] = ()) -> None:
@@ -701,7 +707,7 @@ def _check_trajectory_memory(run: RunOptions, initial: Measure, method_kind: str
     if run.steps is None:
         return
     kept = run.steps + 1 if run.save_at is None else len(run.save_at) + 1
-    moving = method_kind not in FIXED_SUPPORT_METHODS
+    moving = not keeps_support(method_kind)
     per_measure = initial.n * 8 * (1 + (initial.dim if moving else 0))
     needed, limit = float(kept) * per_measure, available_memory()
     if needed > limit:
@@ -802,7 +808,7 @@ def load_config(source) -> RunSpec:
     else:
         raise ConfigError("geometry", f"missing; give [geometry] with kind one of {_allowed(GEOMETRY_KEYS)}")
     method_kind, method_options = _method(config.get("method", {"kind": "conic"}))
-    if problem.get("support") == "particles" and method_kind in FIXED_SUPPORT_METHODS \
+    if problem.get("support") == "particles" and keeps_support(method_kind) \
             and problem["density_terms"]:
         raise ConfigError("method.kind", f"the {method_kind} method keeps the particles where they are "
                           f"and needs a cell volume for {', '.join(problem['density_terms'])}, which a "

@@ -19,6 +19,7 @@ from .energies import MMD2, Energy, Entropy, PorousMedium, Potential, line_terms
 from .geometries import IFT, MMD, WFR, Geometry, Wasserstein
 from .kernels import Gaussian, Kernel
 from .measures import Grid, Measure
+from .methods.base import Method, MethodState
 from .methods.options import positive
 
 #: The paper's 2-D mixture target (Gladin et al. 2024, section 5): equal weights.
@@ -386,8 +387,8 @@ class PaperScheme:
         return iter((self.method, self.geometry, self.tau))
 
 
-@dataclass(eq=False)
-class PaperMethod:
+@dataclass(frozen=True, eq=False)
+class PaperMethod(Method):
     """The method of a ``paper_scheme``: ``inner`` takes the steps; this wrapper checks that
     the particles are the n of mass M the step sizes were mapped for, and with
     ``sample_target`` redraws the target of F before every step, as the authors' code does.
@@ -397,41 +398,52 @@ class PaperMethod:
     ``sample_target(target_samples, rng)`` (mass of pi_test), one draw per step shared by the
     position and weight updates; F itself stays one immutable energy and the StepResult's
     energy and objective are evaluated with it, so ``Trajectory.energies`` is
-    1/2 MMD^2(mu^k, pi_test), the authors' loss on their fixed test samples. The generator is
-    seeded by ``seed`` and owned by the object (like ExplicitEuler's noise): one object per
-    run, or ``reset()``. Every call of ``step`` draws, so use fixed steps, not a controller.
+    1/2 MMD^2(mu^k, pi_test), the authors' loss on their fixed test samples. The generator,
+    seeded by ``seed``, is the run's state (``MethodState.rng``, with ``inner``'s state among its
+    warm starts): every ``jk.solve`` starts from the seed, and a resumed run continues the draws;
+    ``step`` uses the object's own state, which ``reset()`` restarts. Every step draws, so use
+    fixed steps, not a controller.
     """
 
+    keeps_support = False  # the particles move
     inner: object
     n_particles: int
     mass: float
     sample_target: TargetSampler | None = None
     target_samples: int | None = None
     seed: int | None = None
-    steps_taken: int = field(default=0, init=False)
-    _rng: np.random.Generator = field(init=False, repr=False)
 
     def __post_init__(self):
         if self.sample_target is not None and not callable(self.sample_target):
             raise ValueError(f"sample_target must be a callable (count, rng) -> points (count, d), "
                              f"got {self.sample_target!r}")
-        self.reset()
 
-    def reset(self) -> None:
-        """Restart the step counter and the generators (of this object and of ``inner``)."""
-        self.steps_taken = 0
-        self._rng = np.random.default_rng(self.seed)
-        if hasattr(self.inner, "reset"):
-            self.inner.reset()
+    @property
+    def local_error_order(self) -> float:
+        return getattr(self.inner, "local_error_order", 2)
 
-    def step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float, throw: bool = True):
+    @property
+    def steps_taken(self) -> int:
+        """Steps taken by ``step`` since the last ``reset()``."""
+        state = self.__dict__.get("_default_state")
+        return 0 if state is None else state.steps
+
+    def init_state(self, F=None, geometry=None, mu0=None) -> MethodState:
+        """A run's state: step counter 0, a generator seeded by ``seed``, ``inner``'s own state."""
+        inner = self.inner.init_state(F, geometry, mu0) if isinstance(self.inner, Method) else None
+        return MethodState(rng=np.random.default_rng(self.seed), warm={"inner": inner})
+
+    def _step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float, state: MethodState,
+              throw: bool = True):
         self._check_particles(mu)
-        self.steps_taken += 1
-        if self.sample_target is None:
-            return self.inner.step(F, geometry, mu, tau, throw=throw)
-        drawn = self._drawn_energy(F, mu)
-        result = self.inner.step(drawn, geometry, mu, tau, throw=throw)
-        if result.measure is None:
+        state.steps += 1
+        drawn = F if self.sample_target is None else self._drawn_energy(F, mu, state.rng)
+        inner = state.warm.get("inner")
+        if inner is None:  # an inner method without the protocol keeps its own state
+            result = self.inner.step(drawn, geometry, mu, tau, throw=throw)
+        else:
+            result, state.warm["inner"] = self.inner.advance(drawn, geometry, mu, tau, inner, throw=throw)
+        if self.sample_target is None or result.measure is None:
             return result
         energy = F.value(result.measure)
         return replace(result, energy=energy, objective=energy + result.distance_sq / (2 * float(tau)),
@@ -443,12 +455,12 @@ class PaperMethod:
                              f"{self.mass:g} (tau alpha = 2 lr M / n), got {mu.n} of mass {mu.mass:.6g}; "
                              "build it with paper_scheme(kernel, lr, n_particles=mu.n, mass=mu.mass)")
 
-    def _drawn_energy(self, F: Energy, mu: Measure) -> MMD2:
+    def _drawn_energy(self, F: Energy, mu: Measure, rng: np.random.Generator) -> MMD2:
         if not isinstance(F, MMD2):
             raise ValueError(f"fresh target samples replace the target of jk.MMD2(target, kernel); "
                              f"got {type(F).__name__}")
         count = self.n_particles if self.target_samples is None else int(self.target_samples)
-        points = np.asarray(self.sample_target(count, self._rng), dtype=float)
+        points = np.asarray(self.sample_target(count, rng), dtype=float)
         if points.shape != (count, mu.dim):
             raise ValueError(f"sample_target(count, rng) must return points of shape ({count}, "
                              f"{mu.dim}), got {points.shape}")

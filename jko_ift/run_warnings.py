@@ -52,13 +52,17 @@ class WarningLog:
         A cause raised several times within one step counts once for that step."""
         for message in caught:
             text = str(message.message)
-            key = (message.category, _NUMBER.sub("#", text))
+            # keyed by the category's name, as the causes of a saved run are (``extend``)
+            key = (_name(message.category), _NUMBER.sub("#", text))
             entry = self._entries.get(key)
             if entry is None:
                 self._entries[key] = {"category": message.category, "message": text, "count": 1,
                                       "first_step": step, "last_step": step,
                                       "where": (message.filename, message.lineno)}
-            elif entry["last_step"] != step:
+                continue
+            if isinstance(entry["category"], str):  # a saved run's cause met again: warnable
+                entry.update(category=message.category, where=(message.filename, message.lineno))
+            if entry["last_step"] != step:
                 entry["count"] += 1
                 entry["last_step"] = step
 

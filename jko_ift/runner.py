@@ -1,10 +1,12 @@
-"""Running a checked config into a results folder: chunks, checkpoints, resume and the summary.
+"""Running a checked config into a results folder: checkpoints, resume and the summary.
 
 ``run_config`` reads nothing and computes nothing itself: the config was read and checked by
-``config.load_config``, the steps are ``jk.solve``'s, and every file is written by ``io``
-(atomically, with checksums) and ``plotting``. What lives here is the bookkeeping of one run:
-the chunks between checkpoints, the state a resumed run continues from, the run's warnings
-merged across chunks, and ``summary.json``'s status (running, complete, interrupted, failed).
+``config.load_config``, the steps are one ``jk.solve`` call (its ``callback`` moves the progress
+bar and writes the checkpoints, its ``resume`` continues a checkpoint with the method's and the
+controller's state), and every file is written by ``io`` (atomically, with checksums) and
+``plotting``. What lives here is the bookkeeping of one run: where it stands for an interrupt's
+message (Ctrl-C or SIGTERM), and ``summary.json``'s status (running, complete, interrupted,
+failed).
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from .config import FIXED_SUPPORT_METHODS
+from .config import keeps_support
 from .io import (
     ResultsFileError,
     ResultsFolderError,
@@ -31,8 +35,7 @@ from .io import (
     write_json_atomic,
 )
 from .plotting import plot_energy
-from .run_warnings import WarningLog
-from .solve import Trajectory, solve
+from .solve import RunState, Trajectory
 
 __all__ = ["CHECKPOINT_FILE", "ENERGY_FIGURE", "SUMMARY_FILE", "TRAJECTORY_FILE", "RunInterrupted",
            "estimated_bytes", "run_config", "versions"]
@@ -49,15 +52,25 @@ RESULT_FILES = (TRAJECTORY_FILE, ENERGY_FIGURE)
 #: summary.json holds per step its time, energy, tau, wall time, status, certificate and the
 #: step's stats: about 300 to 500 bytes (measured on the example configs); twice that, to be safe.
 SUMMARY_BYTES_PER_STEP = 1000
+#: Relative slack of "the run reached t_final" (as ``jk.solve``'s).
+TIME_RTOL = 1e-9
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """A run stopped by Ctrl-C (``KeyboardInterrupt``); the message says where it stopped and how
-    to resume. ``steps_done`` and ``time`` are the last completed step and its time."""
+    """A run stopped by Ctrl-C (SIGINT) or SIGTERM; the message says where it stopped and how to
+    resume. ``steps_done`` and ``time`` are the last completed step and its time; ``exit_code``
+    is 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM), as shells report it."""
 
-    def __init__(self, message: str, steps_done: int, time: float):
+    def __init__(self, message: str, steps_done: int, time: float, signal_number: int = signal.SIGINT):
         super().__init__(message)
         self.steps_done, self.time = steps_done, time
+        self.exit_code = 128 + int(signal_number)
+
+
+class _Terminated(KeyboardInterrupt):
+    """Raised by the SIGTERM handler of a run: stops it as Ctrl-C does."""
+
+    exit_code = 128 + signal.SIGTERM
 
 
 def versions() -> dict:
@@ -73,54 +86,28 @@ def versions() -> dict:
             "cvxpy": cvxpy.__version__, "POT": ot.__version__, "python": platform.python_version()}
 
 
-# ---------------------------------------------------------------------------- the run's state
+# ---------------------------------------------------------------------------- where the run stands
 
 @dataclasses.dataclass
-class _RunState:
-    """Everything a run has produced so far (mutable: the chunks append to it).
+class _Position:
+    """Where a run in ``out`` stands (mutable: the steps move it), for the checkpoints and an
+    interrupt's message: ``previous`` is the checkpoint's run it resumes (None: a fresh run),
+    ``step`` and ``t`` the last accepted step and its time, ``checkpoint`` the last checkpoint's
+    (step, t) or None."""
 
-    ``times``, ``measures`` and ``energies`` hold every state from the start (k + 1 of them after
-    k steps), ``stats`` every step's stats with steps counted from the start of the run, ``log``
-    the warnings of every chunk. ``position`` is where the run is for an interrupt's message: the
-    last completed step, its time and the last checkpoint's (step, time), or None.
-    """
-
-    times: list
-    measures: list
-    energies: list
-    stats: list
-    log: WarningLog
+    spec: object
+    out: Path
     checkpoint_every: int | None
-    done: int = 0
-    stop_reason: str | None = None
+    previous: Trajectory | None = None
     resumed_from: int | None = None
-    position: dict = dataclasses.field(default_factory=dict)
-
-    def trajectory(self, stop_reason=None) -> Trajectory:
-        """Every state so far as a ``Trajectory``."""
-        return Trajectory(np.array(self.times), self.measures, np.array(self.energies), self.stats,
-                          stop_reason, self.log.warnings())
-
-    def extend(self, part: Trajectory, times, stats) -> None:
-        """Append a chunk ``part`` (its states after the first) at ``times``, with ``stats``."""
-        self.times.extend(times)
-        self.measures.extend(part.measures[1:])
-        self.energies.extend(part.energies[1:].tolist())
-        self.stats.extend(stats)
-        self.log.extend(part.warnings, self.done)
-
-    def accepted_taus(self) -> list:
-        return [s["tau"] for s in self.stats if s.get("accepted", True)]
+    step: int = 0
+    t: float = 0.0
+    checkpoint: tuple | None = None
 
 
-def _fresh_state(spec, checkpoint_every: int | None) -> _RunState:
-    return _RunState([0.0], [spec.initial], [spec.energy.value(spec.initial)], [], WarningLog(),
-                     checkpoint_every)
-
-
-def _resumed_state(spec, out: Path, checkpoint_every: int | None) -> _RunState:
-    """The state saved in ``out``'s checkpoint, checked against ``spec`` (same config digest, a
-    step count that agrees with the states it holds, a matching checksum)."""
+def _resumed(spec, out: Path, checkpoint_every: int | None) -> _Position:
+    """The run saved in ``out``'s checkpoint, checked against ``spec`` (same config digest, a
+    step count that agrees with the states it holds, a matching checksum, a readable state)."""
     checkpoint = out / CHECKPOINT_FILE
     advice = CHECKPOINT_ADVICE.format(checkpoint=checkpoint)
     metadata = read_metadata(checkpoint, advice, require_checksum=True)
@@ -128,212 +115,119 @@ def _resumed_state(spec, out: Path, checkpoint_every: int | None) -> _RunState:
         raise ValueError(f"the checkpoint in {out} belongs to another config (its config differs "
                          "from this one); resume with the same config, or run without --resume")
     saved = load(checkpoint, advice, require_checksum=True)
-    done, stop_reason = _checkpoint_position(metadata, saved, checkpoint, advice)
-    if checkpoint_every != metadata["checkpoint_every"]:
-        logger.info("resuming with the checkpoint interval of the interrupted run, %s steps "
-                    "(the chunks decide the result bit for bit)", metadata["checkpoint_every"])
-    log = WarningLog()
-    log.extend(saved.warnings)
-    state = _RunState(list(saved.times), list(saved.measures), list(saved.energies), list(saved.stats),
-                      log, metadata["checkpoint_every"], done, stop_reason, resumed_from=done)
-    logger.info("resuming %s from step %d (t = %.6g)", out, done, state.times[-1])
-    return state
+    done = _checkpoint_position(metadata, saved, checkpoint, advice)
+    try:
+        state = RunState.from_record(metadata["run_state"], metadata["run_state_arrays"], saved.final)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as error:
+        raise ResultsFileError(f"{checkpoint} holds no readable run state ({type(error).__name__}: "
+                               f"{error}); {advice}") from None
+    previous = dataclasses.replace(saved, state=state, stop_reason=metadata.get("stop_reason") or "running")
+    every = metadata["checkpoint_every"] if checkpoint_every is None else checkpoint_every
+    t = float(state.t)
+    logger.info("resuming %s from step %d (t = %.6g)", out, done, t)
+    return _Position(spec, out, every, previous, done, done, t, (done, t))
 
 
-def _checkpoint_position(metadata: Mapping, saved, checkpoint: Path, advice: str) -> tuple:
-    """(steps done, stop reason) of a checkpoint, checked against the states it holds."""
-    done, stop_reason = metadata.get("steps_done"), metadata.get("stop_reason")
+def _checkpoint_position(metadata: Mapping, saved, checkpoint: Path, advice: str) -> int:
+    """The steps done of a checkpoint, checked against the states it holds."""
+    done = metadata.get("steps_done")
     accepted = sum(1 for s in saved.stats if s.get("accepted", True))
     if not isinstance(done, int) or isinstance(done, bool) or done != accepted or done < 0 \
             or "checkpoint_every" not in metadata:
         raise ResultsFileError(f"{checkpoint} is inconsistent: it says {done!r} steps were done but holds "
                                f"{accepted} accepted steps; {advice}")
-    return done, stop_reason
+    return done
 
 
-def _start(spec, out: Path, resume: bool, checkpoint_every: int | None) -> _RunState:
-    """The state the run starts from: its checkpoint when resuming (if there is one), else the
-    initial measure (and an old checkpoint is removed: it must not be resumed into a fresh run)."""
+def _start(spec, out: Path, resume: bool, checkpoint_every: int | None) -> _Position:
+    """Where the run starts: its checkpoint when resuming (if there is one), else the initial
+    measure (and an old checkpoint is removed: it must not be resumed into a fresh run)."""
     checkpoint = out / CHECKPOINT_FILE
     if resume and checkpoint.exists():
-        state = _resumed_state(spec, out, checkpoint_every)
-    else:
-        if resume:
-            logger.warning("no checkpoint in %s: starting from the beginning", out)
-        elif checkpoint.exists():
-            checkpoint.unlink()
-        state = _fresh_state(spec, checkpoint_every)
-    state.position = {"step": state.done, "t": state.times[-1],
-                      "checkpoint": (state.done, state.times[-1]) if state.resumed_from is not None else None}
-    return state
+        return _resumed(spec, out, checkpoint_every)
+    if resume:
+        logger.warning("no checkpoint in %s: starting from the beginning", out)
+    elif checkpoint.exists():
+        checkpoint.unlink()
+    return _Position(spec, out, checkpoint_every)
 
 
-def _write_checkpoint(spec, out: Path, state: _RunState) -> None:
-    """Replace ``out``'s checkpoint by every state so far (atomically, with its checksum)."""
-    checkpoint = out / CHECKPOINT_FILE
-    save_trajectory(checkpoint, state.trajectory(state.stop_reason or "running"),
-                    metadata={"digest": spec.digest, "steps_done": state.done, "time": state.times[-1],
-                              "checkpoint_every": state.checkpoint_every, "stop_reason": state.stop_reason})
-    state.position.update(step=state.done, t=state.times[-1], checkpoint=(state.done, state.times[-1]))
-    logger.debug("checkpoint at step %d written to %s (t = %.6g)", state.done, checkpoint, state.times[-1])
+def _write_checkpoint(position: _Position, trajectory: Trajectory) -> None:
+    """Replace the checkpoint by ``trajectory`` (the run so far, with its state: the method's
+    counters and generator, the controller's history), atomically, with its checksum."""
+    meta, arrays = trajectory.state.to_record()
+    done = len(trajectory.taus)
+    stop_reason = None if trajectory.stop_reason == "running" else trajectory.stop_reason
+    checkpoint = position.out / CHECKPOINT_FILE
+    save_trajectory(checkpoint, trajectory, {
+        "digest": position.spec.digest, "steps_done": done, "time": trajectory.state.t,
+        "checkpoint_every": position.checkpoint_every, "stop_reason": stop_reason,
+        "run_state": meta, "run_state_arrays": {key: value.tolist() for key, value in arrays.items()}})
+    position.checkpoint = (done, trajectory.state.t)
+    logger.debug("checkpoint at step %d written to %s (t = %.6g)", done, checkpoint, trajectory.state.t)
 
 
 # ---------------------------------------------------------------------------- the steps
 
-def _run_adaptive_whole(spec, state: _RunState, progress: bool) -> None:
-    """An adaptive run without checkpoints: one ``jk.solve``, with its own progress bar."""
-    trajectory = spec.solve(progress=progress)
-    state.times, state.measures = list(trajectory.times), list(trajectory.measures)
-    state.energies, state.stats = list(trajectory.energies), list(trajectory.stats)
-    state.log.extend(trajectory.warnings)
-    state.stop_reason = trajectory.stop_reason
-    state.done = len(trajectory.taus)
-
-
-def _adaptive_chunk_ends(run, checkpoint_every: int) -> list[float]:
-    """The ends of an adaptive run's chunks: every N-th save time, and t_final."""
-    saves = np.asarray(run.save_at, float)
-    ends = [float(t) for t in saves[checkpoint_every - 1::checkpoint_every]]
-    return [t for t in ends if t < run.t_final * (1 - 1e-12)] + [run.t_final]
-
-
-def _run_adaptive_chunks(spec, out: Path, state: _RunState, progress: bool) -> None:
-    """An adaptive run in chunks ending at every N-th save time, each one ``jk.solve`` whose
-    controller starts from the last accepted tau of the chunk before, with a checkpoint after it.
-    A resumed run takes the same chunks, so the result is the same, bit for bit, as the
-    uninterrupted run with the same N."""
-    run = spec.run
-    saves = np.asarray(run.save_at, float)
-    bar = _time_bar(spec, run.t_final, state.times[-1], state.energies[-1], progress)
+def _take_steps(position: _Position, progress: bool) -> Trajectory:
+    """The run's steps from ``position`` on: one ``jk.solve`` of the whole run (resuming the
+    checkpoint's, if any), then its last checkpoint. A fixed-step run keeps every state (the
+    summary lists them; ``save_at`` picks the saved ones afterwards); an adaptive run lands on
+    its save times."""
+    spec, previous = position.spec, position.previous
+    if previous is not None and previous.stop_reason != "running":
+        return previous  # the checkpoint is of a run that ended
+    bar = _bar(spec, position, progress)
     try:
-        for end in _adaptive_chunk_ends(run, state.checkpoint_every):
-            start_t = state.times[-1]
-            if state.stop_reason is not None or end <= start_t * (1 + 1e-12):
-                continue
-            taus = state.accepted_taus()
-            controller = run.controller if not taus else dataclasses.replace(run.controller, tau0=taus[-1])
-            chunk_saves = [t - start_t for t in saves if start_t < t < end] + [end - start_t]
-            part = solve(spec.energy, spec.geometry, state.measures[-1], t_final=end - start_t,
-                         method=spec.make_method(), controller=controller, save_at=chunk_saves,
-                         stop_rate=run.stop_rate, stop_energy=run.stop_energy, progress=False)
-            state.extend(part, [start_t + t for t in part.times[1:]],
-                         [dict(s, step=state.done + s["step"], t=start_t + s["t"]) for s in part.stats])
-            state.done += len(part.taus)
-            if part.stop_reason != "t_final":
-                state.stop_reason = part.stop_reason
-            elif end >= run.t_final:
-                state.stop_reason = "t_final"
-            bar.update(state.times[-1] - start_t)
-            bar.set_postfix_str(f"energy={state.energies[-1]:.4g}", refresh=False)
-            _write_checkpoint(spec, out, state)
+        trajectory = spec.solve(progress=False, callback=_reporter(position, bar), resume=previous,
+                                **({} if spec.adaptive else {"save_at": None}))
     finally:
         bar.close()
+    if position.checkpoint_every is not None:
+        _write_checkpoint(position, trajectory)
+    return trajectory
 
 
-def _step_reporter(state: _RunState, bar, tau: float, total: int, counter: dict) -> Callable:
-    """``on_step(result, tau)`` of a fixed-step run: moves the bar, the position and the log."""
-    def on_step(result, _tau):
-        counter["step"] += 1
-        t = counter["step"] * tau
-        state.position.update(step=counter["step"], t=t)
-        energy = "-" if result.energy is None else f"{result.energy:.4g}"
-        bar.set_postfix_str(f"t={t:.4g}, energy={energy}", refresh=False)
-        bar.update(1)
-        logger.debug("step %d of %d: t = %.6g, energy %s, status %s, certificate %s",
-                     counter["step"], total, t, energy, result.status, f"{result.certificate:.2g}")
+def _reporter(position: _Position, bar):
+    """``solve``'s callback: the bar, the position, the log, and a checkpoint every
+    ``checkpoint_every`` accepted steps (the last one is written when the run ends)."""
+    every = position.checkpoint_every
+
+    def on_step(report) -> bool:
+        position.step, position.t = report.step, report.t
+        bar.update(1 if report.steps is not None else report.tau)
+        bar.set_postfix_str(f"t={report.t:.4g}, energy={report.energy:.4g}", refresh=False)
+        of = f" of {report.steps}" if report.steps is not None else ""
+        logger.debug("step %d%s: t = %.6g, energy %.6g, status %s, certificate %s", report.step, of,
+                     report.t, report.energy, report.record.get("status"),
+                     f"{report.record.get('certificate', float('nan')):.2g}")
+        last = report.t >= report.t_final * (1 - TIME_RTOL)
+        if every is not None and report.step % every == 0 and not last:
+            snapshot = report.trajectory()
+            _write_checkpoint(position, snapshot)
+            if snapshot.state.method is not None:  # the run's own state: from here on the run
+                snapshot.state.method.forget()     # steps as its copy resumed from the file
+        return False
     return on_step
 
 
-def _run_fixed_chunks(spec, out: Path, state: _RunState, progress: bool) -> None:
-    """A fixed-step run in chunks of N steps (one chunk without checkpoints), each one
-    ``jk.solve`` from the last measure with a fresh method, with a checkpoint after it."""
-    run = spec.run
-    tau, total = run.tau, run.steps
-    chunk = state.checkpoint_every or total
-    bar = _run_bar(spec, total, state.done, state.times[-1], state.energies[-1], progress)
-    counter = {"step": state.done}
-    on_step = _step_reporter(state, bar, tau, total, counter)
-    try:
-        while state.done < total and state.stop_reason is None:
-            done = state.done
-            steps = min(chunk, total - done)
-            logger.debug("steps %d to %d of %d (tau = %g)", done + 1, done + steps, total, tau)
-            counter["step"] = done
-            part = solve(spec.energy, spec.geometry, state.measures[-1], tau=tau, steps=steps,
-                         method=_ReportingMethod(spec.make_method(), on_step),
-                         stop_rate=run.stop_rate, stop_energy=run.stop_energy, progress=False)
-            taken = len(part.measures) - 1
-            state.extend(part, [(done + j) * tau for j in range(1, taken + 1)],
-                         [dict(s, step=done + s["step"]) for s in part.stats])
-            state.done += taken
-            if part.stop_reason != "steps":
-                state.stop_reason = part.stop_reason
-            elif state.done >= total:
-                state.stop_reason = "steps"
-            if state.checkpoint_every is not None:
-                _write_checkpoint(spec, out, state)
-    finally:
-        bar.close()
+def _bar(spec, position: _Position, progress: bool):
+    """The one progress bar of a run on stderr (disabled without ``progress``): steps done of the
+    total for fixed steps, time done of t_final for adaptive ones; a resumed run's starts at its
+    checkpoint."""
+    from tqdm.auto import tqdm
 
-
-def _run_steps(spec, out: Path, state: _RunState, progress: bool) -> None:
-    """Take the run's steps from ``state`` on, the way its config and checkpoints ask."""
-    if spec.adaptive and state.checkpoint_every is None:
-        _run_adaptive_whole(spec, state, progress)
-    elif spec.adaptive:
-        _run_adaptive_chunks(spec, out, state, progress)
+    label = f"{spec.method_kind} {type(spec.geometry).__name__}"
+    previous = position.previous
+    energy = spec.energy.value(spec.initial) if previous is None else float(previous.state.energy)
+    if spec.adaptive:
+        bar = tqdm(total=spec.run.t_final, initial=position.t, disable=not progress, desc=label,
+                   unit="time", dynamic_ncols=True,
+                   bar_format="{l_bar}{bar}| t={n:.4g}/{total:.4g} [{elapsed}<{remaining}{postfix}]")
     else:
-        _run_fixed_chunks(spec, out, state, progress)
-
-
-class _ReportingMethod:
-    """A method that hands every step it takes to ``on_step(result, tau)`` (a progress bar, the
-    log) and returns the result unchanged: the run is the same, bit for bit.
-
-    ``jk.solve`` calls ``method.step`` once per fixed step; everything else is the wrapped
-    method's (attributes, ``repr``, and ``isinstance`` through ``__class__``, so that code that
-    dispatches on the method's class sees the method itself).
-    """
-
-    def __init__(self, method, on_step: Callable):
-        self._method, self._on_step = method, on_step
-
-    def step(self, F, geometry, mu, tau, throw: bool = True):
-        result = self._method.step(F, geometry, mu, tau, throw=throw)
-        self._on_step(result, tau)
-        return result
-
-    @property
-    def __class__(self):  # isinstance(reporting, ConicJKO) is True when it wraps a ConicJKO
-        return type(self._method)
-
-    def __getattr__(self, name):
-        return getattr(self._method, name)
-
-    def __repr__(self) -> str:
-        return repr(self._method)
-
-
-def _run_bar(spec, total: int, done: int, t: float, energy: float, progress: bool):
-    """The one progress bar of a fixed-step run (tqdm on stderr; disabled without progress)."""
-    from tqdm.auto import tqdm
-
-    label = f"{spec.method_kind} {type(spec.geometry).__name__}"
-    bar = tqdm(total=total, initial=done, disable=not progress, desc=label, unit="step",
-               dynamic_ncols=True)
-    bar.set_postfix_str(f"t={t:.4g}, energy={energy:.4g}", refresh=False)
-    return bar
-
-
-def _time_bar(spec, total_time: float, t: float, energy: float, progress: bool):
-    """The one progress bar of an adaptive run in chunks: time done of t_final."""
-    from tqdm.auto import tqdm
-
-    label = f"{spec.method_kind} {type(spec.geometry).__name__}"
-    bar = tqdm(total=total_time, initial=t, disable=not progress, desc=label, unit="time",
-               dynamic_ncols=True,
-               bar_format="{l_bar}{bar}| t={n:.4g}/{total:.4g} [{elapsed}<{remaining}{postfix}]")
-    bar.set_postfix_str(f"energy={energy:.4g}", refresh=False)
+        bar = tqdm(total=spec.run.steps, initial=position.step, disable=not progress, desc=label,
+                   unit="step", dynamic_ncols=True)
+    bar.set_postfix_str(f"t={position.t:.4g}, energy={energy:.4g}", refresh=False)
     return bar
 
 
@@ -349,9 +243,10 @@ def _kept(times: np.ndarray, save_at, total_time: float) -> np.ndarray:
     return np.flatnonzero(keep)
 
 
-def _summary(spec, state: _RunState, wall_time: float) -> dict:
+def _summary(position: _Position, run: Trajectory, wall_time: float) -> dict:
     """summary.json of a complete run: the config, versions, per-step lists, warnings, stats."""
-    accepted = [s for s in state.stats if s.get("accepted", True)]
+    spec = position.spec
+    accepted = [s for s in run.stats if s.get("accepted", True)]
     return {
         "status": "complete",
         "command": "run",
@@ -362,49 +257,51 @@ def _summary(spec, state: _RunState, wall_time: float) -> dict:
         "geometry": repr(spec.geometry),
         "method": {"kind": spec.method_kind, "options": spec.method_options},
         "versions": versions(),
-        "stop_reason": state.stop_reason,
-        "steps": state.done,
-        "final_time": state.times[-1],
-        "final_energy": state.energies[-1],
-        "checkpoint_every": state.checkpoint_every,
-        "resumed_from_step": state.resumed_from,
+        "stop_reason": run.stop_reason,
+        "steps": len(accepted),
+        "final_time": float(run.times[-1]),
+        "final_energy": float(run.energies[-1]),
+        "checkpoint_every": position.checkpoint_every,
+        "resumed_from_step": position.resumed_from,
         "wall_time": wall_time,
         "per_step": {
-            "times": state.times, "energies": state.energies,
+            "times": run.times.tolist(), "energies": run.energies.tolist(),
             "tau": [s["tau"] for s in accepted],
             "wall_time": [s.get("wall_time") for s in accepted],
             "status": [s.get("status") for s in accepted],
             "certificate": [s.get("certificate") for s in accepted],
         },
-        "warnings": [w.to_dict() for w in state.log.warnings()],
-        "stats": state.stats,
+        "warnings": [w.to_dict() for w in run.warnings],
+        "stats": run.stats,
     }
 
 
-def _saved_trajectory(spec, state: _RunState) -> Trajectory:
+def _saved_trajectory(spec, run: Trajectory) -> Trajectory:
     """The states the config asks to save (the start, its save_at times and the last)."""
-    times = np.array(state.times)
-    kept = _kept(times, spec.run.save_at, float(times[-1]))
-    return Trajectory(times[kept], [state.measures[i] for i in kept], np.array(state.energies)[kept],
-                      state.stats, state.stop_reason, state.log.warnings())
+    kept = _kept(run.times, spec.run.save_at, float(run.times[-1]))
+    return Trajectory(run.times[kept], [run.measures[i] for i in kept], run.energies[kept],
+                      run.stats, run.stop_reason, run.warnings)
 
 
-def _write_results(spec, out: Path, state: _RunState, trajectory: Trajectory, summary: dict) -> None:
+def _write_results(position: _Position, run: Trajectory, summary: dict) -> Trajectory:
     """trajectory.npz, energy.png, then summary.json: until it says "complete", the folder's
-    results are not. A full disk says what was kept; Ctrl-C says how to resume."""
+    results are not. A full disk says what was kept; an interrupt says how to resume."""
+    spec, out = position.spec, position.out
     label = spec.name or (Path(spec.source).stem if spec.source else "config")
     title = f"{label}: {type(spec.geometry).__name__}, {spec.method_kind}"
+    trajectory = _saved_trajectory(spec, run)
     try:
-        save_trajectory(out / TRAJECTORY_FILE, trajectory, metadata={"digest": spec.digest})
-        plot_energy(state.trajectory(state.stop_reason), out / ENERGY_FIGURE, title=title)
+        save_trajectory(out / TRAJECTORY_FILE, trajectory, {"digest": spec.digest})
+        plot_energy(run, out / ENERGY_FIGURE, title=title)
         write_json_atomic(out / SUMMARY_FILE, summary)
-    except KeyboardInterrupt:
-        raise _interrupted(spec, out, state) from None
+    except KeyboardInterrupt as interrupt:
+        raise _interrupted(position, interrupt) from None
     except OSError as error:
-        kept = (f"the checkpoint at step {state.done} is kept: free space, then run again with --resume"
-                if state.checkpoint_every is not None else "nothing was saved")
+        kept = (f"the checkpoint at step {summary['steps']} is kept: free space, then run again with "
+                "--resume" if position.checkpoint_every is not None else "nothing was saved")
         raise ResultsFolderError(f"the run finished but its results could not be written into {out} "
                                  f"({error.strerror or error}); {kept}") from None
+    return trajectory
 
 
 # ---------------------------------------------------------------------------- the run
@@ -415,18 +312,19 @@ def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = N
 
     Writes ``summary.json`` (the config, library versions, per-step energies, timings and
     statuses, the stop reason, the run's warnings with their counts), ``trajectory.npz``
-    (``jk.load`` reads it) and ``energy.png``, each atomically. With ``checkpoint_every = N``
-    the run goes in chunks of N steps (an adaptive run: up to every N-th of its save times, each
-    chunk's controller starting from the last accepted tau), each one a ``jk.solve`` from the
-    last measure with a fresh method object, and after each chunk ``checkpoint.npz`` is replaced
-    atomically; ``resume=True`` continues from that checkpoint (same config required) in the
-    same chunks, so the result is the same, bit for bit, as the uninterrupted run with the same
-    N. Returns (trajectory, summary).
+    (``jk.load`` reads it) and ``energy.png``, each atomically. The run is one ``jk.solve``;
+    with ``checkpoint_every = N`` its callback replaces ``checkpoint.npz`` atomically after
+    every N accepted steps (fixed or adaptive) and at the end, with the run so far and its state
+    (the method's counters and random generator, the step-size controller's history);
+    ``resume=True`` continues from that checkpoint (same config required) through ``solve``'s
+    ``resume``, so the result is the same, bit for bit, as the uninterrupted run with the same N
+    (a checkpoint keeps no warm starts or caches, so the running method drops its own at each
+    checkpoint too). Returns (trajectory, summary).
 
-    ``progress=True`` shows one bar for the whole run on stderr (steps done of the total, ETA,
-    the current time and energy; a resumed run starts at its checkpoint's step), whatever the
-    chunks; adaptive runs show ``jk.solve``'s bar (time done of t_final). Details (each step,
-    chunk and checkpoint) go to the ``jko_ift.runner`` logger at DEBUG level.
+    ``progress=True`` shows one bar for the whole run on stderr (steps done of the total, or
+    time done of t_final for adaptive runs, with the current time and energy; a resumed run
+    starts at its checkpoint). Details (each step and checkpoint) go to the ``jko_ift.runner``
+    logger at DEBUG level.
 
     Faults: the folder is checked for writability and free space before any step
     (``ResultsFolderError``), and locked for the run (``folder_lock``: a second run into it gets
@@ -434,29 +332,28 @@ def run_config(spec, out, resume: bool = False, checkpoint_every: int | None = N
     results in the folder are removed then), and ``"complete"``, ``"interrupted"`` or ``"failed"``
     at the end, so a killed run never leaves complete-looking results. A checkpoint that is
     truncated, corrupted or altered (its SHA-256 checksum does not match) is refused with
-    ``ResultsFileError``. Ctrl-C raises ``RunInterrupted`` saying where the run stopped and how to
-    resume.
+    ``ResultsFileError``. Ctrl-C, or SIGTERM (a batch scheduler's kill) in the main thread,
+    raises ``RunInterrupted`` saying where the run stopped and how to resume.
     """
     if checkpoint_every is not None and (int(checkpoint_every) != checkpoint_every or checkpoint_every < 1):
         raise ValueError("checkpoint_every must be a positive whole number of steps, "
                          f"got {checkpoint_every!r}")
-    if spec.adaptive and checkpoint_every is not None and spec.run.save_at is None:
-        raise ValueError("an adaptive run ([run.adaptive]) writes its checkpoints at its save times; "
-                         "add [run] save_at = [...] to the config, or run without --checkpoint-every")
     out = check_writable(out, needed_bytes=estimated_bytes(spec, checkpoint_every))
-    with folder_lock(out, {"command": "run", "config_file": spec.source, "digest": spec.digest}):
+    with folder_lock(out, {"command": "run", "config_file": spec.source, "digest": spec.digest}), \
+            _sigterm_interrupts():
         return _run_in_folder(spec, out, resume, checkpoint_every, progress)
 
 
 def estimated_bytes(spec, checkpoint_every: int | None) -> int:
     """A cheap upper estimate of the bytes a run writes: every state's weights, and its points
-    unless it stays on its grid (a fixed-support method from a grid measure: the file stores the
-    grid), as uncompressed float64 in trajectory.npz, twice more for checkpoint.npz (the new one is
-    written beside the old), and ``SUMMARY_BYTES_PER_STEP`` per step in summary.json. An adaptive
-    run's step count is not known before it runs: its save times (or only its ends) count."""
+    unless it stays on its grid (a method that keeps its support, from a grid measure: the file
+    stores the grid), as uncompressed float64 in trajectory.npz, twice more for checkpoint.npz
+    (the new one is written beside the old), and ``SUMMARY_BYTES_PER_STEP`` per step in
+    summary.json. An adaptive run's step count is not known before it runs: its save times (or
+    only its ends) count."""
     run, mu = spec.run, spec.initial
     steps = (run.steps or 0) if not spec.adaptive else len(run.save_at or ()) + 1
-    on_grid = mu.grid is not None and spec.method_kind in FIXED_SUPPORT_METHODS
+    on_grid = mu.grid is not None and keeps_support(spec.method_kind)
     state = mu.n * (1 if on_grid else mu.dim + 1) * 8
     copies = 1 + (2 if checkpoint_every is not None else 0)
     return (steps + 1) * (state * copies + SUMMARY_BYTES_PER_STEP)
@@ -464,74 +361,97 @@ def estimated_bytes(spec, checkpoint_every: int | None) -> int:
 
 def _run_in_folder(spec, out: Path, resume: bool, checkpoint_every: int | None, progress: bool) -> tuple:
     """``run_config`` in the checked, locked folder ``out``: start or resume, say "running", take
-    the steps, then write the results (a failure or Ctrl-C on the way is recorded in summary.json)."""
+    the steps, then write the results (a failure or an interrupt on the way is recorded in
+    summary.json)."""
     start = time.perf_counter()
-    state = _start(spec, out, resume, checkpoint_every)
-    _mark_running(spec, out, state.resumed_from, state.checkpoint_every)
+    position = _start(spec, out, resume, checkpoint_every)
+    _mark_running(position)
     try:
-        _run_steps(spec, out, state, progress)
-    except KeyboardInterrupt:
-        raise _interrupted(spec, out, state) from None
+        run = _take_steps(position, progress)
+    except KeyboardInterrupt as interrupt:
+        raise _interrupted(position, interrupt) from None
     except Exception as error:
-        _write_status(out, spec, "failed", {"error": f"{type(error).__name__}: {error}",
-                                           "steps_done": state.position["step"],
-                                           "time": state.position["t"]})
+        _write_status(position, "failed", {"error": f"{type(error).__name__}: {error}",
+                                           "steps_done": position.step, "time": position.t})
         raise
-    trajectory = _saved_trajectory(spec, state)
-    summary = _summary(spec, state, time.perf_counter() - start)
-    _write_results(spec, out, state, trajectory, summary)
+    summary = _summary(position, run, time.perf_counter() - start)
+    trajectory = _write_results(position, run, summary)
     logger.info("results written to %s", out)
     return trajectory, summary
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While a run goes, SIGTERM stops it as Ctrl-C does (checkpoint kept, summary.json says
+    "interrupted", exit 143); only the main thread can take signals, elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # ---------------------------------------------------------------------------- the run's status
 
-def _write_status(out: Path, spec, status: str, details: Mapping) -> None:
+def _write_status(position: _Position, status: str, details: Mapping) -> None:
     """Write a summary.json saying the run's ``status`` (running, interrupted, failed) and
     ``details``; never raises (it runs while another error is on its way out)."""
     import datetime
 
+    spec = position.spec
     summary = {"status": status, "command": "run", "config": spec.config, "config_file": spec.source,
                "problem": spec.name, "pid": os.getpid(),
                "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                **details}
     with contextlib.suppress(OSError, TypeError, ValueError):
-        write_json_atomic(out / SUMMARY_FILE, summary)
+        write_json_atomic(position.out / SUMMARY_FILE, summary)
 
 
-def _mark_running(spec, out: Path, resumed_from: int | None, checkpoint_every: int | None) -> None:
+def _mark_running(position: _Position) -> None:
     """Say in summary.json that a run is in progress, then remove the results of any earlier run
     in ``out``: a run killed from here on leaves a folder that says it is incomplete."""
-    write_json_atomic(out / SUMMARY_FILE, {
+    spec = position.spec
+    write_json_atomic(position.out / SUMMARY_FILE, {
         "status": "running", "command": "run", "config": spec.config, "config_file": spec.source,
-        "problem": spec.name, "pid": os.getpid(), "resumed_from_step": resumed_from,
-        "checkpoint_every": checkpoint_every})
+        "problem": spec.name, "pid": os.getpid(), "resumed_from_step": position.resumed_from,
+        "checkpoint_every": position.checkpoint_every})
     for name in RESULT_FILES:
         with contextlib.suppress(FileNotFoundError):
-            (out / name).unlink()
+            (position.out / name).unlink()
 
 
-def _interrupted(spec, out: Path, state: _RunState) -> RunInterrupted:
-    """The ``RunInterrupted`` of a run stopped by Ctrl-C at ``state.position`` (and its summary.json)."""
-    position, checkpoint_every = state.position, state.checkpoint_every
-    step, t, saved = position["step"], position["t"], position["checkpoint"]
+def _interrupted(position: _Position, interrupt: KeyboardInterrupt) -> RunInterrupted:
+    """The ``RunInterrupted`` of a run stopped by Ctrl-C or SIGTERM at ``position`` (and its
+    summary.json)."""
+    spec = position.spec
+    step, t, saved = position.step, position.t, position.checkpoint
     with contextlib.suppress(ValueError, KeyError, TypeError):  # the file is the truth: an interrupt
-        metadata = read_metadata(out / CHECKPOINT_FILE, require_checksum=True)  # may follow its write
-        if metadata.get("digest") == spec.digest:
+        metadata = read_metadata(position.out / CHECKPOINT_FILE, require_checksum=True)  # may follow
+        if metadata.get("digest") == spec.digest:                                        # its write
             saved = (int(metadata["steps_done"]), float(metadata["time"]))
             step, t = max(step, saved[0]), max(t, saved[1])
-    if spec.adaptive:  # its steps are counted only at its checkpoints
-        where = "interrupted during an adaptive run" + (f" (done up to t = {t:.6g})" if step else "")
-    else:
-        where = f"interrupted after step {step} of {spec.run.steps} (t = {t:.6g})"
+    terminated = isinstance(interrupt, _Terminated)
+    verb = "terminated (SIGTERM)" if terminated else "interrupted"
+    total = (f"of an adaptive run to t_final = {spec.run.t_final:g}" if spec.adaptive
+             else f"of {spec.run.steps}")
+    where = f"{verb} after step {step} {total} (t = {t:.6g})"
     if saved is not None:
         how = (f"the checkpoint at step {saved[0]} (t = {saved[1]:.6g}) is kept: run the same command "
                "with --resume to continue from it")
-    elif checkpoint_every is not None:
+    elif position.checkpoint_every is not None:
         how = ("no checkpoint was written yet (the first comes after "
-               f"{checkpoint_every} steps): run the same command again to start over")
+               f"{position.checkpoint_every} steps): run the same command again to start over")
     else:
         how = "nothing was saved: run with --checkpoint-every N to be able to resume an interrupted run"
-    _write_status(out, spec, "interrupted", {"steps_done": step, "time": t,
-                                             "checkpoint_step": None if saved is None else saved[0]})
-    return RunInterrupted(f"{where}; {how}", step, t)
+    _write_status(position, "interrupted", {"steps_done": step, "time": t,
+                                            "signal": "SIGTERM" if terminated else "SIGINT",
+                                            "checkpoint_step": None if saved is None else saved[0]})
+    number = signal.SIGTERM if terminated else signal.SIGINT
+    return RunInterrupted(f"{where}; {how}", step, t, number)

@@ -512,7 +512,9 @@ class _Run:
             self.times.append(self.t)
             self.measures.append(self.mu)
             self.energies.append(self.energy)
-        state = RunState(self.t, self.mu, self.energy, self.method_state, state, extra)
+        # a finished run keeps what resuming needs, not its caches (compiled programs: megabytes)
+        method_state = None if self.method_state is None else self.method_state.without_cache()
+        state = RunState(self.t, self.mu, self.energy, method_state, state, extra)
         return Trajectory(np.array(self.times), self.measures, np.array(self.energies),
                           self.stats, reason, self.log.warnings(), state)
 

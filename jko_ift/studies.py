@@ -72,8 +72,9 @@ def work_precision(F, geometry, mu0, t_final: float, error: Callable[[Trajectory
     """Fixed runs (one per number of steps) and adaptive runs (one per rtol) of one problem.
 
     error(trajectory) measures a run (e.g. the largest distance to a closed form over the
-    saved times); ``method_factory`` gives a fresh method per run, so that no run profits
-    from another's caches. ``controller_options``: the other ``StepController`` fields, the
+    saved times); ``method_factory`` gives the method of each run (``jk.solve`` gives every
+    run its own method state, so no run profits from another's caches; a factory also serves
+    duck-typed methods that keep their own). ``controller_options``: the other ``StepController`` fields, the
     same for every rtol (atol included: its default gives the components at 0, a cell without
     mass or a coordinate near 0, a tolerance). Returns (fixed, adaptive).
     """

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +162,34 @@ def test_resume_after_a_crash_is_identical_to_an_uninterrupted_run(config, tmp_p
     assert [s["step"] for s in resumed.stats] == [1, 2, 3, 4, 5]
 
 
+class _Flagged(UserWarning):
+    pass
+
+
+def test_warnings_of_a_resumed_run_keep_their_step_numbers(config, tmp_path, monkeypatch):
+    """A warning raised in every step, before and after a crash: summary.json lists it once, with
+    the count and the first and last steps of the whole run."""
+    real_make = RunSpec.make_method
+
+    class Flagging:
+        def __init__(self, method):
+            self.method = method
+
+        def step(self, *args, **kwargs):
+            warnings.warn("flagged step", _Flagged, stacklevel=2)
+            return self.method.step(*args, **kwargs)
+
+    monkeypatch.setattr(RunSpec, "make_method", lambda self: Flagging(real_make(self)))
+    out = tmp_path / "results"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        crash_after_first_checkpoint(config, out, monkeypatch)
+        assert run(config, out, "--resume") == 0
+    listed = json.loads((out / "summary.json").read_text())["warnings"]
+    assert [(w["category"], w["count"], w["first_step"], w["last_step"]) for w in listed] == [
+        ("_Flagged", 5, 1, 5)]
+
+
 ADAPTIVE_CONFIG = """
 [problem]
 name = "mmd_flow"
@@ -180,7 +209,8 @@ atol = 0.0
 
 
 def test_adaptive_run_resumed_after_a_crash_is_identical(tmp_path, monkeypatch):
-    """Checkpoints at every second save time; a crash after the first, then --resume."""
+    """Checkpoints every two accepted steps (between save times: the checkpoint keeps the
+    controller's history); a crash after the first, then --resume."""
     config = tmp_path / "adaptive.toml"
     config.write_text(ADAPTIVE_CONFIG)
     straight = tmp_path / "straight"
@@ -189,7 +219,8 @@ def test_adaptive_run_resumed_after_a_crash_is_identical(tmp_path, monkeypatch):
     crashed = tmp_path / "crashed"
     crash_after_first_checkpoint(config, crashed, monkeypatch)
     first_chunk = jk.load(crashed / "checkpoint.npz")
-    assert first_chunk.times[-1] == pytest.approx(1.0)  # the second save time
+    assert len(first_chunk.taus) == 2 and first_chunk.times[-1] < 0.5  # before the first save time
+    assert jio.read_metadata(crashed / "checkpoint.npz")["run_state"]["controller"]["accepted"] == 2
 
     assert main(["run", str(config), "--out", str(crashed), "--resume", "--quiet"]) == 0
     resumed, reference = jk.load(crashed / "trajectory.npz"), jk.load(straight / "trajectory.npz")
@@ -206,12 +237,16 @@ def test_adaptive_run_resumed_after_a_crash_is_identical(tmp_path, monkeypatch):
     assert problem.error(reference) < 2 * problem.error(whole)
 
 
-def test_adaptive_checkpoints_need_save_times(tmp_path, capsys):
+def test_adaptive_checkpoints_need_no_save_times(tmp_path, monkeypatch):
     config = tmp_path / "adaptive.toml"
     config.write_text(ADAPTIVE_CONFIG.replace("save_at = [0.5, 1.0, 1.5, 2.0]\n", ""))
-    assert main(["run", str(config), "--out", str(tmp_path / "out"), "--checkpoint-every", "2",
-                 "--quiet"]) == 2
-    assert "add [run] save_at" in capsys.readouterr().err
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    assert main(["run", str(config), "--out", str(straight), "--checkpoint-every", "2", "--quiet"]) == 0
+    assert crash_after_first_checkpoint(config, crashed, monkeypatch) == [2]
+    assert main(["run", str(config), "--out", str(crashed), "--resume", "--quiet"]) == 0
+    resumed, reference = jk.load(crashed / "trajectory.npz"), jk.load(straight / "trajectory.npz")
+    np.testing.assert_array_equal(weights(resumed), weights(reference))
+    np.testing.assert_array_equal(resumed.times, reference.times)
 
 
 def test_a_half_written_checkpoint_never_replaces_the_last_one(config, tmp_path, monkeypatch):
@@ -634,9 +669,10 @@ def _kill_and_check(tmp_path, sig: int, delay: float, reference) -> None:
         assert (out / "trajectory.npz").exists()
     else:
         assert summary["status"] in ("running", "interrupted")
-        if sig == signal.SIGINT:
-            assert process.returncode == 130
-            assert_one_clear_message(err, "interrupted after step", "--resume")
+        if sig in (signal.SIGINT, signal.SIGTERM):
+            assert process.returncode == 128 + sig
+            verb = "interrupted" if sig == signal.SIGINT else "terminated (SIGTERM)"
+            assert_one_clear_message(err, verb, "after step", "--resume")
             assert len(err.strip().splitlines()) == 1
     assert run(config, out, "--resume") == 0 and status(out) == "complete"
     np.testing.assert_array_equal(weights(jk.load(out / "trajectory.npz")), weights(reference))
@@ -662,7 +698,29 @@ def test_ctrl_c_of_a_real_run_exits_130_in_one_line(tmp_path):
     assert summary["checkpoint_step"] == jio.read_metadata(out / "checkpoint.npz")["steps_done"] >= 1
 
 
-#: Kill trials of the slow sweep: random delays after the first checkpoint, both signals.
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+def test_sigterm_of_a_real_run_exits_143_in_one_line(tmp_path):
+    """SIGTERM (a batch scheduler's kill) to a real run: as Ctrl-C, one line naming --resume, exit
+    143, the folder marked interrupted with its last checkpoint, intact (resuming it exactly is
+    tested above and, after random kills, in the slow sweep)."""
+    config = tmp_path / "long.toml"
+    config.write_text(LONG_CONFIG.replace("steps = 30", "steps = 100000"))  # alive until terminated
+    out = tmp_path / "results"
+    process = _start(config, out)
+    _wait_for(out / "checkpoint.npz", process)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=START_TIMEOUT_S)
+    assert process.returncode == 143 == 128 + signal.SIGTERM and 143 in EXIT_CODES
+    assert_one_clear_message(err, "terminated (SIGTERM) after step", "of 100000", "--resume")
+    assert len(err.strip().splitlines()) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
+    assert summary["checkpoint_step"] == jio.read_metadata(out / "checkpoint.npz")["steps_done"] >= 1
+    jk.load(out / "checkpoint.npz", require_checksum=True)  # consistent, checksummed
+
+
+#: Kill trials of the slow sweep: random delays after the first checkpoint, the three signals.
 SLOW_TRIALS = 8
 
 
@@ -670,9 +728,9 @@ SLOW_TRIALS = 8
 @pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 @pytest.mark.parametrize("trial", range(SLOW_TRIALS))
 def test_kills_at_random_points(tmp_path, trial, long_reference):
-    """kill -9 and Ctrl-C at random times after the first checkpoint."""
+    """kill -9, Ctrl-C and SIGTERM at random times after the first checkpoint."""
     rng = np.random.default_rng(trial)
-    sig = signal.SIGINT if trial % 2 else signal.SIGKILL
+    sig = (signal.SIGKILL, signal.SIGINT, signal.SIGTERM)[trial % 3]
     _kill_and_check(tmp_path, sig, float(rng.uniform(0.0, 1.5)), long_reference)
 
 
@@ -701,19 +759,18 @@ def test_two_real_runs_into_one_folder_one_refused(tmp_path):
 
 
 def test_ctrl_c_of_an_adaptive_run_says_how_far_it_got(tmp_path, capsys, monkeypatch):
-    """An adaptive run counts its steps only at its checkpoints (its save times)."""
+    """An adaptive run counts its accepted steps as a fixed one does."""
     config = tmp_path / "adaptive.toml"
     adaptive_run = "t_final = 2.0\nsave_at = [0.5, 1.0, 2.0]\n\n[run.adaptive]\nrtol = 1e-2\natol = 0.0\n"
     config.write_text(SMALL_CONFIG.replace("tau = 0.3\nsteps = 5\n", adaptive_run))
-    real_make, made = RunSpec.make_method, []
+    real_save = jrun.save_trajectory
 
-    def interrupt_second_chunk(self):
-        made.append(1)
-        if len(made) == 2:
+    def interrupt_at_the_second_checkpoint(path, trajectory, metadata=None):
+        if metadata["steps_done"] == 2:
             raise KeyboardInterrupt
-        return real_make(self)
+        return real_save(path, trajectory, metadata)
 
-    monkeypatch.setattr(RunSpec, "make_method", interrupt_second_chunk)
+    monkeypatch.setattr(jrun, "save_trajectory", interrupt_at_the_second_checkpoint)
     assert run(config, tmp_path / "results", "--checkpoint-every", "1") == 130
-    assert_one_clear_message(capsys.readouterr().err, "interrupted during an adaptive run",
-                             "(done up to t = 0.5)", "--resume")
+    assert_one_clear_message(capsys.readouterr().err, "interrupted after step 2 of an adaptive run",
+                             "to t_final = 2 (t = ", "the checkpoint at step 1", "--resume")

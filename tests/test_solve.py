@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import jko_ift as jk
+from jko_ift.methods.base import MethodState
 from jko_ift.solve import RunState
 
 GRID = jk.Grid([-3], [3], [40])
@@ -63,15 +64,18 @@ PARTICLE_F = jk.MMD2(PARTICLE_TARGET, PARTICLE_KERNEL)
 
 
 def assert_same_run(one, other):
-    """Bit for bit: times, energies, measures, and the stats but their wall times."""
+    """Bit for bit: times, energies, measures, and the stats but their costs (wall times, and
+    whether a program was compiled: a finished run keeps no compiled program, so a run resumed
+    from it compiles its program anew and takes the same steps)."""
     np.testing.assert_array_equal(one.times, other.times)
     np.testing.assert_array_equal(one.energies, other.energies)
     assert len(one.measures) == len(other.measures)
     for mu, nu in zip(one.measures, other.measures, strict=True):
         np.testing.assert_array_equal(mu.points, nu.points)
         np.testing.assert_array_equal(mu.weights, nu.weights)
-    strip = [{k: v for k, v in s.items() if "time" not in k} for s in one.stats]
-    assert strip == [{k: v for k, v in s.items() if "time" not in k} for s in other.stats]
+    strip = [{k: v for k, v in s.items() if "time" not in k and k != "compiled"} for s in one.stats]
+    assert strip == [{k: v for k, v in s.items() if "time" not in k and k != "compiled"}
+                     for s in other.stats]
     assert one.stop_reason == other.stop_reason
 
 
@@ -154,6 +158,26 @@ def test_a_trajectory_without_state_resumes_from_its_last_measure():
     assert [s["step"] for s in resumed.stats] == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="resume must be a jk.Trajectory"):
         jk.solve(F, jk.Hellinger(), MU, tau=0.25, steps=4, progress=False, resume=[MU])
+
+
+def test_a_finished_run_keeps_no_cache_and_still_resumes_bit_for_bit():
+    """A finished trajectory keeps what resuming needs (counters, generator, the warm starts that
+    decide the steps: the conic program's radius and variable scale), not the compiled programs
+    (megabytes on a fine grid)."""
+    geometry = jk.Hellinger()  # one problem (the warm starts are kept per energy and geometry)
+
+    def run(**kwargs):
+        return jk.solve(F, geometry, MU, tau=0.25, steps=6, progress=False, **kwargs)
+
+    whole = run()
+    first = run(callback=stop_after(3)[0])
+    for finished in (whole, first):
+        assert finished.state.method.cache == {} and finished.state.method.warm["scales"]
+    assert_same_run(run(resume=first), whole)
+    nested = MethodState(2, None, {"inner": MethodState(cache={"programs": 1})}, {"gibbs": 1})
+    light = nested.without_cache()
+    assert light.cache == {} and light.warm["inner"].cache == {} and light.steps == 2
+    assert nested.cache and nested.warm["inner"].cache  # the state itself is left as it was
 
 
 def test_a_run_state_written_to_a_file_resumes_bit_for_bit():

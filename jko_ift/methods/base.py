@@ -217,13 +217,39 @@ class MethodState:
         return MethodState(self.steps, copy.deepcopy(self.rng),
                            {key: copy.copy(value) for key, value in self.warm.items()}, self.cache)
 
+    def without_cache(self) -> MethodState:
+        """This state less its caches (also those of the method states in its warm starts, such
+        as a nested method's): what a finished run keeps (compiled programs and Gibbs operators
+        can take megabytes; a run resumed from it builds them anew)."""
+        warm = {key: value.without_cache() if isinstance(value, MethodState) else value
+                for key, value in self.warm.items()}
+        return MethodState(self.steps, self.rng, warm, {})
+
+    def forget(self) -> None:
+        """Drop the warm starts and caches in place, but for the nested method states (which
+        forget theirs): the state becomes what a run resumed from a file starts with
+        (``from_dict(to_dict())``), so that a run that writes a checkpoint here and its copy
+        resumed from that checkpoint take the same steps, bit for bit."""
+        nested = self._nested()
+        for state in nested.values():
+            state.forget()
+        self.warm.clear()
+        self.warm.update(nested)
+        self.cache.clear()
+
+    def _nested(self) -> dict:
+        """The warm starts that are method states (a wrapped or fallback method's)."""
+        return {key: value for key, value in self.warm.items() if isinstance(value, MethodState)}
+
     def to_dict(self) -> dict:
-        """What a file keeps (JSON-ready): the step counter and the generator's state. Warm
-        starts and caches are not kept: a run resumed from a file starts them anew (grid
-        methods then agree with the uninterrupted run to their solver's tolerance; particle
-        methods and ExplicitEuler, whose noise is the generator's, bit for bit)."""
-        return {"steps": self.steps,
-                "rng": None if self.rng is None else self.rng.bit_generator.state}
+        """What a file keeps (JSON-ready): the step counter and the generator's state, and those
+        of the nested method states (``nested``). Warm starts and caches are not kept: a run
+        resumed from a file starts them anew (grid methods then agree with the uninterrupted
+        run to their solver's tolerance; particle methods and ExplicitEuler, whose noise is the
+        generator's, bit for bit)."""
+        data = {"steps": self.steps, "rng": None if self.rng is None else self.rng.bit_generator.state}
+        nested = {key: state.to_dict() for key, state in self._nested().items()}
+        return data | ({"nested": nested} if nested else {})
 
     @classmethod
     def from_dict(cls, data: dict) -> MethodState:
@@ -233,7 +259,8 @@ class MethodState:
             bit_generator = getattr(np.random, data["rng"]["bit_generator"])()
             bit_generator.state = data["rng"]
             rng = np.random.Generator(bit_generator)
-        return cls(steps=int(data["steps"]), rng=rng)
+        nested = {key: cls.from_dict(value) for key, value in (data.get("nested") or {}).items()}
+        return cls(steps=int(data["steps"]), rng=rng, warm=nested)
 
 
 class Method:

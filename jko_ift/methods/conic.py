@@ -289,10 +289,13 @@ class ConicJKO(Method):
         tau = check_step_input(F, geometry, mu, tau)
         key = (Same(F), Same(geometry), support_key(mu))
         radii = state.warm.setdefault("radii", {})  # the radius that sufficed, per problem
+        # the variables' scale of the problem's first program: a program compiled anew (after
+        # its cache was dropped or evicted) then takes the same steps, bit for bit
+        scale = state.warm.setdefault("scales", {}).setdefault(key, mu.mass / mu.n)
         programs = state.cache.setdefault("programs", OrderedDict())
         radius = radii.get(key) or self._initial_radius(F, geometry, mu, tau)
         while True:
-            program, compiled = self._program(programs, key, F, geometry, mu, radius)
+            program, compiled = self._program(programs, key, F, geometry, mu, radius, scale)
             result = program.solve(mu, tau, self.solver, self.solver_options, self.gap_tol)
             violation = result.info.get("exclusion_violation", 0.0)
             if result.measure is not None and violation > self.gap_tol:
@@ -322,7 +325,7 @@ class ConicJKO(Method):
         # mass moves about tau alpha |grad f|; the certificate catches a radius too small
         return max(2.5 * spacing, 2.0 * tau * geometry.alpha * typical)
 
-    def _program(self, programs: OrderedDict, key, F, geometry, mu, radius):
+    def _program(self, programs: OrderedDict, key, F, geometry, mu, radius, scale: float):
         full_key = key + (radius,)
         program = programs.get(full_key)
         # a conserved mass enters the program as a constant (ConicSupport): same mass, same program
@@ -330,7 +333,7 @@ class ConicJKO(Method):
                                     or abs(program.mass - mu.mass) <= 1e-9 * mu.mass):
             programs.move_to_end(full_key)
             return program, False
-        program = ConicProgram(F, geometry, mu, radius)
+        program = ConicProgram(F, geometry, mu, radius, scale)
         programs[full_key] = program
         while len(programs) > self.cache_size:
             programs.popitem(last=False)
@@ -350,7 +353,8 @@ def _spacing(mu: Measure) -> float:
 class ConicProgram:
     """The compiled step problem on one support and one plan radius."""
 
-    def __init__(self, F: Energy, geometry: Geometry, mu: Measure, radius: float):
+    def __init__(self, F: Energy, geometry: Geometry, mu: Measure, radius: float,
+                 scale: float | None = None):
         self.F, self.geometry, self.support = F, geometry, mu
         self.has_transport = geometry.has_transport
         self.reaction = geometry.reaction
@@ -358,7 +362,7 @@ class ConicProgram:
         self._metric = None  # (M, ridge) of a quadratic reaction
         n = mu.n
         self.mass = mu.mass
-        self.scale = mu.mass / n
+        self.scale = mu.mass / n if scale is None else scale  # b = scale * y, y of order one
         self.a = cp.Parameter(n, nonneg=True, name="a_over_scale")
         self.two_tau = cp.Parameter(nonneg=True, name="two_tau")
         constraints = []
