@@ -21,7 +21,7 @@ from .diagnostics import dissipation_slack
 from .energies import Energy
 from .geometries import Geometry
 from .measures import Measure
-from .methods import ConicJKO, EntropicJKO, SolverError, StepResult, grid_motion
+from .methods import BackAndForthJKO, ConicJKO, EntropicJKO, SolverError, StepResult, grid_motion
 from .methods.base import check_step_input, warn_user
 from .methods.entropic import BLUR_WARN_RATIO
 from .run_warnings import RunWarning, WarningLog
@@ -39,7 +39,7 @@ DISSIPATION_RTOL = 1e-6
 MAX_SOLVER_RETRIES = 3
 
 #: Methods whose measures keep the support of mu0 (grids): they move mass, not points.
-FIXED_SUPPORT = (ConicJKO, EntropicJKO)
+FIXED_SUPPORT = (ConicJKO, EntropicJKO, BackAndForthJKO)
 
 #: Times closer than this (relative to t_final) are the same time.
 TIME_RTOL = 1e-9

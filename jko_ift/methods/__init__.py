@@ -1,5 +1,6 @@
 """Methods: each turns (F, geometry, mu, tau) into a StepResult."""
 
+from .back_and_forth import BackAndForthJKO
 from .base import MassMismatchWarning, SolverError, StepResult, WeightClippingWarning
 from .conic import ConicJKO, GridLockingWarning
 from .entropic import EntropicBlurWarning, EntropicJKO
@@ -7,6 +8,6 @@ from .explicit import ExplicitEuler
 from .particle import ParticleJKO
 from .splitting import Splitting
 
-__all__ = ["ConicJKO", "EntropicBlurWarning", "EntropicJKO", "ExplicitEuler", "GridLockingWarning",
+__all__ = ["BackAndForthJKO", "ConicJKO", "EntropicBlurWarning", "EntropicJKO", "ExplicitEuler", "GridLockingWarning",
            "MassMismatchWarning", "ParticleJKO", "SolverError", "Splitting", "StepResult",
            "WeightClippingWarning"]
