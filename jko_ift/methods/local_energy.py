@@ -56,7 +56,7 @@ class LocalEnergy:
     # ---------------------------------------------------------------- the pointwise pieces
     def internal(self, rho: np.ndarray) -> np.ndarray:
         """u(rho) per cell (rho >= 0)."""
-        with np.errstate(divide="ignore", invalid="ignore"):
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
             out = self.entropy * np.where(rho > 0, rho * np.log(np.where(rho > 0, rho, 1.0)), 0.0)
         for q, m in self.powers:
             out = out + q * rho**m / (m - 1)
@@ -85,7 +85,7 @@ class LocalEnergy:
 
     def conjugate(self, s: np.ndarray, rho: np.ndarray) -> np.ndarray:
         """u*(s) = rho s - u(rho) per cell, at rho = density(s); 0 where rho = 0."""
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore", over="ignore", under="ignore"):  # subnormal densities
             return np.where(rho > 0, rho * s - self.internal(rho), 0.0)
 
     def curvature(self, s: np.ndarray, rho: np.ndarray) -> np.ndarray:
@@ -116,14 +116,20 @@ class LocalEnergy:
         """(-F*(-phi), the maximizing masses a(phi) (n,), s = -phi - W)."""
         s = self.shifted(phi)
         rho = self.density(s)
-        conjugate = np.sum(self.conjugate(s, rho)) - np.sum(self.constant)
-        return -self.cell_volume * float(conjugate), rho * self.cell_volume, s
+        with np.errstate(over="ignore", invalid="ignore"):  # a trial step too long: -inf, rejected
+            conjugate = float(np.sum(self.conjugate(s, rho)) - np.sum(self.constant))
+        if not np.isfinite(conjugate):
+            conjugate = np.inf
+        return -self.cell_volume * conjugate, rho * self.cell_volume, s
 
     def balanced(self, phi: np.ndarray, mass: float) -> np.ndarray:
         """phi + c with the constant c that makes sum a(phi + c) = mass: the exact maximization
         of the dual along constants (its derivative there is sum a - mass)."""
         s = self.shifted(phi.ravel()).reshape(phi.shape)
-        wanted = self.cell_volume * float(np.sum(self.density(s)))
+        with np.errstate(over="ignore"):
+            wanted = self.cell_volume * float(np.sum(self.density(s)))
+        if not np.isfinite(wanted):
+            return phi
         if not self.powers:  # a = exp((s - c) / e - 1) h^d: closed form
             return phi + self.entropy * np.log(wanted / mass) if wanted > 0 else phi
         shift = 0.0
