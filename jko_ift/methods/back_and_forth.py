@@ -46,6 +46,7 @@ STALL_RATIO = 1e-6
 #: direction is not amplified further (measured on the 2-D Fokker-Planck step, 64^2, tau = 0.1:
 #: certificate 3e-5 after 200 iterations with 1e-4, 4e-4 with 1e-2, 3e-3 without scaling).
 SCALING_FLOOR = 1e-4
+KINK_STEP = 0.0
 
 _GEOMETRY_HELP = ("BackAndForthJKO takes the Wasserstein geometry only (jk.Wasserstein()), got "
                   "{name}. For WFR and IFT on a grid use jk.Splitting (a transport step, then a "
@@ -203,13 +204,14 @@ class _Ascent:
         """Ascend from phi; returns (the point of smallest certificate, iterations,
         evaluations, last step size, stalled)."""
         point = self.evaluate(self.energy.balanced(phi, self.mass))
-        best, evaluations, sigma0 = point, 1, sigma
+        best, evaluations, sigma0, kinks = point, 1, sigma, 0
         for iteration in range(max_iter):
             if self.certificate(point) <= tol:
                 return point, iteration, evaluations, sigma, False
             mismatch = (point.wanted - point.pushed) / self.cell
             direction = self.direction(point.phi, mismatch)
             slope = self.cell * float(np.sum(mismatch * direction))
+            start_sigma = sigma
             while True:
                 trial = self.evaluate(self.energy.balanced(point.phi + sigma * direction, self.mass))
                 evaluations += 1
@@ -218,7 +220,12 @@ class _Ascent:
                     break
                 sigma *= SHRINK
                 if sigma < STALL_RATIO * sigma0:
-                    return best, iteration + 1, evaluations, 1.0, True
+                    if not KINK_STEP:
+                        return best, iteration + 1, evaluations, 1.0, True
+                    sigma = KINK_STEP * start_sigma
+                    point = self.evaluate(self.energy.balanced(point.phi + sigma * direction, self.mass))
+                    kinks += 1
+                    break
             if self.certificate(point) < self.certificate(best):
                 best = point
         if self.certificate(point) < self.certificate(best):
