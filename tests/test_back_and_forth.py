@@ -165,7 +165,8 @@ def test_measure_off_a_grid_and_bad_options_are_refused():
     mu = jk.Measure(np.random.default_rng(0).normal(size=(5, 2)), np.ones(5))
     with pytest.raises(ValueError, match="grid"):
         jk.BackAndForthJKO().step(jk.Entropy(), jk.Wasserstein(), mu, 0.1)
-    for bad in (dict(tol=0), dict(tol=float("nan")), dict(max_iter=0), dict(max_iter=2.5), dict(warm_start=1)):
+    bad_options = (dict(tol=0), dict(tol=float("nan")), dict(max_iter=0), dict(max_iter=2.5), dict(warm_start=1))
+    for bad in bad_options:
         with pytest.raises(ValueError):
             jk.BackAndForthJKO(**bad)
 
@@ -180,6 +181,90 @@ def test_extreme_steps_end_in_bounded_time_with_an_honest_status(tau):
     assert abs(result.measure.mass - mu.mass) <= 1e-13
     assert result.ok == (result.certificate <= 1e-4)
     if not result.ok:
-        assert result.status in ("max_iterations", "stalled") and "tol" in result.info["message"]
+        assert result.status == "max_iterations" and "tol" in result.info["message"]
         with pytest.raises(jk.SolverError):
             jk.BackAndForthJKO(max_iter=300).step(F, jk.Wasserstein(), mu, tau)
+
+
+#: Certificate accepted in the convergence studies: a step whose ascent stalls at a kink of the
+#: discrete dual (docs/theory.md §10) is used if its duality gap is below this fraction of the
+#: objective, far below the discretization errors measured (1e-3 .. 1e-1).
+STUDY_CERTIFICATE = 1e-3
+
+
+def run_steps(F, mu, tau, steps, method=None):
+    """``steps`` steps with one method object (warm starts); every certificate <= STUDY_CERTIFICATE."""
+    method = method or jk.BackAndForthJKO(tol=1e-5, max_iter=1000)
+    for _ in range(steps):
+        result = method.step(F, jk.Wasserstein(), mu, tau, throw=False)
+        assert result.certificate <= STUDY_CERTIFICATE, result.info["message"]
+        mu = result.measure
+    return mu
+
+
+def moment_errors(n, tau=0.1, sigma=0.6):
+    grid, F = fokker_planck(n)
+    mean = np.array([-0.5, 0.3])
+    new = run_steps(F, gaussian(grid, mean, sigma), tau, 1)
+    mean1, sigma1 = gaussian_step(mean, sigma, tau)
+    return grid.spacing[0], moment_error(new, mean1, sigma1**2)
+
+
+def moment_error(new, mean, variance):
+    return np.abs(new.mean() - mean).max() + np.abs(np.diag(new.covariance()) - variance).max()
+
+
+@pytest.mark.slow
+def test_one_step_moments_converge_at_least_like_h():
+    spacings, errors = zip(*(moment_errors(n) for n in (64, 128, 256)), strict=True)
+    order = np.polyfit(np.log(spacings), np.log(errors), 1)[0]
+    assert order >= 0.9, (spacings, errors)
+
+
+@pytest.mark.slow
+def test_run_is_first_order_in_tau_with_tau_below_h():
+    grid, F = fokker_planck(128)  # h = 0.0625
+    mean0, sigma0, final = np.array([-0.5, 0.3]), 0.6, 0.4
+    exact_mean = CENTRE + (mean0 - CENTRE) * np.exp(-final / STIFFNESS)
+    exact_var = STIFFNESS + (sigma0**2 - STIFFNESS) * np.exp(-2 * final / STIFFNESS)
+    taus, errors = [0.2, 0.1, 0.05, 0.025], []
+    for tau in taus:
+        new = run_steps(F, gaussian(grid, mean0, sigma0), tau, round(final / tau))
+        errors.append(moment_error(new, exact_mean, exact_var))
+    order = np.polyfit(np.log(taus), np.log(errors), 1)[0]
+    assert order >= 0.85, (taus, errors)
+
+
+def barenblatt(m, t, x, d=2, C=0.1):
+    k = d / (d * (m - 1) + 2)
+    kappa = k * (m - 1) / (2 * m * d)
+    return t**-k * np.maximum(C - kappa * np.sum(x**2, 1) * t ** (-2 * k / d), 0) ** (1 / (m - 1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("m", [2, 3])
+def test_barenblatt_is_matched_at_first_order_in_tau(m):
+    grid = jk.Grid([-1, -1], [1, 1], (96, 96))
+    start, final = 0.05, 0.08
+    exact = grid.measure(lambda x: barenblatt(m, start + final, x)).weights
+    taus, errors = [0.02, 0.01, 0.005], []
+    for tau in taus:
+        mu = grid.measure(lambda x: barenblatt(m, start, x))
+        new = run_steps(jk.PorousMedium(m), mu, tau, round(final / tau))
+        errors.append(np.abs(new.weights - exact).sum() / mu.mass)
+    order = np.polyfit(np.log(taus), np.log(errors), 1)[0]
+    assert order >= 0.7, (taus, errors)
+
+
+@pytest.mark.slow
+def test_agrees_with_the_conic_step_to_order_h():
+    """A second method: ConicJKO on a 24x24 grid with tau large enough that it does not lock."""
+    grid, F = fokker_planck(24)  # h = 1/3
+    mu = gaussian(grid, np.array([-1.0, 0.8]), 0.9)
+    tau = 0.5
+    ours = run_steps(F, mu, tau, 1)
+    conic = jk.ConicJKO().step(F, jk.Wasserstein(), mu, tau).measure
+    h = grid.spacing[0]
+    assert np.abs(ours.mean() - conic.mean()).max() < h
+    assert np.abs(ours.covariance() - conic.covariance()).max() < h
+    assert jk.w2(ours, conic) < h

@@ -38,15 +38,16 @@ from .poisson import ScreenedPoisson
 ARMIJO = 1e-4
 #: Step-size factors: after an accepted step, after a rejected one.
 GROW, SHRINK = 1.5, 0.5
-#: The ascent has stalled when the step size falls this far below its start: no step along the
-#: gradient increases the dual (a kink of the discrete dual, or round-off).
+#: The ascent has stalled when backtracking cuts the step size this far below its start: no
+#: step along the gradient increases the dual there (a kink, docs/theory.md §10).
 STALL_RATIO = 1e-6
 #: The local scaling of the ascent direction is capped at sqrt(1 / SCALING_FLOOR): where the
 #: energy's curvature is below this fraction of its typical value (far tails, empty cells) the
 #: direction is not amplified further (measured on the 2-D Fokker-Planck step, 64^2, tau = 0.1:
 #: certificate 3e-5 after 200 iterations with 1e-4, 4e-4 with 1e-2, 3e-3 without scaling).
 SCALING_FLOOR = 1e-4
-KINK_STEP = 0.0
+#: First window of the ergodic primal average (iterations); it doubles at each restart.
+AVERAGE_WINDOW = 8
 
 _GEOMETRY_HELP = ("BackAndForthJKO takes the Wasserstein geometry only (jk.Wasserstein()), got "
                   "{name}. For WFR and IFT on a grid use jk.Splitting (a transport step, then a "
@@ -64,12 +65,8 @@ class _Point:
     pushed: np.ndarray       # P(phi): mu^k pushed forward, a feasible new measure
     distance_sq: float       # the step's squared transport distance of P(phi)
     energy: float            # F(P(phi)) on the grid
+    curvature: np.ndarray    # (u*)''(-phi - W): the energy's part of the dual's Hessian per cell
 
-    def objective(self, tau: float) -> float:
-        return self.energy + self.distance_sq / (2.0 * tau)
-
-    def gap(self, tau: float) -> float:
-        return self.objective(tau) - self.dual
 
 
 @dataclass(eq=False)
@@ -86,7 +83,7 @@ class BackAndForthJKO:
 
     tol: the accepted certificate, the duality gap relative to max(|objective|, |F|, transport);
     max_iter: ascent iterations per step; a step that ends above ``tol`` has status
-    "max_iterations" (or "stalled" where the dual stops increasing in floating point).
+    "max_iterations", or "stalled" where the ascent stops at a kink of the dual (never "optimal").
     warm_start: start from the previous step's dual potential on the same grid.
 
     info: iterations, evaluations (c-transforms), gap, residual_h1 (the dual gradient's norm
@@ -121,9 +118,9 @@ class BackAndForthJKO:
         energy = local_energy(F, mu, "BackAndForthJKO")
         ascent = _Ascent(energy, mu, tau, grid)
         phi, sigma = self._start(grid, energy, mu)
-        best, iterations, evaluations, sigma, stalled = ascent.run(phi, sigma, self.tol, self.max_iter)
-        self._state = {"grid": _grid_key(grid), "phi": best.phi.ravel().copy(), "sigma": sigma}
-        result = ascent.result(best, F, self.tol, iterations, evaluations, sigma, stalled, start)
+        run = ascent.run(phi, sigma, self.tol, self.max_iter)
+        self._state = {"grid": _grid_key(grid), "phi": run.dual.phi.ravel().copy(), "sigma": run.sigma}
+        result = ascent.result(run, F, self.tol, start)
         if throw and not result.ok:
             raise SolverError(result.info["message"], result.status, result)
         return result
@@ -177,77 +174,151 @@ class _Ascent:
     def evaluate(self, phi: np.ndarray) -> _Point:
         psi, argmins = c_transform(phi, self.spacing, self.tau)
         pushed, costs = push_forward(self.source, argmins, self.spacing)
-        own, wanted, _ = self.energy.dual_part(phi.ravel())
+        own, wanted, shifted = self.energy.dual_part(phi.ravel())
         dual = float(np.sum(self.source * psi)) + own
+        curvature = self.energy.curvature(shifted, wanted / self.cell).reshape(self.shape)
         return _Point(phi, dual, wanted.reshape(self.shape), pushed, float(costs.sum()),
-                      self.energy.value(pushed.ravel()))
+                      self.energy.value(pushed.ravel()), curvature)
 
-    def direction(self, phi: np.ndarray, mismatch: np.ndarray) -> np.ndarray:
+    def direction(self, point: _Point, mismatch: np.ndarray) -> np.ndarray:
         """The preconditioned ascent direction S M^{-1} S g: M the screened Poisson operator with
         the typical density and curvature, S = sqrt(kappa_bar / kappa) the local correction where
         the curvature kappa = (u*)''(-phi - W) of the energy is smaller (the tails of a density,
         where both parts of the dual's Hessian shrink with the density)."""
-        s = self.energy.shifted(phi.ravel())
-        curvature = self.energy.curvature(s, self.energy.density(s)).reshape(self.shape)
-        scaling = np.sqrt(self.typical_curvature / np.maximum(curvature, SCALING_FLOOR * self.typical_curvature))
+        floor = SCALING_FLOOR * self.typical_curvature
+        scaling = np.sqrt(self.typical_curvature / np.maximum(point.curvature, floor))
         return scaling * self.metric.solve(scaling * mismatch)
 
-    def scale(self, point: _Point) -> float:
-        transport = point.distance_sq / (2.0 * self.tau)
-        return max(abs(point.objective(self.tau)), abs(point.energy), transport, 1e-300)
+    def certificate(self, primal: _Primal, dual: float) -> float:
+        gap = primal.objective(self.tau) - dual
+        scale = max(abs(primal.objective(self.tau)), abs(primal.energy),
+                    primal.distance_sq / (2.0 * self.tau), 1e-300)
+        return float(max(gap, 0.0) / scale) if np.isfinite(gap) else float("inf")
 
-    def certificate(self, point: _Point) -> float:
-        gap = point.gap(self.tau)
-        return float(max(gap, 0.0) / self.scale(point)) if np.isfinite(gap) else float("inf")
-
-    def run(self, phi, sigma: float, tol: float, max_iter: int):
-        """Ascend from phi; returns (the point of smallest certificate, iterations,
-        evaluations, last step size, stalled)."""
+    def run(self, phi, sigma: float, tol: float, max_iter: int) -> _Run:
+        """Ascend from phi until the certificate of the best primal against the best dual is
+        below tol, or max_iter iterations."""
         point = self.evaluate(self.energy.balanced(phi, self.mass))
-        best, evaluations, sigma0, kinks = point, 1, sigma, 0
+        run = _Run(point, _Primal.of(point), sigma)
+        average = _Average(self.shape)
         for iteration in range(max_iter):
-            if self.certificate(point) <= tol:
-                return point, iteration, evaluations, sigma, False
+            run.iterations = iteration
+            if self.certificate(run.primal, run.dual.dual) <= tol:
+                return run
             mismatch = (point.wanted - point.pushed) / self.cell
-            direction = self.direction(point.phi, mismatch)
-            slope = self.cell * float(np.sum(mismatch * direction))
-            start_sigma = sigma
-            while True:
-                trial = self.evaluate(self.energy.balanced(point.phi + sigma * direction, self.mass))
-                evaluations += 1
-                if trial.dual >= point.dual + ARMIJO * sigma * slope:
-                    point, sigma = trial, sigma * GROW
-                    break
-                sigma *= SHRINK
-                if sigma < STALL_RATIO * sigma0:
-                    if not KINK_STEP:
-                        return best, iteration + 1, evaluations, 1.0, True
-                    sigma = KINK_STEP * start_sigma
-                    point = self.evaluate(self.energy.balanced(point.phi + sigma * direction, self.mass))
-                    kinks += 1
-                    break
-            if self.certificate(point) < self.certificate(best):
-                best = point
-        if self.certificate(point) < self.certificate(best):
-            best = point
-        return best, max_iter, evaluations, sigma, False
+            direction = self.direction(point, mismatch)
+            point = self._ascent_step(run, point, direction, self.cell * float(np.sum(mismatch * direction)))
+            if point is None:
+                run.stalled = True
+                break
+            run.offer(point, self.tau)
+            average.add(point, 1.0)
+            if average.count >= average.window:  # ergodic average: splits the mass at kinks
+                run.offer_primal(average.primal(self.energy), self.tau)
+                average.restart()
+        else:
+            run.iterations = max_iter
+        if average.count:
+            run.offer_primal(average.primal(self.energy), self.tau)
+        return run
 
-    def result(self, point: _Point, F, tol: float, iterations: int, evaluations: int, sigma: float,
-               stalled: bool, start: float) -> StepResult:
-        measure = self.mu.with_weights(point.pushed.ravel())
+    def _ascent_step(self, run: _Run, point: _Point, direction: np.ndarray, slope: float) -> _Point | None:
+        """Backtracking (Armijo): the dual increases; None where no step along the gradient
+        increases it (a kink of the discrete dual, docs/theory.md §10)."""
+        sigma = run.sigma
+        while sigma >= STALL_RATIO * run.sigma:
+            trial = self.evaluate(self.energy.balanced(point.phi + sigma * direction, self.mass))
+            run.evaluations += 1
+            if trial.dual >= point.dual + ARMIJO * sigma * slope:
+                run.sigma = sigma * GROW
+                return trial
+            sigma *= SHRINK
+        return None
+
+    def result(self, run: _Run, F, tol: float, start: float) -> StepResult:
+        primal, point = run.primal, run.dual
+        measure = self.mu.with_weights(primal.pushed.ravel())
         energy = float(F.value(measure))
-        objective = energy + point.distance_sq / (2.0 * self.tau)
-        certificate = self.certificate(point)
+        objective = energy + primal.distance_sq / (2.0 * self.tau)
+        certificate = self.certificate(primal, point.dual)
         mismatch = (point.wanted - point.pushed) / self.cell
-        residual = np.sqrt(max(self.cell * float(np.sum(mismatch * self.direction(point.phi, mismatch))), 0.0))
-        status = "optimal" if certificate <= tol else ("stalled" if stalled else "max_iterations")
-        info = {"iterations": iterations, "evaluations": evaluations, "gap": float(point.gap(self.tau)),
-                "dual": point.dual, "residual_h1": float(residual),
+        residual = np.sqrt(max(self.cell * float(np.sum(mismatch * self.direction(point, mismatch))), 0.0))
+        status = "optimal" if certificate <= tol else "stalled" if run.stalled else "max_iterations"
+        info = {"iterations": run.iterations, "evaluations": run.evaluations,
+                "gap": float(objective - point.dual), "dual": point.dual, "residual_h1": float(residual),
                 "mismatch_l1": float(np.abs(point.wanted - point.pushed).sum() / self.mass),
-                "mass_drift": float((point.pushed.sum() - self.mass) / self.mass),
-                "sigma": sigma, "wall_time": time.perf_counter() - start}
-        info["message"] = _message(status, certificate, tol, iterations, self.tau)
-        return StepResult(measure, objective, energy, point.distance_sq, status, certificate, info)
+                "mass_drift": float((primal.pushed.sum() - self.mass) / self.mass),
+                "sigma": run.sigma, "averaged": primal.averaged,
+                "wall_time": time.perf_counter() - start}
+        info["message"] = _message(status, certificate, tol, run.iterations, self.tau)
+        return StepResult(measure, objective, energy, primal.distance_sq, status, certificate, info)
+
+
+@dataclass
+class _Primal:
+    """A deliverable new measure: masses (grid shape), the cost of the plan delivering them
+    (an upper bound of W_h^2), F of the masses; averaged: an ergodic average of iterates."""
+
+    pushed: np.ndarray
+    distance_sq: float
+    energy: float
+    averaged: bool = False
+
+    @classmethod
+    def of(cls, point: _Point) -> _Primal:
+        return cls(point.pushed, point.distance_sq, point.energy)
+
+    def objective(self, tau: float) -> float:
+        return self.energy + self.distance_sq / (2.0 * tau)
+
+
+@dataclass
+class _Run:
+    """The state of one step's ascent: the best dual point, the best primal, counters."""
+
+    dual: _Point
+    primal: _Primal
+    sigma: float
+    iterations: int = 0
+    evaluations: int = 1
+    stalled: bool = False
+
+    def offer(self, point: _Point, tau: float) -> None:
+        if point.dual > self.dual.dual:
+            self.dual = point
+        self.offer_primal(_Primal.of(point), tau)
+
+    def offer_primal(self, primal: _Primal, tau: float) -> None:
+        if primal.objective(tau) < self.primal.objective(tau):
+            self.primal = primal
+
+
+class _Average:
+    """Weighted average of the iterates' delivered masses and plan costs over a window that
+    doubles at each restart (the recent half of the run). A convex combination of deliverable
+    measures is deliverable (the plans combine), at the combined cost, and F is convex: the
+    average's objective is at most the average objective, and at a kink it splits mass that
+    single iterates send wholly one way or the other."""
+
+    def __init__(self, shape):
+        self.shape, self.window = shape, AVERAGE_WINDOW
+        self.count, self.weight, self.cost = 0, 0.0, 0.0
+        self.pushed = np.zeros(shape)
+
+    def restart(self) -> None:
+        window = 2 * self.window
+        self.__init__(self.shape)
+        self.window = window
+
+    def add(self, point: _Point, weight: float) -> None:
+        self.count += 1
+        self.weight += weight
+        self.cost += weight * point.distance_sq
+        self.pushed += weight * point.pushed
+
+    def primal(self, energy: LocalEnergy) -> _Primal:
+        pushed = self.pushed / self.weight
+        return _Primal(pushed, self.cost / self.weight, energy.value(pushed.ravel()), averaged=True)
 
 
 def _message(status: str, certificate: float, tol: float, iterations: int, tau: float) -> str:
@@ -255,11 +326,12 @@ def _message(status: str, certificate: float, tol: float, iterations: int, tau: 
         return f"certified: duality gap {certificate:.2e} of the objective <= tol {tol:g}"
     if status == "stalled":
         return (f"BackAndForthJKO: the dual ascent stalled after {iterations} iterations with the "
-                f"duality gap at {certificate:.2e} of the objective, above tol = {tol:g}: the "
-                "discrete dual has kinks (where the c-transform's argmin jumps between cells) and no "
-                f"ascent step along the gradient increases it here (tau = {tau:g}); loosen tol, or "
-                "compare with jk.ConicJKO on a coarser grid")
+                f"duality gap at {certificate:.2e} of the objective, above tol = {tol:g}: no step along "
+                "the gradient increases the discrete dual here, which has kinks where the c-transform's "
+                f"argmin jumps between cells (tau = {tau:g}; docs/theory.md §10); loosen tol, or smooth "
+                "the initial density (discontinuous densities make kinks)")
     return (f"BackAndForthJKO stopped at max_iter = {iterations} with the duality gap at "
             f"{certificate:.2e} of the objective, above tol = {tol:g}: raise max_iter, loosen tol, "
             f"or take a tau nearer the flow's time scale (tau = {tau:g}: very large or very small "
-            "steps make the dual ill-conditioned)")
+            "steps make the dual ill-conditioned; discontinuous densities give it kinks, where the "
+            "ascent slows down, docs/theory.md §10)")

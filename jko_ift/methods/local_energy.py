@@ -85,11 +85,20 @@ class LocalEnergy:
 
     def conjugate(self, s: np.ndarray, rho: np.ndarray) -> np.ndarray:
         """u*(s) = rho s - u(rho) per cell, at rho = density(s); 0 where rho = 0."""
+        if not self.powers:  # e exp(s / e - 1) = e rho
+            return self.entropy * rho
+        if self.entropy == 0 and len(self.powers) == 1:  # rho s (m - 1) / m
+            m = self.powers[0][1]
+            return np.where(rho > 0, rho * s * ((m - 1) / m), 0.0)
         with np.errstate(invalid="ignore", over="ignore", under="ignore"):  # subnormal densities
             return np.where(rho > 0, rho * s - self.internal(rho), 0.0)
 
     def curvature(self, s: np.ndarray, rho: np.ndarray) -> np.ndarray:
         """(u*)''(s) = 1 / u''(rho) per cell (0 where rho = 0)."""
+        if not self.powers:
+            return rho / self.entropy
+        if self.entropy == 0 and len(self.powers) == 1 and self.powers[0][1] == 2.0:
+            return np.where(rho > 0, 0.5 / self.powers[0][0], 0.0)
         second = np.zeros_like(rho)
         with np.errstate(divide="ignore", invalid="ignore"):
             if self.entropy > 0:

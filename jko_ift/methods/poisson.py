@@ -17,7 +17,7 @@ class ScreenedPoisson:
 
     def __init__(self, shape, spacing, stiffness: float, shift: float):
         eigen = np.zeros(shape)
-        for axis, (n, h) in enumerate(zip(shape, spacing)):
+        for axis, (n, h) in enumerate(zip(shape, spacing, strict=True)):
             values = (2.0 - 2.0 * np.cos(np.pi * np.arange(n) / n)) / h**2
             eigen = eigen + values.reshape([-1 if k == axis else 1 for k in range(len(shape))])
         self.symbol = stiffness * eigen + shift
