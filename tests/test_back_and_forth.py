@@ -87,6 +87,10 @@ def test_conjugate_is_the_fenchel_conjugate_of_the_energy(F):
     own, wanted, _ = energy.dual_part(phi)
     assert np.isclose(own, F.value(mu.with_weights(wanted)) + phi @ wanted, rtol=1e-10, atol=1e-12)
     assert np.isclose(energy.value(wanted), F.value(mu.with_weights(wanted)), rtol=1e-12, atol=1e-14)
+    fused, masses, curvature = energy.pointwise(phi)  # the compiled pass of the closed forms
+    s = energy.shifted(phi)
+    assert np.isclose(fused, own, rtol=1e-12) and np.allclose(masses, wanted, rtol=1e-12)
+    assert np.allclose(curvature, energy.curvature(s, wanted / mu.cell_volume), rtol=1e-10)
 
 
 def test_fokker_planck_step_matches_the_closed_form_and_is_certified():

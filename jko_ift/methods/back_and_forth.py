@@ -163,8 +163,8 @@ class _Ascent:
         self.shape = grid.shape
         density = mu.weights / self.cell
         typical_density = float(density @ mu.weights) / self.mass
-        s0 = energy.shifted(energy.initial_potential(mu))
-        curvature = energy.curvature(s0, energy.density(s0))
+        # 1 / u''(rho^k): the energy's curvature where mu^k has mass (s only matters through rho)
+        curvature = energy.curvature(np.zeros_like(density), density)
         typical_curvature = float(curvature @ mu.weights) / self.mass
         if not (np.isfinite(typical_curvature) and typical_curvature > 0):
             typical_curvature = 1.0 / max(typical_density, 1e-300)
@@ -174,11 +174,15 @@ class _Ascent:
     def evaluate(self, phi: np.ndarray) -> _Point:
         psi, argmins = c_transform(phi, self.spacing, self.tau)
         pushed, costs = push_forward(self.source, argmins, self.spacing)
-        own, wanted, shifted = self.energy.dual_part(phi.ravel())
+        own, wanted, curvature = self.energy.pointwise(phi.ravel())
         dual = float(np.sum(self.source * psi)) + own
-        curvature = self.energy.curvature(shifted, wanted / self.cell).reshape(self.shape)
+        curvature = curvature.reshape(self.shape)
         return _Point(phi, dual, wanted.reshape(self.shape), pushed, float(costs.sum()),
                       self.energy.value(pushed.ravel()), curvature)
+
+    def _feasible(self, phi: np.ndarray, mass: float) -> np.ndarray:
+        """phi with its constant balanced and, without entropy, lowered where no mass is wanted."""
+        return self.energy.lowered(self.energy.balanced(phi, mass))
 
     def direction(self, point: _Point, mismatch: np.ndarray) -> np.ndarray:
         """The preconditioned ascent direction S M^{-1} S g: M the screened Poisson operator with
@@ -198,7 +202,7 @@ class _Ascent:
     def run(self, phi, sigma: float, tol: float, max_iter: int) -> _Run:
         """Ascend from phi until the certificate of the best primal against the best dual is
         below tol, or max_iter iterations."""
-        point = self.evaluate(self.energy.balanced(phi, self.mass))
+        point = self.evaluate(self._feasible(phi, self.mass))
         run = _Run(point, _Primal.of(point), sigma)
         average = _Average(self.shape)
         for iteration in range(max_iter):
@@ -227,7 +231,7 @@ class _Ascent:
         increases it (a kink of the discrete dual, docs/theory.md §10)."""
         sigma = run.sigma
         while sigma >= STALL_RATIO * run.sigma:
-            trial = self.evaluate(self.energy.balanced(point.phi + sigma * direction, self.mass))
+            trial = self.evaluate(self._feasible(point.phi + sigma * direction, self.mass))
             run.evaluations += 1
             if trial.dual >= point.dual + ARMIJO * sigma * slope:
                 run.sigma = sigma * GROW

@@ -121,6 +121,19 @@ class LocalEnergy:
             linear = np.where(rho > 0, self.potential * rho, 0.0)
         return float(self.cell_volume * np.sum(self.internal(rho) + linear + self.constant))
 
+    def pointwise(self, phi: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        """(-F*(-phi), the maximizing masses a(phi) (n,), the curvature (u*)''(-phi - W) (n,)):
+        one compiled pass for a single internal term (entropy, or one power), else ``dual_part``."""
+        closed = _closed_form(self)
+        if closed is None:
+            own, masses, s = self.dual_part(phi)
+            return own, masses, self.curvature(s, masses / self.cell_volume)
+        conjugate, rho, curvature = _pointwise_closed(np.ascontiguousarray(phi, dtype=float),
+                                                      self.potential, *closed)
+        conjugate -= float(np.sum(self.constant))
+        return -self.cell_volume * (conjugate if np.isfinite(conjugate) else np.inf), \
+            rho * self.cell_volume, curvature
+
     def dual_part(self, phi: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
         """(-F*(-phi), the maximizing masses a(phi) (n,), s = -phi - W)."""
         s = self.shifted(phi)
@@ -130,6 +143,16 @@ class LocalEnergy:
         if not np.isfinite(conjugate):
             conjugate = np.inf
         return -self.cell_volume * conjugate, rho * self.cell_volume, s
+
+    def lowered(self, phi: np.ndarray) -> np.ndarray:
+        """Without an entropy part, phi lowered to -W where it is above (cells where the energy
+        wants no mass): a(phi) does not change there and the c-transform can only rise, so the
+        dual does not decrease, and mass is not drawn to empty cells by a potential left high by
+        earlier iterations (a warm start)."""
+        if self.entropy > 0:
+            return phi
+        ceiling = -self.potential.reshape(phi.shape)
+        return np.where(np.isfinite(ceiling), np.minimum(phi, ceiling), phi)
 
     def balanced(self, phi: np.ndarray, mass: float) -> np.ndarray:
         """phi + c with the constant c that makes sum a(phi + c) = mass: the exact maximization
@@ -154,19 +177,50 @@ class LocalEnergy:
         return phi + shift
 
     def initial_potential(self, mu: Measure) -> np.ndarray:
-        """A cold start: phi = -u'(rho^k) - W (the potential of the step that does not move) with
-        an entropy part; without one (porous media), phi = -W: -u'(rho^k) jumps at the edge of the
-        support, and the dual ascent from a potential far from c-concave stalls at the kinks of
-        the discrete dual, where -W is smooth (the constant is set by ``balanced``)."""
-        if self.entropy == 0:
-            finite = np.isfinite(self.potential)
-            cap = self.potential[finite].max() if finite.any() else 0.0
-            return -np.where(finite, self.potential, cap)
+        """A cold start: phi = -u'(rho^k) - W, the potential of the step that does not move (rho^k
+        floored where it vanishes, so that phi stays finite; the constant is set by ``balanced``).
+        Measured against phi = -W for porous media: better on Barenblatt profiles (m = 3, 96^2:
+        certificate 6e-3 against 5e-2 after 300 iterations), worse on discontinuous data (the
+        porous-medium example at 64^2: 2.5e-2 against 1.0e-2 after 1000)."""
         rho = mu.weights / self.cell_volume
         rho = np.maximum(rho, DENSITY_FLOOR * max(float(rho.max()), 1e-300))
         phi = -self.slope(rho) - self.potential
         finite = np.isfinite(phi)
         return np.where(finite, phi, phi[finite].max() if finite.any() else 0.0)
+
+
+def _closed_form(energy: LocalEnergy) -> tuple[float, float, float] | None:
+    """(e, q, m) of an entropy alone (q = 0) or of one power alone (e = 0); None otherwise."""
+    if not energy.powers:
+        return energy.entropy, 0.0, 2.0
+    if energy.entropy == 0 and len(energy.powers) == 1:
+        return 0.0, energy.powers[0][0], energy.powers[0][1]
+    return None
+
+
+@njit(cache=True)
+def _pointwise_closed(phi, potential, e, q, m):
+    """sum u*(s), rho = (u*)'(s) and (u*)''(s) at s = -phi - W, for u = e rho log rho (q = 0)
+    or u = q rho^m / (m - 1) (e = 0)."""
+    n = phi.size
+    rho = np.zeros(n)
+    curvature = np.zeros(n)
+    total = 0.0
+    for i in range(n):
+        s = -phi[i] - potential[i]
+        if not s > -np.inf:
+            continue
+        if q == 0.0:
+            r = np.exp(min(s / e - 1.0, 700.0))
+            rho[i] = r
+            curvature[i] = r / e
+            total += e * r
+        elif s > 0.0:
+            r = ((m - 1.0) / (q * m) * s) ** (1.0 / (m - 1.0))
+            rho[i] = r
+            curvature[i] = r / ((m - 1.0) * s)
+            total += r * s * (m - 1.0) / m
+    return total, rho, curvature
 
 
 @njit(cache=True)
