@@ -91,6 +91,11 @@ def test_conjugate_is_the_fenchel_conjugate_of_the_energy(F):
     s = energy.shifted(phi)
     assert np.isclose(fused, own, rtol=1e-12) and np.allclose(masses, wanted, rtol=1e-12)
     assert np.allclose(curvature, energy.curvature(s, wanted / mu.cell_volume), rtol=1e-10)
+    s = energy.shifted(phi)  # the density is the maximizer: u'(rho) = s where rho > 0
+    positive = wanted > 0
+    assert np.allclose(energy.slope(wanted[positive] / mu.cell_volume), s[positive], rtol=1e-10, atol=1e-10)
+    balanced = energy.balanced(phi, 0.7)  # the constant that gives the mass
+    assert energy.dual_part(balanced)[1].sum() == pytest.approx(0.7, rel=1e-10)
 
 
 def test_fokker_planck_step_matches_the_closed_form_and_is_certified():

@@ -164,17 +164,15 @@ class LocalEnergy:
             return phi
         if not self.powers:  # a = exp((s - c) / e - 1) h^d: closed form
             return phi + self.entropy * np.log(wanted / mass) if wanted > 0 else phi
-        shift = 0.0
-        for _ in range(60):  # Newton on the decreasing, convex-like function c -> sum a(phi + c)
+        closed = _closed_form(self)
+        if closed is not None:
+            return phi + _balance_power(s.ravel(), closed[1], closed[2], mass / self.cell_volume)
+        def excess(shift):
             rho = self.density(s - shift)
-            excess = self.cell_volume * float(np.sum(rho)) - mass
-            if abs(excess) <= 1e-14 * mass:
-                break
-            slope = self.cell_volume * float(np.sum(self.curvature(s - shift, rho)))
-            if not slope > 0:
-                break
-            shift += excess / slope
-        return phi + shift
+            return (self.cell_volume * float(np.sum(rho)) - mass,
+                    self.cell_volume * float(np.sum(self.curvature(s - shift, rho))))
+
+        return phi + _decreasing_root(excess, 0.0, max(1.0, float(np.max(np.abs(s[np.isfinite(s)])))))
 
     def initial_potential(self, mu: Measure) -> np.ndarray:
         """A cold start: phi = -u'(rho^k) - W, the potential of the step that does not move (rho^k
@@ -223,6 +221,71 @@ def _pointwise_closed(phi, potential, e, q, m):
     return total, rho, curvature
 
 
+def _decreasing_root(function, start: float, width: float) -> float:
+    """The root of a decreasing function of c given as c -> (value, -derivative): a bracket
+    grown from ``start`` by doubling ``width``, then Newton steps kept inside it (bisection
+    otherwise), to 1e-14 of the bracket's scale."""
+    low, high = start, start
+    while function(low)[0] < 0:
+        low -= width
+        width *= 2
+    while function(high)[0] > 0:
+        high += width
+        width *= 2
+    c = 0.5 * (low + high)
+    for _ in range(200):
+        value, slope = function(c)
+        if abs(value) <= 1e-13:
+            break
+        if value > 0:
+            low = c
+        else:
+            high = c
+        if high - low <= 1e-14 * max(1.0, abs(c)):
+            break
+        step = c + value / slope if slope > 0 else np.nan
+        c = step if low < step < high else 0.5 * (low + high)
+    return c
+
+
+@njit(cache=True)
+def _power_sum(s, q, m, c):
+    total, slope = 0.0, 0.0
+    for value in s:
+        if value > c:
+            r = ((m - 1.0) / (q * m) * (value - c)) ** (1.0 / (m - 1.0))
+            total += r
+            slope += r / ((m - 1.0) * (value - c))
+    return total, slope
+
+
+@njit(cache=True)
+def _balance_power(s, q, m, target):
+    """The c with sum_i ((m - 1) (s_i - c)_+ / (q m))^(1 / (m - 1)) = target (a decreasing function
+    of c): bisection on a bracket, accelerated by Newton steps that stay inside it."""
+    high = -np.inf
+    for value in s:
+        high = max(high, value)
+    if not high > -np.inf or target <= 0:
+        return 0.0
+    low = high - (q * m / (m - 1.0)) * target ** (m - 1.0)  # the largest cell alone gives target
+    c = low
+    for _ in range(200):
+        total, slope = _power_sum(s, q, m, c)
+        excess = total - target
+        if abs(excess) <= 1e-14 * target:
+            break
+        if excess > 0:
+            low = c
+        else:
+            high = c
+        if high - low <= 1e-15 * max(1.0, abs(c)):
+            break
+        step = c + excess / slope if slope > 0 else np.nan
+        c = step if low < step < high else 0.5 * (low + high)
+    return c
+
+
 @njit(cache=True)
 def _solve_slope(s, e, q, m):
     """Per cell, the rho >= 0 with e (log rho + 1) + sum_k q_k m_k/(m_k - 1) rho^(m_k - 1) = s:
@@ -241,17 +304,19 @@ def _solve_slope(s, e, q, m):
         x = 0.5 * high
         for _ in range(200):
             g = _slope(x, e, q, m) - target
+            if abs(g) <= 1e-14 * (abs(target) + 1.0):
+                break
             if g > 0:
                 high = x
             else:
                 low = x
+            if high - low <= 1e-15 * high:
+                break
             d = e / x if x > 0 else np.inf
             for k in range(q.size):
                 d += q[k] * m[k] * x ** (m[k] - 2.0)
             step = x - g / d
             x = step if low < step < high else 0.5 * (low + high)
-            if high - low <= 1e-15 * high or abs(g) <= 1e-14 * (abs(target) + 1.0):
-                break
         out[i] = x
     return out
 
