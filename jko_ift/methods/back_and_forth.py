@@ -125,11 +125,14 @@ class BackAndForthJKO:
             raise SolverError(result.info["message"], result.status, result)
         return result
 
-    def _start(self, grid, energy: LocalEnergy, mu) -> tuple[np.ndarray, float]:
+    def _start(self, grid, energy: LocalEnergy, mu) -> tuple[list[np.ndarray], float]:
+        """Candidate starting potentials (the run starts from the one of largest dual value):
+        the previous step's on the same grid, and the cold starts of ``initial_potential``."""
         state = self._state
+        cold = [phi.reshape(grid.shape) for phi in energy.initial_potentials(mu)]
         if self.warm_start and state.get("grid") == _grid_key(grid):
-            return state["phi"].reshape(grid.shape), state["sigma"]
-        return energy.initial_potential(mu).reshape(grid.shape), 1.0
+            return [state["phi"].reshape(grid.shape), *cold], state["sigma"]
+        return cold, 1.0
 
 
 def _grid_key(grid) -> tuple:
@@ -199,11 +202,14 @@ class _Ascent:
                     primal.distance_sq / (2.0 * self.tau), 1e-300)
         return float(max(gap, 0.0) / scale) if np.isfinite(gap) else float("inf")
 
-    def run(self, phi, sigma: float, tol: float, max_iter: int) -> _Run:
-        """Ascend from phi until the certificate of the best primal against the best dual is
-        below tol, or max_iter iterations."""
-        point = self.evaluate(self._feasible(phi, self.mass))
-        run = _Run(point, _Primal.of(point), sigma)
+    def run(self, starts, sigma: float, tol: float, max_iter: int) -> _Run:
+        """Ascend from the start of largest dual value until the certificate of the best primal
+        against the best dual is below tol, or max_iter iterations."""
+        points = [self.evaluate(self._feasible(phi, self.mass)) for phi in starts]
+        point = max(points, key=lambda p: p.dual)
+        run = _Run(point, _Primal.of(point), sigma, evaluations=len(points))
+        for other in points:
+            run.offer(other, self.tau)
         average = _Average(self.shape)
         for iteration in range(max_iter):
             run.iterations = iteration

@@ -174,6 +174,17 @@ class LocalEnergy:
 
         return phi + _decreasing_root(excess, 0.0, max(1.0, float(np.max(np.abs(s[np.isfinite(s)])))))
 
+    def initial_potentials(self, mu: Measure) -> list[np.ndarray]:
+        """Cold starts: ``initial_potential`` and, without an entropy part, also phi = -W (no
+        mass wanted anywhere until balanced): the first is better on continuous densities, the
+        second on discontinuous ones (measured, see ``initial_potential``)."""
+        starts = [self.initial_potential(mu)]
+        if self.entropy == 0:
+            finite = np.isfinite(self.potential)
+            cap = self.potential[finite].max() if finite.any() else 0.0
+            starts.append(-np.where(finite, self.potential, cap))
+        return starts
+
     def initial_potential(self, mu: Measure) -> np.ndarray:
         """A cold start: phi = -u'(rho^k) - W, the potential of the step that does not move (rho^k
         floored where it vanishes, so that phi stays finite; the constant is set by ``balanced``).
