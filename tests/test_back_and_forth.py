@@ -174,7 +174,8 @@ def test_measure_off_a_grid_and_bad_options_are_refused():
     mu = jk.Measure(np.random.default_rng(0).normal(size=(5, 2)), np.ones(5))
     with pytest.raises(ValueError, match="grid"):
         jk.BackAndForthJKO().step(jk.Entropy(), jk.Wasserstein(), mu, 0.1)
-    bad_options = (dict(tol=0), dict(tol=float("nan")), dict(max_iter=0), dict(max_iter=2.5), dict(warm_start=1))
+    bad_options = (dict(tol=0), dict(tol=float("nan")), dict(max_iter=0), dict(max_iter=2.5),
+                   dict(warm_start=1))
     for bad in bad_options:
         with pytest.raises(ValueError):
             jk.BackAndForthJKO(**bad)

@@ -8,6 +8,7 @@ from .explicit import ExplicitEuler
 from .particle import ParticleJKO
 from .splitting import Splitting
 
-__all__ = ["BackAndForthJKO", "ConicJKO", "EntropicBlurWarning", "EntropicJKO", "ExplicitEuler", "GridLockingWarning",
+__all__ = ["BackAndForthJKO",
+           "ConicJKO", "EntropicBlurWarning", "EntropicJKO", "ExplicitEuler", "GridLockingWarning",
            "MassMismatchWarning", "ParticleJKO", "SolverError", "Splitting", "StepResult",
            "WeightClippingWarning"]

@@ -14,9 +14,12 @@ a(phi) - P(phi), the masses a(phi) = h^d (u*)'(-phi - W) that the energy wants m
 P(phi) that mu^k pushed by the argmins of the c-transform delivers. The ascent preconditions
 that gradient with a screened Poisson operator tau rho_bar L + kappa_bar (the H^1 metric of
 Jacobs, Lee and Leger, ESAIM: COCV 27, 2021, made uniform in tau) and keeps D increasing by a
-backtracking step size. P(phi) is always a feasible new measure of exactly mu^k's mass; its
-objective minus D(phi) is the duality gap, which bounds how far P(phi) is from the optimum of
-the step: that gap, relative to the objective, is the certificate that ``tol`` bounds.
+backtracking step size. P(phi) is always a feasible new measure of exactly mu^k's mass, and so
+is an average of such measures; the objective of the best of them minus the best D met is the
+duality gap, which bounds how far the returned measure is from the optimum of the step: that
+gap, relative to the objective, is the certificate that ``tol`` bounds. The ascent runs on phi
+alone (the "forth" half of the back-and-forth method): the discrete problem is not symmetric in
+the two potentials (mu^k sits on nodes, the new measure is delivered by interpolation).
 """
 
 from __future__ import annotations
@@ -84,11 +87,14 @@ class BackAndForthJKO:
     tol: the accepted certificate, the duality gap relative to max(|objective|, |F|, transport);
     max_iter: ascent iterations per step; a step that ends above ``tol`` has status
     "max_iterations", or "stalled" where the ascent stops at a kink of the dual (never "optimal").
-    warm_start: start from the previous step's dual potential on the same grid.
+    warm_start: also offer the previous step's dual potential on the same grid as a start (the
+    run starts from the candidate of largest dual value; the state is ``self.state``).
 
     info: iterations, evaluations (c-transforms), gap, residual_h1 (the dual gradient's norm
     in the preconditioner's dual metric), mismatch_l1 (|a(phi) - P(phi)|_1 / mass),
-    mass_drift (relative), wall_time, sigma (the last step size).
+    mass_drift (relative), wall_time, sigma (the last step size), averaged (the returned measure
+    is an average of iterates). distance_sq is the cost of the plan that delivers the measure
+    (>= W_h^2).
     """
 
     keeps_support = True
