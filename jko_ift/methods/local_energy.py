@@ -169,8 +169,15 @@ class LocalEnergy:
         if not self.powers:  # a = exp((s - c) / e - 1) h^d: closed form
             return phi + self.entropy * np.log(wanted / mass) if wanted > 0 else phi
         closed = _closed_form(self)
-        if closed is not None:
-            return phi + _balance_power(s.ravel(), closed[1], closed[2], mass / self.cell_volume)
+        if closed is not None:  # one power: a compiled pass per evaluation
+            flat, (_, q, m) = s.ravel(), closed
+
+            def excess(shift):
+                total, slope = _power_sum(flat, q, m, shift)
+                return self.cell_volume * total - mass, self.cell_volume * slope
+
+            width = max(1.0, float(np.max(np.abs(flat[np.isfinite(flat)]))))
+            return phi + _decreasing_root(excess, 0.0, width, mass)
         def excess(shift):
             rho = self.density(s - shift)
             return (self.cell_volume * float(np.sum(rho)) - mass,
@@ -275,33 +282,6 @@ def _power_sum(s, q, m, c):
             total += r
             slope += r / ((m - 1.0) * (value - c))
     return total, slope
-
-
-@njit(cache=True)
-def _balance_power(s, q, m, target):
-    """The c with sum_i ((m - 1) (s_i - c)_+ / (q m))^(1 / (m - 1)) = target (a decreasing function
-    of c): bisection on a bracket, accelerated by Newton steps that stay inside it."""
-    high = -np.inf
-    for value in s:
-        high = max(high, value)
-    if not high > -np.inf or target <= 0:
-        return 0.0
-    low = high - (q * m / (m - 1.0)) * target ** (m - 1.0)  # the largest cell alone gives target
-    c = 0.0 if low < 0.0 < high else low  # a potential balanced before stays near c = 0
-    for _ in range(200):
-        total, slope = _power_sum(s, q, m, c)
-        excess = total - target
-        if abs(excess) <= MASS_BALANCE_RTOL * target:
-            break
-        if excess > 0:
-            low = c
-        else:
-            high = c
-        if high - low <= 1e-15 * max(1.0, abs(c)):
-            break
-        step = c + excess / slope if slope > 0 else np.nan
-        c = step if low < step < high else 0.5 * (low + high)
-    return c
 
 
 @njit(cache=True)
