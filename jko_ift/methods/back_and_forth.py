@@ -34,7 +34,7 @@ from .base import SolverError, StepResult, check_step_input
 from .legendre import c_transform, push_forward
 from .local_energy import LocalEnergy, local_energy
 from .options import count, fraction
-from .poisson import ScreenedPoisson
+from .poisson import ScreenedPoisson, heat
 
 #: Sufficient increase of the dual asked of an ascent step (Armijo), relative to the
 #: first-order prediction sigma <grad D, direction>.
@@ -123,7 +123,7 @@ class BackAndForthJKO:
         grid = _check_grid(mu)
         energy = local_energy(F, mu, "BackAndForthJKO")
         ascent = _Ascent(energy, mu, tau, grid)
-        phi, sigma = self._start(grid, energy, mu)
+        phi, sigma = self._start(grid, energy, mu, ascent.diffusivity * tau)
         run = ascent.run(phi, sigma, self.tol, self.max_iter)
         self._state = {"grid": _grid_key(grid), "phi": run.dual.phi.ravel().copy(), "sigma": run.sigma}
         result = ascent.result(run, F, self.tol, start)
@@ -131,11 +131,14 @@ class BackAndForthJKO:
             raise SolverError(result.info["message"], result.status, result)
         return result
 
-    def _start(self, grid, energy: LocalEnergy, mu) -> tuple[list[np.ndarray], float]:
+    def _start(self, grid, energy: LocalEnergy, mu, heat_time: float) -> tuple[list[np.ndarray], float]:
         """Candidate starting potentials (the run starts from the one of largest dual value):
-        the previous step's on the same grid, and the cold starts of ``initial_potential``."""
+        the previous step's on the same grid, and the cold starts of ``initial_potentials``, one
+        of them from rho^k smoothed by the heat flow of the step's typical diffusivity (for the
+        entropy, the heat equation's step: a good guess of rho^{k+1} where rho^k has edges)."""
         state = self._state
-        cold = [phi.reshape(grid.shape) for phi in energy.initial_potentials(mu)]
+        smoothed = heat(mu.weights.reshape(grid.shape) / grid.cell_volume, grid.spacing, heat_time)
+        cold = [phi.reshape(grid.shape) for phi in energy.initial_potentials(mu, smoothed.ravel())]
         if self.warm_start and state.get("grid") == _grid_key(grid):
             return [state["phi"].reshape(grid.shape), *cold], state["sigma"]
         return cold, 1.0
@@ -178,6 +181,7 @@ class _Ascent:
         if not (np.isfinite(typical_curvature) and typical_curvature > 0):
             typical_curvature = 1.0 / max(typical_density, 1e-300)
         self.typical_curvature = typical_curvature
+        self.diffusivity = typical_density / typical_curvature  # rho u''(rho) of the linearized flow
         self.metric = ScreenedPoisson(grid.shape, self.spacing, tau * typical_density, typical_curvature)
 
     def evaluate(self, phi: np.ndarray) -> _Point:

@@ -186,24 +186,27 @@ class LocalEnergy:
         width = max(1.0, float(np.max(np.abs(s[np.isfinite(s)]))))
         return phi + _decreasing_root(excess, 0.0, width, mass)
 
-    def initial_potentials(self, mu: Measure) -> list[np.ndarray]:
-        """Cold starts: ``initial_potential`` and, without an entropy part, also phi = -W (no
-        mass wanted anywhere until balanced): the first is better on continuous densities, the
-        second on discontinuous ones (measured, see ``initial_potential``)."""
+    def initial_potentials(self, mu: Measure, smoothed: np.ndarray | None = None) -> list[np.ndarray]:
+        """Cold starts: ``initial_potential`` of rho^k and of a ``smoothed`` density (n,) if given
+        and, without an entropy part, also phi = -W (no mass wanted anywhere until balanced): the
+        first is better on continuous densities, the others on discontinuous ones (measured, see
+        ``initial_potential``)."""
         starts = [self.initial_potential(mu)]
+        if smoothed is not None:
+            starts.append(self.initial_potential(mu, smoothed))
         if self.entropy == 0:
             finite = np.isfinite(self.potential)
             cap = self.potential[finite].max() if finite.any() else 0.0
             starts.append(-np.where(finite, self.potential, cap))
         return starts
 
-    def initial_potential(self, mu: Measure) -> np.ndarray:
+    def initial_potential(self, mu: Measure, density: np.ndarray | None = None) -> np.ndarray:
         """A cold start: phi = -u'(rho^k) - W, the potential of the step that does not move (rho^k
         floored where it vanishes, so that phi stays finite; the constant is set by ``balanced``).
         Measured against phi = -W for porous media: better on Barenblatt profiles (m = 3, 96^2:
         certificate 6e-3 against 5e-2 after 300 iterations), worse on discontinuous data (the
         porous-medium example at 64^2: 2.5e-2 against 1.0e-2 after 1000)."""
-        rho = mu.weights / self.cell_volume
+        rho = mu.weights / self.cell_volume if density is None else density
         rho = np.maximum(rho, DENSITY_FLOOR * max(float(rho.max()), 1e-300))
         phi = -self.slope(rho) - self.potential
         finite = np.isfinite(phi)

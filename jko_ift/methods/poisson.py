@@ -12,15 +12,26 @@ import numpy as np
 from scipy import fft
 
 
+def neumann_symbol(shape, spacing) -> np.ndarray:
+    """The eigenvalues of the Neumann Laplacian -L in the DCT-II basis, of the grid's shape."""
+    eigen = np.zeros(shape)
+    for axis, (n, h) in enumerate(zip(shape, spacing, strict=True)):
+        values = (2.0 - 2.0 * np.cos(np.pi * np.arange(n) / n)) / h**2
+        eigen = eigen + values.reshape([-1 if k == axis else 1 for k in range(len(shape))])
+    return eigen
+
+
+def heat(values: np.ndarray, spacing, time: float) -> np.ndarray:
+    """The discrete heat flow exp(t L) of grid values (no-flux boundary): mass is kept."""
+    symbol = np.exp(-time * neumann_symbol(values.shape, spacing))
+    return fft.idctn(fft.dctn(values, type=2, norm="ortho") * symbol, type=2, norm="ortho")
+
+
 class ScreenedPoisson:
     """(stiffness * L + shift) u = f on a grid of ``shape`` and ``spacing``; shift > 0."""
 
     def __init__(self, shape, spacing, stiffness: float, shift: float):
-        eigen = np.zeros(shape)
-        for axis, (n, h) in enumerate(zip(shape, spacing, strict=True)):
-            values = (2.0 - 2.0 * np.cos(np.pi * np.arange(n) / n)) / h**2
-            eigen = eigen + values.reshape([-1 if k == axis else 1 for k in range(len(shape))])
-        self.symbol = stiffness * eigen + shift
+        self.symbol = stiffness * neumann_symbol(shape, spacing) + shift
 
     def solve(self, f: np.ndarray) -> np.ndarray:
         return fft.idctn(fft.dctn(f, type=2, norm="ortho") / self.symbol, type=2, norm="ortho")
