@@ -12,6 +12,7 @@ from .io import load
 from .kernels import IMQ, EnergyKernel, Gaussian, Laplace
 from .measures import Grid, Measure
 from .methods import (
+    BackAndForthJKO,
     ConicJKO,
     EntropicBlurWarning,
     EntropicJKO,
@@ -29,7 +30,7 @@ from .solve import DissipationWarning, Trajectory, jko_step, solve
 __version__ = "0.1.0"
 
 __all__ = [
-    "IFT", "IMQ", "KL", "MMD", "MMD2", "WFR", "ConicJKO", "DissipationWarning", "Energy",
+    "IFT", "IMQ", "KL", "MMD", "MMD2", "WFR", "BackAndForthJKO", "ConicJKO", "DissipationWarning", "Energy",
     "EntropicBlurWarning", "EntropicJKO", "ExplicitEuler", "ParticleJKO", "Splitting",
     "EnergyKernel", "Entropy", "Gaussian", "Grid", "GridLockingWarning", "Hellinger",
     "InfConvolution", "Interaction", "Laplace", "MassMismatchWarning", "Measure", "PorousMedium",

@@ -1,5 +1,6 @@
 """Methods: each turns (F, geometry, mu, tau) into a StepResult."""
 
+from .back_and_forth import BackAndForthJKO
 from .base import (
     MassMismatchWarning,
     Method,
@@ -15,6 +16,7 @@ from .explicit import ExplicitEuler
 from .particle import ParticleJKO
 from .splitting import Splitting
 
-__all__ = ["ConicJKO", "EntropicBlurWarning", "EntropicJKO", "ExplicitEuler", "GridLockingWarning",
+__all__ = ["BackAndForthJKO", "ConicJKO", "EntropicBlurWarning", "EntropicJKO", "ExplicitEuler",
+           "GridLockingWarning",
            "MassMismatchWarning", "Method", "MethodState", "ParticleJKO", "SolverError", "Splitting",
            "Status", "StepResult", "WeightClippingWarning"]

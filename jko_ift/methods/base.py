@@ -39,6 +39,9 @@ class Status(str, enum.Enum):
     MAX_ITERATIONS = "max_iterations", (
         "the iteration limit was reached before the tolerance: raise max_iter, loosen tol, or "
         "take a smaller tau (for entropic steps: a larger eps)")
+    STALLED = "stalled", (
+        "an ascent stopped making progress above its tolerance (BackAndForthJKO: at a kink of "
+        "its dual): take a smaller tau, or loosen tol")
     DIVERGED = "diverged", (
         "the step produced non-finite positions, weights or energy: tau is beyond the stability "
         "limit of the scheme; take a smaller tau or an implicit method (jk.ParticleJKO())")

@@ -1,0 +1,287 @@
+"""BackAndForthJKO: the exact c-transform, the conjugates, closed forms, a second method, bad input."""
+
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+import jko_ift as jk
+from jko_ift.methods.legendre import c_transform, c_transform_lines, push_forward
+from jko_ift.methods.local_energy import UnsupportedEnergyError, local_energy
+
+#: Brute-force minimum over 2e5 + n samples of z (nodes included): it lies above the exact
+#: minimum by at most (sample spacing)^2 / (8 tau), the parabola's rise over half a spacing.
+BRUTE_SAMPLES = 200_001
+
+CENTRE, STIFFNESS = np.array([0.2, -0.1]), 0.5  # V = |x - c|^2 / (2 s)
+
+
+def brute_c_transform(f, h, tau):
+    n = f.size
+    z = np.union1d(np.linspace(0.0, (n - 1) * h, BRUTE_SAMPLES), np.arange(n) * h)
+    values = (z[None, :] - np.arange(n)[:, None] * h) ** 2 / (2 * tau) - np.interp(z, np.arange(n) * h, f)
+    return values.min(axis=1)
+
+
+@pytest.mark.parametrize("tau", [1e-4, 1e-2, 1.0, 100.0])
+def test_c_transform_is_exact_for_the_interpolated_function(tau):
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        n = int(rng.integers(2, 25))
+        h = 1.0 / n
+        f = rng.normal(size=n) * rng.choice([0.01, 1.0, 10.0])
+        values, where = c_transform_lines(f[None, :], h, tau)
+        reference = brute_c_transform(f, h, tau)
+        roundoff = 1e-12 * (1 + np.abs(reference).max())
+        sampling = ((n - 1) * h / (BRUTE_SAMPLES - 1)) ** 2 / (8 * tau)
+        assert np.all(values[0] <= reference + roundoff)
+        assert np.all(reference - values[0] <= sampling + roundoff)
+        # the argmin attains the value
+        z = where[0] * h
+        attained = (z - np.arange(n) * h) ** 2 / (2 * tau) - np.interp(z, np.arange(n) * h, f)
+        assert np.allclose(attained, values[0], rtol=0, atol=1e-10 * (1 + np.abs(reference).max()))
+
+
+def test_push_forward_conserves_mass_and_the_zero_potential_does_not_move():
+    rng = np.random.default_rng(2)
+    mass = rng.random((17, 9))
+    spacing = np.array([0.1, 0.2])
+    psi, argmins = c_transform(np.zeros((17, 9)), spacing, 0.3)
+    pushed, costs = push_forward(mass, argmins, spacing)
+    assert np.array_equal(pushed, mass) and np.all(costs == 0) and np.all(psi == 0)
+    psi, argmins = c_transform(rng.normal(size=(17, 9)), spacing, 0.3)
+    pushed, _ = push_forward(mass, argmins, spacing)
+    assert abs(pushed.sum() - mass.sum()) <= 1e-13 * mass.sum() and pushed.min() >= 0
+
+
+def fokker_planck(n):
+    grid = jk.Grid([-4, -4], [4, 4], (n, n))
+    F = jk.Entropy() + jk.Potential(lambda x: np.sum((x - CENTRE) ** 2, 1) / (2 * STIFFNESS))
+    return grid, F
+
+
+def gaussian(grid, mean, sigma):
+    return grid.measure(lambda x: np.exp(-np.sum((x - mean) ** 2, 1) / (2 * sigma**2)), normalize=True)
+
+
+def gaussian_step(mean, sigma, tau):
+    """The closed-form JKO step of the Fokker-Planck energy from an isotropic Gaussian (theory §5)."""
+    a = 1 + tau / STIFFNESS
+    return CENTRE + (mean - CENTRE) / a, (sigma + np.sqrt(sigma**2 + 4 * a * tau)) / (2 * a)
+
+
+@pytest.mark.parametrize("F", [
+    jk.Entropy() + jk.Potential(lambda x: x[:, 0] ** 2),
+    2.0 * jk.PorousMedium(2) + jk.Potential(lambda x: x[:, 1]),
+    jk.PorousMedium(3),
+    jk.Entropy() + 0.5 * jk.PorousMedium(2),
+    jk.KL(lambda x: -np.sum(x**2, 1)) + 0.3 * jk.Entropy(),
+])
+def test_conjugate_is_the_fenchel_conjugate_of_the_energy(F):
+    """-F*(-phi) = F(a) + <phi, a> at the maximizer a(phi), with F.value itself."""
+    grid = jk.Grid([-1, -1], [1, 1], (6, 5))
+    mu = grid.measure(lambda x: 1 + 0 * x[:, 0])
+    energy = local_energy(F, mu, "test")
+    phi = np.random.default_rng(3).normal(size=mu.n) - 1.0
+    own, wanted, _ = energy.dual_part(phi)
+    assert np.isclose(own, F.value(mu.with_weights(wanted)) + phi @ wanted, rtol=1e-10, atol=1e-12)
+    assert np.isclose(energy.value(wanted), F.value(mu.with_weights(wanted)), rtol=1e-12, atol=1e-14)
+    fused, masses, curvature = energy.pointwise(phi)  # the compiled pass of the closed forms
+    s = energy.shifted(phi)
+    assert np.isclose(fused, own, rtol=1e-12) and np.allclose(masses, wanted, rtol=1e-12)
+    assert np.allclose(curvature, energy.curvature(s, wanted / mu.cell_volume), rtol=1e-10)
+    s = energy.shifted(phi)  # the density is the maximizer: u'(rho) = s where rho > 0
+    positive = wanted > 0
+    assert np.allclose(energy.slope(wanted[positive] / mu.cell_volume), s[positive], rtol=1e-10, atol=1e-10)
+    balanced = energy.balanced(phi, 0.7)  # the constant that gives the mass
+    assert energy.dual_part(balanced)[1].sum() == pytest.approx(0.7, rel=1e-10)
+
+
+def test_fokker_planck_step_matches_the_closed_form_and_is_certified():
+    grid, F = fokker_planck(48)
+    mean, sigma, tau = np.array([-0.5, 0.3]), 0.6, 0.1
+    mu = gaussian(grid, mean, sigma)
+    method = jk.BackAndForthJKO(tol=1e-4)
+    result = jk.jko_step(F, jk.Wasserstein(), mu, tau, method=method)
+    new = result.measure
+    assert result.status == "optimal" and result.certificate <= 1e-4
+    assert abs(new.mass - mu.mass) <= 1e-13 and result.info["mass_drift"] == pytest.approx(0, abs=1e-13)
+    assert result.energy == F.value(new)
+    assert result.objective == pytest.approx(F.value(new) + result.distance_sq / (2 * tau), rel=1e-12)
+    assert result.objective <= F.value(mu) + result.info["gap"]  # staying is feasible
+    mean1, sigma1 = gaussian_step(mean, sigma, tau)
+    h = grid.spacing[0]
+    # discretization error of the moments: below h^2 on this grid (0.028); measured 2e-4 and 2.5e-3
+    assert np.abs(new.mean() - mean1).max() < 0.2 * h**2
+    assert np.abs(np.diag(new.covariance()) - sigma1**2).max() < h**2
+
+
+def test_warm_start_state_is_kept_per_grid():
+    grid, F = fokker_planck(32)
+    mu = gaussian(grid, np.array([-0.5, 0.3]), 0.6)
+    method, w2 = jk.BackAndForthJKO(tol=1e-4), jk.Wasserstein()
+    state = method.init_state(F, w2, mu)
+    first, state = method.advance(F, w2, mu, 0.05, state)
+    assert state.warm["phi"].shape == (mu.n,) and state.warm["grid"] == (grid.lo, grid.hi, grid.shape)
+    second, after = method.advance(F, w2, first.measure, 0.05, state)  # offered the previous potential
+    assert state.warm["phi"].shape == (mu.n,)  # advance leaves the state it was given as it was
+    other, _ = fokker_planck(20)  # another grid: the state is not used, and is replaced
+    third, last = method.advance(F, w2, gaussian(other, np.array([-0.5, 0.3]), 0.6), 0.05, after)
+    assert second.ok and third.ok and last.warm["phi"].shape == (other.size,)
+    assert second.info["evaluations"] <= first.info["evaluations"] + 5
+
+
+def test_one_dimensional_step_moves_by_less_than_a_cell():
+    grid = jk.Grid([-3], [3], (60,))
+    F = jk.Entropy() + jk.Potential(lambda x: x[:, 0] ** 2 / 2)
+    mu = grid.measure(lambda x: np.exp(-(x[:, 0] - 1) ** 2 / 2), normalize=True)
+    tau = 0.01  # the mean moves by about tau * 1 = 0.01, a tenth of a cell
+    result = jk.BackAndForthJKO().step(F, jk.Wasserstein(), mu, tau)
+    moved = mu.mean()[0] - result.measure.mean()[0]
+    assert result.ok and moved == pytest.approx(1 - 1 / (1 + tau), rel=0.05)
+
+
+def test_no_grid_locking_warning_below_the_cell_width():
+    grid, F = fokker_planck(24)
+    mu = gaussian(grid, np.array([-0.5, 0.3]), 0.6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", jk.GridLockingWarning)
+        trajectory = jk.solve(F, jk.Wasserstein(), mu, tau=0.02, steps=3, method=jk.BackAndForthJKO())
+    assert not any(w.category is jk.GridLockingWarning for w in trajectory.warnings)
+    assert trajectory.measures[-1].mean()[0] > mu.mean()[0]  # it moved toward the centre
+
+
+@pytest.mark.parametrize("F, names", [
+    (jk.Interaction(lambda d: np.sum(d**2, 1)), ("ConicJKO", "EntropicJKO", "ParticleJKO")),
+    (jk.MMD2(jk.Grid([0], [1], (4,)).measure(np.ones(4)), jk.Gaussian(0.5)), ("ConicJKO", "ParticleJKO")),
+    (jk.Potential(lambda x: x[:, 0]), ("Entropy",)),
+    (-1.0 * jk.Entropy(), ("positive coefficient",)),
+])
+def test_unsupported_energies_are_refused_with_the_alternatives(F, names):
+    mu = jk.Grid([0], [1], (4,)).measure(np.ones(4))
+    with pytest.raises(UnsupportedEnergyError) as error:
+        jk.BackAndForthJKO().step(F, jk.Wasserstein(), mu, 0.1)
+    assert all(name in str(error.value) for name in names)
+
+
+@pytest.mark.parametrize("geometry, name", [
+    (jk.WFR(1.0, 1.0), "Splitting"), (jk.IFT(jk.Gaussian(0.5)), "Splitting"),
+    (jk.Hellinger(), "ConicJKO"), (jk.MMD(jk.Gaussian(0.5)), "ConicJKO")])
+def test_other_geometries_are_refused_naming_splitting(geometry, name):
+    mu = jk.Grid([0], [1], (4,)).measure(np.ones(4))
+    with pytest.raises(ValueError, match=name):
+        jk.BackAndForthJKO().step(jk.Entropy(), geometry, mu, 0.1)
+
+
+def test_measure_off_a_grid_and_bad_options_are_refused():
+    mu = jk.Measure(np.random.default_rng(0).normal(size=(5, 2)), np.ones(5))
+    with pytest.raises(ValueError, match="grid"):
+        jk.BackAndForthJKO().step(jk.Entropy(), jk.Wasserstein(), mu, 0.1)
+    bad_options = (dict(tol=0), dict(tol=float("nan")), dict(max_iter=0), dict(max_iter=2.5),
+                   dict(warm_start=1))
+    for bad in bad_options:
+        with pytest.raises(ValueError):
+            jk.BackAndForthJKO(**bad)
+
+
+@pytest.mark.parametrize("tau", [1e-12, 1e12])
+def test_extreme_steps_end_in_bounded_time_with_an_honest_status(tau):
+    grid, F = fokker_planck(16)
+    mu = gaussian(grid, np.array([-0.5, 0.3]), 0.6)
+    start = time.perf_counter()
+    result = jk.BackAndForthJKO(max_iter=300).step(F, jk.Wasserstein(), mu, tau, throw=False)
+    assert time.perf_counter() - start < 20
+    assert abs(result.measure.mass - mu.mass) <= 1e-13
+    assert result.ok == (result.certificate <= 1e-4)
+    if not result.ok:
+        assert result.status in ("max_iterations", "stalled") and "tol" in result.info["message"]
+        with pytest.raises(jk.SolverError):
+            jk.BackAndForthJKO(max_iter=300).step(F, jk.Wasserstein(), mu, tau)
+
+
+#: Certificate accepted in the convergence studies: a step whose ascent stalls at a kink of the
+#: discrete dual (docs/theory.md §10) is used if its duality gap is below this fraction of the
+#: objective, far below the discretization errors measured (1e-3 .. 1e-1).
+STUDY_CERTIFICATE = 1e-3
+
+
+def run_steps(F, mu, tau, steps, method=None):
+    """``steps`` steps with one method object (warm starts); every certificate <= STUDY_CERTIFICATE."""
+    method = method or jk.BackAndForthJKO(tol=1e-5, max_iter=1000)
+    for _ in range(steps):
+        result = method.step(F, jk.Wasserstein(), mu, tau, throw=False)
+        assert result.certificate <= STUDY_CERTIFICATE, result.info["message"]
+        mu = result.measure
+    return mu
+
+
+def moment_errors(n, tau=0.1, sigma=0.6):
+    grid, F = fokker_planck(n)
+    mean = np.array([-0.5, 0.3])
+    new = run_steps(F, gaussian(grid, mean, sigma), tau, 1)
+    mean1, sigma1 = gaussian_step(mean, sigma, tau)
+    return grid.spacing[0], moment_error(new, mean1, sigma1**2)
+
+
+def moment_error(new, mean, variance):
+    return np.abs(new.mean() - mean).max() + np.abs(np.diag(new.covariance()) - variance).max()
+
+
+@pytest.mark.slow
+def test_one_step_moments_converge_at_least_like_h():
+    spacings, errors = zip(*(moment_errors(n) for n in (64, 128, 256)), strict=True)
+    order = np.polyfit(np.log(spacings), np.log(errors), 1)[0]
+    assert order >= 0.9, (spacings, errors)
+
+
+@pytest.mark.slow
+def test_run_is_first_order_in_tau_with_tau_below_h():
+    grid, F = fokker_planck(128)  # h = 0.0625
+    mean0, sigma0, final = np.array([-0.5, 0.3]), 0.6, 0.4
+    exact_mean = CENTRE + (mean0 - CENTRE) * np.exp(-final / STIFFNESS)
+    exact_var = STIFFNESS + (sigma0**2 - STIFFNESS) * np.exp(-2 * final / STIFFNESS)
+    taus, errors = [0.2, 0.1, 0.05, 0.025], []
+    for tau in taus:
+        new = run_steps(F, gaussian(grid, mean0, sigma0), tau, round(final / tau))
+        errors.append(moment_error(new, exact_mean, exact_var))
+    order = np.polyfit(np.log(taus), np.log(errors), 1)[0]
+    assert order >= 0.85, (taus, errors)
+
+
+def barenblatt(m, t, x, d=2, C=0.1):
+    k = d / (d * (m - 1) + 2)
+    kappa = k * (m - 1) / (2 * m * d)
+    return t**-k * np.maximum(C - kappa * np.sum(x**2, 1) * t ** (-2 * k / d), 0) ** (1 / (m - 1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("m", [2, pytest.param(3, marks=pytest.mark.xfail(
+    reason="m = 3: the dual ascent stays above a certificate of 1e-3 after 1000 iterations (1.5e-2 "
+           "at tau = 0.02, 96^2): (u*)'' is unbounded at the free boundary (docs/theory.md §10)",
+    strict=False))])
+def test_barenblatt_is_matched_at_first_order_in_tau(m):
+    grid = jk.Grid([-1, -1], [1, 1], (96, 96))
+    start, final = 0.05, 0.08
+    exact = grid.measure(lambda x: barenblatt(m, start + final, x)).weights
+    taus, errors = [0.02, 0.01, 0.005], []
+    for tau in taus:
+        mu = grid.measure(lambda x: barenblatt(m, start, x))
+        new = run_steps(jk.PorousMedium(m), mu, tau, round(final / tau))
+        errors.append(np.abs(new.weights - exact).sum() / mu.mass)
+    order = np.polyfit(np.log(taus), np.log(errors), 1)[0]
+    assert order >= 0.7, (taus, errors)
+
+
+@pytest.mark.slow
+def test_agrees_with_the_conic_step_to_order_h():
+    """A second method: ConicJKO on a 24x24 grid with tau large enough that it does not lock."""
+    grid, F = fokker_planck(24)  # h = 1/3
+    mu = gaussian(grid, np.array([-1.0, 0.8]), 0.9)
+    tau = 0.5
+    ours = run_steps(F, mu, tau, 1)
+    conic = jk.ConicJKO().step(F, jk.Wasserstein(), mu, tau).measure
+    h = grid.spacing[0]
+    assert np.abs(ours.mean() - conic.mean()).max() < h
+    assert np.abs(ours.covariance() - conic.covariance()).max() < h
+    assert jk.w2(ours, conic) < h
