@@ -227,6 +227,16 @@ def plain_math_bars(app, what, name, obj, options, lines: list[str]) -> None:
                 literal_indent = indent
 
 
+def public_bases(app, name, obj, options, bases: list) -> None:
+    """Show a private base class (``_ScaledKernel``) as its public ancestors (``Kernel``), which
+    the API pages document and link."""
+    def public(cls):
+        if not cls.__name__.startswith("_"):
+            return [cls]
+        return [b for base in cls.__bases__ if base is not object for b in public(base)]
+    bases[:] = list(dict.fromkeys(b for base in bases for b in public(base))) or bases
+
+
 # --------------------------------------------------------------------------- gallery
 
 
@@ -489,6 +499,7 @@ def setup(app):
     app.connect("autodoc-process-docstring", keep_attribute_docstring, priority=400)
     app.connect("autodoc-process-docstring", restore_attribute_docstring, priority=600)
     app.connect("autodoc-process-docstring", plain_math_bars, priority=600)
+    app.connect("autodoc-process-bases", public_bases)
     # before autosummary and the reading of the sources, which must find the generated pages
     app.connect("builder-inited", generate_gallery, priority=100)
     app.connect("builder-inited", generate_notebooks, priority=100)
