@@ -301,11 +301,13 @@ class MMD(ReactionGeometry):
 
     Examples
     --------
+    >>> import numpy as np
     >>> import jko_ift as jk
     >>> mu = jk.Measure([[0.0], [5.0]], [0.5, 0.5])
     >>> nu = mu.with_weights([1.0, 0.0])
-    >>> round(jk.MMD(jk.Gaussian(1.0), ridge=0.0).squared_distance(mu, nu), 6)  # far apart: He^2 / 4
-    0.5
+    >>> d2 = jk.MMD(jk.Gaussian(1.0), ridge=0.0).squared_distance(mu, nu)
+    >>> bool(abs(d2 - (0.5 - 0.5 * np.exp(-12.5))) < 1e-12)  # (a - b)^T K (a - b), k(0, 5) = e^{-12.5}
+    True
     """
 
     kernel: Kernel
