@@ -227,6 +227,14 @@ def plain_math_bars(app, what, name, obj, options, lines: list[str]) -> None:
                 literal_indent = indent
 
 
+def drop_option_catchall(app, what, name, obj, options, signature, return_annotation):
+    """Leave out a trailing ``**unknown`` of a signature: it only catches misspelt options
+    to reject them with a message (EntropicJKO), and is no option itself."""
+    if signature and ", **unknown)" in signature:
+        return signature.replace(", **unknown)", ")"), return_annotation
+    return None
+
+
 def public_bases(app, name, obj, options, bases: list) -> None:
     """Show a private base class (``_ScaledKernel``) as its public ancestors (``Kernel``), which
     the API pages document and link."""
@@ -500,6 +508,7 @@ def setup(app):
     app.connect("autodoc-process-docstring", restore_attribute_docstring, priority=600)
     app.connect("autodoc-process-docstring", plain_math_bars, priority=600)
     app.connect("autodoc-process-bases", public_bases)
+    app.connect("autodoc-process-signature", drop_option_catchall)
     # before autosummary and the reading of the sources, which must find the generated pages
     app.connect("builder-inited", generate_gallery, priority=100)
     app.connect("builder-inited", generate_notebooks, priority=100)
