@@ -157,6 +157,18 @@ class Energy:
     in the weights on a fixed support (a ``WeightForm``), from which the exact methods build
     their convex programs.
 
+    Notes
+    -----
+    The first variation is the function :math:`f` with
+
+    .. math::
+
+        \frac{d}{d\varepsilon} F(\mu + \varepsilon\chi)\Big|_{\varepsilon = 0} = \int f\, d\chi
+
+    for every admissible perturbation :math:`\chi`; the flows of the geometries are written
+    with it (:math:`\partial_t\mu = \operatorname{div}(\mu\nabla f)` in :math:`W_2`,
+    :math:`-\mu f` in Hellinger).
+
     Examples
     --------
     >>> import numpy as np
