@@ -142,8 +142,8 @@ class Wasserstein(Geometry):
 
     References
     ----------
-    .. [JKO98] R. Jordan, D. Kinderlehrer, F. Otto, "The variational formulation of the
-       Fokker-Planck equation", SIAM J. Math. Anal. 29 (1998).
+    * R. Jordan, D. Kinderlehrer, F. Otto, "The variational formulation of the
+      Fokker-Planck equation", SIAM J. Math. Anal. 29 (1998).
 
     Examples
     --------
@@ -423,12 +423,12 @@ class WFR(InfConvolution):
 
     whose flow is :math:`\partial_t\mu = \alpha\operatorname{div}(\mu\nabla f) -
     \beta\mu f`. This inf-convolution form differs from the Hellinger-Kantorovich cost of
-    [LMS18]_ at finite step; both give the same flow.
+    Liero, Mielke and Savaré (2018) at finite step; both give the same flow.
 
     References
     ----------
-    .. [LMS18] M. Liero, A. Mielke, G. Savaré, "Optimal entropy-transport problems and a new
-       Hellinger-Kantorovich distance between positive measures", Invent. Math. 211 (2018).
+    * M. Liero, A. Mielke, G. Savaré, "Optimal entropy-transport problems and a new
+      Hellinger-Kantorovich distance between positive measures", Invent. Math. 211 (2018).
 
     Examples
     --------
@@ -443,7 +443,7 @@ class WFR(InfConvolution):
 
 
 class IFT(InfConvolution):
-    r"""Interaction-Force Transport: :math:`W_2` inf-convolved with the MMD geometry [GDMZ24]_.
+    r"""Interaction-Force Transport: :math:`W_2` inf-convolved with the MMD geometry (Gladin et al. 2024).
 
     Parameters
     ----------
@@ -472,8 +472,8 @@ class IFT(InfConvolution):
 
     References
     ----------
-    .. [GDMZ24] E. Gladin, P. Dvurechensky, A. Mielke, J.-J. Zhu, "Interaction-Force Transport
-       gradient flows", NeurIPS 2024.
+    * E. Gladin, P. Dvurechensky, A. Mielke, J.-J. Zhu, "Interaction-Force Transport
+      gradient flows", NeurIPS 2024.
 
     Examples
     --------

@@ -91,10 +91,8 @@ class Grid:
     points : ndarray, shape (n, d)
         The cell centres in C order (the last axis varies fastest), so that
         ``values.reshape(grid.shape)`` recovers the image of a field on the grid. Read-only.
-    spacing : ndarray, shape (d,)
-        Cell widths :math:`h_k = (hi_k - lo_k) / shape_k`.
-    cell_volume : float
-        :math:`\prod_k h_k`, which turns densities into weights.
+        The cell widths are ``spacing``, :math:`h_k = (hi_k - lo_k) / shape_k`, and
+        ``cell_volume`` is :math:`\prod_k h_k`, which turns densities into weights.
 
     Raises
     ------

@@ -295,8 +295,8 @@ class ConicJKO(Method):
 
     References
     ----------
-    .. [JKO] R. Jordan, D. Kinderlehrer, F. Otto, "The variational formulation of the
-       Fokker-Planck equation", SIAM J. Math. Anal. 29 (1998).
+    * R. Jordan, D. Kinderlehrer, F. Otto, "The variational formulation of the
+      Fokker-Planck equation", SIAM J. Math. Anal. 29 (1998).
 
     Examples
     --------

@@ -167,8 +167,8 @@ class EntropicJKO(Method):
 
     References
     ----------
-    .. [Pey15] G. Peyré, "Entropic approximation of Wasserstein gradient flows", SIAM J.
-       Imaging Sci. 8 (2015).
+    * G. Peyré, "Entropic approximation of Wasserstein gradient flows", SIAM J.
+      Imaging Sci. 8 (2015).
 
     Examples
     --------

@@ -72,16 +72,16 @@ class ExplicitEuler(Method):
         :math:`\dot x_i = -\alpha\nabla f(x_i)`, or the paper code's
         :math:`-\alpha (n a_i / M)\nabla f(x_i)`.
     noise : float, default 0.0
-        Noise level :math:`\beta_n` of [AKSG19]_: the standard deviation of the perturbation
-        of the points at which the witness gradient is evaluated.
+        Noise level :math:`\beta_n` of Arbel et al. (2019): the standard deviation of the
+        perturbation of the points at which the witness gradient is evaluated.
     noise_steps : int or None, default None
         Number of steps with noise (None: all).
     seed : int or None, default None
         Seed of the method's random generator.
     perturb_measure : bool, default False
         Also move the particles inside the witness (:math:`f` of the perturbed measure, as in
-        the IFT authors' code); the default follows [AKSG19]_ (:math:`f` of :math:`\mu^k` at
-        perturbed points).
+        the IFT authors' code); the default follows Arbel et al. (2019) (:math:`f` of
+        :math:`\mu^k` at perturbed points).
 
     Notes
     -----
@@ -103,8 +103,8 @@ class ExplicitEuler(Method):
 
     References
     ----------
-    .. [AKSG19] M. Arbel, A. Korba, A. Salim, A. Gretton, "Maximum Mean Discrepancy gradient
-       flow", NeurIPS 2019.
+    * M. Arbel, A. Korba, A. Salim, A. Gretton, "Maximum Mean Discrepancy gradient
+      flow", NeurIPS 2019.
 
     Examples
     --------

@@ -114,12 +114,13 @@ class Splitting(Method):
 
     each piece a JKO step of its own geometry. With the implicit pieces every step decreases
     :math:`F`, at any :math:`\tau`. With ``transport="explicit"`` and
-    ``reaction="projected_gradient"`` it is the particle algorithm of [GDMZ24]_.
+    ``reaction="projected_gradient"`` it is the particle algorithm of Gladin
+    et al. (2024).
 
     References
     ----------
-    .. [GDMZ24] E. Gladin, P. Dvurechensky, A. Mielke, J.-J. Zhu, "Interaction-Force Transport
-       gradient flows", NeurIPS 2024.
+    * E. Gladin, P. Dvurechensky, A. Mielke, J.-J. Zhu, "Interaction-Force Transport
+      gradient flows", NeurIPS 2024.
 
     Examples
     --------
