@@ -43,3 +43,19 @@ def test_numpydoc_sections(name):
     assert "Examples\n    --------" in doc, f"{name} has no Examples section"
     assert "Notes\n    -----" in doc or "Parameters\n    ----------" in doc, name
     assert "mu^{k+1} = argmin" not in doc  # the math is in LaTeX, not ASCII
+
+
+def test_index_snippet_runs():
+    """The code on the docs' front page defines what it uses and runs (2 of its 10 steps)."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "index.md").read_text(encoding="utf-8")
+    code = re.search(r"```python\n(.*?)```", page, re.S).group(1)
+    assert "steps=10)" in code
+    namespace: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", jk.GridLockingWarning)  # the coarse grid of the snippet
+        exec(code.replace("steps=10)", "steps=2, progress=False)"), namespace)
+    trajectory = namespace["tr"]
+    assert trajectory.stop_reason == "steps" and trajectory.energies[-1] < trajectory.energies[0]
