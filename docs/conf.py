@@ -93,6 +93,7 @@ sphinx_gallery_conf = {
     "show_memory": False,
     "show_signature": False,
     "min_reported_time": 1,
+    "write_computation_times": False,  # its pages load a table script from the network
 }
 
 html_theme = "alabaster"
