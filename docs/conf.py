@@ -1,8 +1,11 @@
 """Sphinx configuration of the jko_ift docs: ``sphinx-build -W -b html docs docs/_build/html``.
 
 The Markdown pages are read by MyST; the API reference comes from the docstrings (autodoc,
-napoleon, autosummary), grouped by ``docs/_ext/jko_docs.py``, which also writes the examples
-gallery (``docs/gallery/``) from the examples' docstrings without running them.
+napoleon, autosummary), grouped by ``docs/_ext/jko_docs.py``, which also writes the pages of
+the example scripts (``docs/scripts/``, not run) and of the notebooks (``docs/notebooks/``), and
+points MathJax at a local copy (no network needed to read the math). The gallery
+(``docs/gallery/``) is sphinx-gallery's: the scripts ``examples/gallery/plot_*.py`` are run at
+each build, at sizes that keep the build within a minute or two.
 """
 
 import sys
@@ -26,13 +29,16 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
+    "sphinx_gallery.gen_gallery",
     "jko_docs",
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
-exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "gallery/*.ipynb", "gallery/*.py",
+                    "gallery/*.zip", "gallery/*.codeobj.json"]
 templates_path = []
+
 
 # MyST: $...$ and $$...$$ math as in docs/theory.md, \begin{aligned} blocks, anchors for
 # links to headings (page.md#section).
@@ -74,13 +80,31 @@ jko_gallery_figures = {
     "weight_step_exact_vs_pg": ["weight_step_*.png"],
 }
 
+# Gallery: each examples/gallery/plot_*.py is run at build time and its figures captured.
+sphinx_gallery_conf = {
+    "examples_dirs": "../examples/gallery",
+    "gallery_dirs": "gallery",
+    "filename_pattern": r"/plot_",
+    "within_subsection_order": "FileNameSortKey",
+    "download_all_examples": False,
+    "remove_config_comments": True,
+    "abort_on_example_error": True,
+    "only_warn_on_example_error": False,
+    "show_memory": False,
+    "show_signature": False,
+    "min_reported_time": 1,
+    "write_computation_times": False,  # its pages load a table script from the network
+}
+
 html_theme = "alabaster"
 html_title = f"jko_ift {release}"
 html_theme_options = {
     "description": "Gradient flows of measures: JKO steps in W2, Hellinger, MMD, WFR and IFT",
     "fixed_sidebar": True,
-    "page_width": "1100px",
+    "page_width": "min(1400px, 96vw)",
     "sidebar_width": "240px",
 }
+html_static_path = ["_static"]
+html_css_files = ["jko_ift.css"]
 html_sidebars = {"**": ["about.html", "navigation.html", "relations.html", "searchbox.html"]}
 smartquotes = False  # keep --options and "quotes" of the command line as written

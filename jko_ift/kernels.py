@@ -220,7 +220,34 @@ def _lifted(x: np.ndarray, y: np.ndarray, scale: float = 1.0) -> tuple[np.ndarra
 
 
 class Kernel:
-    """Base of the radial kernels. Subclasses define ``profile`` and ``profile_derivative``."""
+    r"""Base class of the radial kernels :math:`k(x, y) = \varphi(|x - y|^2)`.
+
+    A subclass defines the profile :math:`\varphi` (``profile``) and its derivative
+    (``profile_derivative``), both as functions of the squared distance :math:`s`; the base
+    class gives the Gram matrix (``kernel(x, y)``), gradients and the blocked sums
+    :math:`\sum_j k(x_i, y_j) w_j` (``apply``) and :math:`\sum_j w_j\nabla_x k(x_i, y_j)`
+    (``grad_sum``), which compute the distances centred (translation invariant) and in row
+    blocks (memory independent of the number of columns).
+
+    Attributes
+    ----------
+    positive_definite : bool
+        True for a positive definite kernel; False for one that is only conditionally positive
+        definite (:class:`~jko_ift.EnergyKernel`), whose MMD is a distance only between
+        measures of equal mass.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import jko_ift as jk
+    >>> k = jk.Gaussian(1.0)
+    >>> x = np.array([[0.0], [1.0]])
+    >>> k(x, x).round(4)
+    array([[1.    , 0.6065],
+           [0.6065, 1.    ]])
+    >>> k.apply(x, x, np.array([1.0, -1.0])).round(4)
+    array([ 0.3935, -0.3935])
+    """
 
     #: Positive definite (True) or only conditionally positive definite (False).
     positive_definite = True
@@ -404,7 +431,30 @@ class _ScaledKernel(Kernel):
 
 @dataclass(frozen=True)
 class Gaussian(_ScaledKernel):
-    """k(x, y) = exp(-|x - y|^2 / (2 sigma^2))."""
+    r"""The Gaussian kernel :math:`k(x, y) = \exp\big(-|x - y|^2 / (2\sigma^2)\big)`.
+
+    Parameters
+    ----------
+    sigma : float, default 1.0
+        The bandwidth :math:`\sigma`, positive and finite.
+
+    Raises
+    ------
+    ValueError
+        If ``sigma`` is not a positive finite number.
+
+    Notes
+    -----
+    Positive definite, :math:`k(x, x) = 1`, :math:`\mathrm{Lip}(\nabla k) = 1/\sigma^2`. The
+    "bandwidth 10" of Gladin et al. (2024) is ``Gaussian(10.0)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import jko_ift as jk
+    >>> bool(np.isclose(jk.Gaussian(2.0)(np.zeros((1, 1)), np.full((1, 1), 2.0))[0, 0], np.exp(-0.5)))
+    True
+    """
 
     sigma: float = 1.0
 
@@ -445,7 +495,30 @@ class Gaussian(_ScaledKernel):
 
 @dataclass(frozen=True)
 class IMQ(_ScaledKernel):
-    """Inverse multiquadric k(x, y) = (c^2 + |x - y|^2)^(-1/2)."""
+    r"""The inverse multiquadric kernel :math:`k(x, y) = (c^2 + |x - y|^2)^{-1/2}`.
+
+    Parameters
+    ----------
+    c : float, default 1.0
+        The scale :math:`c`, positive and finite; :math:`k(x, x) = 1/c`.
+
+    Raises
+    ------
+    ValueError
+        If ``c`` is not a positive finite number.
+
+    Notes
+    -----
+    Positive definite, with heavy tails: the MMD of an IMQ kernel metrizes weak convergence
+    (Gorham and Mackey, 2017), so distant mass still feels the target.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import jko_ift as jk
+    >>> jk.IMQ(1.0)(np.zeros((1, 2)), np.array([[3.0, 4.0]])).round(6)
+    array([[0.196116]])
+    """
 
     c: float = 1.0
     _scale_name = "c"
@@ -505,7 +578,30 @@ def _over_root(scale: np.ndarray, s: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Laplace(_ScaledKernel):
-    """k(x, y) = exp(-|x - y| / sigma). Not differentiable at x = y; the gradient there is 0."""
+    r"""The Laplace kernel :math:`k(x, y) = \exp(-|x - y| / \sigma)`.
+
+    Parameters
+    ----------
+    sigma : float, default 1.0
+        The length scale :math:`\sigma`, positive and finite.
+
+    Raises
+    ------
+    ValueError
+        If ``sigma`` is not a positive finite number.
+
+    Notes
+    -----
+    Positive definite but not differentiable at :math:`x = y`; the gradient there is taken as
+    0 (the symmetric subgradient).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import jko_ift as jk
+    >>> bool(np.isclose(jk.Laplace(2.0)(np.zeros((1, 1)), np.ones((1, 1)))[0, 0], np.exp(-0.5)))
+    True
+    """
 
     sigma: float = 1.0
 
@@ -524,13 +620,25 @@ class Laplace(_ScaledKernel):
 
 @dataclass(frozen=True)
 class EnergyKernel(Kernel):
-    """k(x, y) = -|x - y|, the kernel of the energy distance.
+    r"""The kernel of the energy distance, :math:`k(x, y) = -|x - y|`.
 
-    It is only *conditionally* positive definite: sum_ij c_i c_j k(x_i, x_j) >= 0 holds
-    for signed weights with sum(c) = 0. MMD^2(mu, nu) = (a - b)^T K (a - b) is therefore
-    a squared distance only between measures of equal mass (where it is the energy
-    distance); the methods accept it only where mass is conserved (``conserve_mass=True``
-    for reaction geometries, probability targets for MMD2) and say so otherwise.
+    Notes
+    -----
+    It is only *conditionally* positive definite: :math:`\sum_{ij} c_i c_j k(x_i, x_j) \ge 0`
+    holds for signed weights with :math:`\sum_i c_i = 0`. So
+    :math:`\mathrm{MMD}^2(\mu, \nu) = (a - b)^\top K (a - b)` is a squared distance only
+    between measures of equal mass (where it is the energy distance of Székely and Rizzo); the
+    methods accept it only where mass is conserved (``conserve_mass=True`` for reaction
+    geometries, probability targets for :class:`~jko_ift.MMD2`) and say so otherwise.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import jko_ift as jk
+    >>> jk.EnergyKernel()(np.zeros((1, 2)), np.array([[3.0, 4.0]]))
+    array([[-5.]])
+    >>> jk.EnergyKernel().positive_definite
+    False
     """
 
     positive_definite = False

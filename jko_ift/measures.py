@@ -77,11 +77,37 @@ def as_weights(weights, n: int, name: str = "weights") -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class Grid:
-    """Cell-centred regular grid on the box [lo, hi] in 1, 2 or 3 dimensions.
+    r"""A cell-centred regular grid on the box :math:`[lo, hi]` in 1, 2 or 3 dimensions.
 
-    ``shape[k]`` cells along axis k, spacing ``h[k] = (hi[k] - lo[k]) / shape[k]``,
-    points at the cell centres in C order (the last axis varies fastest), so that
-    ``values.reshape(grid.shape)`` recovers the image of a field on the grid.
+    Parameters
+    ----------
+    lo, hi : float or sequence of float
+        Lower and upper corners of the box, one number per axis, ``lo < hi``.
+    shape : int or sequence of int
+        Number of cells along each axis, positive.
+
+    Attributes
+    ----------
+    points : ndarray, shape (n, d)
+        The cell centres in C order (the last axis varies fastest), so that
+        ``values.reshape(grid.shape)`` recovers the image of a field on the grid. Read-only.
+        The cell widths are ``spacing``, :math:`h_k = (hi_k - lo_k) / shape_k`, and
+        ``cell_volume`` is :math:`\prod_k h_k`, which turns densities into weights.
+
+    Raises
+    ------
+    ValueError
+        If the lengths of ``lo``, ``hi`` and ``shape`` differ or are not 1, 2 or 3, if
+        ``lo >= hi`` somewhere, or if ``shape`` is not made of positive integers.
+
+    Examples
+    --------
+    >>> import jko_ift as jk
+    >>> grid = jk.Grid([0, 0], [1, 2], [2, 4])
+    >>> grid.size, grid.spacing.tolist(), grid.cell_volume
+    (8, [0.5, 0.5], 0.25)
+    >>> grid.points[:2].tolist()
+    [[0.25, 0.25], [0.25, 0.75]]
     """
 
     lo: tuple[float, ...]
@@ -128,10 +154,35 @@ class Grid:
         return float(np.prod(self.spacing))
 
     def measure(self, density, normalize: bool = False) -> Measure:
-        """The measure with weights a_i = density(x_i) * cell_volume.
+        r"""The measure on this grid with weights :math:`a_i = \rho(x_i)\, h^d`.
 
-        density: a callable on points (n, d) returning (n,), or values of shape (n,) or
-        ``self.shape``. With ``normalize=True`` the weights are rescaled to total mass 1.
+        Parameters
+        ----------
+        density : callable or array_like
+            A function of the points ``(n, d)`` returning ``(n,)`` values, or the values
+            themselves, of shape ``(n,)`` or ``self.shape``; nonnegative.
+        normalize : bool, default False
+            Rescale the weights to total mass 1.
+
+        Returns
+        -------
+        Measure
+            A measure on ``self.points`` that remembers this grid (its cell volume).
+
+        Raises
+        ------
+        ValueError
+            If the values are negative, not finite or of the wrong shape, or if
+            ``normalize=True`` and they are zero everywhere.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import jko_ift as jk
+        >>> grid = jk.Grid(-3.0, 3.0, 60)
+        >>> mu = grid.measure(lambda x: np.exp(-x[:, 0] ** 2 / 2), normalize=True)
+        >>> round(mu.mass, 12), round(float(mu.mean()[0]), 12)
+        (1.0, 0.0)
         """
         values = density(self.points) if callable(density) else density
         values = np.asarray(values, dtype=float)
@@ -148,10 +199,43 @@ class Grid:
 
 @dataclass(frozen=True, eq=False)
 class Measure:
-    """mu = sum_i a_i delta_{x_i}: points (n, d), weights (n,) >= 0, validated at construction.
+    r"""A weighted sum of Dirac masses, :math:`\mu = \sum_{i=1}^n a_i \delta_{x_i}`.
 
-    ``grid`` is set for measures on a ``Grid`` (then the points are the grid's) and gives
-    the cell volume that densities need.
+    The points and weights are validated and copied at construction and read-only after it, so
+    a measure never changes.
+
+    Parameters
+    ----------
+    points : array_like, shape (n, d) or (n,)
+        The support :math:`x_1, \dots, x_n`; a 1-D array means :math:`d = 1`. Finite.
+    weights : array_like, shape (n,)
+        The weights :math:`a_i \ge 0`, finite.
+    grid : Grid, optional
+        Set for measures on a :class:`Grid` (then ``points`` must be the grid's points); it
+        gives the cell volume :math:`h^d` that densities need (:class:`~jko_ift.Entropy`,
+        :class:`~jko_ift.PorousMedium`: :math:`\rho_i = a_i / h^d`).
+
+    Raises
+    ------
+    ValueError
+        If the shapes do not match, a value is complex, NaN or infinite, a weight is negative,
+        or the points are not the grid's.
+
+    See Also
+    --------
+    Grid.measure : a measure from a density on a grid.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import jko_ift as jk
+    >>> mu = jk.Measure([[0.0, 0.0], [2.0, 0.0]], [0.25, 0.75])
+    >>> mu.n, mu.dim, mu.mass
+    (2, 2, 1.0)
+    >>> mu.mean().tolist()
+    [1.5, 0.0]
+    >>> mu.with_weights([1.0, 1.0]).normalized().weights.tolist()
+    [0.5, 0.5]
     """
 
     points: np.ndarray

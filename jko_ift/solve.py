@@ -51,7 +51,59 @@ class DissipationWarning(UserWarning):
 
 def jko_step(F: Energy, geometry: Geometry, mu: Measure, tau: float, method=None,
              throw: bool = True) -> StepResult:
-    """One step mu^{k+1} = argmin_mu F(mu) + D^2(mu, mu^k) / (2 tau) (default: ConicJKO)."""
+    r"""One JKO (minimizing-movement) step from :math:`\mu^k`.
+
+    Parameters
+    ----------
+    F : Energy
+        The energy that decreases.
+    geometry : Geometry
+        The geometry of the step (its squared distance :math:`D^2`).
+    mu : Measure
+        The current measure :math:`\mu^k`.
+    tau : float
+        The step size :math:`\tau > 0`.
+    method : Method, optional
+        How the step is computed; default :class:`~jko_ift.ConicJKO` (exact, on the support of
+        ``mu``).
+    throw : bool, default True
+        Raise :class:`~jko_ift.SolverError` when the step fails; with False the failure is
+        returned as the result's ``status``.
+
+    Returns
+    -------
+    StepResult
+        ``measure`` (:math:`\mu^{k+1}`), ``objective``
+        (:math:`F(\mu^{k+1}) + D^2/(2\tau)`), ``energy``, ``distance_sq``, ``status``,
+        ``certificate`` (a relative duality gap or optimality residual) and ``info``.
+
+    Raises
+    ------
+    ValueError
+        If ``method`` is not a method, or the inputs do not fit together.
+    SolverError
+        If the step fails and ``throw`` is True.
+
+    Notes
+    -----
+    .. math::
+
+        \mu^{k+1} \in \mathop{\mathrm{argmin}}_\mu\; F(\mu) + \frac{1}{2\tau} D^2(\mu, \mu^k).
+
+    See Also
+    --------
+    solve : many steps, with a trajectory and its diagnostics.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import jko_ift as jk
+    >>> mu = jk.Measure([[0.0], [1.0]], [0.5, 0.5])
+    >>> F = jk.KL(mu.with_weights([0.2, 0.8]))
+    >>> r = jk.jko_step(F, jk.Hellinger(), mu, 0.5)
+    >>> r.status, bool(r.objective <= F.value(mu))
+    ('optimal', True)
+    """
     method = ConicJKO() if method is None else method
     if not hasattr(method, "step"):
         raise ValueError(f"method must be a jko_ift method such as jk.ConicJKO(), got {method!r}")
@@ -106,28 +158,94 @@ def solve(F: Energy, geometry: Geometry, mu0: Measure, tau: float | None = None,
           progress: bool = True, throw: bool = True,
           callback: Callable[[StepReport], object] | None = None,
           resume: Trajectory | None = None) -> Trajectory:
-    """Run JKO steps from mu0: ``steps`` steps of size tau, or up to ``t_final``.
+    r"""Run JKO steps from :math:`\mu^0`: ``steps`` steps of size ``tau``, or up to ``t_final``.
 
-    With ``controller`` the steps are error-controlled (``t_final`` needed; tau, if given, is
-    the first step). ``save_at``: times at which to keep the measure (default: every
-    accepted step). ``stop_rate``: stop once (F(mu^k) - F(mu^{k+1})) / tau < stop_rate.
-    ``stop_energy``: stop once F(mu^k) <= stop_energy.
+    Parameters
+    ----------
+    F : Energy
+        The energy that decreases.
+    geometry : Geometry
+        The geometry of the steps.
+    mu0 : Measure
+        The initial measure.
+    tau : float, optional
+        The step size; with ``controller``, the first step (optional there).
+    steps : int, optional
+        Number of steps (fixed steps).
+    t_final : float, optional
+        Final time: fixed steps up to it, or, with ``controller``, error-controlled steps
+        (needed there).
+    method : Method, optional
+        How each step is computed; default :class:`~jko_ift.ConicJKO`.
+    controller : StepController, optional
+        Error-controlled step sizes (see :class:`~jko_ift.StepController`).
+    save_at : sequence of float, optional
+        Times at which to keep the measure (default: every accepted step).
+    stop_rate : float, optional
+        Stop once :math:`(F(\mu^k) - F(\mu^{k+1}))/\tau` is below it (``"stationary"``).
+    stop_energy : float, optional
+        Stop once :math:`F(\mu^k) \le` ``stop_energy`` (``"energy"``).
+    progress : bool, default True
+        Show a progress bar.
+    throw : bool, default True
+        Raise when a step fails; with False the run ends early (``stop_reason == "failed"``)
+        and its stats say why.
+    callback : callable, optional
+        ``callback(report)`` after every accepted step, with a ``StepReport`` (step, t, tau,
+        energy, measure, the step's stats, and ``report.trajectory()``, the run so far,
+        resumable); a truthy return value stops the run (``"callback"``).
+    resume : Trajectory, optional
+        A trajectory of this problem (a snapshot or a run that stopped early) to continue,
+        with its method and controller state (``Trajectory.state``; without one, from its last
+        measure with fresh states). The other arguments are those of the whole run
+        (``steps`` and ``t_final`` count from ``mu0``), so a run resumed from any of its
+        snapshots ends as the uninterrupted run, bit for bit where the method's state is kept.
 
-    ``callback(report)`` is called after every accepted step with a ``StepReport`` (step,
-    t, tau, energy, measure, the step's stats, and ``report.trajectory()``, the run so far,
-    resumable); a truthy return value stops the run (stop_reason "callback").
-    ``resume``: a trajectory of this problem (a snapshot or a run that stopped early) to
-    continue, with its method and controller state (``Trajectory.state``; without one, from
-    its last measure with fresh states); the other arguments are those of the whole run
-    (``steps``, ``t_final`` count from mu0), so a run resumed from any of its snapshots ends
-    as the uninterrupted run, bit for bit where the method's state is kept.
+    Returns
+    -------
+    Trajectory
+        ``times``, ``measures``, ``energies``, ``stats`` (one dict per step: wall time,
+        status, certificate, objective, :math:`D^2`, the slack of the dissipation
+        inequality, ...), ``stop_reason`` and ``warnings`` (one ``RunWarning`` per cause, with
+        how many steps raised it).
 
-    Every step records its wall time, status, certificate, objective, D^2 and the slack of
-    the dissipation inequality F(mu^{k+1}) + D^2/(2 tau) <= F(mu^k); a violation beyond
-    DISSIPATION_RTOL warns (``DissipationWarning``). With ``throw=False`` a failed step
-    ends the run early and its stats say why. Warnings raised inside the steps are reported
-    once per cause at the end of the run, with their count, and kept in
-    ``Trajectory.warnings``.
+    Raises
+    ------
+    ValueError
+        If neither ``tau`` nor ``controller`` is given, or the arguments do not fit together.
+    SolverError
+        If a step fails and ``throw`` is True.
+
+    Notes
+    -----
+    Each step is :math:`\mu^{k+1} \in \mathop{\mathrm{argmin}}_\mu F(\mu) +
+    D^2(\mu, \mu^k)/(2\tau)` (or the method's approximation of it). Every step records the
+    slack of the dissipation inequality
+
+    .. math::
+
+        F(\mu^{k+1}) + \frac{1}{2\tau} D^2(\mu^{k+1}, \mu^k) \le F(\mu^k),
+
+    which every exact JKO step satisfies (compare with :math:`\mu = \mu^k`); a violation
+    beyond ``DISSIPATION_RTOL`` warns (:class:`~jko_ift.DissipationWarning`). Warnings raised
+    inside the steps are reported once per cause at the end of the run, with their count.
+
+    See Also
+    --------
+    jko_step : one step.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import jko_ift as jk
+    >>> mu0 = jk.Measure([[1.0], [2.0]], [0.5, 0.5])
+    >>> F = jk.Potential(lambda x: 0.5 * x[:, 0] ** 2, lambda x: x)
+    >>> tr = jk.solve(F, jk.Wasserstein(), mu0, tau=0.5, steps=4, method=jk.ParticleJKO(),
+    ...               progress=False)
+    >>> tr.stop_reason, len(tr.measures), bool(np.all(np.diff(tr.energies) < 0))
+    ('steps', 5, True)
+    >>> tr.final.points.ravel().round(4).tolist()  # x / (1 + tau)^4
+    [0.1975, 0.3951]
     """
     if controller is None and tau is None:
         raise ValueError("give tau (a fixed step) or controller=jk.StepController(...)")

@@ -245,19 +245,68 @@ def psd_quadratic(y, factor: np.ndarray) -> cp.Expression:
 
 @dataclass(frozen=True, eq=False)
 class ConicJKO(Method):
-    """Exact JKO step on the support of mu^k (points fixed, weights change).
+    r"""Exact JKO step on a fixed support, as a convex conic program.
 
-    solver: "CLARABEL" (interior point, default) or "SCS" (first order, for large problems).
-    radius: initial plan radius R; None picks it from tau |grad f| and the grid spacing,
-    ``np.inf`` uses the dense n x n plan. gap_tol: the accepted relative certificate.
-    solver_options: passed to the solver (e.g. {"eps_abs": 1e-9} for SCS); they override the
-    Clarabel tolerances, which shrink like tau^4 below tau = 0.05 (``clarabel_tolerances``) so
-    that the solver's error stays well below the step's O(tau^2) local error.
+    The points of :math:`\mu^k` stay; the weights change (and, with a transport part, mass is
+    moved between the points by a transport plan).
 
+    Parameters
+    ----------
+    solver : {"CLARABEL", "SCS"}, default "CLARABEL"
+        Interior point (Clarabel) or first order (SCS, for large problems).
+    radius : float or None, default None
+        Initial radius :math:`R` of the sparse transport plan (pairs farther apart than
+        :math:`R` carry no mass; the radius grows while the plan touches it). None picks it
+        from :math:`\tau|\nabla f|` and the grid spacing; ``np.inf`` uses the dense
+        :math:`n \times n` plan.
+    gap_tol : float or None, default None
+        The accepted relative certificate (duality gap); None: the solver's default.
+    solver_options : dict, optional
+        Passed to the solver (e.g. ``{"eps_abs": 1e-9}`` for SCS); they override the Clarabel
+        tolerances, which shrink like :math:`\tau^4` below :math:`\tau = 0.05`
+        (``clarabel_tolerances``) so that the solver's error stays well below the step's
+        :math:`O(\tau^2)` local error.
+    cache_size : int, default 4
+        Compiled programs kept (one per support and geometry).
+
+    Raises
+    ------
+    SolverError
+        From ``step`` when the solver fails (with ``throw=True``); the message says what to
+        change.
+
+    Notes
+    -----
+    On the support :math:`x_1, \dots, x_n` of :math:`\mu^k = \sum_i a_i\delta_{x_i}` the step
+    solves, over new weights :math:`b \ge 0`,
+
+    .. math::
+
+        \min_{b \ge 0}\; F\Big(\sum_i b_i\delta_{x_i}\Big) + \frac{1}{2\tau} D^2(a, b),
+
+    with :math:`D^2` the geometry's squared distance: a linear program in a transport plan
+    :math:`P` for :math:`W_2` (:math:`\sum_{ij} P_{ij}|x_i - x_j|^2`, marginals :math:`a` and
+    :math:`b`), a second-order cone for Hellinger, a quadratic form for MMD, and their
+    inf-convolution through an intermediate measure :math:`\nu` for WFR and IFT.
     Each step reports ``info["error_bound"]``: a bound on the distance, in the step's own
-    geometry, from the returned measure to the exact minimizer of the step, from the solver's
-    gap and the KKT residual through the strong convexity of D^2 / (2 tau) (Hellinger and MMD;
-    None with a transport part, where the gap bounds the objective only; docs/conic.md §8).
+    geometry, from the returned measure to the exact minimizer, from the solver's gap and the
+    KKT residual through the strong convexity of :math:`D^2/(2\tau)` (Hellinger and MMD; None
+    with a transport part, where the gap bounds the objective only).
+
+    References
+    ----------
+    * R. Jordan, D. Kinderlehrer, F. Otto, "The variational formulation of the
+      Fokker-Planck equation", SIAM J. Math. Anal. 29 (1998).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import jko_ift as jk
+    >>> mu = jk.Measure([[0.0], [1.0]], [0.5, 0.5])
+    >>> F = jk.KL(mu.with_weights([0.2, 0.8]))
+    >>> r = jk.ConicJKO().step(F, jk.Hellinger(), mu, tau=1.0)
+    >>> r.status, bool(r.energy < F.value(mu))
+    ('optimal', True)
     """
 
     keeps_support = True  # the points of mu^k, new weights

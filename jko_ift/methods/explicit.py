@@ -58,24 +58,63 @@ REACTION_UPDATES = ("explicit", "projected_gradient")
 
 @dataclass(frozen=True, eq=False)
 class ExplicitEuler(Method):
-    """Forward Euler step on particles (see the module docstring for the updates).
+    r"""Forward Euler step on particles: the flow's velocity and reaction rate at
+    :math:`\mu^k`, taken for a time :math:`\tau`.
 
-    hellinger_update: "multiplicative" (default; positivity preserving) or "linear".
-    reaction: "explicit" (the forward step of the flow) or "projected_gradient" (the paper
-    code's weight update b = P_C(a - tau beta f), Euclidean projection onto the simplex).
-    velocity: "wasserstein" (x_i' = -alpha grad f(x_i)) or "euclidean" (the paper code's
-    -alpha (n a_i / M) grad f(x_i)).
-    noise: Arbel et al.'s noise level beta_n (standard deviation of the perturbation of the
-    points at which the witness gradient is evaluated); noise_steps: the number of steps with
-    noise (None: all); seed: of the method's random generator. perturb_measure=True also moves
-    the particles inside the witness (f of the perturbed measure, as in the IFT authors' code);
-    the default follows Arbel et al. (f of mu^k at perturbed points).
+    Parameters
+    ----------
+    hellinger_update : {"multiplicative", "linear"}, default "multiplicative"
+        :math:`b = a\,e^{-\tau\beta f}` (positivity preserving) or :math:`b = a(1 - \tau\beta f)`.
+    reaction : {"explicit", "projected_gradient"}, default "explicit"
+        The forward step of the reaction flow, or the IFT paper code's weight update
+        :math:`b = P_C(a - \tau\beta f)` (Euclidean projection onto the simplex).
+    velocity : {"wasserstein", "euclidean"}, default "wasserstein"
+        :math:`\dot x_i = -\alpha\nabla f(x_i)`, or the paper code's
+        :math:`-\alpha (n a_i / M)\nabla f(x_i)`.
+    noise : float, default 0.0
+        Noise level :math:`\beta_n` of Arbel et al. (2019): the standard deviation of the
+        perturbation of the points at which the witness gradient is evaluated.
+    noise_steps : int or None, default None
+        Number of steps with noise (None: all).
+    seed : int or None, default None
+        Seed of the method's random generator.
+    perturb_measure : bool, default False
+        Also move the particles inside the witness (:math:`f` of the perturbed measure, as in
+        the IFT authors' code); the default follows Arbel et al. (2019) (:math:`f` of
+        :math:`\mu^k` at perturbed points).
 
-    The step counter (for noise_steps) and the random generator are the run's state
-    (``init_state``: a generator seeded by ``seed``); ``step`` keeps its own until ``reset()``.
-    The status of a step is "explicit" (nothing is solved, the certificate is 0), or
-    "unstable" past the stability limit; its objective F + D^2 / (2 tau) is that of the JKO
-    problem where the step lands.
+    Notes
+    -----
+    In :math:`W_2` the step is :math:`x_i^{k+1} = x_i^k - \tau\alpha\nabla f(x_i^k)`,
+    :math:`f = \frac{\delta F}{\delta\mu}[\mu^k]`; a reaction updates the weights with the
+    rate :math:`-\beta f` (Hellinger) or :math:`-\beta (K + \lambda I)^{-1} f` (MMD). Unlike a
+    JKO step it satisfies the dissipation inequality
+
+    .. math::
+
+        F(\mu^{k+1}) + \frac{1}{2\tau} D^2(\mu^{k+1}, \mu^k) \le F(\mu^k)
+
+    only while :math:`\tau` times the curvature of :math:`F` along the step is at most 1;
+    past its stability limit a step returns status ``"unstable"``. The status of a
+    stable step is ``"explicit"`` (nothing is solved, the certificate is 0); its objective is
+    that of the JKO problem where the step lands. The step counter (for ``noise_steps``) and
+    the random generator are the run's state (``init_state``: a generator seeded by ``seed``);
+    ``step`` keeps its own until ``reset()``.
+
+    References
+    ----------
+    * M. Arbel, A. Korba, A. Salim, A. Gretton, "Maximum Mean Discrepancy gradient
+      flow", NeurIPS 2019.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import jko_ift as jk
+    >>> mu = jk.Measure([[1.0], [2.0]], [0.5, 0.5])
+    >>> F = jk.Potential(lambda x: 0.5 * x[:, 0] ** 2, lambda x: x)
+    >>> r = jk.ExplicitEuler().step(F, jk.Wasserstein(), mu, tau=0.5)
+    >>> r.status, r.measure.points.ravel().tolist()  # x (1 - tau)
+    ('explicit', [0.5, 1.0])
     """
 
     keeps_support = False  # the particles move

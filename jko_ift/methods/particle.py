@@ -746,19 +746,56 @@ def position_residual(F: Energy, x: np.ndarray, a: np.ndarray, y: np.ndarray, b:
 
 @dataclass(frozen=True, eq=False)
 class ParticleJKO(Method):
-    """Lagrangian JKO step: argmin over positions y and weights b of
+    r"""Lagrangian JKO step: the particles move and, with a reaction, their weights change.
 
-        F(sum_i b_i delta_{y_i}) + [sum_i a_i |y_i - x_i|^2 / alpha + R^2(a, b on y) / beta] / (2 tau)
+    Parameters
+    ----------
+    tol : float, default ``DEFAULT_PARTICLE_TOL``
+        The accepted relative certificate: stationarity of the positions and gap of the
+        weights, over :math:`|F(\mu^k)|`.
+    max_alternations : int, default ``DEFAULT_ALTERNATIONS``
+        Position / weight alternations of the joint step (WFR, IFT).
+    max_iter : int, default 5000
+        Iterations of the position solver.
+    predictor : bool, default True
+        Start the positions at the explicit step :math:`x - \tau\alpha\nabla f` (closer to the
+        solution than :math:`x` for small steps; the 1-D Newton step takes it only when it
+        keeps the order and lowers the objective).
 
-    (docs/particles.md §4). tol: the accepted relative certificate (stationarity of the
-    positions and gap of the weights, over |F(mu^k)|). max_alternations: position / weight
-    alternations of the joint step (WFR, IFT). predictor: start the positions at the explicit
-    step x - tau alpha grad f (closer to the solution than x for small steps; the 1-D Newton
-    step takes it only when it keeps the order and lowers the objective).
-    1-D particles under Potential, Entropy and PorousMedium terms (the Lagrangian density of
-    ``energies.InternalEnergy``) take the Newton position step: ``info`` then has
-    ``position_solver="newton_banded"``, ``relative_gradient`` (|grad J| over the size of its
-    terms, <= 1e-12 or its round-off floor ``relative_gradient_floor``) and the iterations.
+    Raises
+    ------
+    SolverError
+        From ``step`` when the step does not reach ``tol`` (with ``throw=True``).
+
+    Notes
+    -----
+    From :math:`\mu^k = \sum_i a_i\delta_{x_i}` the step minimizes over positions :math:`y`
+    and weights :math:`b`
+
+    .. math::
+
+        F\Big(\sum_i b_i\delta_{y_i}\Big) + \frac{1}{2\tau}\Big[\frac{1}{\alpha}\sum_i
+        a_i|y_i - x_i|^2 + \frac{1}{\beta} R^2(a, b \text{ on } y)\Big],
+
+    where :math:`R` is the reaction of the geometry (none for :math:`W_2`: then
+    :math:`b = a`). The transport term is the cost of the plan that keeps each particle's
+    identity, an upper bound of :math:`W_2^2` that equals it for small steps. 1-D particles
+    under :class:`~jko_ift.Potential`, :class:`~jko_ift.Entropy` and
+    :class:`~jko_ift.PorousMedium` terms (the Lagrangian density of
+    ``energies.InternalEnergy``) take a banded Newton position step: ``info`` then has
+    ``position_solver="newton_banded"``, ``relative_gradient`` (:math:`|\nabla J|` over the
+    size of its terms, at most 1e-12 or its round-off floor ``relative_gradient_floor``) and
+    the iterations.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import jko_ift as jk
+    >>> mu = jk.Measure([[1.0], [2.0]], [0.5, 0.5])
+    >>> F = jk.Potential(lambda x: 0.5 * x[:, 0] ** 2, lambda x: x)
+    >>> r = jk.ParticleJKO().step(F, jk.Wasserstein(), mu, tau=1.0)
+    >>> r.measure.points.ravel().round(6).tolist()  # x / (1 + tau): implicit Euler
+    [0.5, 1.0]
     """
 
     keeps_support = False  # the particles move
