@@ -244,6 +244,7 @@ class Splitting(Method):
         else:  # potentials (and small grids' quadratic energies): the particles' Newton step
             result = reaction_exact(F, geometry, mu.points, mu.weights, eta, scale=run.scale, rtol=tol)
         run.merge(result.status, result.certificate, result.info)
+        run.info["weight_solver"] = result.info.get("weight_solver")
         return mu.with_weights(np.maximum(result.weights, 0.0))
 
     def _transport(self, F, geometry, mu, h, kind, run) -> Measure | None:
