@@ -318,13 +318,11 @@ def _interior_newton(energy, value, gradient, metric, ridge, eta, a, mass, atol,
         first = norm if iterations == 1 else first
         # inexact Newton (Eisenstat-Walker): the inner accuracy follows the outer progress
         forcing = min(NEWTON_FORCING, max(NEWTON_CG_RTOL, norm / max(first, 1e-300)))
-        precondition = lambda v, diagonal=D + diagonal_H: v / diagonal  # noqa: E731 - Jacobi
-        d, used = _pcg(system, precondition, -r, rtol=forcing)
+        precondition = _jacobi(D + diagonal_H, mass is not None)
+        d, used = _pcg(system, precondition, -r, rtol=forcing, projected=mass is not None)
         inner += used
-        if mass is not None:
-            ones, used = _pcg(system, precondition, np.ones_like(b), rtol=forcing)
-            inner += used
-            d -= d.sum() / ones.sum() * ones
+        if mass is not None:  # the rounding of long runs drifts off sum(d) = 0: project back
+            d -= d.sum() / (D + diagonal_H) / float(np.sum(1.0 / (D + diagonal_H)))
         decrement_sq = float(-r @ d)
         if 0.5 * decrement_sq <= 0.1 * atol or not decrement_sq > 0:
             break
@@ -337,7 +335,20 @@ def _interior_newton(energy, value, gradient, metric, ridge, eta, a, mass, atol,
                 break
             step *= 0.5
         b, f0 = trial, f_trial
+        if mass is not None:
+            b *= mass / b.sum()
+            f0 = value(b)
     return b, max(decrement_sq, 0.0), iterations, inner
+
+
+def _jacobi(diagonal: np.ndarray, zero_sum: bool):
+    """v -> M^{-1} v with M the diagonal; with ``zero_sum`` projected onto sum(x) = 0 in the M metric,
+    so that conjugate gradients stay on the mass constraint (the constraint preconditioner)."""
+    inverse = 1.0 / diagonal
+    if not zero_sum:
+        return lambda v: inverse * v
+    total = float(inverse.sum())
+    return lambda v: inverse * (v - float(inverse @ v) / total)
 
 
 def _roundoff(r: np.ndarray, b: np.ndarray, mass) -> float:
@@ -442,7 +453,8 @@ class _FaceTooLarge(Exception):
     pass
 
 
-def _pcg(H, precondition, rhs: np.ndarray, max_iter: int = 500, rtol: float = None) -> tuple[np.ndarray, int]:
+def _pcg(H, precondition, rhs: np.ndarray, max_iter: int = 500, rtol: float | None = None,
+         projected: bool = False) -> tuple[np.ndarray, int]:
     rtol = CG_RTOL if rtol is None else rtol
     x = precondition(rhs)
     r = rhs - H(x)
@@ -450,9 +462,12 @@ def _pcg(H, precondition, rhs: np.ndarray, max_iter: int = 500, rtol: float = No
     p = z.copy()
     rz = float(r @ z)
     size = float(np.linalg.norm(rhs)) or 1.0
+    start = np.sqrt(max(float(rhs @ precondition(rhs)), 1e-300))
     iterations = 0
     for iterations in range(1, max_iter + 1):  # noqa: B007 - reported below
-        if np.linalg.norm(r) <= rtol * size:
+        # projected: the residual keeps a multiple of the constraint's normal; its preconditioned
+        # (projected) part is what goes to zero
+        if (np.sqrt(max(rz, 0.0)) <= rtol * start) if projected else (np.linalg.norm(r) <= rtol * size):
             break
         Hp = H(p)
         step = rz / float(p @ Hp)
