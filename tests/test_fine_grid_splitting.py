@@ -165,3 +165,20 @@ def test_convergence_study_never_flags_back_and_forth_as_locked():
     for row in study.rows:
         assert row["locked_steps"] == 0
         assert not any("grid_locking" in flag or "grid_rounding" in flag for flag in row["flags"])
+
+
+def test_fine_grid_example_runs_at_tiny_sizes(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "fine_grid_tau_limit.py"
+    spec = importlib.util.spec_from_file_location("example_fine_grid_tau_limit", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = module.main(cells=16, conic_cells=8, t_final=0.05, taus=(0.05, 0.025), out=tmp_path)
+    assert (tmp_path / "fine_grid_tau_limit.png").stat().st_size > 1000
+    studies_run = result["studies"]
+    conic = next(study for label, (study, _) in studies_run.items() if label.startswith("ConicJKO"))
+    exact = next(study for label, (study, _) in studies_run.items() if label.startswith("BackAndForth"))
+    assert any("grid_locking" in flag for row in conic.rows for flag in row["flags"])
+    assert all(row["locked_steps"] == 0 for row in exact.rows)
