@@ -28,6 +28,10 @@ Pieces (``transport``, ``reaction``):
   code's single projected-gradient step b = P_C(a - h beta f); "projected_multiplicative": the
   paper code's KL weight step b = P_C(a exp(-h beta f)) (P_C the Euclidean projection onto the
   simplex, or the orthant without ``conserve_mass``).
+* densities on a grid: transport ``jk.BackAndForthJKO(...)`` (or ``"back_and_forth"``), the exact
+  W2 step of the grid density, with reaction "exact": the pointwise Hellinger step or the MMD step
+  through the Gaussian kernel's separable products (``grid_reaction``; docs/theory.md §10.7),
+  order 1, or order 2 with symmetric=False.
 
 The IFT particle algorithm of Gladin et al. is ``Splitting(order=1, transport="explicit",
 reaction="exact")`` (their code: ``reaction="projected_gradient"``, ``velocity="euclidean"``),
@@ -85,9 +89,8 @@ FORWARD_REACTIONS = ("explicit", "projected_gradient")
 class Splitting(Method):
     """Lie (order=1) or symmetric Strang (order=2) splitting of transport and reaction.
 
-    transport: "implicit" | "explicit" | a grid method, jk.BackAndForthJKO(...) or "back_and_forth"
-    (densities on a grid, docs/theory.md §10.7); reaction: "exact" | "explicit" |
-    "projected_gradient" | "projected_multiplicative" (see the module docstring);
+    transport: "implicit" | "explicit"; reaction: "exact" | "explicit" | "projected_gradient" |
+    "projected_multiplicative" (see the module docstring);
     symmetric: for order 2, compose the implicit pieces with their adjoints (second order,
     default) or use T_{tau/2} R_tau T_{tau/2} (first order, unconditionally stable pieces).
     tol: relative certificate of the implicit pieces (see ParticleJKO).
