@@ -175,7 +175,8 @@ def test_fine_grid_example_runs_at_tiny_sizes(tmp_path):
     spec = importlib.util.spec_from_file_location("example_fine_grid_tau_limit", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    result = module.main(cells=16, conic_cells=8, t_final=0.05, taus=(0.05, 0.025), out=tmp_path)
+    result = module.main(cells=16, conic_cells=8, t_final=0.05, taus=(0.05, 0.025), out=tmp_path,
+                         entropic_cells=16)
     assert (tmp_path / "fine_grid_tau_limit.png").stat().st_size > 1000
     studies_run = result["studies"]
     conic = next(study for label, (study, _) in studies_run.items() if label.startswith("ConicJKO"))
