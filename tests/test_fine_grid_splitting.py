@@ -74,7 +74,9 @@ def test_grid_reaction_pieces_match_conic_reaction_steps(geometry, F):
     grid = jk.Grid((-3, -3), (3, 3), (10, 10))
     mu = gaussian(grid, (0.8, 0.8), 0.6)
     ours = jk.Splitting(transport=jk.BackAndForthJKO(tol=1e-8)).step(F, geometry, mu, 0.3)
-    conic = jk.ConicJKO().step(F, geometry, mu, 0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the MMD step of a porous medium empties cells: said, expected
+        conic = jk.ConicJKO().step(F, geometry, mu, 0.3)
     change = np.abs(conic.measure.weights - mu.weights).sum()
     assert np.abs(ours.measure.weights - conic.measure.weights).sum() <= 1e-4 * change
     if geometry.conserve_mass:
