@@ -16,8 +16,9 @@ schema is in ``docs/configs.md``; in short:
   particles are samples) and ``[problem.kernel]``;
 * ``[geometry]``: kind wasserstein | hellinger | mmd | wfr | ift with alpha, beta, ridge,
   conserve_mass (optional for a named problem: it overrides the problem's geometry);
-* ``[method]``: kind conic | entropic | particle | splitting | explicit with that method's
-  options (``METHODS``);
+* ``[method]``: kind conic | entropic | particle | splitting | explicit | back_and_forth with that
+  method's options (``METHODS``; a splitting of densities on a grid: kind splitting with
+  transport = "back_and_forth");
 * ``[run]``: tau with steps or t_final, or ``[run.adaptive]`` (rtol, atol, ...) with t_final;
   save_at, stop_rate, stop_energy.
 
@@ -47,7 +48,7 @@ from .energies import KL, MMD2, Energy, Entropy, PorousMedium, Potential
 from .geometries import DEFAULT_RIDGE, IFT, MMD, WFR, Geometry, Hellinger, Wasserstein
 from .kernels import IMQ, EnergyKernel, Gaussian, Kernel, Laplace
 from .measures import Grid, Measure
-from .methods import ConicJKO, EntropicJKO, ExplicitEuler, ParticleJKO, Splitting
+from .methods import BackAndForthJKO, ConicJKO, EntropicJKO, ExplicitEuler, ParticleJKO, Splitting
 from .solve import Trajectory, solve
 
 if sys.version_info >= (3, 11):
@@ -111,6 +112,7 @@ METHODS: dict[str, tuple[Callable, tuple[str, ...]]] = {
     "particle": (ParticleJKO, ()),
     "splitting": (Splitting, ()),
     "explicit": (ExplicitEuler, ()),
+    "back_and_forth": (BackAndForthJKO, ()),
 }
 
 

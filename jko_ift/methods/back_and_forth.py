@@ -53,9 +53,11 @@ SCALING_FLOOR = 1e-4
 AVERAGE_WINDOW = 8
 
 _GEOMETRY_HELP = ("BackAndForthJKO takes the Wasserstein geometry only (jk.Wasserstein()), got "
-                  "{name}. For WFR and IFT on a grid use jk.Splitting (a transport step, then a "
-                  "reaction step), or jk.ConicJKO for the exact step on small grids; reaction "
-                  "geometries (Hellinger, MMD) alone: jk.ConicJKO or jk.EntropicJKO")
+                  "{name}. For WFR and IFT on a grid use "
+                  "jk.Splitting(transport=jk.BackAndForthJKO()).step(F, geometry, mu, tau) (this "
+                  "method's transport step, then the grid reaction step: first order in tau), or "
+                  "jk.ConicJKO for the exact step on small grids; reaction geometries (Hellinger, "
+                  "MMD) alone: jk.ConicJKO or jk.EntropicJKO")
 
 
 @dataclass(frozen=True)

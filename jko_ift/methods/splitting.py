@@ -28,6 +28,10 @@ Pieces (``transport``, ``reaction``):
   code's single projected-gradient step b = P_C(a - h beta f); "projected_multiplicative": the
   paper code's KL weight step b = P_C(a exp(-h beta f)) (P_C the Euclidean projection onto the
   simplex, or the orthant without ``conserve_mass``).
+* densities on a grid: transport ``jk.BackAndForthJKO(...)`` (or ``"back_and_forth"``), the exact
+  W2 step of the grid density, with reaction "exact": the pointwise Hellinger step or the MMD step
+  through the Gaussian kernel's separable products (``grid_reaction``; docs/theory.md §10.7),
+  order 1, or order 2 with symmetric=False.
 
 The IFT particle algorithm of Gladin et al. is ``Splitting(order=1, transport="explicit",
 reaction="exact")`` (their code: ``reaction="projected_gradient"``, ``velocity="euclidean"``),
@@ -41,10 +45,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..energies import Energy
-from ..geometries import Geometry
+from ..energies import KL, MMD2, Energy, Entropy, Interaction, PorousMedium
+from ..geometries import Geometry, InfConvolution, ReactionGeometry, Wasserstein
 from ..measures import Measure
-from .base import Method, StepResult, check_choice
+from .back_and_forth import BackAndForthJKO
+from .base import Method, MethodState, SolverError, StepResult, check_choice, check_step_input
+from .grid_reaction import _gram as _separable_gram
+from .grid_reaction import _terms as _grid_terms
+from .grid_reaction import grid_energy, grid_hellinger_step, grid_mmd_step, linearized_transport_energy
 from .options import count, flag, positive
 from .particle import (
     DEFAULT_PARTICLE_TOL,
@@ -69,6 +77,8 @@ from .weights import (
 )
 
 TRANSPORT_PIECES = ("implicit", "explicit")
+#: The grid transport piece by name (configs): ``BackAndForthJKO()`` with its defaults.
+GRID_TRANSPORT = "back_and_forth"
 REACTION_PIECES = ("exact", "explicit", "projected_gradient", "projected_multiplicative")
 
 #: Reaction pieces that are forward steps, checked for stability like ``ExplicitEuler``.
@@ -149,7 +159,10 @@ class Splitting(Method):
     def __post_init__(self):
         if isinstance(self.order, bool) or self.order not in (1, 2):
             raise ValueError(f"Splitting order must be 1 (Lie) or 2 (Strang), got {self.order!r}")
-        check_choice("transport piece", self.transport, TRANSPORT_PIECES)
+        if self.grid_transport is None:
+            check_choice("transport piece", self.transport, TRANSPORT_PIECES)
+        else:
+            self._check_grid_pieces()
         check_choice("reaction piece", self.reaction, REACTION_PIECES)
         check_choice("velocity", self.velocity, VELOCITIES)
         check_choice("hellinger_update", self.hellinger_update, HELLINGER_UPDATES)
@@ -163,6 +176,24 @@ class Splitting(Method):
                      max_iter=count("Splitting", "max_iter", self.max_iter))
 
     @property
+    def grid_transport(self) -> BackAndForthJKO | None:
+        """The grid transport method (``transport`` given as one, or by name), else None."""
+        if isinstance(self.transport, BackAndForthJKO):
+            return self.transport
+        named = isinstance(self.transport, str) and self.transport == GRID_TRANSPORT
+        return BackAndForthJKO() if named else None
+
+    def _check_grid_pieces(self) -> None:
+        if self.reaction != "exact":
+            raise ValueError(f"Splitting with a grid transport piece ({self.grid_transport!r}) takes "
+                             f"reaction='exact' (the pointwise Hellinger or separable MMD step on the "
+                             f"grid); got reaction={self.reaction!r}")
+        if self.order == 2 and self.symmetric:
+            raise ValueError("Splitting(order=2) with a grid transport piece is T(tau/2) R(tau) "
+                             "T(tau/2): pass symmetric=False (the symmetric composition needs the "
+                             "particles' explicit adjoint pieces)")
+
+    @property
     def local_error_order(self) -> int:
         """3 for the symmetric Strang composition (second order), 2 otherwise (Lie, or
         T(tau/2) R(tau) T(tau/2) of first-order pieces): jko_ift.control."""
@@ -170,6 +201,8 @@ class Splitting(Method):
 
     def _step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float, state,
               throw: bool = True) -> StepResult:
+        if self.grid_transport is not None:
+            return self._grid_step(F, geometry, mu, tau, state, throw)
         tau = check_particle_input(F, geometry, mu, tau)
         start = time.perf_counter()
         run = _Run(energy_scale(F, mu), {"method": f"splitting_{self.order}"}, tau)
@@ -201,6 +234,71 @@ class Splitting(Method):
                           "diverged", np.inf, run.info, throw, "Splitting")
         return finish(F, geometry, mu, current.points, current.weights, tau, run.status,
                       run.certificate, run.info, throw, "Splitting")
+
+    # ------------------------------------------------------------------ densities on a grid
+    def _grid_step(self, F, geometry, mu, tau, state, throw) -> StepResult:
+        """T_tau then R_tau (order 1), or T_{tau/2} R_tau T_{tau/2} (order 2, symmetric=False), with
+        the grid transport method as T (an ``MMD2`` term linearized at its start, see
+        ``grid_reaction``) and the grid reaction steps as R; mu stays on its grid."""
+        start = time.perf_counter()
+        tau = check_step_input(F, geometry, mu, tau)
+        if mu.grid is None:
+            raise ValueError("Splitting with a grid transport piece needs a density on a grid (a "
+                             "measure made by jk.Grid(lo, hi, shape).measure(density)); got one without "
+                             f"a grid ({mu.n} points). For particles use transport='implicit' or 'explicit'")
+        if not isinstance(geometry, (Wasserstein, ReactionGeometry, InfConvolution)):
+            raise ValueError(f"Splitting takes jk.Wasserstein(), jk.Hellinger(), jk.MMD(k), jk.WFR or "
+                             f"jk.IFT; got {geometry!r}")
+        grams = state.cache.setdefault("separable_grams", {})
+        run = _Run(max(abs(_grid_energy_value(F, mu, grams)), 1e-300),
+                   {"method": f"splitting_{self.order}", "transport_piece": "back_and_forth"}, tau)
+        plan = [("T", 1.0), ("R", 1.0)] if self.order == 1 else [("T", 0.5), ("R", 1.0), ("T", 0.5)]
+        current, cost, reaction_sq = mu, 0.0, 0.0
+        for part, fraction in plan:
+            h = fraction * tau
+            if part == "T" and geometry.has_transport:
+                current, moved_sq = self._grid_transport_piece(F, geometry, current, h, state, grams, run)
+                cost += moved_sq / geometry.alpha
+            elif part == "R" and geometry.reaction is not None:
+                before = current
+                current = self._grid_reaction_piece(F, geometry, current, h, grams, run)
+                reaction_sq += _grid_reaction_sq(geometry.reaction, before, current, grams) / geometry.beta
+        run.info["wall_time"] = time.perf_counter() - start
+        status = run.status if np.all(np.isfinite(current.weights)) else "diverged"
+        result = StepResult.build(F, current, tau, cost + reaction_sq, status, run.certificate, run.info,
+                                  energy=_grid_energy_value(F, current, grams))
+        if throw and not result.ok:
+            why = run.info.get("message", "")
+            raise SolverError(f"Splitting (grid): a piece was not solved to its tolerance: status "
+                              f"{status!r}, certificate {run.certificate:.3g} ({why}); pass "
+                              "throw=False to get the StepResult", status, result)
+        return result
+
+    def _grid_transport_piece(self, F, geometry, mu, h, state, grams, run) -> tuple[Measure, float]:
+        energy, linearized = linearized_transport_energy(F, mu, grams)
+        if linearized:
+            run.info["transport_linearized"] = linearized
+        nested = state.warm.get("transport")
+        nested = nested.fork() if isinstance(nested, MethodState) else MethodState()
+        piece = self.grid_transport._step(energy, Wasserstein(), mu, h * geometry.alpha, nested, False)
+        state.warm["transport"] = nested
+        run.merge(piece.status, piece.certificate, {"transport_iterations": piece.info["iterations"]})
+        if not piece.ok:
+            run.info["message"] = piece.info.get("message", "")
+        return piece.measure, piece.distance_sq
+
+    def _grid_reaction_piece(self, F, geometry, mu, h, grams, run) -> Measure:
+        eta, reaction = h * geometry.beta, geometry.reaction
+        tol = self.grid_transport.tol  # both pieces to the transport method's relative certificate
+        if reaction.quadratic:
+            result = grid_mmd_step(F, reaction, mu, eta, geometry.conserve_mass, tol, run.scale, grams)
+        elif _local(F):
+            result = grid_hellinger_step(F, mu, eta, geometry.conserve_mass, tol, run.scale)
+        else:  # potentials (and small grids' quadratic energies): the particles' Newton step
+            result = reaction_exact(F, geometry, mu.points, mu.weights, eta, scale=run.scale, rtol=tol)
+        run.merge(result.status, result.certificate, result.info)
+        run.info["weight_solver"] = result.info.get("weight_solver")
+        return mu.with_weights(np.maximum(result.weights, 0.0))
 
     def _transport(self, F, geometry, mu, h, kind, run) -> Measure | None:
         eta = h * geometry.alpha
@@ -247,6 +345,29 @@ class Splitting(Method):
             descent = -float(F.first_variation(mu) @ (reacted.weights - a))
             run.check_forward(F, mu, reacted, descent, f"{kind} reaction piece", h)
         return reacted
+
+
+def _local(F) -> bool:
+    """Whether F has a pointwise conjugate on the grid (an internal term, no nonlocal one)."""
+    terms = [term for _, term in _grid_terms(F, 1.0)]
+    return any(isinstance(t, (Entropy, PorousMedium, KL)) for t in terms) and not any(
+        isinstance(t, (MMD2, Interaction)) for t in terms)
+
+
+def _grid_reaction_sq(reaction, before: Measure, after: Measure, grams: dict) -> float:
+    """R^2 of the reaction piece: He^2 pointwise, MMD^2 by the separable Gram."""
+    diff = after.weights - before.weights
+    if not reaction.quadratic:
+        return reaction.weight_distance_sq(before.points, before.weights, after.weights)
+    gram = _separable_gram(reaction.kernel, before.grid, grams)
+    return float(diff @ gram.apply(diff) + reaction.ridge * diff @ diff)
+
+
+def _grid_energy_value(F, mu: Measure, grams: dict) -> float:
+    """F(mu) with MMD2 terms through the separable Gram (never a dense kernel sum over the grid)."""
+    if not any(isinstance(t, MMD2) for _, t in _grid_terms(F, 1.0)):
+        return float(F.value(mu))
+    return float(grid_energy(F, mu, grams).value(mu.weights))
 
 
 class _Run:
