@@ -13,13 +13,14 @@ import jko_ift as jk
 
 MODULES = ["jko_ift.measures", "jko_ift.kernels", "jko_ift.energies", "jko_ift.geometries",
            "jko_ift.methods.conic", "jko_ift.methods.entropic", "jko_ift.methods.particle",
-           "jko_ift.methods.splitting", "jko_ift.methods.explicit", "jko_ift.solve"]
+           "jko_ift.methods.splitting", "jko_ift.methods.explicit", "jko_ift.methods.back_and_forth",
+           "jko_ift.solve"]
 
 #: Public names whose docstrings follow numpydoc with an Examples section.
 DOCUMENTED = ["Measure", "Grid", "Gaussian", "IMQ", "Laplace", "EnergyKernel", "Energy", "Potential",
               "Interaction", "Entropy", "PorousMedium", "KL", "MMD2", "Wasserstein", "Hellinger",
               "MMD", "InfConvolution", "WFR", "IFT", "ConicJKO", "EntropicJKO", "ParticleJKO",
-              "Splitting", "ExplicitEuler", "jko_step", "solve"]
+              "Splitting", "ExplicitEuler", "BackAndForthJKO", "jko_step", "solve"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -93,9 +93,11 @@ class Splitting(Method):
     ----------
     order : {1, 2}, default 1
         Lie splitting (first order: transport, then reaction) or Strang splitting.
-    transport : {"implicit", "explicit"}, default "implicit"
+    transport : {"implicit", "explicit", "back_and_forth"} or BackAndForthJKO, default "implicit"
         The transport piece: the Lagrangian :math:`W_2` JKO step of
-        :class:`~jko_ift.ParticleJKO`, or the forward Euler step.
+        :class:`~jko_ift.ParticleJKO`, the forward Euler step, or, for a density on a grid,
+        the exact grid step of :class:`~jko_ift.BackAndForthJKO` (``"back_and_forth"`` or a
+        configured ``jk.BackAndForthJKO(...)``; Lie splitting, ``reaction="exact"``).
     reaction : {"exact", "explicit", "projected_gradient", "projected_multiplicative"}, default "exact"
         The reaction piece: the exact JKO step of the reaction geometry on the new positions,
         its forward Euler step, or the projected updates of the IFT paper's code.
