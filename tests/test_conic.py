@@ -216,3 +216,14 @@ def test_compiled_program_data_equal_cvxpy_formatting(solver):
     assert abs(ours["A"] - reference["A"]).max() == 0
     np.testing.assert_array_equal(ours["b"], reference["b"])
     np.testing.assert_array_equal(ours["c"], reference["c"])
+
+
+@pytest.mark.parametrize("geometry", [jk.Wasserstein(), jk.WFR(1.0, 1.0)], ids=["W2", "WFR"])
+def test_tiny_tau_keeps_the_start(geometry):
+    """At tau = 1e-300 D^2 / (2 tau) amplifies the solver's round-off in D^2 to 1e284, far above
+    F: the step must not be reported as optimal with that objective; mu^k is returned."""
+    F = jk.MMD2(blob(GRID_1D, 0.0, 0.5), jk.Gaussian(0.7)) + QUADRATIC
+    result = jk.jko_step(F, geometry, MU_1D, 1e-300)
+    assert "kept_start" in result.info
+    np.testing.assert_array_equal(result.measure.weights, MU_1D.weights)
+    assert result.objective == pytest.approx(F.value(MU_1D), rel=1e-12)
