@@ -227,3 +227,16 @@ def test_tiny_tau_keeps_the_start(geometry):
     assert "kept_start" in result.info
     np.testing.assert_array_equal(result.measure.weights, MU_1D.weights)
     assert result.objective == pytest.approx(F.value(MU_1D), rel=1e-12)
+
+
+def test_a_problem_too_large_for_memory_is_refused_up_front(monkeypatch):
+    """Before any program is built: the estimated memory, the machine's, and the alternatives."""
+    from jko_ift.methods import conic
+    monkeypatch.setattr(conic, "_physical_memory", lambda: float(2**30))
+    grid = jk.Grid([-3.0, -3.0], [3.0, 3.0], [40, 40])
+    mu = blob(grid, np.array([0.5, 0.0]), 1.0)
+    with pytest.raises(ValueError, match=r"too large for memory: 1600 points and 2560000 .* GiB.*"
+                                         r"1 GiB. Use jk.EntropicJKO"):
+        jk.jko_step(FOKKER_PLANCK, jk.Wasserstein(), mu, 0.3, method=jk.ConicJKO(radius=np.inf))
+    assert conic.estimated_memory(1600, 2_560_000, False) > 2**30
+    assert conic.estimated_memory(400, 7540, True) < 2**27  # small problems pass

@@ -24,6 +24,7 @@ doubled and the step re-solved (docs/conic.md).
 from __future__ import annotations
 
 import copy
+import os
 import time
 import warnings
 from collections import OrderedDict
@@ -195,6 +196,43 @@ PSD_RTOL = 1e-10
 #: reaction does not shrink a weight a million-fold, and Clarabel's active bounds sit at
 #: 1e-10 to 1e-8 of nu_i (tests/test_regimes.py).
 ACTIVE_BOUND_RTOL = 1e-6
+
+
+#: Peak memory of a step's solve, in bytes, for m plan entries (``estimated_memory``): Clarabel's
+#: sparse LDL factorization of the KKT system dominates, its fill growing like m^1.5. Measured on
+#: W2 steps of Entropy + |x|^2 / 2: restricted plans on grids (radius 2.5 h) 0.77 GB at m = 73k
+#: (60 x 60) and 2.0 GB at m = 131k (80 x 80), 39 and 42 m^1.5; a dense plan (20 x 20,
+#: m = 160k) 0.51 GB, 8 m^1.5. The estimate takes 20 m^1.5: refusing a problem that would have
+#: fit is worse than the MemoryError it prevents.
+SOLVE_BYTES = 20.0
+#: ... plus, for a quadratic form (MMD^2, an MMD or IFT reaction), its dense n x n block in the
+#: compiled program and in the factorization.
+QUADRATIC_BYTES = 200.0
+
+
+def estimated_memory(n: int, entries: int, quadratic: bool) -> float:
+    """Estimated peak memory (bytes) of a conic step on n points with ``entries`` plan entries."""
+    return SOLVE_BYTES * float(entries) ** 1.5 + (QUADRATIC_BYTES * float(n) ** 2 if quadratic else 0.0)
+
+
+def _physical_memory() -> float:
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+        return np.inf
+
+
+def _check_size(n: int, entries: int, quadratic: bool) -> None:
+    """Refuse, before building it, a program whose solve would not fit in this machine's memory."""
+    need, have = estimated_memory(n, entries, quadratic), _physical_memory()
+    if need <= have:
+        return
+    raise ValueError(
+        f"ConicJKO: this step is too large for memory: {n} points and {entries} transport plan entries "
+        f"need about {need / 2**30:.3g} GiB for the interior-point solve (about {SOLVE_BYTES:g} "
+        f"entries^1.5 bytes{', plus the dense n x n quadratic form' if quadratic else ''}), "
+        f"and this machine has {have / 2**30:.3g} GiB. Use jk.EntropicJKO (Sinkhorn, memory linear "
+        "in the plan), a coarser grid, or a smaller plan radius (ConicJKO(radius=...))")
 
 
 def _solver_instance(name: str):
@@ -450,6 +488,8 @@ class ConicProgram:
         excluded = infinite if excluded is None else excluded | infinite
         if excluded.any():
             constraints.append(self.y[np.flatnonzero(excluded)] == 0)
+        quadratic = form.quadratic is not None or (self.reaction is not None and self.reaction.quadratic)
+        _check_size(n, self.rows.size if self.has_transport else n, quadratic)
         energy = form_expression(F, form, self.y, ConicSupport(mu, self.scale, mass))
         # 2 tau (F + D^2 / (2 tau)) / s: tau multiplies the parameter-free F (DPP), and the
         # s-scaled terms are of order n
@@ -781,6 +821,7 @@ def _plan_pairs(points: np.ndarray, radius: float):
             rows = np.concatenate([diagonal, pairs[:, 0], pairs[:, 1]])
             cols = np.concatenate([diagonal, pairs[:, 1], pairs[:, 0]])
             return rows, cols, False
+    _check_size(n, n * n, False)  # before allocating the n^2 pairs
     rows, cols = np.divmod(np.arange(n * n), n)
     return rows, cols, True
 
