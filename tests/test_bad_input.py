@@ -267,3 +267,11 @@ def test_solve_with_bad_input_is_refused_before_any_step(make_method):
             jk.solve(F, jk.Wasserstein(), MU, tau, steps=2, method=make_method(), progress=False)
     with pytest.raises(ValueError, match="F must be"):
         jk.solve("entropy", jk.Wasserstein(), MU, 0.1, steps=2, method=make_method(), progress=False)
+
+
+@pytest.mark.parametrize("tau", [1e30, 1e300])
+def test_entropic_huge_tau_is_a_clear_failure(tau):
+    """The coupled KL-proximal Newton lost I + V^T V's definiteness to round-off and ended in
+    numpy's LinAlgError; it now reports a step that did not converge."""
+    outcome = clear_error_or_correct(step(METHODS["entropic"], tau))
+    assert outcome in ("error", "result")
