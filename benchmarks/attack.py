@@ -2,7 +2,7 @@
 
 Each case runs in a forked child with a time limit and ends in one of:
 
-* clear      a ValueError / TypeError / jk.SolverError (API) or exit code 1 or 2 with a message
+* clear      a ValueError / jk.SolverError (API) or exit code 1 or 2 with a message
              and no Python traceback (CLI);
 * correct    a result: finite, nonnegative weights and the dissipation inequality (API), or exit 0
              with the results written inside the results folder (CLI);
@@ -33,7 +33,7 @@ import jko_ift as jk
 from jko_ift.diagnostics import dissipation_slack
 
 CATEGORIES = ("clear", "correct", "silent", "traceback", "hang", "data lost")
-CLEAR_ERRORS = (ValueError, TypeError, jk.SolverError)
+CLEAR_ERRORS = (ValueError, jk.SolverError)  # a TypeError is Python's words, not ours
 
 
 # ------------------------------------------------------------------------------------------------
