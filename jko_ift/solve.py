@@ -104,10 +104,25 @@ def jko_step(F: Energy, geometry: Geometry, mu: Measure, tau: float, method=None
     >>> r.status, bool(r.objective <= F.value(mu))
     ('optimal', True)
     """
-    method = ConicJKO() if method is None else method
-    if not hasattr(method, "step"):
-        raise ValueError(f"method must be a jko_ift method such as jk.ConicJKO(), got {method!r}")
+    method = _check_method(ConicJKO() if method is None else method)
     return method.step(F, geometry, mu, tau, throw=throw)
+
+
+def _check_method(method):
+    """The method, or a ValueError naming what was passed (a class instead of an instance too)."""
+    if isinstance(method, type) or not hasattr(method, "step"):
+        raise ValueError(f"method must be a jko_ift method instance such as jk.ConicJKO(), got {method!r}")
+    return method
+
+
+def _check_stop_level(value, name: str):
+    """stop_energy / stop_rate: None or a real number (not NaN), else a ValueError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or np.isnan(value):
+        raise ValueError(f"{name} must be a number or None, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -251,7 +266,9 @@ def solve(F: Energy, geometry: Geometry, mu0: Measure, tau: float | None = None,
         raise ValueError("give tau (a fixed step) or controller=jk.StepController(...)")
     # the masses are checked (and warned about) by every step, inside the run's log
     check_step_input(F, geometry, mu0, 1.0 if tau is None else tau, warn_masses=False)
-    method = ConicJKO() if method is None else method
+    method = _check_method(ConicJKO() if method is None else method)
+    stop_rate = _check_stop_level(stop_rate, "stop_rate")
+    stop_energy = _check_stop_level(stop_energy, "stop_energy")
     if callback is not None and not callable(callback):
         raise ValueError(f"callback must be a callable(StepReport) or None, got {callback!r}")
     if controller is not None:

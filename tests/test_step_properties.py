@@ -114,3 +114,50 @@ def test_fixed_support_steps_many(make_method, name, conserve_mass, start, targe
 @given(start=weights_of, target=weights_of, tau=taus, points=points_of)
 def test_particle_steps_many(make_method, name, conserve_mass, start, target, tau, points):
     particle_step(make_method, name, conserve_mass, start, target, tau, points)
+
+
+#: Forward Euler's steps: small enough to sit within its stability limit tau |F''| < 2 on these
+#: problems (kernel width 0.7, unit weights), where the status is "explicit".
+explicit_taus = st.floats(0.002, 0.03)
+EXPLICIT_GEOMETRIES = pytest.mark.parametrize("name", ["W2", "He", "MMD", "WFR", "IFT"])
+
+
+def explicit_step(name, conserve_mass, start, target, tau, points):
+    """ExplicitEuler: the energy does not rise, the mass is kept where the geometry keeps it,
+    and the weights stay nonnegative (finite everywhere); past the stability limit a clear
+    error ("unstable") is the allowed outcome."""
+    x = np.array(points)[:, None]
+    F = energy(jk.Measure(np.linspace(-1.0, 1.0, 8)[:, None], target))
+    g, mu = geometry(name, conserve_mass), jk.Measure(x, start)
+    try:
+        result = jk.jko_step(F, g, mu, tau, method=jk.ExplicitEuler())
+    except jk.SolverError as error:
+        assert error.status == "unstable" and str(error)
+        return
+    assert result.status == "explicit" and result.certificate == 0
+    new = result.measure
+    assert np.all(np.isfinite(new.points)) and np.all(np.isfinite(new.weights))
+    assert np.all(new.weights >= 0)
+    if g.conserve_mass or isinstance(g, jk.Wasserstein):
+        assert new.mass == pytest.approx(mu.mass, rel=MASS_RTOL)
+    start_energy = F.value(mu)
+    assert F.value(new) <= start_energy + 1e-12 * max(1.0, abs(start_energy))
+
+
+@pytest.mark.filterwarnings(CLIPPING)
+@BOTH_VARIANTS
+@EXPLICIT_GEOMETRIES
+@settings(derandomize=True, max_examples=4, deadline=None)
+@given(start=weights_of, target=weights_of, tau=explicit_taus, points=points_of)
+def test_explicit_steps(name, conserve_mass, start, target, tau, points):
+    explicit_step(name, conserve_mass, start, target, tau, points)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings(CLIPPING)
+@BOTH_VARIANTS
+@EXPLICIT_GEOMETRIES
+@settings(max_examples=40, deadline=None)
+@given(start=weights_of, target=weights_of, tau=explicit_taus, points=points_of)
+def test_explicit_steps_many(name, conserve_mass, start, target, tau, points):
+    explicit_step(name, conserve_mass, start, target, tau, points)

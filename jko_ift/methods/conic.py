@@ -23,6 +23,8 @@ doubled and the step re-solved (docs/conic.md).
 
 from __future__ import annotations
 
+import copy
+import os
 import time
 import warnings
 from collections import OrderedDict
@@ -32,6 +34,8 @@ from functools import reduce
 import cvxpy as cp
 import numpy as np
 from cvxpy.reductions.solvers.conic_solvers.clarabel_conif import CLARABEL as _Clarabel
+from cvxpy.reductions.solvers.conic_solvers.scs_conif import SCS as _SCS
+from cvxpy.reductions.utilities import ReducedMat
 from scipy import sparse
 from scipy.spatial import cKDTree
 
@@ -60,7 +64,45 @@ SOLVERS = ("CLARABEL", "SCS")
 DEFAULT_GAP_TOL = {"CLARABEL": 1e-6, "SCS": 1e-4}
 
 
-class _ClarabelWithStats(_Clarabel):
+class _SparseRestructuring:
+    """CVXPY's cone formatting of the parametrized program, in memory linear in its size.
+
+    CVXPY orders each cone's rows for the solver (``ConicSolver.format_constraints``) by
+    reshaping the parameter tensor A, of shape (rows (x + 1), params + 1), to rows x
+    (x + 1)(params + 1) and multiplying it by a spacing matrix: scipy's sparse product then
+    allocates an index array of one entry per column, (x + 1)(params + 1), which with the
+    weights as an n-vector parameter is n times the plan size (1.8 GiB at 1600 grid points,
+    41.7 GiB at 6400, for a few hundred thousand nonzeros). The reordering is a signed
+    permutation of the rows within each variable's block: learnt here from a one-column
+    probe (through CVXPY's own code, so that every cone keeps its convention) and applied to
+    A's nonzeros directly.
+    """
+
+    @classmethod
+    def format_constraints(cls, problem, exp_cone_order):
+        rows = problem.A.shape[0] // (problem.x.size + 1)  # the constraints' rows
+        probe = copy.copy(problem)  # rows 0..rows-1 of the first block, values 1..rows
+        probe.A = sparse.coo_array((np.arange(1.0, rows + 1), (np.arange(rows), np.zeros(rows, int))),
+                                   shape=(rows * (problem.x.size + 1), 1))
+        formatted = super().format_constraints(probe, exp_cone_order)
+        moved = sparse.coo_array(formatted.A)
+        old_row = np.abs(moved.data).astype(np.int64) - 1
+        new_rows = formatted.A.shape[0] // (problem.x.size + 1)
+        if not (moved.nnz == rows and np.array_equal(np.sort(old_row), np.arange(rows))
+                and np.all(np.abs(moved.data) == old_row + 1)):  # pragma: no cover - not a permutation
+            return super().format_constraints(problem, exp_cone_order)
+        target, sign = np.empty(rows, np.int64), np.empty(rows)
+        target[old_row], sign[old_row] = moved.coords[0], np.sign(moved.data)
+        tensor = sparse.coo_array(problem.A)
+        block, row = np.divmod(tensor.coords[0].astype(np.int64), rows)
+        formatted.A = sparse.coo_array(
+            (tensor.data * sign[row], (target[row] + new_rows * block, tensor.coords[1].astype(np.int64))),
+            shape=(new_rows * (problem.x.size + 1), problem.A.shape[1]))
+        formatted.reduced_A = ReducedMat(formatted.A, formatted.x.size)
+        return formatted
+
+
+class _ClarabelWithStats(_SparseRestructuring, _Clarabel):
     """Clarabel through CVXPY, keeping the raw solution (primal and dual objectives)."""
 
     def name(self):
@@ -72,8 +114,16 @@ class _ClarabelWithStats(_Clarabel):
         return out
 
 
-#: One instance: CVXPY keys its compiled-problem cache on the solver object.
+class _ScsSparse(_SparseRestructuring, _SCS):
+    """SCS through CVXPY, with the memory-linear cone formatting."""
+
+    def name(self):
+        return "SCS_JKO"
+
+
+#: One instance each: CVXPY keys its compiled-problem cache on the solver object.
 _CLARABEL = _ClarabelWithStats()
+_SCS_SOLVER = _ScsSparse()
 
 #: Solver settings used unless the caller sets them. Clarabel's QDLDL factorization is 4-6x
 #: faster than its default choice (faer) on these KKT systems (benchmarks/conic_step.py).
@@ -148,8 +198,45 @@ PSD_RTOL = 1e-10
 ACTIVE_BOUND_RTOL = 1e-6
 
 
+#: Peak memory of a step's solve, in bytes, for m plan entries (``estimated_memory``): Clarabel's
+#: sparse LDL factorization of the KKT system dominates, its fill growing like m^1.5. Measured on
+#: W2 steps of Entropy + |x|^2 / 2: restricted plans on grids (radius 2.5 h) 0.77 GB at m = 73k
+#: (60 x 60) and 2.0 GB at m = 131k (80 x 80), 39 and 42 m^1.5; a dense plan (20 x 20,
+#: m = 160k) 0.51 GB, 8 m^1.5. The estimate takes 20 m^1.5: refusing a problem that would have
+#: fit is worse than the MemoryError it prevents.
+SOLVE_BYTES = 20.0
+#: ... plus, for a quadratic form (MMD^2, an MMD or IFT reaction), its dense n x n block in the
+#: compiled program and in the factorization.
+QUADRATIC_BYTES = 200.0
+
+
+def estimated_memory(n: int, entries: int, quadratic: bool) -> float:
+    """Estimated peak memory (bytes) of a conic step on n points with ``entries`` plan entries."""
+    return SOLVE_BYTES * float(entries) ** 1.5 + (QUADRATIC_BYTES * float(n) ** 2 if quadratic else 0.0)
+
+
+def _physical_memory() -> float:
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - not POSIX
+        return np.inf
+
+
+def _check_size(n: int, entries: int, quadratic: bool) -> None:
+    """Refuse, before building it, a program whose solve would not fit in this machine's memory."""
+    need, have = estimated_memory(n, entries, quadratic), _physical_memory()
+    if need <= have:
+        return
+    raise ValueError(
+        f"ConicJKO: this step is too large for memory: {n} points and {entries} transport plan entries "
+        f"need about {need / 2**30:.3g} GiB for the interior-point solve (about {SOLVE_BYTES:g} "
+        f"entries^1.5 bytes{', plus the dense n x n quadratic form' if quadratic else ''}), "
+        f"and this machine has {have / 2**30:.3g} GiB. Use jk.EntropicJKO (Sinkhorn, memory linear "
+        "in the plan), a coarser grid, or a smaller plan radius (ConicJKO(radius=...))")
+
+
 def _solver_instance(name: str):
-    return _CLARABEL if name == "CLARABEL" else name
+    return _CLARABEL if name == "CLARABEL" else _SCS_SOLVER
 
 
 # -------------------------------------------------------------------------------------------------
@@ -450,6 +537,8 @@ class ConicProgram:
         excluded = infinite if excluded is None else excluded | infinite
         if excluded.any():
             constraints.append(self.y[np.flatnonzero(excluded)] == 0)
+        quadratic = form.quadratic is not None or (self.reaction is not None and self.reaction.quadratic)
+        _check_size(n, self.rows.size if self.has_transport else n, quadratic)
         energy = form_expression(F, form, self.y, ConicSupport(mu, self.scale, mass))
         # 2 tau (F + D^2 / (2 tau)) / s: tau multiplies the parameter-free F (DPP), and the
         # s-scaled terms are of order n
@@ -521,10 +610,13 @@ class ConicProgram:
             if not self.dense:
                 excluded_gain = self._excluded_gain()
                 info["exclusion_violation"] = _relative(excluded_gain, solver_objective)
-        info["error_bound"] = self._error_bound(mu, new, tau, absolute_gap + excluded_gain)
         certificate = max(gap, residual, info.get("exclusion_violation", 0.0))
         objective = energy + distance_sq / (2 * tau)
         descends = self._check_descent(mu, objective, tau, gap_tol, info)
+        start_energy = float(self.F.value(mu))
+        if descends and _staying_is_better(start_energy, objective, gap_tol, info):
+            new, distance_sq, energy = mu, 0.0, start_energy
+        info["error_bound"] = self._error_bound(mu, new, tau, absolute_gap + excluded_gain)
         if not descends and certificate <= gap_tol:
             info["inaccurate_cause"] += (", although the solver's certificate, relative to its "
                                          "scaled objective 2 tau G / s, passed")
@@ -749,6 +841,21 @@ def _relative(gain: float, solver_objective: float) -> float:
     return gain / max(1.0, abs(solver_objective))
 
 
+def _staying_is_better(start_energy: float, objective: float, gap_tol: float, info: dict) -> bool:
+    """Whether mu^k itself is the better answer: the step's objective G exceeds F(mu^k) by more
+    than gap_tol relative, and passed the descent check only by its absolute floor, which
+    grows like s / (2 tau) (at tiny tau, D^2 / (2 tau) amplifies round-off in D^2 beyond F:
+    tau = 1e-300 gave G = 1.7e284 for F = 0.17). Not moving is feasible and G(mu^k) = F(mu^k)
+    lies between the exact step's G and this one's, so mu^k is certified at least as well;
+    recorded as ``info["kept_start"]``."""
+    excess = objective - start_energy
+    if not excess > gap_tol * max(1.0, abs(start_energy), abs(objective)):
+        return False
+    info["kept_start"] = (f"the step's objective exceeded F(mu^k) by {excess:.3g}, within the "
+                          "solver's certified accuracy at this tau: mu^k is returned (not moving)")
+    return True
+
+
 def _has_solution(solver_status: str) -> bool:
     return solver_status in ("optimal", "optimal_inaccurate")
 
@@ -763,6 +870,7 @@ def _plan_pairs(points: np.ndarray, radius: float):
             rows = np.concatenate([diagonal, pairs[:, 0], pairs[:, 1]])
             cols = np.concatenate([diagonal, pairs[:, 1], pairs[:, 0]])
             return rows, cols, False
+    _check_size(n, n * n, False)  # before allocating the n^2 pairs
     rows, cols = np.divmod(np.arange(n * n), n)
     return rows, cols, True
 

@@ -396,8 +396,9 @@ class EntropicJKO(Method):
                 drift_sq = np.sum(mu.weights[ok] * speed_sq[ok]) / mu.mass
         except (ValueError, NotImplementedError):
             drift_sq = 0.0
-        tau_alpha = tau * geometry.alpha
-        motion = float(np.sqrt(tau_alpha**2 * drift_sq + 2 * mu.dim * tau_alpha * diffusion))
+        tau_alpha = np.float64(tau) * geometry.alpha  # numpy: a huge tau gives inf, not OverflowError
+        with np.errstate(over="ignore"):
+            motion = float(np.sqrt(tau_alpha**2 * drift_sq + 2 * mu.dim * tau_alpha * diffusion))
         blur = np.sqrt(mu.dim * self.eps / 2.0)
         ratio = float(blur / motion) if motion > 0 else float("inf")
         if ratio > BLUR_WARN_RATIO:  # every step where it holds: jk.solve counts them once per run

@@ -311,7 +311,11 @@ class LogEquation:
             diagonal = self.A / np.maximum(b, np.exp(LOG_FLOOR))
             for c, p in self.powers:
                 diagonal += c * p * b ** (p - 1)
-            y = self._newton_direction(diagonal, phi)
+            try:
+                y = self._newton_direction(diagonal, phi)
+            except np.linalg.LinAlgError:  # round-off broke I + V^T V's definiteness (tau ~ 1e30)
+                self._give_up(size)
+                return s
             step = y / np.maximum(b, np.exp(LOG_FLOOR))
             largest = np.max(np.abs(step))
             if largest > NEWTON_MAX_LOG_STEP:  # a trust region in log b: far from the root
