@@ -139,7 +139,11 @@ class ExplicitEuler(Method):
             if geometry.has_transport:
                 if level > 0:
                     noisy = x + level * state.rng.standard_normal(x.shape)
-                    witness_of = Measure(noisy, a) if self.perturb_measure else mu
+                    if self.perturb_measure:  # its own (frozen) copy: kernel sums over it are kept
+                        witness_of = Measure(noisy, a)
+                        noisy = witness_of.points
+                    else:
+                        witness_of = mu
                     gradient = F.first_variation_at(witness_of, noisy, gradient=True)
                 else:
                     gradient = F.grad_first_variation(mu)
