@@ -288,16 +288,6 @@ class Kernel:
             near_rows, near_cols = _refine_near(block, x, y, scale, below, near, rows)
             yield rows, block, near_rows, near_cols
 
-    def _derivative_blocks(self, x: np.ndarray, y: np.ndarray, pair: _SmallPair | None):
-        """(rows, phi'(s) / c, near rows, near columns, c) for each row block of centred x, y:
-        one block, a fresh copy of the cached matrix, for a small pair."""
-        if pair is not None:
-            block, factor = pair.derivative()
-            yield slice(0, x.shape[0]), block, *pair.near, factor
-            return
-        for rows, block, near_rows, near_cols in self._distance_blocks(x, y):
-            yield rows, block, near_rows, near_cols, self._derivative_inplace(block)
-
     #: c with phi'(s) = c phi(s) for this kernel (the Gaussian), or None: a small pair's
     #: derivative matrix is then a copy of its values, not a second pass of the profile.
     def _derivative_factor(self) -> float | None:
@@ -354,7 +344,9 @@ class Kernel:
         w = _sum_weights(w, y.shape[0])
         d = x.shape[1]
         pair = _small_pair(self, x, y)
-        x, y = centred_pair(x, y) if pair is None else pair.centred
+        if pair is not None:
+            return pair.grad_sum(w)
+        x, y = centred_pair(x, y)
         columns = np.empty((d + 1, y.shape[0]))  # [w, w y]^T, one contiguous row per column
         columns[0] = w
         columns[1:] = (w[:, None] * y).T
@@ -362,8 +354,8 @@ class Kernel:
         by_column = d + 1 <= GEMV_COLUMNS_MAX
         factor = 1.0
         near_sum = np.zeros((x.shape[0], d))
-        for rows, block, near_rows, near_cols, block_factor in self._derivative_blocks(x, y, pair):
-            factor = block_factor  # the same c for every block
+        for rows, block, near_rows, near_cols in self._distance_blocks(x, y):
+            factor = self._derivative_inplace(block)
             if near_rows.size:
                 at = near_rows + rows.start
                 terms = (block[near_rows, near_cols] * w[near_cols])[:, None] * (x[at] - y[near_cols])
@@ -394,6 +386,7 @@ class _SmallPair:
             near_cols.append(block_cols)
         self.near = (np.concatenate(near_rows), np.concatenate(near_cols))
         self._values: np.ndarray | None = None
+        self._gradient: tuple | None = None
 
     def values(self) -> np.ndarray:
         """k(x_i, y_j): (n, m), read-only."""
@@ -404,13 +397,41 @@ class _SmallPair:
             self._values = values
         return self._values
 
-    def derivative(self) -> tuple[np.ndarray, float]:
-        """(phi'(s_ij) / c, c): a fresh (n, m) array for the caller to overwrite."""
+    def grad_sum(self, w: np.ndarray) -> np.ndarray:
+        """sum_j w_j grad_x k(x_i, y_j): (n, d), as ``Kernel.grad_sum`` computes it (the near
+        pairs from their differences) with the matrix phi'(s) / c kept."""
+        if self._gradient is None:
+            self._gradient = self._gradient_parts()
+        derivative, factor, near_values, near_differences = self._gradient
+        x, y = self.centred
+        columns = np.empty((y.shape[0], y.shape[1] + 1))  # [w, w y]
+        columns[:, 0] = w
+        np.multiply(w[:, None], y, out=columns[:, 1:])
+        sums = derivative @ columns
+        out = x * sums[:, :1] - sums[:, 1:]
+        if near_differences is not None:
+            rows, cols = self.near
+            np.add.at(out, rows, (near_values * w[cols])[:, None] * near_differences)
+        out *= 2.0 * factor
+        return out
+
+    def _gradient_parts(self):
+        """(phi'(s) / c with the near pairs zeroed, c, phi'(s) / c at the near pairs, their
+        differences x_i - y_j, None when all are 0: coincident points, such as x_i against
+        itself)."""
         factor = self.kernel._derivative_factor()
         if factor is not None:
-            return self.values().copy(), factor
-        block = self.scaled.copy()
-        return block, self.kernel._derivative_inplace(block)
+            derivative = self.values().copy()
+        else:
+            derivative = self.scaled.copy()
+            factor = self.kernel._derivative_inplace(derivative)
+        rows, cols = self.near
+        x, y = self.centred
+        near_values = derivative[rows, cols]
+        derivative[rows, cols] = 0.0
+        derivative.setflags(write=False)
+        differences = x[rows] - y[cols]
+        return derivative, factor, near_values, differences if np.any(differences) else None
 
 
 _SMALL_PAIRS: OrderedDict = OrderedDict()
@@ -483,6 +504,8 @@ def _sum_weights(w, m: int) -> np.ndarray:
 
 
 def _pair(x, y):
+    if _is_frozen_here(x) and _is_frozen_here(y) and x.shape[1] == y.shape[1]:
+        return x, y  # points of measures: checked when the measure was made, never changed
     x, y = as_points(x, "x"), as_points(y, "y")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"kernel arguments must share the dimension d, got {x.shape} and {y.shape}")
