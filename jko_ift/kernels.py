@@ -8,7 +8,6 @@ so memory stays O(block * m), never (n, m, d).
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -434,31 +433,26 @@ class _SmallPair:
         return derivative, factor, near_values, differences if np.any(differences) else None
 
 
-_SMALL_PAIRS: OrderedDict = OrderedDict()
+_SMALL_PAIRS: dict = {}
 _SMALL_PAIRS_LOCK = threading.Lock()
 
 
 def _small_pair(kernel: Kernel, x: np.ndarray, y: np.ndarray) -> _SmallPair | None:
     """The kept matrices of ``kernel`` on (x, y) when both are point arrays of measures with
-    at most SMALL_PAIR_ENTRIES pairs (made on first use); None otherwise (the blocked sums)."""
+    at most SMALL_PAIR_ENTRIES pairs (made on first use; the oldest of SMALL_PAIR_SLOTS is
+    dropped); None otherwise (the blocked sums). Keyed by identity: the pair holds its kernel
+    and points, so their ids are not reused while it is kept."""
     if x.shape[0] * y.shape[0] > SMALL_PAIR_ENTRIES or not (_is_frozen_here(x) and _is_frozen_here(y)):
         return None
-    key = (kernel, id(x), id(y))
-    try:
-        hash(key)
-    except TypeError:  # an unhashable kernel: nothing to key it by
-        return None
-    with _SMALL_PAIRS_LOCK:
-        pair = _SMALL_PAIRS.get(key)
-        if pair is not None and pair.x is x and pair.y is y:
-            _SMALL_PAIRS.move_to_end(key)
-            return pair
+    key = (id(kernel), id(x), id(y))
+    pair = _SMALL_PAIRS.get(key)
+    if pair is not None and pair.kernel is kernel and pair.x is x and pair.y is y:
+        return pair
     pair = _SmallPair(kernel, x, y)
     with _SMALL_PAIRS_LOCK:
         _SMALL_PAIRS[key] = pair
-        _SMALL_PAIRS.move_to_end(key)
         while len(_SMALL_PAIRS) > SMALL_PAIR_SLOTS:
-            _SMALL_PAIRS.popitem(last=False)
+            del _SMALL_PAIRS[next(iter(_SMALL_PAIRS))]
     return pair
 
 

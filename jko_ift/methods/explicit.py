@@ -103,7 +103,8 @@ class ExplicitEuler(Method):
 
     def init_state(self, F=None, geometry=None, mu0=None) -> MethodState:
         """A run's state: step counter 0, a generator seeded by ``seed``."""
-        return MethodState(rng=np.random.default_rng(self.seed))
+        # without noise nothing is drawn: no generator to copy at every step
+        return MethodState(rng=None if self.noise == 0 else np.random.default_rng(self.seed))
 
     @property
     def steps_taken(self) -> int:
