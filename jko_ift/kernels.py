@@ -317,6 +317,9 @@ class Kernel:
 
     def apply(self, x, y, w) -> np.ndarray:
         """sum_j k(x_i, y_j) w_j: (n,), computed in row blocks (memory O(block))."""
+        pair = _kept_pair(self, x, y)
+        if pair is not None:
+            return pair.values() @ _sum_weights(w, y.shape[0])
         x, y = _pair(x, y)
         w = _sum_weights(w, y.shape[0])
         pair = _small_pair(self, x, y)
@@ -339,6 +342,9 @@ class Kernel:
         (every non-negligible pair for a bandwidth tiny against the spread), are summed from their
         differences w_j phi'(s_ij) (x_i - y_j) instead.
         """
+        pair = _kept_pair(self, x, y)
+        if pair is not None:
+            return pair.grad_sum(_sum_weights(w, y.shape[0]))
         x, y = _pair(x, y)
         w = _sum_weights(w, y.shape[0])
         d = x.shape[1]
@@ -376,14 +382,13 @@ class _SmallPair:
 
     def __init__(self, kernel: Kernel, x: np.ndarray, y: np.ndarray):
         self.kernel, self.x, self.y = kernel, x, y
-        self.centred = centred_pair(x, y)
-        self.scaled = np.empty((x.shape[0], y.shape[0]))  # _distance_scale |x_i - y_j|^2
-        near_rows, near_cols = [], []
-        for rows, block, block_rows, block_cols in kernel._distance_blocks(*self.centred):
-            self.scaled[rows] = block
-            near_rows.append(block_rows + rows.start)
-            near_cols.append(block_cols)
-        self.near = (np.concatenate(near_rows), np.concatenate(near_cols))
+        # one block: the product and the comparison pass of ``_distance_blocks``
+        self.centred = xc, yc = centred_pair(x, y)
+        scale = kernel._distance_scale
+        below = kernel._refine_below(lifted_roundoff(xc, yc))
+        lifted_x, lifted_y = _lifted(xc, yc, scale)
+        self.scaled = lifted_x @ lifted_y  # _distance_scale |x_i - y_j|^2, near pairs exact
+        self.near = NearPairs.scan(self.scaled, xc, yc, scale, below)
         self._values: np.ndarray | None = None
         self._gradient: tuple | None = None
 
@@ -437,6 +442,15 @@ _SMALL_PAIRS: dict = {}
 _SMALL_PAIRS_LOCK = threading.Lock()
 
 
+def _kept_pair(kernel: Kernel, x, y) -> _SmallPair | None:
+    """The kept pair of ``kernel`` on exactly these x and y, if any (no checks: only points of
+    measures, checked when made, are kept)."""
+    pair = _SMALL_PAIRS.get((id(kernel), id(x), id(y)))
+    if pair is not None and pair.kernel is kernel and pair.x is x and pair.y is y:
+        return pair
+    return None
+
+
 def _small_pair(kernel: Kernel, x: np.ndarray, y: np.ndarray) -> _SmallPair | None:
     """The kept matrices of ``kernel`` on (x, y) when both are point arrays of measures with
     at most SMALL_PAIR_ENTRIES pairs (made on first use; the oldest of SMALL_PAIR_SLOTS is
@@ -445,8 +459,8 @@ def _small_pair(kernel: Kernel, x: np.ndarray, y: np.ndarray) -> _SmallPair | No
     if x.shape[0] * y.shape[0] > SMALL_PAIR_ENTRIES or not (_is_frozen_here(x) and _is_frozen_here(y)):
         return None
     key = (id(kernel), id(x), id(y))
-    pair = _SMALL_PAIRS.get(key)
-    if pair is not None and pair.kernel is kernel and pair.x is x and pair.y is y:
+    pair = _kept_pair(kernel, x, y)
+    if pair is not None:
         return pair
     pair = _SmallPair(kernel, x, y)
     with _SMALL_PAIRS_LOCK:
