@@ -458,6 +458,9 @@ def _small_pair(kernel: Kernel, x: np.ndarray, y: np.ndarray) -> _SmallPair | No
     and points, so their ids are not reused while it is kept."""
     if x.shape[0] * y.shape[0] > SMALL_PAIR_ENTRIES or not (_is_frozen_here(x) and _is_frozen_here(y)):
         return None
+    settings = getattr(type(kernel), "__dataclass_params__", None)
+    if settings is None or not settings.frozen:  # a kernel whose parameters may change: no reuse
+        return None
     key = (id(kernel), id(x), id(y))
     pair = _kept_pair(kernel, x, y)
     if pair is not None:
