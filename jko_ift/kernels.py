@@ -43,6 +43,12 @@ SMALL_PAIR_ENTRIES = 1 << 16
 #: matrices of SMALL_PAIR_ENTRIES each (1.5 MB) per pair.
 SMALL_PAIR_SLOTS = 8
 
+#: Rows per block never fall below this for wide points (d + 1 > GEMV_COLUMNS_MAX): at d = 100,
+#: N = 3000 blocks of 4 rows made the witness gradient 9.4x the plain blocked product x y^T, blocks
+#: of 256 rows 3.7x (one thread, benchmarks/witness.py): the per-block work, not the product,
+#: dominated.
+WIDE_BLOCK_ROWS = 256
+
 EPS = float(np.finfo(float).eps)
 SMALLEST_NORMAL = float(np.finfo(float).tiny)
 
@@ -211,10 +217,13 @@ def row_blocks(n: int, m: int):
 
 def _sum_blocks(n: int, m: int, d: int):
     """Row blocks for the kernel sums: at most BLOCK_ENTRIES entries, and products small
-    enough for one BLAS thread (SINGLE_THREAD_WORK) unless that means under MIN_BLOCK_ROWS."""
+    enough for one BLAS thread (SINGLE_THREAD_WORK) unless that means under MIN_BLOCK_ROWS
+    (WIDE_BLOCK_ROWS for points wider than GEMV_COLUMNS_MAX, whose blocks are reduced by one
+    matrix product)."""
     m = max(m, 1)
     rows = SINGLE_THREAD_WORK // (m * (d + 2))
-    step = max(1, min(BLOCK_ENTRIES // m, max(rows, MIN_BLOCK_ROWS)))
+    least = MIN_BLOCK_ROWS if d + 1 <= GEMV_COLUMNS_MAX else WIDE_BLOCK_ROWS
+    step = max(1, min(BLOCK_ENTRIES // m, max(rows, least)))
     for start in range(0, n, step):
         yield slice(start, min(n, start + step))
 
