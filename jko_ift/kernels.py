@@ -7,12 +7,13 @@ so memory stays O(block * m), never (n, m, d).
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .measures import as_points
+from .measures import _is_frozen_here, as_points
 
 #: Entries per temporary block (about 32 MB of float64).
 BLOCK_ENTRIES = 1 << 22
@@ -32,12 +33,32 @@ GEMV_COLUMNS_MAX = 8
 #: BLAS threads to pay off, and the Python overhead per block stays small.
 MIN_BLOCK_ROWS = 4
 
+#: Pairs of point sets with at most this many pairs keep their kernel matrices for reuse
+#: (``_SmallPair``): an explicit particle step sums over the same few sets many times (the
+#: witness, its gradient, the energy before and after), and at small N each blocked sum's
+#: set-up (centring, near-pair search, lifted product) costs more than the sum itself.
+SMALL_PAIR_ENTRIES = 1 << 16
+
+#: How many pairs of small sets are kept (least recently used dropped): at most three
+#: matrices of SMALL_PAIR_ENTRIES each (1.5 MB) per pair.
+SMALL_PAIR_SLOTS = 8
+
+#: Rows per block never fall below this for wide points (d + 1 > GEMV_COLUMNS_MAX): at d = 100,
+#: N = 3000 blocks of 4 rows made the witness gradient 9.4x the plain blocked product x y^T, blocks
+#: of 256 rows 3.7x (one thread, benchmarks/witness.py): the per-block work, not the product,
+#: dominated.
+WIDE_BLOCK_ROWS = 256
+
 EPS = float(np.finfo(float).eps)
 SMALLEST_NORMAL = float(np.finfo(float).tiny)
 
 #: Up to this dimension the near pairs are found by a k-d tree (O(n log n + pairs)); above it a
 #: tree prunes poorly and one comparison pass over each block is cheaper.
 TREE_DIM_MAX = 8
+
+#: Under this many pairs one comparison pass over the block costs less than building the trees
+#: (100 points against 100: about 10 microseconds against 0.8 ms).
+TREE_PAIRS_MIN = 1 << 16
 
 #: Most near pairs listed at once (40 bytes each: 40 MB, like one block); past it (particles
 #: collapsed into clusters) the comparison pass over each block takes over.
@@ -128,14 +149,16 @@ class NearPairs:
 
     @classmethod
     def find(cls, x: np.ndarray, y: np.ndarray, below: float) -> NearPairs | None:
-        """The near pairs by a k-d tree, or None where a comparison pass is cheaper: large d, or
-        more than NEAR_PAIRS_MAX pairs (clusters of coincident particles), whose list would
-        outgrow the blocks' memory."""
+        """The near pairs by a k-d tree, or None where a comparison pass is cheaper: large d, few
+        pairs (TREE_PAIRS_MIN), or more than NEAR_PAIRS_MAX pairs (clusters of coincident
+        particles), whose list would outgrow the blocks' memory."""
         if x.shape[1] > TREE_DIM_MAX:
             return None
         if below <= 0 or x.size == 0 or y.size == 0:
             return cls(np.empty(0, np.intp), np.empty(0, np.intp), np.empty(0),
                        np.zeros(x.shape[0] + 1, np.intp))
+        if x.shape[0] * y.shape[0] < TREE_PAIRS_MIN:
+            return None
         tree_x = cKDTree(x)
         tree_y = tree_x if y is x else cKDTree(y)
         if tree_x.count_neighbors(tree_y, np.sqrt(below)) > NEAR_PAIRS_MAX:
@@ -194,10 +217,13 @@ def row_blocks(n: int, m: int):
 
 def _sum_blocks(n: int, m: int, d: int):
     """Row blocks for the kernel sums: at most BLOCK_ENTRIES entries, and products small
-    enough for one BLAS thread (SINGLE_THREAD_WORK) unless that means under MIN_BLOCK_ROWS."""
+    enough for one BLAS thread (SINGLE_THREAD_WORK) unless that means under MIN_BLOCK_ROWS
+    (WIDE_BLOCK_ROWS for points wider than GEMV_COLUMNS_MAX, whose blocks are reduced by one
+    matrix product)."""
     m = max(m, 1)
     rows = SINGLE_THREAD_WORK // (m * (d + 2))
-    step = max(1, min(BLOCK_ENTRIES // m, max(rows, MIN_BLOCK_ROWS)))
+    least = MIN_BLOCK_ROWS if d + 1 <= GEMV_COLUMNS_MAX else WIDE_BLOCK_ROWS
+    step = max(1, min(BLOCK_ENTRIES // m, max(rows, least)))
     for start in range(0, n, step):
         yield slice(start, min(n, start + step))
 
@@ -297,6 +323,11 @@ class Kernel:
             near_rows, near_cols = _refine_near(block, x, y, scale, below, near, rows)
             yield rows, block, near_rows, near_cols
 
+    #: c with phi'(s) = c phi(s) for this kernel (the Gaussian), or None: a small pair's
+    #: derivative matrix is then a copy of its values, not a second pass of the profile.
+    def _derivative_factor(self) -> float | None:
+        return None
+
     def __call__(self, x, y) -> np.ndarray:
         """Gram matrix k(x_i, y_j): (n, m) for x: (n, d), y: (m, d).
 
@@ -305,6 +336,9 @@ class Kernel:
         kernel is numerically singular and amplifies any other difference (1e8 at ridge 1e-8).
         """
         x, y = _pair(x, y)
+        pair = _small_pair(self, x, y)
+        if pair is not None:
+            return pair.values().copy()
         gram = np.empty((x.shape[0], y.shape[0]))
         for rows, block, _, _ in self._distance_blocks(*centred_pair(x, y)):
             self._profile_inplace(block)
@@ -319,8 +353,14 @@ class Kernel:
 
     def apply(self, x, y, w) -> np.ndarray:
         """sum_j k(x_i, y_j) w_j: (n,), computed in row blocks (memory O(block))."""
+        pair = _kept_pair(self, x, y)
+        if pair is not None:
+            return pair.values() @ _sum_weights(w, y.shape[0])
         x, y = _pair(x, y)
         w = _sum_weights(w, y.shape[0])
+        pair = _small_pair(self, x, y)
+        if pair is not None:
+            return pair.values() @ w
         out = np.empty(x.shape[0])
         for rows, block, _, _ in self._distance_blocks(*centred_pair(x, y)):
             self._profile_inplace(block)
@@ -338,9 +378,15 @@ class Kernel:
         (every non-negligible pair for a bandwidth tiny against the spread), are summed from their
         differences w_j phi'(s_ij) (x_i - y_j) instead.
         """
+        pair = _kept_pair(self, x, y)
+        if pair is not None:
+            return pair.grad_sum(_sum_weights(w, y.shape[0]))
         x, y = _pair(x, y)
         w = _sum_weights(w, y.shape[0])
         d = x.shape[1]
+        pair = _small_pair(self, x, y)
+        if pair is not None:
+            return pair.grad_sum(w)
         x, y = centred_pair(x, y)
         columns = np.empty((d + 1, y.shape[0]))  # [w, w y]^T, one contiguous row per column
         columns[0] = w
@@ -362,6 +408,105 @@ class Kernel:
             else:
                 sums[:, rows] = columns @ block.T
         return (2.0 * factor) * (x * sums[0][:, None] - sums[1:].T + near_sum)
+
+
+class _SmallPair:
+    """The matrices of a kernel on x against y, two small point sets owned by measures (arrays
+    that ``measures`` froze: never changed), from the blocked sums' own blocks and near pairs,
+    so that every sum over the pair agrees with the blocked path. Kept by ``_small_pair``; it
+    holds x and y, so that their ids stay theirs while it is kept."""
+
+    def __init__(self, kernel: Kernel, x: np.ndarray, y: np.ndarray):
+        self.kernel, self.x, self.y = kernel, x, y
+        # one block: the product and the comparison pass of ``_distance_blocks``
+        self.centred = xc, yc = centred_pair(x, y)
+        scale = kernel._distance_scale
+        below = kernel._refine_below(lifted_roundoff(xc, yc))
+        lifted_x, lifted_y = _lifted(xc, yc, scale)
+        self.scaled = lifted_x @ lifted_y  # _distance_scale |x_i - y_j|^2, near pairs exact
+        self.near = NearPairs.scan(self.scaled, xc, yc, scale, below)
+        self._values: np.ndarray | None = None
+        self._gradient: tuple | None = None
+
+    def values(self) -> np.ndarray:
+        """k(x_i, y_j): (n, m), read-only."""
+        if self._values is None:
+            values = self.scaled.copy()
+            self.kernel._profile_inplace(values)
+            values.setflags(write=False)
+            self._values = values
+        return self._values
+
+    def grad_sum(self, w: np.ndarray) -> np.ndarray:
+        """sum_j w_j grad_x k(x_i, y_j): (n, d), as ``Kernel.grad_sum`` computes it (the near
+        pairs from their differences) with the matrix phi'(s) / c kept."""
+        if self._gradient is None:
+            self._gradient = self._gradient_parts()
+        derivative, factor, near_values, near_differences = self._gradient
+        x, y = self.centred
+        columns = np.empty((y.shape[0], y.shape[1] + 1))  # [w, w y]
+        columns[:, 0] = w
+        np.multiply(w[:, None], y, out=columns[:, 1:])
+        sums = derivative @ columns
+        out = x * sums[:, :1] - sums[:, 1:]
+        if near_differences is not None:
+            rows, cols = self.near
+            np.add.at(out, rows, (near_values * w[cols])[:, None] * near_differences)
+        out *= 2.0 * factor
+        return out
+
+    def _gradient_parts(self):
+        """(phi'(s) / c with the near pairs zeroed, c, phi'(s) / c at the near pairs, their
+        differences x_i - y_j, None when all are 0: coincident points, such as x_i against
+        itself)."""
+        factor = self.kernel._derivative_factor()
+        if factor is not None:
+            derivative = self.values().copy()
+        else:
+            derivative = self.scaled.copy()
+            factor = self.kernel._derivative_inplace(derivative)
+        rows, cols = self.near
+        x, y = self.centred
+        near_values = derivative[rows, cols]
+        derivative[rows, cols] = 0.0
+        derivative.setflags(write=False)
+        differences = x[rows] - y[cols]
+        return derivative, factor, near_values, differences if np.any(differences) else None
+
+
+_SMALL_PAIRS: dict = {}
+_SMALL_PAIRS_LOCK = threading.Lock()
+
+
+def _kept_pair(kernel: Kernel, x, y) -> _SmallPair | None:
+    """The kept pair of ``kernel`` on exactly these x and y, if any (no checks: only points of
+    measures, checked when made, are kept)."""
+    pair = _SMALL_PAIRS.get((id(kernel), id(x), id(y)))
+    if pair is not None and pair.kernel is kernel and pair.x is x and pair.y is y:
+        return pair
+    return None
+
+
+def _small_pair(kernel: Kernel, x: np.ndarray, y: np.ndarray) -> _SmallPair | None:
+    """The kept matrices of ``kernel`` on (x, y) when both are point arrays of measures with
+    at most SMALL_PAIR_ENTRIES pairs (made on first use; the oldest of SMALL_PAIR_SLOTS is
+    dropped); None otherwise (the blocked sums). Keyed by identity: the pair holds its kernel
+    and points, so their ids are not reused while it is kept."""
+    if x.shape[0] * y.shape[0] > SMALL_PAIR_ENTRIES or not (_is_frozen_here(x) and _is_frozen_here(y)):
+        return None
+    settings = getattr(type(kernel), "__dataclass_params__", None)
+    if settings is None or not settings.frozen:  # a kernel whose parameters may change: no reuse
+        return None
+    key = (id(kernel), id(x), id(y))
+    pair = _kept_pair(kernel, x, y)
+    if pair is not None:
+        return pair
+    pair = _SmallPair(kernel, x, y)
+    with _SMALL_PAIRS_LOCK:
+        _SMALL_PAIRS[key] = pair
+        while len(_SMALL_PAIRS) > SMALL_PAIR_SLOTS:
+            del _SMALL_PAIRS[next(iter(_SMALL_PAIRS))]
+    return pair
 
 
 def centred(matrix: np.ndarray) -> np.ndarray:
@@ -406,6 +551,8 @@ def _sum_weights(w, m: int) -> np.ndarray:
 
 
 def _pair(x, y):
+    if _is_frozen_here(x) and _is_frozen_here(y) and x.shape[1] == y.shape[1]:
+        return x, y  # points of measures: checked when the measure was made, never changed
     x, y = as_points(x, "x"), as_points(y, "y")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"kernel arguments must share the dimension d, got {x.shape} and {y.shape}")
@@ -483,6 +630,9 @@ class Gaussian(_ScaledKernel):
             return super()._derivative_inplace(s)
         np.exp(s, out=s)
         return -1.0 / (2.0 * self.sigma**2)
+
+    def _derivative_factor(self):
+        return None if _underflows(self.sigma) else -1.0 / (2.0 * self.sigma**2)
 
     def _refine_below(self, roundoff):
         """The exponent errs by roundoff / (2 sigma^2) for every pair: past MAX_ROUNDOFF, every

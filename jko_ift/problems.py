@@ -19,7 +19,7 @@ from .energies import MMD2, Energy, Entropy, PorousMedium, Potential, line_terms
 from .geometries import IFT, MMD, WFR, Geometry, Wasserstein
 from .kernels import Gaussian, Kernel
 from .measures import Grid, Measure
-from .methods.base import Method, MethodState
+from .methods.base import Method, MethodState, relatively_close
 from .methods.options import positive
 
 #: The paper's 2-D mixture target (Gladin et al. 2024, section 5): equal weights.
@@ -431,7 +431,9 @@ class PaperMethod(Method):
     def init_state(self, F=None, geometry=None, mu0=None) -> MethodState:
         """A run's state: step counter 0, a generator seeded by ``seed``, ``inner``'s own state."""
         inner = self.inner.init_state(F, geometry, mu0) if isinstance(self.inner, Method) else None
-        return MethodState(rng=np.random.default_rng(self.seed), warm={"inner": inner})
+        # without fresh targets nothing is drawn: no generator to copy at every step
+        rng = None if self.sample_target is None else np.random.default_rng(self.seed)
+        return MethodState(rng=rng, warm={"inner": inner})
 
     def _step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float, state: MethodState,
               throw: bool = True):
@@ -450,7 +452,7 @@ class PaperMethod(Method):
                        info={**result.info, "step_energy": result.energy})
 
     def _check_particles(self, mu: Measure) -> None:
-        if mu.n != self.n_particles or not np.isclose(mu.mass, self.mass, rtol=PAPER_MASS_RTOL, atol=0):
+        if mu.n != self.n_particles or not relatively_close(mu.mass, self.mass, PAPER_MASS_RTOL):
             raise ValueError(f"this paper_scheme was mapped for {self.n_particles} particles of mass "
                              f"{self.mass:g} (tau alpha = 2 lr M / n), got {mu.n} of mass {mu.mass:.6g}; "
                              "build it with paper_scheme(kernel, lr, n_particles=mu.n, mass=mu.mass)")

@@ -157,3 +157,27 @@ def test_clusters_of_coincident_points_go_through_the_comparison_pass(monkeypatc
     w = np.full(40, 1.0 / 40)
     np.testing.assert_allclose(jk.Gaussian(1e-8).apply(x, x, w), 0.5, rtol=1e-15)
     np.testing.assert_array_equal(jk.Gaussian(1e-8).grad_sum(x, x, w), 0.0)
+
+
+def test_kept_matrices_of_small_point_sets_agree_with_the_blocked_sums():
+    """Points of measures keep their kernel matrices (``kernels._small_pair``): every sum over
+    them agrees with the blocked path on writable copies of the same points."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(40, 2)) + 1e6
+    x[5] = x[7]  # a coincident pair
+    mu = jk.Measure(x, rng.random(40))
+    nu = jk.Measure(rng.normal(size=(30, 2)) + 1e6, rng.random(30))
+    for kernel in KERNELS:
+        for a, b in ((mu, mu), (mu, nu)):
+            assert kernels._small_pair(kernel, a.points, b.points) is not None
+            raw_x, raw_y, w = np.array(a.points), np.array(b.points), b.weights
+            np.testing.assert_allclose(kernel.apply(a.points, b.points, w),
+                                       kernel.apply(raw_x, raw_y, w), rtol=1e-12)
+            np.testing.assert_allclose(kernel(a.points, b.points), kernel(raw_x, raw_y), rtol=1e-12)
+            np.testing.assert_allclose(kernel.grad_sum(a.points, b.points, w),
+                                       kernel.grad_sum(raw_x, raw_y, w), rtol=1e-9, atol=1e-12)
+    moved = jk.Measure(mu.points + 0.5, mu.weights)  # new points: a new pair, not the kept one
+    gaussian = KERNELS[0]
+    np.testing.assert_allclose(gaussian.apply(moved.points, moved.points, moved.weights),
+                               gaussian.apply(np.array(moved.points), np.array(moved.points),
+                                              moved.weights), rtol=1e-12)

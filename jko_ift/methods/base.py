@@ -217,7 +217,7 @@ class MethodState:
     cache: dict = field(default_factory=dict)
 
     def fork(self) -> MethodState:
-        return MethodState(self.steps, copy.deepcopy(self.rng),
+        return MethodState(self.steps, _copy_generator(self.rng),
                            {key: copy.copy(value) for key, value in self.warm.items()}, self.cache)
 
     def without_cache(self) -> MethodState:
@@ -264,6 +264,21 @@ class MethodState:
             rng = np.random.Generator(bit_generator)
         nested = {key: cls.from_dict(value) for key, value in (data.get("nested") or {}).items()}
         return cls(steps=int(data["steps"]), rng=rng, warm=nested)
+
+
+def _copy_generator(rng: np.random.Generator | None) -> np.random.Generator | None:
+    """An independent generator in the same state (the same draws follow). A bit generator
+    seeded by 0 and then given the state: a deep copy (pickling) costs several times more, once
+    per step of a run."""
+    if rng is None:
+        return None
+    bits = rng.bit_generator
+    try:
+        clone = type(bits)(0)
+        clone.state = bits.state
+    except (TypeError, ValueError):  # a bit generator that cannot be made so: copy it whole
+        return copy.deepcopy(rng)
+    return np.random.Generator(clone)
 
 
 class Method:
@@ -368,6 +383,12 @@ def energy_targets(F: Energy):
     yield from F.targets()
 
 
+def relatively_close(value: float, reference: float, rtol: float) -> bool:
+    """|value - reference| <= rtol |reference| (``np.isclose`` with atol 0, without its array
+    machinery: this runs every step)."""
+    return value == reference or abs(value - reference) <= rtol * abs(reference)
+
+
 def check_masses(F: Energy, geometry: Geometry, mu: Measure) -> None:
     """Warn (``MassMismatchWarning``) where the masses make the run another problem than the
     one it looks like; the mathematics stays defined, so these are warnings, not errors.
@@ -384,7 +405,7 @@ def check_masses(F: Energy, geometry: Geometry, mu: Measure) -> None:
         return
     mass = float(mu.mass)
     for name, target in energy_targets(F):
-        if not np.isclose(target.mass, mass, rtol=MASS_RTOL, atol=0.0):
+        if not relatively_close(target.mass, mass, MASS_RTOL):
             warn_user(f"the target of {name} has mass {target.mass:.6g} but mu has mass {mass:.6g}, "
                       f"and {type(geometry).__name__} conserves mass: the flow cannot reach the "
                       "target and F cannot reach 0 (it converges to a measure of mass "
@@ -393,7 +414,7 @@ def check_masses(F: Energy, geometry: Geometry, mu: Measure) -> None:
                       "or use a reaction geometry on positive measures (conserve_mass=False)",
                       MassMismatchWarning)
             return
-    if geometry.reaction is not None and not np.isclose(mass, 1.0, rtol=MASS_RTOL, atol=0.0):
+    if geometry.reaction is not None and not relatively_close(mass, 1.0, MASS_RTOL):
         warn_user(f"{type(geometry).__name__}(conserve_mass=True) is the spherical geometry of "
                   f"probability measures, but mu has mass {mass:.6g}: the run keeps that mass and "
                   f"follows the flow of mass-{mass:.6g} measures, not of probabilities. Normalize mu "

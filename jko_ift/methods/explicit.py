@@ -142,7 +142,8 @@ class ExplicitEuler(Method):
 
     def init_state(self, F=None, geometry=None, mu0=None) -> MethodState:
         """A run's state: step counter 0, a generator seeded by ``seed``."""
-        return MethodState(rng=np.random.default_rng(self.seed))
+        # without noise nothing is drawn: no generator to copy at every step
+        return MethodState(rng=None if self.noise == 0 else np.random.default_rng(self.seed))
 
     @property
     def steps_taken(self) -> int:
@@ -178,7 +179,11 @@ class ExplicitEuler(Method):
             if geometry.has_transport:
                 if level > 0:
                     noisy = x + level * state.rng.standard_normal(x.shape)
-                    witness_of = Measure(noisy, a) if self.perturb_measure else mu
+                    if self.perturb_measure:  # its own (frozen) copy: kernel sums over it are kept
+                        witness_of = Measure(noisy, a)
+                        noisy = witness_of.points
+                    else:
+                        witness_of = mu
                     gradient = F.first_variation_at(witness_of, noisy, gradient=True)
                 else:
                     gradient = F.grad_first_variation(mu)
