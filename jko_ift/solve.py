@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .control import ConstantStepSize, ControllerState, StepController
 from .diagnostics import dissipation_slack
+from .display import Table, format_value, html_summary, text_summary
 from .energies import Energy
 from .geometries import Geometry
 from .measures import Measure
@@ -70,6 +71,11 @@ class Trajectory:
     how many steps raised it (each is also warned once, at the end of the run).
     state: where the run stands (``RunState``: the method's and the controller's state), for
     ``solve(..., resume=trajectory)``; None for a trajectory read from files.
+    scheme: the method's class and the geometry ("ConicJKO in IFT(...)"); "" when unknown.
+
+    In a notebook a trajectory shows its summary (``_repr_html_``: scheme, steps, energies,
+    statuses, timings, warnings); ``plot()`` draws its energy, ``stats_table()`` gives its
+    per-step statistics as a table.
     """
 
     times: np.ndarray
@@ -79,9 +85,83 @@ class Trajectory:
     stop_reason: str = "steps"
     warnings: tuple[RunWarning, ...] = ()
     state: RunState | None = field(default=None, repr=False, compare=False)
+    scheme: str = field(default="", compare=False)
 
     def __len__(self) -> int:
         return len(self.measures)
+
+    def _summary(self) -> tuple[str, list, list]:
+        """(title, fields, notes) of the run's summary (``display``)."""
+        accepted = [s for s in self.stats if s.get("accepted", True)]
+        taus = self.taus
+        fields = [("stop reason", self.stop_reason),
+                  ("steps", f"{len(accepted)} accepted" + (f", {len(self.stats) - len(accepted)} "
+                                                          "rejected" if len(accepted) < len(self.stats)
+                                                          else "")),
+                  ("saved measures", len(self.measures)),
+                  ("time", f"{format_value(float(self.times[0]))} to {format_value(float(self.times[-1]))}"),
+                  ("energy", f"{format_value(float(self.energies[0]))} to "
+                             f"{format_value(float(self.energies[-1]))}")]
+        if taus.size:
+            fields.append(("tau", format_value(float(taus[0])) if np.ptp(taus) == 0
+                           else f"{format_value(float(taus.min()))} to {format_value(float(taus.max()))}"))
+        statuses: dict = {}
+        for s in self.stats:
+            statuses[str(s.get("status"))] = statuses.get(str(s.get("status")), 0) + 1
+        if statuses:
+            fields.append(("statuses", ", ".join(f"{k}: {v}" for k, v in statuses.items())))
+        certificates = [s["certificate"] for s in accepted if s.get("certificate") is not None]
+        if certificates:
+            fields.append(("worst certificate", float(np.max(certificates))))
+        iterations = [s["iterations"] for s in self.stats if s.get("iterations") is not None]
+        if iterations:
+            fields.append(("solver iterations", f"{int(np.sum(iterations))} in all, at most "
+                                                f"{int(np.max(iterations))} in a step"))
+        walls = [s.get("wall_time") or 0.0 for s in self.stats]
+        if walls:
+            fields.append(("wall time", f"{format_value(float(np.sum(walls)))} s (slowest step "
+                                        f"{format_value(float(np.max(walls)))} s)"))
+        title = "Trajectory" + (f": {self.scheme}" if self.scheme else "")
+        return title, fields, [str(w) for w in self.warnings]
+
+    def __repr__(self) -> str:
+        return text_summary(*self._summary())
+
+    def _repr_html_(self) -> str:
+        """The run's summary for a notebook: scheme, steps, energies, statuses, timings,
+        warnings (every text escaped)."""
+        return html_summary(*self._summary())
+
+    def stats_table(self) -> Table:
+        """The per-step statistics (``stats``: step, tau, wall time, status, certificate,
+        iterations, ...) as a ``display.Table``; ``.to_frame()`` makes it a pandas DataFrame.
+
+        Returns
+        -------
+        Table
+        """
+        return Table(self.stats)
+
+    def plot(self, ax=None, *, label: str | None = None, **style):
+        """Energy against time (log scale when every energy is positive), markers at the saved
+        states.
+
+        Parameters
+        ----------
+        ax : matplotlib.axes.Axes, optional
+            The Axes to draw into (default: a new figure's).
+        label : str, optional
+            The legend entry (default: ``scheme``).
+        **style
+            Passed to ``Axes.plot`` (color, linestyle, marker, ...).
+
+        Returns
+        -------
+        matplotlib.axes.Axes
+        """
+        from .plotting import draw_energy  # plotting sits above solve: imported when drawing
+
+        return draw_energy(self, ax=ax, label=label, **style)
 
     @property
     def final(self) -> Measure:
@@ -233,6 +313,7 @@ class _Run:
         self.t, self.mu, self.energy = 0.0, mu0, F.value(mu0)
         self.times, self.measures, self.energies, self.stats = [0.0], [mu0], [self.energy], []
         self.label = f"{type(method).__name__} {type(geometry).__name__}"
+        self.scheme = f"{type(method).__name__} in {geometry!r}"  # Trajectory.scheme
         self.log = WarningLog()
         self.callback = callback
         # the protocol's explicit state; a duck-typed method (only ``step``) keeps its own
@@ -469,7 +550,7 @@ class _Run:
             times, measures = times + [state.t], measures + [state.measure]
             energies, state = energies + [state.energy], replace(state, extra_save=True)
         return Trajectory(np.array(times), measures, np.array(energies), self.stats[:recorded],
-                          "running", warned, state)
+                          "running", warned, state, self.scheme)
 
     def _is_save_time(self, t: float) -> bool:
         return bool(np.any(np.abs(self.save_at - t) <= TIME_RTOL * self.t_final))
@@ -516,7 +597,7 @@ class _Run:
         method_state = None if self.method_state is None else self.method_state.without_cache()
         state = RunState(self.t, self.mu, self.energy, method_state, state, extra)
         return Trajectory(np.array(self.times), self.measures, np.array(self.energies),
-                          self.stats, reason, self.log.warnings(), state)
+                          self.stats, reason, self.log.warnings(), state, self.scheme)
 
 
 @dataclass(frozen=True)
