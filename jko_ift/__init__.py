@@ -5,6 +5,8 @@ a method turns them into steps. See ``docs/theory.md`` for the conventions.
 """
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING
 
 # The public names are loaded on first use (PEP 562): ``import jko_ift`` and ``jko-ift --help`` do
@@ -80,3 +82,17 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """The package's module type: loading a submodule that shares a public name (``jko_ift.solve``
+    the module, ``jk.solve`` the function) binds the module onto the package; the public name wins,
+    as it did when this file imported every name eagerly."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _SOURCES and isinstance(value, types.ModuleType):
+            return  # the name stays the public function or class, loaded by __getattr__
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

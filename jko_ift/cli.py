@@ -90,7 +90,8 @@ COMMAND_TEXTS = {
             "Read CONFIG (a TOML file: [problem], [geometry], [method], [run]; see docs/configs.md "
             "and examples/configs/), check every field before computing anything, run it with "
             "jk.solve and write a results folder: summary.json (the config, library versions, "
-            "per-step energies, timings and statuses, the stop reason), trajectory.npz (read it "
+            "per-step energies, timings and statuses, the stop reason), steps.csv (one row per step: "
+            "time, tau, wall time, status, certificate, solver iterations), trajectory.npz (read it "
             "back with jk.load) and energy.png (energy against time)."
         ),
         epilog=(
@@ -551,7 +552,8 @@ def _run_compare(args) -> int:
             "command": "compare", "version": __version__, "config_file": str(args.config), "config": raw,
             "schemes": {label: spec.config for label, spec in specs.items()}, "rows": rows,
             "energies": {label: {"times": tr.times, "energies": tr.energies}
-                         for label, tr in trajectories.items()}})
+                         for label, tr in trajectories.items()},
+            "stats": {label: tr.stats for label, tr in trajectories.items()}})
     for row in rows:  # a failure's whole message: it says why and what to change
         result = (f"final energy {row['final_energy']:.6g}" if row["error"] is None
                   else f"failed: {row['error']}")

@@ -8,22 +8,79 @@ and long text is cut with an ellipsis, so a summary stays short whatever the run
 
 ``Table`` is a list of dict rows (plain data, JSON- and CSV-ready) that converts to a pandas
 DataFrame with ``to_frame()`` when pandas is installed; pandas is not a dependency.
+
+``progress_bar`` is the one progress bar of runs and studies: tqdm on a terminal or in a notebook,
+and periodic log lines (one line per update, every ``LOG_INTERVAL`` seconds) when stderr is a file
+or a pipe, so that a batch job's log holds readable lines rather than one line of carriage returns.
 """
 
 from __future__ import annotations
 
 import html
 import math
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["Table", "format_value", "html_summary", "shorten", "text_summary"]
+__all__ = ["Table", "format_value", "html_summary", "progress_bar", "shorten", "text_summary"]
 
 #: Longest text of one value in a summary; longer text is cut with an ellipsis.
 MAX_TEXT = 160
 #: Rows of a table shown in a summary (the first ones; a note says how many are left out).
 MAX_ROWS = 30
+#: Seconds between the log lines of a progress bar whose output is not a terminal.
+LOG_INTERVAL = 30.0
+
+
+class _LogLines:
+    """A text stream for tqdm that turns each redraw (``"\\r" + status``) into its own line."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").rstrip("\n")
+        if line.strip():
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        getattr(self.stream, "flush", lambda: None)()
+
+
+def progress_bar(*, disable: bool = False, file=None, **options):
+    """A tqdm progress bar that degrades to periodic log lines when its output is no terminal.
+
+    In a notebook: tqdm's widget (``tqdm.auto``). On a terminal: tqdm's bar, redrawn in place. In a
+    file or a pipe (a batch job's log): a line per update, at most every ``LOG_INTERVAL`` seconds
+    (and the final state), never a line of carriage returns.
+
+    Parameters
+    ----------
+    disable : bool
+        No bar at all.
+    file : text stream, optional
+        Where to write (default: ``sys.stderr`` at the time of the call).
+    **options
+        tqdm's options (``total``, ``desc``, ``unit``, ``initial``, ``bar_format``, ...).
+
+    Returns
+    -------
+    tqdm.tqdm
+    """
+    from tqdm.auto import tqdm as auto_tqdm  # imports autonotebook, its notebook warning silenced
+    from tqdm.std import tqdm as std_tqdm
+
+    stream = sys.stderr if file is None else file
+    notebook = sys.modules["tqdm.autonotebook"].tqdm is not std_tqdm
+    if disable or notebook:  # disabled, or a notebook's widget
+        return auto_tqdm(disable=disable, file=file, **options)
+    isatty = getattr(stream, "isatty", None)
+    if isatty is not None and isatty():
+        return std_tqdm(file=stream, dynamic_ncols=True, **options)
+    options.pop("dynamic_ncols", None)
+    return std_tqdm(file=_LogLines(stream), mininterval=LOG_INTERVAL, maxinterval=LOG_INTERVAL,
+                    ncols=100, ascii=True, **options)
 
 
 def shorten(text: str, limit: int = MAX_TEXT) -> str:

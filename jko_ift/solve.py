@@ -17,11 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .control import ConstantStepSize, ControllerState, StepController
 from .diagnostics import dissipation_slack
-from .display import Table, format_value, html_summary, text_summary
+from .display import Table, format_value, html_summary, progress_bar, text_summary
 from .energies import Energy
 from .geometries import Geometry
 from .measures import Measure
@@ -612,18 +611,20 @@ class _Trial:
 
 
 class _ProgressBar:
-    """The run's tqdm bar: steps for a fixed run, time for an adaptive one (disabled without
-    ``progress``); a resumed run's bar starts where it stands."""
+    """The run's progress bar (``display.progress_bar``: log lines when stderr is no terminal):
+    steps for a fixed run, time for an adaptive one (disabled without ``progress``); a resumed
+    run's bar starts where it stands."""
 
     def __init__(self, run: _Run, controller, accepted: int, progress: bool):
         if isinstance(controller, ConstantStepSize):
-            self.bar = tqdm(total=controller.steps, initial=accepted,
-                            disable=not progress, desc=run.label, unit="step")
+            self.bar = progress_bar(total=controller.steps, initial=accepted,
+                                    disable=not progress, desc=run.label, unit="step")
             self.per_step = True
         else:
-            self.bar = tqdm(total=run.t_final, initial=run.t, disable=not progress, desc=run.label,
-                            unit="time", bar_format="{l_bar}{bar}| t={n:.4g}/{total:.4g} "
-                            "[{elapsed}<{remaining}{postfix}]")
+            self.bar = progress_bar(total=run.t_final, initial=run.t, disable=not progress,
+                                    desc=run.label, unit="time",
+                                    bar_format="{l_bar}{bar}| t={n:.4g}/{total:.4g} "
+                                    "[{elapsed}<{remaining}{postfix}]")
             self.per_step = False
 
     def update(self, tau: float, energy: float) -> None:

@@ -33,10 +33,11 @@ logger = logging.getLogger(__name__)
 
 
 def _progress_bar(total: int, label: str, unit: str, progress: bool):
-    """One bar over the runs of a study (tqdm on stderr; disabled without progress)."""
-    from tqdm.auto import tqdm
+    """One bar over the runs of a study on stderr (``display.progress_bar``: log lines when stderr
+    is no terminal; disabled without progress)."""
+    from .display import progress_bar
 
-    return tqdm(total=total, disable=not progress, desc=label, unit=unit, dynamic_ncols=True)
+    return progress_bar(total=total, disable=not progress, desc=label, unit=unit)
 
 
 @dataclass(frozen=True)

@@ -189,3 +189,22 @@ def _targets_of_source(module: str, path: Path, source: str) -> set:
         copy = Path(folder) / path.name
         copy.write_text(source)
         return set(imported_modules(module, copy))
+
+
+def test_the_lazy_public_names_are_the_imports_of_the_package():
+    """``jko_ift/__init__.py`` loads its public names on first use (PEP 562): its table of where each
+    name lives agrees with its TYPE_CHECKING imports (which this test's layering reads), with
+    ``__all__``, and every name resolves to what its module defines."""
+    import importlib
+
+    import jko_ift
+
+    declared = {}
+    for node in ast.walk(ast.parse((ROOT / "__init__.py").read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            declared.update({alias.name: node.module for alias in node.names})
+    assert declared == jko_ift._SOURCES
+    assert set(jko_ift.__all__) == set(declared)
+    for name, module in declared.items():
+        assert getattr(jko_ift, name) is getattr(importlib.import_module(f"{PACKAGE}.{module}"), name)
+    assert callable(jko_ift.solve) and jko_ift.io.load is jko_ift.load  # submodules stay reachable

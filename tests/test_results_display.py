@@ -110,3 +110,19 @@ def test_summaries_stay_short():
     assert "... 5 more rows" in table.to_text() and "5 more rows" in table._repr_html_()
     assert len(text_summary("t", [("m", long)]).splitlines()[1]) < 200
     assert "x" * 200 not in html_summary("t", [("m", long)], notes=[long])
+
+
+def test_progress_bar_in_a_log_file_writes_lines_not_carriage_returns(monkeypatch):
+    import io
+
+    from jko_ift import display
+
+    monkeypatch.setattr(display, "LOG_INTERVAL", 0.0)  # a line per update
+    log = io.StringIO()  # not a terminal, as a batch job's log file
+    with display.progress_bar(total=3, desc="run", unit="step", file=log) as bar:
+        for _ in range(3):
+            bar.update(1)
+    text = log.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert len(lines) >= 2 and lines[-1].startswith("run: 100%") and "3/3" in lines[-1]
