@@ -289,8 +289,8 @@ def _saved_trajectory(spec, run: Trajectory) -> Trajectory:
 
 def write_steps(path, stats) -> Path:
     """Write the per-step statistics of a run (``Trajectory.stats``) as CSV, one row per attempted
-    step: ``STEP_COLUMNS`` first (step, time, tau, accepted, wall time, status, certificate,
-    solver iterations, ...), then every other scalar a step reported.
+    step: ``STEP_COLUMNS`` first (step, t the time it starts from, tau, accepted, wall time,
+    status, certificate, solver iterations, ...), then every other scalar a step reported.
 
     Parameters
     ----------
@@ -305,7 +305,12 @@ def write_steps(path, stats) -> Path:
     """
     from .studies import write_table
 
-    rows = [{"accepted": True, **record} for record in stats]
+    rows, t = [], 0.0
+    for record in stats:  # t: the time the step starts from (fixed runs do not record it)
+        row = {"t": t, "accepted": True, **record}
+        rows.append(row)
+        if row["accepted"]:
+            t = row["t"] + row["tau"]
     seen = dict.fromkeys(STEP_COLUMNS)
     for record in rows:
         seen.update(dict.fromkeys(record))
