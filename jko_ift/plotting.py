@@ -446,12 +446,12 @@ def _seed_band(ax, steps: np.ndarray, values: np.ndarray, label: str, style: dic
 def plot_seed_curves(panels: Mapping[str, Mapping[str, np.ndarray]], path,
                      ylabel: str | Mapping[str, str] = "MMD",
                      xlabel: str = "iteration $k$", title: str | None = None, log_x: bool = False,
-                     columns: int | None = None) -> Path:
-    """Curves over seeds on a log scale, one panel per entry of ``panels``.
+                     columns: int | None = None, log_y: bool | None = None) -> Path:
+    """Curves over seeds, one panel per entry of ``panels``.
 
     Each curve is the mean over seeds (one marker and line style per label); with several seeds
-    a band shows mean +- one standard deviation, and the legend says so. Non-finite and
-    non-positive values (a diverged run) are left out.
+    a band shows mean +- one standard deviation, and the legend says so. Non-finite values (a
+    diverged run) are left out, and on a log axis the non-positive ones too.
 
     Parameters
     ----------
@@ -466,6 +466,9 @@ def plot_seed_curves(panels: Mapping[str, Mapping[str, np.ndarray]], path,
         Iterations on a log scale (symlog: linear from 0 to 1, so iteration 0 is shown).
     columns : int, optional
         Panels per row (default: all in one row).
+    log_y : bool, optional
+        A log value axis; default: in each panel whose positive values span ``LOG_RATIO`` (an
+        error or an energy that decays, not a count of particles).
 
     Returns
     -------
@@ -481,14 +484,17 @@ def plot_seed_curves(panels: Mapping[str, Mapping[str, np.ndarray]], path,
         ax.set_axis_off()
     for ax, (panel, curves) in zip(axes, panels.items(), strict=False):
         seeds = 1
-        for index, (label, values) in enumerate(curves.items()):
-            values = np.atleast_2d(np.asarray(values, float))
-            values = np.where(np.isfinite(values) & (values > 0), values, np.nan)
+        arrays = [np.atleast_2d(np.asarray(v, float)) for v in curves.values()]
+        positive = [np.where(np.isfinite(v) & (v > 0), v, np.nan) for v in arrays]
+        log = spans_decades(*positive) if log_y is None else log_y
+        shown = positive if log else [np.where(np.isfinite(v), v, np.nan) for v in arrays]
+        for index, (label, values) in enumerate(zip(curves, shown, strict=True)):
             seeds = max(seeds, values.shape[0])
             style = curve_style(index, values.shape[1])
             style["markevery"] = _log_marks(values.shape[1]) if log_x else style["markevery"]
             _seed_band(ax, np.arange(values.shape[1]), values, label, style)
-        ax.set_yscale("log")
+        if log:
+            ax.set_yscale("log")
         if log_x:
             ax.set_xscale("symlog", linthresh=1.0)
             ax.set_xlim(left=0.0)

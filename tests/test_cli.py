@@ -222,3 +222,10 @@ def test_help_states_each_default_once(capsys):
     text = capsys.readouterr().out
     assert "(default: None)" not in text and "(default: False)" not in text
     assert "(default: auto)" in text  # a default the help does not state is still added
+
+
+def test_a_missing_config_file_is_named_once(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"config error: no config file at {tmp_path / 'missing.toml'}" in err
+    assert "in config:" not in err

@@ -124,3 +124,16 @@ def test_seed_curves_explain_their_band(tmp_path, monkeypatch):
     assert labels[:2] == ["IFT", "WFR"] and "1 s.d. over 3 seeds" in labels[2]
     assert ax.get_xscale() == "symlog" and ax.get_yscale() == "log"
     assert ax.get_xlabel().startswith("iteration")
+
+
+def test_seed_curves_keep_counts_on_a_linear_axis(tmp_path, monkeypatch):
+    drawn = {}
+    original = plotting._save
+    monkeypatch.setattr(plotting, "_save",
+                        lambda fig, path: drawn.setdefault("fig", fig) and original(fig, path))
+    counts = {"exact": np.array([100, 80, 60, 40]), "pg": np.array([100, 90, 85, 84])}
+    plotting.plot_seed_curves({"mmd": {"exact": np.exp(-np.arange(4.0) * 3)}, "support": counts},
+                              tmp_path / "w.png", ylabel={"mmd": "MMD", "support": "particles"})
+    mmd, support = drawn["fig"].axes[:2]
+    assert mmd.get_yscale() == "log" and support.get_yscale() == "linear"
+    assert support.get_ylabel() == "particles"
