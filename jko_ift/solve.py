@@ -398,7 +398,7 @@ class _Run:
                 self.method_state = trial.method_state
                 reason = self._advance(tau, trial.result.measure, trial.result.energy)
                 self.controller_state = state
-                bar.update(tau, self.energy)
+                bar.update(tau, self.energy, trial.record)
                 if self.callback is not None and self.callback(self._report(tau, controller)):
                     reason = reason or "callback"
                 if reason:
@@ -627,12 +627,18 @@ class _ProgressBar:
                                     "[{elapsed}<{remaining}{postfix}]")
             self.per_step = False
 
-    def update(self, tau: float, energy: float) -> None:
+    def update(self, tau: float, energy: float, record: dict | None = None) -> None:
+        """Advance by one accepted step; the postfix shows its energy and, from its stats
+        ``record``, the solver's iterations and the step's wall time (what a slow step spends)."""
         self.bar.update(1 if self.per_step else tau)
-        if self.per_step:
-            self.bar.set_postfix(energy=f"{energy:.4g}", refresh=False)
-        else:
-            self.bar.set_postfix(tau=f"{tau:.3g}", energy=f"{energy:.4g}", refresh=False)
+        shown = {} if self.per_step else {"tau": f"{tau:.3g}"}
+        shown["energy"] = f"{energy:.4g}"
+        record = record or {}
+        if record.get("iterations") is not None:
+            shown["iterations"] = int(record["iterations"])
+        if record.get("wall_time") is not None:
+            shown["step"] = f"{record['wall_time']:.3g}s"
+        self.bar.set_postfix(shown, refresh=False)
 
     def __enter__(self) -> _ProgressBar:
         return self

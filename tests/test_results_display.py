@@ -126,3 +126,12 @@ def test_progress_bar_in_a_log_file_writes_lines_not_carriage_returns(monkeypatc
     assert "\r" not in text
     lines = text.splitlines()
     assert len(lines) >= 2 and lines[-1].startswith("run: 100%") and "3/3" in lines[-1]
+
+
+def test_solve_bar_off_a_terminal_is_lines_with_the_step_statistics(particles, capsys):
+    F, mu0 = particles
+    jk.solve(F, jk.Wasserstein(), mu0, tau=0.5, steps=3, method=jk.ParticleJKO(), progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    last = err.strip().splitlines()[-1]
+    assert "3/3" in last and "energy=" in last and "step=" in last  # the last step's wall time
