@@ -231,6 +231,7 @@ def draw_convergence(study, ax=None, *, title: str | None = None):
     ax : matplotlib.axes.Axes, optional
         Where to draw (default: a new figure).
     title : str, optional
+        Drawn above the Axes.
 
     Returns
     -------

@@ -209,8 +209,9 @@ class ConvergenceStudy:
         Parameters
         ----------
         ax : matplotlib.axes.Axes, optional
-            Where to draw (default: a new figure).
+            The Axes to draw the study into (default: those of a new figure).
         title : str, optional
+            The Axes' title (e.g. the problem's name).
 
         Returns
         -------
@@ -624,8 +625,9 @@ class SchemeComparison(NamedTuple):
         Parameters
         ----------
         ax : matplotlib.axes.Axes, optional
-            Where to draw (default: a new figure).
+            The Axes to overlay the energies in (default: those of a new figure).
         title : str, optional
+            The Axes' title (e.g. the step size shared by the schemes).
 
         Returns
         -------
