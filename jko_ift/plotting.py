@@ -447,7 +447,7 @@ def _seed_band(ax, steps: np.ndarray, values: np.ndarray, label: str, style: dic
 def plot_seed_curves(panels: Mapping[str, Mapping[str, np.ndarray]], path,
                      ylabel: str | Mapping[str, str] = "MMD",
                      xlabel: str = "iteration $k$", title: str | None = None, log_x: bool = False,
-                     columns: int | None = None, log_y: bool | None = None) -> Path:
+                     columns: int | None = None, log_y: bool | Mapping[str, bool] | None = None) -> Path:
     """Curves over seeds, one panel per entry of ``panels``.
 
     Each curve is the mean over seeds (one marker and line style per label); with several seeds
@@ -467,9 +467,10 @@ def plot_seed_curves(panels: Mapping[str, Mapping[str, np.ndarray]], path,
         Iterations on a log scale (symlog: linear from 0 to 1, so iteration 0 is shown).
     columns : int, optional
         Panels per row (default: all in one row).
-    log_y : bool, optional
-        A log value axis; default: in each panel whose positive values span ``LOG_RATIO`` (an
-        error or an energy that decays, not a count of particles).
+    log_y : bool or mapping of str to bool, optional
+        A log value axis (for all panels, or panel title -> bool); default (and for a panel not
+        in the mapping): where the panel's positive values span ``LOG_RATIO`` (an error or an
+        energy that decays; give False for a count of particles).
 
     Returns
     -------
@@ -487,7 +488,8 @@ def plot_seed_curves(panels: Mapping[str, Mapping[str, np.ndarray]], path,
         seeds = 1
         arrays = [np.atleast_2d(np.asarray(v, float)) for v in curves.values()]
         positive = [np.where(np.isfinite(v) & (v > 0), v, np.nan) for v in arrays]
-        log = spans_decades(*positive) if log_y is None else log_y
+        chosen = log_y.get(panel) if isinstance(log_y, Mapping) else log_y
+        log = spans_decades(*positive) if chosen is None else bool(chosen)
         shown = positive if log else [np.where(np.isfinite(v), v, np.nan) for v in arrays]
         for index, (label, values) in enumerate(zip(curves, shown, strict=True)):
             seeds = max(seeds, values.shape[0])

@@ -137,3 +137,15 @@ def test_seed_curves_keep_counts_on_a_linear_axis(tmp_path, monkeypatch):
     mmd, support = drawn["fig"].axes[:2]
     assert mmd.get_yscale() == "log" and support.get_yscale() == "linear"
     assert support.get_ylabel() == "particles"
+
+
+def test_seed_curves_take_the_value_scale_per_panel(tmp_path, monkeypatch):
+    drawn = {}
+    original = plotting._save
+    monkeypatch.setattr(plotting, "_save",
+                        lambda fig, path: drawn.setdefault("fig", fig) and original(fig, path))
+    counts = {"exact": np.array([100, 10, 2, 2])}  # spans decades, but a count
+    plotting.plot_seed_curves({"mmd": {"exact": np.exp(-np.arange(4.0) * 3)}, "support": counts},
+                              tmp_path / "w.png", log_y={"support": False})
+    mmd, support = drawn["fig"].axes[:2]
+    assert mmd.get_yscale() == "log" and support.get_yscale() == "linear"
