@@ -13,7 +13,9 @@ exp(-|x - y|^2/200) is the same sigma). Schemes:
 * IFT: the authors' loop (explicit position step, then one projected-gradient step of the
   weights on the new positions, Euclidean projection onto the simplex);
 * IFT, exact weight step: the authors' loop with the MMD weight step solved exactly (the QP on
-  the simplex), same step sizes.
+  the simplex), same step sizes;
+* WFR: the same position step, then the authors' KL weight step (multiplicative, projected onto
+  the simplex, lr_w = 1, as in their 100-D experiment and ``jko-ift demo``).
 
 All four come from jko_ift.problems.paper_scheme with the paper's position step lr = 50 and
 weight step lr_w = 0.1, which in the library's units is tau = 2 lr / n = 1 (the W2 step,
@@ -22,7 +24,7 @@ particle i by 2 lr w_i grad f. (Before, this script ran alpha = 50, beta = 0.1: 
 paper's position step.) The target samples are fixed (the 2-D runs are not in the authors'
 published code; their 100-D runs redraw them, see paper_highdim.py).
 
-Writes mmd_<target>.png (mean and spread of MMD(mu^k, target samples) over seeds, log scale),
+Writes mmd_<target>.png (mean and spread of MMD(mu^k, target samples) over seeds, log scales),
 particles_<target>.png (snapshots of the first seed, marker area ~ weight) and
 summary_<target>.txt to --out; a default run also copies the figures to docs/figures/.
 """
@@ -45,6 +47,8 @@ from jko_ift.studies import run_over_seeds
 DEFAULTS = {"seeds": 3, "steps": 6000}
 #: The paper's position and weight steps (their lr and lr_), noise level and noise steps.
 POSITION_LR, WEIGHT_LR, NOISE, NOISE_STEPS = 50.0, 0.1, 10.0, 3000
+#: The KL weight step of WFR (the authors' lr_ of their KL branch; jko-ift demo's too).
+WFR_WEIGHT_LR = 1.0
 DOCS_FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
 
 
@@ -61,6 +65,7 @@ def schemes(steps: int) -> dict:
             e, noise=NOISE, noise_steps=noise_steps, seed=1000 + s),
         "IFT": lambda e, s: scheme(e, weight_lr=WEIGHT_LR),
         "IFT, exact weight step": lambda e, s: scheme(e, weight_lr=WEIGHT_LR, exact_weight_step=True),
+        "WFR": lambda e, s: scheme(e, weight_lr=WFR_WEIGHT_LR, weight_update="kl"),
     }
 
 
@@ -80,7 +85,7 @@ def run_target(target: str, seeds: int, steps: int, out: Path, particles: int = 
     experiment = paper_2d(target, particles, samples, seed=0)
     curves = plot_seed_curves(
         {f"2-D, {target} target, {seeds} seeds": {k: r.mmd for k, r in runs.items()}},
-        out / f"mmd_{target}.png", ylabel="MMD$(\\mu^k, \\pi)$ (samples)")
+        out / f"mmd_{target}.png", ylabel="MMD$(\\mu^k, \\pi)$ (samples)", log_x=True)
     snaps = plot_particle_snapshots({k: r.snapshots for k, r in runs.items()}, experiment.target,
                                     out / f"particles_{target}.png",
                                     title=f"2-D {target} target, seed 0 (marker area ~ weight)")

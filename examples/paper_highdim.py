@@ -82,7 +82,8 @@ def main(dim: int = DEFAULTS["dim"], particles: int = DEFAULTS["particles"],
     sample = schemes["IFT"](experiment(0), 0)
     figure = plot_seed_curves({f"d = {dim}, N = {particles}, {seeds} seeds, tau = {sample.tau:g}":
                                {k: r.mmd for k, r in runs.items()}},
-                              out / "mmd_highdim.png", ylabel="MMD$(\\mu^k, \\pi)$ (test samples)")
+                              out / "mmd_highdim.png", ylabel="MMD$(\\mu^k, \\pi)$ (test samples)",
+                              log_x=True)
     lines = [f"high-dim: d = {dim}, N = {particles}, {steps} steps, {seeds} seeds, "
              f"{'fresh' if fresh_target else 'fixed'} target samples; lr = {lr:g}, lr_w = {weight_lr:g} "
              f"(KL: {PAPER_KL_WEIGHT_LR:g}): tau = {sample.tau:g}, tau beta = "

@@ -56,7 +56,8 @@ def main(target: str = "mixture", seeds: int = 3, steps: int = 2000, out="weight
     curves = plot_seed_curves(
         {mmd_panel: {k: r.mmd for k, r in runs.items()}, support_panel: support},
         out / "weight_step.png",
-        ylabel={mmd_panel: "MMD$(\\mu^k, \\pi)$ (samples)", support_panel: "particles"})
+        ylabel={mmd_panel: "MMD$(\\mu^k, \\pi)$ (samples)", support_panel: "particles"}, log_x=True,
+        log_y={support_panel: False})  # a count of particles: a linear axis
     picks = sorted({0, min(10, steps), min(100, steps), steps})
     snaps = plot_particle_snapshots({k: {i: r.snapshots[i] for i in picks} for k, r in runs.items()},
                                     paper_2d(target, particles, samples, seed=0).target,

@@ -32,8 +32,9 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
+# Only what the parser needs is imported here: ``jko-ift --help`` must not load cvxpy, SciPy's
+# statistics or matplotlib (seconds); each command imports what it runs.
 from . import __version__
-from .config import read_config
 from .demo import (
     DEMO_IFT_WEIGHT_LR,
     DEMO_LEVELS,
@@ -44,11 +45,8 @@ from .demo import (
     DEMO_STEPS,
     DEMO_WFR_WEIGHT_LR,
     demo_schemes,
-    run_demo,
 )
 from .io import check_writable, folder_lock, results_folder, write_json_atomic
-from .methods import SolverError
-from .plotting import plot_energy_decay
 
 __all__ = ["EXIT_CODES", "build_parser", "demo_schemes", "main"]
 
@@ -92,7 +90,8 @@ COMMAND_TEXTS = {
             "Read CONFIG (a TOML file: [problem], [geometry], [method], [run]; see docs/configs.md "
             "and examples/configs/), check every field before computing anything, run it with "
             "jk.solve and write a results folder: summary.json (the config, library versions, "
-            "per-step energies, timings and statuses, the stop reason), trajectory.npz (read it "
+            "per-step energies, timings and statuses, the stop reason), steps.csv (one row per step: "
+            "time, tau, wall time, status, certificate, solver iterations), trajectory.npz (read it "
             "back with jk.load) and energy.png (energy against time)."
         ),
         epilog=(
@@ -179,6 +178,17 @@ def _cells(text: str) -> int:
 
 # ---------------------------------------------------------------------------- parser
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help only where it tells something: not after a help
+    that already states its default, and not for None (no value) or a flag's False."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``jko-ift`` parser, one subcommand per task."""
     parser = argparse.ArgumentParser(
@@ -200,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_demo(commands) -> None:
-    demo = commands.add_parser("demo", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    demo = commands.add_parser("demo", formatter_class=_DefaultsFormatter,
                                **COMMAND_TEXTS["demo"])
     demo.add_argument("--steps", type=_positive_int, default=DEMO_STEPS, metavar="N",
                       help="iterations of each scheme")
@@ -254,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .methods import SolverError  # after parsing: --help and bad options stay fast
+
     prefix = f"jko-ift {args.command}:"
     try:
         return args.run(args)
@@ -290,6 +302,8 @@ def _say(args, message: str) -> None:
 
 
 def _run_demo(args) -> int:
+    from .demo import run_demo
+
     runs = run_demo(args.out, args.particles, args.steps, args.seed, say=lambda line: _say(args, line),
                     progress=not args.quiet)
     for label, run in runs.items():
@@ -381,7 +395,7 @@ STUDY_DETAILS = {"converge": "one line per run (tau, steps, error, locked steps,
 def _study_parser(commands, name: str) -> argparse.ArgumentParser:
     """The parser of the study command ``name`` (its texts from ``COMMAND_TEXTS``), with its CONFIG
     argument."""
-    parser = commands.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = commands.add_parser(name, formatter_class=_DefaultsFormatter,
                                  **COMMAND_TEXTS[name])
     parser.add_argument("config", type=Path, metavar="CONFIG", help="the TOML config (docs/configs.md)")
     return parser
@@ -473,6 +487,7 @@ def _locked(command):
 def _run_converge(args) -> int:
     import warnings
 
+    from .config import read_config
     from .plotting import plot_convergence
     from .studies import COLUMNS, config_convergence_study, write_table
 
@@ -508,8 +523,9 @@ def _run_converge(args) -> int:
 def _run_compare(args) -> int:
     import warnings
 
-    from .config import ConfigError, load_config
-    from .studies import compare_schemes, scheme_configs, write_table
+    from .config import ConfigError, load_config, read_config
+    from .plotting import plot_energy_decay
+    from .studies import COMPARE_COLUMNS, compare_schemes, scheme_configs, write_table
 
     _configure_logging(args)
     out = _default_out(args, "compare")
@@ -526,27 +542,28 @@ def _run_compare(args) -> int:
         rows, trajectories = compare_schemes(first.energy, first.initial, schemes,
                                              tau=first.run.tau, steps=first.run.steps,
                                              progress=not args.quiet)
-    columns = ("label", "method", "geometry", "final_energy", "mmd2_to_target", "steps", "final_time",
-               "wall_time", "stop_reason", "error")
+    failed = {row["label"]: row["error"] for row in rows if row["error"] is not None}
     with results_folder(out) as folder:
-        write_table(folder / "compare.csv", rows, columns)
-        if trajectories:
-            plot_energy_decay(trajectories, folder / "energy_decay.png",
+        write_table(folder / "compare.csv", rows, COMPARE_COLUMNS)
+        if trajectories or failed:
+            plot_energy_decay(trajectories, folder / "energy_decay.png", failed=failed,
                               title=f"{args.config.stem}: tau = {first.run.tau:g}")
         write_json_atomic(folder / "summary.json", {
             "command": "compare", "version": __version__, "config_file": str(args.config), "config": raw,
             "schemes": {label: spec.config for label, spec in specs.items()}, "rows": rows,
             "energies": {label: {"times": tr.times, "energies": tr.energies}
-                         for label, tr in trajectories.items()}})
-    for row in rows:
+                         for label, tr in trajectories.items()},
+            "stats": {label: tr.stats for label, tr in trajectories.items()}})
+    for row in rows:  # a failure's whole message: it says why and what to change
         result = (f"final energy {row['final_energy']:.6g}" if row["error"] is None
-                  else f"failed: {row['error'][:120]}")
+                  else f"failed: {row['error']}")
         _say(args, f"  {row['label']:<24} {result}  ({row['wall_time']:.2f} s)")
     print(f"results in {out.absolute()}")
     return 0
 
 
 def _run_sweep(args) -> int:
+    from .config import read_config
     from .studies import sweep, write_table
 
     _configure_logging(args)

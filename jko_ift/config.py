@@ -135,7 +135,9 @@ class ConfigError(ValueError):
 
     def __init__(self, field: str, message: str):
         self.field = field
-        super().__init__(f"config error in {field}: {message}")
+        # field "config" is the file as a whole: "config error in config" would say nothing
+        where = "config error" if field == "config" else f"config error in {field}"
+        super().__init__(f"{where}: {message}")
 
 
 # ---------------------------------------------------------------------------- checking helpers

@@ -15,14 +15,17 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .io import check_writable, folder_lock, results_folder, write_json_atomic
-from .methods import WeightClippingWarning
-from .plotting import plot_particle_snapshots, plot_seed_curves
-from .problems import ParticleExperiment, paper_2d, paper_scheme
-from .solve import DissipationWarning, Trajectory, solve
+
+# The command line reads the DEMO_* settings to build its parser: the solver, the problems and the
+# figures (cvxpy, matplotlib: seconds) are imported when the demo runs, not for ``--help``.
+if TYPE_CHECKING:
+    from .problems import ParticleExperiment
+    from .solve import Trajectory
 
 __all__ = ["DEMO_LEVELS", "demo_schemes", "run_demo"]
 
@@ -41,6 +44,8 @@ DEMO_LEVELS = (1e-2, 1e-3)
 def demo_schemes(kernel, particles: int = DEMO_PARTICLES) -> dict:
     """label -> (method, geometry, tau) of the demo: the authors' loops with lr = 50 for
     ``particles`` equal-weight particles of mass 1 (``problems.paper_scheme``)."""
+    from .problems import paper_scheme
+
     schemes = {
         "MMD flow": paper_scheme(kernel, DEMO_POSITION_LR, particles),
         "WFR": paper_scheme(kernel, DEMO_POSITION_LR, particles, DEMO_WFR_WEIGHT_LR, weight_update="kl"),
@@ -59,6 +64,8 @@ def run_demo(out, particles: int = DEMO_PARTICLES, steps: int = DEMO_STEPS, seed
     ~ weight) and summary.json, all at once (``io.results_folder``). ``say`` gets a line before
     each scheme runs; ``progress`` shows ``jk.solve``'s bars.
     """
+    from .problems import paper_2d
+
     out = check_writable(out, create=False)  # fail before the computation, not after
     with folder_lock(out, {"command": "demo"}):
         start = time.perf_counter()
@@ -86,6 +93,9 @@ def run_demo(out, particles: int = DEMO_PARTICLES, steps: int = DEMO_STEPS, seed
 
 def _run_scheme(experiment: ParticleExperiment, scheme: tuple, steps: int, progress: bool) -> tuple:
     """(trajectory, record) of one scheme (method, geometry, tau) of the demo."""
+    from .methods import WeightClippingWarning
+    from .solve import DissipationWarning, solve
+
     method, geometry, tau = scheme
     start = time.perf_counter()
     # Explicit position steps do not promise F + D^2/(2 tau) <= F(mu^k), and the paper's
@@ -128,6 +138,7 @@ def _write_demo(out: Path, title: str, experiment: ParticleExperiment, curves: d
                 record: dict) -> None:
     """mmd_decay.png, particles.png and summary.json, moved into ``out`` together."""
     from . import __version__
+    from .plotting import plot_particle_snapshots, plot_seed_curves
 
     with results_folder(out) as folder:
         plot_seed_curves({title: curves}, folder / "mmd_decay.png", log_x=True,

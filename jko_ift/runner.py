@@ -37,18 +37,22 @@ from .io import (
 from .plotting import plot_energy
 from .solve import RunState, Trajectory
 
-__all__ = ["CHECKPOINT_FILE", "ENERGY_FIGURE", "SUMMARY_FILE", "TRAJECTORY_FILE", "RunInterrupted",
-           "estimated_bytes", "run_config", "versions"]
+__all__ = ["CHECKPOINT_FILE", "ENERGY_FIGURE", "STEPS_FILE", "SUMMARY_FILE", "TRAJECTORY_FILE",
+           "RunInterrupted", "estimated_bytes", "run_config", "versions", "write_steps"]
 
 logger = logging.getLogger(__name__)
 
 #: The files of a results folder written by ``run_config`` (and ``jko-ift run``).
-SUMMARY_FILE, TRAJECTORY_FILE, ENERGY_FIGURE, CHECKPOINT_FILE = (
-    "summary.json", "trajectory.npz", "energy.png", "checkpoint.npz")
+SUMMARY_FILE, TRAJECTORY_FILE, ENERGY_FIGURE, CHECKPOINT_FILE, STEPS_FILE = (
+    "summary.json", "trajectory.npz", "energy.png", "checkpoint.npz", "steps.csv")
+#: The first columns of steps.csv (one row per attempted step); every other statistic a step
+#: reported (its method's iterations, eps, solve time, ...) follows, a column each.
+STEP_COLUMNS = ("step", "t", "tau", "accepted", "wall_time", "status", "certificate", "iterations",
+                "objective", "distance_sq", "dissipation_slack")
 #: What to do about a checkpoint that cannot be resumed.
 CHECKPOINT_ADVICE = "delete {checkpoint} and run again without --resume (the run starts from the beginning)"
 #: The result files of a run, removed when a run starts in their folder (summary.json is replaced).
-RESULT_FILES = (TRAJECTORY_FILE, ENERGY_FIGURE)
+RESULT_FILES = (TRAJECTORY_FILE, ENERGY_FIGURE, STEPS_FILE)
 #: summary.json holds per step its time, energy, tau, wall time, status, certificate and the
 #: step's stats: about 300 to 500 bytes (measured on the example configs); twice that, to be safe.
 SUMMARY_BYTES_PER_STEP = 1000
@@ -215,18 +219,18 @@ def _bar(spec, position: _Position, progress: bool):
     """The one progress bar of a run on stderr (disabled without ``progress``): steps done of the
     total for fixed steps, time done of t_final for adaptive ones; a resumed run's starts at its
     checkpoint."""
-    from tqdm.auto import tqdm
+    from .display import progress_bar
 
     label = f"{spec.method_kind} {type(spec.geometry).__name__}"
     previous = position.previous
     energy = spec.energy.value(spec.initial) if previous is None else float(previous.state.energy)
     if spec.adaptive:
-        bar = tqdm(total=spec.run.t_final, initial=position.t, disable=not progress, desc=label,
-                   unit="time", dynamic_ncols=True,
-                   bar_format="{l_bar}{bar}| t={n:.4g}/{total:.4g} [{elapsed}<{remaining}{postfix}]")
+        bar = progress_bar(total=spec.run.t_final, initial=position.t, disable=not progress, desc=label,
+                           unit="time",
+                           bar_format="{l_bar}{bar}| t={n:.4g}/{total:.4g} [{elapsed}<{remaining}{postfix}]")
     else:
-        bar = tqdm(total=spec.run.steps, initial=position.step, disable=not progress, desc=label,
-                   unit="step", dynamic_ncols=True)
+        bar = progress_bar(total=spec.run.steps, initial=position.step, disable=not progress, desc=label,
+                           unit="step")
     bar.set_postfix_str(f"t={position.t:.4g}, energy={energy:.4g}", refresh=False)
     return bar
 
@@ -280,7 +284,39 @@ def _saved_trajectory(spec, run: Trajectory) -> Trajectory:
     """The states the config asks to save (the start, its save_at times and the last)."""
     kept = _kept(run.times, spec.run.save_at, float(run.times[-1]))
     return Trajectory(run.times[kept], [run.measures[i] for i in kept], run.energies[kept],
-                      run.stats, run.stop_reason, run.warnings)
+                      run.stats, run.stop_reason, run.warnings, scheme=run.scheme)
+
+
+def write_steps(path, stats) -> Path:
+    """Write the per-step statistics of a run (``Trajectory.stats``) as CSV, one row per attempted
+    step: ``STEP_COLUMNS`` first (step, t the time it starts from, tau, accepted, wall time,
+    status, certificate, solver iterations, ...), then every other scalar a step reported.
+
+    Parameters
+    ----------
+    path : path-like
+        The CSV file (written atomically).
+    stats : sequence of dict
+        The run's ``stats``.
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    from .studies import write_table
+
+    rows, t = [], 0.0
+    for record in stats:  # t: the time the step starts from (fixed runs do not record it)
+        row = {"t": t, "accepted": True, **record}
+        rows.append(row)
+        if row["accepted"]:
+            t = row["t"] + row["tau"]
+    seen = dict.fromkeys(STEP_COLUMNS)
+    for record in rows:
+        seen.update(dict.fromkeys(record))
+    columns = [c for c in seen if any(c in record for record in rows)] if rows else list(STEP_COLUMNS)
+    write_table(path, rows, columns)
+    return Path(path)
 
 
 def _write_results(position: _Position, run: Trajectory, summary: dict) -> Trajectory:
@@ -292,6 +328,7 @@ def _write_results(position: _Position, run: Trajectory, summary: dict) -> Traje
     trajectory = _saved_trajectory(spec, run)
     try:
         save_trajectory(out / TRAJECTORY_FILE, trajectory, {"digest": spec.digest})
+        write_steps(out / STEPS_FILE, run.stats)
         plot_energy(run, out / ENERGY_FIGURE, title=title)
         write_json_atomic(out / SUMMARY_FILE, summary)
     except KeyboardInterrupt as interrupt:

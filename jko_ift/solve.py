@@ -17,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .control import ConstantStepSize, ControllerState, StepController
 from .diagnostics import dissipation_slack
+from .display import Table, format_value, html_summary, progress_bar, text_summary
 from .energies import Energy
 from .geometries import Geometry
 from .measures import Measure
@@ -137,6 +137,11 @@ class Trajectory:
     how many steps raised it (each is also warned once, at the end of the run).
     state: where the run stands (``RunState``: the method's and the controller's state), for
     ``solve(..., resume=trajectory)``; None for a trajectory read from files.
+    scheme: the method's class and the geometry ("ConicJKO in IFT(...)"); "" when unknown.
+
+    In a notebook a trajectory shows its summary (``_repr_html_``: scheme, steps, energies,
+    statuses, timings, warnings); ``plot()`` draws its energy, ``stats_table()`` gives its
+    per-step statistics as a table.
     """
 
     times: np.ndarray
@@ -146,9 +151,83 @@ class Trajectory:
     stop_reason: str = "steps"
     warnings: tuple[RunWarning, ...] = ()
     state: RunState | None = field(default=None, repr=False, compare=False)
+    scheme: str = field(default="", compare=False)
 
     def __len__(self) -> int:
         return len(self.measures)
+
+    def _summary(self) -> tuple[str, list, list]:
+        """(title, fields, notes) of the run's summary (``display``)."""
+        accepted = [s for s in self.stats if s.get("accepted", True)]
+        taus = self.taus
+        fields = [("stop reason", self.stop_reason),
+                  ("steps", f"{len(accepted)} accepted" + (f", {len(self.stats) - len(accepted)} "
+                                                          "rejected" if len(accepted) < len(self.stats)
+                                                          else "")),
+                  ("saved measures", len(self.measures)),
+                  ("time", f"{format_value(float(self.times[0]))} to {format_value(float(self.times[-1]))}"),
+                  ("energy", f"{format_value(float(self.energies[0]))} to "
+                             f"{format_value(float(self.energies[-1]))}")]
+        if taus.size:
+            fields.append(("tau", format_value(float(taus[0])) if np.ptp(taus) == 0
+                           else f"{format_value(float(taus.min()))} to {format_value(float(taus.max()))}"))
+        statuses: dict = {}
+        for s in self.stats:
+            statuses[str(s.get("status"))] = statuses.get(str(s.get("status")), 0) + 1
+        if statuses:
+            fields.append(("statuses", ", ".join(f"{k}: {v}" for k, v in statuses.items())))
+        certificates = [s["certificate"] for s in accepted if s.get("certificate") is not None]
+        if certificates:
+            fields.append(("worst certificate", float(np.max(certificates))))
+        iterations = [s["iterations"] for s in self.stats if s.get("iterations") is not None]
+        if iterations:
+            fields.append(("solver iterations", f"{int(np.sum(iterations))} in all, at most "
+                                                f"{int(np.max(iterations))} in a step"))
+        walls = [s.get("wall_time") or 0.0 for s in self.stats]
+        if walls:
+            fields.append(("wall time", f"{format_value(float(np.sum(walls)))} s (slowest step "
+                                        f"{format_value(float(np.max(walls)))} s)"))
+        title = "Trajectory" + (f": {self.scheme}" if self.scheme else "")
+        return title, fields, [str(w) for w in self.warnings]
+
+    def __repr__(self) -> str:
+        return text_summary(*self._summary())
+
+    def _repr_html_(self) -> str:
+        """The run's summary for a notebook: scheme, steps, energies, statuses, timings,
+        warnings (every text escaped)."""
+        return html_summary(*self._summary())
+
+    def stats_table(self) -> Table:
+        """The per-step statistics (``stats``: step, tau, wall time, status, certificate,
+        iterations, ...) as a ``display.Table``; ``.to_frame()`` makes it a pandas DataFrame.
+
+        Returns
+        -------
+        Table
+        """
+        return Table(self.stats)
+
+    def plot(self, ax=None, *, label: str | None = None, **style):
+        """Energy against time (log scale when every energy is positive), markers at the saved
+        states.
+
+        Parameters
+        ----------
+        ax : matplotlib.axes.Axes, optional
+            The Axes to draw into (default: a new figure's).
+        label : str, optional
+            The legend entry (default: ``scheme``).
+        **style
+            Passed to ``Axes.plot`` (color, linestyle, marker, ...).
+
+        Returns
+        -------
+        matplotlib.axes.Axes
+        """
+        from .plotting import draw_energy  # plotting sits above solve: imported when drawing
+
+        return draw_energy(self, ax=ax, label=label, **style)
 
     @property
     def final(self) -> Measure:
@@ -368,6 +447,7 @@ class _Run:
         self.t, self.mu, self.energy = 0.0, mu0, F.value(mu0)
         self.times, self.measures, self.energies, self.stats = [0.0], [mu0], [self.energy], []
         self.label = f"{type(method).__name__} {type(geometry).__name__}"
+        self.scheme = f"{type(method).__name__} in {geometry!r}"  # Trajectory.scheme
         self.log = WarningLog()
         self.callback = callback
         # the protocol's explicit state; a duck-typed method (only ``step``) keeps its own
@@ -453,7 +533,7 @@ class _Run:
                 self.method_state = trial.method_state
                 reason = self._advance(tau, trial.result.measure, trial.result.energy)
                 self.controller_state = state
-                bar.update(tau, self.energy)
+                bar.update(tau, self.energy, trial.record)
                 if self.callback is not None and self.callback(self._report(tau, controller)):
                     reason = reason or "callback"
                 if reason:
@@ -607,7 +687,7 @@ class _Run:
             times, measures = times + [state.t], measures + [state.measure]
             energies, state = energies + [state.energy], replace(state, extra_save=True)
         return Trajectory(np.array(times), measures, np.array(energies), self.stats[:recorded],
-                          "running", warned, state)
+                          "running", warned, state, self.scheme)
 
     def _is_save_time(self, t: float) -> bool:
         return bool(np.any(np.abs(self.save_at - t) <= TIME_RTOL * self.t_final))
@@ -654,7 +734,7 @@ class _Run:
         method_state = None if self.method_state is None else self.method_state.without_cache()
         state = RunState(self.t, self.mu, self.energy, method_state, state, extra)
         return Trajectory(np.array(self.times), self.measures, np.array(self.energies),
-                          self.stats, reason, self.log.warnings(), state)
+                          self.stats, reason, self.log.warnings(), state, self.scheme)
 
 
 @dataclass(frozen=True)
@@ -669,26 +749,34 @@ class _Trial:
 
 
 class _ProgressBar:
-    """The run's tqdm bar: steps for a fixed run, time for an adaptive one (disabled without
-    ``progress``); a resumed run's bar starts where it stands."""
+    """The run's progress bar (``display.progress_bar``: log lines when stderr is no terminal):
+    steps for a fixed run, time for an adaptive one (disabled without ``progress``); a resumed
+    run's bar starts where it stands."""
 
     def __init__(self, run: _Run, controller, accepted: int, progress: bool):
         if isinstance(controller, ConstantStepSize):
-            self.bar = tqdm(total=controller.steps, initial=accepted,
-                            disable=not progress, desc=run.label, unit="step")
+            self.bar = progress_bar(total=controller.steps, initial=accepted,
+                                    disable=not progress, desc=run.label, unit="step")
             self.per_step = True
         else:
-            self.bar = tqdm(total=run.t_final, initial=run.t, disable=not progress, desc=run.label,
-                            unit="time", bar_format="{l_bar}{bar}| t={n:.4g}/{total:.4g} "
-                            "[{elapsed}<{remaining}{postfix}]")
+            self.bar = progress_bar(total=run.t_final, initial=run.t, disable=not progress,
+                                    desc=run.label, unit="time",
+                                    bar_format="{l_bar}{bar}| t={n:.4g}/{total:.4g} "
+                                    "[{elapsed}<{remaining}{postfix}]")
             self.per_step = False
 
-    def update(self, tau: float, energy: float) -> None:
+    def update(self, tau: float, energy: float, record: dict | None = None) -> None:
+        """Advance by one accepted step; the postfix shows its energy and, from its stats
+        ``record``, the solver's iterations and the step's wall time (what a slow step spends)."""
         self.bar.update(1 if self.per_step else tau)
-        if self.per_step:
-            self.bar.set_postfix(energy=f"{energy:.4g}", refresh=False)
-        else:
-            self.bar.set_postfix(tau=f"{tau:.3g}", energy=f"{energy:.4g}", refresh=False)
+        shown = {} if self.per_step else {"tau": f"{tau:.3g}"}
+        shown["energy"] = f"{energy:.4g}"
+        record = record or {}
+        if record.get("iterations") is not None:
+            shown["iterations"] = int(record["iterations"])
+        if record.get("wall_time") is not None:
+            shown["step"] = f"{record['wall_time']:.3g}s"
+        self.bar.set_postfix(shown, refresh=False)
 
     def __enter__(self) -> _ProgressBar:
         return self

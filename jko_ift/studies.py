@@ -9,11 +9,12 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from .control import StepController
+from .display import Table, html_summary, text_summary
 from .methods import grid_motion
 from .methods.grid_motion import (
     LOCKED_FRACTION,
@@ -32,10 +33,11 @@ logger = logging.getLogger(__name__)
 
 
 def _progress_bar(total: int, label: str, unit: str, progress: bool):
-    """One bar over the runs of a study (tqdm on stderr; disabled without progress)."""
-    from tqdm.auto import tqdm
+    """One bar over the runs of a study on stderr (``display.progress_bar``: log lines when stderr
+    is no terminal; disabled without progress)."""
+    from .display import progress_bar
 
-    return tqdm(total=total, disable=not progress, desc=label, unit=unit, dynamic_ncols=True)
+    return progress_bar(total=total, disable=not progress, desc=label, unit=unit)
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,7 @@ CERTIFICATE_MARGIN = 1.0
 COLUMNS = ("tau", "h", "steps", "locked_steps", "grid_share", "error", "wall_time", "flags")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ConvergenceStudy:
     """The table of a tau -> 0 study and the order fitted on its clean rows.
 
@@ -166,6 +168,58 @@ class ConvergenceStudy:
                 "distance": self.distance, "rows": self.rows,
                 "order": fit(self.order), "order_all_rows": fit(self.order_all),
                 "flagged_rows": [row["tau"] for row in self.rows if row["flags"]]}
+
+    def _summary(self) -> tuple[str, list, list, Table]:
+        fields = [("reference", self.reference), ("distance", self.distance), ("runs", len(self.rows))]
+        if self.order is not None:
+            lo, hi = self.order.interval()
+            fields.append(("order (clean rows)", f"{self.order.order:.3f} (95%: {lo:.3f} to {hi:.3f}, "
+                                                 f"{self.order.samples} rows)"))
+        else:
+            fields.append(("order (clean rows)", "not fitted: fewer than two unflagged rows"))
+        if self.order_all is not None:
+            fields.append(("order (all rows)", self.order_all.order))
+        walls = [r["wall_time"] for r in self.rows if r.get("wall_time") is not None]
+        if walls:
+            fields.append(("wall time", f"{sum(walls):.4g} s"))
+        notes = [f"tau = {row['tau']:g}: {', '.join(row['flags'])}" for row in self.rows if row["flags"]]
+        notes += [f"reference run: {flag}" for flag in self.reference_flags]
+        return "ConvergenceStudy", fields, notes, self.table()
+
+    def table(self) -> Table:
+        """The rows (``COLUMNS``) as a ``display.Table``; ``.to_frame()`` for pandas."""
+        return Table(self.rows, COLUMNS)
+
+    def to_frame(self):
+        """The rows as a pandas DataFrame (needs pandas: ``pip install pandas``)."""
+        return self.table().to_frame()
+
+    def __repr__(self) -> str:
+        return text_summary(*self._summary())
+
+    def _repr_html_(self) -> str:
+        """The study for a notebook: reference, fitted order with its interval, the flags and the
+        table of runs (text escaped)."""
+        return html_summary(*self._summary())
+
+    def plot(self, ax=None, *, title: str | None = None):
+        """Error against tau, log-log: the runs, the flagged rows, the fit and a slope-1 guide
+        (``plotting.draw_convergence``).
+
+        Parameters
+        ----------
+        ax : matplotlib.axes.Axes, optional
+            The Axes to draw the study into (default: those of a new figure).
+        title : str, optional
+            The Axes' title (e.g. the problem's name).
+
+        Returns
+        -------
+        matplotlib.axes.Axes
+        """
+        from .plotting import draw_convergence
+
+        return draw_convergence(self, ax, title=title)
 
 
 def _grid_spacing(mu) -> float | None:
@@ -523,16 +577,78 @@ def _target_mmd2(F, mu, kernel=None) -> float | None:
     return None
 
 
+#: The columns of a scheme comparison's table (``compare_schemes``).
+COMPARE_COLUMNS = ("label", "method", "geometry", "final_energy", "mmd2_to_target", "steps", "final_time",
+                   "wall_time", "stop_reason", "error")
+#: The columns a comparison's summary shows (the method's and geometry's reprs are in the table).
+COMPARE_SHOWN = ("label", "final_energy", "mmd2_to_target", "steps", "final_time", "wall_time",
+                 "stop_reason", "error")
+
+
+class SchemeComparison(NamedTuple):
+    """The result of ``compare_schemes``: ``rows`` (a ``display.Table``, one row per scheme) and
+    ``trajectories`` (label -> Trajectory of each scheme that did not fail).
+
+    It unpacks as the pair ``rows, trajectories``. In a notebook it shows its table;
+    ``plot()`` overlays the energies (a failed scheme gets a legend entry saying why);
+    ``to_frame()`` gives the table as a pandas DataFrame.
+    """
+
+    rows: Table
+    trajectories: dict
+
+    @property
+    def failed(self) -> dict:
+        """label -> error message of each scheme that failed."""
+        return {row["label"]: row["error"] for row in self.rows if row["error"] is not None}
+
+    def to_frame(self):
+        """The table as a pandas DataFrame (needs pandas: ``pip install pandas``)."""
+        return self.rows.to_frame()
+
+    def _summary(self) -> tuple[str, list, list, Table, tuple]:
+        fields = [("schemes", len(self.rows)), ("failed", len(self.failed))]
+        notes = [f"{label} failed: {error}" for label, error in self.failed.items()]
+        return "SchemeComparison", fields, notes, self.rows, COMPARE_SHOWN
+
+    def __repr__(self) -> str:
+        return text_summary(*self._summary())
+
+    def _repr_html_(self) -> str:
+        """The comparison for a notebook: how many schemes ran and failed, why, and the table."""
+        return html_summary(*self._summary())
+
+    def plot(self, ax=None, *, title: str | None = None):
+        """The energies of the schemes against time, overlaid, one style each; each failed scheme
+        named in the legend (``plotting.draw_energy_decay``).
+
+        Parameters
+        ----------
+        ax : matplotlib.axes.Axes, optional
+            The Axes to overlay the energies in (default: those of a new figure).
+        title : str, optional
+            The Axes' title (e.g. the step size shared by the schemes).
+
+        Returns
+        -------
+        matplotlib.axes.Axes
+        """
+        from .plotting import draw_energy_decay
+
+        return draw_energy_decay(self.trajectories, ax, failed=self.failed, title=title)
+
+
 def compare_schemes(energy, initial, schemes, tau: float, steps: int, *, kernel=None,
-                    progress: bool = False, throw: bool = False) -> tuple[list, dict]:
-    """Run one problem through several schemes; return (table rows, label -> Trajectory).
+                    progress: bool = False, throw: bool = False) -> SchemeComparison:
+    """Run one problem through several schemes; return a ``SchemeComparison``, which unpacks as
+    (table rows, label -> Trajectory).
 
     schemes: label -> (method_factory, geometry) (a mapping) or a sequence of
     (label, method_factory, geometry). Each row: ``label``, ``method``, ``geometry``,
     ``final_energy``, ``mmd2_to_target`` (when the energy has a target; kernel: ``kernel`` or
     the energy's own), ``steps`` taken, ``final_time``, ``wall_time``, ``stop_reason`` and
     ``error`` (the message if the scheme failed; with ``throw=True`` it raises instead).
-    Draw the overlaid energy decay with ``plotting.plot_energy_decay(trajectories, path)``.
+    Draw the overlaid energy decay with ``.plot()`` (or ``plotting.plot_energy_decay``).
     progress: one bar over the schemes; each scheme is logged at DEBUG level.
     """
     items = list(schemes.items()) if isinstance(schemes, dict) else [(a, (b, c)) for a, b, c in schemes]
@@ -550,7 +666,7 @@ def compare_schemes(energy, initial, schemes, tau: float, steps: int, *, kernel=
                 trajectories[label] = trajectory
             logger.debug("%s: %s (%.2f s)", label, f"final energy {row['final_energy']:.6g}"
                          if row["error"] is None else f"failed: {row['error']}", row["wall_time"])
-    return rows, trajectories
+    return SchemeComparison(Table(rows, COMPARE_COLUMNS), trajectories)
 
 
 def _compare_one(label, factory, geometry, energy, initial, tau, steps, kernel, throw) -> tuple:
@@ -784,7 +900,7 @@ def run_case(config: Mapping, values: Mapping | None = None) -> dict:
 
 
 def sweep(config, params: Mapping[str, Sequence], *, serial: bool = False, scheduler: str | None = None,
-          workers: int = 2, processes: bool = True, progress: bool = False) -> list[dict]:
+          workers: int = 2, processes: bool = True, progress: bool = False) -> Table:
     """Run every case of the grid ``params`` ({dotted field: values}) of ``config`` (path or dict).
 
     Every case is checked (``load_config``) before anything runs. ``serial=True`` runs them
@@ -792,8 +908,9 @@ def sweep(config, params: Mapping[str, Sequence], *, serial: bool = False, sched
     (an address such as ``tcp://host:8786``) or a ``LocalCluster`` of ``workers`` workers
     (processes, one thread each, unless ``processes=False``). Returns the rows in case order:
     the parameter values, then final_energy, mmd2_to_target, steps, final_time, stop_reason,
-    max_certificate, grid_locked_steps and wall_time. progress: one bar over the cases, advanced
-    as they complete (in any order on Dask); each case is logged at DEBUG level.
+    max_certificate, grid_locked_steps and wall_time, as a ``display.Table`` (a list of dicts;
+    ``.to_frame()`` for pandas). progress: one bar over the cases, advanced as they complete (in
+    any order on Dask); each case is logged at DEBUG level.
     """
     from .config import ConfigError, load_config, read_config
 
@@ -816,15 +933,15 @@ def sweep(config, params: Mapping[str, Sequence], *, serial: bool = False, sched
             for index, (variant, values) in enumerate(zip(configs, cases, strict=True)):
                 rows.append(run_case(variant, values))
                 _case_done(bar, index, cases, rows[-1])
-            return rows
+            return Table(rows)
         from dask.distributed import Client, LocalCluster
 
         if scheduler is not None:
             with Client(scheduler) as client:
-                return _gather(client, configs, cases, bar)
+                return Table(_gather(client, configs, cases, bar))
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=processes,
                           dashboard_address=None) as cluster, Client(cluster) as client:
-            return _gather(client, configs, cases, bar)
+            return Table(_gather(client, configs, cases, bar))
 
 
 def _case_done(bar, index: int, cases: Sequence[Mapping], row: Mapping) -> None:

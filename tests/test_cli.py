@@ -199,3 +199,33 @@ def test_quiet_prints_only_the_results_folder(config, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == f"results in {out.absolute()}\n"
     assert captured.err == ""
+
+
+def test_help_imports_no_solver_and_no_figures():
+    """``jko-ift --help`` stays fast: the parser is built without cvxpy, SciPy's statistics,
+    matplotlib or numba (each command imports what it runs)."""
+    from pathlib import Path
+
+    heavy = ('cvxpy', 'scipy.stats', 'matplotlib', 'numba', 'ot')
+    code = ("import sys\nfrom jko_ift.cli import build_parser\nbuild_parser().format_help()\n"
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_help_states_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["converge", "--help"])
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: auto)" in text  # a default the help does not state is still added
+
+
+def test_a_missing_config_file_is_named_once(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"config error: no config file at {tmp_path / 'missing.toml'}" in err
+    assert "in config:" not in err

@@ -98,8 +98,12 @@ def assert_one_clear_message(err: str, *parts: str) -> None:
 def test_run_writes_the_results_folder(config, tmp_path):
     out = tmp_path / "results"
     assert main(["run", str(config), "--out", str(out), "--quiet"]) == 0
-    assert {p.name for p in out.iterdir()} == {"summary.json", "trajectory.npz", "energy.png"}
+    assert {p.name for p in out.iterdir()} == {"summary.json", "trajectory.npz", "energy.png", "steps.csv"}
     summary = json.loads((out / "summary.json").read_text())
+    # the per-step statistics, one row per step: what a slow or failed step is explained by
+    steps = (out / "steps.csv").read_text().splitlines()
+    assert steps[0].startswith("step,t,tau,accepted,wall_time,status,certificate") and len(steps) == 6
+    assert steps[1].startswith("1,0.0,0.3,True,") and ",optimal," in steps[1]
     assert summary["config"]["problem"] == {"name": "mmd_flow", "cells": 10}
     assert set(summary["versions"]) >= {"jko_ift", "numpy", "cvxpy", "POT"}
     assert summary["stop_reason"] == "steps" and summary["steps"] == 5

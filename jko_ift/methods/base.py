@@ -13,6 +13,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..display import html_summary, text_summary
 from ..energies import Energy
 from ..geometries import Geometry
 from ..measures import Measure
@@ -136,6 +137,11 @@ class SolverError(RuntimeError):
         return self.status.advice
 
 
+#: The entries of ``StepResult.info`` its summary shows (when the method reports them).
+SHOWN_INFO = ("kind", "solver", "iterations", "eps", "eps_reached", "wall_time", "solve_time",
+              "stability_ratio", "error_bound")
+
+
 @dataclass(frozen=True)
 class StepResult:
     """One step mu^k -> mu^{k+1}; build it with ``StepResult.build`` (or ``.failed``).
@@ -169,6 +175,26 @@ class StepResult:
     @property
     def ok(self) -> bool:
         return self.status.ok
+
+    def _summary(self) -> tuple[str, list, list]:
+        """(title, fields, notes) of the step's summary (``display``)."""
+        measure = self.measure
+        fields = [("status", self.status.value), ("objective", self.objective),
+                  ("energy", self.energy), ("distance_sq", self.distance_sq),
+                  ("certificate", self.certificate),
+                  ("measure", "none" if measure is None else
+                   f"{measure.n} points in {measure.dim}-D, mass {float(measure.mass):.4g}")]
+        fields += [(key, self.info[key]) for key in SHOWN_INFO if self.info.get(key) is not None]
+        notes = [] if self.ok else [f"{self.status.value}: {self.status.advice}"]
+        return f"StepResult ({self.status.value})", fields, notes
+
+    def __repr__(self) -> str:
+        return text_summary(*self._summary())
+
+    def _repr_html_(self) -> str:
+        """The step's summary for a notebook: status (with advice when it failed), objective,
+        energy, certificate, the measure's size and the solver's statistics."""
+        return html_summary(*self._summary())
 
     @classmethod
     def build(cls, F: Energy, measure: Measure, tau: float, distance_sq: float, status,
