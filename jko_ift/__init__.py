@@ -60,8 +60,8 @@ _SOURCES = {
     **dict.fromkeys(("IMQ", "EnergyKernel", "Gaussian", "Laplace"), "kernels"),
     **dict.fromkeys(("Grid", "Measure"), "measures"),
     **dict.fromkeys(("BackAndForthJKO", "ConicJKO", "EntropicBlurWarning", "EntropicJKO", "ExplicitEuler",
-                     "GridLockingWarning", "MassMismatchWarning", "ParticleJKO", "SolverError", "Splitting", "StepResult",
-                     "WeightClippingWarning"), "methods"),
+                     "GridLockingWarning", "MassMismatchWarning", "ParticleJKO", "SolverError", "Splitting",
+                     "StepResult", "WeightClippingWarning"), "methods"),
     **dict.fromkeys(("DissipationWarning", "Trajectory", "jko_step", "solve"), "solve"),
 }
 
