@@ -628,11 +628,19 @@ def test_help_lists_the_exit_codes(capsys):
 
 # ---------------------------------------------------------------------------- real signals
 
+def _default_sigint() -> None:
+    """In the child: SIGINT as a terminal delivers it. A child inherits an ignored SIGINT (a
+    suite started in the background by a non-interactive shell ignores it), and Python then
+    keeps ignoring it: the interrupt is lost and the run goes on."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(config: Path, out: Path, *options) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.Popen([sys.executable, "-m", "jko_ift.cli", "run", str(config), "--out", str(out),
                              "--quiet", "--checkpoint-every", "1", *options],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint if os.name == "posix" else None)
 
 
 def _wait_for(path: Path, process: subprocess.Popen) -> None:
