@@ -171,8 +171,6 @@ class Energy:
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import jko_ift as jk
     >>> V = jk.Potential(lambda x: (x**2).sum(1), lambda x: 2 * x)
     >>> F = V + 0.5 * V
     >>> mu = jk.Measure([[1.0], [2.0]], [0.5, 0.5])
@@ -397,8 +395,6 @@ class Potential(Energy):
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import jko_ift as jk
     >>> F = jk.Potential(lambda x: 0.5 * (x**2).sum(1), lambda x: x)
     >>> mu = jk.Measure([[1.0, 1.0], [3.0, 0.0]], [0.5, 0.5])
     >>> F.value(mu)
@@ -478,8 +474,6 @@ class Interaction(Energy):
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import jko_ift as jk
     >>> F = jk.Interaction(lambda z: (z**2).sum(1), lambda z: 2 * z)
     >>> mu = jk.Measure([[0.0], [2.0]], [0.5, 0.5])
     >>> F.value(mu)  # 1/2 (2 * 0.25 * 4)
@@ -692,8 +686,6 @@ class Entropy(InternalEnergy):
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import jko_ift as jk
     >>> mu = jk.Grid(0.0, 2.0, 4).measure(np.full(4, 0.5))  # the uniform density 1/2
     >>> bool(np.isclose(jk.Entropy().value(mu), np.log(0.5)))
     True
@@ -750,8 +742,6 @@ class PorousMedium(InternalEnergy):
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import jko_ift as jk
     >>> mu = jk.Grid(0.0, 2.0, 4).measure(np.full(4, 0.5))
     >>> round(jk.PorousMedium(2.0).value(mu), 12)  # int_0^2 (1/2)^2 dx
     0.5
@@ -861,8 +851,6 @@ class KL(Energy):
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import jko_ift as jk
     >>> pi = jk.Measure([[0.0], [1.0]], [0.5, 0.5])
     >>> F = jk.KL(pi)
     >>> F.value(pi)
@@ -937,8 +925,6 @@ class MMD2(Energy):
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import jko_ift as jk
     >>> nu = jk.Measure([[0.0]], [1.0])
     >>> F = jk.MMD2(nu, jk.Gaussian(1.0))
     >>> F.value(nu)

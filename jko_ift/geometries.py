@@ -147,8 +147,6 @@ class Wasserstein(Geometry):
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import jko_ift as jk
     >>> mu = jk.Measure([[0.0], [1.0]], [0.5, 0.5])
     >>> nu = jk.Measure([[2.0], [3.0]], [0.5, 0.5])
     >>> round(jk.Wasserstein().squared_distance(mu, nu), 12)
@@ -251,7 +249,6 @@ class Hellinger(ReactionGeometry):
 
     Examples
     --------
-    >>> import jko_ift as jk
     >>> mu = jk.Measure([[0.0], [1.0]], [0.25, 0.25])
     >>> nu = mu.with_weights([1.0, 0.25])
     >>> jk.Hellinger().squared_distance(mu, nu)
@@ -301,8 +298,6 @@ class MMD(ReactionGeometry):
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import jko_ift as jk
     >>> mu = jk.Measure([[0.0], [5.0]], [0.5, 0.5])
     >>> nu = mu.with_weights([1.0, 0.0])
     >>> d2 = jk.MMD(jk.Gaussian(1.0), ridge=0.0).squared_distance(mu, nu)
@@ -380,7 +375,6 @@ class InfConvolution(Geometry):
 
     Examples
     --------
-    >>> import jko_ift as jk
     >>> g = jk.InfConvolution(jk.Hellinger(), alpha=2.0, beta=0.5)
     >>> g.alpha, g.beta, g.conserve_mass
     (2.0, 0.5, False)
@@ -416,12 +410,14 @@ class WFR(InfConvolution):
 
     Notes
     -----
+    The inf-convolution of :math:`W_2` with Hellinger,
+
     .. math::
 
         D^2(\mu, \mu') = \inf_\nu \; \frac{1}{\alpha} W_2^2(\mu, \nu)
         + \frac{1}{\beta}\mathrm{He}^2(\nu, \mu'),
 
-    whose flow is :math:`\partial_t\mu = \alpha\operatorname{div}(\mu\nabla f) -
+    has the flow :math:`\partial_t\mu = \alpha\operatorname{div}(\mu\nabla f) -
     \beta\mu f`. This inf-convolution form differs from the Hellinger-Kantorovich cost of
     Liero, Mielke and Savaré (2018) at finite step; both give the same flow.
 
@@ -432,7 +428,6 @@ class WFR(InfConvolution):
 
     Examples
     --------
-    >>> import jko_ift as jk
     >>> g = jk.WFR(alpha=1.0, beta=0.2, conserve_mass=True)
     >>> type(g.reaction).__name__, g.beta, g.conserve_mass
     ('Hellinger', 0.2, True)
@@ -477,7 +472,6 @@ class IFT(InfConvolution):
 
     Examples
     --------
-    >>> import jko_ift as jk
     >>> g = jk.IFT(jk.Gaussian(1.0), alpha=5.0, beta=1.0)
     >>> g.kernel, g.alpha, g.beta
     (Gaussian(sigma=1.0), 5.0, 1.0)

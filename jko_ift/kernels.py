@@ -264,8 +264,6 @@ class Kernel:
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import jko_ift as jk
     >>> k = jk.Gaussian(1.0)
     >>> x = np.array([[0.0], [1.0]])
     >>> k(x, x).round(4)
@@ -597,8 +595,6 @@ class Gaussian(_ScaledKernel):
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import jko_ift as jk
     >>> bool(np.isclose(jk.Gaussian(2.0)(np.zeros((1, 1)), np.full((1, 1), 2.0))[0, 0], np.exp(-0.5)))
     True
     """
@@ -664,8 +660,6 @@ class IMQ(_ScaledKernel):
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import jko_ift as jk
     >>> jk.IMQ(1.0)(np.zeros((1, 2)), np.array([[3.0, 4.0]])).round(6)
     array([[0.196116]])
     """
@@ -733,12 +727,7 @@ class Laplace(_ScaledKernel):
     Parameters
     ----------
     sigma : float, default 1.0
-        The length scale :math:`\sigma`, positive and finite.
-
-    Raises
-    ------
-    ValueError
-        If ``sigma`` is not a positive finite number.
+        The length scale :math:`\sigma`, positive and finite (else a ``ValueError``).
 
     Notes
     -----
@@ -747,8 +736,6 @@ class Laplace(_ScaledKernel):
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import jko_ift as jk
     >>> bool(np.isclose(jk.Laplace(2.0)(np.zeros((1, 1)), np.ones((1, 1)))[0, 0], np.exp(-0.5)))
     True
     """
@@ -783,8 +770,6 @@ class EnergyKernel(Kernel):
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import jko_ift as jk
     >>> jk.EnergyKernel()(np.zeros((1, 2)), np.array([[3.0, 4.0]]))
     array([[-5.]])
     >>> jk.EnergyKernel().positive_definite

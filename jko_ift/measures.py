@@ -102,7 +102,6 @@ class Grid:
 
     Examples
     --------
-    >>> import jko_ift as jk
     >>> grid = jk.Grid([0, 0], [1, 2], [2, 4])
     >>> grid.size, grid.spacing.tolist(), grid.cell_volume
     (8, [0.5, 0.5], 0.25)
@@ -177,8 +176,6 @@ class Grid:
 
         Examples
         --------
-        >>> import numpy as np
-        >>> import jko_ift as jk
         >>> grid = jk.Grid(-3.0, 3.0, 60)
         >>> mu = grid.measure(lambda x: np.exp(-x[:, 0] ** 2 / 2), normalize=True)
         >>> round(mu.mass, 12), round(float(mu.mean()[0]), 12)
@@ -227,8 +224,6 @@ class Measure:
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import jko_ift as jk
     >>> mu = jk.Measure([[0.0, 0.0], [2.0, 0.0]], [0.25, 0.75])
     >>> mu.n, mu.dim, mu.mass
     (2, 2, 1.0)

@@ -96,8 +96,6 @@ def jko_step(F: Energy, geometry: Geometry, mu: Measure, tau: float, method=None
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import jko_ift as jk
     >>> mu = jk.Measure([[0.0], [1.0]], [0.5, 0.5])
     >>> F = jk.KL(mu.with_weights([0.2, 0.8]))
     >>> r = jk.jko_step(F, jk.Hellinger(), mu, 0.5)
@@ -330,8 +328,6 @@ def solve(F: Energy, geometry: Geometry, mu0: Measure, tau: float | None = None,
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import jko_ift as jk
     >>> mu0 = jk.Measure([[1.0], [2.0]], [0.5, 0.5])
     >>> F = jk.Potential(lambda x: 0.5 * x[:, 0] ** 2, lambda x: x)
     >>> tr = jk.solve(F, jk.Wasserstein(), mu0, tau=0.5, steps=4, method=jk.ParticleJKO(),

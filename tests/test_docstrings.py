@@ -7,6 +7,7 @@ import doctest
 import importlib
 import warnings
 
+import numpy as np
 import pytest
 
 import jko_ift as jk
@@ -28,7 +29,8 @@ def test_examples_run(name):
     module = importlib.import_module(name)
     finder = doctest.DocTestFinder(exclude_empty=True)
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    tests = [t for t in finder.find(module) if t.examples]
+    # numpydoc's convention: the examples assume ``import numpy as np`` (and here ``jko_ift as jk``)
+    tests = [t for t in finder.find(module, extraglobs={"np": np, "jk": jk}) if t.examples]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an example must not warn
         for test in tests:

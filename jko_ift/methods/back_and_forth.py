@@ -120,7 +120,6 @@ class BackAndForthJKO(Method):
 
     Examples
     --------
-    >>> import numpy as np, jko_ift as jk
     >>> grid = jk.Grid([-2.0, -2.0], [2.0, 2.0], (32, 32))
     >>> mu = grid.measure(lambda x: np.exp(-np.sum((x - 0.5) ** 2, axis=1)), normalize=True)
     >>> F = jk.Entropy() + jk.Potential(lambda x: 0.5 * np.sum(x**2, axis=1))

@@ -382,13 +382,11 @@ class ConicJKO(Method):
 
     References
     ----------
-    * R. Jordan, D. Kinderlehrer, F. Otto, "The variational formulation of the
-      Fokker-Planck equation", SIAM J. Math. Anal. 29 (1998).
+    * R. Jordan, D. Kinderlehrer, F. Otto, SIAM J. Math. Anal. 29 (1998), the JKO step;
+      the programs are solved by Clarabel (Goulart and Chen, 2024) or SCS.
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import jko_ift as jk
     >>> mu = jk.Measure([[0.0], [1.0]], [0.5, 0.5])
     >>> F = jk.KL(mu.with_weights([0.2, 0.8]))
     >>> r = jk.ConicJKO().step(F, jk.Hellinger(), mu, tau=1.0)

@@ -172,8 +172,6 @@ class EntropicJKO(Method):
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import jko_ift as jk
     >>> grid = jk.Grid(-2.0, 2.0, 20)
     >>> mu = grid.measure(lambda x: np.exp(-(x[:, 0] - 1) ** 2), normalize=True)
     >>> F = jk.Potential(lambda x: 0.5 * x[:, 0] ** 2)

@@ -108,8 +108,6 @@ class ExplicitEuler(Method):
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import jko_ift as jk
     >>> mu = jk.Measure([[1.0], [2.0]], [0.5, 0.5])
     >>> F = jk.Potential(lambda x: 0.5 * x[:, 0] ** 2, lambda x: x)
     >>> r = jk.ExplicitEuler().step(F, jk.Wasserstein(), mu, tau=0.5)

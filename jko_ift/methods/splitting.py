@@ -136,8 +136,6 @@ class Splitting(Method):
 
     Examples
     --------
-    >>> import numpy as np
-    >>> import jko_ift as jk
     >>> rng = np.random.default_rng(0)
     >>> mu = jk.Measure(rng.standard_normal((8, 2)) + 3.0, np.full(8, 1 / 8))
     >>> target = jk.Measure(rng.standard_normal((8, 2)), np.full(8, 1 / 8))
