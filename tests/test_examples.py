@@ -65,3 +65,11 @@ def test_weight_step_exact_vs_pg(tmp_path):
     check_figures(result, "weight_step.png", "weight_step_particles.png", folder=tmp_path)
     assert set(result["support"]) == {"exact weight step", "projected gradient",
                                       "authors' code (PG + euclidean velocity)"}
+
+
+def test_fine_grid_tau_limit(tmp_path):
+    result = load("fine_grid_tau_limit").main(cells=32, conic_cells=8, t_final=0.1, taus=(0.1, 0.05),
+                                              out=tmp_path, entropic_cells=None)
+    check_figures(result, "fine_grid_tau_limit.png", "summary_fine_grid_tau_limit.txt", folder=tmp_path)
+    fine = next(study for label, (study, _) in result["studies"].items() if "BackAndForth" in label)
+    assert not any(row["flags"] for row in fine.rows)  # the exact grid step never locks
