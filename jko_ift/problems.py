@@ -429,7 +429,8 @@ class PaperMethod(Method):
         return 0 if state is None else state.steps
 
     def init_state(self, F=None, geometry=None, mu0=None) -> MethodState:
-        """A run's state: step counter 0, a generator seeded by ``seed``, ``inner``'s own state."""
+        """A run's state: step counter 0, a generator seeded by ``seed`` (none without fresh
+        targets), ``inner``'s own state."""
         inner = self.inner.init_state(F, geometry, mu0) if isinstance(self.inner, Method) else None
         # without fresh targets nothing is drawn: no generator to copy at every step
         rng = None if self.sample_target is None else np.random.default_rng(self.seed)

@@ -22,8 +22,9 @@ Baselines of the IFT paper: the MMD particle flow of Arbel et al. (NeurIPS 2019)
 u_i ~ N(0, I), for the first ``noise_steps`` steps (reproducible with ``seed``). Weighted WFR
 particles are ``ExplicitEuler()`` with ``jk.WFR``.
 
-A method object counts its steps (for the noise schedule) and owns its random generator: use
-one object per run, or call ``reset()``.
+The step counter (for the noise schedule) and the random generator are the run's state: every
+``jk.solve`` starts them from ``seed``; ``jk.jko_step`` calls share the method's default state
+until ``reset()``.
 """
 
 from __future__ import annotations
@@ -98,7 +99,8 @@ class ExplicitEuler(Method):
     past its stability limit a step returns status ``"unstable"``. The status of a
     stable step is ``"explicit"`` (nothing is solved, the certificate is 0); its objective is
     that of the JKO problem where the step lands. The step counter (for ``noise_steps``) and
-    the random generator are the run's state (``init_state``: a generator seeded by ``seed``);
+    the random generator are the run's state (``init_state``: a generator seeded by ``seed``,
+    none without noise);
     ``step`` keeps its own until ``reset()``.
 
     References
@@ -139,7 +141,7 @@ class ExplicitEuler(Method):
         self._settle(perturb_measure=flag("ExplicitEuler", "perturb_measure", self.perturb_measure))
 
     def init_state(self, F=None, geometry=None, mu0=None) -> MethodState:
-        """A run's state: step counter 0, a generator seeded by ``seed``."""
+        """A run's state: step counter 0, a generator seeded by ``seed`` (none without noise)."""
         # without noise nothing is drawn: no generator to copy at every step
         return MethodState(rng=None if self.noise == 0 else np.random.default_rng(self.seed))
 
