@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import assert_same_run, stop_after
 
 import jko_ift as jk
 from jko_ift.solve import RunState
@@ -348,28 +349,6 @@ def test_atol_zero_on_cells_without_mass_names_the_cause():
 
 
 # ---------------------------------------------------------------------------- callback and resume
-def stop_after(count):
-    reports = []
-
-    def callback(report):
-        reports.append(report)
-        return report.step >= count
-
-    return callback, reports
-
-
-def assert_same_run(one, other):
-    """Bit for bit: times, energies, measures, and the stats but their costs (wall times, and
-    whether a program was compiled: a finished run keeps no compiled program, so a run resumed
-    from it compiles its program anew and takes the same steps)."""
-    np.testing.assert_array_equal(one.times, other.times)
-    np.testing.assert_array_equal(one.energies, other.energies)
-    for mu, nu in zip(one.measures, other.measures, strict=True):
-        np.testing.assert_array_equal(mu.points, nu.points)
-        np.testing.assert_array_equal(mu.weights, nu.weights)
-    strip = [{k: v for k, v in s.items() if "time" not in k and k != "compiled"} for s in one.stats]
-    assert strip == [{k: v for k, v in s.items() if "time" not in k and k != "compiled"}
-                     for s in other.stats]
 
 
 @pytest.mark.parametrize("save_at", [None, [1.0, 2.5, T_FINAL]])

@@ -2,7 +2,6 @@
 ``jko-ift run`` says about bad input and with --quiet (the runs themselves: test_runner.py)."""
 
 import json
-import logging
 import shutil
 import subprocess
 import sys
@@ -135,22 +134,6 @@ def test_console_script_help():
 # ---------------------------------------------------------------------------- jko-ift run
 
 RUN_OPTIONS = ("--out", "--resume", "--quiet", "--checkpoint-every", "--verbose")
-
-
-@pytest.fixture
-def config(tmp_path):
-    path = tmp_path / "small.toml"
-    path.write_text(SMALL_CONFIG)
-    return path
-
-
-@pytest.fixture(autouse=True)
-def _restore_log_level():
-    """The CLI sets the level of the 'jko_ift' logger (--quiet, --verbose); put it back."""
-    logger = logging.getLogger("jko_ift")
-    level = logger.level
-    yield
-    logger.setLevel(level)
 
 
 def test_config_error_is_reported_before_any_computation(tmp_path, capsys):

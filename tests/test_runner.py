@@ -5,7 +5,6 @@ at random points. Whatever happens, no result is lost or silently replaced, and 
 traceback."""
 
 import json
-import logging
 import os
 import shutil
 import signal
@@ -35,22 +34,6 @@ LONG_CONFIG = SMALL_CONFIG.replace("steps = 5", "steps = 30")
 #: cores) and write its first checkpoint.
 START_TIMEOUT_S = 90
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def _restore_log_level():
-    """The CLI sets the level of the 'jko_ift' logger (--quiet, --verbose); put it back."""
-    logger = logging.getLogger("jko_ift")
-    level = logger.level
-    yield
-    logger.setLevel(level)
-
-
-@pytest.fixture
-def config(tmp_path):
-    path = tmp_path / "small.toml"
-    path.write_text(SMALL_CONFIG)
-    return path
 
 
 def run(config, out, *options) -> int:

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import assert_same_run, stop_after
 
 import jko_ift as jk
 from jko_ift.methods.base import MethodState
@@ -61,33 +62,6 @@ PARTICLE_KERNEL = jk.Gaussian(1.0)
 PARTICLE_TARGET = jk.Measure(np.random.default_rng(1).normal(size=(12, 2)), np.full(12, 1 / 12))
 PARTICLE_MU = jk.Measure(np.random.default_rng(2).normal(size=(12, 2)) + 1.0, np.full(12, 1 / 12))
 PARTICLE_F = jk.MMD2(PARTICLE_TARGET, PARTICLE_KERNEL)
-
-
-def assert_same_run(one, other):
-    """Bit for bit: times, energies, measures, and the stats but their costs (wall times, and
-    whether a program was compiled: a finished run keeps no compiled program, so a run resumed
-    from it compiles its program anew and takes the same steps)."""
-    np.testing.assert_array_equal(one.times, other.times)
-    np.testing.assert_array_equal(one.energies, other.energies)
-    assert len(one.measures) == len(other.measures)
-    for mu, nu in zip(one.measures, other.measures, strict=True):
-        np.testing.assert_array_equal(mu.points, nu.points)
-        np.testing.assert_array_equal(mu.weights, nu.weights)
-    strip = [{k: v for k, v in s.items() if "time" not in k and k != "compiled"} for s in one.stats]
-    assert strip == [{k: v for k, v in s.items() if "time" not in k and k != "compiled"}
-                     for s in other.stats]
-    assert one.stop_reason == other.stop_reason
-
-
-def stop_after(count):
-    """A callback that records its reports and stops the run after ``count`` accepted steps."""
-    reports = []
-
-    def callback(report):
-        reports.append(report)
-        return report.step >= count
-
-    return callback, reports
 
 
 def test_callback_is_called_once_per_accepted_step():

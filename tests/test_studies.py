@@ -2,7 +2,6 @@
 comparisons, and the ``converge`` / ``compare`` subcommands."""
 
 import json
-import logging
 import warnings
 
 import numpy as np
@@ -43,18 +42,10 @@ steps = 5
 """
 
 
-@pytest.fixture(autouse=True)
-def _restore_log_level():
-    """The CLI sets the level of the 'jko_ift' logger (--quiet, --verbose); put it back."""
-    logger = logging.getLogger("jko_ift")
-    level = logger.level
-    yield
-    logger.setLevel(level)
-
-
 @pytest.fixture
 def config(tmp_path):
-    path = tmp_path / "small.toml"
+    """This module's study config (SMALL_CONFIG above), not the runner's of conftest."""
+    path = tmp_path / "study.toml"
     path.write_text(SMALL_CONFIG)
     return path
 
