@@ -311,7 +311,7 @@ def save_trajectory(path, trajectory, metadata: Mapping | None = None) -> Path:
     end with their ``sizes`` (k,), the points of the measures that are not on a grid (end
     to end, rows (N, d)), for measures on a ``Grid`` its ``lo``, ``hi`` and ``shape`` (the
     points are rebuilt from it), ``stats`` and ``metadata`` as JSON text, ``stop_reason``
-    and the run's ``warnings``, and ``sha256``, the checksum of all the other arrays (``load``
+    and the run's ``warnings``, its ``scheme`` (method and geometry), and ``sha256``, the checksum of all the other arrays (``load``
     refuses a file that does not match it). ``load`` reads it back into an equal ``Trajectory``.
     Arrays only: the file is read with ``allow_pickle=False``.
     """
@@ -342,6 +342,7 @@ def save_trajectory(path, trajectory, metadata: Mapping | None = None) -> Path:
         "metadata": np.array(json.dumps(_json_exact(dict(metadata or {})), allow_nan=True)),
         "stop_reason": np.array(str(trajectory.stop_reason)),
         "warnings": np.array(json.dumps([w.to_dict() for w in getattr(trajectory, "warnings", ())])),
+        "scheme": np.array(str(getattr(trajectory, "scheme", ""))),
     }
     arrays[CHECKSUM_KEY] = np.array(_checksum(arrays))
     with atomic_path(path) as temporary:
@@ -433,7 +434,7 @@ def read_metadata(path, advice: str = LOAD_ADVICE, require_checksum: bool = Fals
 
 def load(path, advice: str = LOAD_ADVICE, require_checksum: bool = False):
     """Read a trajectory file written by ``save_trajectory`` (or ``jko-ift run``) back into
-    a ``Trajectory``: same times, energies, weights, points, stats and stop reason; measures
+    a ``Trajectory``: same times, energies, weights, points, stats, stop reason and scheme; measures
     that were on a ``Grid`` get an equal grid back (so ``Entropy`` and the plots work).
 
     A missing, empty, truncated, corrupted or altered file (its SHA-256 checksum does not match)
@@ -467,5 +468,6 @@ def _trajectory_from_arrays(arrays: Mapping):
     from .run_warnings import from_dicts
 
     run_warnings = from_dicts(json.loads(str(arrays["warnings"]))) if "warnings" in arrays else ()
-    return Trajectory(arrays["times"], measures, arrays["energies"],
-                      json.loads(str(arrays["stats"])), str(arrays["stop_reason"]), run_warnings)
+    scheme = str(arrays["scheme"]) if "scheme" in arrays else ""  # files from before it was saved
+    return Trajectory(arrays["times"], measures, arrays["energies"], json.loads(str(arrays["stats"])),
+                      str(arrays["stop_reason"]), run_warnings, scheme=scheme)

@@ -135,7 +135,8 @@ class Trajectory:
     how many steps raised it (each is also warned once, at the end of the run).
     state: where the run stands (``RunState``: the method's and the controller's state), for
     ``solve(..., resume=trajectory)``; None for a trajectory read from files.
-    scheme: the method's class and the geometry ("ConicJKO in IFT(...)"); "" when unknown.
+    scheme: the method's class and the geometry ("ConicJKO in IFT(...)"), saved with the
+    trajectory's file; "" when unknown (a file written before the scheme was saved).
 
     In a notebook a trajectory shows its summary (``_repr_html_``: scheme, steps, energies,
     statuses, timings, warnings); ``plot()`` draws its energy, ``stats_table()`` gives its

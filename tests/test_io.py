@@ -80,6 +80,8 @@ def test_trajectory_round_trip_is_exact(tmp_path):
         assert mu.cell_volume == nu.cell_volume
     assert loaded.stats == [dict(s) for s in trajectory.stats]
     assert loaded.stop_reason == trajectory.stop_reason
+    assert trajectory.scheme and loaded.scheme == trajectory.scheme  # the summary names the scheme
+    assert trajectory.scheme in repr(loaded)
     assert read_metadata(path) == {"note": "x"}
     assert not list(path.parent.glob(".*partial*"))  # no temporary file left behind
 
@@ -93,7 +95,21 @@ def test_trajectory_round_trip_without_grid(tmp_path):
         assert mu.grid is None
         np.testing.assert_array_equal(mu.points, nu.points)
         np.testing.assert_array_equal(mu.weights, nu.weights)
-    assert loaded.stop_reason == "energy"
+    assert loaded.stop_reason == "energy" and loaded.scheme == ""
+
+
+def test_a_file_written_before_the_scheme_was_saved_loads_with_no_scheme(tmp_path):
+    from jko_ift.io import CHECKSUM_KEY, _checksum
+
+    trajectory = jk.Trajectory(np.array([0.0]), [jk.Measure(np.zeros((1, 1)), [1.0])], np.array([0.0]),
+                               scheme="ConicJKO in W2()")
+    path = save_trajectory(tmp_path / "new.npz", trajectory)
+    with np.load(path) as data:
+        arrays = {key: data[key] for key in data.files if key != "scheme"}
+    arrays[CHECKSUM_KEY] = np.array(_checksum(arrays))
+    np.savez(tmp_path / "old.npz", **arrays)
+    assert jk.load(tmp_path / "old.npz").scheme == ""
+    assert jk.load(path).scheme == "ConicJKO in W2()"
 
 
 def test_load_rejects_other_files(tmp_path):
