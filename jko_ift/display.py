@@ -12,6 +12,9 @@ DataFrame with ``to_frame()`` when pandas is installed; pandas is not a dependen
 ``progress_bar`` is the one progress bar of runs and studies: tqdm on a terminal or in a notebook,
 and periodic log lines (one line per update, every ``LOG_INTERVAL`` seconds) when stderr is a file
 or a pipe, so that a batch job's log holds readable lines rather than one line of carriage returns.
+Inside a long step the solver's loop calls ``report_iteration`` (nothing happens unless a bar
+shows the run: ``showing_iterations``), so the bar says where the step stands, its iteration
+and residual, while the step runs.
 """
 
 from __future__ import annotations
@@ -19,11 +22,15 @@ from __future__ import annotations
 import html
 import math
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 
-__all__ = ["Table", "format_value", "html_summary", "progress_bar", "shorten", "text_summary"]
+__all__ = ["Table", "format_value", "html_summary", "progress_bar", "report_iteration", "shorten",
+           "showing_iterations", "text_summary"]
 
 #: Longest text of one value in a summary; longer text is cut with an ellipsis.
 MAX_TEXT = 160
@@ -31,6 +38,13 @@ MAX_TEXT = 160
 MAX_ROWS = 30
 #: Seconds between the log lines of a progress bar whose output is not a terminal.
 LOG_INTERVAL = 30.0
+#: Fewest seconds between two redraws of a bar by a step's inner iterations (on a terminal).
+INNER_INTERVAL = 0.5
+#: What separates the bar's own postfix from the step's inner progress.
+INNER_MARK = " | in step: "
+
+#: Where a running step's inner loop reports its iterations (None: nobody is listening).
+_INNER_PROGRESS: ContextVar[Callable | None] = ContextVar("jko_ift_inner_progress", default=None)
 
 
 class _LogLines:
@@ -81,6 +95,49 @@ def progress_bar(*, disable: bool = False, file=None, **options):
     options.pop("dynamic_ncols", None)
     return std_tqdm(file=_LogLines(stream), mininterval=LOG_INTERVAL, maxinterval=LOG_INTERVAL,
                     ncols=100, ascii=True, **options)
+
+
+def report_iteration(iteration: int, residual: float | None = None, stage: str = "") -> None:
+    """Say where a long step's inner loop stands: its ``iteration``, its ``residual`` (what it
+    drives below its tolerance) and its ``stage`` (e.g. ``"eps 1e-3"``). A solver calls it once per
+    iteration; it costs a context-variable lookup unless a bar shows the run
+    (``showing_iterations``), which then redraws at most every ``INNER_INTERVAL`` seconds."""
+    show = _INNER_PROGRESS.get()
+    if show is not None:
+        show(iteration, residual, stage)
+
+
+@contextmanager
+def showing_iterations(bar) -> Iterator[None]:
+    """While the block runs, the inner iterations reported by ``report_iteration`` appear at the
+    end of ``bar``'s postfix (after ``INNER_MARK``; the bar's owner sets its own postfix at each
+    step, which clears them). A disabled bar shows nothing; a bar that writes log lines redraws
+    no more often than its own interval."""
+    if getattr(bar, "disable", True):
+        yield
+        return
+    interval = max(INNER_INTERVAL, float(getattr(bar, "mininterval", 0.0)))
+    last = [time.monotonic()]
+
+    def show(iteration: int, residual: float | None, stage: str) -> None:
+        now = time.monotonic()
+        if now - last[0] < interval:
+            return
+        last[0] = now
+        text = f"iteration {int(iteration)}"
+        if residual is not None:
+            text += f", residual {float(residual):.2g}"
+        if stage:
+            text += f" ({stage})"
+        own = str(bar.postfix or "").split(INNER_MARK)[0]
+        bar.set_postfix_str(own + INNER_MARK + text, refresh=False)
+        bar.refresh()
+
+    token = _INNER_PROGRESS.set(show)
+    try:
+        yield
+    finally:
+        _INNER_PROGRESS.reset(token)
 
 
 def shorten(text: str, limit: int = MAX_TEXT) -> str:

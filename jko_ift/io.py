@@ -310,10 +310,10 @@ def save_trajectory(path, trajectory, metadata: Mapping | None = None) -> Path:
     The file holds ``times`` (k,), ``energies`` (k,), the weights of all measures end to
     end with their ``sizes`` (k,), the points of the measures that are not on a grid (end
     to end, rows (N, d)), for measures on a ``Grid`` its ``lo``, ``hi`` and ``shape`` (the
-    points are rebuilt from it), ``stats`` and ``metadata`` as JSON text, ``stop_reason``
-    and the run's ``warnings``, its ``scheme`` (method and geometry), and ``sha256``, the checksum of all the other arrays (``load``
-    refuses a file that does not match it). ``load`` reads it back into an equal ``Trajectory``.
-    Arrays only: the file is read with ``allow_pickle=False``.
+    points are rebuilt from it), ``stats`` and ``metadata`` as JSON text, ``stop_reason``,
+    the run's ``warnings``, its ``scheme`` (method and geometry), and ``sha256``, the checksum
+    of all the other arrays (``load`` refuses a file that does not match it). ``load`` reads it
+    back into an equal ``Trajectory``. Arrays only: the file is read with ``allow_pickle=False``.
     """
     measures = list(trajectory.measures)
     if not measures:

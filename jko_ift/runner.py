@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import keeps_support
+from .display import progress_bar, showing_iterations
 from .io import (
     ResultsFileError,
     ResultsFolderError,
@@ -183,8 +184,9 @@ def _take_steps(position: _Position, progress: bool) -> Trajectory:
         return previous  # the checkpoint is of a run that ended
     bar = _bar(spec, position, progress)
     try:
-        trajectory = spec.solve(progress=False, callback=_reporter(position, bar), resume=previous,
-                                **({} if spec.adaptive else {"save_at": None}))
+        with showing_iterations(bar):  # a long step's iterations and residual on the bar
+            trajectory = spec.solve(progress=False, callback=_reporter(position, bar), resume=previous,
+                                    **({} if spec.adaptive else {"save_at": None}))
     finally:
         bar.close()
     if position.checkpoint_every is not None:
@@ -219,8 +221,6 @@ def _bar(spec, position: _Position, progress: bool):
     """The one progress bar of a run on stderr (disabled without ``progress``): steps done of the
     total for fixed steps, time done of t_final for adaptive ones; a resumed run's starts at its
     checkpoint."""
-    from .display import progress_bar
-
     label = f"{spec.method_kind} {type(spec.geometry).__name__}"
     previous = position.previous
     energy = spec.energy.value(spec.initial) if previous is None else float(previous.state.energy)

@@ -20,7 +20,7 @@ import numpy as np
 
 from .control import ConstantStepSize, ControllerState, StepController
 from .diagnostics import dissipation_slack
-from .display import Table, format_value, html_summary, progress_bar, text_summary
+from .display import Table, format_value, html_summary, progress_bar, showing_iterations, text_summary
 from .energies import Energy
 from .geometries import Geometry
 from .measures import Measure
@@ -776,9 +776,12 @@ class _ProgressBar:
         self.bar.set_postfix(shown, refresh=False)
 
     def __enter__(self) -> _ProgressBar:
+        self._inner = showing_iterations(self.bar)  # a long step's iterations on the bar
+        self._inner.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._inner.__exit__(*exc)
         self.bar.close()
 
 

@@ -135,3 +135,62 @@ def test_solve_bar_off_a_terminal_is_lines_with_the_step_statistics(particles, c
     assert "\r" not in err
     last = err.strip().splitlines()[-1]
     assert "3/3" in last and "energy=" in last and "step=" in last  # the last step's wall time
+
+
+# ---------------------------------------------------------------------------- inside a long step
+
+class _Terminal:
+    """A text stream that says it is a terminal, so the bar redraws in place."""
+
+    def __init__(self):
+        import io
+        self.text = io.StringIO()
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> None:
+        self.text.write(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_inner_iterations_appear_on_the_bar_after_its_own_postfix(monkeypatch):
+    from jko_ift import display
+
+    monkeypatch.setattr(display, "INNER_INTERVAL", 0.0)
+    display.report_iteration(1, 0.5)  # nobody listens: nothing happens
+    stream = _Terminal()
+    with display.progress_bar(total=2, desc="run", file=stream, mininterval=0.0) as bar:
+        bar.set_postfix_str("energy=1.5")
+        with display.showing_iterations(bar):
+            display.report_iteration(7, 1.5e-3, "eps 0.01")
+            assert bar.postfix == "energy=1.5 | in step: iteration 7, residual 0.0015 (eps 0.01)"
+            display.report_iteration(8)  # replaces the last report, keeps the bar's own postfix
+            assert bar.postfix == "energy=1.5 | in step: iteration 8"
+        display.report_iteration(9, 1.0)  # the block has ended: nothing shows
+        assert bar.postfix == "energy=1.5 | in step: iteration 8"
+    assert "iteration 7, residual 0.0015 (eps 0.01)" in stream.text.getvalue()
+
+
+def test_inner_iterations_redraw_a_log_file_no_more_often_than_its_lines(monkeypatch):
+    import io
+
+    from jko_ift import display
+
+    monkeypatch.setattr(display, "INNER_INTERVAL", 0.0)
+    log = io.StringIO()  # a batch job's log: one line per LOG_INTERVAL at most
+    with display.progress_bar(total=2, desc="run", file=log) as bar:
+        with display.showing_iterations(bar):
+            for k in range(1000):
+                display.report_iteration(k, 1.0 / (k + 1))
+    assert "in step" not in log.getvalue()
+
+
+def test_a_disabled_bar_listens_to_nothing():
+    from jko_ift import display
+
+    with display.progress_bar(total=2, disable=True) as bar:
+        with display.showing_iterations(bar):
+            assert display._INNER_PROGRESS.get() is None
