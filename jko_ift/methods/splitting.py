@@ -60,7 +60,6 @@ from .particle import (
     ForwardStep,
     backward_transport,
     check_particle_input,
-    energy_scale,
     finish,
     forward_stability,
     forward_transport,
@@ -205,7 +204,7 @@ class Splitting(Method):
             return self._grid_step(F, geometry, mu, tau, state, throw)
         tau = check_particle_input(F, geometry, mu, tau)
         start = time.perf_counter()
-        run = _Run(energy_scale(F, mu), {"method": f"splitting_{self.order}"}, tau)
+        run = _Run.starting_at(F, mu, state, {"method": f"splitting_{self.order}"}, tau)
         # Hellinger pieces other than the linear and projected-gradient updates never clip
         run.info["positivity_preserving"] = positivity_preserving(geometry) and not (
             self.reaction == "projected_gradient"
@@ -232,8 +231,11 @@ class Splitting(Method):
         if current is None:
             return finish(F, geometry, mu, np.full_like(mu.points, np.nan), mu.weights, tau,
                           "diverged", np.inf, run.info, throw, "Splitting")
-        return finish(F, geometry, mu, current.points, current.weights, tau, run.status,
-                      run.certificate, run.info, throw, "Splitting")
+        result = finish(F, geometry, mu, current.points, current.weights, tau, run.status,
+                        run.certificate, run.info, throw, "Splitting")
+        if result.ok:
+            state.warm["last"] = (F, result.measure, result.energy)  # F(mu^k) of the next step
+        return result
 
     # ------------------------------------------------------------------ densities on a grid
     def _grid_step(self, F, geometry, mu, tau, state, throw) -> StepResult:
@@ -341,8 +343,8 @@ class Splitting(Method):
         if not np.all(np.isfinite(b)):
             return None
         reacted = mu.with_weights(np.maximum(b, 0.0))  # zeroed weights: reported by ``finish``
-        if kind in FORWARD_REACTIONS:
-            descent = -float(F.first_variation(mu) @ (reacted.weights - a))
+        if kind in FORWARD_REACTIONS:  # f of the forward reactions: F's first variation at mu
+            descent = -float(f @ (reacted.weights - a))
             run.check_forward(F, mu, reacted, descent, f"{kind} reaction piece", h)
         return reacted
 
@@ -371,19 +373,40 @@ def _grid_energy_value(F, mu: Measure, grams: dict) -> float:
 
 
 class _Run:
-    """What the sub-steps of one splitting step accumulate: status, certificate, counts."""
+    """What the sub-steps of one splitting step accumulate: status, certificate, counts, and the
+    energies of its measures (the pieces judge each measure twice: as one's end, the next's start)."""
 
     def __init__(self, scale: float, info: dict, tau: float):
         self.scale, self.info, self.tau = scale, info, tau
         self.status, self.certificate = "optimal", 0.0
+        self.energies: list[tuple[Measure, float]] = []
+
+    @classmethod
+    def starting_at(cls, F, mu: Measure, state, info: dict, tau: float) -> _Run:
+        """The run of a step from mu, F(mu) reused when mu is the measure the last step returned."""
+        last_F, last_measure, last_energy = state.warm.get("last", (None, None, None))
+        known = F is last_F and mu is last_measure
+        energy = last_energy if known else float(F.value(mu))
+        run = cls(max(abs(energy), 1e-300), info, tau)  # ``energy_scale``
+        run.energies.append((mu, energy))
+        return run
+
+    def energy(self, F, mu: Measure) -> float:
+        """F(mu), computed once per measure of the step (kept by identity: measures never change)."""
+        for known, value in self.energies:
+            if known is mu:
+                return value
+        value = float(F.value(mu))
+        self.energies.append((mu, value))
+        return value
 
     def check_forward(self, F, before: Measure, after: Measure, descent: float, piece: str,
                       h: float) -> None:
         """An explicit piece whose energy rose makes the step "unstable" (``forward_stability``)."""
-        energy_after = F.value(after)
+        energy_after = self.energy(F, after)
         if not np.isfinite(energy_after):
             return  # ``finish`` reports the divergence
-        forward = ForwardStep(F.value(before), descent)
+        forward = ForwardStep(self.energy(F, before), descent)
         if forward_stability(F, before, after, energy_after, forward, self.tau, self.info,
                              "Splitting", piece, h / self.tau) != "optimal":
             self.status = "unstable"
