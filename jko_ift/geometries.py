@@ -30,7 +30,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import ot
 
 from .kernels import GramCache, Kernel, centred, squared_distances
 from .measures import Measure
@@ -72,6 +71,8 @@ def exact_w2_squared(mu: Measure, nu: Measure) -> float:
     """
     mass = _positive_finite_mass(mu, "the first measure")
     other = _positive_finite_mass(nu, "the second measure")
+    import ot  # POT imports every array library it finds (PyTorch: seconds): only when needed
+
     a, b = mu.weights / mass, nu.weights / other
     cost = squared_distances(mu.points, nu.points)
     return mass * float(ot.emd2(a / a.sum(), b / b.sum(), cost, numItermax=10_000_000))
