@@ -199,6 +199,20 @@ def test_help_imports_no_solver_and_no_figures():
     assert done.stdout.strip() == "[]"
 
 
+def test_the_solvers_import_no_optimal_transport_library():
+    """POT imports every array library it finds (PyTorch: seconds), so it is imported only where
+    its exact W2 is computed, not by the solvers, the problems or the demo."""
+    from pathlib import Path
+
+    code = ("import sys\nimport jko_ift.solve, jko_ift.methods, jko_ift.problems, jko_ift.demo\n"
+            "print(sorted(m for m in ('ot', 'torch') if m in sys.modules))")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 def test_help_states_each_default_once(capsys):
     with pytest.raises(SystemExit):
         main(["converge", "--help"])
