@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 from .energies import Energy
 from .geometries import Wasserstein
@@ -73,6 +72,8 @@ class ConvergenceOrder:
 
     def interval(self, confidence: float = 0.95) -> tuple[float, float]:
         """Confidence interval of the order (Student t with samples - 2 degrees of freedom)."""
+        from scipy import stats  # seconds to import; only studies fit orders
+
         dof = max(self.samples - 2, 1)
         half = stats.t.ppf(0.5 + confidence / 2, dof) * self.stderr
         return self.order - half, self.order + half
@@ -89,6 +90,8 @@ def convergence_order(step_sizes, errors) -> ConvergenceOrder:
     if h.size == 2:
         order = float(np.diff(np.log(e))[0] / np.diff(np.log(h))[0])
         return ConvergenceOrder(order, np.inf, float(e[0] / h[0] ** order), 2)
+    from scipy import stats
+
     fit = stats.linregress(np.log(h), np.log(e))
     return ConvergenceOrder(float(fit.slope), float(fit.stderr), float(np.exp(fit.intercept)),
                             int(h.size))

@@ -12,7 +12,6 @@ from functools import partial
 
 import numpy as np
 from scipy import sparse, special
-from scipy.integrate import solve_ivp
 
 from .diagnostics import mmd
 from .energies import MMD2, Energy, Entropy, PorousMedium, Potential, line_terms, position_derivatives
@@ -205,6 +204,8 @@ def particle_flow(F: Energy, mu0: Measure, times, rtol: float = SEMI_DISCRETE_RT
 
     if times[-1] == 0:
         return [mu0 for _ in times]
+    from scipy.integrate import solve_ivp  # the reference solutions only
+
     solution = solve_ivp(velocity, (0.0, times[-1]), x0, method="Radau", t_eval=times, rtol=rtol,
                          atol=rtol * max(1.0, float(np.abs(x0).max())), jac=jacobian)
     if not solution.success:

@@ -24,7 +24,7 @@ from .display import Table, format_value, html_summary, progress_bar, showing_it
 from .energies import Energy
 from .geometries import Geometry
 from .measures import Measure
-from .methods import ConicJKO, SolverError, StepResult, grid_motion
+from .methods import SolverError, StepResult, grid_motion
 from .methods.base import Method, MethodState, Status, check_step_input, positive_finite, warn_user
 from .methods.entropic import BLUR_WARN_RATIO
 from .run_warnings import RunWarning, WarningLog
@@ -102,12 +102,17 @@ def jko_step(F: Energy, geometry: Geometry, mu: Measure, tau: float, method=None
     >>> r.status, bool(r.objective <= F.value(mu))
     ('optimal', True)
     """
-    method = _check_method(ConicJKO() if method is None else method)
+    method = _check_method(method)
     return method.step(F, geometry, mu, tau, throw=throw)
 
 
 def _check_method(method):
-    """The method, or a ValueError naming what was passed (a class instead of an instance too)."""
+    """The method (``ConicJKO()`` for None), or a ValueError naming what was passed (a class
+    instead of an instance too)."""
+    if method is None:
+        from .methods.conic import ConicJKO  # CVXPY is imported when the conic step is used
+
+        return ConicJKO()
     if isinstance(method, type) or not hasattr(method, "step"):
         raise ValueError(f"method must be a jko_ift method instance such as jk.ConicJKO(), got {method!r}")
     return method
@@ -342,7 +347,7 @@ def solve(F: Energy, geometry: Geometry, mu0: Measure, tau: float | None = None,
         raise ValueError("give tau (a fixed step) or controller=jk.StepController(...)")
     # the masses are checked (and warned about) by every step, inside the run's log
     check_step_input(F, geometry, mu0, 1.0 if tau is None else tau, warn_masses=False)
-    method = _check_method(ConicJKO() if method is None else method)
+    method = _check_method(method)
     stop_rate = _check_stop_level(stop_rate, "stop_rate")
     stop_energy = _check_stop_level(stop_energy, "stop_energy")
     if callback is not None and not callable(callback):

@@ -199,13 +199,15 @@ def test_help_imports_no_solver_and_no_figures():
     assert done.stdout.strip() == "[]"
 
 
-def test_the_solvers_import_no_optimal_transport_library():
-    """POT imports every array library it finds (PyTorch: seconds), so it is imported only where
-    its exact W2 is computed, not by the solvers, the problems or the demo."""
+def test_the_particle_solvers_import_no_heavy_library():
+    """POT imports every array library it finds (PyTorch: seconds), CVXPY and SciPy's statistics
+    take a second: they are imported where they are used (the exact W2, the conic step, the
+    order fits), not by the solvers, the problems or the demo."""
     from pathlib import Path
 
+    heavy = ("ot", "torch", "cvxpy", "scipy.stats", "scipy.integrate")
     code = ("import sys\nimport jko_ift.solve, jko_ift.methods, jko_ift.problems, jko_ift.demo\n"
-            "print(sorted(m for m in ('ot', 'torch') if m in sys.modules))")
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
     root = Path(__file__).resolve().parents[1]
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
                           env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, timeout=120)

@@ -42,13 +42,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..energies import KL, MMD2, Energy, Entropy, Interaction, PorousMedium
 from ..geometries import Geometry, InfConvolution, ReactionGeometry, Wasserstein
 from ..measures import Measure
-from .back_and_forth import BackAndForthJKO
 from .base import Method, MethodState, SolverError, StepResult, check_choice, check_step_input
 from .grid_reaction import _gram as _separable_gram
 from .grid_reaction import _terms as _grid_terms
@@ -74,6 +74,9 @@ from .weights import (
     projected_gradient_weights,
     projected_multiplicative_weights,
 )
+
+if TYPE_CHECKING:
+    from .back_and_forth import BackAndForthJKO
 
 TRANSPORT_PIECES = ("implicit", "explicit")
 #: The grid transport piece by name (configs): ``BackAndForthJKO()`` with its defaults.
@@ -177,6 +180,8 @@ class Splitting(Method):
     @property
     def grid_transport(self) -> BackAndForthJKO | None:
         """The grid transport method (``transport`` given as one, or by name), else None."""
+        from .back_and_forth import BackAndForthJKO  # numba: imported when a grid needs it
+
         if isinstance(self.transport, BackAndForthJKO):
             return self.transport
         named = isinstance(self.transport, str) and self.transport == GRID_TRANSPORT
