@@ -43,6 +43,7 @@ from ..geometries import Geometry, InfConvolution, ReactionGeometry, Wasserstein
 from ..measures import Measure
 from .base import Method, SolverError, Status, StepResult, check_step_input, clipping_report
 from .options import count, flag, positive
+from .particle_sums import Evaluation, evaluate, reaction_terms
 from .weights import (
     DEFAULT_WEIGHT_RTOL,
     GramCache,
@@ -84,21 +85,41 @@ def check_particle_input(F: Energy, geometry: Geometry, mu: Measure, tau) -> flo
     """The common checks of the particle methods; returns tau. Raises ValueError naming what
     was expected, what was received and how to fix it."""
     tau = check_step_input(F, geometry, mu, tau)
+    _check_particle_geometry(F, geometry, mu)
+    _checked("first variation", lambda: F.first_variation(mu), mu)
+    if geometry.has_transport:
+        _checked("gradient of the first variation", lambda: F.grad_first_variation(mu), mu)
+    return tau
+
+
+def checked_evaluation(F: Energy, geometry: Geometry, mu: Measure, tau) -> tuple[float, Evaluation]:
+    """The checks of ``check_particle_input`` on F(mu), f and grad f from one evaluation
+    (``particle_sums.evaluate``): (tau, that evaluation), to be reused by the step."""
+    tau = check_step_input(F, geometry, mu, tau)
+    _check_particle_geometry(F, geometry, mu)
+    held = []
+
+    def variation():
+        held.append(evaluate(F, mu, variation=True, gradient=geometry.has_transport))
+        return held[0].variation
+
+    _checked("first variation", variation, mu)
+    if geometry.has_transport:
+        _checked("gradient of the first variation", lambda: held[0].gradient, mu)
+    return tau, held[0]
+
+
+def _check_particle_geometry(F: Energy, geometry: Geometry, mu: Measure) -> None:
     if not isinstance(geometry, (Wasserstein, ReactionGeometry, InfConvolution)):
         raise ValueError(f"particle methods take jk.Wasserstein(), jk.Hellinger(), jk.MMD(k), "
                          f"jk.WFR or jk.IFT (or another reaction geometry); got {geometry!r}")
     F.check_measure(mu, geometry.reaction is None or geometry.conserve_mass)
-    f = _checked("first variation", lambda: F.first_variation(mu), mu)
-    if geometry.has_transport:
-        _checked("gradient of the first variation", lambda: F.grad_first_variation(mu), mu)
     reaction = geometry.reaction
     if reaction is not None and reaction.quadratic and not reaction.metric_definite \
             and not geometry.conserve_mass:
         raise ValueError(f"{reaction!r} is only conditionally positive definite: its distance "
                          "is one only between equal masses; pass conserve_mass=True to the "
                          "geometry")
-    del f
-    return tau
 
 
 def _checked(what: str, compute, mu: Measure) -> np.ndarray:
@@ -207,11 +228,12 @@ def forward_stability(F: Energy, mu: Measure, new: Measure, energy_after: float,
 
 def finish(F: Energy, geometry: Geometry, mu: Measure, y: np.ndarray, b: np.ndarray, tau: float,
            status: str, certificate: float, info: dict, throw: bool, method: str,
-           forward: ForwardStep | None = None) -> StepResult:
+           forward: ForwardStep | None = None, energy: float | None = None) -> StepResult:
     """Build the StepResult of a particle step (and raise on failure when asked).
 
     Weights set to zero are reported (``clipping_report``); ``forward`` (explicit steps) makes
-    a step whose energy rose "unstable" (``forward_stability``)."""
+    a step whose energy rose "unstable" (``forward_stability``). ``energy``: F(sum_i b_i
+    delta_{y_i}) when the solver already has it (not evaluated again)."""
     if not (np.all(np.isfinite(y)) and np.all(np.isfinite(b))):
         result = StepResult.failed("diverged", info)
         if throw:
@@ -224,7 +246,8 @@ def finish(F: Energy, geometry: Geometry, mu: Measure, y: np.ndarray, b: np.ndar
     new = Measure(y, np.maximum(b, 0.0))
     with np.errstate(over="ignore", invalid="ignore"):
         try:
-            energy = F.value(new)
+            if energy is None or np.any(b < 0):
+                energy = F.value(new)
         except ParticleOrderError:  # an energy of 1-D particles whose order the step broke
             i = int(np.flatnonzero(np.diff(y[:, 0]) <= 0)[0])
             energy = np.nan
@@ -290,20 +313,29 @@ def forward_transport(F: Energy, mu: Measure, eta: float, velocity: str = "wasse
 
 
 def backward_transport(F: Energy, mu: Measure, eta: float, tol: float, scale: float,
-                       max_iter: int, predictor: bool = True) -> TransportResult:
+                       max_iter: int, predictor: bool = True,
+                       gradient: np.ndarray | None = None) -> TransportResult:
     """The implicit transport piece: the proximal position step of ``implicit_transport`` at
-    b = a, started from the explicit step (``predictor``) or from the points."""
-    guess = explicit_transport(F, mu, eta) if predictor else mu.points
+    b = a, started from the explicit step (``predictor``; ``gradient``: grad f at the points
+    when known) or from the points."""
+    guess = explicit_transport(F, mu, eta, gradient=gradient) if predictor else mu.points
     return implicit_transport(F, mu.points, mu.weights, eta, start=guess, tol=tol, scale=scale,
                               max_iter=max_iter)
 
 
 @dataclass(frozen=True)
 class TransportResult:
+    """New positions (n, d), the certificate, status and info of a position step; ``weights``:
+    the weights (n,) the certificate was computed with (those of the reduced problem's last
+    weight solve); ``energy``: F at these points and weights when the solver evaluated it
+    there (None otherwise)."""
+
     points: np.ndarray
     certificate: float
     status: str
     info: dict
+    weights: np.ndarray | None = None
+    energy: float | None = None
 
 
 def implicit_transport(F: Energy, x: np.ndarray, a: np.ndarray, eta: float,
@@ -345,7 +377,9 @@ def implicit_transport(F: Energy, x: np.ndarray, a: np.ndarray, eta: float,
         y_full = _move_massless(F, x, b, y_full, objective.live, eta)
     info = {"position_iterations": iterations, "position_evaluations": objective.evaluations,
             "position_time": time.perf_counter() - start_time, "position_roundoff": floor}
-    return TransportResult(y_full, certificate, status, info)
+    known = objective.at(y_full)
+    energy = known.energy.value if known is not None and np.array_equal(known.b, b) else None
+    return TransportResult(y_full, certificate, status, info, b, energy)
 
 
 class _PositionObjective:
@@ -363,6 +397,7 @@ class _PositionObjective:
         self.root = np.sqrt(eta * scale / weight[self.live])[:, None]
         self.y_full = x.copy() if start is None else np.array(start, dtype=float)
         self.evaluations = 0
+        self.last: _Evaluated | None = None
 
     def positions(self, u_flat: np.ndarray) -> np.ndarray:
         y = self.y_full.copy()
@@ -370,29 +405,55 @@ class _PositionObjective:
         return y
 
     def __call__(self, u_flat):
+        """(J / scale, grad_u J / scale) at u; the last evaluation is kept (``last``), so that
+        asking again at the same u (L-BFGS-B's final point, the residual) costs nothing."""
+        last = self.last
+        if last is not None and np.array_equal(last.u, u_flat):
+            return last.value, last.gradient
         self.evaluations += 1
         F, x, a, eta, live, coupling = self.F, self.x, self.a, self.eta, self.live, self.coupling
         y = self.positions(u_flat)
         if not np.all(np.isfinite(y)):
             return np.inf, np.zeros_like(u_flat)
         b = self.weights if self.weights_at is None else self.weights_at(y.copy())
-        mu_y = Measure(y, b)
         try:
-            value = F.value(mu_y) + float(a[live] @ np.sum((y[live] - x[live]) ** 2, axis=1)) / (2 * eta)
-            grad_y = b[live, None] * F.grad_first_variation(mu_y)[live] \
-                + a[live, None] * (y[live] - x[live]) / eta
+            energy = evaluate(F, Measure(y, b))
         except ParticleOrderError:  # 1-D particles past each other: outside the domain of F
             return np.inf, np.zeros_like(u_flat)
+        value = energy.value + float(a[live] @ np.sum((y[live] - x[live]) ** 2, axis=1)) / (2 * eta)
+        grad_y = b[live, None] * energy.gradient[live] + a[live, None] * (y[live] - x[live]) / eta
         if coupling is not None:
             reaction, reaction_eta, conserve = coupling
             # R^2(a, b on y): MMD^2 on the moving support pulls on y; He^2 does not depend on
             # y, but b*(y) does in the reduced problem
-            value += reaction.weight_distance_sq(y, a, b) / (2 * reaction_eta)
-            force = reaction.position_force(y, a, b)
+            distance_sq, force = reaction_terms(reaction, y, a, b)
+            value += distance_sq / (2 * reaction_eta)
             if force is not None:
                 grad_y += force[live] / reaction_eta
-        grad_u = grad_y * self.root
-        return value / self.scale, grad_u.ravel() / self.scale
+        grad_u = (grad_y * self.root).ravel() / self.scale
+        self.last = _Evaluated(np.array(u_flat, dtype=float), value / self.scale, grad_u, y, b,
+                               energy, force if coupling is not None else None)
+        return value / self.scale, grad_u
+
+    def at(self, y: np.ndarray) -> _Evaluated | None:
+        """The kept evaluation if it was at the positions y, else None."""
+        last = self.last
+        return last if last is not None and np.array_equal(last.y, y) else None
+
+
+@dataclass(frozen=True)
+class _Evaluated:
+    """One evaluation of ``_PositionObjective``: the variables u, J / scale, grad_u J / scale,
+    the positions y (n, d) and weights b it was at, F's ``Evaluation`` there and the reaction's
+    force (None without one)."""
+
+    u: np.ndarray
+    value: float
+    gradient: np.ndarray
+    y: np.ndarray
+    b: np.ndarray
+    energy: Evaluation
+    force: np.ndarray | None
 
 
 def _lbfgs_positions(objective: _PositionObjective, tol: float, max_iter: int):
@@ -423,7 +484,8 @@ def _lbfgs_positions(objective: _PositionObjective, tol: float, max_iter: int):
         if objective.weights_at is not None:
             b = objective.weights_at(y_full.copy())
         certificate, floor = position_residual(objective.F, x, a, y_full, b, objective.eta,
-                                               objective.coupling, objective.scale)
+                                               objective.coupling, objective.scale,
+                                               objective.at(y_full))
         if certificate <= max(tol, floor):
             break
     else:
@@ -720,16 +782,24 @@ def reaction_exact(F: Energy, geometry: Geometry, points: np.ndarray, a: np.ndar
 
 
 def position_residual(F: Energy, x: np.ndarray, a: np.ndarray, y: np.ndarray, b: np.ndarray,
-                      eta: float, coupling, scale: float) -> tuple[float, float]:
-    """(|grad_u J|^2 / 2 / scale, its round-off floor) at (y, b), as in ``implicit_transport``."""
+                      eta: float, coupling, scale: float, known: _Evaluated | None = None
+                      ) -> tuple[float, float]:
+    """(|grad_u J|^2 / 2 / scale, its round-off floor) at (y, b), as in ``implicit_transport``;
+    ``known``: an evaluation of the position objective at (y, b), whose gradient of f and
+    reaction force are reused."""
     weight = np.maximum(a, b)
     live = weight > 0
-    mu_y = Measure(y, b)
-    force = b[:, None] * F.grad_first_variation(mu_y)
+    if known is not None and not (np.array_equal(known.y, y) and np.array_equal(known.b, b)):
+        known = None
+    gradient = F.grad_first_variation(Measure(y, b)) if known is None else known.energy.gradient
+    force = b[:, None] * gradient
     pull = a[:, None] * (y - x) / eta
     grad = force + pull
     size = np.abs(force) + np.abs(pull)
-    force = None if coupling is None else coupling[0].position_force(y, a, b)
+    if coupling is None:
+        force = None
+    else:
+        force = coupling[0].position_force(y, a, b) if known is None else known.force
     if force is not None:
         coupled = force / coupling[1]
         grad += coupled
@@ -811,10 +881,10 @@ class ParticleJKO(Method):
 
     def _step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float, state,
               throw: bool = True) -> StepResult:
-        tau = check_particle_input(F, geometry, mu, tau)
         start = time.perf_counter()
+        tau, initial = checked_evaluation(F, geometry, mu, tau)
         x, a = mu.points, mu.weights
-        scale = energy_scale(F, mu)
+        scale = max(abs(initial.value), 1e-300)  # energy_scale(F, mu)
         info: dict = {"method": "particle_jko",
                       "positivity_preserving": positivity_preserving(geometry)}
         if not geometry.has_transport:  # pure reaction: the exact weight step
@@ -825,13 +895,14 @@ class ParticleJKO(Method):
                           reaction.certificate, info, throw, "ParticleJKO")
         eta = tau * geometry.alpha
         if geometry.reaction is None:  # pure transport: one proximal position step
-            moved = backward_transport(F, mu, eta, self.tol, scale, self.max_iter, self.predictor)
+            moved = backward_transport(F, mu, eta, self.tol, scale, self.max_iter, self.predictor,
+                                       initial.gradient)
             info.update(moved.info, wall_time=time.perf_counter() - start)
             return finish(F, geometry, mu, moved.points, a, tau, moved.status, moved.certificate,
-                          info, throw, "ParticleJKO")
-        return self._joint(F, geometry, mu, tau, eta, scale, info, throw, start)
+                          info, throw, "ParticleJKO", energy=moved.energy)
+        return self._joint(F, geometry, mu, tau, eta, scale, info, throw, start, initial)
 
-    def _joint(self, F, geometry, mu, tau, eta, scale, info, throw, start):
+    def _joint(self, F, geometry, mu, tau, eta, scale, info, throw, start, initial):
         """Alternate once (positions at b = a, then the exact weights), then minimize the reduced
         objective phi(y) = min_b J(y, b) by L-BFGS-B: every evaluation solves the weight step
         exactly (warm started) and, the minimizer b*(y) being unique (strictly convex reaction),
@@ -841,16 +912,19 @@ class ParticleJKO(Method):
         reaction_eta = tau * geometry.beta
         coupling = (geometry.reaction, reaction_eta, geometry.conserve_mass)
         inner = INNER_TOL_FRACTION * self.tol
-        moved = backward_transport(F, mu, eta, inner, scale, self.max_iter, self.predictor)
+        moved = backward_transport(F, mu, eta, inner, scale, self.max_iter, self.predictor,
+                                   initial.gradient)
         if moved.status == "diverged":
             return finish(F, geometry, mu, moved.points, a, tau, "diverged", np.inf, info, throw,
                           "ParticleJKO")
-        state = {"b": a, "weight_iterations": 0, "evaluations": 0, "reaction": None}
+        state = {"b": a, "y": None, "weight_iterations": 0, "evaluations": 0, "reaction": None}
 
         def weights_at(y):
+            if state["y"] is not None and np.array_equal(state["y"], y):
+                return state["b"]  # solved there last: the same weights
             reaction = reaction_exact(F, geometry, y, a, reaction_eta, start=state["b"],
                                       scale=scale, rtol=inner)
-            state["b"], state["reaction"] = reaction.weights, reaction
+            state["b"], state["reaction"], state["y"] = reaction.weights, reaction, y.copy()
             state["weight_iterations"] += int(reaction.info.get("weight_iterations", 0))
             state["evaluations"] += 1
             return reaction.weights
@@ -858,9 +932,9 @@ class ParticleJKO(Method):
         y = moved.points
         b = weights_at(y)
         status, certificate, residual, floor = "optimal_inaccurate", np.inf, np.inf, 0.0
-        iterations = moved.info["position_iterations"]
+        iterations, known, energy = moved.info["position_iterations"], None, None
         for _ in range(self.max_alternations):
-            residual, floor = position_residual(F, x, a, y, b, eta, coupling, scale)
+            residual, floor = known or position_residual(F, x, a, y, b, eta, coupling, scale)
             reaction = state["reaction"]
             certificate = max(residual, reaction.certificate)
             floor = max(floor, reaction.info.get("weight_roundoff", 0.0))
@@ -875,8 +949,13 @@ class ParticleJKO(Method):
                 status = "diverged"
                 break
             y, b = reduced.points, weights_at(reduced.points)
+            # the solver's last residual and energy were at (y, b) unless it moved massless points
+            same = reduced.weights is not None and np.array_equal(reduced.weights, b)
+            known = (reduced.certificate, reduced.info["position_roundoff"]) if same else None
+            energy = reduced.energy if same else None
         info.update(position_iterations=iterations, weight_iterations=state["weight_iterations"],
                     weight_solves=state["evaluations"], position_residual=residual,
                     weight_certificate=state["reaction"].certificate,
                     wall_time=time.perf_counter() - start)
-        return finish(F, geometry, mu, y, b, tau, status, certificate, info, throw, "ParticleJKO")
+        return finish(F, geometry, mu, y, b, tau, status, certificate, info, throw, "ParticleJKO",
+                      energy=energy)
