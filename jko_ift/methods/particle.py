@@ -41,6 +41,7 @@ from ..energies import (
 )
 from ..geometries import Geometry, InfConvolution, ReactionGeometry, Wasserstein
 from ..measures import Measure
+from . import particle_joint
 from .base import Method, SolverError, Status, StepResult, check_step_input, clipping_report
 from .options import count, flag, positive
 from .particle_sums import Evaluation, evaluate, reaction_terms
@@ -342,7 +343,7 @@ def implicit_transport(F: Energy, x: np.ndarray, a: np.ndarray, eta: float,
                        b: np.ndarray | None = None, coupling: tuple | None = None,
                        start: np.ndarray | None = None, tol: float = DEFAULT_PARTICLE_TOL,
                        scale: float | None = None, max_iter: int = 5000,
-                       weights_at=None) -> TransportResult:
+                       weights_at=None, terms=None) -> TransportResult:
     """Proximal (backward Euler) position step, by L-BFGS-B with analytic gradients:
 
         y = argmin_y  F(sum_i b_i delta_{y_i}) + sum_i a_i |y_i - x_i|^2 / (2 eta) [+ C(y)],
@@ -361,6 +362,8 @@ def implicit_transport(F: Energy, x: np.ndarray, a: np.ndarray, eta: float,
     Certificate: |grad_u J|^2 / 2 over ``scale``: the decrease a Newton step would still make.
     ``weights_at``: y -> b*(y) makes this the reduced problem min_y min_b J(y, b) of the joint
     step (b re-solved at every evaluation; the variable scaling stays that of the initial b).
+    ``terms``: y -> (b*(y), F's ``particle_sums.Evaluation`` there, (R^2, its force)) gives
+    the reduced problem's pieces at once (``particle_joint``; with ``weights_at`` = its b).
     """
     b = a if b is None else b
     if coupling is None and weights_at is None:
@@ -369,7 +372,7 @@ def implicit_transport(F: Energy, x: np.ndarray, a: np.ndarray, eta: float,
             return newton_transport_1d(terms, x, a, b, eta, start, scale if scale is not None else 1.0,
                                        min(max_iter, NEWTON_MAX_ITERATIONS))
     scale = max(abs(scale) if scale is not None else 1.0, 1e-300)
-    objective = _PositionObjective(F, x, a, b, eta, coupling, scale, weights_at, start)
+    objective = _PositionObjective(F, x, a, b, eta, coupling, scale, weights_at, start, terms)
     start_time = time.perf_counter()
     y_full, b, status, certificate, iterations, floor = _lbfgs_positions(
         objective, tol, max_iter)
@@ -387,9 +390,10 @@ class _PositionObjective:
     y = x + root * u on them, root_i = sqrt(eta scale / w_i); calls return (J / scale,
     grad_u J / scale), and (inf, 0) outside the domain of F."""
 
-    def __init__(self, F, x, a, b, eta, coupling, scale, weights_at, start):
+    def __init__(self, F, x, a, b, eta, coupling, scale, weights_at, start, terms=None):
         self.F, self.x, self.a, self.weights, self.eta = F, x, a, b, eta
         self.coupling, self.scale, self.weights_at = coupling, scale, weights_at
+        self.terms = self._terms if terms is None else terms
         weight = np.maximum(a, b)
         self.live = np.flatnonzero(weight > 0)
         # u_i = (y_i - x_i) sqrt(w_i / (eta scale)) makes the scaled transport term |u|^2 / 2,
@@ -411,29 +415,34 @@ class _PositionObjective:
         if last is not None and np.array_equal(last.u, u_flat):
             return last.value, last.gradient
         self.evaluations += 1
-        F, x, a, eta, live, coupling = self.F, self.x, self.a, self.eta, self.live, self.coupling
+        x, a, eta, live, coupling = self.x, self.a, self.eta, self.live, self.coupling
         y = self.positions(u_flat)
         if not np.all(np.isfinite(y)):
             return np.inf, np.zeros_like(u_flat)
-        b = self.weights if self.weights_at is None else self.weights_at(y.copy())
         try:
-            energy = evaluate(F, Measure(y, b))
+            b, energy, (distance_sq, force) = self.terms(y)
         except ParticleOrderError:  # 1-D particles past each other: outside the domain of F
             return np.inf, np.zeros_like(u_flat)
         value = energy.value + float(a[live] @ np.sum((y[live] - x[live]) ** 2, axis=1)) / (2 * eta)
         grad_y = b[live, None] * energy.gradient[live] + a[live, None] * (y[live] - x[live]) / eta
         if coupling is not None:
-            reaction, reaction_eta, conserve = coupling
-            # R^2(a, b on y): MMD^2 on the moving support pulls on y; He^2 does not depend on
-            # y, but b*(y) does in the reduced problem
-            distance_sq, force = reaction_terms(reaction, y, a, b)
-            value += distance_sq / (2 * reaction_eta)
+            value += distance_sq / (2 * coupling[1])
             if force is not None:
-                grad_y += force[live] / reaction_eta
+                grad_y += force[live] / coupling[1]
         grad_u = (grad_y * self.root).ravel() / self.scale
         self.last = _Evaluated(np.array(u_flat, dtype=float), value / self.scale, grad_u, y, b,
-                               energy, force if coupling is not None else None)
+                               energy, force)
         return value / self.scale, grad_u
+
+    def _terms(self, y: np.ndarray):
+        """(b, F's ``Evaluation`` at (y, b), (R^2(a, b on y), its force or None)): the weights
+        given or b*(y) (``weights_at``); (0, None) without coupling. R^2 on the moving support
+        pulls on y for MMD; He^2 does not depend on y, but b*(y) does in the reduced problem."""
+        b = self.weights if self.weights_at is None else self.weights_at(y.copy())
+        energy = evaluate(self.F, Measure(y, b))
+        if self.coupling is None:
+            return b, energy, (0.0, None)
+        return b, energy, reaction_terms(self.coupling[0], y, self.a, b)
 
     def at(self, y: np.ndarray) -> _Evaluated | None:
         """The kept evaluation if it was at the positions y, else None."""
@@ -810,6 +819,47 @@ def position_residual(F: Energy, x: np.ndarray, a: np.ndarray, y: np.ndarray, b:
     return residual, floor / scale
 
 
+class _WeightsAt:
+    """y -> b*(y), the exact weight step of the joint step at positions y: (n, d), warm started
+    from the last solve and kept for the last y (asking again costs nothing). For F = 1/2 MMD^2
+    under an MMD reaction (``particle_joint.applies``) the working-set solve of
+    ``particle_joint.MMDJointTerms``, whose sums also give the position objective's terms
+    (``terms``); otherwise ``reaction_exact`` (dense)."""
+
+    def __init__(self, F, geometry, a, reaction_eta, scale, rtol):
+        self.F, self.geometry, self.a, self.eta, self.scale, self.rtol = (
+            F, geometry, a, reaction_eta, scale, rtol)
+        self.engine = None
+        if particle_joint.applies(F, geometry):
+            self.engine = particle_joint.MMDJointTerms(F, geometry.reaction, a, reaction_eta,
+                                                       geometry.conserve_mass, rtol * scale, scale)
+        self.b, self.y, self.reaction, self.point = a, None, None, None
+        self.iterations = self.solves = 0
+
+    def __call__(self, y: np.ndarray) -> np.ndarray:
+        self._solve(y)
+        return self.b
+
+    def terms(self, y: np.ndarray):
+        """(b*(y), F's Evaluation there, (R^2, its force)): ``_PositionObjective``'s terms."""
+        self._solve(y)
+        point = self.point
+        return point.weights, point.energy, (point.distance_sq, point.force)
+
+    def _solve(self, y: np.ndarray) -> None:
+        if self.y is not None and np.array_equal(self.y, y):
+            return  # solved there last: the same weights
+        if self.engine is None:
+            reaction = reaction_exact(self.F, self.geometry, y, self.a, self.eta, start=self.b,
+                                      scale=self.scale, rtol=self.rtol)
+        else:
+            self.point = self.engine.at(y, self.b)
+            reaction = self.point.reaction
+        self.b, self.reaction, self.y = reaction.weights, reaction, y.copy()
+        self.iterations += int(reaction.info.get("weight_iterations", 0))
+        self.solves += 1
+
+
 # -------------------------------------------------------------------------------------------------
 # The method
 # -------------------------------------------------------------------------------------------------
@@ -917,25 +967,15 @@ class ParticleJKO(Method):
         if moved.status == "diverged":
             return finish(F, geometry, mu, moved.points, a, tau, "diverged", np.inf, info, throw,
                           "ParticleJKO")
-        state = {"b": a, "y": None, "weight_iterations": 0, "evaluations": 0, "reaction": None}
-
-        def weights_at(y):
-            if state["y"] is not None and np.array_equal(state["y"], y):
-                return state["b"]  # solved there last: the same weights
-            reaction = reaction_exact(F, geometry, y, a, reaction_eta, start=state["b"],
-                                      scale=scale, rtol=inner)
-            state["b"], state["reaction"], state["y"] = reaction.weights, reaction, y.copy()
-            state["weight_iterations"] += int(reaction.info.get("weight_iterations", 0))
-            state["evaluations"] += 1
-            return reaction.weights
-
+        weights_at = _WeightsAt(F, geometry, a, reaction_eta, scale, inner)
+        terms = None if weights_at.engine is None else weights_at.terms
         y = moved.points
         b = weights_at(y)
         status, certificate, residual, floor = "optimal_inaccurate", np.inf, np.inf, 0.0
         iterations, known, energy = moved.info["position_iterations"], None, None
         for _ in range(self.max_alternations):
             residual, floor = known or position_residual(F, x, a, y, b, eta, coupling, scale)
-            reaction = state["reaction"]
+            reaction = weights_at.reaction
             certificate = max(residual, reaction.certificate)
             floor = max(floor, reaction.info.get("weight_roundoff", 0.0))
             if certificate <= max(self.tol, floor) and reaction.ok:
@@ -943,7 +983,7 @@ class ParticleJKO(Method):
                 break
             reduced = implicit_transport(F, x, a, eta, b=b, coupling=coupling, start=y, tol=inner,
                                          scale=scale, max_iter=self.max_iter,
-                                         weights_at=weights_at)
+                                         weights_at=weights_at, terms=terms)
             iterations += reduced.info["position_iterations"]
             if reduced.status == "diverged":
                 status = "diverged"
@@ -953,9 +993,10 @@ class ParticleJKO(Method):
             same = reduced.weights is not None and np.array_equal(reduced.weights, b)
             known = (reduced.certificate, reduced.info["position_roundoff"]) if same else None
             energy = reduced.energy if same else None
-        info.update(position_iterations=iterations, weight_iterations=state["weight_iterations"],
-                    weight_solves=state["evaluations"], position_residual=residual,
-                    weight_certificate=state["reaction"].certificate,
+        info.update(position_iterations=iterations, weight_iterations=weights_at.iterations,
+                    weight_solves=weights_at.solves, position_residual=residual,
+                    weight_certificate=weights_at.reaction.certificate,
+                    weight_solver=weights_at.reaction.info.get("weight_solver"),
                     wall_time=time.perf_counter() - start)
         return finish(F, geometry, mu, y, b, tau, status, certificate, info, throw, "ParticleJKO",
                       energy=energy)
