@@ -394,10 +394,13 @@ class _PositionObjective:
         self.F, self.x, self.a, self.weights, self.eta = F, x, a, b, eta
         self.coupling, self.scale, self.weights_at = coupling, scale, weights_at
         self.terms = self._terms if terms is None else terms
-        weight = np.maximum(a, b)
+        # w_i = a_i (b_i for a particle born in the step, a_i = 0): u_i = (y_i - x_i)
+        # sqrt(w_i / (eta scale)) makes the scaled transport term |u|^2 / 2, so values, gradients
+        # and variables are all of order one. Not max(a_i, b_i): a particle that gained weight
+        # (b_i >> a_i, the support of an MMD weight step) would get a Hessian of about
+        # a_i / b_i in u and stall L-BFGS-B.
+        weight = np.where(a > 0, a, b)
         self.live = np.flatnonzero(weight > 0)
-        # u_i = (y_i - x_i) sqrt(w_i / (eta scale)) makes the scaled transport term |u|^2 / 2,
-        # so values, gradients and variables are all of order one
         self.root = np.sqrt(eta * scale / weight[self.live])[:, None]
         self.y_full = x.copy() if start is None else np.array(start, dtype=float)
         self.evaluations = 0
@@ -430,8 +433,9 @@ class _PositionObjective:
             if force is not None:
                 grad_y += force[live] / coupling[1]
         grad_u = (grad_y * self.root).ravel() / self.scale
+        certificate = 0.5 * float(np.sum(grad_y**2 * (eta / np.maximum(a, b)[live])[:, None])) / self.scale
         self.last = _Evaluated(np.array(u_flat, dtype=float), value / self.scale, grad_u, y, b,
-                               energy, force)
+                               energy, force, certificate)
         return value / self.scale, grad_u
 
     def _terms(self, y: np.ndarray):
@@ -444,6 +448,19 @@ class _PositionObjective:
             return b, energy, (0.0, None)
         return b, energy, reaction_terms(self.coupling[0], y, self.a, b)
 
+    def stop_at(self, tol: float):
+        """An L-BFGS-B callback that ends the iterations once the iterate's certificate (from
+        its kept evaluation) is at most tol: the test of the step, where L-BFGS-B's own
+        (max_i |grad_u_i| <= gtol) is up to n times stricter."""
+
+        def stop(intermediate_result):
+            last = self.last
+            if last is not None and np.array_equal(last.u, intermediate_result.x) \
+                    and last.certificate <= tol:
+                raise StopIteration
+
+        return stop
+
     def at(self, y: np.ndarray) -> _Evaluated | None:
         """The kept evaluation if it was at the positions y, else None."""
         last = self.last
@@ -454,7 +471,8 @@ class _PositionObjective:
 class _Evaluated:
     """One evaluation of ``_PositionObjective``: the variables u, J / scale, grad_u J / scale,
     the positions y (n, d) and weights b it was at, F's ``Evaluation`` there and the reaction's
-    force (None without one)."""
+    force (None without one); ``certificate``: the position residual there (that of
+    ``position_residual``, whose scaling uses max(a_i, b_i))."""
 
     u: np.ndarray
     value: float
@@ -463,6 +481,7 @@ class _Evaluated:
     b: np.ndarray
     energy: Evaluation
     force: np.ndarray | None
+    certificate: float
 
 
 def _lbfgs_positions(objective: _PositionObjective, tol: float, max_iter: int):
@@ -477,7 +496,7 @@ def _lbfgs_positions(objective: _PositionObjective, tol: float, max_iter: int):
     if not live.size:
         return y_full, b, status, certificate, iterations, floor
     for _ in range(LBFGS_RESTARTS + 1):
-        result = minimize(objective, u, jac=True, method="L-BFGS-B",
+        result = minimize(objective, u, jac=True, method="L-BFGS-B", callback=objective.stop_at(tol),
                           options={"maxcor": LBFGS_MEMORY, "gtol": gtol, "ftol": 1e-3 * tol,
                                    "maxiter": max_iter, "maxfun": 2 * max_iter})
         iterations += int(result.nit)
@@ -981,7 +1000,7 @@ class ParticleJKO(Method):
             if certificate <= max(self.tol, floor) and reaction.ok:
                 status = "optimal"
                 break
-            reduced = implicit_transport(F, x, a, eta, b=b, coupling=coupling, start=y, tol=inner,
+            reduced = implicit_transport(F, x, a, eta, b=b, coupling=coupling, start=y, tol=self.tol,
                                          scale=scale, max_iter=self.max_iter,
                                          weights_at=weights_at, terms=terms)
             iterations += reduced.info["position_iterations"]
