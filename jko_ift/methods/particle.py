@@ -433,7 +433,10 @@ class _PositionObjective:
             if force is not None:
                 grad_y += force[live] / coupling[1]
         grad_u = (grad_y * self.root).ravel() / self.scale
-        certificate = 0.5 * float(np.sum(grad_y**2 * (eta / np.maximum(a, b)[live])[:, None])) / self.scale
+        weight = np.maximum(a, b)[live]  # the residual's weights (``position_residual``)
+        counted = weight > 0
+        certificate = 0.5 * float(np.sum(grad_y[counted] ** 2 * (eta / weight[counted])[:, None]))
+        certificate /= self.scale
         self.last = _Evaluated(np.array(u_flat, dtype=float), value / self.scale, grad_u, y, b,
                                energy, force, certificate)
         return value / self.scale, grad_u
