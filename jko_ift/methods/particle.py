@@ -13,8 +13,10 @@ He^2 = 4 sum (sqrt a_i - sqrt b_i)^2). ``ParticleJKO`` minimizes
 (the JKO step restricted to particle maps, docs/particles.md §4): positions by L-BFGS-B (SciPy)
 with analytic gradients (1-D particles under Potential, Entropy and PorousMedium terms: Newton's
 method with a tridiagonal Hessian, ``newton_transport_1d``, docs/particles.md §8), weights by
-the exact reaction step of ``weights``, alternating until
-the positions are stationary after the last weight step. It reports that residual (and the
+the exact reaction step of ``weights`` (for 1/2 MMD^2 under IFT on a working set,
+``particle_joint``), minimizing the reduced objective min_b J(y, b) over y until the positions
+are stationary after the last weight step. Each evaluation sums every kernel pair once
+(``particle_sums``). It reports that residual (and the
 weight step's certified gap) as its certificate. For a geometry without reaction it is the
 proximal (backward Euler) step of the particle ODE x_i' = -alpha grad f(x_i); without transport
 it is the exact reaction step. Interaction energies that are not convex in the weights work
@@ -73,8 +75,10 @@ POLISH_ITERATIONS = 50
 #: Alternations of (positions, weights) in the joint step before giving up.
 DEFAULT_ALTERNATIONS = 50
 
-#: The sub-problems of the joint step are solved to this fraction of its tolerance, so that the
-#: position residual after a weight update measures the coupling, not the inner accuracy.
+#: The weight steps of the joint step (and its first position step at b = a) are solved to this
+#: fraction of its tolerance, so that the position residual after a weight update measures the
+#: coupling, not the inner accuracy. The reduced problem itself stops at the tolerance: its
+#: residual is the step's.
 INNER_TOL_FRACTION = 0.1
 
 
