@@ -512,7 +512,7 @@ def _lbfgs_positions(objective: _PositionObjective, tol: float, max_iter: int):
         if not np.isfinite(value):
             status = "diverged"
             break
-        if 0.5 * float(grad @ grad) > tol:  # stalled on value noise: use gradients only
+        if objective.last.certificate > tol:  # stalled on value noise: use gradients only
             u = _gradient_polish(objective, u, grad, tol)
         y_full = y_full.copy()  # (a Measure built on it below makes it read-only)
         y_full[live] = x[live] + objective.root * u.reshape(-1, x.shape[1])
