@@ -381,31 +381,70 @@ class Kernel:
             return pair.grad_sum(_sum_weights(w, y.shape[0]))
         x, y = _pair(x, y)
         w = _sum_weights(w, y.shape[0])
-        d = x.shape[1]
         pair = _small_pair(self, x, y)
         if pair is not None:
             return pair.grad_sum(w)
         x, y = centred_pair(x, y)
-        columns = np.empty((d + 1, y.shape[0]))  # [w, w y]^T, one contiguous row per column
-        columns[0] = w
-        columns[1:] = (w[:, None] * y).T
-        sums = np.empty((d + 1, x.shape[0]))
-        by_column = d + 1 <= GEMV_COLUMNS_MAX
+        reducer = _GradientReducer(x, y, w)
         factor = 1.0
-        near_sum = np.zeros((x.shape[0], d))
         for rows, block, near_rows, near_cols in self._distance_blocks(x, y):
             factor = self._derivative_inplace(block)
-            if near_rows.size:
-                at = near_rows + rows.start
-                terms = (block[near_rows, near_cols] * w[near_cols])[:, None] * (x[at] - y[near_cols])
-                np.add.at(near_sum, at, terms)
-                block[near_rows, near_cols] = 0.0
-            if by_column:
-                for k in range(d + 1):
-                    np.matmul(block, columns[k], out=sums[k, rows])
-            else:
-                sums[:, rows] = columns @ block.T
-        return (2.0 * factor) * (x * sums[0][:, None] - sums[1:].T + near_sum)
+            reducer.add(block, rows, near_rows, near_cols)
+        return reducer.result(factor)
+
+    def apply_and_grad_sum(self, x, y, w) -> tuple[np.ndarray, np.ndarray]:
+        """(``apply``, ``grad_sum``) of the same weights w: (n,) and (n, d).
+
+        For a kernel with phi' = c phi (the Gaussian, ``_derivative_factor``) one pass over the
+        blocks gives both (one profile evaluation per pair instead of two), with the values and
+        the near-pair treatment of the two separate sums; otherwise the two sums.
+        """
+        factor = self._derivative_factor()
+        x, y = _pair(x, y)
+        w = _sum_weights(w, y.shape[0])
+        if factor is None or _small_pair(self, x, y) is not None:
+            return self.apply(x, y, w), self.grad_sum(x, y, w)
+        x, y = centred_pair(x, y)
+        reducer = _GradientReducer(x, y, w)
+        values = np.empty(x.shape[0])
+        for rows, block, near_rows, near_cols in self._distance_blocks(x, y):
+            self._profile_inplace(block)
+            np.matmul(block, w, out=values[rows])
+            reducer.add(block, rows, near_rows, near_cols)
+        return values, reducer.result(factor)
+
+
+class _GradientReducer:
+    """The reduction of ``Kernel.grad_sum`` over its blocks of phi'(s) / c: [D w, D (w y)] by
+    matrix-vector products, the near pairs summed from their differences (the block's near
+    entries are zeroed after use). ``result(c)`` is sum_j w_j grad_x k(x_i, y_j): (n, d)."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, w: np.ndarray):
+        d = x.shape[1]
+        self.x, self.y, self.w = x, y, w
+        self.columns = np.empty((d + 1, y.shape[0]))  # [w, w y]^T, one contiguous row per column
+        self.columns[0] = w
+        self.columns[1:] = (w[:, None] * y).T
+        self.sums = np.empty((d + 1, x.shape[0]))
+        self.by_column = d + 1 <= GEMV_COLUMNS_MAX
+        self.near_sum = np.zeros((x.shape[0], d))
+
+    def add(self, block: np.ndarray, rows: slice, near_rows: np.ndarray, near_cols: np.ndarray):
+        x, y, w = self.x, self.y, self.w
+        if near_rows.size:
+            at = near_rows + rows.start
+            terms = (block[near_rows, near_cols] * w[near_cols])[:, None] * (x[at] - y[near_cols])
+            np.add.at(self.near_sum, at, terms)
+            block[near_rows, near_cols] = 0.0
+        if self.by_column:
+            for k in range(self.columns.shape[0]):
+                np.matmul(block, self.columns[k], out=self.sums[k, rows])
+        else:
+            self.sums[:, rows] = self.columns @ block.T
+
+    def result(self, factor: float) -> np.ndarray:
+        sums = self.sums
+        return (2.0 * factor) * (self.x * sums[0][:, None] - sums[1:].T + self.near_sum)
 
 
 class _SmallPair:

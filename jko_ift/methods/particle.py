@@ -13,8 +13,10 @@ He^2 = 4 sum (sqrt a_i - sqrt b_i)^2). ``ParticleJKO`` minimizes
 (the JKO step restricted to particle maps, docs/particles.md §4): positions by L-BFGS-B (SciPy)
 with analytic gradients (1-D particles under Potential, Entropy and PorousMedium terms: Newton's
 method with a tridiagonal Hessian, ``newton_transport_1d``, docs/particles.md §8), weights by
-the exact reaction step of ``weights``, alternating until
-the positions are stationary after the last weight step. It reports that residual (and the
+the exact reaction step of ``weights`` (for 1/2 MMD^2 under IFT on a working set,
+``particle_joint``), minimizing the reduced objective min_b J(y, b) over y until the positions
+are stationary after the last weight step. Each evaluation sums every kernel pair once
+(``particle_sums``). It reports that residual (and the
 weight step's certified gap) as its certificate. For a geometry without reaction it is the
 proximal (backward Euler) step of the particle ODE x_i' = -alpha grad f(x_i); without transport
 it is the exact reaction step. Interaction energies that are not convex in the weights work
@@ -41,8 +43,10 @@ from ..energies import (
 )
 from ..geometries import Geometry, InfConvolution, ReactionGeometry, Wasserstein
 from ..measures import Measure
+from . import particle_joint
 from .base import Method, SolverError, Status, StepResult, check_step_input, clipping_report
 from .options import count, flag, positive
+from .particle_sums import Evaluation, evaluate, reaction_terms
 from .weights import (
     DEFAULT_WEIGHT_RTOL,
     GramCache,
@@ -71,8 +75,10 @@ POLISH_ITERATIONS = 50
 #: Alternations of (positions, weights) in the joint step before giving up.
 DEFAULT_ALTERNATIONS = 50
 
-#: The sub-problems of the joint step are solved to this fraction of its tolerance, so that the
-#: position residual after a weight update measures the coupling, not the inner accuracy.
+#: The weight steps of the joint step (and its first position step at b = a) are solved to this
+#: fraction of its tolerance, so that the position residual after a weight update measures the
+#: coupling, not the inner accuracy. The reduced problem itself stops at the tolerance: its
+#: residual is the step's.
 INNER_TOL_FRACTION = 0.1
 
 
@@ -84,21 +90,41 @@ def check_particle_input(F: Energy, geometry: Geometry, mu: Measure, tau) -> flo
     """The common checks of the particle methods; returns tau. Raises ValueError naming what
     was expected, what was received and how to fix it."""
     tau = check_step_input(F, geometry, mu, tau)
+    _check_particle_geometry(F, geometry, mu)
+    _checked("first variation", lambda: F.first_variation(mu), mu)
+    if geometry.has_transport:
+        _checked("gradient of the first variation", lambda: F.grad_first_variation(mu), mu)
+    return tau
+
+
+def checked_evaluation(F: Energy, geometry: Geometry, mu: Measure, tau) -> tuple[float, Evaluation]:
+    """The checks of ``check_particle_input`` on F(mu), f and grad f from one evaluation
+    (``particle_sums.evaluate``): (tau, that evaluation), to be reused by the step."""
+    tau = check_step_input(F, geometry, mu, tau)
+    _check_particle_geometry(F, geometry, mu)
+    held = []
+
+    def variation():
+        held.append(evaluate(F, mu, variation=True, gradient=geometry.has_transport))
+        return held[0].variation
+
+    _checked("first variation", variation, mu)
+    if geometry.has_transport:
+        _checked("gradient of the first variation", lambda: held[0].gradient, mu)
+    return tau, held[0]
+
+
+def _check_particle_geometry(F: Energy, geometry: Geometry, mu: Measure) -> None:
     if not isinstance(geometry, (Wasserstein, ReactionGeometry, InfConvolution)):
         raise ValueError(f"particle methods take jk.Wasserstein(), jk.Hellinger(), jk.MMD(k), "
                          f"jk.WFR or jk.IFT (or another reaction geometry); got {geometry!r}")
     F.check_measure(mu, geometry.reaction is None or geometry.conserve_mass)
-    f = _checked("first variation", lambda: F.first_variation(mu), mu)
-    if geometry.has_transport:
-        _checked("gradient of the first variation", lambda: F.grad_first_variation(mu), mu)
     reaction = geometry.reaction
     if reaction is not None and reaction.quadratic and not reaction.metric_definite \
             and not geometry.conserve_mass:
         raise ValueError(f"{reaction!r} is only conditionally positive definite: its distance "
                          "is one only between equal masses; pass conserve_mass=True to the "
                          "geometry")
-    del f
-    return tau
 
 
 def _checked(what: str, compute, mu: Measure) -> np.ndarray:
@@ -207,11 +233,12 @@ def forward_stability(F: Energy, mu: Measure, new: Measure, energy_after: float,
 
 def finish(F: Energy, geometry: Geometry, mu: Measure, y: np.ndarray, b: np.ndarray, tau: float,
            status: str, certificate: float, info: dict, throw: bool, method: str,
-           forward: ForwardStep | None = None) -> StepResult:
+           forward: ForwardStep | None = None, energy: float | None = None) -> StepResult:
     """Build the StepResult of a particle step (and raise on failure when asked).
 
     Weights set to zero are reported (``clipping_report``); ``forward`` (explicit steps) makes
-    a step whose energy rose "unstable" (``forward_stability``)."""
+    a step whose energy rose "unstable" (``forward_stability``). ``energy``: F(sum_i b_i
+    delta_{y_i}) when the solver already has it (not evaluated again)."""
     if not (np.all(np.isfinite(y)) and np.all(np.isfinite(b))):
         result = StepResult.failed("diverged", info)
         if throw:
@@ -224,7 +251,8 @@ def finish(F: Energy, geometry: Geometry, mu: Measure, y: np.ndarray, b: np.ndar
     new = Measure(y, np.maximum(b, 0.0))
     with np.errstate(over="ignore", invalid="ignore"):
         try:
-            energy = F.value(new)
+            if energy is None or np.any(b < 0):
+                energy = F.value(new)
         except ParticleOrderError:  # an energy of 1-D particles whose order the step broke
             i = int(np.flatnonzero(np.diff(y[:, 0]) <= 0)[0])
             energy = np.nan
@@ -290,27 +318,36 @@ def forward_transport(F: Energy, mu: Measure, eta: float, velocity: str = "wasse
 
 
 def backward_transport(F: Energy, mu: Measure, eta: float, tol: float, scale: float,
-                       max_iter: int, predictor: bool = True) -> TransportResult:
+                       max_iter: int, predictor: bool = True,
+                       gradient: np.ndarray | None = None) -> TransportResult:
     """The implicit transport piece: the proximal position step of ``implicit_transport`` at
-    b = a, started from the explicit step (``predictor``) or from the points."""
-    guess = explicit_transport(F, mu, eta) if predictor else mu.points
+    b = a, started from the explicit step (``predictor``; ``gradient``: grad f at the points
+    when known) or from the points."""
+    guess = explicit_transport(F, mu, eta, gradient=gradient) if predictor else mu.points
     return implicit_transport(F, mu.points, mu.weights, eta, start=guess, tol=tol, scale=scale,
                               max_iter=max_iter)
 
 
 @dataclass(frozen=True)
 class TransportResult:
+    """New positions (n, d), the certificate, status and info of a position step; ``weights``:
+    the weights (n,) the certificate was computed with (those of the reduced problem's last
+    weight solve); ``energy``: F at these points and weights when the solver evaluated it
+    there (None otherwise)."""
+
     points: np.ndarray
     certificate: float
     status: str
     info: dict
+    weights: np.ndarray | None = None
+    energy: float | None = None
 
 
 def implicit_transport(F: Energy, x: np.ndarray, a: np.ndarray, eta: float,
                        b: np.ndarray | None = None, coupling: tuple | None = None,
                        start: np.ndarray | None = None, tol: float = DEFAULT_PARTICLE_TOL,
                        scale: float | None = None, max_iter: int = 5000,
-                       weights_at=None) -> TransportResult:
+                       weights_at=None, terms=None) -> TransportResult:
     """Proximal (backward Euler) position step, by L-BFGS-B with analytic gradients:
 
         y = argmin_y  F(sum_i b_i delta_{y_i}) + sum_i a_i |y_i - x_i|^2 / (2 eta) [+ C(y)],
@@ -329,6 +366,8 @@ def implicit_transport(F: Energy, x: np.ndarray, a: np.ndarray, eta: float,
     Certificate: |grad_u J|^2 / 2 over ``scale``: the decrease a Newton step would still make.
     ``weights_at``: y -> b*(y) makes this the reduced problem min_y min_b J(y, b) of the joint
     step (b re-solved at every evaluation; the variable scaling stays that of the initial b).
+    ``terms``: y -> (b*(y), F's ``particle_sums.Evaluation`` there, (R^2, its force)) gives
+    the reduced problem's pieces at once (``particle_joint``; with ``weights_at`` = its b).
     """
     b = a if b is None else b
     if coupling is None and weights_at is None:
@@ -337,7 +376,7 @@ def implicit_transport(F: Energy, x: np.ndarray, a: np.ndarray, eta: float,
             return newton_transport_1d(terms, x, a, b, eta, start, scale if scale is not None else 1.0,
                                        min(max_iter, NEWTON_MAX_ITERATIONS))
     scale = max(abs(scale) if scale is not None else 1.0, 1e-300)
-    objective = _PositionObjective(F, x, a, b, eta, coupling, scale, weights_at, start)
+    objective = _PositionObjective(F, x, a, b, eta, coupling, scale, weights_at, start, terms)
     start_time = time.perf_counter()
     y_full, b, status, certificate, iterations, floor = _lbfgs_positions(
         objective, tol, max_iter)
@@ -345,7 +384,9 @@ def implicit_transport(F: Energy, x: np.ndarray, a: np.ndarray, eta: float,
         y_full = _move_massless(F, x, b, y_full, objective.live, eta)
     info = {"position_iterations": iterations, "position_evaluations": objective.evaluations,
             "position_time": time.perf_counter() - start_time, "position_roundoff": floor}
-    return TransportResult(y_full, certificate, status, info)
+    known = objective.at(y_full)
+    energy = known.energy.value if known is not None and np.array_equal(known.b, b) else None
+    return TransportResult(y_full, certificate, status, info, b, energy)
 
 
 class _PositionObjective:
@@ -353,16 +394,21 @@ class _PositionObjective:
     y = x + root * u on them, root_i = sqrt(eta scale / w_i); calls return (J / scale,
     grad_u J / scale), and (inf, 0) outside the domain of F."""
 
-    def __init__(self, F, x, a, b, eta, coupling, scale, weights_at, start):
+    def __init__(self, F, x, a, b, eta, coupling, scale, weights_at, start, terms=None):
         self.F, self.x, self.a, self.weights, self.eta = F, x, a, b, eta
         self.coupling, self.scale, self.weights_at = coupling, scale, weights_at
-        weight = np.maximum(a, b)
+        self.terms = self._terms if terms is None else terms
+        # w_i = a_i (b_i for a particle born in the step, a_i = 0): u_i = (y_i - x_i)
+        # sqrt(w_i / (eta scale)) makes the scaled transport term |u|^2 / 2, so values, gradients
+        # and variables are all of order one. Not max(a_i, b_i): a particle that gained weight
+        # (b_i >> a_i, the support of an MMD weight step) would get a Hessian of about
+        # a_i / b_i in u and stall L-BFGS-B.
+        weight = np.where(a > 0, a, b)
         self.live = np.flatnonzero(weight > 0)
-        # u_i = (y_i - x_i) sqrt(w_i / (eta scale)) makes the scaled transport term |u|^2 / 2,
-        # so values, gradients and variables are all of order one
         self.root = np.sqrt(eta * scale / weight[self.live])[:, None]
         self.y_full = x.copy() if start is None else np.array(start, dtype=float)
         self.evaluations = 0
+        self.last: _Evaluated | None = None
 
     def positions(self, u_flat: np.ndarray) -> np.ndarray:
         y = self.y_full.copy()
@@ -370,29 +416,79 @@ class _PositionObjective:
         return y
 
     def __call__(self, u_flat):
+        """(J / scale, grad_u J / scale) at u; the last evaluation is kept (``last``), so that
+        asking again at the same u (L-BFGS-B's final point, the residual) costs nothing."""
+        last = self.last
+        if last is not None and np.array_equal(last.u, u_flat):
+            return last.value, last.gradient
         self.evaluations += 1
-        F, x, a, eta, live, coupling = self.F, self.x, self.a, self.eta, self.live, self.coupling
+        x, a, eta, live, coupling = self.x, self.a, self.eta, self.live, self.coupling
         y = self.positions(u_flat)
         if not np.all(np.isfinite(y)):
             return np.inf, np.zeros_like(u_flat)
-        b = self.weights if self.weights_at is None else self.weights_at(y.copy())
-        mu_y = Measure(y, b)
         try:
-            value = F.value(mu_y) + float(a[live] @ np.sum((y[live] - x[live]) ** 2, axis=1)) / (2 * eta)
-            grad_y = b[live, None] * F.grad_first_variation(mu_y)[live] \
-                + a[live, None] * (y[live] - x[live]) / eta
+            b, energy, (distance_sq, force) = self.terms(y)
         except ParticleOrderError:  # 1-D particles past each other: outside the domain of F
             return np.inf, np.zeros_like(u_flat)
+        value = energy.value + float(a[live] @ np.sum((y[live] - x[live]) ** 2, axis=1)) / (2 * eta)
+        grad_y = b[live, None] * energy.gradient[live] + a[live, None] * (y[live] - x[live]) / eta
         if coupling is not None:
-            reaction, reaction_eta, conserve = coupling
-            # R^2(a, b on y): MMD^2 on the moving support pulls on y; He^2 does not depend on
-            # y, but b*(y) does in the reduced problem
-            value += reaction.weight_distance_sq(y, a, b) / (2 * reaction_eta)
-            force = reaction.position_force(y, a, b)
+            value += distance_sq / (2 * coupling[1])
             if force is not None:
-                grad_y += force[live] / reaction_eta
-        grad_u = grad_y * self.root
-        return value / self.scale, grad_u.ravel() / self.scale
+                grad_y += force[live] / coupling[1]
+        grad_u = (grad_y * self.root).ravel() / self.scale
+        weight = np.maximum(a, b)[live]  # the residual's weights (``position_residual``)
+        counted = weight > 0
+        certificate = 0.5 * float(np.sum(grad_y[counted] ** 2 * (eta / weight[counted])[:, None]))
+        certificate /= self.scale
+        self.last = _Evaluated(np.array(u_flat, dtype=float), value / self.scale, grad_u, y, b,
+                               energy, force, certificate)
+        return value / self.scale, grad_u
+
+    def _terms(self, y: np.ndarray):
+        """(b, F's ``Evaluation`` at (y, b), (R^2(a, b on y), its force or None)): the weights
+        given or b*(y) (``weights_at``); (0, None) without coupling. R^2 on the moving support
+        pulls on y for MMD; He^2 does not depend on y, but b*(y) does in the reduced problem."""
+        b = self.weights if self.weights_at is None else self.weights_at(y.copy())
+        energy = evaluate(self.F, Measure(y, b))
+        if self.coupling is None:
+            return b, energy, (0.0, None)
+        return b, energy, reaction_terms(self.coupling[0], y, self.a, b)
+
+    def stop_at(self, tol: float):
+        """An L-BFGS-B callback that ends the iterations once the iterate's certificate (from
+        its kept evaluation) is at most tol: the test of the step, where L-BFGS-B's own
+        (max_i |grad_u_i| <= gtol) is up to n times stricter."""
+
+        def stop(intermediate_result):
+            last = self.last
+            if last is not None and np.array_equal(last.u, intermediate_result.x) \
+                    and last.certificate <= tol:
+                raise StopIteration
+
+        return stop
+
+    def at(self, y: np.ndarray) -> _Evaluated | None:
+        """The kept evaluation if it was at the positions y, else None."""
+        last = self.last
+        return last if last is not None and np.array_equal(last.y, y) else None
+
+
+@dataclass(frozen=True)
+class _Evaluated:
+    """One evaluation of ``_PositionObjective``: the variables u, J / scale, grad_u J / scale,
+    the positions y (n, d) and weights b it was at, F's ``Evaluation`` there and the reaction's
+    force (None without one); ``certificate``: the position residual there (that of
+    ``position_residual``, whose scaling uses max(a_i, b_i))."""
+
+    u: np.ndarray
+    value: float
+    gradient: np.ndarray
+    y: np.ndarray
+    b: np.ndarray
+    energy: Evaluation
+    force: np.ndarray | None
+    certificate: float
 
 
 def _lbfgs_positions(objective: _PositionObjective, tol: float, max_iter: int):
@@ -407,7 +503,7 @@ def _lbfgs_positions(objective: _PositionObjective, tol: float, max_iter: int):
     if not live.size:
         return y_full, b, status, certificate, iterations, floor
     for _ in range(LBFGS_RESTARTS + 1):
-        result = minimize(objective, u, jac=True, method="L-BFGS-B",
+        result = minimize(objective, u, jac=True, method="L-BFGS-B", callback=objective.stop_at(tol),
                           options={"maxcor": LBFGS_MEMORY, "gtol": gtol, "ftol": 1e-3 * tol,
                                    "maxiter": max_iter, "maxfun": 2 * max_iter})
         iterations += int(result.nit)
@@ -416,14 +512,15 @@ def _lbfgs_positions(objective: _PositionObjective, tol: float, max_iter: int):
         if not np.isfinite(value):
             status = "diverged"
             break
-        if 0.5 * float(grad @ grad) > tol:  # stalled on value noise: use gradients only
+        if objective.last.certificate > tol:  # stalled on value noise: use gradients only
             u = _gradient_polish(objective, u, grad, tol)
         y_full = y_full.copy()  # (a Measure built on it below makes it read-only)
         y_full[live] = x[live] + objective.root * u.reshape(-1, x.shape[1])
         if objective.weights_at is not None:
             b = objective.weights_at(y_full.copy())
         certificate, floor = position_residual(objective.F, x, a, y_full, b, objective.eta,
-                                               objective.coupling, objective.scale)
+                                               objective.coupling, objective.scale,
+                                               objective.at(y_full))
         if certificate <= max(tol, floor):
             break
     else:
@@ -720,16 +817,23 @@ def reaction_exact(F: Energy, geometry: Geometry, points: np.ndarray, a: np.ndar
 
 
 def position_residual(F: Energy, x: np.ndarray, a: np.ndarray, y: np.ndarray, b: np.ndarray,
-                      eta: float, coupling, scale: float) -> tuple[float, float]:
-    """(|grad_u J|^2 / 2 / scale, its round-off floor) at (y, b), as in ``implicit_transport``."""
+                      eta: float, coupling, scale: float, known=None) -> tuple[float, float]:
+    """(|grad_u J|^2 / 2 / scale, its round-off floor) at (y, b), as in ``implicit_transport``;
+    ``known``: terms already computed at some (y, b) (``_Evaluated``, ``_Known``: y, b, F's
+    ``Evaluation``, the reaction force), reused when at these."""
     weight = np.maximum(a, b)
     live = weight > 0
-    mu_y = Measure(y, b)
-    force = b[:, None] * F.grad_first_variation(mu_y)
+    if known is not None and not (np.array_equal(known.y, y) and np.array_equal(known.b, b)):
+        known = None
+    gradient = F.grad_first_variation(Measure(y, b)) if known is None else known.energy.gradient
+    force = b[:, None] * gradient
     pull = a[:, None] * (y - x) / eta
     grad = force + pull
     size = np.abs(force) + np.abs(pull)
-    force = None if coupling is None else coupling[0].position_force(y, a, b)
+    if coupling is None:
+        force = None
+    else:
+        force = coupling[0].position_force(y, a, b) if known is None else known.force
     if force is not None:
         coupled = force / coupling[1]
         grad += coupled
@@ -738,6 +842,63 @@ def position_residual(F: Energy, x: np.ndarray, a: np.ndarray, y: np.ndarray, b:
     residual = 0.5 * float(np.sum((grad[live] * root) ** 2)) / scale
     floor = 0.5 * float(np.sum((ROUNDOFF_FACTOR * np.finfo(float).eps * size[live] * root) ** 2))
     return residual, floor / scale
+
+
+@dataclass(frozen=True)
+class _Known:
+    """F's ``Evaluation`` and the reaction force (n, d) at positions y and weights b."""
+
+    y: np.ndarray
+    b: np.ndarray
+    energy: Evaluation
+    force: np.ndarray | None
+
+
+class _WeightsAt:
+    """y -> b*(y), the exact weight step of the joint step at positions y: (n, d), warm started
+    from the last solve and kept for the last y (asking again costs nothing). For F = 1/2 MMD^2
+    under an MMD reaction (``particle_joint.applies``) the working-set solve of
+    ``particle_joint.MMDJointTerms``, whose sums also give the position objective's terms
+    (``terms``); otherwise ``reaction_exact`` (dense)."""
+
+    def __init__(self, F, geometry, a, reaction_eta, scale, rtol):
+        self.F, self.geometry, self.a, self.eta, self.scale, self.rtol = (
+            F, geometry, a, reaction_eta, scale, rtol)
+        self.engine = None
+        if particle_joint.applies(F, geometry):
+            self.engine = particle_joint.MMDJointTerms(F, geometry.reaction, a, reaction_eta,
+                                                       geometry.conserve_mass, rtol * scale, scale)
+        self.b, self.y, self.reaction, self.point = a, None, None, None
+        self.iterations = self.solves = 0
+
+    def __call__(self, y: np.ndarray) -> np.ndarray:
+        self._solve(y)
+        return self.b
+
+    def terms(self, y: np.ndarray):
+        """(b*(y), F's Evaluation there, (R^2, its force)): ``_PositionObjective``'s terms."""
+        self._solve(y)
+        point = self.point
+        return point.weights, point.energy, (point.distance_sq, point.force)
+
+    def known(self) -> _Known | None:
+        """The terms at the last positions, for ``position_residual`` (None without them)."""
+        if self.point is None:
+            return None
+        return _Known(self.y, self.b, self.point.energy, self.point.force)
+
+    def _solve(self, y: np.ndarray) -> None:
+        if self.y is not None and np.array_equal(self.y, y):
+            return  # solved there last: the same weights
+        if self.engine is None:
+            reaction = reaction_exact(self.F, self.geometry, y, self.a, self.eta, start=self.b,
+                                      scale=self.scale, rtol=self.rtol)
+        else:
+            self.point = self.engine.at(y, self.b)
+            reaction = self.point.reaction
+        self.b, self.reaction, self.y = reaction.weights, reaction, y.copy()
+        self.iterations += int(reaction.info.get("weight_iterations", 0))
+        self.solves += 1
 
 
 # -------------------------------------------------------------------------------------------------
@@ -811,10 +972,10 @@ class ParticleJKO(Method):
 
     def _step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float, state,
               throw: bool = True) -> StepResult:
-        tau = check_particle_input(F, geometry, mu, tau)
         start = time.perf_counter()
+        tau, initial = checked_evaluation(F, geometry, mu, tau)
         x, a = mu.points, mu.weights
-        scale = energy_scale(F, mu)
+        scale = max(abs(initial.value), 1e-300)  # energy_scale(F, mu)
         info: dict = {"method": "particle_jko",
                       "positivity_preserving": positivity_preserving(geometry)}
         if not geometry.has_transport:  # pure reaction: the exact weight step
@@ -825,58 +986,65 @@ class ParticleJKO(Method):
                           reaction.certificate, info, throw, "ParticleJKO")
         eta = tau * geometry.alpha
         if geometry.reaction is None:  # pure transport: one proximal position step
-            moved = backward_transport(F, mu, eta, self.tol, scale, self.max_iter, self.predictor)
+            moved = backward_transport(F, mu, eta, self.tol, scale, self.max_iter, self.predictor,
+                                       initial.gradient)
             info.update(moved.info, wall_time=time.perf_counter() - start)
             return finish(F, geometry, mu, moved.points, a, tau, moved.status, moved.certificate,
-                          info, throw, "ParticleJKO")
-        return self._joint(F, geometry, mu, tau, eta, scale, info, throw, start)
+                          info, throw, "ParticleJKO", energy=moved.energy)
+        return self._joint(F, geometry, mu, tau, eta, scale, info, throw, start, initial)
 
-    def _joint(self, F, geometry, mu, tau, eta, scale, info, throw, start):
-        """Alternate once (positions at b = a, then the exact weights), then minimize the reduced
-        objective phi(y) = min_b J(y, b) by L-BFGS-B: every evaluation solves the weight step
-        exactly (warm started) and, the minimizer b*(y) being unique (strictly convex reaction),
-        grad phi(y) = d_y J(y, b*(y)) (Danskin). Plain alternation contracts slowly when
-        positions and weights are strongly coupled (weights moving between particles that move)."""
+    def _joint(self, F, geometry, mu, tau, eta, scale, info, throw, start, initial):
+        """Minimize the reduced objective phi(y) = min_b J(y, b) by L-BFGS-B: every evaluation
+        solves the weight step exactly (warm started) and, the minimizer b*(y) being unique
+        (strictly convex reaction), grad phi(y) = d_y J(y, b*(y)) (Danskin). Plain alternation
+        contracts slowly when positions and weights are strongly coupled (weights moving between
+        particles that move). It starts from the explicit step for 1/2 MMD^2 under an MMD
+        reaction (``particle_joint``), otherwise after one alternation (positions at b = a,
+        then the exact weights)."""
         x, a = mu.points, mu.weights
         reaction_eta = tau * geometry.beta
         coupling = (geometry.reaction, reaction_eta, geometry.conserve_mass)
         inner = INNER_TOL_FRACTION * self.tol
-        moved = backward_transport(F, mu, eta, inner, scale, self.max_iter, self.predictor)
-        if moved.status == "diverged":
-            return finish(F, geometry, mu, moved.points, a, tau, "diverged", np.inf, info, throw,
-                          "ParticleJKO")
-        state = {"b": a, "weight_iterations": 0, "evaluations": 0, "reaction": None}
-
-        def weights_at(y):
-            reaction = reaction_exact(F, geometry, y, a, reaction_eta, start=state["b"],
-                                      scale=scale, rtol=inner)
-            state["b"], state["reaction"] = reaction.weights, reaction
-            state["weight_iterations"] += int(reaction.info.get("weight_iterations", 0))
-            state["evaluations"] += 1
-            return reaction.weights
-
-        y = moved.points
+        weights_at = _WeightsAt(F, geometry, a, reaction_eta, scale, inner)
+        terms = None if weights_at.engine is None else weights_at.terms
+        if terms is not None:
+            y = explicit_transport(F, mu, eta, gradient=initial.gradient) if self.predictor else x
+            iterations = 0
+        else:
+            moved = backward_transport(F, mu, eta, inner, scale, self.max_iter, self.predictor,
+                                       initial.gradient)
+            if moved.status == "diverged":
+                return finish(F, geometry, mu, moved.points, a, tau, "diverged", np.inf, info,
+                              throw, "ParticleJKO")
+            y, iterations = moved.points, moved.info["position_iterations"]
         b = weights_at(y)
         status, certificate, residual, floor = "optimal_inaccurate", np.inf, np.inf, 0.0
-        iterations = moved.info["position_iterations"]
+        known, energy = None, None
         for _ in range(self.max_alternations):
-            residual, floor = position_residual(F, x, a, y, b, eta, coupling, scale)
-            reaction = state["reaction"]
+            residual, floor = known or position_residual(F, x, a, y, b, eta, coupling, scale,
+                                                         weights_at.known())
+            reaction = weights_at.reaction
             certificate = max(residual, reaction.certificate)
             floor = max(floor, reaction.info.get("weight_roundoff", 0.0))
             if certificate <= max(self.tol, floor) and reaction.ok:
                 status = "optimal"
                 break
-            reduced = implicit_transport(F, x, a, eta, b=b, coupling=coupling, start=y, tol=inner,
+            reduced = implicit_transport(F, x, a, eta, b=b, coupling=coupling, start=y, tol=self.tol,
                                          scale=scale, max_iter=self.max_iter,
-                                         weights_at=weights_at)
+                                         weights_at=weights_at, terms=terms)
             iterations += reduced.info["position_iterations"]
             if reduced.status == "diverged":
                 status = "diverged"
                 break
             y, b = reduced.points, weights_at(reduced.points)
-        info.update(position_iterations=iterations, weight_iterations=state["weight_iterations"],
-                    weight_solves=state["evaluations"], position_residual=residual,
-                    weight_certificate=state["reaction"].certificate,
+            # the solver's last residual and energy were at (y, b) unless it moved massless points
+            same = reduced.weights is not None and np.array_equal(reduced.weights, b)
+            known = (reduced.certificate, reduced.info["position_roundoff"]) if same else None
+            energy = reduced.energy if same else None
+        info.update(position_iterations=iterations, weight_iterations=weights_at.iterations,
+                    weight_solves=weights_at.solves, position_residual=residual,
+                    weight_certificate=weights_at.reaction.certificate,
+                    weight_solver=weights_at.reaction.info.get("weight_solver"),
                     wall_time=time.perf_counter() - start)
-        return finish(F, geometry, mu, y, b, tau, status, certificate, info, throw, "ParticleJKO")
+        return finish(F, geometry, mu, y, b, tau, status, certificate, info, throw, "ParticleJKO",
+                      energy=energy)
