@@ -237,7 +237,7 @@ class Splitting(Method):
             return finish(F, geometry, mu, np.full_like(mu.points, np.nan), mu.weights, tau,
                           "diverged", np.inf, run.info, throw, "Splitting")
         result = finish(F, geometry, mu, current.points, current.weights, tau, run.status,
-                        run.certificate, run.info, throw, "Splitting")
+                        run.certificate, run.info, throw, "Splitting", energy=run.known(current))
         if result.ok:
             state.warm["last"] = (F, result.measure, result.energy)  # F(mu^k) of the next step
         return result
@@ -396,11 +396,15 @@ class _Run:
         run.energies.append((mu, energy))
         return run
 
+    def known(self, mu: Measure) -> float | None:
+        """F(mu) if a piece has computed it, else None."""
+        return next((value for known, value in self.energies if known is mu), None)
+
     def energy(self, F, mu: Measure) -> float:
         """F(mu), computed once per measure of the step (kept by identity: measures never change)."""
-        for known, value in self.energies:
-            if known is mu:
-                return value
+        value = self.known(mu)
+        if value is not None:
+            return value
         value = float(F.value(mu))
         self.energies.append((mu, value))
         return value
