@@ -38,10 +38,12 @@ MAX_TEXT = 160
 MAX_ROWS = 30
 #: Seconds between the log lines of a progress bar whose output is not a terminal.
 LOG_INTERVAL = 30.0
+#: Width of a log line (a file has no terminal width; the step's inner progress must fit).
+LOG_COLUMNS = 160
 #: Fewest seconds between two redraws of a bar by a step's inner iterations (on a terminal).
 INNER_INTERVAL = 0.5
-#: What separates the bar's own postfix from the step's inner progress.
-INNER_MARK = " | in step: "
+#: What starts the step's inner progress, after the bar's own postfix.
+INNER_MARK = "in step: "
 
 #: Where a running step's inner loop reports its iterations (None: nobody is listening).
 _INNER_PROGRESS: ContextVar[Callable | None] = ContextVar("jko_ift_inner_progress", default=None)
@@ -94,7 +96,7 @@ def progress_bar(*, disable: bool = False, file=None, **options):
         return std_tqdm(file=stream, dynamic_ncols=True, **options)
     options.pop("dynamic_ncols", None)
     return std_tqdm(file=_LogLines(stream), mininterval=LOG_INTERVAL, maxinterval=LOG_INTERVAL,
-                    ncols=100, ascii=True, **options)
+                    ncols=LOG_COLUMNS, ascii=True, **options)
 
 
 def report_iteration(iteration: int, residual: float | None = None, stage: str = "") -> None:
@@ -129,8 +131,8 @@ def showing_iterations(bar) -> Iterator[None]:
             text += f", residual {float(residual):.2g}"
         if stage:
             text += f" ({stage})"
-        own = str(bar.postfix or "").split(INNER_MARK)[0]
-        bar.set_postfix_str(own + INNER_MARK + text, refresh=False)
+        own = str(bar.postfix or "").partition(INNER_MARK)[0].rstrip(" |")
+        bar.set_postfix_str(f"{own} | {INNER_MARK}{text}" if own else INNER_MARK + text, refresh=False)
         bar.refresh()
 
     token = _INNER_PROGRESS.set(show)

@@ -194,3 +194,14 @@ def test_a_disabled_bar_listens_to_nothing():
     with display.progress_bar(total=2, disable=True) as bar:
         with display.showing_iterations(bar):
             assert display._INNER_PROGRESS.get() is None
+
+
+def test_a_long_particle_step_shows_its_iterations_on_the_run_bar(particles, capsys, monkeypatch):
+    from jko_ift import display
+
+    monkeypatch.setattr(display, "LOG_INTERVAL", 0.0)  # a log line per redraw
+    monkeypatch.setattr(display, "INNER_INTERVAL", 0.0)
+    F, mu0 = particles
+    jk.solve(F, jk.Wasserstein(), mu0, tau=0.5, steps=2, method=jk.ParticleJKO(), progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "in step: iteration" in line]
+    assert lines and "residual" in lines[0] and "(positions)" in lines[0]

@@ -35,6 +35,7 @@ import numpy as np
 from scipy.linalg import LinAlgError, solveh_banded
 from scipy.optimize import minimize
 
+from ..display import report_iteration
 from ..energies import (
     Energy,
     ParticleOrderError,
@@ -460,11 +461,15 @@ class _PositionObjective:
         its kept evaluation) is at most tol: the test of the step, where L-BFGS-B's own
         (max_i |grad_u_i| <= gtol) is up to n times stricter."""
 
+        done = [0]
+
         def stop(intermediate_result):
+            done[0] += 1
             last = self.last
-            if last is not None and np.array_equal(last.u, intermediate_result.x) \
-                    and last.certificate <= tol:
-                raise StopIteration
+            if last is not None and np.array_equal(last.u, intermediate_result.x):
+                report_iteration(done[0], last.certificate, "positions")  # the run's bar
+                if last.certificate <= tol:
+                    raise StopIteration
 
         return stop
 
