@@ -55,6 +55,7 @@ from .gibbs import DENSE_CACHE_ENTRIES, HKGibbs, gibbs_operator, transport_cost
 from .grid_motion import SUBCELL_BLUR, barycentric_motion, check_step
 from .options import count, flag, fraction, is_real
 from .scaling import (
+    ClosedKernelScalings,
     HardRows,
     KernelScalings,
     LogScalings,
@@ -70,6 +71,10 @@ from .scaling import (
 )
 
 DOMAINS = ("auto", "kernel", "log")
+
+#: The over-relaxation a cold W2 step starts from (``relaxation="auto"``), then tuned on the fly
+#: (``scaling.Relaxation``); warm steps start from the omega tuned in the last step.
+COLD_RELAXATION = 1.5
 
 #: How EntropicJKO measures WFR: the inf-convolution of W2 / alpha and He^2 / beta (DESIGN.md),
 #: or the exact Hellinger-Kantorovich distance in its logarithmic-entropy-transport form.
@@ -250,8 +255,9 @@ class EntropicJKO(Method):
         blur_ratio = self._check_blur(F, geometry, mu, tau, column.form.log_coef)
         psi = potentials.get(key) if self.warm_start else None
         warm = psi is not None
-        levels = self._levels(mu, warm)
-        solver = _Sinkhorn(self, mu, column, tau * geometry.alpha)
+        levels = self._levels(mu, warm, column.kind)
+        omegas = state.warm.setdefault("relaxations", {})
+        solver = _Sinkhorn(self, mu, column, tau * geometry.alpha, omegas.get(key) if warm else None)
         state = solver.run(levels, psi)
         result = column.result(mu, tau, geometry, solver, state)
         info = {**result.info, "eps": self.eps, "tau": float(tau), "alpha": float(geometry.alpha),
@@ -262,6 +268,9 @@ class EntropicJKO(Method):
         result = replace(result, info=info)
         if result.measure is not None and not np.any(np.isnan(state.psi)):
             self._remember(potentials, key, state.psi)
+            omegas[key] = solver.omega_start
+            for stale in [k for k in omegas if k not in potentials]:
+                del omegas[stale]
         if throw and not result.ok:
             raise SolverError(_failure_message(result, self), result.status, result)
         return result
@@ -279,7 +288,7 @@ class EntropicJKO(Method):
         blur_ratio = self._check_blur(F, geometry, mu, tau, form.log_coef)
         psi = potentials.get(key) if self.warm_start else None
         warm = psi is not None
-        levels = self._levels(mu, warm)
+        levels = self._levels(mu, warm, "WFR")
         mass = mu.mass if geometry.conserve_mass else None
         rho = tau * beta / 2.0
 
@@ -345,8 +354,14 @@ class EntropicJKO(Method):
             result = conic.step(F, geometry, mu, tau, throw=throw)
         return replace(result, info={**result.info, "delegated_to": type(conic).__name__})
 
-    def _levels(self, mu: Measure, warm: bool) -> list[float]:
+    def _levels(self, mu: Measure, warm: bool, kind: str = "W2") -> list[float]:
+        """The eps levels of the step. "auto" anneals cold steps, except W2 steps on a grid
+        with eps >= h^2 (the largest squared spacing): there the relaxed iteration started at
+        the target eps converges in fewer iterations than the levels cost (measured on the
+        Fokker-Planck benchmark: 23-54 iterations cold against 86-103 annealed)."""
         scaling = self.eps_scaling if self.eps_scaling != "auto" else not warm
+        if self.eps_scaling == "auto" and kind == "W2" and mu.grid is not None:
+            scaling = scaling and self.eps < float(np.max(mu.grid.spacing)) ** 2
         if not scaling:
             return [self.eps]
         if self.eps_start is not None:
@@ -593,8 +608,10 @@ class _State:
 class _Sinkhorn:
     """Generalized Sinkhorn on the levels of eps, kernel or log domain (engine: ``scaling``)."""
 
-    def __init__(self, method: EntropicJKO, mu: Measure, column: _ColumnFunction, tau_alpha: float):
+    def __init__(self, method: EntropicJKO, mu: Measure, column: _ColumnFunction, tau_alpha: float,
+                 omega_start: float | None = None):
         self.method, self.mu, self.column, self.tau_alpha = method, mu, column, tau_alpha
+        self.omega_start = omega_start  # updated to the omega tuned on each level
         self.rows = HardRows(mu.weights)
         self.a, self.positive, self.log_a = mu.weights, self.rows.positive, self.rows.log_a
         self.tol = method.tol
@@ -631,9 +648,15 @@ class _Sinkhorn:
 
     # -- relaxation ----------------------------------------------------------------------------
     def _relaxation(self, last: bool) -> Relaxation:
+        """"auto": adaptive on every level, started at the omega tuned last (on this support
+        in the previous step, or on the previous level); the first level of a cold W2 step at
+        COLD_RELAXATION, IFT's after a plain probe."""
         setting = self.method.relaxation
-        if setting == "auto" and (last or self.column.kind == "IFT"):
-            return Relaxation(1.0, adaptive=True)
+        if setting == "auto":
+            start = self.omega_start
+            if start is None and self.column.kind == "W2":
+                start = COLD_RELAXATION
+            return Relaxation(1.0, adaptive=True, start=start)
         if not last or setting == 1.0:
             return Relaxation(1.0, adaptive=False)
         return Relaxation(float(setting), adaptive=False)
@@ -647,7 +670,8 @@ class _Sinkhorn:
             if out_of_range(np.exp(log_v), log_v):
                 state.psi = psi
                 return False
-        scalings = KernelScalings(op, self.rows, prox, log_v, check=lambda: _unresolved(prox))
+        kind = ClosedKernelScalings if getattr(prox, "closed", False) else KernelScalings
+        scalings = kind(op, self.rows, prox, log_v, check=lambda: _unresolved(prox))
         relax = self._relaxation(level.last)
         outcome = iterate(scalings, relax, level.tol, level.budget, futile)
         state.iterations += outcome.iterations
@@ -658,6 +682,7 @@ class _Sinkhorn:
                 state.domain = "log"
                 return False
             state.violation, state.domain, state.relaxation = outcome.violation, "kernel", relax.peak
+            self.omega_start = relax.tuned if relax.adaptive else self.omega_start
             state.psi = eps * scalings.log_v
             return self._kernel_plan(op, scalings, state) if level.last else True
 
@@ -687,6 +712,7 @@ class _Sinkhorn:
         state.iterations += outcome.iterations
         state.stopped = outcome.stopped
         state.violation, state.domain, state.relaxation = outcome.violation, "log", relax.peak
+        self.omega_start = relax.tuned if relax.adaptive else self.omega_start
         state.psi = level.eps * scalings.log_v
         if level.last:
             with np.errstate(all="ignore"):
