@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -95,6 +95,16 @@ BLUR_WARN_RATIO = 0.5
 _OPTIONS = ("tol", "max_iter", "domain", "eps_scaling", "eps_start", "scaling_factor",
             "separable", "warm_start", "relaxation", "cache_size", "dense_cache_entries", "conic",
             "wfr_cost")
+
+
+@dataclass(frozen=True)
+class _Warm:
+    """What a step leaves for the next one on the same support: the column potential psi =
+    eps log v, the over-relaxation tuned last, and (IFT) the zero set of the envelope."""
+
+    psi: np.ndarray
+    omega: float | None = None
+    zero: np.ndarray | None = None
 
 
 class EntropicBlurWarning(UserWarning):
@@ -247,30 +257,27 @@ class EntropicJKO(Method):
         if (self.wfr_cost == "hellinger_kantorovich" and geometry.reaction is not None
                 and not geometry.reaction.quadratic):
             return self._hk_step(F, geometry, mu, tau, throw, start, potentials)
+        key = (support_key(mu), Same(F), Same(geometry))
+        last = potentials.get(key) if self.warm_start else None
         try:
-            column = _ColumnFunction(F, geometry, mu, tau)
+            column = _ColumnFunction(F, geometry, mu, tau, last.zero if last is not None else None)
         except UnsupportedEnergyError as error:
             raise ValueError(str(error)) from None
-        key = (support_key(mu), Same(F), Same(geometry))
         blur_ratio = self._check_blur(F, geometry, mu, tau, column.form.log_coef)
-        psi = potentials.get(key) if self.warm_start else None
-        warm = psi is not None
-        levels = self._levels(mu, warm, column.kind)
-        omegas = state.warm.setdefault("relaxations", {})
-        solver = _Sinkhorn(self, mu, column, tau * geometry.alpha, omegas.get(key) if warm else None)
-        state = solver.run(levels, psi)
+        levels = self._levels(mu, last is not None, column.kind)
+        solver = _Sinkhorn(self, mu, column, tau * geometry.alpha,
+                           last.omega if last is not None else None)
+        state = solver.run(levels, last.psi if last is not None else None)
         result = column.result(mu, tau, geometry, solver, state)
         info = {**result.info, "eps": self.eps, "tau": float(tau), "alpha": float(geometry.alpha),
-                "warm_start": warm, "levels": len(levels), "blur_ratio": blur_ratio}
+                "warm_start": last is not None, "levels": len(levels), "blur_ratio": blur_ratio}
         if result.ok and state.plan_times is not None:
             _check_grid_motion(F, geometry, mu, tau, result, state.plan_times, info)
         info["wall_time"] = time.perf_counter() - start
         result = replace(result, info=info)
         if result.measure is not None and not np.any(np.isnan(state.psi)):
-            self._remember(potentials, key, state.psi)
-            omegas[key] = solver.omega_start
-            for stale in [k for k in omegas if k not in potentials]:
-                del omegas[stale]
+            zero = column.envelope.zero.copy() if column.envelope is not None else None
+            self._remember(potentials, key, _Warm(state.psi, solver.omega_start, zero))
         if throw and not result.ok:
             raise SolverError(_failure_message(result, self), result.status, result)
         return result
@@ -286,8 +293,8 @@ class EntropicJKO(Method):
         alpha, beta = geometry.alpha, geometry.beta
         key = (support_key(mu), Same(F), Same(geometry), "hellinger_kantorovich")
         blur_ratio = self._check_blur(F, geometry, mu, tau, form.log_coef)
-        psi = potentials.get(key) if self.warm_start else None
-        warm = psi is not None
+        last = potentials.get(key) if self.warm_start else None
+        psi, warm = (last.psi, True) if last is not None else (None, False)
         levels = self._levels(mu, warm, "WFR")
         mass = mu.mass if geometry.conserve_mass else None
         rho = tau * beta / 2.0
@@ -331,7 +338,7 @@ class EntropicJKO(Method):
                                    lambda w: np.exp(f + op.log_apply(g + np.log(w))), info)
                 result = replace(result, info=info)
             if np.all(np.isfinite(state.g)):
-                self._remember(potentials, key, state.eps * state.g)
+                self._remember(potentials, key, _Warm(state.eps * state.g))
         if throw and not result.ok:
             raise SolverError(_failure_message(result, self), result.status, result)
         return result
@@ -387,8 +394,8 @@ class EntropicJKO(Method):
             self._operators.move_to_end(key)
         return op
 
-    def _remember(self, potentials: OrderedDict, key, psi):
-        potentials[key] = psi
+    def _remember(self, potentials: OrderedDict, key, warm: _Warm):
+        potentials[key] = warm
         potentials.move_to_end(key)
         while len(potentials) > self.cache_size:
             potentials.popitem(last=False)
@@ -485,7 +492,7 @@ def _failure_message(result: StepResult, method: EntropicJKO) -> str:
 class _ColumnFunction:
     """What the second marginal of the plan pays, and how the new measure is read off it."""
 
-    def __init__(self, F: Energy, geometry: Geometry, mu: Measure, tau: float):
+    def __init__(self, F: Energy, geometry: Geometry, mu: Measure, tau: float, zero=None):
         if not geometry.has_transport:
             raise UnsupportedEnergyError(f"EntropicJKO does not know the geometry {geometry!r}")
         self.F, self.geometry = F, geometry
@@ -494,7 +501,7 @@ class _ColumnFunction:
         # metric (the MMD envelope, any metric G = M + ridge I)
         reaction = geometry.reaction
         self.kind = "W2" if reaction is None else ("IFT" if reaction.quadratic else "WFR")
-        self.envelope = MMDEnvelope(self.form, geometry, mu, tau) if self.kind == "IFT" else None
+        self.envelope = MMDEnvelope(self.form, geometry, mu, tau, zero) if self.kind == "IFT" else None
         self.mass = mu.mass if geometry.conserve_mass else None
         self.tau_beta = None if self.kind == "W2" else tau * geometry.beta
         self._proxes: dict = {}
@@ -552,7 +559,8 @@ class _ColumnFunction:
                     dual_gap=gap, relative_dual_gap=(gap / max(1.0, abs(objective))
                                                      if gap is not None else None),
                     intermediate=nu, negative_mass_clipped=negative)
-        converged = state.violation <= solver.tol and state.stopped is None
+        converged = (state.violation <= solver.tol and state.stopped is None
+                     and getattr(state.prox, "settled", True))
         status = "optimal" if converged else "max_iterations"
         return StepResult.build(self.F, new, tau, distance_sq, status, state.violation, info, energy)
 

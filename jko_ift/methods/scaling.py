@@ -161,6 +161,11 @@ class _Scalings:
     def column_trouble(self) -> str | None:
         return self.check() if self.check is not None else None
 
+    def settled(self) -> bool:
+        """The last column map was exact for its own function (an active-set prox whose set is
+        only rebuilt now and then says so with ``settled``): converged only then."""
+        return getattr(self.prox, "settled", True)
+
 
 class LogScalings(_Scalings):
     """Only the potentials f = log u, g = log v: stable at any eps. ``stop_if_not_finite``:
@@ -376,7 +381,7 @@ def iterate(scalings, relax: Relaxation, tol: float, budget: int,
                 if not scalings.healthy(violation):
                     outcome.broken = True
                     break
-                if (violation <= tol and relax.plain) or it == budget:
+                if (violation <= tol and relax.plain and scalings.settled()) or it == budget:
                     break
                 relax.observe(violation, tol)
                 outcome.stopped = stop(relax.history, tol, budget - it) if stop else None
