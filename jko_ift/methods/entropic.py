@@ -472,7 +472,8 @@ def _failure_message(result: StepResult, method: EntropicJKO) -> str:
         return (
             f"entropic JKO step failed: the iterations stopped at eps = "
             f"{info.get('eps_reached', method.eps):.3g} after {info.get('iterations')} iterations"
-            f"{violation} because {stopped} (target eps = {method.eps:.3g}, tau = {info.get('tau', np.nan):.3g}, "
+            f"{violation} because {stopped} (target eps = {method.eps:.3g}, "
+            f"tau = {info.get('tau', np.nan):.3g}, "
             f"{info.get('domain')} domain). Sinkhorn is slow when eps is far below the squared "
             "spacing of the support, and when the energy pins the new measure: its mass mode "
             "contracts only like 1 - 1 / (1 + sigma) per iteration, sigma = 2 tau alpha / eps = "

@@ -268,7 +268,7 @@ class ClosedKernelScalings(KernelScalings):
     def __init__(self, op, rows: HardRows, prox, log_v: np.ndarray, check=None):
         super().__init__(op, rows, prox, log_v, check)
         n = log_v.size
-        self._buffers = [np.empty(n) for _ in range(3)]
+        self._buffers = [np.empty(n) for _ in range(2)]
         self.dead_rows = ~rows.positive if not rows.positive.all() else None
         self.dead_columns = ~np.isfinite(prox.c0) if not np.isfinite(prox.c0).all() else None
         self.log_mass = rows.log_mass
@@ -299,16 +299,15 @@ class ClosedKernelScalings(KernelScalings):
         return np.min(v, where=~self.dead_columns, initial=np.inf)
 
     def _mix(self, new: np.ndarray, old: np.ndarray | None, omega: float, dead) -> np.ndarray:
-        """new r^s (Pade), r = new / old, in place in ``new``; zeros where ``dead``."""
+        """new r^s (Pade), r = new / old, in place in ``new``; zeros where ``dead``. With
+        k = (1 + s) / (1 - s) the Pade factor is (1 + k r) / (k + r) = k - (k^2 - 1) / (k + r)."""
         if old is not None and omega != 1.0:
-            s = omega - 1.0
-            r, den = self._buffers[0], self._buffers[1]
+            k = omega / (2.0 - omega)
+            r = self._buffers[0]
             np.divide(new, old, out=r)
-            np.multiply(r, 1.0 - s, out=den)
-            den += 1.0 + s
-            r *= 1.0 + s
-            r += 1.0 - s
-            r /= den
+            r += k
+            np.divide(k * k - 1.0, r, out=r)
+            np.subtract(k, r, out=r)
             new *= r
         if dead is not None:
             new[dead] = 0.0
@@ -317,6 +316,14 @@ class ClosedKernelScalings(KernelScalings):
     @property
     def started(self) -> bool:
         return self.u is not None
+
+    @property
+    def q(self):
+        return None if self._q is None else self._q * self.q_scale
+
+    @q.setter
+    def q(self, value):
+        self._q, self.q_scale = value, 1.0
 
     def update_rows(self, relax: Relaxation) -> None:
         u_new = np.divide(self.rows.a, self.kv)
@@ -330,16 +337,17 @@ class ClosedKernelScalings(KernelScalings):
         v_new += prox.c0
         np.exp(v_new, out=v_new)  # e^c0 q^-theta: nu = q v before the mass shift
         shift = (self.log_mass - np.log(q @ v_new)) / (1.0 - prox.theta)
+        self.q_scale = 1.0
         if np.isfinite(shift) and shift != 0.0:
             self.u *= np.exp(shift)
-            q *= np.exp(shift)
+            self.q_scale = np.exp(shift)  # applied when q is read (only at the end)
             v_new *= np.exp(-prox.theta * shift)
-        self.q = q
+        self._q = q
         self.v = self._mix(v_new, self.v, relax.omega, self.dead_columns)
         return None
 
     def violation(self) -> float:
-        residual = self._buffers[2]
+        residual = self._buffers[1]
         np.multiply(self.u, self.kv, out=residual)
         residual -= self.rows.a
         np.abs(residual, out=residual)
