@@ -4,7 +4,11 @@
    [-3, 2]: start N(-1, 0.12), target N(0.6, 0.2) (variances, both normalized on the grid),
    tau = 0.15, at eps = 4e-2, 1e-2, 2.5e-3: seconds, W1 to the conic step, warnings raised.
 2. examples/configs/ift_mixture.toml (20 x 20 grid, IFT alpha = 20, beta = 1, tau = 0.25),
-   3 steps with EntropicJKO(eps) and with the config's ConicJKO.
+   3 steps with EntropicJKO(eps) and with the config's ConicJKO, interleaved; target: the
+   entropic total at most the conic one.
+3. Bounded time: 1/2 MMD^2 under IFT(Gaussian(0.3)) on an 8 x 8 grid at eps = 1e-8 (one step
+   ran over 15 minutes once): it must end within BOUNDED_SECONDS, converged or with a
+   SolverError naming the residual and the fix.
 
 Run:  python benchmarks/entropic_ift.py [--threads 1] [--eps 1e-2]
 """
@@ -97,8 +101,29 @@ def mixture_table(eps):
         print(f"step {k}: entropic {s_e:6.2f} s ({r_e.info['iterations']} iterations) | conic "
               f"{s_c:6.2f} s | MMD(entropic, conic) {mmd:.3g} | warnings {c_e or '-'}")
         mu_e, mu_c = r_e.measure, r_c.measure
-    print(f"total: entropic {totals[0]:.1f} s, conic {totals[1]:.1f} s, ratio "
-          f"{totals[0] / totals[1]:.2f}")
+    ratio = totals[0] / totals[1]
+    print(f"total: entropic {totals[0]:.1f} s, conic {totals[1]:.1f} s, ratio {ratio:.2f}")
+    print(f"target: entropic / conic <= 1: {ratio:.2f} {'met' if ratio <= 1 else 'NOT MET'}")
+
+
+BOUNDED_SECONDS = 10.0
+
+
+def bounded_time_case():
+    grid = jk.Grid([0.0, 0.0], [1.0, 1.0], (8, 8))
+    mu0 = grid.measure(lambda p: np.exp(-np.sum((p - 0.3) ** 2, 1) / 0.05), normalize=True)
+    target = grid.measure(lambda p: np.exp(-np.sum((p - 0.7) ** 2, 1) / 0.05), normalize=True)
+    kernel = jk.Gaussian(0.3)
+    start = time.perf_counter()
+    try:
+        result = jk.jko_step(jk.MMD2(target, kernel), jk.IFT(kernel), mu0, 0.1,
+                             method=jk.EntropicJKO(1e-8))
+        outcome = f"{result.status}, violation {result.certificate:.2g}"
+    except jk.SolverError as error:
+        outcome = f"SolverError: {str(error)[:160]}..."
+    seconds = time.perf_counter() - start
+    print(f"\n8x8 grid, IFT, eps = 1e-8: {seconds:.2f} s, {outcome}")
+    print(f"target: ends within {BOUNDED_SECONDS:g} s: {'met' if seconds <= BOUNDED_SECONDS else 'NOT MET'}")
 
 
 if __name__ == "__main__":
@@ -106,3 +131,4 @@ if __name__ == "__main__":
     one_step_table()
     if not ARGS.skip_mixture:
         mixture_table(ARGS.eps)
+    bounded_time_case()

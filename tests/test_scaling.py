@@ -106,3 +106,38 @@ def test_mass_multiplier_gives_the_closed_form_shift():
 
     shift, _ = mass_multiplier(solve, slope, mass, 0.0, 60)
     assert shift == pytest.approx(np.log(w0.sum() / mass), abs=ROOT_ATOL)
+
+
+def test_closed_form_kernel_iteration_gives_the_potentials_of_the_general_one():
+    """The cheap kernel-domain iteration (closed-form column map, Pade-relaxed, no logarithms of
+    the scalings) converges to the same scalings as the general kernel-domain one."""
+    from jko_ift.methods.entropic_prox import EnergyForm, KLProx
+    from jko_ift.methods.scaling import ClosedKernelScalings
+
+    points, a, _ = _two_marginals(n=40, seed=2)
+    n = a.size
+    # F = sum b log b + V b (Entropy plus a potential), sigma = 5
+    form = EnergyForm(n, log_coef=1.0, offset=1.0 + 2.0 * points[:, 0] ** 2)
+    op = DenseGibbs(points, 0.02)
+    general = KernelScalings(op, HardRows(a), KLProx(form, 5.0), np.zeros(n))
+    closed = ClosedKernelScalings(op, HardRows(a), KLProx(form, 5.0), np.zeros(n))
+    reference = iterate(general, Relaxation(1.0, adaptive=False), 1e-12, 20_000)
+    relaxed = iterate(closed, Relaxation(1.0, adaptive=True, start=1.5), 1e-12, 20_000)
+    assert reference.violation <= 1e-12 and relaxed.violation <= 1e-12
+    assert relaxed.iterations < reference.iterations
+    np.testing.assert_allclose(closed.v, general.v, rtol=1e-9)
+    np.testing.assert_allclose(closed.u * op.apply(closed.v), a, rtol=1e-10)
+
+
+def test_relaxation_starts_relaxed_and_rises_towards_the_optimum():
+    """Given a start, omega is used from the first iteration; a relaxed rate above omega - 1
+    raises omega by Young's relation, a rate at omega - 1 leaves it."""
+    relax = Relaxation(1.0, adaptive=True, start=1.3)
+    assert relax.omega == 1.3 and not relax.plain
+    for k in range(2 * Relaxation.RETUNE):
+        relax.observe(0.9**k, 1e-12)  # rate 0.9 > omega - 1 = 0.3: below the optimum
+    assert relax.omega > 1.3 and relax.tuned == relax.omega
+    steady = Relaxation(1.0, adaptive=True, start=1.5)
+    for k in range(4 * Relaxation.RETUNE):
+        steady.observe(0.5**k, 1e-30)
+    assert steady.omega == 1.5

@@ -148,7 +148,10 @@ class GridGibbs(GibbsOperator):
         self.shape = grid.shape
         self.axes = [grid.lo[k] + (np.arange(grid.shape[k]) + 0.5) * grid.spacing[k]
                      for k in range(grid.dim)]
-        self.kernels = [np.exp(-((x[:, None] - x[None, :]) ** 2) / self.eps) for x in self.axes]
+        self.kernels = []
+        for x in self.axes:  # equal axes share one matrix (half the memory traffic of a product)
+            same = [K for y, K in zip(self.axes, self.kernels, strict=False) if np.array_equal(x, y)]
+            self.kernels.append(same[0] if same else np.exp(-((x[:, None] - x[None, :]) ** 2) / self.eps))
         self._log_axes = None
 
     @property

@@ -161,6 +161,11 @@ class _Scalings:
     def column_trouble(self) -> str | None:
         return self.check() if self.check is not None else None
 
+    def settled(self) -> bool:
+        """The last column map was exact for its own function (an active-set prox whose set is
+        only rebuilt now and then says so with ``settled``): converged only then."""
+        return getattr(self.prox, "settled", True)
+
 
 class LogScalings(_Scalings):
     """Only the potentials f = log u, g = log v: stable at any eps. ``stop_if_not_finite``:
@@ -247,6 +252,108 @@ class KernelScalings(_Scalings):
         return None
 
 
+class ClosedKernelScalings(KernelScalings):
+    """The kernel domain for hard rows and a closed-form column map, log nu = c0 + (1 - theta) log q
+    (W2 of Entropy, KL, Potential and their sums): the cheap iteration.
+
+    Per pass two products with K, one log and one exp (v = e^c0 q^-theta, whose dot product with q
+    also gives the mass shift), the rest in place on preallocated arrays. The over-relaxation
+    x <- x_new^omega x_old^(1 - omega) is written x_new r^s, r = x_new / x_old, s = omega - 1, with
+    r^s replaced by its [1/1] Pade approximant ((1 - s) + (1 + s) r) / ((1 + s) + (1 - s) r): the
+    same value and slope at r = 1 (the same linear rate near the fixed point), no transcendental
+    function, and a factor bounded in [(1 - s) / (1 + s), (1 + s) / (1 - s)] far from it. A plain
+    update (omega = 1) is exact, so the step still ends on an exact block maximization.
+    """
+
+    def __init__(self, op, rows: HardRows, prox, log_v: np.ndarray, check=None):
+        super().__init__(op, rows, prox, log_v, check)
+        n = log_v.size
+        self._buffers = [np.empty(n) for _ in range(2)]
+        self.dead_rows = ~rows.positive if not rows.positive.all() else None
+        self.dead_columns = ~np.isfinite(prox.c0) if not np.isfinite(prox.c0).all() else None
+        self.log_mass = rows.log_mass
+
+    @property
+    def log_v(self):
+        with np.errstate(divide="ignore"):
+            return np.log(self.v)
+
+    @log_v.setter
+    def log_v(self, value):  # set once by the base class; v carries the state
+        pass
+
+    def apply_to_columns(self) -> None:
+        self.kv = self.op.apply(self.v)
+
+    def healthy(self, violation: float) -> bool:
+        top, low = self.v.max(initial=0.0), self._live_min(self.v)
+        if not (np.isfinite(violation) and np.isfinite(top)) or top > KERNEL_DOMAIN_MAX or (
+                low < 1.0 / KERNEL_DOMAIN_MAX):
+            return False
+        self.good_v = self.v  # a new array at every update, never written in place afterwards
+        return True
+
+    def _live_min(self, v):
+        if self.dead_columns is None:
+            return v.min(initial=np.inf)
+        return np.min(v, where=~self.dead_columns, initial=np.inf)
+
+    def _mix(self, new: np.ndarray, old: np.ndarray | None, omega: float, dead) -> np.ndarray:
+        """new r^s (Pade), r = new / old, in place in ``new``; zeros where ``dead``. With
+        k = (1 + s) / (1 - s) the Pade factor is (1 + k r) / (k + r) = k - (k^2 - 1) / (k + r)."""
+        if old is not None and omega != 1.0:
+            k = omega / (2.0 - omega)
+            r = self._buffers[0]
+            np.divide(new, old, out=r)
+            r += k
+            np.divide(k * k - 1.0, r, out=r)
+            np.subtract(k, r, out=r)
+            new *= r
+        if dead is not None:
+            new[dead] = 0.0
+        return new
+
+    @property
+    def started(self) -> bool:
+        return self.u is not None
+
+    @property
+    def q(self):
+        return None if self._q is None else self._q * self.q_scale
+
+    @q.setter
+    def q(self, value):
+        self._q, self.q_scale = value, 1.0
+
+    def update_rows(self, relax: Relaxation) -> None:
+        u_new = np.divide(self.rows.a, self.kv)
+        self.u = self._mix(u_new, self.u, relax.omega, self.dead_rows)
+
+    def update_columns(self, relax: Relaxation) -> str | None:
+        prox = self.prox
+        q = self.op.apply(self.u)
+        v_new = np.log(q)
+        v_new *= -prox.theta
+        v_new += prox.c0
+        np.exp(v_new, out=v_new)  # e^c0 q^-theta: nu = q v before the mass shift
+        shift = (self.log_mass - np.log(q @ v_new)) / (1.0 - prox.theta)
+        self.q_scale = 1.0
+        if np.isfinite(shift) and shift != 0.0:
+            self.u *= np.exp(shift)
+            self.q_scale = np.exp(shift)  # applied when q is read (only at the end)
+            v_new *= np.exp(-prox.theta * shift)
+        self._q = q
+        self.v = self._mix(v_new, self.v, relax.omega, self.dead_columns)
+        return None
+
+    def violation(self) -> float:
+        residual = self._buffers[1]
+        np.multiply(self.u, self.kv, out=residual)
+        residual -= self.rows.a
+        np.abs(residual, out=residual)
+        return float(residual.sum() / self.rows.mass)
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +389,7 @@ def iterate(scalings, relax: Relaxation, tol: float, budget: int,
                 if not scalings.healthy(violation):
                     outcome.broken = True
                     break
-                if (violation <= tol and relax.plain) or it == budget:
+                if (violation <= tol and relax.plain and scalings.settled()) or it == budget:
                     break
                 relax.observe(violation, tol)
                 outcome.stopped = stop(relax.history, tol, budget - it) if stop else None
@@ -353,21 +460,31 @@ class Relaxation:
     """Over-relaxed scalings: log u <- (1 - omega) log u_old + omega log u_new (same for v).
 
     omega = 1 is the plain iteration (block coordinate ascent, convergent). With ``adaptive``
-    the first PROBE iterations are plain; their linear rate r of the marginal violation gives
-    omega = 2 / (1 + sqrt(1 - r)) (the optimal relaxation of a linear iteration of rate r,
-    Young; for Sinkhorn see Thibault et al. 2017, Lehmann et al. 2021), capped at OMEGA_MAX.
-    If the violation then stops decreasing for STALL iterations, omega is halved towards 1.
+    the first PROBE iterations are plain (or, given ``start``, relaxed with omega = start from
+    the first one: the omega of the last step on the same support); their linear rate r of the
+    marginal violation gives omega = 2 / (1 + sqrt(1 - r)) (the optimal relaxation of a linear
+    iteration of rate r, Young; for Sinkhorn see Thibault et al. 2017, Lehmann et al. 2021),
+    capped at OMEGA_MAX. While relaxed, every RETUNE iterations the observed rate lam of the
+    relaxed iteration is checked (``RETUNE_CLASS`` only): above omega - 1 the relaxation is below
+    the optimum, and Young's relation (lam + omega - 1)^2 = lam omega^2 mu^2 recovers the plain
+    rate mu^2 and so the optimal omega (adaptive SOR, Hageman and Young 1981); omega only grows
+    this way. If the violation stops decreasing for STALL iterations, omega is halved towards 1.
     Once the violation is below tolerance the last update is made plain, so that the
     potentials returned are those of an exact KL-proximal update (the dual gap needs it).
     """
 
     PROBE = 20
     STALL = 30
+    RETUNE = 10
+    RETUNE_CLASS = True
     OMEGA_MAX = 1.9
 
-    def __init__(self, omega: float, adaptive: bool):
+    def __init__(self, omega: float, adaptive: bool, start: float | None = None):
         self.omega, self.adaptive = omega, adaptive
-        self.peak = omega
+        self.tuned_at = None  # the iteration count at which omega was last set adaptively
+        if adaptive and start is not None and start > 1.0:
+            self.omega, self.tuned_at = min(float(start), self.OMEGA_MAX), 0
+        self.peak = self.tuned = self.omega  # tuned: the last omega chosen (a start for the next)
         self.history: list[float] = []
         self.best, self.since_best = np.inf, 0
         self.finishing = False
@@ -390,13 +507,38 @@ class Relaxation:
             if self.since_best >= self.STALL and self.omega > 1.0:
                 self.omega = 1.0 + 0.5 * (self.omega - 1.0)
                 self.omega = 1.0 if self.omega < 1.05 else self.omega
-                self.since_best = 0
-        if self.adaptive and len(self.history) == self.PROBE:
+                self.since_best, self.tuned_at, self.tuned = 0, None, self.omega
+        if not self.adaptive:
+            return
+        if self.tuned_at is None and len(self.history) == self.PROBE:
             old, new = self.history[self.PROBE // 2], self.history[-1]
             if 0 < new < old:
                 rate = (new / old) ** (1.0 / (self.PROBE - self.PROBE // 2 - 1))
-                self.omega = min(self.OMEGA_MAX, 2.0 / (1.0 + np.sqrt(1.0 - rate)))
-                self.peak = max(self.peak, self.omega)
+                self._set(2.0 / (1.0 + np.sqrt(1.0 - rate)))
+        elif self.tuned_at is not None and len(self.history) - self.tuned_at >= 2 * self.RETUNE:
+            self._retune()
+
+    def _set(self, omega: float) -> None:
+        self.omega = self.tuned = min(self.OMEGA_MAX, omega)
+        self.peak = max(self.peak, self.omega)
+        self.tuned_at = len(self.history)
+
+    def _retune(self) -> None:
+        """Raise omega from the rate of the last RETUNE relaxed iterations (Young's relation)."""
+        if not self.RETUNE_CLASS or self.omega <= 1.0 or len(self.history) % self.RETUNE:
+            return
+        old, new = self.history[-self.RETUNE], self.history[-1]
+        if not 0 < new < old:
+            return
+        lam = (new / old) ** (1.0 / (self.RETUNE - 1))
+        omega = self.omega
+        if lam <= omega - 1.0 + 0.05:  # at or above the optimum: the rate is omega - 1
+            return
+        mu_sq = (lam + omega - 1.0) ** 2 / (lam * omega**2)
+        if mu_sq < 1.0:
+            best = 2.0 / (1.0 + np.sqrt(1.0 - mu_sq))
+            if best > omega + 0.01:
+                self._set(best)
 
     def __call__(self, old, new):
         if old is None or self.omega == 1.0:
@@ -407,6 +549,8 @@ class Relaxation:
 
 class SoftRelaxation(Relaxation):
     """``Relaxation`` with a higher cap: with soft marginals the plain rate is about
-    (1 + eps')^-2, and the optimal omega = 2 / (1 + sqrt(1 - r)) approaches 2 as eps' -> 0."""
+    (1 + eps')^-2, and the optimal omega = 2 / (1 + sqrt(1 - r)) approaches 2 as eps' -> 0
+    (without the retuning, whose relation assumes two hard blocks)."""
 
     OMEGA_MAX = 1.98
+    RETUNE_CLASS = False
