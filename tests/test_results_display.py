@@ -205,3 +205,16 @@ def test_a_long_particle_step_shows_its_iterations_on_the_run_bar(particles, cap
     jk.solve(F, jk.Wasserstein(), mu0, tau=0.5, steps=2, method=jk.ParticleJKO(), progress=True)
     lines = [line for line in capsys.readouterr().err.splitlines() if "in step: iteration" in line]
     assert lines and "residual" in lines[0] and "(positions)" in lines[0]
+
+
+def test_an_entropic_step_shows_its_eps_level_and_violation_on_the_run_bar(capsys, monkeypatch):
+    from jko_ift import display
+
+    monkeypatch.setattr(display, "LOG_INTERVAL", 0.0)
+    monkeypatch.setattr(display, "INNER_INTERVAL", 0.0)
+    grid = jk.Grid([-2, -2], [2, 2], (12, 12))
+    mu0 = grid.measure(lambda x: np.exp(-np.sum((x - 0.5) ** 2, 1)), normalize=True)
+    F = jk.Entropy() + jk.Potential(lambda x: np.sum(x**2, 1))
+    jk.solve(F, jk.Wasserstein(), mu0, tau=0.2, steps=1, method=jk.EntropicJKO(eps=0.1), progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "in step: iteration" in line]
+    assert lines and "residual" in lines[-1] and "(eps 0.1)" in lines[-1]

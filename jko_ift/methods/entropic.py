@@ -687,7 +687,8 @@ class _Sinkhorn:
         scalings = kind(op, self.rows, prox, log_v, check=lambda: _unresolved(prox))
         relax = self._relaxation(level.last)
         started = time.perf_counter()
-        outcome = iterate(scalings, relax, level.tol, level.budget, futile)
+        outcome = iterate(scalings, relax, level.tol, level.budget, futile,
+                          f"eps {level.eps:.2g}")
         state.iteration_time += time.perf_counter() - started
         state.iterations += outcome.iterations
         state.stopped = outcome.stopped
@@ -724,7 +725,7 @@ class _Sinkhorn:
         scalings = LogScalings(op, self.rows, prox, g, check=lambda: _unresolved(prox))
         relax = self._relaxation(level.last)
         started = time.perf_counter()
-        outcome = iterate(scalings, relax, level.tol, budget, futile)
+        outcome = iterate(scalings, relax, level.tol, budget, futile, f"eps {level.eps:.2g}")
         state.iteration_time += time.perf_counter() - started
         state.iterations += outcome.iterations
         state.stopped = outcome.stopped
@@ -839,7 +840,7 @@ class _LETSinkhorn:
             rows = SoftRows(positive, row_const, theta, self.mass)
             scalings = LogScalings(op, rows, prox, g, stop_if_not_finite=True)
             relax = self._relaxation(level.last)
-            outcome = iterate(scalings, relax, level.tol, level.budget)
+            outcome = iterate(scalings, relax, level.tol, level.budget, stage=f"eps {level.eps:.2g}")
             state.iterations += outcome.iterations
             f, g = scalings.log_u, scalings.log_v
             state.violation, state.relaxation = outcome.violation, relax.peak

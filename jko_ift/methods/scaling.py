@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..display import report_iteration
+
 #: Tolerance of the intermediate eps levels of eps-scaling: they only give a starting point.
 LEVEL_TOL = 1e-3
 
@@ -372,10 +374,12 @@ class LevelOutcome:
 
 
 def iterate(scalings, relax: Relaxation, tol: float, budget: int,
-            stop: Callable[[list, float, int], str | None] | None = None) -> LevelOutcome:
+            stop: Callable[[list, float, int], str | None] | None = None,
+            stage: str = "") -> LevelOutcome:
     """Scaling iterations on one eps level until the row violation is at most tol (with a
     plain last update), the budget is spent, ``stop(history, tol, remaining)`` gives a
-    reason, or the column map's check does.
+    reason, or the column map's check does. Each violation is reported to the run's progress
+    bar (``display.report_iteration``, with ``stage``, e.g. the level's eps).
 
     Each pass: K v; the violation of the rows of the current plan; u from the row map; v from
     the column map. ``scalings`` is a ``LogScalings`` or ``KernelScalings``, updated in place.
@@ -386,6 +390,7 @@ def iterate(scalings, relax: Relaxation, tol: float, budget: int,
             scalings.apply_to_columns()
             if scalings.started:
                 outcome.violation = violation = scalings.violation()
+                report_iteration(outcome.iterations, violation, stage)
                 if not scalings.healthy(violation):
                     outcome.broken = True
                     break
