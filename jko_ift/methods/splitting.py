@@ -59,13 +59,14 @@ from .particle import (
     VELOCITIES,
     ForwardStep,
     backward_transport,
-    check_particle_input,
+    checked_evaluation,
     finish,
     forward_stability,
     forward_transport,
     positivity_preserving,
     reaction_exact,
 )
+from .particle_sums import Evaluation
 from .weights import (
     HELLINGER_UPDATES,
     adjoint_hellinger,
@@ -207,9 +208,9 @@ class Splitting(Method):
               throw: bool = True) -> StepResult:
         if self.grid_transport is not None:
             return self._grid_step(F, geometry, mu, tau, state, throw)
-        tau = check_particle_input(F, geometry, mu, tau)
+        tau, begin = checked_evaluation(F, geometry, mu, tau)  # F, f, grad f at mu: checked, reused
         start = time.perf_counter()
-        run = _Run.starting_at(F, mu, state, {"method": f"splitting_{self.order}"}, tau)
+        run = _Run.starting_at(mu, begin, {"method": f"splitting_{self.order}"}, tau)
         # Hellinger pieces other than the linear and projected-gradient updates never clip
         run.info["positivity_preserving"] = positivity_preserving(geometry) and not (
             self.reaction == "projected_gradient"
@@ -236,11 +237,8 @@ class Splitting(Method):
         if current is None:
             return finish(F, geometry, mu, np.full_like(mu.points, np.nan), mu.weights, tau,
                           "diverged", np.inf, run.info, throw, "Splitting")
-        result = finish(F, geometry, mu, current.points, current.weights, tau, run.status,
-                        run.certificate, run.info, throw, "Splitting", energy=run.known(current))
-        if result.ok:
-            state.warm["last"] = (F, result.measure, result.energy)  # F(mu^k) of the next step
-        return result
+        return finish(F, geometry, mu, current.points, current.weights, tau, run.status,
+                      run.certificate, run.info, throw, "Splitting", energy=run.known(current))
 
     # ------------------------------------------------------------------ densities on a grid
     def _grid_step(self, F, geometry, mu, tau, state, throw) -> StepResult:
@@ -309,11 +307,14 @@ class Splitting(Method):
 
     def _transport(self, F, geometry, mu, h, kind, run) -> Measure | None:
         eta = h * geometry.alpha
+        known = run.at_start(mu)
+        gradient = None if known is None else known.gradient
         if kind == "explicit":
-            y, change = forward_transport(F, mu, eta, self.velocity)
+            y, change = forward_transport(F, mu, eta, self.velocity, gradient)
             descent = -change
         else:
-            moved = backward_transport(F, mu, eta, self.tol, run.scale, self.max_iter)
+            moved = backward_transport(F, mu, eta, self.tol, run.scale, self.max_iter,
+                                       gradient=gradient)
             run.merge(moved.status, moved.certificate, moved.info)
             y = moved.points
         if not np.all(np.isfinite(y)):
@@ -331,7 +332,8 @@ class Splitting(Method):
             run.merge(result.status, result.certificate, result.info)
             b = result.weights
         else:
-            f = F.first_variation(mu)
+            known = run.at_start(mu)
+            f = F.first_variation(mu) if known is None or known.variation is None else known.variation
             if kind == "projected_gradient":
                 b = projected_gradient_weights(a, f, eta, conserve)
             elif kind == "projected_multiplicative":
@@ -385,16 +387,19 @@ class _Run:
         self.scale, self.info, self.tau = scale, info, tau
         self.status, self.certificate = "optimal", 0.0
         self.energies: list[tuple[Measure, float]] = []
+        self.start: tuple[Measure, Evaluation] | None = None
 
     @classmethod
-    def starting_at(cls, F, mu: Measure, state, info: dict, tau: float) -> _Run:
-        """The run of a step from mu, F(mu) reused when mu is the measure the last step returned."""
-        last_F, last_measure, last_energy = state.warm.get("last", (None, None, None))
-        known = F is last_F and mu is last_measure
-        energy = last_energy if known else float(F.value(mu))
-        run = cls(max(abs(energy), 1e-300), info, tau)  # ``energy_scale``
-        run.energies.append((mu, energy))
+    def starting_at(cls, mu: Measure, begin: Evaluation, info: dict, tau: float) -> _Run:
+        """The run of a step from mu, whose F, f and grad f (``begin``) the first piece reuses."""
+        run = cls(max(abs(begin.value), 1e-300), info, tau)  # ``energy_scale``
+        run.energies.append((mu, begin.value))
+        run.start = (mu, begin)
         return run
+
+    def at_start(self, mu: Measure) -> Evaluation | None:
+        """The evaluation of F at the step's start if mu is it, else None."""
+        return self.start[1] if self.start is not None and self.start[0] is mu else None
 
     def known(self, mu: Measure) -> float | None:
         """F(mu) if a piece has computed it, else None."""
