@@ -80,9 +80,10 @@ def _save(fig: Figure, path) -> Path:
     return path
 
 
-def _figure(figsize=(6.4, 4.4)) -> Figure:
-    """A figure on the Agg canvas (no pyplot), laid out by the constrained engine."""
-    fig = Figure(figsize=figsize, layout="constrained")
+def _figure(figsize=(6.4, 4.4), layout: str | None = "constrained") -> Figure:
+    """A figure on the Agg canvas (no pyplot), laid out by the constrained engine (None: by
+    the caller, for grids of many panels, where the engine takes most of the drawing time)."""
+    fig = Figure(figsize=figsize, layout=layout)
     FigureCanvasAgg(fig)
     return fig
 
@@ -552,7 +553,10 @@ def plot_particle_snapshots(rows: Mapping[str, Mapping[int, Measure]], target: M
     finite = everything[np.all(np.isfinite(everything), axis=1)]
     lo, hi = finite.min(axis=0), finite.max(axis=0)
     center, half = (lo + hi) / 2, 0.55 * np.max(np.maximum(hi - lo, 1e-9))  # a square window
-    fig = _figure((2.4 * columns + 0.6, 2.4 * len(rows) + (0.5 if title else 0.2)))
+    width, height = 2.4 * columns + 0.6, 2.4 * len(rows) + (0.5 if title else 0.2)
+    fig = _figure((width, height), layout=None)  # equal square panels: a fixed grid suffices
+    fig.subplots_adjust(left=0.55 / width, right=1 - 0.1 / width, bottom=0.45 / height,
+                        top=1 - (0.55 if title else 0.3) / height, wspace=0.22, hspace=0.32)
     axes = fig.subplots(len(rows), columns, squeeze=False)
     for r, (label, snaps) in enumerate(rows.items()):
         for c in range(columns):
