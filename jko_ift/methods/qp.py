@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.linalg import lapack
 from scipy.linalg.blas import dtrsm, dtrsv
 
 #: Default relative accuracy of the weight step: the certified gap over the scale of the step
@@ -38,6 +39,29 @@ ACTIVE_SET_ROUNDOFF = 1e-13
 #: minimizers, so growing the face from a vertex is the fast path (docs/particles.md §3).
 WARM_START_FRACTION = 0.25
 DENSE_FACE_MAX = 400
+
+#: A dense warm start (more than WARM_START_FRACTION of the points carry weight) first tries the
+#: dense path: one Cholesky factorization of the whole H and a primal-dual active-set iteration
+#: on the (few) weights that vanish, whose count does not grow with the support. It keeps one or
+#: two more n x n arrays (the factor, and H^{-1} once many weights vanish), so it is tried up to
+#: DENSE_PATH_MAX points (two arrays of 1.2 GB); beyond, the active set grows from a vertex.
+DENSE_PATH_MAX = 12_000
+
+#: The dense path gives up (and the active set grows from a vertex) after PDAS_MAX_ITER
+#: iterations, on a repeated zero set, when the minimum over the start's face is negative on more
+#: than PDAS_FIRST_ZERO_FRACTION of the weights (the sign of a sparse minimizer: the face minimum
+#: of an ill-conditioned kernel QP then oscillates, about half of it negative), or when more than
+#: PDAS_MAX_ZERO_FRACTION of the weights vanish (the small systems grow to the size of H).
+PDAS_MAX_ITER = 40
+PDAS_FIRST_ZERO_FRACTION = 0.4
+PDAS_MAX_ZERO_FRACTION = 0.75
+#: Rounds of the dual fallback (``_reduced_dual``), each adding the weights found negative.
+PDAS_DUAL_ROUNDS = 5
+
+#: Columns of H^{-1} come from two triangular solves each while at most this fraction of the
+#: points need one; beyond, the whole inverse is formed once (LAPACK potri, n^3 / 3 flops but
+#: about 2.5 factorizations of time in OpenBLAS, against 2 n^2 flops a column).
+INVERSE_COLUMN_FRACTION = 0.4
 
 #: Round-off floor of a certified gap: r = H b - g is computed with errors of about
 #: eps (|H b| + |g|) per entry, so r^T b - M min r is known only to ROUNDOFF_FACTOR * eps *
@@ -144,6 +168,9 @@ def solve_weight_qp(H, g, mass: float | None = None, start=None, atol: float | N
     if mass_bound is None:
         mass_bound = 0.0 if start is None else float(np.abs(np.asarray(start, float)).sum())
     solver = _ActiveSet(H, g, mass, rtol, atol, mass_bound)
+    dense = _dense_path(H, g, mass, start, solver, max_iter)
+    if dense is not None:
+        return dense
     try:
         b, iterations = solver.run(start, max_iter)
     except np.linalg.LinAlgError:
@@ -371,6 +398,189 @@ class _ActiveSet:
         if self.mass is not None and support.size:  # exact mass (round-off only)
             b[support] *= self.mass / b[support].sum()
         return support, iterations, removed
+
+
+# -------------------------------------------------------------------------------------------------
+# The dense path: a primal-dual active set in the range space of one factorization of H
+# -------------------------------------------------------------------------------------------------
+
+class _DenseInverse:
+    """H^{-1} through one Cholesky factorization of the whole H (LAPACK potrf): its action on
+    vectors, and its columns on demand (two triangular solves each), or the whole inverse
+    (LAPACK potri, formed once) when more than INVERSE_COLUMN_FRACTION of them are needed."""
+
+    def __init__(self, H: np.ndarray):
+        # H is symmetric, so H.T is the Fortran-ordered copy LAPACK wants without a transpose
+        factor, info = lapack.dpotrf(H.T, lower=1, clean=1)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"H is not positive definite (potrf info {info})")
+        self.factor = factor
+        self.n = H.shape[0]
+        self.lower_inverse: np.ndarray | None = None  # lower triangle of H^{-1}
+        self.cache: dict[int, np.ndarray] = {}
+
+    def solve(self, rhs: np.ndarray) -> np.ndarray:
+        """H^{-1} rhs for rhs: (n, k)."""
+        return _triangular(self.factor, _triangular(self.factor, rhs), transpose=True)
+
+    def columns(self, indices: np.ndarray) -> np.ndarray:
+        """H^{-1}[:, indices]: (n, k). Columns are kept: the zero sets of consecutive
+        iterations share most of their indices."""
+        missing = np.array([i for i in indices.tolist() if i not in self.cache], dtype=int)
+        if missing.size and self.lower_inverse is None and \
+                len(self.cache) + missing.size > INVERSE_COLUMN_FRACTION * self.n:
+            inverse, info = lapack.dpotri(self.factor, lower=1)
+            if info != 0:
+                raise np.linalg.LinAlgError(f"singular Cholesky factor (potri info {info})")
+            self.lower_inverse = inverse
+        if missing.size and self.lower_inverse is not None:
+            # column i: rows j >= i from column i of the lower triangle, rows j < i from its row i
+            below = np.arange(self.n)[:, None] >= missing[None, :]
+            found = np.where(below, self.lower_inverse[:, missing], self.lower_inverse[missing].T)
+        elif missing.size:
+            unit = np.zeros((self.n, missing.size))
+            unit[missing, np.arange(missing.size)] = 1.0
+            found = self.solve(unit)
+        for column, index in zip(found.T if missing.size else (), missing.tolist(), strict=True):
+            self.cache[index] = column
+        if not indices.size:
+            return np.zeros((self.n, 0))
+        return np.array([self.cache[i] for i in indices.tolist()]).T
+
+
+def _range_space_face(inverse: _DenseInverse, base: np.ndarray, zero: np.ndarray, mass):
+    """Minimum z of 1/2 b^T H b - g^T b on the face {b_zero = 0} (and sum(b) = mass).
+
+    With the constraints C^T b = d, C = [E_zero, 1], d = (0, mass), the minimizer is
+    z = H^{-1} (g + C lam) where C^T H^{-1} C lam = d - C^T H^{-1} g: a system of the size of the
+    zero set. base: (n, 1 or 2) = H^{-1} [g, 1]. Returns z and lam_zero, the multipliers of
+    b_zero >= 0 (r_i - nu for r = H z - g; all >= 0 at the minimum over the feasible set).
+    """
+    V = inverse.columns(zero)
+    if mass is None:
+        system, rhs = V[zero], -base[zero, 0]
+    else:
+        V = np.column_stack([V, base[:, 1]])
+        system = np.vstack([V[zero], V.sum(0)])
+        rhs = np.append(-base[zero, 0], mass - base[:, 0].sum())
+    lam = np.linalg.solve(system, rhs) if rhs.size else rhs
+    z = base[:, 0] + V @ lam
+    z[zero] = 0.0
+    return z, lam[:zero.size]
+
+
+def _dense_active_set(H: np.ndarray, g: np.ndarray, mass, start: np.ndarray, max_iter: int):
+    """The primal-dual active set (Hintermueller-Ito-Kunisch) on the zero set of the weights,
+    each face minimum from one factorization of the whole H (``_range_space_face``).
+
+    From the zeros of ``start``, each iteration exchanges every infeasible index at once: a zero
+    whose multiplier is negative is released, a weight that the face minimum makes negative is
+    set to zero. The count therefore does not grow with the support (a handful of iterations on
+    kernel steps whose minimizer is dense). It ends when nothing is infeasible (z >= 0 and the
+    multipliers >= 0: the KKT point). Returns (b, iterations), or None when it gives up: a
+    sparse minimizer (PDAS_FIRST_ZERO_FRACTION, PDAS_MAX_ZERO_FRACTION: the active set grown
+    from a vertex is the fast path there), a repeated zero set or PDAS_MAX_ITER iterations (the
+    iteration can cycle on ill-conditioned programs). Raises LinAlgError when H is not positive
+    definite.
+    """
+    n = g.size
+    inverse = _DenseInverse(H)
+    base = inverse.solve(g[:, None] if mass is None else np.column_stack([g, np.ones(n)]))
+    zero = np.flatnonzero(start <= 0)
+    seen: set[bytes] = set()
+    touched = np.zeros(n, dtype=bool)
+    for iteration in range(1, min(max_iter, PDAS_MAX_ITER) + 1):
+        z, lam = _range_space_face(inverse, base, zero, mass)
+        infeasible = z < -ACTIVE_SET_ROUNDOFF * max(float(np.abs(z).max()), 1e-300)
+        if iteration == 1 and np.count_nonzero(infeasible) > PDAS_FIRST_ZERO_FRACTION * n:
+            return None
+        infeasible[zero] = lam < -ACTIVE_SET_ROUNDOFF * max(float(np.abs(lam).max(initial=0.0)),
+                                                              1e-300)
+        if not infeasible.any():
+            return _feasible(z, mass), iteration
+        in_zero = np.zeros(n, dtype=bool)
+        in_zero[zero] = True
+        zero = np.flatnonzero(in_zero ^ infeasible)
+        touched[zero] = True
+        if zero.size > PDAS_MAX_ZERO_FRACTION * n:
+            return None
+        if zero.tobytes() in seen:
+            break
+        seen.add(zero.tobytes())
+    found = _reduced_dual(inverse, base, mass, touched)
+    return None if found is None else (found[0], iteration + found[1])
+
+
+def _feasible(z: np.ndarray, mass) -> np.ndarray:
+    """max(z, 0), rescaled to the mass on the simplex (z has a positive entry there)."""
+    b = np.maximum(z, 0.0)
+    return b if mass is None else b * (mass / b.sum())
+
+
+def _reduced_dual(inverse: _DenseInverse, base: np.ndarray, mass, uncertain: np.ndarray):
+    """The QP when only the weights of ``uncertain`` (a mask) can vanish, by its dual, solved
+    with the active set of ``_ActiveSet`` (monotone, finite: the fallback when the primal-dual
+    iteration cycles).
+
+    With b_U >= 0 the only bounds (U = uncertain) and multipliers mu >= 0 for them,
+    b = H^{-1} (g + nu 1 + E_U mu); eliminating nu with sum(b) = mass leaves the linear
+    complementarity problem b_U = q + M mu >= 0, mu >= 0, mu^T b_U = 0 with M the Schur
+    complement (H^{-1})_UU - c c^T / s (c = (H^{-1} 1)_U, s = 1^T H^{-1} 1) positive definite:
+    the orthant QP min 1/2 mu^T M mu + q^T mu. A weight outside U that comes out negative joins
+    U and the dual is solved again. Returns (b, iterations of the dual), or None.
+    """
+    iterations = 0
+    for _ in range(PDAS_DUAL_ROUNDS):
+        U = np.flatnonzero(uncertain)
+        V = inverse.columns(U)
+        M, q = V[U], base[U, 0].copy()
+        shift = 0.0
+        if mass is not None:
+            total, c = float(base[:, 1].sum()), base[U, 1]
+            M = M - np.outer(c, c) / total
+            shift = (mass - float(base[:, 0].sum())) / total
+            q += shift * c
+        # no mass bound on mu: the method runs to round-off (its own gap is not the certificate)
+        dual = _ActiveSet(0.5 * (M + M.T), -q, None, 0.0, 0.0, mass_bound=UNBOUNDED)
+        mu, count = dual.run(None, 20 * U.size + 100)
+        iterations += count
+        b = base[:, 0] + V @ mu
+        if mass is not None:
+            b += (shift - float(c @ mu) / total) * base[:, 1]
+        b[U[mu > 0]] = 0.0
+        negative = b < -ACTIVE_SET_ROUNDOFF * max(float(np.abs(b).max()), 1e-300)
+        if not negative.any():
+            return _feasible(b, mass), iterations
+        uncertain = uncertain | negative
+    return None
+
+
+def _dense_path(H, g, mass, start, solver, max_iter) -> QPSolution | None:
+    """The dense path of ``solve_weight_qp`` (DENSE_PATH_MAX), when ``start`` is dense: its
+    certified solution, or None when it does not apply (the active set from a vertex then runs)."""
+    n = g.size
+    if start is None or not 1 < n <= DENSE_PATH_MAX:
+        return None
+    b = project_feasible(np.asarray(start, dtype=float), mass)
+    if np.count_nonzero(b) <= WARM_START_FRACTION * n:
+        return None
+    try:
+        found = _dense_active_set(H, g, mass, b, max_iter)
+    except np.linalg.LinAlgError:
+        return None
+    if found is None:
+        return None
+    b, iterations = found
+    r = H @ b - g
+    objective = 0.5 * float(b @ r) - 0.5 * float(g @ b)
+    gap = frank_wolfe_gap(r, b, mass, solver.mass_bound)
+    floor = roundoff_floor(H, g, b, mass, solver.mass_bound)
+    tolerance = max(solver.tolerance(objective), floor)
+    if not gap <= tolerance:
+        return None
+    return QPSolution(b, objective, gap, iterations, "optimal", "dense_active_set",
+                      {"support": int(np.count_nonzero(b)), "tolerance": tolerance,
+                       "roundoff": floor})
 
 
 def projected_gradient_qp(H, g, mass, start=None, atol=None, rtol=DEFAULT_WEIGHT_RTOL,
