@@ -407,11 +407,17 @@ class _ActiveSet:
 class _DenseInverse:
     """H^{-1} through one Cholesky factorization of the whole H (LAPACK potrf): its action on
     vectors, and its columns on demand (two triangular solves each), or the whole inverse
-    (LAPACK potri, formed once) when more than INVERSE_COLUMN_FRACTION of them are needed."""
+    (LAPACK potri, formed once) when more than INVERSE_COLUMN_FRACTION of them are needed.
+    A positive semidefinite H that is singular to working precision is factored with a shift of
+    its round-off size (ROUNDOFF_FACTOR eps max H_ii): the certificate, computed with H itself,
+    says whether the point found is still the minimum."""
 
     def __init__(self, H: np.ndarray):
         # H is symmetric, so H.T is the Fortran-ordered copy LAPACK wants without a transpose
         factor, info = lapack.dpotrf(H.T, lower=1, clean=1)
+        if info != 0:  # singular to working precision (duplicate points, no ridge): shift it
+            shift = ROUNDOFF_FACTOR * np.finfo(float).eps * float(np.abs(H.diagonal()).max())
+            factor, info = lapack.dpotrf(H.T + shift * np.eye(H.shape[0]), lower=1, clean=1)
         if info != 0:
             raise np.linalg.LinAlgError(f"H is not positive definite (potrf info {info})")
         self.factor = factor
@@ -479,13 +485,19 @@ def _dense_active_set(H: np.ndarray, g: np.ndarray, mass, start: np.ndarray, max
     kernel steps whose minimizer is dense). It ends when nothing is infeasible (z >= 0 and the
     multipliers >= 0: the KKT point). Returns (b, iterations), or None when it gives up: a
     sparse minimizer (PDAS_FIRST_ZERO_FRACTION, PDAS_MAX_ZERO_FRACTION: the active set grown
-    from a vertex is the fast path there), a repeated zero set or PDAS_MAX_ITER iterations (the
-    iteration can cycle on ill-conditioned programs). Raises LinAlgError when H is not positive
-    definite.
+    from a vertex is the fast path there). A repeated zero set or PDAS_MAX_ITER iterations (the
+    iteration can cycle on ill-conditioned programs) hand over to ``_reduced_dual``. Raises
+    LinAlgError when H is not positive definite.
     """
     n = g.size
     inverse = _DenseInverse(H)
     base = inverse.solve(g[:, None] if mass is None else np.column_stack([g, np.ones(n)]))
+    return inverse, base, _primal_dual_iteration(inverse, base, mass, start, max_iter)
+
+
+def _primal_dual_iteration(inverse: _DenseInverse, base: np.ndarray, mass, start, max_iter):
+    """The iteration of ``_dense_active_set``: (b, iterations) or None."""
+    n = base.shape[0]
     zero = np.flatnonzero(start <= 0)
     seen: set[bytes] = set()
     touched = np.zeros(n, dtype=bool)
@@ -561,26 +573,46 @@ def _dense_path(H, g, mass, start, solver, max_iter) -> QPSolution | None:
     n = g.size
     if start is None or not 1 < n <= DENSE_PATH_MAX:
         return None
-    b = project_feasible(np.asarray(start, dtype=float), mass)
-    if np.count_nonzero(b) <= WARM_START_FRACTION * n:
+    start = np.asarray(start, dtype=float)  # only its zeros matter (a projection would fill them)
+    if np.count_nonzero(start > 0) <= WARM_START_FRACTION * n:
         return None
     try:
-        found = _dense_active_set(H, g, mass, b, max_iter)
+        inverse, base, found = _dense_active_set(H, g, mass, start, max_iter)
+        if found is None:
+            return None
+        b, iterations = found
+        solution = _certified(H, g, mass, b, iterations, solver)
+        if solution.status != "optimal":  # an ill-conditioned face: one step of refinement
+            solution = _certified(H, g, mass, _refine(H, g, mass, b, inverse, base), iterations,
+                                  solver)
     except np.linalg.LinAlgError:
         return None
-    if found is None:
-        return None
-    b, iterations = found
+    return solution if solution.status == "optimal" else None
+
+
+def _certified(H, g, mass, b, iterations, solver) -> QPSolution:
+    """b with its objective and certificate (``frank_wolfe_gap``, ``roundoff_floor``)."""
     r = H @ b - g
     objective = 0.5 * float(b @ r) - 0.5 * float(g @ b)
     gap = frank_wolfe_gap(r, b, mass, solver.mass_bound)
     floor = roundoff_floor(H, g, b, mass, solver.mass_bound)
     tolerance = max(solver.tolerance(objective), floor)
-    if not gap <= tolerance:
-        return None
-    return QPSolution(b, objective, gap, iterations, "optimal", "dense_active_set",
+    status = "optimal" if gap <= tolerance else "max_iterations"
+    return QPSolution(b, objective, gap, iterations, status, "dense_active_set",
                       {"support": int(np.count_nonzero(b)), "tolerance": tolerance,
                        "roundoff": floor})
+
+
+def _refine(H, g, mass, b, inverse: _DenseInverse, base: np.ndarray) -> np.ndarray:
+    """One step of iterative refinement on the face of b: the correction d minimizes
+    1/2 d^T H d + r^T d (r = H b - g, computed with H) on {d_i = 0 where b_i = 0, sum(d) = 0}."""
+    r = H @ b - g
+    correction = inverse.solve(-r[:, None])
+    if mass is not None:
+        correction = np.column_stack([correction, base[:, 1]])
+    d, _ = _range_space_face(inverse, correction, np.flatnonzero(b <= 0),
+                             None if mass is None else 0.0)
+    return _feasible(b + d, mass)
 
 
 def projected_gradient_qp(H, g, mass, start=None, atol=None, rtol=DEFAULT_WEIGHT_RTOL,
