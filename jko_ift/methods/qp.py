@@ -193,9 +193,10 @@ def solve_weight_qp(H, g, mass: float | None = None, start=None, atol: float | N
                        "roundoff": floor})
 
 
-def roundoff_floor(H, g, b, mass, mass_bound=0.0) -> float:
-    """The accuracy to which the gap of ``frank_wolfe_gap`` can be computed (ROUNDOFF_FACTOR)."""
-    size = float(np.abs(H @ b).max() + np.abs(g).max())
+def roundoff_floor(H, g, b, mass, mass_bound=0.0, Hb: np.ndarray | None = None) -> float:
+    """The accuracy to which the gap of ``frank_wolfe_gap`` can be computed (ROUNDOFF_FACTOR);
+    Hb: H @ b when the caller has it."""
+    size = float(np.abs(H @ b if Hb is None else Hb).max() + np.abs(g).max())
     weight = mass if mass is not None else max(float(b.sum()), mass_bound)
     return ROUNDOFF_FACTOR * np.finfo(float).eps * weight * size
 
@@ -414,10 +415,10 @@ class _DenseInverse:
 
     def __init__(self, H: np.ndarray):
         # H is symmetric, so H.T is the Fortran-ordered copy LAPACK wants without a transpose
-        factor, info = lapack.dpotrf(H.T, lower=1, clean=1)
+        factor, info = lapack.dpotrf(H.T, lower=1, clean=0)  # only the lower triangle is read
         if info != 0:  # singular to working precision (duplicate points, no ridge): shift it
             shift = ROUNDOFF_FACTOR * np.finfo(float).eps * float(np.abs(H.diagonal()).max())
-            factor, info = lapack.dpotrf(H.T + shift * np.eye(H.shape[0]), lower=1, clean=1)
+            factor, info = lapack.dpotrf(H.T + shift * np.eye(H.shape[0]), lower=1, clean=0)
         if info != 0:
             raise np.linalg.LinAlgError(f"H is not positive definite (potrf info {info})")
         self.factor = factor
@@ -592,10 +593,11 @@ def _dense_path(H, g, mass, start, solver, max_iter) -> QPSolution | None:
 
 def _certified(H, g, mass, b, iterations, solver) -> QPSolution:
     """b with its objective and certificate (``frank_wolfe_gap``, ``roundoff_floor``)."""
-    r = H @ b - g
+    Hb = H @ b
+    r = Hb - g
     objective = 0.5 * float(b @ r) - 0.5 * float(g @ b)
     gap = frank_wolfe_gap(r, b, mass, solver.mass_bound)
-    floor = roundoff_floor(H, g, b, mass, solver.mass_bound)
+    floor = roundoff_floor(H, g, b, mass, solver.mass_bound, Hb)
     tolerance = max(solver.tolerance(objective), floor)
     status = "optimal" if gap <= tolerance else "max_iterations"
     return QPSolution(b, objective, gap, iterations, status, "dense_active_set",
