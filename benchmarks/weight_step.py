@@ -16,7 +16,9 @@ uniform weights a, n target samples, eta = 0.1 (half the paper's weight step, ta
   [.5, 2]]), N((3, -1), I), N((1, 4), [[3, .5], [.5, 1]]); particles from N((5, 5), I) pulled a
   third of the way towards it (mid-run); sigma 10 and 1. Sparse minimizers (12-80 particles).
 
-Side by side in one process, on the same H and g, interleaved, medians of --repeats runs:
+Side by side in one process, on the same H and g, interleaved, medians of --repeats runs
+("/chol" and "cl/ch": ours and Clarabel in units of one LAPACK Cholesky factorization of H timed
+in the same loop, the floor of the dense path):
 
 * ours:      ``solve_weight_qp(H, g, mass=1, start=a)``;
 * Clarabel:  CVXPY problem 0.5 quad_form(b, psd_wrap(H)) - g^T b, b >= 0, sum(b) = 1, solved
@@ -44,7 +46,7 @@ import sys
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1000])
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.5, 1.0, 10.0],
                         help="bandwidths of the overlap instance")
     parser.add_argument("--paper-sigmas", type=float, nargs="*", default=[10.0, 1.0],
@@ -74,6 +76,7 @@ import warnings  # noqa: E402
 
 import cvxpy as cp  # noqa: E402
 import numpy as np  # noqa: E402
+from scipy.linalg import lapack  # noqa: E402
 
 import jko_ift as jk  # noqa: E402
 from jko_ift.methods.weights import mmd_step, solve_weight_qp  # noqa: E402
@@ -139,10 +142,12 @@ def timed(function):
 def measure_row(name, n, sigma, args, with_clarabel=True, with_step=True):
     """Ours (and Clarabel, interleaved) on one instance: a dict of figures."""
     H, g, a, (F, kernel, measure) = instance(name, n, sigma, args.eta, args.seed)
-    ours, walls, solves, solution, reference = [], [], [], None, None
+    ours, walls, solves, floors, solution, reference = [], [], [], [], None, None
     for _ in range(args.repeats):
         solution, seconds = timed(lambda: solve_weight_qp(H, g, 1.0, start=a))
         ours.append(seconds)
+        if with_clarabel:  # the floor of the dense path: one LAPACK Cholesky factorization of H
+            floors.append(timed(lambda: lapack.dpotrf(H.T, lower=1, clean=0))[1])
         if with_clarabel:
             reference = clarabel(H, g)
             walls.append(reference[1])
@@ -162,15 +167,17 @@ def measure_row(name, n, sigma, args, with_clarabel=True, with_step=True):
                    clarabel_status=reference[3],
                    relative_difference=(solution.objective - value) / abs(value))
         row.update(speedup=row["clarabel_wall"] / row["ours"],
-                   speedup_vs_solve=row["clarabel_solve"] / row["ours"])
+                   speedup_vs_solve=row["clarabel_solve"] / row["ours"],
+                   cholesky=statistics.median(floors))
     return row
 
 
 def print_row(row):
     clar = (f"{row['clarabel_wall']:>10.3f} {row['clarabel_solve']:>10.3f} "
             f"{row['speedup']:>7.0f}x {row['speedup_vs_solve']:>7.0f}x "
-            f"{row['relative_difference']:>9.1e}") if "speedup" in row else \
-        f"{'skipped':>10} {'':>10} {'':>8} {'':>8} {'':>9}"
+            f"{row['relative_difference']:>9.1e} {row['ours'] / row['cholesky']:>6.1f} "
+            f"{row['clarabel_wall'] / row['cholesky']:>6.0f}") if "speedup" in row else \
+        f"{'skipped':>10} {'':>10} {'':>8} {'':>8} {'':>9} {'':>6} {'':>6}"
     step = f"{row['step']:>9.4f}" if "step" in row else f"{'':>9}"
     print(f"{row['instance']:>8} {row['n']:>6} {row['sigma']:>5g} {row['support']:>7} "
           f"{row['iterations']:>5} {row['ours']:>9.4f} {step} {clar} {row['gap']:>9.1e} "
@@ -204,7 +211,7 @@ def main():
           f"ridge {RIDGE}, medians of {args.repeats} (ours and Clarabel interleaved)")
     header = (f"{'instance':>8} {'n':>6} {'sigma':>5} {'support':>7} {'iters':>5} {'ours [s]':>9} "
               f"{'step [s]':>9} {'clar wall':>10} {'clar solve':>10} {'speedup':>8} {'vs solve':>8} "
-              f"{'rel diff':>9} {'our gap':>9} {'status':>8} method")
+              f"{'rel diff':>9} {'/chol':>6} {'cl/ch':>6} {'our gap':>9} {'status':>8} method")
     print(header)
     print("-" * len(header))
     rows = []

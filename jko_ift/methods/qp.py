@@ -2,15 +2,21 @@
 
     min_b  1/2 b^T H b - g^T b   over  C = {b >= 0}  or  {b >= 0, sum(b) = M}
 
-``solve_weight_qp`` solves it exactly (docs/particles.md §3): a primal active-set method
-grown from a vertex (Lawson-Hanson for the orthant, its simplex analogue), with each face
-minimum from a Cholesky factorization of H on the face, updated as indices enter and leave.
-Kernel Gram matrices with a small ridge are numerically singular and the minimizers are
-sparse, which is what this method exploits. The result is certified by the Frank-Wolfe gap
-r^T b - M min_i r_i, r = H b - g, an upper bound of objective - optimum on the simplex (on the
-orthant the same bound with the mass of b). ``spectral_projected_gradient`` (Barzilai-Borwein
-steps, nonmonotone Armijo search) is the first-order fallback for programs that are not
-positive definite on a face, and for smooth non-quadratic objectives.
+``solve_weight_qp`` solves it exactly (docs/particles.md §3) on one of two paths. Dense warm
+starts (the weights of a step on most particles) take the dense path: one Cholesky factorization
+of the whole H and a primal-dual active set (Hintermueller-Ito-Kunisch) on the weights that
+vanish, each face minimum in the range space of the factorization (a system of the size of the
+zero set), so that the iteration count does not grow with the support; when it cycles, the
+dual of the program restricted to the weights it touched finishes. Cold and sparse starts, and
+sparse minimizers, take the sparse path: a primal active-set method grown from a vertex
+(Lawson-Hanson for the orthant, its simplex analogue), with each face minimum from a Cholesky
+factorization of H on the face, updated as indices enter and leave. Kernel Gram matrices with
+a small ridge are numerically singular; their minimizers are sparse when the target lies
+outside what the particles represent, dense when it overlaps them. The result is certified by
+the Frank-Wolfe gap r^T b - M min_i r_i, r = H b - g, an upper bound of objective - optimum on
+the simplex (on the orthant the same bound with the mass of b). ``spectral_projected_gradient``
+(Barzilai-Borwein steps, nonmonotone Armijo search) is the first-order fallback for programs
+that are not positive definite on a face, and for smooth non-quadratic objectives.
 
 The reaction steps that build these programs live in ``weights``.
 """
@@ -148,7 +154,9 @@ def solve_weight_qp(H, g, mass: float | None = None, start=None, atol: float | N
     """Minimize 1/2 b^T H b - g^T b over b >= 0 (mass None) or {b >= 0, sum(b) = mass}.
 
     H: (n, n) symmetric positive definite (a ridge makes kernel Grams so); g: (n,);
-    start: a feasible warm start (its face is tried first). mass_bound: on the orthant, the
+    start: a feasible warm start (its face is tried first; a dense one, more than
+    WARM_START_FRACTION of the points carrying weight, takes the dense path, see the module
+    docstring). mass_bound: on the orthant, the
     mass used in the certificate (default: that of ``start``; see ``frank_wolfe_gap``).
     Stops when the certified gap is at most max(atol, rtol * max(1e-300, |objective|)).
     A matrix that is not positive definite on the faces visited (a non-convex program, e.g.
