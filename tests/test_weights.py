@@ -304,3 +304,9 @@ def test_mmd_step_on_overlapping_measures_takes_the_dense_path():
     for conserve in (True, False):
         result = mmd_step(F, jk.MMD(k), x, a, 0.1, conserve, energy_scale=F.value(jk.Measure(x, a)))
         assert result.ok and result.info["weight_solver"] == "dense_active_set"
+
+
+def test_warm_start_of_the_wrong_shape_is_refused():
+    H, g, _ = overlapping_qp(20, 1.0)
+    with pytest.raises(ValueError, match=r"warm start must have shape \(20,\)"):
+        solve_weight_qp(H, g, 1.0, start=np.ones(3))

@@ -172,6 +172,9 @@ def solve_weight_qp(H, g, mass: float | None = None, start=None, atol: float | N
         raise ValueError("the weight QP has non-finite data (H or g contains NaN or inf)")
     if mass is not None and not (np.isfinite(mass) and mass > 0):
         raise ValueError(f"the simplex mass must be positive and finite, got {mass!r}")
+    if start is not None and np.shape(start) != (n,):
+        raise ValueError(f"the warm start must have shape ({n},) like g, got {np.shape(start)}; "
+                         "pass the weights of the previous step or None")
     max_iter = 20 * n + 100 if max_iter is None else int(max_iter)
     if mass_bound is None:
         mass_bound = 0.0 if start is None else float(np.abs(np.asarray(start, float)).sum())
@@ -492,11 +495,12 @@ def _dense_active_set(H: np.ndarray, g: np.ndarray, mass, start: np.ndarray, max
     whose multiplier is negative is released, a weight that the face minimum makes negative is
     set to zero. The count therefore does not grow with the support (a handful of iterations on
     kernel steps whose minimizer is dense). It ends when nothing is infeasible (z >= 0 and the
-    multipliers >= 0: the KKT point). Returns (b, iterations), or None when it gives up: a
-    sparse minimizer (PDAS_FIRST_ZERO_FRACTION, PDAS_MAX_ZERO_FRACTION: the active set grown
-    from a vertex is the fast path there). A repeated zero set or PDAS_MAX_ITER iterations (the
-    iteration can cycle on ill-conditioned programs) hand over to ``_reduced_dual``. Raises
-    LinAlgError when H is not positive definite.
+    multipliers >= 0: the KKT point). Returns (inverse, base, found): the factorization, H^{-1}
+    [g, 1], and found = (b, iterations), or None when it gives up on a sparse minimizer
+    (PDAS_FIRST_ZERO_FRACTION, PDAS_MAX_ZERO_FRACTION: the active set grown from a vertex is
+    the fast path there). A repeated zero set or PDAS_MAX_ITER iterations (the iteration can
+    cycle on ill-conditioned programs) hand over to ``_reduced_dual``. Raises LinAlgError when
+    H is not positive definite.
     """
     n = g.size
     inverse = _DenseInverse(H)
@@ -510,7 +514,8 @@ def _primal_dual_iteration(inverse: _DenseInverse, base: np.ndarray, mass, start
     zero = np.flatnonzero(start <= 0)
     seen: set[bytes] = set()
     touched = np.zeros(n, dtype=bool)
-    for iteration in range(1, min(max_iter, PDAS_MAX_ITER) + 1):
+    iteration = 0
+    for iteration in range(1, min(max_iter, PDAS_MAX_ITER) + 1):  # noqa: B007 - reported below
         z, lam = _range_space_face(inverse, base, zero, mass)
         infeasible = z < -ACTIVE_SET_ROUNDOFF * max(float(np.abs(z).max()), 1e-300)
         if iteration == 1 and np.count_nonzero(infeasible) > PDAS_FIRST_ZERO_FRACTION * n:
