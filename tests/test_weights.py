@@ -186,3 +186,127 @@ def test_warm_start_off_its_face_minimum_is_settled_by_the_active_set():
     expected = np.zeros(n)
     expected[:2] = [0.55, 0.45]
     np.testing.assert_allclose(solution.weights, expected, atol=1e-14)
+
+
+# -------------------------------------------------------------------------------------------------
+# Dense minimizers: the dense path (one factorization of H, primal-dual active set)
+# -------------------------------------------------------------------------------------------------
+
+def overlapping_qp(n, sigma, seed=0, eta=0.1, ridge=1e-8):
+    """The weight step with the target overlapping the particles (points from N(0, I_2), target
+    from N(0.5, 0.49 I_2), uniform weights): the minimizer carries mass on most particles."""
+    rng = np.random.default_rng(seed)
+    x, y = rng.standard_normal((n, 2)), 0.5 + 0.7 * rng.standard_normal((n, 2))
+    k = jk.Gaussian(sigma)
+    K = k(x, x)
+    a = np.full(n, 1.0 / n)
+    G = K + ridge * np.eye(n)
+    return K + G / eta, k.apply(x, y, np.full(n, 1.0 / n)) + G @ a / eta, a
+
+
+@pytest.mark.parametrize("mass", [1.0, None], ids=["simplex", "orthant"])
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 10.0])
+def test_dense_minimizers_match_clarabel_at_every_bandwidth(mass, sigma):
+    H, g, a = overlapping_qp(200, sigma)
+    solution = solve_weight_qp(H, g, mass, start=a)
+    reference = clarabel_qp(H, g, mass)
+    assert solution.status == "optimal" and solution.method == "dense_active_set"
+    assert solution.info["support"] > 100  # not sparse: the case the dense path is for
+    assert np.all(solution.weights >= 0)
+    if mass is not None:
+        assert solution.weights.sum() == pytest.approx(mass, rel=1e-14)
+    assert abs(solution.objective - reference) <= CLARABEL_RTOL * abs(reference)
+    assert solution.objective <= reference + OURS_NOT_WORSE_RTOL * abs(reference)
+    gap = frank_wolfe_gap(H @ solution.weights - g, solution.weights, mass, a.sum())
+    assert gap == pytest.approx(solution.gap, rel=1e-6, abs=1e-15)
+    assert solution.gap <= solution.info["tolerance"]
+
+
+def test_dense_minimizer_needs_few_iterations():
+    """A minimizer on about 75% of the points: the active set grown from a vertex (cold start)
+    adds and drops particles one at a time, hundreds of face steps; the dense path exchanges
+    many at once and needs a few, to the same objective."""
+    H, g, a = overlapping_qp(300, 1.0)
+    dense, grown = solve_weight_qp(H, g, 1.0, start=a), solve_weight_qp(H, g, 1.0)
+    assert dense.method == "dense_active_set" and grown.method == "active_set"
+    assert dense.info["support"] > 200
+    assert dense.iterations <= 10 < 100 <= grown.iterations
+    assert dense.objective == pytest.approx(grown.objective, rel=OURS_NOT_WORSE_RTOL)
+
+
+def test_dense_path_warm_start_on_the_minimizer_takes_one_iteration():
+    """A warm start with the minimizer's zeros (the previous step of a run) starts the dense
+    path on the right face: one face minimum, the same objective."""
+    H, g, a = overlapping_qp(300, 0.5)
+    cold = solve_weight_qp(H, g, 1.0, start=a)
+    warm = solve_weight_qp(H, g, 1.0, start=cold.weights)
+    assert cold.iterations > 3 and warm.iterations == 1
+    assert warm.status == "optimal" and warm.method == "dense_active_set"
+    assert warm.objective == pytest.approx(cold.objective, rel=OURS_NOT_WORSE_RTOL)
+
+
+def test_sparse_minimizer_from_a_dense_start_goes_to_the_grown_active_set():
+    """Particles far from the target (the kernel QP of ``kernel_qp``): the minimizer is sparse,
+    the dense path gives up after its first face minimum, the active set grown from a vertex
+    solves it."""
+    H, g, a = kernel_qp(300, seed=2)
+    solution = solve_weight_qp(H, g, 1.0, start=a)
+    assert solution.status == "optimal" and solution.method == "active_set"
+    assert solution.info["support"] < 100
+
+
+@pytest.mark.parametrize("mass", [1.0, None], ids=["simplex", "orthant"])
+def test_degenerate_minimizers_from_dense_starts(mass):
+    """All weights zero at the optimum (orthant, g <= 0), a single weight carrying the mass
+    (simplex), from the uniform start: certified and exact."""
+    H, _, a = overlapping_qp(80, 1.0)
+    g = np.zeros(a.size)
+    g[7] = 100.0
+    if mass is None:
+        g = -np.abs(np.random.default_rng(8).normal(size=a.size))
+    solution = solve_weight_qp(H, g, mass, start=a)
+    assert solution.status == "optimal"
+    expected = np.zeros(a.size)
+    if mass is not None:
+        expected[7] = mass
+    np.testing.assert_array_equal(solution.weights, expected)
+
+
+@pytest.mark.parametrize("ridge", [1e-8, 0.0], ids=["ridge", "singular"])
+def test_duplicate_points_make_H_singular_and_the_status_stays_honest(ridge):
+    """Every point twice: with the ridge H is definite but as ill-conditioned as 1 / ridge and
+    the dense path solves it; without, H is singular. Either way the status says whether the
+    certified gap met its tolerance, and an "optimal" objective agrees with Clarabel."""
+    rng = np.random.default_rng(9)
+    x = np.tile(rng.normal(size=(30, 2)), (2, 1))
+    y = 0.5 + 0.7 * rng.normal(size=(60, 2))
+    k = jk.Gaussian(1.0)
+    K, a = k(x, x), np.full(60, 1.0 / 60)
+    G = K + ridge * np.eye(60)
+    H, g = K + G / 0.1, k.apply(x, y, np.full(60, 1.0 / 60)) + G @ a / 0.1
+    solution = solve_weight_qp(H, g, 1.0, start=a)
+    reference = clarabel_qp(H, g, 1.0)
+    gap = frank_wolfe_gap(H @ solution.weights - g, solution.weights, 1.0, 1.0)
+    assert gap == pytest.approx(solution.gap, rel=1e-6, abs=1e-15)
+    assert (solution.status == "optimal") == (solution.gap <= solution.info["tolerance"])
+    if ridge > 0:
+        assert solution.status == "optimal" and solution.method == "dense_active_set"
+    if solution.status == "optimal":
+        assert abs(solution.objective - reference) <= CLARABEL_RTOL * abs(reference)
+
+
+def test_mmd_step_on_overlapping_measures_takes_the_dense_path():
+    rng = np.random.default_rng(10)
+    x, y = rng.standard_normal((150, 2)), 0.5 + 0.7 * rng.standard_normal((150, 2))
+    k = jk.Gaussian(1.0)
+    F = jk.MMD2(jk.Measure(y, np.full(150, 1.0 / 150)), k)
+    a = np.full(150, 1.0 / 150)
+    for conserve in (True, False):
+        result = mmd_step(F, jk.MMD(k), x, a, 0.1, conserve, energy_scale=F.value(jk.Measure(x, a)))
+        assert result.ok and result.info["weight_solver"] == "dense_active_set"
+
+
+def test_warm_start_of_the_wrong_shape_is_refused():
+    H, g, _ = overlapping_qp(20, 1.0)
+    with pytest.raises(ValueError, match=r"warm start must have shape \(20,\)"):
+        solve_weight_qp(H, g, 1.0, start=np.ones(3))

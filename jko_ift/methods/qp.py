@@ -2,15 +2,21 @@
 
     min_b  1/2 b^T H b - g^T b   over  C = {b >= 0}  or  {b >= 0, sum(b) = M}
 
-``solve_weight_qp`` solves it exactly (docs/particles.md §3): a primal active-set method
-grown from a vertex (Lawson-Hanson for the orthant, its simplex analogue), with each face
-minimum from a Cholesky factorization of H on the face, updated as indices enter and leave.
-Kernel Gram matrices with a small ridge are numerically singular and the minimizers are
-sparse, which is what this method exploits. The result is certified by the Frank-Wolfe gap
-r^T b - M min_i r_i, r = H b - g, an upper bound of objective - optimum on the simplex (on the
-orthant the same bound with the mass of b). ``spectral_projected_gradient`` (Barzilai-Borwein
-steps, nonmonotone Armijo search) is the first-order fallback for programs that are not
-positive definite on a face, and for smooth non-quadratic objectives.
+``solve_weight_qp`` solves it exactly (docs/particles.md §3) on one of two paths. Dense warm
+starts (the weights of a step on most particles) take the dense path: one Cholesky factorization
+of the whole H and a primal-dual active set (Hintermueller-Ito-Kunisch) on the weights that
+vanish, each face minimum in the range space of the factorization (a system of the size of the
+zero set), so that the iteration count does not grow with the support; when it cycles, the
+dual of the program restricted to the weights it touched finishes. Cold and sparse starts, and
+sparse minimizers, take the sparse path: a primal active-set method grown from a vertex
+(Lawson-Hanson for the orthant, its simplex analogue), with each face minimum from a Cholesky
+factorization of H on the face, updated as indices enter and leave. Kernel Gram matrices with
+a small ridge are numerically singular; their minimizers are sparse when the target lies
+outside what the particles represent, dense when it overlaps them. The result is certified by
+the Frank-Wolfe gap r^T b - M min_i r_i, r = H b - g, an upper bound of objective - optimum on
+the simplex (on the orthant the same bound with the mass of b). ``spectral_projected_gradient``
+(Barzilai-Borwein steps, nonmonotone Armijo search) is the first-order fallback for programs
+that are not positive definite on a face, and for smooth non-quadratic objectives.
 
 The reaction steps that build these programs live in ``weights``.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.linalg import lapack
 from scipy.linalg.blas import dtrsm, dtrsv
 
 #: Default relative accuracy of the weight step: the certified gap over the scale of the step
@@ -38,6 +45,29 @@ ACTIVE_SET_ROUNDOFF = 1e-13
 #: minimizers, so growing the face from a vertex is the fast path (docs/particles.md §3).
 WARM_START_FRACTION = 0.25
 DENSE_FACE_MAX = 400
+
+#: A dense warm start (more than WARM_START_FRACTION of the points carry weight) first tries the
+#: dense path: one Cholesky factorization of the whole H and a primal-dual active-set iteration
+#: on the (few) weights that vanish, whose count does not grow with the support. It keeps one or
+#: two more n x n arrays (the factor, and H^{-1} once many weights vanish), so it is tried up to
+#: DENSE_PATH_MAX points (two arrays of 1.2 GB); beyond, the active set grows from a vertex.
+DENSE_PATH_MAX = 12_000
+
+#: The dense path gives up (and the active set grows from a vertex) after PDAS_MAX_ITER
+#: iterations, on a repeated zero set, when the minimum over the start's face is negative on more
+#: than PDAS_FIRST_ZERO_FRACTION of the weights (the sign of a sparse minimizer: the face minimum
+#: of an ill-conditioned kernel QP then oscillates, about half of it negative), or when more than
+#: PDAS_MAX_ZERO_FRACTION of the weights vanish (the small systems grow to the size of H).
+PDAS_MAX_ITER = 40
+PDAS_FIRST_ZERO_FRACTION = 0.4
+PDAS_MAX_ZERO_FRACTION = 0.75
+#: Rounds of the dual fallback (``_reduced_dual``), each adding the weights found negative.
+PDAS_DUAL_ROUNDS = 5
+
+#: Columns of H^{-1} come from two triangular solves each while at most this fraction of the
+#: points need one; beyond, the whole inverse is formed once (LAPACK potri, n^3 / 3 flops but
+#: about 2.5 factorizations of time in OpenBLAS, against 2 n^2 flops a column).
+INVERSE_COLUMN_FRACTION = 0.4
 
 #: Round-off floor of a certified gap: r = H b - g is computed with errors of about
 #: eps (|H b| + |g|) per entry, so r^T b - M min r is known only to ROUNDOFF_FACTOR * eps *
@@ -124,7 +154,9 @@ def solve_weight_qp(H, g, mass: float | None = None, start=None, atol: float | N
     """Minimize 1/2 b^T H b - g^T b over b >= 0 (mass None) or {b >= 0, sum(b) = mass}.
 
     H: (n, n) symmetric positive definite (a ridge makes kernel Grams so); g: (n,);
-    start: a feasible warm start (its face is tried first). mass_bound: on the orthant, the
+    start: a feasible warm start (its face is tried first; a dense one, more than
+    WARM_START_FRACTION of the points carrying weight, takes the dense path, see the module
+    docstring). mass_bound: on the orthant, the
     mass used in the certificate (default: that of ``start``; see ``frank_wolfe_gap``).
     Stops when the certified gap is at most max(atol, rtol * max(1e-300, |objective|)).
     A matrix that is not positive definite on the faces visited (a non-convex program, e.g.
@@ -140,10 +172,16 @@ def solve_weight_qp(H, g, mass: float | None = None, start=None, atol: float | N
         raise ValueError("the weight QP has non-finite data (H or g contains NaN or inf)")
     if mass is not None and not (np.isfinite(mass) and mass > 0):
         raise ValueError(f"the simplex mass must be positive and finite, got {mass!r}")
+    if start is not None and np.shape(start) != (n,):
+        raise ValueError(f"the warm start must have shape ({n},) like g, got {np.shape(start)}; "
+                         "pass the weights of the previous step or None")
     max_iter = 20 * n + 100 if max_iter is None else int(max_iter)
     if mass_bound is None:
         mass_bound = 0.0 if start is None else float(np.abs(np.asarray(start, float)).sum())
     solver = _ActiveSet(H, g, mass, rtol, atol, mass_bound)
+    dense = _dense_path(H, g, mass, start, solver, max_iter)
+    if dense is not None:
+        return dense
     try:
         b, iterations = solver.run(start, max_iter)
     except np.linalg.LinAlgError:
@@ -166,9 +204,10 @@ def solve_weight_qp(H, g, mass: float | None = None, start=None, atol: float | N
                        "roundoff": floor})
 
 
-def roundoff_floor(H, g, b, mass, mass_bound=0.0) -> float:
-    """The accuracy to which the gap of ``frank_wolfe_gap`` can be computed (ROUNDOFF_FACTOR)."""
-    size = float(np.abs(H @ b).max() + np.abs(g).max())
+def roundoff_floor(H, g, b, mass, mass_bound=0.0, Hb: np.ndarray | None = None) -> float:
+    """The accuracy to which the gap of ``frank_wolfe_gap`` can be computed (ROUNDOFF_FACTOR);
+    Hb: H @ b when the caller has it."""
+    size = float(np.abs(H @ b if Hb is None else Hb).max() + np.abs(g).max())
     weight = mass if mass is not None else max(float(b.sum()), mass_bound)
     return ROUNDOFF_FACTOR * np.finfo(float).eps * weight * size
 
@@ -371,6 +410,224 @@ class _ActiveSet:
         if self.mass is not None and support.size:  # exact mass (round-off only)
             b[support] *= self.mass / b[support].sum()
         return support, iterations, removed
+
+
+# -------------------------------------------------------------------------------------------------
+# The dense path: a primal-dual active set in the range space of one factorization of H
+# -------------------------------------------------------------------------------------------------
+
+class _DenseInverse:
+    """H^{-1} through one Cholesky factorization of the whole H (LAPACK potrf): its action on
+    vectors, and its columns on demand (two triangular solves each), or the whole inverse
+    (LAPACK potri, formed once) when more than INVERSE_COLUMN_FRACTION of them are needed.
+    A positive semidefinite H that is singular to working precision is factored with a shift of
+    its round-off size (ROUNDOFF_FACTOR eps max H_ii): the certificate, computed with H itself,
+    says whether the point found is still the minimum."""
+
+    def __init__(self, H: np.ndarray):
+        # H is symmetric, so H.T is the Fortran-ordered copy LAPACK wants without a transpose
+        factor, info = lapack.dpotrf(H.T, lower=1, clean=0)  # only the lower triangle is read
+        if info != 0:  # singular to working precision (duplicate points, no ridge): shift it
+            shift = ROUNDOFF_FACTOR * np.finfo(float).eps * float(np.abs(H.diagonal()).max())
+            factor, info = lapack.dpotrf(H.T + shift * np.eye(H.shape[0]), lower=1, clean=0)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"H is not positive definite (potrf info {info})")
+        self.factor = factor
+        self.n = H.shape[0]
+        self.lower_inverse: np.ndarray | None = None  # lower triangle of H^{-1}
+        self.cache: dict[int, np.ndarray] = {}
+
+    def solve(self, rhs: np.ndarray) -> np.ndarray:
+        """H^{-1} rhs for rhs: (n, k)."""
+        return _triangular(self.factor, _triangular(self.factor, rhs), transpose=True)
+
+    def columns(self, indices: np.ndarray) -> np.ndarray:
+        """H^{-1}[:, indices]: (n, k). Columns are kept: the zero sets of consecutive
+        iterations share most of their indices."""
+        missing = np.array([i for i in indices.tolist() if i not in self.cache], dtype=int)
+        if missing.size and self.lower_inverse is None and \
+                len(self.cache) + missing.size > INVERSE_COLUMN_FRACTION * self.n:
+            inverse, info = lapack.dpotri(self.factor, lower=1)
+            if info != 0:
+                raise np.linalg.LinAlgError(f"singular Cholesky factor (potri info {info})")
+            self.lower_inverse = inverse
+        if missing.size and self.lower_inverse is not None:
+            # column i: rows j >= i from column i of the lower triangle, rows j < i from its row i
+            below = np.arange(self.n)[:, None] >= missing[None, :]
+            found = np.where(below, self.lower_inverse[:, missing], self.lower_inverse[missing].T)
+        elif missing.size:
+            unit = np.zeros((self.n, missing.size))
+            unit[missing, np.arange(missing.size)] = 1.0
+            found = self.solve(unit)
+        for column, index in zip(found.T if missing.size else (), missing.tolist(), strict=True):
+            self.cache[index] = column
+        if not indices.size:
+            return np.zeros((self.n, 0))
+        return np.array([self.cache[i] for i in indices.tolist()]).T
+
+
+def _range_space_face(inverse: _DenseInverse, base: np.ndarray, zero: np.ndarray, mass):
+    """Minimum z of 1/2 b^T H b - g^T b on the face {b_zero = 0} (and sum(b) = mass).
+
+    With the constraints C^T b = d, C = [E_zero, 1], d = (0, mass), the minimizer is
+    z = H^{-1} (g + C lam) where C^T H^{-1} C lam = d - C^T H^{-1} g: a system of the size of the
+    zero set. base: (n, 1 or 2) = H^{-1} [g, 1]. Returns z and lam_zero, the multipliers of
+    b_zero >= 0 (r_i - nu for r = H z - g; all >= 0 at the minimum over the feasible set).
+    """
+    V = inverse.columns(zero)
+    if mass is None:
+        system, rhs = V[zero], -base[zero, 0]
+    else:
+        V = np.column_stack([V, base[:, 1]])
+        system = np.vstack([V[zero], V.sum(0)])
+        rhs = np.append(-base[zero, 0], mass - base[:, 0].sum())
+    lam = np.linalg.solve(system, rhs) if rhs.size else rhs
+    z = base[:, 0] + V @ lam
+    z[zero] = 0.0
+    return z, lam[:zero.size]
+
+
+def _dense_active_set(H: np.ndarray, g: np.ndarray, mass, start: np.ndarray, max_iter: int):
+    """The primal-dual active set (Hintermueller-Ito-Kunisch) on the zero set of the weights,
+    each face minimum from one factorization of the whole H (``_range_space_face``).
+
+    From the zeros of ``start``, each iteration exchanges every infeasible index at once: a zero
+    whose multiplier is negative is released, a weight that the face minimum makes negative is
+    set to zero. The count therefore does not grow with the support (a handful of iterations on
+    kernel steps whose minimizer is dense). It ends when nothing is infeasible (z >= 0 and the
+    multipliers >= 0: the KKT point). Returns (inverse, base, found): the factorization, H^{-1}
+    [g, 1], and found = (b, iterations), or None when it gives up on a sparse minimizer
+    (PDAS_FIRST_ZERO_FRACTION, PDAS_MAX_ZERO_FRACTION: the active set grown from a vertex is
+    the fast path there). A repeated zero set or PDAS_MAX_ITER iterations (the iteration can
+    cycle on ill-conditioned programs) hand over to ``_reduced_dual``. Raises LinAlgError when
+    H is not positive definite.
+    """
+    n = g.size
+    inverse = _DenseInverse(H)
+    base = inverse.solve(g[:, None] if mass is None else np.column_stack([g, np.ones(n)]))
+    return inverse, base, _primal_dual_iteration(inverse, base, mass, start, max_iter)
+
+
+def _primal_dual_iteration(inverse: _DenseInverse, base: np.ndarray, mass, start, max_iter):
+    """The iteration of ``_dense_active_set``: (b, iterations) or None."""
+    n = base.shape[0]
+    zero = np.flatnonzero(start <= 0)
+    seen: set[bytes] = set()
+    touched = np.zeros(n, dtype=bool)
+    iteration = 0
+    for iteration in range(1, min(max_iter, PDAS_MAX_ITER) + 1):  # noqa: B007 - reported below
+        z, lam = _range_space_face(inverse, base, zero, mass)
+        infeasible = z < -ACTIVE_SET_ROUNDOFF * max(float(np.abs(z).max()), 1e-300)
+        if iteration == 1 and np.count_nonzero(infeasible) > PDAS_FIRST_ZERO_FRACTION * n:
+            return None
+        infeasible[zero] = lam < -ACTIVE_SET_ROUNDOFF * max(float(np.abs(lam).max(initial=0.0)),
+                                                              1e-300)
+        if not infeasible.any():
+            return _feasible(z, mass), iteration
+        in_zero = np.zeros(n, dtype=bool)
+        in_zero[zero] = True
+        zero = np.flatnonzero(in_zero ^ infeasible)
+        touched[zero] = True
+        if zero.size > PDAS_MAX_ZERO_FRACTION * n:
+            return None
+        if zero.tobytes() in seen:
+            break
+        seen.add(zero.tobytes())
+    found = _reduced_dual(inverse, base, mass, touched)
+    return None if found is None else (found[0], iteration + found[1])
+
+
+def _feasible(z: np.ndarray, mass) -> np.ndarray:
+    """max(z, 0), rescaled to the mass on the simplex (z has a positive entry there)."""
+    b = np.maximum(z, 0.0)
+    return b if mass is None else b * (mass / b.sum())
+
+
+def _reduced_dual(inverse: _DenseInverse, base: np.ndarray, mass, uncertain: np.ndarray):
+    """The QP when only the weights of ``uncertain`` (a mask) can vanish, by its dual, solved
+    with the active set of ``_ActiveSet`` (monotone, finite: the fallback when the primal-dual
+    iteration cycles).
+
+    With b_U >= 0 the only bounds (U = uncertain) and multipliers mu >= 0 for them,
+    b = H^{-1} (g + nu 1 + E_U mu); eliminating nu with sum(b) = mass leaves the linear
+    complementarity problem b_U = q + M mu >= 0, mu >= 0, mu^T b_U = 0 with M the Schur
+    complement (H^{-1})_UU - c c^T / s (c = (H^{-1} 1)_U, s = 1^T H^{-1} 1) positive definite:
+    the orthant QP min 1/2 mu^T M mu + q^T mu. A weight outside U that comes out negative joins
+    U and the dual is solved again. Returns (b, iterations of the dual), or None.
+    """
+    iterations = 0
+    for _ in range(PDAS_DUAL_ROUNDS):
+        U = np.flatnonzero(uncertain)
+        V = inverse.columns(U)
+        M, q = V[U], base[U, 0].copy()
+        shift = 0.0
+        if mass is not None:
+            total, c = float(base[:, 1].sum()), base[U, 1]
+            M = M - np.outer(c, c) / total
+            shift = (mass - float(base[:, 0].sum())) / total
+            q += shift * c
+        # no mass bound on mu: the method runs to round-off (its own gap is not the certificate)
+        dual = _ActiveSet(0.5 * (M + M.T), -q, None, 0.0, 0.0, mass_bound=UNBOUNDED)
+        mu, count = dual.run(None, 20 * U.size + 100)
+        iterations += count
+        b = base[:, 0] + V @ mu
+        if mass is not None:
+            b += (shift - float(c @ mu) / total) * base[:, 1]
+        b[U[mu > 0]] = 0.0
+        negative = b < -ACTIVE_SET_ROUNDOFF * max(float(np.abs(b).max()), 1e-300)
+        if not negative.any():
+            return _feasible(b, mass), iterations
+        uncertain = uncertain | negative
+    return None
+
+
+def _dense_path(H, g, mass, start, solver, max_iter) -> QPSolution | None:
+    """The dense path of ``solve_weight_qp`` (DENSE_PATH_MAX), when ``start`` is dense: its
+    certified solution, or None when it does not apply (the active set from a vertex then runs)."""
+    n = g.size
+    if start is None or not 1 < n <= DENSE_PATH_MAX:
+        return None
+    start = np.asarray(start, dtype=float)  # only its zeros matter (a projection would fill them)
+    if np.count_nonzero(start > 0) <= WARM_START_FRACTION * n:
+        return None
+    try:
+        inverse, base, found = _dense_active_set(H, g, mass, start, max_iter)
+        if found is None:
+            return None
+        b, iterations = found
+        solution = _certified(H, g, mass, b, iterations, solver)
+        if solution.status != "optimal":  # an ill-conditioned face: one step of refinement
+            solution = _certified(H, g, mass, _refine(H, g, mass, b, inverse, base), iterations,
+                                  solver)
+    except np.linalg.LinAlgError:
+        return None
+    return solution if solution.status == "optimal" else None
+
+
+def _certified(H, g, mass, b, iterations, solver) -> QPSolution:
+    """b with its objective and certificate (``frank_wolfe_gap``, ``roundoff_floor``)."""
+    Hb = H @ b
+    r = Hb - g
+    objective = 0.5 * float(b @ r) - 0.5 * float(g @ b)
+    gap = frank_wolfe_gap(r, b, mass, solver.mass_bound)
+    floor = roundoff_floor(H, g, b, mass, solver.mass_bound, Hb)
+    tolerance = max(solver.tolerance(objective), floor)
+    status = "optimal" if gap <= tolerance else "max_iterations"
+    return QPSolution(b, objective, gap, iterations, status, "dense_active_set",
+                      {"support": int(np.count_nonzero(b)), "tolerance": tolerance,
+                       "roundoff": floor})
+
+
+def _refine(H, g, mass, b, inverse: _DenseInverse, base: np.ndarray) -> np.ndarray:
+    """One step of iterative refinement on the face of b: the correction d minimizes
+    1/2 d^T H d + r^T d (r = H b - g, computed with H) on {d_i = 0 where b_i = 0, sum(d) = 0}."""
+    r = H @ b - g
+    correction = inverse.solve(-r[:, None])
+    if mass is not None:
+        correction = np.column_stack([correction, base[:, 1]])
+    d, _ = _range_space_face(inverse, correction, np.flatnonzero(b <= 0),
+                             None if mass is None else 0.0)
+    return _feasible(b + d, mass)
 
 
 def projected_gradient_qp(H, g, mass, start=None, atol=None, rtol=DEFAULT_WEIGHT_RTOL,

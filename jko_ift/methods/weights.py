@@ -15,12 +15,11 @@ MMD step is the convex quadratic program
     min_b  1/2 b^T H b - g^T b   over  C = {b >= 0}  or  {b >= 0, sum(b) = M},
     H = A + G / eta,   g = c + G a / eta,
 
-which ``qp.solve_weight_qp`` solves exactly (docs/particles.md §3): a primal active-set method
-grown from a vertex (Lawson-Hanson for the orthant, its simplex analogue), with each face
-minimum from a Cholesky factorization of H on the face. Kernel Gram matrices with a small
-ridge are numerically singular and the minimizers are sparse (a few dozen of a thousand
-weights), which is exactly what this method exploits, while interior-point, projected
-Newton and primal-dual active-set iterations struggle with the conditioning. The result is
+which ``qp.solve_weight_qp`` solves exactly (docs/particles.md §3): from the dense weights a
+of a step, a primal-dual active set on one Cholesky factorization of H (minimizers on most
+particles, when the target overlaps them), and a primal active-set method grown from a vertex
+(Lawson-Hanson for the orthant, its simplex analogue) for sparse minimizers (a few dozen of a
+thousand weights, when the target lies outside what the particles represent). The result is
 certified by the Frank-Wolfe gap r^T b - M min_i r_i, r = H b - g, an upper bound of
 objective - optimum on the simplex (on the orthant the same bound with the mass of b).
 
