@@ -256,10 +256,7 @@ def barenblatt(m, t, x, d=2, C=0.1):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("m", [2, pytest.param(3, marks=pytest.mark.xfail(
-    reason="m = 3: the dual ascent stays above a certificate of 1e-3 after 1000 iterations (1.5e-2 "
-           "at tau = 0.02, 96^2): (u*)'' is unbounded at the free boundary (docs/theory.md §10)",
-    strict=False))])
+@pytest.mark.parametrize("m", [2, 3])
 def test_barenblatt_is_matched_at_first_order_in_tau(m):
     grid = jk.Grid([-1, -1], [1, 1], (96, 96))
     start, final = 0.05, 0.08

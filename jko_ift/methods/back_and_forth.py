@@ -25,11 +25,12 @@ the two potentials (mu^k sits on nodes, the new measure is delivered by interpol
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..geometries import InfConvolution, Wasserstein
+from ..measures import Grid
 from .base import Method, MethodState, SolverError, StepResult, check_step_input
 from .legendre import c_transform, push_forward
 from .local_energy import LocalEnergy, local_energy
@@ -49,6 +50,9 @@ STALL_RATIO = 1e-6
 #: direction is not amplified further (measured on the 2-D Fokker-Planck step, 64^2, tau = 0.1:
 #: certificate 3e-5 after 200 iterations with 1e-4, 4e-4 with 1e-2, 3e-3 without scaling).
 SCALING_FLOOR = 1e-4
+#: Multilevel cold start: grids with at least 2 * COARSE_CELLS cells on every axis (an even
+#: number) start from the step solved on the grid of half the cells, to COARSE_ITERATIONS.
+COARSE_CELLS, COARSE_ITERATIONS = 32, 300
 #: First window of the ergodic primal average (iterations); it doubles at each restart.
 AVERAGE_WINDOW = 8
 
@@ -67,10 +71,12 @@ class _Point:
     phi: np.ndarray
     dual: float
     wanted: np.ndarray       # a(phi): the masses the energy asks for
-    pushed: np.ndarray       # P(phi): mu^k pushed forward, a feasible new measure
-    distance_sq: float       # the step's squared transport distance of P(phi)
-    energy: float            # F(P(phi)) on the grid
     curvature: np.ndarray    # (u*)''(-phi - W): the energy's part of the dual's Hessian per cell
+    argmins: list | None = None      # the c-transform's argmins, until delivered
+    # filled by ``_Ascent.deliver`` (a trial step that backtracking rejects never needs them):
+    pushed: np.ndarray | None = None  # P(phi): mu^k pushed forward, a feasible new measure
+    distance_sq: float = np.nan       # the step's squared transport distance of P(phi)
+    energy: float = np.nan            # F(P(phi)) on the grid
 
 
 
@@ -147,7 +153,12 @@ class BackAndForthJKO(Method):
         grid = _check_grid(mu)
         energy = local_energy(F, mu, "BackAndForthJKO")
         ascent = _Ascent(energy, mu, tau, grid)
-        phi, sigma = self._start(grid, energy, mu, ascent.diffusivity * tau, state.warm)
+        warm = self.warm_start and state.warm.get("grid") == _grid_key(grid)
+        if warm:
+            phi, sigma = [state.warm["phi"].reshape(grid.shape)], state.warm["sigma"]
+        else:
+            phi, sigma = [_coarse_start(F, mu, tau, self.tol)], 1.0
+        phi = [p for p in phi if p is not None] + _cold_starts(grid, energy, mu, ascent.diffusivity * tau)
         run = ascent.run(phi, sigma, self.tol, self.max_iter)
         # the warm start: the last dual potential and step size, with the grid they belong to
         state.warm.update(grid=_grid_key(grid), phi=run.dual.phi.ravel().copy(), sigma=run.sigma)
@@ -157,17 +168,49 @@ class BackAndForthJKO(Method):
             raise SolverError(result.info["message"], result.status, result)
         return result
 
-    def _start(self, grid, energy: LocalEnergy, mu, heat_time: float,
-               state: dict) -> tuple[list[np.ndarray], float]:
-        """Candidate starting potentials (the run starts from the one of largest dual value):
-        the previous step's on the same grid, and the cold starts of ``initial_potentials``, one
-        of them from rho^k smoothed by the heat flow of the step's typical diffusivity (for the
-        entropy, the heat equation's step: a good guess of rho^{k+1} where rho^k has edges)."""
-        smoothed = heat(mu.weights.reshape(grid.shape) / grid.cell_volume, grid.spacing, heat_time)
-        cold = [phi.reshape(grid.shape) for phi in energy.initial_potentials(mu, smoothed.ravel())]
-        if self.warm_start and state.get("grid") == _grid_key(grid):
-            return [state["phi"].reshape(grid.shape), *cold], state["sigma"]
-        return cold, 1.0
+
+def _cold_starts(grid, energy: LocalEnergy, mu, heat_time: float) -> list[np.ndarray]:
+    """The cold starts of ``initial_potentials``, one of them from rho^k smoothed by the heat flow
+    of the step's typical diffusivity (for the entropy, the heat equation's step: a good guess of
+    rho^{k+1} where rho^k has edges)."""
+    smoothed = heat(mu.weights.reshape(grid.shape) / grid.cell_volume, grid.spacing, heat_time)
+    return [phi.reshape(grid.shape) for phi in energy.initial_potentials(mu, smoothed.ravel())]
+
+
+def _coarse_start(F, mu, tau: float, tol: float) -> np.ndarray | None:
+    """A start for a cold step on a fine grid (multilevel): the same step on the grid of half the
+    cells per axis (mu^k's masses summed over blocks of 2^d cells), solved the same way (from a
+    coarser start in turn) to ``COARSE_ITERATIONS`` at most, and its dual potential interpolated
+    to the fine nodes. None where the grid is too small or has an odd number of cells on an axis."""
+    grid = mu.grid
+    shape = np.array(grid.shape)
+    if shape.min() < 2 * COARSE_CELLS or np.any(shape % 2):
+        return None
+    coarse_grid = Grid(grid.lo, grid.hi, tuple(int(n) for n in shape // 2))
+    blocks = mu.weights.reshape([k for n in coarse_grid.shape for k in (n, 2)])
+    masses = blocks.sum(axis=tuple(range(1, 2 * grid.dim, 2)))
+    coarse = coarse_grid.measure(masses / coarse_grid.cell_volume)
+    energy = local_energy(F, coarse, "BackAndForthJKO")
+    ascent = _Ascent(energy, coarse, tau, coarse_grid)
+    starts = [_coarse_start(F, coarse, tau, tol)]
+    starts = [p for p in starts if p is not None] + _cold_starts(coarse_grid, energy, coarse,
+                                                                  ascent.diffusivity * tau)
+    run = ascent.run(starts, 1.0, tol, COARSE_ITERATIONS)
+    return _prolong(run.dual.phi, grid.shape)
+
+
+def _prolong(values: np.ndarray, shape) -> np.ndarray:
+    """Linear interpolation of node values on a cell-centred grid to the grid of twice the cells
+    per axis on the same box (fine node i sits at coarse index i / 2 - 1/4; constant beyond the
+    outer nodes)."""
+    for axis, n in enumerate(shape):
+        position = np.clip(np.arange(n) / 2.0 - 0.25, 0.0, values.shape[axis] - 1.0)
+        low = np.minimum(np.floor(position).astype(int), values.shape[axis] - 2) if values.shape[axis] > 1 \
+            else np.zeros(n, int)
+        weight = (position - low).reshape([-1 if k == axis else 1 for k in range(values.ndim)])
+        high = np.minimum(low + 1, values.shape[axis] - 1)
+        values = (1.0 - weight) * np.take(values, low, axis=axis) + weight * np.take(values, high, axis=axis)
+    return values
 
 
 def _grid_key(grid) -> tuple:
@@ -208,16 +251,23 @@ class _Ascent:
             typical_curvature = 1.0 / max(typical_density, 1e-300)
         self.typical_curvature = typical_curvature
         self.diffusivity = typical_density / typical_curvature  # rho u''(rho) of the linearized flow
+        # (u*)''(s) -> infinity as s -> 0+ for a power m > 2 alone (rho ~ s^(1/(m-1)))
+        self.unbounded_at_edge = energy.entropy == 0 and max(m for _, m in energy.powers) > 2
         self.metric = ScreenedPoisson(grid.shape, self.spacing, tau * typical_density, typical_curvature)
 
-    def evaluate(self, phi: np.ndarray) -> _Point:
+    def evaluate(self, phi: np.ndarray, deliver: bool = True) -> _Point:
+        """D(phi) and a(phi); with ``deliver``, also P(phi), its plan's cost and F(P(phi))."""
         psi, argmins = c_transform(phi, self.spacing, self.tau)
-        pushed, costs = push_forward(self.source, argmins, self.spacing)
         own, wanted, curvature = self.energy.pointwise(phi.ravel())
         dual = float(np.sum(self.source * psi)) + own
-        curvature = curvature.reshape(self.shape)
-        return _Point(phi, dual, wanted.reshape(self.shape), pushed, float(costs.sum()),
-                      self.energy.value(pushed.ravel()), curvature)
+        point = _Point(phi, dual, wanted.reshape(self.shape), curvature.reshape(self.shape), argmins)
+        return self.deliver(point) if deliver else point
+
+    def deliver(self, point: _Point) -> _Point:
+        """The point with mu^k pushed by its argmins, the plan's cost and the energy of the result."""
+        pushed, costs = push_forward(self.source, point.argmins, self.spacing)
+        return replace(point, argmins=None, pushed=pushed, distance_sq=float(costs.sum()),
+                       energy=self.energy.value(pushed.ravel()))
 
     def _feasible(self, phi: np.ndarray, mass: float) -> np.ndarray:
         """phi with its constant balanced and, without entropy, lowered where no mass is wanted."""
@@ -229,7 +279,10 @@ class _Ascent:
         the curvature kappa = (u*)''(-phi - W) of the energy is smaller (the tails of a density,
         where both parts of the dual's Hessian shrink with the density)."""
         floor = SCALING_FLOOR * self.typical_curvature
-        scaling = np.sqrt(self.typical_curvature / np.maximum(point.curvature, floor))
+        curvature = point.curvature
+        if self.unbounded_at_edge:  # empty cells: amplifying there overshoots into the edge
+            curvature = np.where(curvature > 0, curvature, self.typical_curvature)
+        scaling = np.sqrt(self.typical_curvature / np.maximum(curvature, floor))
         return scaling * self.metric.solve(scaling * mismatch)
 
     def certificate(self, primal: _Primal, dual: float) -> float:
@@ -273,11 +326,11 @@ class _Ascent:
         increases it (a kink of the discrete dual, docs/theory.md §10)."""
         sigma = run.sigma
         while sigma >= STALL_RATIO * run.sigma:
-            trial = self.evaluate(self._feasible(point.phi + sigma * direction, self.mass))
+            trial = self.evaluate(self._feasible(point.phi + sigma * direction, self.mass), deliver=False)
             run.evaluations += 1
             if trial.dual >= point.dual + ARMIJO * sigma * slope:
                 run.sigma = sigma * GROW
-                return trial
+                return self.deliver(trial)
             sigma *= SHRINK
         return None
 
