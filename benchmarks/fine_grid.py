@@ -6,14 +6,15 @@ mass 0.02 spread uniformly on three squares of side 0.2 centred at (0.3, 0.3), (
 (0.7, 0.3); tau = 0.1. For each grid m x m (128, 256, 512) one method object takes ``--steps``
 consecutive steps (the first cold, the others warm-started) and the table gives, side by side:
 
-* per iteration: the wall time of one ascent evaluation (c-transform, pushforward, conjugate,
-  energy) against its floor, one screened Poisson solve (DCT-II / III) plus the separable
-  Legendre passes of one c-transform, each timed alone in the same run (fastest of 10);
+* per iteration: the wall time of the warm steps against their floor, the Poisson solves and
+  the separable Legendre passes they made (one screened Poisson solve, DCT-II / III, per
+  iteration and one c-transform per evaluation), each timed alone in the same run (fastest of
+  10, on the cold start's dual potential);
 * iterations and evaluations per step (an iteration may evaluate more than once when the
   step size backtracks), time per step, the certificate reached (duality gap / objective),
   the status and the mass drift;
-* met / not met against the targets: per evaluation <= 1.5 x floor; a 512x512 step <= 10 s
-  with its certificate met.
+* met / not met against the targets: per iteration <= 1.5 x floor; a 512x512 step <= 10 s
+  with its certificate met, cold (the first step of a run) and warm.
 
 Run:  nice python benchmarks/fine_grid.py [--grids 128 256 512] [--steps 2] [--max-iter 400]
 """
@@ -29,6 +30,7 @@ import numpy as np
 
 import jko_ift as jk
 from jko_ift.methods.legendre import c_transform
+from jko_ift.methods.local_energy import local_energy
 from jko_ift.methods.poisson import ScreenedPoisson
 
 TAU, MASS, TOL = 0.1, 0.02, 1e-4
@@ -68,10 +70,9 @@ def best_time(function, repeats: int = 10) -> float:
     return min(times)
 
 
-def floor(grid) -> tuple[float, float]:
+def floor(grid, F, mu) -> tuple[float, float]:
     """(one screened Poisson solve, one c-transform's Legendre passes), in seconds."""
-    rng = np.random.default_rng(0)
-    field = rng.normal(size=grid.shape)
+    field = local_energy(F, mu, "benchmark").initial_potential(mu).reshape(grid.shape)
     metric = ScreenedPoisson(grid.shape, grid.spacing, TAU * 0.1, 0.5)
     poisson = best_time(lambda: metric.solve(field))
     legendre = best_time(lambda: c_transform(field, grid.spacing, TAU))
@@ -80,7 +81,7 @@ def floor(grid) -> tuple[float, float]:
 
 def run(m: int, args) -> dict:
     grid, F, mu = problem(m)
-    poisson, legendre = floor(grid)
+    poisson, legendre = floor(grid, F, mu)
     method = jk.BackAndForthJKO(tol=args.tol, max_iter=args.max_iter)
     steps = []
     for _ in range(args.steps):
@@ -88,17 +89,20 @@ def run(m: int, args) -> dict:
         result = method.step(F, jk.Wasserstein(), mu, TAU, throw=False)
         steps.append((time.perf_counter() - start, result))
         mu = result.measure
-    per_evaluation = statistics.median(t / r.info["evaluations"] for t, r in steps)
+    warm = steps[1:] or steps  # the cold step also solves on coarser grids (multilevel start)
+    ratio = statistics.median(t / (r.info["iterations"] * poisson + r.info["evaluations"] * legendre)
+                              for t, r in warm)
+    per_evaluation = statistics.median(t / r.info["evaluations"] for t, r in warm)
     return {"grid": m, "poisson": poisson, "legendre": legendre, "per_evaluation": per_evaluation,
-            "steps": steps}
+            "ratio": ratio, "steps": steps}
 
 
 def report(row: dict, tol: float) -> None:
-    m, base = row["grid"], row["poisson"] + row["legendre"]
-    ratio = row["per_evaluation"] / base
-    print(f"\n{m}x{m}: floor {1e3 * base:.1f} ms (Poisson {1e3 * row['poisson']:.1f} + Legendre "
-          f"{1e3 * row['legendre']:.1f}); per evaluation {1e3 * row['per_evaluation']:.1f} ms = "
-          f"{ratio:.2f} x floor [{'met' if ratio <= FLOOR_FACTOR else 'not met'} <= {FLOOR_FACTOR}]")
+    m, ratio = row["grid"], row["ratio"]
+    print(f"\n{m}x{m}: Poisson solve {1e3 * row['poisson']:.1f} ms, Legendre passes "
+          f"{1e3 * row['legendre']:.1f} ms; per evaluation {1e3 * row['per_evaluation']:.1f} ms; per "
+          f"iteration {ratio:.2f} x its floor [{'met' if ratio <= FLOOR_FACTOR else 'not met'}: <= "
+          f"{FLOOR_FACTOR}]")
     for k, (seconds, result) in enumerate(row["steps"]):
         info = result.info
         target = ""
