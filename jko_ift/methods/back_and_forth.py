@@ -275,7 +275,7 @@ class _Ascent:
 
     def _feasible(self, phi: np.ndarray, mass: float) -> np.ndarray:
         """phi with its constant balanced and, without entropy, lowered where no mass is wanted."""
-        return self.energy.lowered(self.energy.balanced(phi, mass))
+        return self.energy.feasible(phi, mass)
 
     def direction(self, point: _Point, mismatch: np.ndarray) -> np.ndarray:
         """The preconditioned ascent direction S M^{-1} S g: M the screened Poisson operator with
