@@ -119,8 +119,27 @@ def main():
     args = parse()
     print(f"BackAndForthJKO on the porous-medium example (m = 2, tau = {TAU}, mass {MASS}); "
           f"tol = {args.tol:g}, max_iter = {args.max_iter}; load average {os.getloadavg()[0]:.2f}")
-    for m in args.grids:
-        report(run(m, args), args.tol)
+    rows = [run(m, args) for m in args.grids]
+    for row in rows:
+        report(row, args.tol)
+    summary(rows, args.tol)
+
+
+def summary(rows: list[dict], tol: float) -> None:
+    """Met / not met against each target, in one block."""
+    print("\ntargets:")
+    for row in rows:
+        m, ratio = row["grid"], row["ratio"]
+        print(f"  {m}x{m} per iteration <= {FLOOR_FACTOR} x floor: "
+              f"{'met' if ratio <= FLOOR_FACTOR else 'not met'} ({ratio:.2f})")
+    for row in rows:
+        if row["grid"] != 512:
+            continue
+        for k, (seconds, result) in enumerate(row["steps"]):
+            met = seconds <= STEP_SECONDS_512 and result.certificate <= tol
+            print(f"  512x512 step {k + 1} ({'cold' if k == 0 else 'warm'}) <= {STEP_SECONDS_512:g} s with "
+                  f"certificate <= {tol:g}: {'met' if met else 'not met'} ({seconds:.1f} s, "
+                  f"{result.certificate:.1e})")
 
 
 if __name__ == "__main__":
