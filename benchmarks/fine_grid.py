@@ -9,7 +9,8 @@ consecutive steps (the first cold, the others warm-started) and the table gives,
 * per iteration: the wall time of the warm steps against their floor, the Poisson solves and
   the separable Legendre passes they made (one screened Poisson solve, DCT-II / III, per
   iteration and one c-transform per evaluation), each timed alone in the same run (median of
-  10 before the steps and 10 after, on the cold start's dual potential);
+  10 on the cold start's dual potential before the steps and 10 on the steps' final potentials
+  after them);
 * iterations and evaluations per step (an iteration may evaluate more than once when the
   step size backtracks), time per step, the certificate reached (duality gap / objective),
   the status and the mass drift;
@@ -58,39 +59,45 @@ def problem(m: int):
     return grid, F, mu
 
 
-def typical_time(function, repeats: int = 10) -> float:
-    """The median of ``repeats`` runs: on a shared machine the floor then sees the same load as
-    the steps it is compared with (it is measured before and after them)."""
-    function()  # compile / warm the caches
+def typical_time(function, inputs: list, repeats: int = 10) -> float:
+    """The median of ``repeats`` runs of function(input), cycling through ``inputs``: on a shared
+    machine the floor then sees the same load as the steps it is compared with (it is measured
+    before and after them)."""
+    function(inputs[0])  # compile / warm the caches
     times = []
-    for _ in range(repeats):
+    for k in range(repeats):
+        value = inputs[k % len(inputs)]
         start = time.perf_counter()
-        function()
+        function(value)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def floor(grid, F, mu) -> tuple[float, float]:
-    """(one screened Poisson solve, one c-transform's Legendre passes), in seconds."""
-    field = local_energy(F, mu, "benchmark").initial_potential(mu).reshape(grid.shape)
+def floor(grid, potentials: list[np.ndarray]) -> tuple[float, float]:
+    """(one screened Poisson solve, one c-transform's Legendre passes) on these dual potentials,
+    in seconds."""
     metric = ScreenedPoisson(grid.shape, grid.spacing, TAU * 0.1, 0.5)
-    poisson = typical_time(lambda: metric.solve(field))
-    legendre = typical_time(lambda: c_transform(field, grid.spacing, TAU))
+    poisson = typical_time(metric.solve, potentials)
+    legendre = typical_time(lambda field: c_transform(field, grid.spacing, TAU), potentials)
     return poisson, legendre
 
 
 def run(m: int, args) -> dict:
+    """``args.steps`` steps of one method object; the floor timed on the cold start's potential
+    before them and on the steps' final dual potentials after them."""
     grid, F, mu = problem(m)
-    poisson, legendre = floor(grid, F, mu)
+    start_potential = local_energy(F, mu, "benchmark").initial_potential(mu).reshape(grid.shape)
+    before = floor(grid, [start_potential])
     method = jk.BackAndForthJKO(tol=args.tol, max_iter=args.max_iter)
-    steps = []
+    steps, potentials = [], []
     for _ in range(args.steps):
         start = time.perf_counter()
         result = method.step(F, jk.Wasserstein(), mu, TAU, throw=False)
         steps.append((time.perf_counter() - start, result))
+        potentials.append(method.__dict__["_default_state"].warm["phi"].reshape(grid.shape))
         mu = result.measure
-    after = floor(grid, F, problem(m)[2])
-    poisson, legendre = 0.5 * (poisson + after[0]), 0.5 * (legendre + after[1])
+    after = floor(grid, potentials)
+    poisson, legendre = 0.5 * (before[0] + after[0]), 0.5 * (before[1] + after[1])
     warm = steps[1:] or steps  # the cold step also solves on coarser grids (multilevel start)
     ratio = statistics.median(t / (r.info["iterations"] * poisson + r.info["evaluations"] * legendre)
                               for t, r in warm)
