@@ -14,7 +14,10 @@ a(phi) - P(phi), the masses a(phi) = h^d (u*)'(-phi - W) that the energy wants m
 P(phi) that mu^k pushed by the argmins of the c-transform delivers. The ascent preconditions
 that gradient with a screened Poisson operator tau rho_bar L + kappa_bar (the H^1 metric of
 Jacobs, Lee and Leger, ESAIM: COCV 27, 2021, made uniform in tau) and keeps D increasing by a
-backtracking step size. P(phi) is always a feasible new measure of exactly mu^k's mass, and so
+backtracking step size; it steps along a(phi) minus an exponential average of the P(phi) met, where
+that is an ascent direction (the average damps the jumps of P(phi) at kinks), else along the
+gradient. A cold step on a fine grid also starts from the step solved on the grid of half the
+cells (multilevel). P(phi) is always a feasible new measure of exactly mu^k's mass, and so
 is an average of such measures; the objective of the best of them minus the best D met is the
 duality gap, which bounds how far the returned measure is from the optimum of the step: that
 gap, relative to the objective, is the certificate that ``tol`` bounds. The ascent runs on phi
