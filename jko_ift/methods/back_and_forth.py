@@ -199,7 +199,10 @@ def _coarse_start(F, mu, tau: float, tol: float) -> np.ndarray | None:
     blocks = mu.weights.reshape([k for n in coarse_grid.shape for k in (n, 2)])
     masses = blocks.sum(axis=tuple(range(1, 2 * grid.dim, 2)))
     coarse = coarse_grid.measure(masses / coarse_grid.cell_volume)
-    energy = local_energy(F, coarse, "BackAndForthJKO")
+    try:
+        energy = local_energy(F, coarse, "BackAndForthJKO")
+    except ValueError:  # an energy tied to the fine grid (KL to a measure on it): no coarse step
+        return None
     ascent = _Ascent(energy, coarse, tau, coarse_grid)
     starts = [_coarse_start(F, coarse, tau, tol)]
     starts = [p for p in starts if p is not None] + _cold_starts(coarse_grid, energy, coarse,
