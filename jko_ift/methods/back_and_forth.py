@@ -55,8 +55,9 @@ STALL_RATIO = 1e-6
 SCALING_FLOOR = 1e-4
 #: Multilevel cold start: grids with at least 2 * COARSE_CELLS cells on every axis (an even
 #: number) also start from the step solved on the grid of half the cells, to COARSE_ITERATIONS
-#: (measured on the porous-medium example, cold step, certificate after 400 iterations: 1.2e-4
-#: with it against 2.7e-4 without at 256^2; at 128^2 from 64^2 it did not help).
+#: (measured on the porous-medium example, cold step, certificate after 400 iterations: 8.2e-4
+#: with it against 7.4e-3 without at 512^2, 2.5e-4 against 2.7e-4 at 256^2; at 128^2 from 64^2
+#: it did not help).
 COARSE_CELLS, COARSE_ITERATIONS = 128, 150
 #: Weight of the past in the averaged delivered masses that steer the ascent (``_Momentum``);
 #: measured on the porous-medium example (benchmarks/fine_grid.py, 128^2, 400 iterations): the
