@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, replace
 
 import numpy as np
+from numba import njit
 
 from ..geometries import InfConvolution, Wasserstein
 from ..measures import Grid
@@ -179,6 +180,19 @@ class BackAndForthJKO(Method):
         return result
 
 
+@njit(cache=True)
+def _scaling(curvature, typical, floor, unbounded_at_edge):
+    """S = sqrt(typical / max(kappa, floor)) per cell; kappa = typical where it is 0 and the
+    curvature is unbounded at the edge (``_Ascent.direction``)."""
+    out = np.empty(curvature.size)
+    for i in range(curvature.size):
+        kappa = curvature[i]
+        if unbounded_at_edge and not kappa > 0:
+            kappa = typical
+        out[i] = np.sqrt(typical / max(kappa, floor))
+    return out
+
+
 def _cold_starts(grid, energy: LocalEnergy, mu, heat_time: float) -> list[np.ndarray]:
     """The cold starts of ``initial_potentials``, one of them from rho^k smoothed by the heat flow
     of the step's typical diffusivity (for the entropy, the heat equation's step: a good guess of
@@ -253,6 +267,8 @@ class _Ascent:
         self.spacing = grid.spacing
         self.cell = grid.cell_volume
         self.source = mu.weights.reshape(grid.shape)
+        # in the layout of the last (axis 0) pass of ``c_transform``, where psi is contiguous
+        self.source_last = np.ascontiguousarray(self.source.swapaxes(0, -1)).ravel()
         self.mass = float(mu.mass)
         self.shape = grid.shape
         density = mu.weights / self.cell
@@ -272,7 +288,7 @@ class _Ascent:
         """D(phi) and a(phi); with ``deliver``, also P(phi), its plan's cost and F(P(phi))."""
         psi, argmins = c_transform(phi, self.spacing, self.tau)
         own, wanted, curvature = self.energy.pointwise(phi.ravel())
-        dual = float(np.sum(self.source * psi)) + own
+        dual = float(self.source_last @ np.ascontiguousarray(psi.swapaxes(0, -1)).ravel()) + own
         point = _Point(phi, dual, wanted.reshape(self.shape), curvature.reshape(self.shape), argmins)
         return self.deliver(point) if deliver else point
 
@@ -291,11 +307,10 @@ class _Ascent:
         the typical density and curvature, S = sqrt(kappa_bar / kappa) the local correction where
         the curvature kappa = (u*)''(-phi - W) of the energy is smaller (the tails of a density,
         where both parts of the dual's Hessian shrink with the density)."""
-        floor = SCALING_FLOOR * self.typical_curvature
-        curvature = point.curvature
-        if self.unbounded_at_edge:  # empty cells: amplifying there overshoots into the edge
-            curvature = np.where(curvature > 0, curvature, self.typical_curvature)
-        scaling = np.sqrt(self.typical_curvature / np.maximum(curvature, floor))
+        # empty cells with a power m > 2 alone: amplifying there overshoots into the edge
+        scaling = _scaling(point.curvature.ravel(), self.typical_curvature,
+                           SCALING_FLOOR * self.typical_curvature, self.unbounded_at_edge)
+        scaling = scaling.reshape(self.shape)
         return scaling * self.metric.solve(scaling * mismatch)
 
     def certificate(self, primal: _Primal, dual: float) -> float:
