@@ -149,6 +149,12 @@ def test_strang_arrangement_on_a_grid_runs():
     assert result.info["transport_iterations"] > 0
 
 
+def test_splitting_keeps_the_grid_with_a_grid_transport_only():
+    assert jk.Splitting(transport=jk.BackAndForthJKO()).keeps_support is True
+    assert jk.Splitting(transport="back_and_forth").keeps_support is True
+    assert jk.Splitting().keeps_support is False and jk.Splitting.keeps_support is False
+
+
 def test_config_kinds_accept_the_grid_methods():
     assert config.keeps_support("back_and_forth")
     assert config._method({"kind": "back_and_forth", "tol": 1e-5}) == ("back_and_forth", {"tol": 1e-5})

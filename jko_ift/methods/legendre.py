@@ -144,10 +144,10 @@ def c_transform(phi: np.ndarray, spacing, tau: float):
     values = phi
     argmins = [None] * d
     for axis in range(d - 1, -1, -1):
-        moved = np.ascontiguousarray(np.moveaxis(values, axis, -1))
+        moved = np.ascontiguousarray(values.swapaxes(axis, -1))  # its own inverse
         best, where = c_transform_lines(moved.reshape(-1, moved.shape[-1]), float(spacing[axis]), tau)
         argmins[axis] = where.reshape(moved.shape)
-        best = np.moveaxis(best.reshape(moved.shape), -1, axis)
+        best = best.reshape(moved.shape).swapaxes(-1, axis)
         values = best if axis == 0 else -best
     return values, argmins
 
@@ -160,9 +160,9 @@ def push_forward(mass: np.ndarray, argmins, spacing) -> tuple[np.ndarray, np.nda
     costs = np.zeros(d)
     current = mass
     for axis in range(d):
-        moved = np.ascontiguousarray(np.moveaxis(current, axis, -1))
+        moved = np.ascontiguousarray(current.swapaxes(axis, -1))  # the layout of c_transform's pass
         pushed, cost = deposit_lines(moved.reshape(-1, moved.shape[-1]),
                                      argmins[axis].reshape(-1, moved.shape[-1]), float(spacing[axis]))
         costs[axis] = cost
-        current = np.moveaxis(pushed.reshape(moved.shape), -1, axis)
+        current = pushed.reshape(moved.shape).swapaxes(-1, axis)
     return current, costs

@@ -119,6 +119,10 @@ class LocalEnergy:
     def value(self, masses: np.ndarray) -> float:
         """F(a) for masses a (n,), +inf where a > 0 on an excluded cell."""
         rho = masses / self.cell_volume
+        closed = _closed_form(self)
+        if closed is not None:  # one compiled pass
+            return self.cell_volume * _value_closed(np.ascontiguousarray(rho, dtype=float), self.potential,
+                                                    self.constant, *closed)
         if np.any((rho > 0) & np.isinf(self.potential)):
             return float("inf")
         with np.errstate(invalid="ignore"):  # inf * 0 on excluded cells without mass
@@ -158,26 +162,30 @@ class LocalEnergy:
         ceiling = -self.potential.reshape(phi.shape)
         return np.where(np.isfinite(ceiling), np.minimum(phi, ceiling), phi)
 
+    def feasible(self, phi: np.ndarray, mass: float) -> np.ndarray:
+        """``lowered(balanced(phi, mass))``, in one compiled pass for one power alone."""
+        closed = _closed_form(self)
+        if not (self.powers and closed is not None):
+            return self.lowered(self.balanced(phi, mass))
+        _, q, m = closed
+        flat = np.ascontiguousarray(phi, dtype=float).ravel()
+        return _balanced_lowered(flat, self.potential, q, m, mass / self.cell_volume,
+                                 MASS_BALANCE_RTOL).reshape(phi.shape)
+
     def balanced(self, phi: np.ndarray, mass: float) -> np.ndarray:
         """phi + c with the constant c that makes sum a(phi + c) = mass: the exact maximization
         of the dual along constants (its derivative there is sum a - mass)."""
         s = self.shifted(phi.ravel()).reshape(phi.shape)
+        closed = _closed_form(self)
+        if self.powers and closed is not None:  # one power: the root found in one compiled call
+            _, q, m = closed
+            return phi + _power_root(s.ravel(), q, m, mass / self.cell_volume, MASS_BALANCE_RTOL)
         with np.errstate(over="ignore"):
             wanted = self.cell_volume * float(np.sum(self.density(s)))
         if not np.isfinite(wanted):
             return phi
         if not self.powers:  # a = exp((s - c) / e - 1) h^d: closed form
             return phi + self.entropy * np.log(wanted / mass) if wanted > 0 else phi
-        closed = _closed_form(self)
-        if closed is not None:  # one power: a compiled pass per evaluation
-            flat, (_, q, m) = s.ravel(), closed
-
-            def excess(shift):
-                total, slope = _power_sum(flat, q, m, shift)
-                return self.cell_volume * total - mass, self.cell_volume * slope
-
-            width = max(1.0, float(np.max(np.abs(flat[np.isfinite(flat)]))))
-            return phi + _decreasing_root(excess, 0.0, width, mass)
         def excess(shift):
             rho = self.density(s - shift)
             return (self.cell_volume * float(np.sum(rho)) - mass,
@@ -272,6 +280,75 @@ def _decreasing_root(function, start: float, width: float, scale: float) -> floa
             break
         step = c + value / slope if slope > 0 else np.nan
         c = step if low < step < high else 0.5 * (low + high)
+    return c
+
+
+@njit(cache=True)
+def _value_closed(rho, potential, constant, e, q, m):
+    """sum_i u(rho_i) + W_i rho_i + C_i for u = e rho log rho (q = 0) or q rho^m / (m - 1) (e = 0);
+    +inf where rho > 0 on an excluded cell (W = +inf)."""
+    total = 0.0
+    for i in range(rho.size):
+        r = rho[i]
+        total += constant[i]
+        if r > 0.0:
+            if potential[i] == np.inf:
+                return np.inf
+            total += potential[i] * r
+            if q == 0.0:
+                total += e * r * np.log(r)
+            else:
+                total += q * (r * r if m == 2.0 else r**m) / (m - 1.0)
+    return total
+
+
+@njit(cache=True)
+def _balanced_lowered(phi, potential, q, m, target, rtol):
+    """phi + c balanced (``_power_root`` on s = -phi - W), then lowered to -W where above."""
+    s = -phi - potential
+    c = _power_root(s, q, m, target, rtol)
+    out = np.empty_like(phi)
+    for i in range(phi.size):
+        value = phi[i] + c
+        ceiling = -potential[i]
+        out[i] = value if not (value > ceiling and np.isfinite(ceiling)) else ceiling
+    return out
+
+
+@njit(cache=True)
+def _power_root(s, q, m, target, rtol):
+    """The shift c with sum_i rho(s_i - c) = target, rho(s) = ((m - 1) s_+ / (q m))^(1/(m - 1)):
+    Newton steps from c = 0 (the balance of a potential moved by one ascent step is near 0),
+    kept inside a bracket grown by doubling, bisection otherwise."""
+    low, high, width = -np.inf, np.inf, 1.0
+    top = -np.inf
+    for value in s:
+        if value > top:
+            top = value
+    if not top > -np.inf:
+        return 0.0
+    c = 0.0
+    for _ in range(400):
+        total, slope = _power_sum(s, q, m, c)
+        excess = total - target
+        if abs(excess) <= rtol * target:
+            break
+        if excess > 0:
+            low = c
+        else:
+            high = min(c, top)
+        if high - low <= 1e-14 * max(1.0, abs(c)):
+            break
+        step = c + excess / slope if slope > 0 else np.nan
+        if low < step < high:
+            c = step
+        elif low > -np.inf and high < np.inf:
+            c = 0.5 * (low + high)
+        elif high < np.inf:  # no lower bracket yet: step down by a doubling width
+            c = high - width
+            width *= 2.0
+        else:
+            c = top
     return c
 
 

@@ -88,6 +88,15 @@ REACTION_PIECES = ("exact", "explicit", "projected_gradient", "projected_multipl
 FORWARD_REACTIONS = ("explicit", "projected_gradient")
 
 
+class _KeepsSupport:
+    """``Splitting.keeps_support``: False on the class (the particle pieces move the points),
+    and on an instance True with a grid transport piece (a grid step and a pointwise or separable
+    reaction keep the grid's nodes and change the weights only)."""
+
+    def __get__(self, instance, owner) -> bool:
+        return instance is not None and instance.grid_transport is not None
+
+
 @dataclass(frozen=True, eq=False)
 class Splitting(Method):
     r"""Operator splitting of a step into a transport step and a reaction step.
@@ -149,7 +158,7 @@ class Splitting(Method):
     (True, 1.0)
     """
 
-    keeps_support = False  # the particles move; local_error_order: the property below
+    keeps_support = _KeepsSupport()  # the particles move, or a grid transport keeps the grid
     order: int = 1
     transport: str = "implicit"
     reaction: str = "exact"
