@@ -25,6 +25,7 @@ is formed by a sum, so n = 10^5 in d = 100 fits.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,7 +112,10 @@ class Backend:
         dtype = getattr(torch, self.dtype)
         if is_torch(array):
             return array.detach().to(device=self.device, dtype=dtype)
-        return torch.as_tensor(np.ascontiguousarray(array), dtype=dtype, device=self.device)
+        array = np.ascontiguousarray(array)
+        if not array.flags.writeable:  # a measure's frozen array: a tensor never shares it
+            array = array.copy()
+        return torch.as_tensor(array, dtype=dtype, device=self.device)
 
 
 def block_rows(x, m: int) -> int:
@@ -124,29 +128,56 @@ def block_rows(x, m: int) -> int:
     return max(1, entries // max(m, 1))
 
 
-def _profiles(kernel: Kernel):
-    """(phi, phi') of a kernel as functions (xp, s) of squared distances s >= 0, written with
-    array-API operations; the same formulas as the kernel's NumPy ``profile``."""
+@dataclass(frozen=True)
+class _Profile:
+    """A kernel's profile in array-API operations: the sums hand ``value`` and ``derivative``
+    blocks of ``scale`` |x - y|^2 (the scale folded into the lifted product, as kernels.py
+    does); ``derivative`` returns phi'(s) / ``factor``. Same formulas as the NumPy profiles."""
+
+    scale: float
+    value: Callable
+    derivative: Callable
+    factor: float = 1.0
+
+
+def _profiles(kernel: Kernel) -> _Profile:
+    """The array-API profile of a Gaussian, IMQ, Laplace or energy kernel (ValueError else)."""
     if isinstance(kernel, Gaussian) and kernel.sigma**2 > 0:
+        # blocks of exponents -|x - y|^2 / (2 sigma^2), <= 0 outside the refined near pairs
         rate = 0.5 / kernel.sigma / kernel.sigma
-        return (lambda xp, s: xp.exp(-rate * s)), (lambda xp, s: -rate * xp.exp(-rate * s))
+        return _Profile(-rate, lambda xp, s: _exp_inplace(s), lambda xp, s: _exp_inplace(s), -rate)
     if isinstance(kernel, IMQ) and kernel.c**2 > 0:
         c2 = kernel.c**2
-        return (lambda xp, s: (c2 + s) ** -0.5), (lambda xp, s: -0.5 * (c2 + s) ** -1.5)
+        return _Profile(1.0, lambda xp, s: (c2 + _clipped(xp, s)) ** -0.5,
+                        lambda xp, s: (c2 + _clipped(xp, s)) ** -1.5, -0.5)
     if isinstance(kernel, Laplace):
         sigma = kernel.sigma
-        return (lambda xp, s: xp.exp(-xp.sqrt(s) / sigma)), (
-            lambda xp, s: -_over_root(xp, xp.exp(-xp.sqrt(s) / sigma) / sigma, s))
+        return _Profile(1.0, lambda xp, s: xp.exp(-xp.sqrt(_clipped(xp, s)) / sigma),
+                        lambda xp, s: _over_root(xp, xp.exp(-xp.sqrt(_clipped(xp, s)) / sigma), s),
+                        -1.0 / sigma)
     if isinstance(kernel, EnergyKernel):
-        return (lambda xp, s: -xp.sqrt(s)), (lambda xp, s: -_over_root(xp, xp.ones_like(s), s))
+        return _Profile(1.0, lambda xp, s: -xp.sqrt(_clipped(xp, s)),
+                        lambda xp, s: _over_root(xp, xp.ones_like(s), s), -1.0)
     raise ValueError(f"the array-API kernel sums know jk.Gaussian, jk.IMQ, jk.Laplace and "
                      f"jk.EnergyKernel (bandwidths whose square is a normal float), got {kernel!r}; "
                      "pass NumPy arrays for other kernels")
 
 
+def _clipped(xp, s):
+    """max(s, 0): float32 lifted values of pairs the float64 threshold left alone may dip below 0."""
+    return xp.clip(s, min=0.0)
+
+
+def _exp_inplace(block):
+    """exp(block), overwriting it (in-place updates are not in the array API standard)."""
+    if is_torch(block):
+        return block.exp_()
+    return np.exp(block, out=block)
+
+
 def _over_root(xp, scale, s):
-    """scale / (2 sqrt(s)), 0 at s = 0 (the symmetric subgradient of |x - y|)."""
-    root = xp.sqrt(s)
+    """scale / (2 sqrt(s)), 0 at s <= 0 (the symmetric subgradient of |x - y|)."""
+    root = xp.sqrt(_clipped(xp, s))
     positive = root > 0
     return xp.where(positive, scale / (2.0 * xp.where(positive, root, xp.ones_like(root))),
                     xp.zeros_like(s))
@@ -196,45 +227,45 @@ def _refine_below(xp, kernel: Kernel, x, y) -> float:
     return kernel._refine_below((x.shape[1] + 3) * EPS * radius**2)
 
 
-def _distance_blocks(xp, kernel: Kernel, x, y):
-    """(rows, block, near) per row block of centred x against y: block = |x_i - y_j|^2 >= 0 by
+def _distance_blocks(xp, kernel: Kernel, x, y, scale: float = 1.0):
+    """(rows, block, near) per row block of centred x against y: block = scale |x_i - y_j|^2 by
     the lifted product, its near pairs (block rows, columns) recomputed from differences."""
     n, d = x.shape
     ones_x = xp.ones((n, 1), dtype=x.dtype, device=_device(x))
     ones_y = xp.ones((1, y.shape[0]), dtype=x.dtype, device=_device(x))
     lifted_x = xp.concat([x, xp.sum(x * x, axis=1)[:, None], ones_x], axis=1)
-    lifted_y = xp.concat([-2.0 * y.T, ones_y, xp.sum(y * y, axis=1)[None, :]], axis=0)
-    below = _refine_below(xp, kernel, x, y)
+    lifted_y = scale * xp.concat([-2.0 * y.T, ones_y, xp.sum(y * y, axis=1)[None, :]], axis=0)
+    limit = scale * _refine_below(xp, kernel, x, y)
     step = block_rows(x, y.shape[0])
     for start in range(0, n, step):
         rows = slice(start, min(n, start + step))
         block = xp.matmul(lifted_x[rows], lifted_y)
-        near = xp.nonzero(block < below) if below > 0 else None
+        near = xp.nonzero(block > limit if scale < 0 else block < limit) if limit != 0 else None
         if near is not None and near[0].shape[0]:
             difference = x[rows][near[0]] - y[near[1]]
-            block[near] = xp.sum(difference * difference, axis=1)
+            block[near] = scale * xp.sum(difference * difference, axis=1)
         else:
             near = None
-        yield rows, xp.clip(block, min=0.0), near
+        yield rows, block, near
 
 
 def generic_apply(kernel: Kernel, x, y, w):
     """sum_j k(x_i, y_j) w_j: (n,), blocked, in the array type and on the device of x."""
     xp, x, y, w = _operands(x, y, w)
-    profile, _ = _profiles(kernel)
+    profile = _profiles(kernel)
     out = xp.empty((x.shape[0],), dtype=x.dtype, device=_device(x))
-    for rows, block, _ in _distance_blocks(xp, kernel, *_centred(xp, x, y)):
-        out[rows] = xp.matmul(profile(xp, block), w)
+    for rows, block, _ in _distance_blocks(xp, kernel, *_centred(xp, x, y), profile.scale):
+        out[rows] = xp.matmul(profile.value(xp, block), w)
     return out
 
 
 def generic_matrix(kernel: Kernel, x, y):
     """The Gram matrix k(x_i, y_j): (n, m), in the array type and on the device of x."""
     xp, x, y, _ = _operands(x, y)
-    profile, _ = _profiles(kernel)
+    profile = _profiles(kernel)
     out = xp.empty((x.shape[0], y.shape[0]), dtype=x.dtype, device=_device(x))
-    for rows, block, _ in _distance_blocks(xp, kernel, *_centred(xp, x, y)):
-        out[rows] = profile(xp, block)
+    for rows, block, _ in _distance_blocks(xp, kernel, *_centred(xp, x, y), profile.scale):
+        out[rows] = profile.value(xp, block)
     return out
 
 
@@ -244,12 +275,12 @@ def generic_grad_sum(kernel: Kernel, x, y, w):
     Per block one product D [w, w y]; the near pairs (where that difference cancels to
     round-off) are summed from their differences w_j phi'(s_ij) (x_i - y_j) instead."""
     xp, x, y, w = _operands(x, y, w)
-    _, derivative_of = _profiles(kernel)
+    profile = _profiles(kernel)
     x, y = _centred(xp, x, y)
     columns = xp.concat([w[:, None], w[:, None] * y], axis=1)  # (m, d + 1)
     out = xp.zeros(x.shape, dtype=x.dtype, device=_device(x))
-    for rows, block, near in _distance_blocks(xp, kernel, x, y):
-        derivative = derivative_of(xp, block)
+    for rows, block, near in _distance_blocks(xp, kernel, x, y, profile.scale):
+        derivative = profile.derivative(xp, block)
         if near is not None:
             at = near[0] + rows.start
             terms = (derivative[near] * w[near[1]])[:, None] * (x[at] - y[near[1]])
@@ -257,7 +288,7 @@ def generic_grad_sum(kernel: Kernel, x, y, w):
             _scatter_add(out, at, terms)
         sums = xp.matmul(derivative, columns)
         out[rows] += x[rows] * sums[:, :1] - sums[:, 1:]
-    return 2.0 * out
+    return (2.0 * profile.factor) * out
 
 
 def _scatter_add(out, rows, terms) -> None:
@@ -284,7 +315,8 @@ class DeviceKernel(Kernel):
         object.__setattr__(self, "_lock", threading.Lock())
 
     def __eq__(self, other):
-        return isinstance(other, DeviceKernel) and (self.kernel, self.backend) == (other.kernel, other.backend)
+        return isinstance(other, DeviceKernel) and (self.kernel, self.backend) == (
+            other.kernel, other.backend)
 
     def __hash__(self):
         return hash((self.kernel, self.backend))
