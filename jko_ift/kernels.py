@@ -333,7 +333,7 @@ class Kernel:
         the Gram and a sum with ``apply`` agree to the summation order: the Gram of a smooth
         kernel is numerically singular and amplifies any other difference (1e8 at ridge 1e-8).
         """
-        if _tensor_input(x, y):
+        if type(x) is not np.ndarray and _tensor_input(x, y):
             return _backends().generic_matrix(self, x, y)
         x, y = _pair(x, y)
         pair = _small_pair(self, x, y)
@@ -353,7 +353,7 @@ class Kernel:
 
     def apply(self, x, y, w) -> np.ndarray:
         """sum_j k(x_i, y_j) w_j: (n,), computed in row blocks (memory O(block))."""
-        if _tensor_input(x, y):
+        if type(x) is not np.ndarray and _tensor_input(x, y):
             return _backends().generic_apply(self, x, y, w)
         pair = _kept_pair(self, x, y)
         if pair is not None:
@@ -380,7 +380,7 @@ class Kernel:
         (every non-negligible pair for a bandwidth tiny against the spread), are summed from their
         differences w_j phi'(s_ij) (x_i - y_j) instead.
         """
-        if _tensor_input(x, y):
+        if type(x) is not np.ndarray and _tensor_input(x, y):
             return _backends().generic_grad_sum(self, x, y, w)
         pair = _kept_pair(self, x, y)
         if pair is not None:

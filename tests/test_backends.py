@@ -19,6 +19,17 @@ FLOAT32_RTOL = 1e-5
 FLOAT32_RUN_RTOL = 1e-4
 
 #: Kernels at the bandwidth of unit data in d = 1, scaled by sqrt(d) below (the data's spread).
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One PyTorch thread for these small sums: on two shared cores its spinning worker threads
+    made a 50 x 50 sum 75 ms instead of 1 ms (the NumPy path keeps its BLAS to one thread
+    for the same reason)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 KERNELS = [jk.Gaussian(1.0), jk.IMQ(0.5), jk.Laplace(2.0), jk.EnergyKernel()]
 DTYPES = {"float64": (torch.float64, FLOAT64_RTOL), "float32": (torch.float32, FLOAT32_RTOL)}
 
