@@ -11,7 +11,11 @@ kernel jk.Gaussian(10) (exp(-|x - y|^2 / 200)):
 * floor:    the matrix products the witness gradient cannot do without, on the same device and
             dtype, in the same row blocks: for each of its two sums the distance product
             [x, |x|^2, 1] [-2 y, 1, |y|^2]^T (N^2 (d + 2) multiply-adds) and the reduction
-            K [w, w y] (N^2 (d + 1)).
+            K [w, w y] (N^2 (d + 1));
+* dense:    the comparator for torch: the authors' formula (their code builds the MMD^2 of
+            KeOps LazyTensors and differentiates it) in plain PyTorch, the N x N Gram matrices
+            dense and the gradient by autograd; only where they fit (DENSE_SHARE of the GPU's
+            free memory, DENSE_CPU_MAX points on CPU), else "-".
 
 Backends: ``numpy`` (the NumPy path of kernels.py), ``torch-cpu`` and ``torch-cuda``
 (``jko_ift.backends.on_device(kernel, device, dtype)``), each in float64, and torch also in
@@ -45,6 +49,9 @@ from jko_ift import backends, problems  # noqa: E402
 
 #: Witness gradient / floor at d = 100 (issue 15's benchmark: "against the GEMM floor").
 TARGET_RATIO = 2.0
+#: The dense comparator's Gram matrices may take this share of a GPU's free memory; on CPU it
+#: runs up to DENSE_CPU_MAX points (an N x N float64 matrix of 10^4 points is 800 MB).
+DENSE_SHARE, DENSE_CPU_MAX = 0.5, 2000
 #: The paper's kernel and steps at N = 10^4: tau = 2 lr / N = 2, tau beta = 2 lr_w.
 BANDWIDTH, LR_PER_PARTICLE, WEIGHT_LR = 10.0, 1.0, 1e-3
 
@@ -108,6 +115,34 @@ def floor_run(spec, x, y, w):
     return run
 
 
+def dense_run(spec, x, y, w):
+    """The witness gradient the authors' way in plain PyTorch: d/dx of
+    MMD^2 / 2 = (w K_xx w - 2 w K_xy q + const) / 2 (dense Gram matrices, autograd); None where
+    the matrices do not fit."""
+    if spec is None:
+        return None
+    import torch
+
+    backend = backends.Backend(*spec)
+    n = x.shape[0]
+    itemsize = 4 if spec[1] == "float32" else 8
+    if spec[0].startswith("cuda"):
+        if 3 * n * n * itemsize > DENSE_SHARE * torch.cuda.mem_get_info()[0]:
+            return None
+    elif n > DENSE_CPU_MAX:
+        return None
+    tx, ty, tw = backend.asarray(x), backend.asarray(y), backend.asarray(w)
+    rate = 0.5 / BANDWIDTH**2
+
+    def run():
+        z = tx.clone().requires_grad_(True)
+        own = torch.exp(-rate * torch.cdist(z, z) ** 2) @ tw
+        cross = torch.exp(-rate * torch.cdist(z, ty) ** 2) @ tw
+        (0.5 * (tw @ own) - tw @ cross).backward()
+        return z.grad / tw[:, None]  # d/dx_i of the loss is w_i grad f(x_i)
+    return run
+
+
 def cases(n: int, d: int, spec):
     rng = np.random.default_rng(0)
     x, y = rng.standard_normal((n, d)), rng.standard_normal((n, d)) + 1.0
@@ -117,7 +152,8 @@ def cases(n: int, d: int, spec):
     scheme = problems.paper_scheme(kernel, lr=LR_PER_PARTICLE * n, n_particles=n, weight_lr=WEIGHT_LR)
     return {"witness": lambda: F.grad_first_variation(mu),
             "step": lambda: scheme.method.step(F, scheme.geometry, mu, scheme.tau, throw=False),
-            "floor": floor_run(spec, x, y, np.full(n, 1.0 / n))}
+            "floor": floor_run(spec, x, y, np.full(n, 1.0 / n)),
+            "dense": dense_run(spec, x, y, np.full(n, 1.0 / n))}
 
 
 def bench(n: int, d: int, specs: dict, repeats: int) -> dict:
@@ -129,7 +165,8 @@ def bench(n: int, d: int, specs: dict, repeats: int) -> dict:
     for _ in range(repeats):
         for name, spec in specs.items():
             for what, run in runs[name].items():
-                times.setdefault((name, what), []).append(timed(spec, run))
+                if run is not None:
+                    times.setdefault((name, what), []).append(timed(spec, run))
     return {key: statistics.median(values) for key, values in times.items()}
 
 
@@ -138,10 +175,11 @@ def report(n: int, d: int, specs: dict, times: dict) -> list[str]:
     numpy_witness, numpy_step = times[("numpy", "witness")], times[("numpy", "step")]
     for name in specs:
         witness, step, floor = (times[(name, w)] for w in ("witness", "step", "floor"))
+        dense = f"{times[(name, 'dense')] * 1e3:10.1f}" if (name, "dense") in times else f"{'-':>10s}"
         ratio = witness / floor
         verdict = ("met" if ratio <= TARGET_RATIO else "not met") if d >= 100 else "-"
         lines.append(f"{n:>7d} {d:>4d} {name:>15s} {witness * 1e3:11.1f} {floor * 1e3:10.1f} "
-                     f"{ratio:6.2f} {verdict:>8s} {step * 1e3:11.1f} {witness / numpy_witness:8.2f} "
+                     f"{ratio:6.2f} {verdict:>8s} {dense} {step * 1e3:11.1f} {witness / numpy_witness:8.2f} "
                      f"{step / numpy_step:8.2f}")
     return lines
 
@@ -158,7 +196,7 @@ def main() -> None:
     print(f"{platform.processor() or platform.machine()}, backends: {', '.join(specs)}; one thread on CPU; "
           f"median of {args.repeats}; target at d = 100: witness <= {TARGET_RATIO:g} x floor")
     print(f"{'N':>7s} {'d':>4s} {'backend':>15s} {'witness ms':>11s} {'floor ms':>10s} {'ratio':>6s} "
-          f"{'target':>8s} {'step ms':>11s} {'w/numpy':>8s} {'s/numpy':>8s}")
+          f"{'target':>8s} {'dense ms':>10s} {'step ms':>11s} {'w/numpy':>8s} {'s/numpy':>8s}")
     for n in sizes:
         for d in args.dims:
             print("\n".join(report(n, d, specs, bench(n, d, specs, args.repeats))), flush=True)
