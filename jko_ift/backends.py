@@ -314,6 +314,15 @@ class DeviceKernel(Kernel):
         object.__setattr__(self, "_uploads", {})
         object.__setattr__(self, "_lock", threading.Lock())
 
+    def __getstate__(self):  # pickled (copied to workers) without its uploads and lock
+        return {"kernel": self.kernel, "backend": self.backend}
+
+    def __setstate__(self, state):
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "_uploads", {})
+        object.__setattr__(self, "_lock", threading.Lock())
+
     def __eq__(self, other):
         return isinstance(other, DeviceKernel) and (self.kernel, self.backend) == (
             other.kernel, other.backend)

@@ -75,6 +75,17 @@ def test_results_keep_the_type_device_and_dtype_that_came_in():
     assert isinstance(device_kernel.apply(x, x, torch.ones(10)), torch.Tensor)
 
 
+def test_a_device_kernel_pickles_and_compares_by_value():
+    import pickle
+
+    kernel = backends.on_device(jk.IMQ(2.0), "cpu", "float32")
+    kernel.apply(points(0, 4, 2), points(1, 3, 2), np.ones(3))
+    copy = pickle.loads(pickle.dumps(kernel))
+    assert copy == kernel and hash(copy) == hash(kernel) and copy != backends.on_device(jk.IMQ(2.0))
+    x = points(2, 5, 2)
+    assert np.array_equal(copy.apply(x, x, np.ones(5)), kernel.apply(x, x, np.ones(5)))
+
+
 def test_blocks_and_the_generic_path_on_numpy_agree(monkeypatch):
     """Several row blocks give the same sums as one; the array-API path run on NumPy arrays
     agrees with the NumPy path (its k-d tree near pairs against the comparison pass)."""
