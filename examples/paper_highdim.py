@@ -66,6 +66,10 @@ def main(dim: int = DEFAULTS["dim"], particles: int = DEFAULTS["particles"],
          lr: float | None = None, weight_lr: float | None = None, mixture_seed: int = 0,
          fresh_target: bool = True, docs: bool = False, device: str | None = None,
          dtype: str = "float64") -> dict:
+    if device is not None:  # a device that is not there fails now, not after the first draws
+        from jko_ift.backends import Backend
+
+        Backend(device, dtype)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     noise_steps = (4 * steps) // 9
