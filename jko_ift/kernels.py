@@ -333,6 +333,8 @@ class Kernel:
         the Gram and a sum with ``apply`` agree to the summation order: the Gram of a smooth
         kernel is numerically singular and amplifies any other difference (1e8 at ridge 1e-8).
         """
+        if type(x) is not np.ndarray and _tensor_input(x, y):
+            return _backends().generic_matrix(self, x, y)
         x, y = _pair(x, y)
         pair = _small_pair(self, x, y)
         if pair is not None:
@@ -351,6 +353,8 @@ class Kernel:
 
     def apply(self, x, y, w) -> np.ndarray:
         """sum_j k(x_i, y_j) w_j: (n,), computed in row blocks (memory O(block))."""
+        if type(x) is not np.ndarray and _tensor_input(x, y):
+            return _backends().generic_apply(self, x, y, w)
         pair = _kept_pair(self, x, y)
         if pair is not None:
             return pair.values() @ _sum_weights(w, y.shape[0])
@@ -376,6 +380,8 @@ class Kernel:
         (every non-negligible pair for a bandwidth tiny against the spread), are summed from their
         differences w_j phi'(s_ij) (x_i - y_j) instead.
         """
+        if type(x) is not np.ndarray and _tensor_input(x, y):
+            return _backends().generic_grad_sum(self, x, y, w)
         pair = _kept_pair(self, x, y)
         if pair is not None:
             return pair.grad_sum(_sum_weights(w, y.shape[0]))
@@ -571,6 +577,19 @@ class GramCache:
         matrix = kernel(self.points, self.points)
         self._grams.append((kernel, matrix))
         return matrix
+
+
+def _tensor_input(x, y) -> bool:
+    """Whether a sum gets PyTorch tensors: they go to the array-API path of ``backends`` (the
+    NumPy refinements here -- k-d tree near pairs, kept small pairs -- stay NumPy's)."""
+    return not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray)) and (
+        type(x).__module__.startswith("torch") or type(y).__module__.startswith("torch"))
+
+
+def _backends():
+    from . import backends  # imported on first use: backends builds on this module
+
+    return backends
 
 
 def _block_buffer(buffer, rows: slice, m: int) -> np.ndarray:

@@ -31,6 +31,8 @@ def _is_frozen_here(array: np.ndarray) -> bool:
 
 def _real_array(values, name: str, what: str) -> np.ndarray:
     """``values`` as float, refusing complex numbers (a cast would drop the imaginary part)."""
+    if type(values).__module__.startswith("torch"):  # a PyTorch tensor, on any device: its values
+        values = values.detach().cpu().numpy()
     raw = np.asarray(values)
     if np.iscomplexobj(raw):
         raise ValueError(f"{name} must be real {what}, got complex values; pass their real part "

@@ -23,6 +23,7 @@ LAYERS = (
     ("display",),
     ("measures",),  # points and weights: imports nothing of the package
     ("kernels",),  # kernel values and Gram blocks on points
+    ("backends",),  # the kernel sums on PyTorch tensors (array API) and kernels on a device
     ("energies", "geometries"),  # what decreases and how mass may move: measures and kernels only
     # One module per family, with their shared pieces (methods/base.py: StepResult and the checks
     # of a step's input; methods/options.py: the checks of a method's options, which control.py
@@ -62,6 +63,9 @@ LAZY_UPWARD = {
     # Trajectory.plot() draws with plotting.draw_energy, which reads the trajectory by its attributes
     # (plotting does not import solve): the import happens when a user draws, not when solve loads.
     ("jko_ift.solve", "jko_ift.plotting"): "Trajectory.plot() imports plotting lazily",
+    # Kernel.apply / grad_sum / __call__ hand PyTorch tensors to the array-API sums, which build on
+    # kernels' constants and kernel classes: imported on the first tensor, never by NumPy sums.
+    ("jko_ift.kernels", "jko_ift.backends"): "kernels imports backends lazily, for tensors only",
 }
 
 
