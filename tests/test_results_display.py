@@ -218,3 +218,16 @@ def test_an_entropic_step_shows_its_eps_level_and_violation_on_the_run_bar(capsy
     jk.solve(F, jk.Wasserstein(), mu0, tau=0.2, steps=1, method=jk.EntropicJKO(eps=0.1), progress=True)
     lines = [line for line in capsys.readouterr().err.splitlines() if "in step: iteration" in line]
     assert lines and "residual" in lines[-1] and "(eps 0.1)" in lines[-1]
+
+
+def test_a_back_and_forth_step_shows_its_duality_gap_on_the_run_bar(capsys, monkeypatch):
+    from jko_ift import display
+
+    monkeypatch.setattr(display, "LOG_INTERVAL", 0.0)
+    monkeypatch.setattr(display, "INNER_INTERVAL", 0.0)
+    grid = jk.Grid([-2, -2], [2, 2], (16, 16))
+    mu0 = grid.measure(lambda x: np.exp(-np.sum((x - 0.5) ** 2, 1)), normalize=True)
+    F = jk.Entropy() + jk.Potential(lambda x: np.sum(x**2, 1))
+    jk.solve(F, jk.Wasserstein(), mu0, tau=0.1, steps=1, method=jk.BackAndForthJKO(), progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "in step: iteration" in line]
+    assert lines and "(duality gap)" in lines[-1]

@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from numba import njit
 
+from ..display import report_iteration
 from ..geometries import InfConvolution, Wasserstein
 from ..measures import Grid
 from .base import Method, MethodState, SolverError, StepResult, check_step_input
@@ -330,7 +331,9 @@ class _Ascent:
         average, momentum = _Average(self.shape), _Momentum(point)
         for iteration in range(max_iter):
             run.iterations = iteration
-            if self.certificate(run.primal, run.dual.dual) <= tol:
+            certificate = self.certificate(run.primal, run.dual.dual)
+            report_iteration(iteration, certificate, "duality gap")  # the run's progress bar
+            if certificate <= tol:
                 return run
             point = self._iterate(run, point, momentum)
             if point is None:
