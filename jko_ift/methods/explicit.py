@@ -42,7 +42,7 @@ from .options import count, flag, nonnegative
 from .particle import (
     VELOCITIES,
     ForwardStep,
-    check_particle_input,
+    checked_evaluation,
     finish,
     forward_transport,
     positivity_preserving,
@@ -165,7 +165,7 @@ class ExplicitEuler(Method):
         round-off) means tau times the curvature of F along the step exceeds 2, the limit of
         forward Euler; the status is then "unstable" (a ``SolverError`` with throw=True) and
         ``info["stability_ratio"]`` holds that estimate (``particle.stability_ratio``)."""
-        tau = check_particle_input(F, geometry, mu, tau)
+        tau, begin = checked_evaluation(F, geometry, mu, tau)  # F, f, grad f at mu: checked, reused
         start = time.perf_counter()
         x, a = mu.points, mu.weights
         level = self.noise_level(state.steps)
@@ -173,7 +173,7 @@ class ExplicitEuler(Method):
         info: dict = {"method": "explicit_euler", "noise": level, "positivity_preserving": (
             positivity_preserving(geometry) and self.reaction == "explicit"
             and self.hellinger_update == "multiplicative")}
-        energy_before = self._energy_of(F, mu, state)
+        energy_before = begin.value
         y, b, descent = x, a, 0.0
         with np.errstate(over="ignore", invalid="ignore"):
             if geometry.has_transport:
@@ -186,28 +186,19 @@ class ExplicitEuler(Method):
                         witness_of = mu
                     gradient = F.first_variation_at(witness_of, noisy, gradient=True)
                 else:
-                    gradient = F.grad_first_variation(mu)
+                    gradient = begin.gradient
                 y, change = forward_transport(F, mu, tau * geometry.alpha, self.velocity, gradient)
                 info["max_displacement"] = float(np.sqrt(np.max(np.sum((y - x) ** 2, axis=1))))
                 descent -= change
             if geometry.reaction is not None:
-                f = F.first_variation(mu)
+                f = begin.variation
                 b = self._reaction(F, geometry, mu, tau * geometry.beta, info, f, energy_before)
                 descent -= float(f @ (b - a))
         info["wall_time"] = time.perf_counter() - start
         # with noise the transport is not a descent step of F: no stability to judge
         forward = ForwardStep(energy_before, descent) if level == 0 else None
-        result = finish(F, geometry, mu, y, b, tau, "explicit", 0.0, info, throw, "ExplicitEuler",
-                        forward)
-        state.warm["last"] = (F, result.measure, result.energy)
-        return result
-
-    def _energy_of(self, F: Energy, mu: Measure, state: MethodState) -> float:
-        """F(mu), reused from the previous step when mu is the measure it returned."""
-        last_F, last_measure, last_energy = state.warm.get("last", (None, None, None))
-        if F is last_F and mu is last_measure:
-            return last_energy
-        return float(F.value(mu))
+        return finish(F, geometry, mu, y, b, tau, "explicit", 0.0, info, throw, "ExplicitEuler",
+                      forward)
 
     def _reaction(self, F, geometry, mu, eta, info, f, energy_before) -> np.ndarray:
         a = mu.weights

@@ -87,20 +87,11 @@ INNER_TOL_FRACTION = 0.1
 # Checks and shared pieces
 # -------------------------------------------------------------------------------------------------
 
-def check_particle_input(F: Energy, geometry: Geometry, mu: Measure, tau) -> float:
-    """The common checks of the particle methods; returns tau. Raises ValueError naming what
-    was expected, what was received and how to fix it."""
-    tau = check_step_input(F, geometry, mu, tau)
-    _check_particle_geometry(F, geometry, mu)
-    _checked("first variation", lambda: F.first_variation(mu), mu)
-    if geometry.has_transport:
-        _checked("gradient of the first variation", lambda: F.grad_first_variation(mu), mu)
-    return tau
-
-
 def checked_evaluation(F: Energy, geometry: Geometry, mu: Measure, tau) -> tuple[float, Evaluation]:
-    """The checks of ``check_particle_input`` on F(mu), f and grad f from one evaluation
-    (``particle_sums.evaluate``): (tau, that evaluation), to be reused by the step."""
+    """The common checks of the particle methods, on F(mu), f and grad f (for a geometry with
+    transport) from one evaluation (``particle_sums.evaluate``): (tau, that evaluation), to be
+    reused by the step. Raises ValueError naming what was expected, what was received and how
+    to fix it."""
     tau = check_step_input(F, geometry, mu, tau)
     _check_particle_geometry(F, geometry, mu)
     held = []
