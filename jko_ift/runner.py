@@ -79,16 +79,21 @@ class _Terminated(KeyboardInterrupt):
 
 
 def versions() -> dict:
-    """Versions of Python and of the libraries a result depends on."""
+    """Versions of Python and of the libraries a result depends on, read from the installed
+    packages' metadata: importing them takes seconds (POT imports every array library it
+    finds), at the end of a run, where an interrupt must still find the run's own handler."""
     import platform
+    from importlib.metadata import PackageNotFoundError, version
 
-    import cvxpy
-    import ot
-    import scipy
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
 
     from . import __version__
-    return {"jko_ift": __version__, "numpy": np.__version__, "scipy": scipy.__version__,
-            "cvxpy": cvxpy.__version__, "POT": ot.__version__, "python": platform.python_version()}
+    return {"jko_ift": __version__, "numpy": np.__version__, "scipy": installed("scipy"),
+            "cvxpy": installed("cvxpy"), "POT": installed("POT"), "python": platform.python_version()}
 
 
 # ---------------------------------------------------------------------------- where the run stands
@@ -405,13 +410,13 @@ def _run_in_folder(spec, out: Path, resume: bool, checkpoint_every: int | None, 
     _mark_running(position)
     try:
         run = _take_steps(position, progress)
+        summary = _summary(position, run, time.perf_counter() - start)
     except KeyboardInterrupt as interrupt:
         raise _interrupted(position, interrupt) from None
     except Exception as error:
         _write_status(position, "failed", {"error": f"{type(error).__name__}: {error}",
                                            "steps_done": position.step, "time": position.t})
         raise
-    summary = _summary(position, run, time.perf_counter() - start)
     trajectory = _write_results(position, run, summary)
     logger.info("results written to %s", out)
     return trajectory, summary

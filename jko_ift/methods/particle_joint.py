@@ -6,15 +6,16 @@ G = K_R + ridge I on the points y), the weight step at fixed positions is the QP
     min_b  1/2 b^T H b - g^T b  over b >= 0 (sum b = M spherical),
     H = K + G / eta,   g = K_yt p + G a / eta,
 
-whose minimizers are typically sparse (a few dozen of N weights in the paper's experiments;
-when they are not, the working set below grows by half its size per round, and its matrices
-with it). ``MMDJointTerms`` solves it on a working set S: the QP restricted to S (``qp.solve_weight_qp`` on |S| x |S| matrices), then the
-optimality test on all N points from r = H b - g = K_{:,S} b_S - K_yt p + (G_{:,S} b_S - G a) / eta,
-the Frank-Wolfe gap (``qp.frank_wolfe_gap``: the certificate of the dense solve), and the most
-violating points added to S until the gap is certified. Only two sums over all pairs are needed
-per position (K_R a with its gradient sum, and K_yt p); every other sum runs over the support
-S (O(N |S|)). The same sums give everything the position objective needs: F(y, b), b_i grad f(y_i)
-(zero off the support), R^2(a, b on y) = c^T G c and its force c_i (grad K_R c)_i, c = b - a.
+whose minimizers are typically sparse (a few dozen of N weights in the paper's experiments; when
+they are not, the working set below grows by half its size per round, and its matrices with it).
+``MMDJointTerms`` solves it on a working set S: the QP restricted to S (``qp.solve_weight_qp`` on
+|S| x |S| matrices), then the optimality test on all N points from r = H b - g = K_{:,S} b_S -
+K_yt p + (G_{:,S} b_S - G a) / eta, the Frank-Wolfe gap (``qp.frank_wolfe_gap``: the certificate
+of the dense solve), and the most violating points added to S until the gap is certified. Only two
+sums over all pairs are needed per position (K_R a with its gradient sum, and K_yt p); every other
+sum runs over the support S (O(N |S|)). The same sums give everything the position objective
+needs: F(y, b), b_i grad f(y_i) (zero off the support), R^2(a, b on y) = c^T G c and its force c_i
+(grad K_R c)_i, c = b - a.
 """
 
 from __future__ import annotations
