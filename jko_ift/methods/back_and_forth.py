@@ -295,7 +295,7 @@ class _Ascent:
 
     def deliver(self, point: _Point) -> _Point:
         """The point with mu^k pushed by its argmins, the plan's cost and the energy of the result."""
-        pushed, costs = push_forward(self.source, point.argmins, self.spacing)
+        pushed, costs = push_forward(self.source, point.argmins, self.spacing, self.source_last)
         return replace(point, argmins=None, pushed=pushed, distance_sq=float(costs.sum()),
                        energy=self.energy.value(pushed.ravel()))
 

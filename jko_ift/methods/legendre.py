@@ -152,12 +152,49 @@ def c_transform(phi: np.ndarray, spacing, tau: float):
     return values, argmins
 
 
-def push_forward(mass: np.ndarray, argmins, spacing) -> tuple[np.ndarray, np.ndarray]:
+@njit(cache=True)
+def _deposit_transposed(mass, where, h):
+    """``deposit_lines`` along the last axis of mass (lines, n), its output written transposed
+    (n, lines): the layout of the next axis's pass, without a copy in between. Each output cell
+    receives its contributions in the same order as in ``deposit_lines`` (same rounding)."""
+    lines, n = mass.shape
+    out = np.zeros((n, lines))
+    cost = 0.0
+    for row in range(lines):
+        for j in range(n):
+            m = mass[row, j]
+            if m == 0.0:
+                continue
+            z = where[row, j]
+            cost += m * ((z - j) * h) ** 2
+            i = int(np.floor(z))
+            if i >= n - 1:
+                i = n - 2 if n > 1 else 0
+            t = z - i
+            if n == 1 or t <= 0.0:
+                out[i, row] += m
+            elif t >= 1.0:
+                out[i + 1, row] += m
+            else:
+                out[i, row] += (1.0 - t) * m
+                out[i + 1, row] += t * m
+    return out, cost
+
+
+def push_forward(mass: np.ndarray, argmins, spacing, mass_last: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """The masses (grid.shape) moved by the argmins of ``c_transform``: first along axis 0 (the
     outermost transform), then along axis 1, ... Returns (pushed masses, the displacement
-    cost sum m |z - y|^2 per axis (d,))."""
+    cost sum m |z - y|^2 per axis (d,)). ``mass_last``: optionally, the masses already in the
+    layout of the axis-0 pass (``mass.swapaxes(0, -1)``, contiguous), which saves a copy; in
+    2-D the two passes are then fused (no transpose in between)."""
     d = mass.ndim
     costs = np.zeros(d)
+    if d == 2:
+        first = np.ascontiguousarray(mass.T) if mass_last is None else mass_last.reshape(mass.T.shape)
+        between, costs[0] = _deposit_transposed(first, argmins[0].reshape(first.shape), float(spacing[0]))
+        current, costs[1] = deposit_lines(between, argmins[1].reshape(mass.shape), float(spacing[1]))
+        return current, costs
     current = mass
     for axis in range(d):
         moved = np.ascontiguousarray(current.swapaxes(axis, -1))  # the layout of c_transform's pass
