@@ -182,16 +182,35 @@ class BackAndForthJKO(Method):
 
 
 @njit(cache=True)
-def _scaling(curvature, typical, floor, unbounded_at_edge):
-    """S = sqrt(typical / max(kappa, floor)) per cell; kappa = typical where it is 0 and the
-    curvature is unbounded at the edge (``_Ascent.direction``)."""
-    out = np.empty(curvature.size)
+def _scaled_mismatch(curvature, wanted, delivered, cell, typical, floor, unbounded_at_edge):
+    """(S, S (a - b) / h^d) per cell, one pass: S = sqrt(typical / max(kappa, floor)), kappa = typical
+    where it is 0 and the curvature is unbounded at the edge (``_Ascent.direction``)."""
+    scaling = np.empty(curvature.size)
+    scaled = np.empty(curvature.size)
     for i in range(curvature.size):
         kappa = curvature[i]
         if unbounded_at_edge and not kappa > 0:
             kappa = typical
-        out[i] = np.sqrt(typical / max(kappa, floor))
-    return out
+        scaling[i] = np.sqrt(typical / max(kappa, floor))
+        scaled[i] = scaling[i] * ((wanted[i] - delivered[i]) / cell)
+    return scaling, scaled
+
+
+@njit(cache=True)
+def _scale_and_slope(solved, scaling, wanted, pushed, cell):
+    """solved *= S in place (the direction d), and its slope h^d <grad D, d>, grad D = (a - P) / h^d."""
+    total = 0.0
+    for i in range(solved.size):
+        solved[i] *= scaling[i]
+        total += ((wanted[i] - pushed[i]) / cell) * solved[i]
+    return cell * total
+
+
+@njit(cache=True)
+def _blend(average, new, keep, weight):
+    """average = keep * average + weight * new, in place."""
+    for i in range(average.size):
+        average[i] = keep * average[i] + weight * new[i]
 
 
 def _cold_starts(grid, energy: LocalEnergy, mu, heat_time: float) -> list[np.ndarray]:
@@ -303,16 +322,20 @@ class _Ascent:
         """phi with its constant balanced and, without entropy, lowered where no mass is wanted."""
         return self.energy.feasible(phi, mass)
 
-    def direction(self, point: _Point, mismatch: np.ndarray) -> np.ndarray:
-        """The preconditioned ascent direction S M^{-1} S g: M the screened Poisson operator with
-        the typical density and curvature, S = sqrt(kappa_bar / kappa) the local correction where
-        the curvature kappa = (u*)''(-phi - W) of the energy is smaller (the tails of a density,
-        where both parts of the dual's Hessian shrink with the density)."""
-        # empty cells with a power m > 2 alone: amplifying there overshoots into the edge
-        scaling = _scaling(point.curvature.ravel(), self.typical_curvature,
-                           SCALING_FLOOR * self.typical_curvature, self.unbounded_at_edge)
-        scaling = scaling.reshape(self.shape)
-        return scaling * self.metric.solve(scaling * mismatch)
+    def direction(self, point: _Point, delivered: np.ndarray) -> tuple[np.ndarray, float]:
+        """The preconditioned ascent direction d = S M^{-1} S (a(phi) - delivered) / h^d, and its
+        slope h^d <grad D, d>: M the screened Poisson operator with the typical density and
+        curvature, S = sqrt(kappa_bar / kappa) the local correction where the curvature
+        kappa = (u*)''(-phi - W) of the energy is smaller (the tails of a density, where both parts
+        of the dual's Hessian shrink with the density). Empty cells with a power m > 2 alone are
+        not amplified (it overshoots into the edge)."""
+        scaling, scaled = _scaled_mismatch(point.curvature.ravel(), point.wanted.ravel(), delivered.ravel(),
+                                           self.cell, self.typical_curvature,
+                                           SCALING_FLOOR * self.typical_curvature, self.unbounded_at_edge)
+        solved = np.ascontiguousarray(self.metric.solve(scaled.reshape(self.shape)))
+        slope = _scale_and_slope(solved.ravel(), scaling, point.wanted.ravel(), point.pushed.ravel(),
+                                 self.cell)
+        return solved, slope
 
     def certificate(self, primal: _Primal, dual: float) -> float:
         gap = primal.objective(self.tau) - dual
@@ -341,7 +364,7 @@ class _Ascent:
                 break
             run.offer(point, self.tau)
             momentum.add(point)
-            run.offer_primal(momentum.primal(self.energy), self.tau)
+            run.offer_primal(momentum.primal(self.energy), self.tau, owned=False)
             average.add(point, 1.0)
             if average.count % AVERAGE_WINDOW == 0:  # ergodic average: splits the mass at kinks
                 run.offer_primal(average.primal(self.energy), self.tau)
@@ -357,14 +380,11 @@ class _Ascent:
         """One ascent step: along the direction of the averaged mismatch a(phi) - Pbar where it
         is an ascent direction of D (its slope <grad D, d> > 0), else (the average restarting)
         along the gradient. Either way D increases (Armijo on the true slope)."""
-        gradient = (point.wanted - point.pushed) / self.cell
-        direction = self.direction(point, (point.wanted - momentum.pushed) / self.cell)
-        slope = self.cell * float(np.sum(gradient * direction))
+        direction, slope = self.direction(point, momentum.pushed)
         trial = self._ascent_step(run, point, direction, slope) if slope > 0 else None
         if trial is None and momentum.count > 1:
             momentum.restart(point)
-            direction = self.direction(point, gradient)
-            trial = self._ascent_step(run, point, direction, self.cell * float(np.sum(gradient * direction)))
+            trial = self._ascent_step(run, point, *self.direction(point, point.pushed))
         return trial
 
     def _ascent_step(self, run: _Run, point: _Point, direction: np.ndarray, slope: float) -> _Point | None:
@@ -386,8 +406,7 @@ class _Ascent:
         energy = float(F.value(measure))
         objective = energy + primal.distance_sq / (2.0 * self.tau)
         certificate = self.certificate(primal, point.dual)
-        mismatch = (point.wanted - point.pushed) / self.cell
-        residual = np.sqrt(max(self.cell * float(np.sum(mismatch * self.direction(point, mismatch))), 0.0))
+        residual = np.sqrt(max(self.direction(point, point.pushed)[1], 0.0))
         status = "optimal" if certificate <= tol else "stalled" if run.stalled else "max_iterations"
         info = {"iterations": run.iterations, "evaluations": run.evaluations,
                 "gap": float(objective - point.dual), "dual": point.dual, "residual_h1": float(residual),
@@ -434,9 +453,10 @@ class _Run:
             self.dual = point
         self.offer_primal(_Primal.of(point), tau)
 
-    def offer_primal(self, primal: _Primal, tau: float) -> None:
+    def offer_primal(self, primal: _Primal, tau: float, owned: bool = True) -> None:
+        """Keep the primal if its objective is lower (a copy of its masses unless ``owned``)."""
         if primal.objective(tau) < self.primal.objective(tau):
-            self.primal = primal
+            self.primal = primal if owned else replace(primal, pushed=primal.pushed.copy())
 
 
 class _Momentum:
@@ -449,14 +469,19 @@ class _Momentum:
         self.restart(point)
 
     def restart(self, point: _Point) -> None:
-        self.pushed, self.cost, self.count = point.pushed, point.distance_sq, 1
+        if not hasattr(self, "pushed"):
+            self.pushed = np.empty(point.pushed.shape)  # owned, contiguous: ``add`` updates it in place
+        np.copyto(self.pushed, point.pushed)
+        self.cost, self.count = point.distance_sq, 1
 
     def add(self, point: _Point) -> None:
-        self.pushed = MOMENTUM * self.pushed + (1.0 - MOMENTUM) * point.pushed
+        _blend(self.pushed.ravel(), point.pushed.ravel(), MOMENTUM, 1.0 - MOMENTUM)
         self.cost = MOMENTUM * self.cost + (1.0 - MOMENTUM) * point.distance_sq
         self.count += 1
 
     def primal(self, energy: LocalEnergy) -> _Primal:
+        """The candidate; its masses are this object's buffer (``_Run.offer_primal`` copies them
+        when it keeps the candidate)."""
         return _Primal(self.pushed, self.cost, energy.value(self.pushed.ravel()), averaged=True)
 
 
@@ -481,7 +506,7 @@ class _Average:
         self.count += 1
         self.weight += weight
         self.cost += weight * point.distance_sq
-        self.pushed += weight * point.pushed
+        _blend(self.pushed.ravel(), point.pushed.ravel(), 1.0, weight)
 
     def primal(self, energy: LocalEnergy) -> _Primal:
         pushed = self.pushed / self.weight
