@@ -304,10 +304,13 @@ class _Ascent:
         self.unbounded_at_edge = energy.entropy == 0 and max(m for _, m in energy.powers) > 2
         self.metric = ScreenedPoisson(grid.shape, self.spacing, tau * typical_density, typical_curvature)
 
-    def evaluate(self, phi: np.ndarray, deliver: bool = True) -> _Point:
-        """D(phi) and a(phi); with ``deliver``, also P(phi), its plan's cost and F(P(phi))."""
+    def evaluate(self, phi: np.ndarray, deliver: bool = True, direction: np.ndarray | None = None,
+                 sigma: float = 0.0) -> _Point:
+        """D and a(phi') at phi' = ``LocalEnergy.feasible(phi + sigma direction)`` (its constant
+        balanced; without entropy, lowered where no mass is wanted); with ``deliver``, also P(phi'),
+        its plan's cost and F(P(phi'))."""
+        phi, own, wanted, curvature = self.energy.feasible_pointwise(phi, self.mass, direction, sigma)
         psi, argmins = c_transform(phi, self.spacing, self.tau)
-        own, wanted, curvature = self.energy.pointwise(phi.ravel())
         dual = float(self.source_last @ np.ascontiguousarray(psi.swapaxes(0, -1)).ravel()) + own
         point = _Point(phi, dual, wanted.reshape(self.shape), curvature.reshape(self.shape), argmins)
         return self.deliver(point) if deliver else point
@@ -317,10 +320,6 @@ class _Ascent:
         pushed, costs = push_forward(self.source, point.argmins, self.spacing, self.source_last)
         return replace(point, argmins=None, pushed=pushed, distance_sq=float(costs.sum()),
                        energy=self.energy.value(pushed.ravel()))
-
-    def _feasible(self, phi: np.ndarray, mass: float) -> np.ndarray:
-        """phi with its constant balanced and, without entropy, lowered where no mass is wanted."""
-        return self.energy.feasible(phi, mass)
 
     def direction(self, point: _Point, delivered: np.ndarray) -> tuple[np.ndarray, float]:
         """The preconditioned ascent direction d = S M^{-1} S (a(phi) - delivered) / h^d, and its
@@ -346,7 +345,7 @@ class _Ascent:
     def run(self, starts, sigma: float, tol: float, max_iter: int) -> _Run:
         """Ascend from the start of largest dual value until the certificate of the best primal
         against the best dual is below tol, or max_iter iterations."""
-        points = [self.evaluate(self._feasible(phi, self.mass)) for phi in starts]
+        points = [self.evaluate(phi) for phi in starts]
         point = max(points, key=lambda p: p.dual)
         run = _Run(point, _Primal.of(point), sigma, evaluations=len(points))
         for other in points:
@@ -392,7 +391,7 @@ class _Ascent:
         increases it (a kink of the discrete dual, docs/theory.md §10)."""
         sigma = run.sigma
         while sigma >= STALL_RATIO * run.sigma:
-            trial = self.evaluate(self._feasible(point.phi + sigma * direction, self.mass), deliver=False)
+            trial = self.evaluate(point.phi, deliver=False, direction=direction, sigma=sigma)
             run.evaluations += 1
             if trial.dual >= point.dual + ARMIJO * sigma * slope:
                 run.sigma = sigma * GROW

@@ -136,11 +136,29 @@ class LocalEnergy:
         if closed is None:
             own, masses, s = self.dual_part(phi)
             return own, masses, self.curvature(s, masses / self.cell_volume)
-        conjugate, rho, curvature = _pointwise_closed(np.ascontiguousarray(phi, dtype=float),
-                                                      self.potential, *closed)
+        return self._dual_terms(*_pointwise_closed(np.ascontiguousarray(phi, dtype=float),
+                                                   self.potential, *closed))
+
+    def _dual_terms(self, conjugate: float, rho: np.ndarray, curvature: np.ndarray):
+        """``pointwise``'s outputs from the compiled pass's sum u*, densities and curvatures."""
         conjugate -= float(np.sum(self.constant))
         return -self.cell_volume * (conjugate if np.isfinite(conjugate) else np.inf), \
             rho * self.cell_volume, curvature
+
+    def feasible_pointwise(self, phi: np.ndarray, mass: float, direction: np.ndarray | None = None,
+                           sigma: float = 0.0) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+        """phi' = ``feasible(phi + sigma direction, mass)`` (phi's shape) and ``pointwise(phi')``:
+        (phi', -F*(-phi'), a(phi') (n,), curvature (n,)); one compiled pass for one power alone."""
+        closed = _closed_form(self)
+        if not (self.powers and closed is not None):
+            feasible = self.feasible(phi if direction is None else phi + sigma * direction, mass)
+            return (feasible, *self.pointwise(feasible.ravel()))
+        _, q, m = closed
+        flat = np.ascontiguousarray(phi, dtype=float).ravel()
+        step = np.empty(0) if direction is None else np.ascontiguousarray(direction, dtype=float).ravel()
+        out, conjugate, rho, curvature = _feasible_closed(flat, step, float(sigma), self.potential, q, m,
+                                                          mass / self.cell_volume, MASS_BALANCE_RTOL)
+        return (out.reshape(phi.shape), *self._dual_terms(conjugate, rho, curvature))
 
     def dual_part(self, phi: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
         """(-F*(-phi), the maximizing masses a(phi) (n,), s = -phi - W)."""
@@ -167,10 +185,7 @@ class LocalEnergy:
         closed = _closed_form(self)
         if not (self.powers and closed is not None):
             return self.lowered(self.balanced(phi, mass))
-        _, q, m = closed
-        flat = np.ascontiguousarray(phi, dtype=float).ravel()
-        return _balanced_lowered(flat, self.potential, q, m, mass / self.cell_volume,
-                                 MASS_BALANCE_RTOL).reshape(phi.shape)
+        return self.feasible_pointwise(phi, mass)[0]
 
     def balanced(self, phi: np.ndarray, mass: float) -> np.ndarray:
         """phi + c with the constant c that makes sum a(phi + c) = mass: the exact maximization
@@ -231,28 +246,30 @@ def _closed_form(energy: LocalEnergy) -> tuple[float, float, float] | None:
 
 
 @njit(cache=True)
+def _conjugate_at(s, e, q, m):
+    """(rho = (u*)'(s), (u*)''(s), u*(s)) for u = e rho log rho (q = 0) or u = q rho^m / (m - 1) (e = 0)."""
+    if not s > -np.inf:
+        return 0.0, 0.0, 0.0
+    if q == 0.0:
+        r = np.exp(min(s / e - 1.0, 700.0))
+        return r, r / e, e * r
+    if s > 0.0:
+        base = (m - 1.0) / (q * m) * s
+        r = base if m == 2.0 else base ** (1.0 / (m - 1.0))
+        return r, r / ((m - 1.0) * s), r * s * (m - 1.0) / m
+    return 0.0, 0.0, 0.0
+
+
+@njit(cache=True)
 def _pointwise_closed(phi, potential, e, q, m):
-    """sum u*(s), rho = (u*)'(s) and (u*)''(s) at s = -phi - W, for u = e rho log rho (q = 0)
-    or u = q rho^m / (m - 1) (e = 0)."""
+    """sum u*(s), rho = (u*)'(s) and (u*)''(s) at s = -phi - W (``_conjugate_at``)."""
     n = phi.size
-    rho = np.zeros(n)
-    curvature = np.zeros(n)
+    rho = np.empty(n)
+    curvature = np.empty(n)
     total = 0.0
     for i in range(n):
-        s = -phi[i] - potential[i]
-        if not s > -np.inf:
-            continue
-        if q == 0.0:
-            r = np.exp(min(s / e - 1.0, 700.0))
-            rho[i] = r
-            curvature[i] = r / e
-            total += e * r
-        elif s > 0.0:
-            base = (m - 1.0) / (q * m) * s
-            r = base if m == 2.0 else base ** (1.0 / (m - 1.0))
-            rho[i] = r
-            curvature[i] = r / ((m - 1.0) * s)
-            total += r * s * (m - 1.0) / m
+        rho[i], curvature[i], conjugate = _conjugate_at(-phi[i] - potential[i], e, q, m)
+        total += conjugate
     return total, rho, curvature
 
 
@@ -303,16 +320,25 @@ def _value_closed(rho, potential, constant, e, q, m):
 
 
 @njit(cache=True)
-def _balanced_lowered(phi, potential, q, m, target, rtol):
-    """phi + c balanced (``_power_root`` on s = -phi - W), then lowered to -W where above."""
-    s = -phi - potential
+def _feasible_closed(phi, direction, sigma, potential, q, m, target, rtol):
+    """For one power alone, in one pass after the root: phi' = phi + sigma direction (phi alone
+    where direction is empty) balanced (``_power_root`` on s = -phi' - W), then lowered to -W
+    where above; and ``_pointwise_closed`` at the result. Returns (phi'', sum u*, rho, curvature)."""
+    n = phi.size
+    moved = direction.size > 0
+    s = np.empty(n)
+    for i in range(n):
+        s[i] = -(phi[i] + sigma * direction[i] if moved else phi[i]) - potential[i]
     c = _power_root(s, q, m, target, rtol)
-    out = np.empty_like(phi)
-    for i in range(phi.size):
-        value = phi[i] + c
+    out, rho, curvature = s, np.empty(n), np.empty(n)  # s is spent: its memory holds phi''
+    total = 0.0
+    for i in range(n):
+        value = (phi[i] + sigma * direction[i] if moved else phi[i]) + c
         ceiling = -potential[i]
         out[i] = value if not (value > ceiling and np.isfinite(ceiling)) else ceiling
-    return out
+        rho[i], curvature[i], conjugate = _conjugate_at(-out[i] - potential[i], 0.0, q, m)
+        total += conjugate
+    return out, total, rho, curvature
 
 
 @njit(cache=True)
