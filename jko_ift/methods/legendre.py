@@ -101,10 +101,25 @@ def deposit_lines(mass, where, h):
     """Push masses (lines, n) along the last axis to the positions ``where`` (index units), split
     linearly between the two nodes around each position. Returns (the pushed masses (lines, n),
     sum of mass * displacement^2)."""
+    return _deposit(mass, where, h, False)
+
+
+@njit(cache=True)
+def _deposit_transposed(mass, where, h):
+    """``deposit_lines`` with its output written transposed, (n, lines): the layout of the next
+    axis's pass, without a copy in between (each output cell gets its contributions in the same
+    order, so the same rounding)."""
+    return _deposit(mass, where, h, True)
+
+
+@njit(cache=True)
+def _deposit(mass, where, h, transposed):
     lines, n = mass.shape
-    out = np.zeros((lines, n))
+    out = np.zeros(lines * n)
+    stride = lines if transposed else 1  # of the node index in the output
     cost = 0.0
     for row in range(lines):
+        first = row if transposed else row * n
         for j in range(n):
             m = mass[row, j]
             if m == 0.0:
@@ -116,13 +131,13 @@ def deposit_lines(mass, where, h):
                 i = n - 2 if n > 1 else 0
             t = z - i
             if n == 1 or t <= 0.0:
-                out[row, i] += m
+                out[first + i * stride] += m
             elif t >= 1.0:
-                out[row, i + 1] += m
+                out[first + (i + 1) * stride] += m
             else:
-                out[row, i] += (1.0 - t) * m
-                out[row, i + 1] += t * m
-    return out, cost
+                out[first + i * stride] += (1.0 - t) * m
+                out[first + (i + 1) * stride] += t * m
+    return (out.reshape((n, lines)) if transposed else out.reshape((lines, n))), cost
 
 
 def along(function, array: np.ndarray, axis: int, *args):
@@ -150,35 +165,6 @@ def c_transform(phi: np.ndarray, spacing, tau: float):
         best = best.reshape(moved.shape).swapaxes(-1, axis)
         values = best if axis == 0 else -best
     return values, argmins
-
-
-@njit(cache=True)
-def _deposit_transposed(mass, where, h):
-    """``deposit_lines`` along the last axis of mass (lines, n), its output written transposed
-    (n, lines): the layout of the next axis's pass, without a copy in between. Each output cell
-    receives its contributions in the same order as in ``deposit_lines`` (same rounding)."""
-    lines, n = mass.shape
-    out = np.zeros((n, lines))
-    cost = 0.0
-    for row in range(lines):
-        for j in range(n):
-            m = mass[row, j]
-            if m == 0.0:
-                continue
-            z = where[row, j]
-            cost += m * ((z - j) * h) ** 2
-            i = int(np.floor(z))
-            if i >= n - 1:
-                i = n - 2 if n > 1 else 0
-            t = z - i
-            if n == 1 or t <= 0.0:
-                out[i, row] += m
-            elif t >= 1.0:
-                out[i + 1, row] += m
-            else:
-                out[i, row] += (1.0 - t) * m
-                out[i + 1, row] += t * m
-    return out, cost
 
 
 def push_forward(mass: np.ndarray, argmins, spacing, mass_last: np.ndarray | None = None
