@@ -184,15 +184,20 @@ class BackAndForthJKO(Method):
 @njit(cache=True)
 def _scaled_mismatch(curvature, wanted, delivered, cell, typical, floor, unbounded_at_edge):
     """(S, S (a - b) / h^d) per cell, one pass: S = sqrt(typical / max(kappa, floor)), kappa = typical
-    where it is 0 and the curvature is unbounded at the edge (``_Ascent.direction``)."""
+    where it is 0 and the curvature is unbounded at the edge (``_Ascent.direction``). The square
+    root is taken again only where kappa changes from the previous cell (a power m = 2 alone has
+    one curvature wherever there is mass)."""
     scaling = np.empty(curvature.size)
     scaled = np.empty(curvature.size)
+    last_kappa, last = np.nan, 0.0
     for i in range(curvature.size):
         kappa = curvature[i]
         if unbounded_at_edge and not kappa > 0:
             kappa = typical
-        scaling[i] = np.sqrt(typical / max(kappa, floor))
-        scaled[i] = scaling[i] * ((wanted[i] - delivered[i]) / cell)
+        if kappa != last_kappa:
+            last_kappa, last = kappa, np.sqrt(typical / max(kappa, floor))
+        scaling[i] = last
+        scaled[i] = last * ((wanted[i] - delivered[i]) / cell)
     return scaling, scaled
 
 

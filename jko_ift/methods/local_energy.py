@@ -345,7 +345,9 @@ def _feasible_closed(phi, direction, sigma, potential, q, m, target, rtol):
 def _power_root(s, q, m, target, rtol):
     """The shift c with sum_i rho(s_i - c) = target, rho(s) = ((m - 1) s_+ / (q m))^(1/(m - 1)):
     Newton steps from c = 0 (the balance of a potential moved by one ascent step is near 0),
-    kept inside a bracket grown by doubling, bisection otherwise."""
+    kept inside a bracket grown by doubling, bisection otherwise. Once c has a lower bracket,
+    the sums run over the cells above it alone, in their order (the others add nothing: the
+    same sums, fewer cells)."""
     low, high, width = -np.inf, np.inf, 1.0
     top = -np.inf
     for value in s:
@@ -353,14 +355,17 @@ def _power_root(s, q, m, target, rtol):
             top = value
     if not top > -np.inf:
         return 0.0
+    buffers = np.empty((2, s.size))
+    active, spare = s, 0  # the cells that may contribute; the buffer the next pass fills
     c = 0.0
     for _ in range(400):
-        total, slope = _power_sum(s, q, m, c)
+        total, slope, kept = _power_sum(active, q, m, c, buffers[spare])
         excess = total - target
         if abs(excess) <= rtol * target:
             break
         if excess > 0:
             low = c
+            active, spare = buffers[spare, :kept], 1 - spare  # the cells above the new low
         else:
             high = min(c, top)
         if high - low <= 1e-14 * max(1.0, abs(c)):
@@ -379,15 +384,18 @@ def _power_root(s, q, m, target, rtol):
 
 
 @njit(cache=True)
-def _power_sum(s, q, m, c):
-    total, slope = 0.0, 0.0
+def _power_sum(s, q, m, c, above):
+    """(sum rho(s_i - c), sum rho'(s_i - c), k) with the k values s_i > c copied, in order, to above."""
+    total, slope, kept = 0.0, 0.0, 0
     for value in s:
         if value > c:
+            above[kept] = value
+            kept += 1
             base = (m - 1.0) / (q * m) * (value - c)
             r = base if m == 2.0 else base ** (1.0 / (m - 1.0))
             total += r
             slope += r / ((m - 1.0) * (value - c))
-    return total, slope
+    return total, slope, kept
 
 
 @njit(cache=True)
