@@ -18,6 +18,7 @@ in closed form for one internal term and by a safeguarded Newton iteration per c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from numba import njit
@@ -118,11 +119,12 @@ class LocalEnergy:
 
     def value(self, masses: np.ndarray) -> float:
         """F(a) for masses a (n,), +inf where a > 0 on an excluded cell."""
-        rho = masses / self.cell_volume
         closed = _closed_form(self)
         if closed is not None:  # one compiled pass
-            return self.cell_volume * _value_closed(np.ascontiguousarray(rho, dtype=float), self.potential,
-                                                    self.constant, *closed)
+            masses = np.ascontiguousarray(masses, dtype=float)
+            return self.cell_volume * _value_closed(masses, self.cell_volume, self.potential, self.constant,
+                                                    *closed)
+        rho = masses / self.cell_volume
         if np.any((rho > 0) & np.isinf(self.potential)):
             return float("inf")
         with np.errstate(invalid="ignore"):  # inf * 0 on excluded cells without mass
@@ -137,13 +139,16 @@ class LocalEnergy:
             own, masses, s = self.dual_part(phi)
             return own, masses, self.curvature(s, masses / self.cell_volume)
         return self._dual_terms(*_pointwise_closed(np.ascontiguousarray(phi, dtype=float),
-                                                   self.potential, *closed))
+                                                   self.potential, self.cell_volume, *closed))
 
-    def _dual_terms(self, conjugate: float, rho: np.ndarray, curvature: np.ndarray):
-        """``pointwise``'s outputs from the compiled pass's sum u*, densities and curvatures."""
-        conjugate -= float(np.sum(self.constant))
-        return -self.cell_volume * (conjugate if np.isfinite(conjugate) else np.inf), \
-            rho * self.cell_volume, curvature
+    @cached_property
+    def _constant_sum(self) -> float:
+        return float(np.sum(self.constant))
+
+    def _dual_terms(self, conjugate: float, masses: np.ndarray, curvature: np.ndarray):
+        """``pointwise``'s outputs from the compiled pass's sum u*, masses and curvatures."""
+        conjugate -= self._constant_sum
+        return -self.cell_volume * (conjugate if np.isfinite(conjugate) else np.inf), masses, curvature
 
     def feasible_pointwise(self, phi: np.ndarray, mass: float, direction: np.ndarray | None = None,
                            sigma: float = 0.0) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
@@ -156,9 +161,10 @@ class LocalEnergy:
         _, q, m = closed
         flat = np.ascontiguousarray(phi, dtype=float).ravel()
         step = np.empty(0) if direction is None else np.ascontiguousarray(direction, dtype=float).ravel()
-        out, conjugate, rho, curvature = _feasible_closed(flat, step, float(sigma), self.potential, q, m,
-                                                          mass / self.cell_volume, MASS_BALANCE_RTOL)
-        return (out.reshape(phi.shape), *self._dual_terms(conjugate, rho, curvature))
+        out, conjugate, masses, curvature = _feasible_closed(flat, step, float(sigma), self.potential,
+                                                             self.cell_volume, q, m, mass / self.cell_volume,
+                                                             MASS_BALANCE_RTOL)
+        return (out.reshape(phi.shape), *self._dual_terms(conjugate, masses, curvature))
 
     def dual_part(self, phi: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
         """(-F*(-phi), the maximizing masses a(phi) (n,), s = -phi - W)."""
@@ -261,16 +267,17 @@ def _conjugate_at(s, e, q, m):
 
 
 @njit(cache=True)
-def _pointwise_closed(phi, potential, e, q, m):
-    """sum u*(s), rho = (u*)'(s) and (u*)''(s) at s = -phi - W (``_conjugate_at``)."""
+def _pointwise_closed(phi, potential, cell, e, q, m):
+    """sum u*(s), the masses cell (u*)'(s) and (u*)''(s) at s = -phi - W (``_conjugate_at``)."""
     n = phi.size
-    rho = np.empty(n)
+    masses = np.empty(n)
     curvature = np.empty(n)
     total = 0.0
     for i in range(n):
-        rho[i], curvature[i], conjugate = _conjugate_at(-phi[i] - potential[i], e, q, m)
+        rho, curvature[i], conjugate = _conjugate_at(-phi[i] - potential[i], e, q, m)
+        masses[i] = rho * cell
         total += conjugate
-    return total, rho, curvature
+    return total, masses, curvature
 
 
 def _decreasing_root(function, start: float, width: float, scale: float) -> float:
@@ -301,12 +308,12 @@ def _decreasing_root(function, start: float, width: float, scale: float) -> floa
 
 
 @njit(cache=True)
-def _value_closed(rho, potential, constant, e, q, m):
-    """sum_i u(rho_i) + W_i rho_i + C_i for u = e rho log rho (q = 0) or q rho^m / (m - 1) (e = 0);
-    +inf where rho > 0 on an excluded cell (W = +inf)."""
+def _value_closed(masses, cell, potential, constant, e, q, m):
+    """sum_i u(rho_i) + W_i rho_i + C_i, rho = masses / cell, for u = e rho log rho (q = 0) or
+    q rho^m / (m - 1) (e = 0); +inf where rho > 0 on an excluded cell (W = +inf)."""
     total = 0.0
-    for i in range(rho.size):
-        r = rho[i]
+    for i in range(masses.size):
+        r = masses[i] / cell
         total += constant[i]
         if r > 0.0:
             if potential[i] == np.inf:
@@ -320,25 +327,26 @@ def _value_closed(rho, potential, constant, e, q, m):
 
 
 @njit(cache=True)
-def _feasible_closed(phi, direction, sigma, potential, q, m, target, rtol):
+def _feasible_closed(phi, direction, sigma, potential, cell, q, m, target, rtol):
     """For one power alone, in one pass after the root: phi' = phi + sigma direction (phi alone
     where direction is empty) balanced (``_power_root`` on s = -phi' - W), then lowered to -W
-    where above; and ``_pointwise_closed`` at the result. Returns (phi'', sum u*, rho, curvature)."""
+    where above; and ``_pointwise_closed`` at the result. Returns (phi'', sum u*, masses, curvature)."""
     n = phi.size
     moved = direction.size > 0
     s = np.empty(n)
     for i in range(n):
         s[i] = -(phi[i] + sigma * direction[i] if moved else phi[i]) - potential[i]
     c = _power_root(s, q, m, target, rtol)
-    out, rho, curvature = s, np.empty(n), np.empty(n)  # s is spent: its memory holds phi''
+    out, masses, curvature = s, np.empty(n), np.empty(n)  # s is spent: its memory holds phi''
     total = 0.0
     for i in range(n):
         value = (phi[i] + sigma * direction[i] if moved else phi[i]) + c
         ceiling = -potential[i]
         out[i] = value if not (value > ceiling and np.isfinite(ceiling)) else ceiling
-        rho[i], curvature[i], conjugate = _conjugate_at(-out[i] - potential[i], 0.0, q, m)
+        rho, curvature[i], conjugate = _conjugate_at(-out[i] - potential[i], 0.0, q, m)
+        masses[i] = rho * cell
         total += conjugate
-    return out, total, rho, curvature
+    return out, total, masses, curvature
 
 
 @njit(cache=True)
