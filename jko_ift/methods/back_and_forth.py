@@ -125,7 +125,7 @@ class BackAndForthJKO(Method):
     Energies with a pointwise convex conjugate: ``Entropy``, ``PorousMedium``, ``KL`` to a grid
     target, ``Potential`` and their sums (positive coefficients on the first three). WFR and
     IFT go through ``jk.Splitting(transport=jk.BackAndForthJKO())``. ``info`` holds iterations,
-    evaluations (c-transforms), gap, residual_h1 (the dual gradient's norm in the
+    evaluations (c-transforms), solves (Poisson solves), gap, residual_h1 (the dual gradient's norm in the
     preconditioner's dual metric), mismatch_l1 (:math:`|a(\phi) - P(\phi)|_1` / mass),
     mass_drift, wall_time, sigma (the last ascent step) and averaged (the measure is an average
     of iterates); ``distance_sq`` is the cost of the plan that delivers the measure
@@ -308,6 +308,7 @@ class _Ascent:
         # (u*)''(s) -> infinity as s -> 0+ for a power m > 2 alone (rho ~ s^(1/(m-1)))
         self.unbounded_at_edge = energy.entropy == 0 and max(m for _, m in energy.powers) > 2
         self.metric = ScreenedPoisson(grid.shape, self.spacing, tau * typical_density, typical_curvature)
+        self.solves = 0  # Poisson solves: one per direction (two where the averaged one is refused)
 
     def evaluate(self, phi: np.ndarray, deliver: bool = True, direction: np.ndarray | None = None,
                  sigma: float = 0.0) -> _Point:
@@ -337,6 +338,7 @@ class _Ascent:
                                            self.cell, self.typical_curvature,
                                            SCALING_FLOOR * self.typical_curvature, self.unbounded_at_edge)
         solved = np.ascontiguousarray(self.metric.solve(scaled.reshape(self.shape)))
+        self.solves += 1
         slope = _scale_and_slope(solved.ravel(), scaling, point.wanted.ravel(), point.pushed.ravel(),
                                  self.cell)
         return solved, slope
@@ -412,7 +414,7 @@ class _Ascent:
         certificate = self.certificate(primal, point.dual)
         residual = np.sqrt(max(self.direction(point, point.pushed)[1], 0.0))
         status = "optimal" if certificate <= tol else "stalled" if run.stalled else "max_iterations"
-        info = {"iterations": run.iterations, "evaluations": run.evaluations,
+        info = {"iterations": run.iterations, "evaluations": run.evaluations, "solves": self.solves,
                 "gap": float(objective - point.dual), "dual": point.dual, "residual_h1": float(residual),
                 "mismatch_l1": float(np.abs(point.wanted - point.pushed).sum() / self.mass),
                 "mass_drift": float((primal.pushed.sum() - self.mass) / self.mass),
