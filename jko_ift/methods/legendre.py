@@ -83,16 +83,28 @@ def _segments_line(f, h, tau, best, where):
 def c_transform_lines(f, h, tau):
     """T(f) along the last axis of f: (lines, n) -> (values (lines, n), argmin positions (lines, n)
     in index units, in [0, n - 1])."""
+    return _c_transform_lines(f, h, tau, False)
+
+
+@njit(cache=True)
+def _c_transform_lines(f, h, tau, flip):
+    """``c_transform_lines``; with ``flip`` its values negated and transposed, (n, lines): the input
+    of the next axis's pass in 2-D, without a copy in between (the argmins keep their layout)."""
     lines, n = f.shape
-    best = np.empty((lines, n))
+    best = np.empty((n, lines)) if flip else np.empty((lines, n))
     where = np.empty((lines, n))
+    line = np.empty(n)
     for row in range(lines):
+        values = line if flip else best[row]
         if n == 1:
-            best[row, 0] = -f[row, 0]
+            values[0] = -f[row, 0]
             where[row, 0] = 0.0
-            continue
-        _envelope_line(f[row], h, tau, best[row], where[row])
-        _segments_line(f[row], h, tau, best[row], where[row])
+        else:
+            _envelope_line(f[row], h, tau, values, where[row])
+            _segments_line(f[row], h, tau, values, where[row])
+        if flip:
+            for j in range(n):
+                best[j, row] = -line[j]
     return best, where
 
 
@@ -156,6 +168,11 @@ def c_transform(phi: np.ndarray, spacing, tau: float):
     Composition: psi = T_0(-T_1(... -T_{d-1}(phi))), the innermost pass along the last axis.
     """
     d = phi.ndim
+    if d == 2:  # the first pass hands its values to the second already negated and transposed
+        values = np.ascontiguousarray(phi, dtype=float)
+        flipped, inner = _c_transform_lines(values, float(spacing[1]), tau, True)
+        best, outer = c_transform_lines(flipped, float(spacing[0]), tau)
+        return best.T, [outer, inner]
     values = phi
     argmins = [None] * d
     for axis in range(d - 1, -1, -1):
