@@ -37,7 +37,7 @@ from ..display import report_iteration
 from ..geometries import InfConvolution, Wasserstein
 from ..measures import Grid
 from .base import Method, MethodState, SolverError, StepResult, check_step_input
-from .legendre import c_transform, push_forward
+from .legendre import c_transform, c_transform_buffers, push_forward
 from .local_energy import LocalEnergy, local_energy
 from .options import count, fraction
 from .poisson import ScreenedPoisson, heat
@@ -308,6 +308,8 @@ class _Ascent:
         # (u*)''(s) -> infinity as s -> 0+ for a power m > 2 alone (rho ~ s^(1/(m-1)))
         self.unbounded_at_edge = energy.entropy == 0 and max(m for _, m in energy.powers) > 2
         self.metric = ScreenedPoisson(grid.shape, self.spacing, tau * typical_density, typical_curvature)
+        # c_transform's outputs, reused: a point's argmins are delivered or dropped before the next
+        self.buffers = c_transform_buffers(grid.shape)
         self.solves = 0  # Poisson solves: one per direction (two where the averaged one is refused)
 
     def evaluate(self, phi: np.ndarray, deliver: bool = True, direction: np.ndarray | None = None,
@@ -316,7 +318,7 @@ class _Ascent:
         balanced; without entropy, lowered where no mass is wanted); with ``deliver``, also P(phi'),
         its plan's cost and F(P(phi'))."""
         phi, own, wanted, curvature = self.energy.feasible_pointwise(phi, self.mass, direction, sigma)
-        psi, argmins = c_transform(phi, self.spacing, self.tau)
+        psi, argmins = c_transform(phi, self.spacing, self.tau, self.buffers)
         dual = float(self.source_last @ np.ascontiguousarray(psi.swapaxes(0, -1)).ravel()) + own
         point = _Point(phi, dual, wanted.reshape(self.shape), curvature.reshape(self.shape), argmins)
         return self.deliver(point) if deliver else point

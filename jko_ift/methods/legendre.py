@@ -83,16 +83,18 @@ def _segments_line(f, h, tau, best, where):
 def c_transform_lines(f, h, tau):
     """T(f) along the last axis of f: (lines, n) -> (values (lines, n), argmin positions (lines, n)
     in index units, in [0, n - 1])."""
-    return _c_transform_lines(f, h, tau, False)
+    lines, n = f.shape
+    best, where = np.empty((lines, n)), np.empty((lines, n))
+    _c_transform_lines(f, h, tau, False, best, where)
+    return best, where
 
 
 @njit(cache=True)
-def _c_transform_lines(f, h, tau, flip):
-    """``c_transform_lines``; with ``flip`` its values negated and transposed, (n, lines): the input
-    of the next axis's pass in 2-D, without a copy in between (the argmins keep their layout)."""
+def _c_transform_lines(f, h, tau, flip, best, where):
+    """``c_transform_lines`` into the arrays best and where; with ``flip`` the values negated and
+    transposed, best (n, lines): the input of the next axis's pass in 2-D, without a copy in
+    between (the argmins keep their layout)."""
     lines, n = f.shape
-    best = np.empty((n, lines)) if flip else np.empty((lines, n))
-    where = np.empty((lines, n))
     line = np.empty(n)
     for row in range(lines):
         values = line if flip else best[row]
@@ -105,7 +107,6 @@ def _c_transform_lines(f, h, tau, flip):
         if flip:
             for j in range(n):
                 best[j, row] = -line[j]
-    return best, where
 
 
 @njit(cache=True)
@@ -160,18 +161,29 @@ def along(function, array: np.ndarray, axis: int, *args):
     return outputs, shape
 
 
-def c_transform(phi: np.ndarray, spacing, tau: float):
+def c_transform_buffers(shape) -> tuple[np.ndarray, ...] | None:
+    """Work arrays for ``c_transform`` on a 2-D grid of this shape (None in other dimensions)."""
+    if len(shape) != 2:
+        return None
+    n0, n1 = shape
+    return np.empty((n1, n0)), np.empty((n0, n1)), np.empty((n1, n0)), np.empty((n1, n0))
+
+
+def c_transform(phi: np.ndarray, spacing, tau: float, buffers: tuple | None = None):
     """psi = phi^c on the grid for the axis-by-axis problem (docs/theory.md §10).
 
     phi: the node values, shape ``grid.shape``. Returns (psi, argmins) where argmins[k] holds
     the argmin positions (index units) of the pass along axis k, in that pass's layout.
     Composition: psi = T_0(-T_1(... -T_{d-1}(phi))), the innermost pass along the last axis.
+    ``buffers`` (2-D, from ``c_transform_buffers``): the arrays that psi and the argmins are
+    written to, reused from call to call (the caller is done with the previous results).
     """
     d = phi.ndim
     if d == 2:  # the first pass hands its values to the second already negated and transposed
+        flipped, inner, best, outer = c_transform_buffers(phi.shape) if buffers is None else buffers
         values = np.ascontiguousarray(phi, dtype=float)
-        flipped, inner = _c_transform_lines(values, float(spacing[1]), tau, True)
-        best, outer = c_transform_lines(flipped, float(spacing[0]), tau)
+        _c_transform_lines(values, float(spacing[1]), tau, True, flipped, inner)
+        _c_transform_lines(flipped, float(spacing[0]), tau, False, best, outer)
         return best.T, [outer, inner]
     values = phi
     argmins = [None] * d
