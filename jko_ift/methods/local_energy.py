@@ -200,7 +200,8 @@ class LocalEnergy:
         closed = _closed_form(self)
         if self.powers and closed is not None:  # one power: the root found in one compiled call
             _, q, m = closed
-            return phi + _power_root(s.ravel(), q, m, mass / self.cell_volume, MASS_BALANCE_RTOL)
+            return phi + _power_root(s.ravel(), _top(s.ravel()), q, m, mass / self.cell_volume,
+                                     MASS_BALANCE_RTOL)
         with np.errstate(over="ignore"):
             wanted = self.cell_volume * float(np.sum(self.density(s)))
         if not np.isfinite(wanted):
@@ -334,9 +335,12 @@ def _feasible_closed(phi, direction, sigma, potential, cell, q, m, target, rtol)
     n = phi.size
     moved = direction.size > 0
     s = np.empty(n)
+    top = -np.inf
     for i in range(n):
         s[i] = -(phi[i] + sigma * direction[i] if moved else phi[i]) - potential[i]
-    c = _power_root(s, q, m, target, rtol)
+        if s[i] > top:
+            top = s[i]
+    c = _power_root(s, top, q, m, target, rtol)
     out, masses, curvature = s, np.empty(n), np.empty(n)  # s is spent: its memory holds phi''
     total = 0.0
     for i in range(n):
@@ -350,17 +354,13 @@ def _feasible_closed(phi, direction, sigma, potential, cell, q, m, target, rtol)
 
 
 @njit(cache=True)
-def _power_root(s, q, m, target, rtol):
+def _power_root(s, top, q, m, target, rtol):
     """The shift c with sum_i rho(s_i - c) = target, rho(s) = ((m - 1) s_+ / (q m))^(1/(m - 1)):
     Newton steps from c = 0 (the balance of a potential moved by one ascent step is near 0),
     kept inside a bracket grown by doubling, bisection otherwise. Once c has a lower bracket,
     the sums run over the cells above it alone, in their order (the others add nothing: the
-    same sums, fewer cells)."""
+    same sums, fewer cells). top: the largest s_i (``_top``)."""
     low, high, width = -np.inf, np.inf, 1.0
-    top = -np.inf
-    for value in s:
-        if value > top:
-            top = value
     if not top > -np.inf:
         return 0.0
     buffers = np.empty((2, s.size))
@@ -389,6 +389,16 @@ def _power_root(s, q, m, target, rtol):
         else:
             c = top
     return c
+
+
+@njit(cache=True)
+def _top(s):
+    """The largest of the values s (NaN ignored; -inf where there is none)."""
+    top = -np.inf
+    for value in s:
+        if value > top:
+            top = value
+    return top
 
 
 @njit(cache=True)
