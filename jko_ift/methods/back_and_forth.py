@@ -371,8 +371,8 @@ class _Ascent:
                 run.stalled = True
                 break
             run.offer(point, self.tau)
-            momentum.add(point)
-            run.offer_primal(momentum.primal(self.energy), self.tau, owned=False)
+            momentum.add(point, self.energy)
+            run.offer_primal(momentum.primal(), self.tau, owned=False)
             average.add(point, 1.0)
             if average.count % AVERAGE_WINDOW == 0:  # ergodic average: splits the mass at kinks
                 run.offer_primal(average.primal(self.energy), self.tau)
@@ -480,17 +480,18 @@ class _Momentum:
         if not hasattr(self, "pushed"):
             self.pushed = np.empty(point.pushed.shape)  # owned, contiguous: ``add`` updates it in place
         np.copyto(self.pushed, point.pushed)
-        self.cost, self.count = point.distance_sq, 1
+        self.cost, self.count, self.energy = point.distance_sq, 1, point.energy
 
-    def add(self, point: _Point) -> None:
-        _blend(self.pushed.ravel(), point.pushed.ravel(), MOMENTUM, 1.0 - MOMENTUM)
+    def add(self, point: _Point, energy: LocalEnergy) -> None:
+        """Blend the point in, and evaluate F of the blend in the same pass."""
+        self.energy = energy.blend_value(self.pushed.ravel(), point.pushed.ravel(), MOMENTUM, 1.0 - MOMENTUM)
         self.cost = MOMENTUM * self.cost + (1.0 - MOMENTUM) * point.distance_sq
         self.count += 1
 
-    def primal(self, energy: LocalEnergy) -> _Primal:
+    def primal(self) -> _Primal:
         """The candidate; its masses are this object's buffer (``_Run.offer_primal`` copies them
         when it keeps the candidate)."""
-        return _Primal(self.pushed, self.cost, energy.value(self.pushed.ravel()), averaged=True)
+        return _Primal(self.pushed, self.cost, self.energy, averaged=True)
 
 
 class _Average:

@@ -131,6 +131,17 @@ class LocalEnergy:
             linear = np.where(rho > 0, self.potential * rho, 0.0)
         return float(self.cell_volume * np.sum(self.internal(rho) + linear + self.constant))
 
+    def blend_value(self, average: np.ndarray, new: np.ndarray, keep: float, weight: float) -> float:
+        """average = keep * average + weight * new in place (contiguous masses (n,)), and F of the
+        result (``value``); one compiled pass for a single internal term."""
+        closed = _closed_form(self)
+        if closed is None:
+            average *= keep
+            average += weight * new
+            return self.value(average)
+        return self.cell_volume * _blend_value(average, np.ascontiguousarray(new, dtype=float), keep, weight,
+                                               self.cell_volume, self.potential, self.constant, *closed)
+
     def pointwise(self, phi: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
         """(-F*(-phi), the maximizing masses a(phi) (n,), the curvature (u*)''(-phi - W) (n,)):
         one compiled pass for a single internal term (entropy, or one power), else ``dual_part``."""
@@ -314,17 +325,36 @@ def _value_closed(masses, cell, potential, constant, e, q, m):
     q rho^m / (m - 1) (e = 0); +inf where rho > 0 on an excluded cell (W = +inf)."""
     total = 0.0
     for i in range(masses.size):
-        r = masses[i] / cell
-        total += constant[i]
-        if r > 0.0:
-            if potential[i] == np.inf:
-                return np.inf
-            total += potential[i] * r
-            if q == 0.0:
-                total += e * r * np.log(r)
-            else:
-                total += q * (r * r if m == 2.0 else r**m) / (m - 1.0)
+        total, excluded = _add_cell(total, masses[i] / cell, potential[i], constant[i], e, q, m)
+        if excluded:
+            return np.inf
     return total
+
+
+@njit(cache=True)
+def _blend_value(average, new, keep, weight, cell, potential, constant, e, q, m):
+    """average = keep * average + weight * new in place, and ``_value_closed`` of the result."""
+    total, excluded = 0.0, False
+    for i in range(average.size):
+        average[i] = keep * average[i] + weight * new[i]
+        if not excluded:
+            total, excluded = _add_cell(total, average[i] / cell, potential[i], constant[i], e, q, m)
+    return np.inf if excluded else total
+
+
+@njit(cache=True)
+def _add_cell(total, r, potential, constant, e, q, m):
+    """(total + C + W r + u(r), False) for one cell, (total, True) where r > 0 on an excluded cell."""
+    total += constant
+    if r > 0.0:
+        if potential == np.inf:
+            return total, True
+        total += potential * r
+        if q == 0.0:
+            total += e * r * np.log(r)
+        else:
+            total += q * (r * r if m == 2.0 else r**m) / (m - 1.0)
+    return total, False
 
 
 @njit(cache=True)
