@@ -211,8 +211,9 @@ class LocalEnergy:
         closed = _closed_form(self)
         if self.powers and closed is not None:  # one power: the root found in one compiled call
             _, q, m = closed
-            return phi + _power_root(s.ravel(), _top(s.ravel()), q, m, mass / self.cell_volume,
-                                     MASS_BALANCE_RTOL)
+            flat = s.ravel()
+            return phi + _power_root(flat, _top(flat), q, m, mass / self.cell_volume, MASS_BALANCE_RTOL,
+                                     np.empty((2, flat.size)), (0.0, 0.0, -1))
         with np.errstate(over="ignore"):
             wanted = self.cell_volume * float(np.sum(self.density(s)))
         if not np.isfinite(wanted):
@@ -365,12 +366,19 @@ def _feasible_closed(phi, direction, sigma, potential, cell, q, m, target, rtol)
     n = phi.size
     moved = direction.size > 0
     s = np.empty(n)
-    top = -np.inf
+    buffers = np.empty((2, n))
+    top, total, slope, kept = -np.inf, 0.0, 0.0, 0  # and the root's first pass, at c = 0
     for i in range(n):
         s[i] = -(phi[i] + sigma * direction[i] if moved else phi[i]) - potential[i]
         if s[i] > top:
             top = s[i]
-    c = _power_root(s, top, q, m, target, rtol)
+        if s[i] > 0.0:
+            buffers[0, kept] = s[i]
+            kept += 1
+            r, dr = _power_term(s[i], 0.0, q, m)
+            total += r
+            slope += dr
+    c = _power_root(s, top, q, m, target, rtol, buffers, (total, slope, kept))
     out, masses, curvature = s, np.empty(n), np.empty(n)  # s is spent: its memory holds phi''
     total = 0.0
     for i in range(n):
@@ -384,20 +392,23 @@ def _feasible_closed(phi, direction, sigma, potential, cell, q, m, target, rtol)
 
 
 @njit(cache=True)
-def _power_root(s, top, q, m, target, rtol):
+def _power_root(s, top, q, m, target, rtol, buffers, first):
     """The shift c with sum_i rho(s_i - c) = target, rho(s) = ((m - 1) s_+ / (q m))^(1/(m - 1)):
     Newton steps from c = 0 (the balance of a potential moved by one ascent step is near 0),
     kept inside a bracket grown by doubling, bisection otherwise. Once c has a lower bracket,
     the sums run over the cells above it alone, in their order (the others add nothing: the
-    same sums, fewer cells). top: the largest s_i (``_top``)."""
+    same sums, fewer cells). top: the largest s_i (``_top``); buffers: (2, n) work array; first:
+    ``_power_sum`` at c = 0 into buffers[0] if the caller made that pass (k >= 0), else k < 0."""
     low, high, width = -np.inf, np.inf, 1.0
     if not top > -np.inf:
         return 0.0
-    buffers = np.empty((2, s.size))
     active, spare = s, 0  # the cells that may contribute; the buffer the next pass fills
     c = 0.0
-    for _ in range(400):
-        total, slope, kept = _power_sum(active, q, m, c, buffers[spare])
+    for iteration in range(400):
+        if iteration == 0 and first[2] >= 0:
+            total, slope, kept = first
+        else:
+            total, slope, kept = _power_sum(active, q, m, c, buffers[spare])
         excess = total - target
         if abs(excess) <= rtol * target:
             break
@@ -439,11 +450,18 @@ def _power_sum(s, q, m, c, above):
         if value > c:
             above[kept] = value
             kept += 1
-            base = (m - 1.0) / (q * m) * (value - c)
-            r = base if m == 2.0 else base ** (1.0 / (m - 1.0))
+            r, dr = _power_term(value, c, q, m)
             total += r
-            slope += r / ((m - 1.0) * (value - c))
+            slope += dr
     return total, slope, kept
+
+
+@njit(cache=True)
+def _power_term(value, c, q, m):
+    """(rho(s - c), rho'(s - c)) for s = value > c, rho(s) = ((m - 1) s / (q m))^(1/(m - 1))."""
+    base = (m - 1.0) / (q * m) * (value - c)
+    r = base if m == 2.0 else base ** (1.0 / (m - 1.0))
+    return r, r / ((m - 1.0) * (value - c))
 
 
 @njit(cache=True)
