@@ -37,7 +37,7 @@ from ..display import report_iteration
 from ..geometries import InfConvolution, Wasserstein
 from ..measures import Grid
 from .base import Method, MethodState, SolverError, StepResult, check_step_input
-from .legendre import c_transform, push_forward
+from .legendre import c_transform, c_transform_buffers, push_forward
 from .local_energy import LocalEnergy, local_energy
 from .options import count, fraction
 from .poisson import ScreenedPoisson, heat
@@ -125,7 +125,7 @@ class BackAndForthJKO(Method):
     Energies with a pointwise convex conjugate: ``Entropy``, ``PorousMedium``, ``KL`` to a grid
     target, ``Potential`` and their sums (positive coefficients on the first three). WFR and
     IFT go through ``jk.Splitting(transport=jk.BackAndForthJKO())``. ``info`` holds iterations,
-    evaluations (c-transforms), gap, residual_h1 (the dual gradient's norm in the
+    evaluations (c-transforms), solves (Poisson solves), gap, residual_h1 (the dual gradient's norm in the
     preconditioner's dual metric), mismatch_l1 (:math:`|a(\phi) - P(\phi)|_1` / mass),
     mass_drift, wall_time, sigma (the last ascent step) and averaged (the measure is an average
     of iterates); ``distance_sq`` is the cost of the plan that delivers the measure
@@ -182,16 +182,40 @@ class BackAndForthJKO(Method):
 
 
 @njit(cache=True)
-def _scaling(curvature, typical, floor, unbounded_at_edge):
-    """S = sqrt(typical / max(kappa, floor)) per cell; kappa = typical where it is 0 and the
-    curvature is unbounded at the edge (``_Ascent.direction``)."""
-    out = np.empty(curvature.size)
+def _scaled_mismatch(curvature, wanted, delivered, cell, typical, floor, unbounded_at_edge):
+    """(S, S (a - b) / h^d) per cell, one pass: S = sqrt(typical / max(kappa, floor)), kappa = typical
+    where it is 0 and the curvature is unbounded at the edge (``_Ascent.direction``). The square
+    root is taken again only where kappa changes from the previous cell (a power m = 2 alone has
+    one curvature wherever there is mass)."""
+    scaling = np.empty(curvature.size)
+    scaled = np.empty(curvature.size)
+    last_kappa, last = np.nan, 0.0
     for i in range(curvature.size):
         kappa = curvature[i]
         if unbounded_at_edge and not kappa > 0:
             kappa = typical
-        out[i] = np.sqrt(typical / max(kappa, floor))
-    return out
+        if kappa != last_kappa:
+            last_kappa, last = kappa, np.sqrt(typical / max(kappa, floor))
+        scaling[i] = last
+        scaled[i] = last * ((wanted[i] - delivered[i]) / cell)
+    return scaling, scaled
+
+
+@njit(cache=True)
+def _scale_and_slope(solved, scaling, wanted, pushed, cell):
+    """solved *= S in place (the direction d), and its slope h^d <grad D, d>, grad D = (a - P) / h^d."""
+    total = 0.0
+    for i in range(solved.size):
+        solved[i] *= scaling[i]
+        total += ((wanted[i] - pushed[i]) / cell) * solved[i]
+    return cell * total
+
+
+@njit(cache=True)
+def _blend(average, new, keep, weight):
+    """average = keep * average + weight * new, in place."""
+    for i in range(average.size):
+        average[i] = keep * average[i] + weight * new[i]
 
 
 def _cold_starts(grid, energy: LocalEnergy, mu, heat_time: float) -> list[np.ndarray]:
@@ -284,35 +308,42 @@ class _Ascent:
         # (u*)''(s) -> infinity as s -> 0+ for a power m > 2 alone (rho ~ s^(1/(m-1)))
         self.unbounded_at_edge = energy.entropy == 0 and max(m for _, m in energy.powers) > 2
         self.metric = ScreenedPoisson(grid.shape, self.spacing, tau * typical_density, typical_curvature)
+        # c_transform's outputs, reused: a point's argmins are delivered or dropped before the next
+        self.buffers = c_transform_buffers(grid.shape)
+        self.solves = 0  # Poisson solves: one per direction (two where the averaged one is refused)
 
-    def evaluate(self, phi: np.ndarray, deliver: bool = True) -> _Point:
-        """D(phi) and a(phi); with ``deliver``, also P(phi), its plan's cost and F(P(phi))."""
-        psi, argmins = c_transform(phi, self.spacing, self.tau)
-        own, wanted, curvature = self.energy.pointwise(phi.ravel())
+    def evaluate(self, phi: np.ndarray, deliver: bool = True, direction: np.ndarray | None = None,
+                 sigma: float = 0.0) -> _Point:
+        """D and a(phi') at phi' = ``LocalEnergy.feasible(phi + sigma direction)`` (its constant
+        balanced; without entropy, lowered where no mass is wanted); with ``deliver``, also P(phi'),
+        its plan's cost and F(P(phi'))."""
+        phi, own, wanted, curvature = self.energy.feasible_pointwise(phi, self.mass, direction, sigma)
+        psi, argmins = c_transform(phi, self.spacing, self.tau, self.buffers)
         dual = float(self.source_last @ np.ascontiguousarray(psi.swapaxes(0, -1)).ravel()) + own
         point = _Point(phi, dual, wanted.reshape(self.shape), curvature.reshape(self.shape), argmins)
         return self.deliver(point) if deliver else point
 
     def deliver(self, point: _Point) -> _Point:
         """The point with mu^k pushed by its argmins, the plan's cost and the energy of the result."""
-        pushed, costs = push_forward(self.source, point.argmins, self.spacing)
+        pushed, costs = push_forward(self.source, point.argmins, self.spacing, self.source_last)
         return replace(point, argmins=None, pushed=pushed, distance_sq=float(costs.sum()),
                        energy=self.energy.value(pushed.ravel()))
 
-    def _feasible(self, phi: np.ndarray, mass: float) -> np.ndarray:
-        """phi with its constant balanced and, without entropy, lowered where no mass is wanted."""
-        return self.energy.feasible(phi, mass)
-
-    def direction(self, point: _Point, mismatch: np.ndarray) -> np.ndarray:
-        """The preconditioned ascent direction S M^{-1} S g: M the screened Poisson operator with
-        the typical density and curvature, S = sqrt(kappa_bar / kappa) the local correction where
-        the curvature kappa = (u*)''(-phi - W) of the energy is smaller (the tails of a density,
-        where both parts of the dual's Hessian shrink with the density)."""
-        # empty cells with a power m > 2 alone: amplifying there overshoots into the edge
-        scaling = _scaling(point.curvature.ravel(), self.typical_curvature,
-                           SCALING_FLOOR * self.typical_curvature, self.unbounded_at_edge)
-        scaling = scaling.reshape(self.shape)
-        return scaling * self.metric.solve(scaling * mismatch)
+    def direction(self, point: _Point, delivered: np.ndarray) -> tuple[np.ndarray, float]:
+        """The preconditioned ascent direction d = S M^{-1} S (a(phi) - delivered) / h^d, and its
+        slope h^d <grad D, d>: M the screened Poisson operator with the typical density and
+        curvature, S = sqrt(kappa_bar / kappa) the local correction where the curvature
+        kappa = (u*)''(-phi - W) of the energy is smaller (the tails of a density, where both parts
+        of the dual's Hessian shrink with the density). Empty cells with a power m > 2 alone are
+        not amplified (it overshoots into the edge)."""
+        scaling, scaled = _scaled_mismatch(point.curvature.ravel(), point.wanted.ravel(), delivered.ravel(),
+                                           self.cell, self.typical_curvature,
+                                           SCALING_FLOOR * self.typical_curvature, self.unbounded_at_edge)
+        solved = np.ascontiguousarray(self.metric.solve(scaled.reshape(self.shape)))
+        self.solves += 1
+        slope = _scale_and_slope(solved.ravel(), scaling, point.wanted.ravel(), point.pushed.ravel(),
+                                 self.cell)
+        return solved, slope
 
     def certificate(self, primal: _Primal, dual: float) -> float:
         gap = primal.objective(self.tau) - dual
@@ -323,7 +354,7 @@ class _Ascent:
     def run(self, starts, sigma: float, tol: float, max_iter: int) -> _Run:
         """Ascend from the start of largest dual value until the certificate of the best primal
         against the best dual is below tol, or max_iter iterations."""
-        points = [self.evaluate(self._feasible(phi, self.mass)) for phi in starts]
+        points = [self.evaluate(phi) for phi in starts]
         point = max(points, key=lambda p: p.dual)
         run = _Run(point, _Primal.of(point), sigma, evaluations=len(points))
         for other in points:
@@ -340,8 +371,8 @@ class _Ascent:
                 run.stalled = True
                 break
             run.offer(point, self.tau)
-            momentum.add(point)
-            run.offer_primal(momentum.primal(self.energy), self.tau)
+            momentum.add(point, self.energy)
+            run.offer_primal(momentum.primal(), self.tau, owned=False)
             average.add(point, 1.0)
             if average.count % AVERAGE_WINDOW == 0:  # ergodic average: splits the mass at kinks
                 run.offer_primal(average.primal(self.energy), self.tau)
@@ -357,14 +388,11 @@ class _Ascent:
         """One ascent step: along the direction of the averaged mismatch a(phi) - Pbar where it
         is an ascent direction of D (its slope <grad D, d> > 0), else (the average restarting)
         along the gradient. Either way D increases (Armijo on the true slope)."""
-        gradient = (point.wanted - point.pushed) / self.cell
-        direction = self.direction(point, (point.wanted - momentum.pushed) / self.cell)
-        slope = self.cell * float(np.sum(gradient * direction))
+        direction, slope = self.direction(point, momentum.pushed)
         trial = self._ascent_step(run, point, direction, slope) if slope > 0 else None
         if trial is None and momentum.count > 1:
             momentum.restart(point)
-            direction = self.direction(point, gradient)
-            trial = self._ascent_step(run, point, direction, self.cell * float(np.sum(gradient * direction)))
+            trial = self._ascent_step(run, point, *self.direction(point, point.pushed))
         return trial
 
     def _ascent_step(self, run: _Run, point: _Point, direction: np.ndarray, slope: float) -> _Point | None:
@@ -372,7 +400,7 @@ class _Ascent:
         increases it (a kink of the discrete dual, docs/theory.md §10)."""
         sigma = run.sigma
         while sigma >= STALL_RATIO * run.sigma:
-            trial = self.evaluate(self._feasible(point.phi + sigma * direction, self.mass), deliver=False)
+            trial = self.evaluate(point.phi, deliver=False, direction=direction, sigma=sigma)
             run.evaluations += 1
             if trial.dual >= point.dual + ARMIJO * sigma * slope:
                 run.sigma = sigma * GROW
@@ -386,10 +414,9 @@ class _Ascent:
         energy = float(F.value(measure))
         objective = energy + primal.distance_sq / (2.0 * self.tau)
         certificate = self.certificate(primal, point.dual)
-        mismatch = (point.wanted - point.pushed) / self.cell
-        residual = np.sqrt(max(self.cell * float(np.sum(mismatch * self.direction(point, mismatch))), 0.0))
+        residual = np.sqrt(max(self.direction(point, point.pushed)[1], 0.0))
         status = "optimal" if certificate <= tol else "stalled" if run.stalled else "max_iterations"
-        info = {"iterations": run.iterations, "evaluations": run.evaluations,
+        info = {"iterations": run.iterations, "evaluations": run.evaluations, "solves": self.solves,
                 "gap": float(objective - point.dual), "dual": point.dual, "residual_h1": float(residual),
                 "mismatch_l1": float(np.abs(point.wanted - point.pushed).sum() / self.mass),
                 "mass_drift": float((primal.pushed.sum() - self.mass) / self.mass),
@@ -434,9 +461,10 @@ class _Run:
             self.dual = point
         self.offer_primal(_Primal.of(point), tau)
 
-    def offer_primal(self, primal: _Primal, tau: float) -> None:
+    def offer_primal(self, primal: _Primal, tau: float, owned: bool = True) -> None:
+        """Keep the primal if its objective is lower (a copy of its masses unless ``owned``)."""
         if primal.objective(tau) < self.primal.objective(tau):
-            self.primal = primal
+            self.primal = primal if owned else replace(primal, pushed=primal.pushed.copy())
 
 
 class _Momentum:
@@ -449,15 +477,21 @@ class _Momentum:
         self.restart(point)
 
     def restart(self, point: _Point) -> None:
-        self.pushed, self.cost, self.count = point.pushed, point.distance_sq, 1
+        if not hasattr(self, "pushed"):
+            self.pushed = np.empty(point.pushed.shape)  # owned, contiguous: ``add`` updates it in place
+        np.copyto(self.pushed, point.pushed)
+        self.cost, self.count, self.energy = point.distance_sq, 1, point.energy
 
-    def add(self, point: _Point) -> None:
-        self.pushed = MOMENTUM * self.pushed + (1.0 - MOMENTUM) * point.pushed
+    def add(self, point: _Point, energy: LocalEnergy) -> None:
+        """Blend the point in, and evaluate F of the blend in the same pass."""
+        self.energy = energy.blend_value(self.pushed.ravel(), point.pushed.ravel(), MOMENTUM, 1.0 - MOMENTUM)
         self.cost = MOMENTUM * self.cost + (1.0 - MOMENTUM) * point.distance_sq
         self.count += 1
 
-    def primal(self, energy: LocalEnergy) -> _Primal:
-        return _Primal(self.pushed, self.cost, energy.value(self.pushed.ravel()), averaged=True)
+    def primal(self) -> _Primal:
+        """The candidate; its masses are this object's buffer (``_Run.offer_primal`` copies them
+        when it keeps the candidate)."""
+        return _Primal(self.pushed, self.cost, self.energy, averaged=True)
 
 
 class _Average:
@@ -481,7 +515,7 @@ class _Average:
         self.count += 1
         self.weight += weight
         self.cost += weight * point.distance_sq
-        self.pushed += weight * point.pushed
+        _blend(self.pushed.ravel(), point.pushed.ravel(), 1.0, weight)
 
     def primal(self, energy: LocalEnergy) -> _Primal:
         pushed = self.pushed / self.weight

@@ -84,16 +84,29 @@ def c_transform_lines(f, h, tau):
     """T(f) along the last axis of f: (lines, n) -> (values (lines, n), argmin positions (lines, n)
     in index units, in [0, n - 1])."""
     lines, n = f.shape
-    best = np.empty((lines, n))
-    where = np.empty((lines, n))
-    for row in range(lines):
-        if n == 1:
-            best[row, 0] = -f[row, 0]
-            where[row, 0] = 0.0
-            continue
-        _envelope_line(f[row], h, tau, best[row], where[row])
-        _segments_line(f[row], h, tau, best[row], where[row])
+    best, where = np.empty((lines, n)), np.empty((lines, n))
+    _c_transform_lines(f, h, tau, False, best, where)
     return best, where
+
+
+@njit(cache=True)
+def _c_transform_lines(f, h, tau, flip, best, where):
+    """``c_transform_lines`` into the arrays best and where; with ``flip`` the values negated and
+    transposed, best (n, lines): the input of the next axis's pass in 2-D, without a copy in
+    between (the argmins keep their layout)."""
+    lines, n = f.shape
+    line = np.empty(n)
+    for row in range(lines):
+        values = line if flip else best[row]
+        if n == 1:
+            values[0] = -f[row, 0]
+            where[row, 0] = 0.0
+        else:
+            _envelope_line(f[row], h, tau, values, where[row])
+            _segments_line(f[row], h, tau, values, where[row])
+        if flip:
+            for j in range(n):
+                best[j, row] = -line[j]
 
 
 @njit(cache=True)
@@ -101,10 +114,25 @@ def deposit_lines(mass, where, h):
     """Push masses (lines, n) along the last axis to the positions ``where`` (index units), split
     linearly between the two nodes around each position. Returns (the pushed masses (lines, n),
     sum of mass * displacement^2)."""
+    return _deposit(mass, where, h, False)
+
+
+@njit(cache=True)
+def _deposit_transposed(mass, where, h):
+    """``deposit_lines`` with its output written transposed, (n, lines): the layout of the next
+    axis's pass, without a copy in between (each output cell gets its contributions in the same
+    order, so the same rounding)."""
+    return _deposit(mass, where, h, True)
+
+
+@njit(cache=True)
+def _deposit(mass, where, h, transposed):
     lines, n = mass.shape
-    out = np.zeros((lines, n))
+    out = np.zeros(lines * n)
+    stride = lines if transposed else 1  # of the node index in the output
     cost = 0.0
     for row in range(lines):
+        first = row if transposed else row * n
         for j in range(n):
             m = mass[row, j]
             if m == 0.0:
@@ -116,13 +144,13 @@ def deposit_lines(mass, where, h):
                 i = n - 2 if n > 1 else 0
             t = z - i
             if n == 1 or t <= 0.0:
-                out[row, i] += m
+                out[first + i * stride] += m
             elif t >= 1.0:
-                out[row, i + 1] += m
+                out[first + (i + 1) * stride] += m
             else:
-                out[row, i] += (1.0 - t) * m
-                out[row, i + 1] += t * m
-    return out, cost
+                out[first + i * stride] += (1.0 - t) * m
+                out[first + (i + 1) * stride] += t * m
+    return (out.reshape((n, lines)) if transposed else out.reshape((lines, n))), cost
 
 
 def along(function, array: np.ndarray, axis: int, *args):
@@ -133,14 +161,30 @@ def along(function, array: np.ndarray, axis: int, *args):
     return outputs, shape
 
 
-def c_transform(phi: np.ndarray, spacing, tau: float):
+def c_transform_buffers(shape) -> tuple[np.ndarray, ...] | None:
+    """Work arrays for ``c_transform`` on a 2-D grid of this shape (None in other dimensions)."""
+    if len(shape) != 2:
+        return None
+    n0, n1 = shape
+    return np.empty((n1, n0)), np.empty((n0, n1)), np.empty((n1, n0)), np.empty((n1, n0))
+
+
+def c_transform(phi: np.ndarray, spacing, tau: float, buffers: tuple | None = None):
     """psi = phi^c on the grid for the axis-by-axis problem (docs/theory.md §10).
 
     phi: the node values, shape ``grid.shape``. Returns (psi, argmins) where argmins[k] holds
     the argmin positions (index units) of the pass along axis k, in that pass's layout.
     Composition: psi = T_0(-T_1(... -T_{d-1}(phi))), the innermost pass along the last axis.
+    ``buffers`` (2-D, from ``c_transform_buffers``): the arrays that psi and the argmins are
+    written to, reused from call to call (the caller is done with the previous results).
     """
     d = phi.ndim
+    if d == 2:  # the first pass hands its values to the second already negated and transposed
+        flipped, inner, best, outer = c_transform_buffers(phi.shape) if buffers is None else buffers
+        values = np.ascontiguousarray(phi, dtype=float)
+        _c_transform_lines(values, float(spacing[1]), tau, True, flipped, inner)
+        _c_transform_lines(flipped, float(spacing[0]), tau, False, best, outer)
+        return best.T, [outer, inner]
     values = phi
     argmins = [None] * d
     for axis in range(d - 1, -1, -1):
@@ -152,12 +196,20 @@ def c_transform(phi: np.ndarray, spacing, tau: float):
     return values, argmins
 
 
-def push_forward(mass: np.ndarray, argmins, spacing) -> tuple[np.ndarray, np.ndarray]:
+def push_forward(mass: np.ndarray, argmins, spacing, mass_last: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """The masses (grid.shape) moved by the argmins of ``c_transform``: first along axis 0 (the
     outermost transform), then along axis 1, ... Returns (pushed masses, the displacement
-    cost sum m |z - y|^2 per axis (d,))."""
+    cost sum m |z - y|^2 per axis (d,)). ``mass_last``: optionally, the masses already in the
+    layout of the axis-0 pass (``mass.swapaxes(0, -1)``, contiguous), which saves a copy; in
+    2-D the two passes are then fused (no transpose in between)."""
     d = mass.ndim
     costs = np.zeros(d)
+    if d == 2:
+        first = np.ascontiguousarray(mass.T) if mass_last is None else mass_last.reshape(mass.T.shape)
+        between, costs[0] = _deposit_transposed(first, argmins[0].reshape(first.shape), float(spacing[0]))
+        current, costs[1] = deposit_lines(between, argmins[1].reshape(mass.shape), float(spacing[1]))
+        return current, costs
     current = mass
     for axis in range(d):
         moved = np.ascontiguousarray(current.swapaxes(axis, -1))  # the layout of c_transform's pass

@@ -18,6 +18,7 @@ in closed form for one internal term and by a safeguarded Newton iteration per c
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from numba import njit
@@ -118,16 +119,28 @@ class LocalEnergy:
 
     def value(self, masses: np.ndarray) -> float:
         """F(a) for masses a (n,), +inf where a > 0 on an excluded cell."""
-        rho = masses / self.cell_volume
         closed = _closed_form(self)
         if closed is not None:  # one compiled pass
-            return self.cell_volume * _value_closed(np.ascontiguousarray(rho, dtype=float), self.potential,
-                                                    self.constant, *closed)
+            masses = np.ascontiguousarray(masses, dtype=float)
+            return self.cell_volume * _value_closed(masses, self.cell_volume, self.potential, self.constant,
+                                                    *closed)
+        rho = masses / self.cell_volume
         if np.any((rho > 0) & np.isinf(self.potential)):
             return float("inf")
         with np.errstate(invalid="ignore"):  # inf * 0 on excluded cells without mass
             linear = np.where(rho > 0, self.potential * rho, 0.0)
         return float(self.cell_volume * np.sum(self.internal(rho) + linear + self.constant))
+
+    def blend_value(self, average: np.ndarray, new: np.ndarray, keep: float, weight: float) -> float:
+        """average = keep * average + weight * new in place (contiguous masses (n,)), and F of the
+        result (``value``); one compiled pass for a single internal term."""
+        closed = _closed_form(self)
+        if closed is None:
+            average *= keep
+            average += weight * new
+            return self.value(average)
+        return self.cell_volume * _blend_value(average, np.ascontiguousarray(new, dtype=float), keep, weight,
+                                               self.cell_volume, self.potential, self.constant, *closed)
 
     def pointwise(self, phi: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
         """(-F*(-phi), the maximizing masses a(phi) (n,), the curvature (u*)''(-phi - W) (n,)):
@@ -136,11 +149,33 @@ class LocalEnergy:
         if closed is None:
             own, masses, s = self.dual_part(phi)
             return own, masses, self.curvature(s, masses / self.cell_volume)
-        conjugate, rho, curvature = _pointwise_closed(np.ascontiguousarray(phi, dtype=float),
-                                                      self.potential, *closed)
-        conjugate -= float(np.sum(self.constant))
-        return -self.cell_volume * (conjugate if np.isfinite(conjugate) else np.inf), \
-            rho * self.cell_volume, curvature
+        return self._dual_terms(*_pointwise_closed(np.ascontiguousarray(phi, dtype=float),
+                                                   self.potential, self.cell_volume, *closed))
+
+    @cached_property
+    def _constant_sum(self) -> float:
+        return float(np.sum(self.constant))
+
+    def _dual_terms(self, conjugate: float, masses: np.ndarray, curvature: np.ndarray):
+        """``pointwise``'s outputs from the compiled pass's sum u*, masses and curvatures."""
+        conjugate -= self._constant_sum
+        return -self.cell_volume * (conjugate if np.isfinite(conjugate) else np.inf), masses, curvature
+
+    def feasible_pointwise(self, phi: np.ndarray, mass: float, direction: np.ndarray | None = None,
+                           sigma: float = 0.0) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
+        """phi' = ``feasible(phi + sigma direction, mass)`` (phi's shape) and ``pointwise(phi')``:
+        (phi', -F*(-phi'), a(phi') (n,), curvature (n,)); one compiled pass for one power alone."""
+        closed = _closed_form(self)
+        if not (self.powers and closed is not None):
+            feasible = self.feasible(phi if direction is None else phi + sigma * direction, mass)
+            return (feasible, *self.pointwise(feasible.ravel()))
+        _, q, m = closed
+        flat = np.ascontiguousarray(phi, dtype=float).ravel()
+        step = np.empty(0) if direction is None else np.ascontiguousarray(direction, dtype=float).ravel()
+        out, conjugate, masses, curvature = _feasible_closed(flat, step, float(sigma), self.potential,
+                                                             self.cell_volume, q, m, mass / self.cell_volume,
+                                                             MASS_BALANCE_RTOL)
+        return (out.reshape(phi.shape), *self._dual_terms(conjugate, masses, curvature))
 
     def dual_part(self, phi: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
         """(-F*(-phi), the maximizing masses a(phi) (n,), s = -phi - W)."""
@@ -167,10 +202,7 @@ class LocalEnergy:
         closed = _closed_form(self)
         if not (self.powers and closed is not None):
             return self.lowered(self.balanced(phi, mass))
-        _, q, m = closed
-        flat = np.ascontiguousarray(phi, dtype=float).ravel()
-        return _balanced_lowered(flat, self.potential, q, m, mass / self.cell_volume,
-                                 MASS_BALANCE_RTOL).reshape(phi.shape)
+        return self.feasible_pointwise(phi, mass)[0]
 
     def balanced(self, phi: np.ndarray, mass: float) -> np.ndarray:
         """phi + c with the constant c that makes sum a(phi + c) = mass: the exact maximization
@@ -179,7 +211,9 @@ class LocalEnergy:
         closed = _closed_form(self)
         if self.powers and closed is not None:  # one power: the root found in one compiled call
             _, q, m = closed
-            return phi + _power_root(s.ravel(), q, m, mass / self.cell_volume, MASS_BALANCE_RTOL)
+            flat = s.ravel()
+            return phi + _power_root(flat, _top(flat), q, m, mass / self.cell_volume, MASS_BALANCE_RTOL,
+                                     np.empty((2, flat.size)), (0.0, 0.0, -1))
         with np.errstate(over="ignore"):
             wanted = self.cell_volume * float(np.sum(self.density(s)))
         if not np.isfinite(wanted):
@@ -231,29 +265,32 @@ def _closed_form(energy: LocalEnergy) -> tuple[float, float, float] | None:
 
 
 @njit(cache=True)
-def _pointwise_closed(phi, potential, e, q, m):
-    """sum u*(s), rho = (u*)'(s) and (u*)''(s) at s = -phi - W, for u = e rho log rho (q = 0)
-    or u = q rho^m / (m - 1) (e = 0)."""
+def _conjugate_at(s, e, q, m):
+    """(rho = (u*)'(s), (u*)''(s), u*(s)) for u = e rho log rho (q = 0) or u = q rho^m / (m - 1) (e = 0)."""
+    if not s > -np.inf:
+        return 0.0, 0.0, 0.0
+    if q == 0.0:
+        r = np.exp(min(s / e - 1.0, 700.0))
+        return r, r / e, e * r
+    if s > 0.0:
+        base = (m - 1.0) / (q * m) * s
+        r = base if m == 2.0 else base ** (1.0 / (m - 1.0))
+        return r, r / ((m - 1.0) * s), r * s * (m - 1.0) / m
+    return 0.0, 0.0, 0.0
+
+
+@njit(cache=True)
+def _pointwise_closed(phi, potential, cell, e, q, m):
+    """sum u*(s), the masses cell (u*)'(s) and (u*)''(s) at s = -phi - W (``_conjugate_at``)."""
     n = phi.size
-    rho = np.zeros(n)
-    curvature = np.zeros(n)
+    masses = np.empty(n)
+    curvature = np.empty(n)
     total = 0.0
     for i in range(n):
-        s = -phi[i] - potential[i]
-        if not s > -np.inf:
-            continue
-        if q == 0.0:
-            r = np.exp(min(s / e - 1.0, 700.0))
-            rho[i] = r
-            curvature[i] = r / e
-            total += e * r
-        elif s > 0.0:
-            base = (m - 1.0) / (q * m) * s
-            r = base if m == 2.0 else base ** (1.0 / (m - 1.0))
-            rho[i] = r
-            curvature[i] = r / ((m - 1.0) * s)
-            total += r * s * (m - 1.0) / m
-    return total, rho, curvature
+        rho, curvature[i], conjugate = _conjugate_at(-phi[i] - potential[i], e, q, m)
+        masses[i] = rho * cell
+        total += conjugate
+    return total, masses, curvature
 
 
 def _decreasing_root(function, start: float, width: float, scale: float) -> float:
@@ -284,57 +321,100 @@ def _decreasing_root(function, start: float, width: float, scale: float) -> floa
 
 
 @njit(cache=True)
-def _value_closed(rho, potential, constant, e, q, m):
-    """sum_i u(rho_i) + W_i rho_i + C_i for u = e rho log rho (q = 0) or q rho^m / (m - 1) (e = 0);
-    +inf where rho > 0 on an excluded cell (W = +inf)."""
+def _value_closed(masses, cell, potential, constant, e, q, m):
+    """sum_i u(rho_i) + W_i rho_i + C_i, rho = masses / cell, for u = e rho log rho (q = 0) or
+    q rho^m / (m - 1) (e = 0); +inf where rho > 0 on an excluded cell (W = +inf)."""
     total = 0.0
-    for i in range(rho.size):
-        r = rho[i]
-        total += constant[i]
-        if r > 0.0:
-            if potential[i] == np.inf:
-                return np.inf
-            total += potential[i] * r
-            if q == 0.0:
-                total += e * r * np.log(r)
-            else:
-                total += q * (r * r if m == 2.0 else r**m) / (m - 1.0)
+    for i in range(masses.size):
+        total, excluded = _add_cell(total, masses[i] / cell, potential[i], constant[i], e, q, m)
+        if excluded:
+            return np.inf
     return total
 
 
 @njit(cache=True)
-def _balanced_lowered(phi, potential, q, m, target, rtol):
-    """phi + c balanced (``_power_root`` on s = -phi - W), then lowered to -W where above."""
-    s = -phi - potential
-    c = _power_root(s, q, m, target, rtol)
-    out = np.empty_like(phi)
-    for i in range(phi.size):
-        value = phi[i] + c
-        ceiling = -potential[i]
-        out[i] = value if not (value > ceiling and np.isfinite(ceiling)) else ceiling
-    return out
+def _blend_value(average, new, keep, weight, cell, potential, constant, e, q, m):
+    """average = keep * average + weight * new in place, and ``_value_closed`` of the result."""
+    total, excluded = 0.0, False
+    for i in range(average.size):
+        average[i] = keep * average[i] + weight * new[i]
+        if not excluded:
+            total, excluded = _add_cell(total, average[i] / cell, potential[i], constant[i], e, q, m)
+    return np.inf if excluded else total
 
 
 @njit(cache=True)
-def _power_root(s, q, m, target, rtol):
+def _add_cell(total, r, potential, constant, e, q, m):
+    """(total + C + W r + u(r), False) for one cell, (total, True) where r > 0 on an excluded cell."""
+    total += constant
+    if r > 0.0:
+        if potential == np.inf:
+            return total, True
+        total += potential * r
+        if q == 0.0:
+            total += e * r * np.log(r)
+        else:
+            total += q * (r * r if m == 2.0 else r**m) / (m - 1.0)
+    return total, False
+
+
+@njit(cache=True)
+def _feasible_closed(phi, direction, sigma, potential, cell, q, m, target, rtol):
+    """For one power alone, in one pass after the root: phi' = phi + sigma direction (phi alone
+    where direction is empty) balanced (``_power_root`` on s = -phi' - W), then lowered to -W
+    where above; and ``_pointwise_closed`` at the result. Returns (phi'', sum u*, masses, curvature)."""
+    n = phi.size
+    moved = direction.size > 0
+    s = np.empty(n)
+    buffers = np.empty((2, n))
+    top, total, slope, kept = -np.inf, 0.0, 0.0, 0  # and the root's first pass, at c = 0
+    for i in range(n):
+        s[i] = -(phi[i] + sigma * direction[i] if moved else phi[i]) - potential[i]
+        if s[i] > top:
+            top = s[i]
+        if s[i] > 0.0:
+            buffers[0, kept] = s[i]
+            kept += 1
+            r, dr = _power_term(s[i], 0.0, q, m)
+            total += r
+            slope += dr
+    c = _power_root(s, top, q, m, target, rtol, buffers, (total, slope, kept))
+    out, masses, curvature = s, np.empty(n), np.empty(n)  # s is spent: its memory holds phi''
+    total = 0.0
+    for i in range(n):
+        value = (phi[i] + sigma * direction[i] if moved else phi[i]) + c
+        ceiling = -potential[i]
+        out[i] = value if not (value > ceiling and np.isfinite(ceiling)) else ceiling
+        rho, curvature[i], conjugate = _conjugate_at(-out[i] - potential[i], 0.0, q, m)
+        masses[i] = rho * cell
+        total += conjugate
+    return out, total, masses, curvature
+
+
+@njit(cache=True)
+def _power_root(s, top, q, m, target, rtol, buffers, first):
     """The shift c with sum_i rho(s_i - c) = target, rho(s) = ((m - 1) s_+ / (q m))^(1/(m - 1)):
     Newton steps from c = 0 (the balance of a potential moved by one ascent step is near 0),
-    kept inside a bracket grown by doubling, bisection otherwise."""
+    kept inside a bracket grown by doubling, bisection otherwise. Once c has a lower bracket,
+    the sums run over the cells above it alone, in their order (the others add nothing: the
+    same sums, fewer cells). top: the largest s_i (``_top``); buffers: (2, n) work array; first:
+    ``_power_sum`` at c = 0 into buffers[0] if the caller made that pass (k >= 0), else k < 0."""
     low, high, width = -np.inf, np.inf, 1.0
-    top = -np.inf
-    for value in s:
-        if value > top:
-            top = value
     if not top > -np.inf:
         return 0.0
+    active, spare = s, 0  # the cells that may contribute; the buffer the next pass fills
     c = 0.0
-    for _ in range(400):
-        total, slope = _power_sum(s, q, m, c)
+    for iteration in range(400):
+        if iteration == 0 and first[2] >= 0:
+            total, slope, kept = first
+        else:
+            total, slope, kept = _power_sum(active, q, m, c, buffers[spare])
         excess = total - target
         if abs(excess) <= rtol * target:
             break
         if excess > 0:
             low = c
+            active, spare = buffers[spare, :kept], 1 - spare  # the cells above the new low
         else:
             high = min(c, top)
         if high - low <= 1e-14 * max(1.0, abs(c)):
@@ -353,15 +433,35 @@ def _power_root(s, q, m, target, rtol):
 
 
 @njit(cache=True)
-def _power_sum(s, q, m, c):
-    total, slope = 0.0, 0.0
+def _top(s):
+    """The largest of the values s (NaN ignored; -inf where there is none)."""
+    top = -np.inf
+    for value in s:
+        if value > top:
+            top = value
+    return top
+
+
+@njit(cache=True)
+def _power_sum(s, q, m, c, above):
+    """(sum rho(s_i - c), sum rho'(s_i - c), k) with the k values s_i > c copied, in order, to above."""
+    total, slope, kept = 0.0, 0.0, 0
     for value in s:
         if value > c:
-            base = (m - 1.0) / (q * m) * (value - c)
-            r = base if m == 2.0 else base ** (1.0 / (m - 1.0))
+            above[kept] = value
+            kept += 1
+            r, dr = _power_term(value, c, q, m)
             total += r
-            slope += r / ((m - 1.0) * (value - c))
-    return total, slope
+            slope += dr
+    return total, slope, kept
+
+
+@njit(cache=True)
+def _power_term(value, c, q, m):
+    """(rho(s - c), rho'(s - c)) for s = value > c, rho(s) = ((m - 1) s / (q m))^(1/(m - 1))."""
+    base = (m - 1.0) / (q * m) * (value - c)
+    r = base if m == 2.0 else base ** (1.0 / (m - 1.0))
+    return r, r / ((m - 1.0) * (value - c))
 
 
 @njit(cache=True)

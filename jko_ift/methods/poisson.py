@@ -34,7 +34,9 @@ class ScreenedPoisson:
         self.symbol = stiffness * neumann_symbol(shape, spacing) + shift
 
     def solve(self, f: np.ndarray) -> np.ndarray:
-        return fft.idctn(fft.dctn(f, type=2, norm="ortho") / self.symbol, type=2, norm="ortho")
+        spectrum = fft.dctn(f, type=2, norm="ortho")
+        spectrum /= self.symbol  # in place, and the inverse transform may overwrite it: no temporaries
+        return fft.idctn(spectrum, type=2, norm="ortho", overwrite_x=True)
 
     def inner(self, u: np.ndarray, v: np.ndarray) -> float:
         """<u, v> in the metric of the operator: sum u (a L + b) v (per cell)."""
