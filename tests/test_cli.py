@@ -1,6 +1,7 @@
 """The command line: ``jko-ift demo`` end to end on a small problem, the help texts, and what
 ``jko-ift run`` says about bad input and with --quiet (the runs themselves: test_runner.py)."""
 
+import ast
 import json
 import shutil
 import subprocess
@@ -184,35 +185,33 @@ def test_quiet_prints_only_the_results_folder(config, tmp_path, capsys):
     assert captured.err == ""
 
 
+def imported_in_a_fresh_interpreter(statements: str, heavy: tuple, timeout: float) -> list:
+    """Which of the ``heavy`` modules a fresh interpreter has imported after ``statements``."""
+    from pathlib import Path
+
+    code = f"import sys\n{statements}\nprint(sorted(m for m in {heavy!r} if m in sys.modules))"
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, timeout=timeout)
+    assert done.returncode == 0, done.stderr
+    return ast.literal_eval(done.stdout.strip())  # the printed list of module names
+
+
 def test_help_imports_no_solver_and_no_figures():
     """``jko-ift --help`` stays fast: the parser is built without cvxpy, SciPy's statistics,
     matplotlib or numba (each command imports what it runs)."""
-    from pathlib import Path
-
-    heavy = ('cvxpy', 'scipy.stats', 'matplotlib', 'numba', 'ot')
-    code = ("import sys\nfrom jko_ift.cli import build_parser\nbuild_parser().format_help()\n"
-            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
-                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    heavy = ("cvxpy", "scipy.stats", "matplotlib", "numba", "ot")
+    statements = "from jko_ift.cli import build_parser\nbuild_parser().format_help()"
+    assert imported_in_a_fresh_interpreter(statements, heavy, 60) == []
 
 
 def test_the_particle_solvers_import_no_heavy_library():
     """POT imports every array library it finds (PyTorch: seconds), CVXPY and SciPy's statistics
     take a second: they are imported where they are used (the exact W2, the conic step, the
     order fits), not by the solvers, the problems or the demo."""
-    from pathlib import Path
-
     heavy = ("ot", "torch", "cvxpy", "scipy.stats", "scipy.integrate")
-    code = ("import sys\nimport jko_ift.solve, jko_ift.methods, jko_ift.problems, jko_ift.demo\n"
-            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
-    root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
-                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    statements = "import jko_ift.solve, jko_ift.methods, jko_ift.problems, jko_ift.demo"
+    assert imported_in_a_fresh_interpreter(statements, heavy, 120) == []
 
 
 def test_help_states_each_default_once(capsys):

@@ -196,38 +196,38 @@ def test_a_disabled_bar_listens_to_nothing():
             assert display._INNER_PROGRESS.get() is None
 
 
-def test_a_long_particle_step_shows_its_iterations_on_the_run_bar(particles, capsys, monkeypatch):
+def inner_progress_lines(capsys, monkeypatch, run) -> list[str]:
+    """The log lines of ``run()``'s bar that show a step's inner iterations (a line per redraw)."""
     from jko_ift import display
 
-    monkeypatch.setattr(display, "LOG_INTERVAL", 0.0)  # a log line per redraw
+    monkeypatch.setattr(display, "LOG_INTERVAL", 0.0)
     monkeypatch.setattr(display, "INNER_INTERVAL", 0.0)
+    run()
+    return [line for line in capsys.readouterr().err.splitlines() if "in step: iteration" in line]
+
+
+def grid_fokker_planck(n: int):
+    grid = jk.Grid([-2, -2], [2, 2], (n, n))
+    mu0 = grid.measure(lambda x: np.exp(-np.sum((x - 0.5) ** 2, 1)), normalize=True)
+    return jk.Entropy() + jk.Potential(lambda x: np.sum(x**2, 1)), mu0
+
+
+def test_a_long_particle_step_shows_its_iterations_on_the_run_bar(particles, capsys, monkeypatch):
     F, mu0 = particles
-    jk.solve(F, jk.Wasserstein(), mu0, tau=0.5, steps=2, method=jk.ParticleJKO(), progress=True)
-    lines = [line for line in capsys.readouterr().err.splitlines() if "in step: iteration" in line]
+    lines = inner_progress_lines(capsys, monkeypatch, lambda: jk.solve(
+        F, jk.Wasserstein(), mu0, tau=0.5, steps=2, method=jk.ParticleJKO(), progress=True))
     assert lines and "residual" in lines[0] and "(positions)" in lines[0]
 
 
 def test_an_entropic_step_shows_its_eps_level_and_violation_on_the_run_bar(capsys, monkeypatch):
-    from jko_ift import display
-
-    monkeypatch.setattr(display, "LOG_INTERVAL", 0.0)
-    monkeypatch.setattr(display, "INNER_INTERVAL", 0.0)
-    grid = jk.Grid([-2, -2], [2, 2], (12, 12))
-    mu0 = grid.measure(lambda x: np.exp(-np.sum((x - 0.5) ** 2, 1)), normalize=True)
-    F = jk.Entropy() + jk.Potential(lambda x: np.sum(x**2, 1))
-    jk.solve(F, jk.Wasserstein(), mu0, tau=0.2, steps=1, method=jk.EntropicJKO(eps=0.1), progress=True)
-    lines = [line for line in capsys.readouterr().err.splitlines() if "in step: iteration" in line]
+    F, mu0 = grid_fokker_planck(12)
+    lines = inner_progress_lines(capsys, monkeypatch, lambda: jk.solve(
+        F, jk.Wasserstein(), mu0, tau=0.2, steps=1, method=jk.EntropicJKO(eps=0.1), progress=True))
     assert lines and "residual" in lines[-1] and "(eps 0.1)" in lines[-1]
 
 
 def test_a_back_and_forth_step_shows_its_duality_gap_on_the_run_bar(capsys, monkeypatch):
-    from jko_ift import display
-
-    monkeypatch.setattr(display, "LOG_INTERVAL", 0.0)
-    monkeypatch.setattr(display, "INNER_INTERVAL", 0.0)
-    grid = jk.Grid([-2, -2], [2, 2], (16, 16))
-    mu0 = grid.measure(lambda x: np.exp(-np.sum((x - 0.5) ** 2, 1)), normalize=True)
-    F = jk.Entropy() + jk.Potential(lambda x: np.sum(x**2, 1))
-    jk.solve(F, jk.Wasserstein(), mu0, tau=0.1, steps=1, method=jk.BackAndForthJKO(), progress=True)
-    lines = [line for line in capsys.readouterr().err.splitlines() if "in step: iteration" in line]
+    F, mu0 = grid_fokker_planck(16)
+    lines = inner_progress_lines(capsys, monkeypatch, lambda: jk.solve(
+        F, jk.Wasserstein(), mu0, tau=0.1, steps=1, method=jk.BackAndForthJKO(), progress=True))
     assert lines and "(duality gap)" in lines[-1]
