@@ -60,14 +60,19 @@ def clarabel_qp(H, g, mass):
 def test_qp_matches_clarabel(mass, sigma, eta):
     H, g, a = kernel_qp(120, seed=1, sigma=sigma, eta=eta)
     solution = solve_weight_qp(H, g, mass, start=a)
-    reference = clarabel_qp(H, g, mass)
     assert solution.status == "optimal"
+    assert_matches_clarabel(solution, H, g, a, mass)
+
+
+def assert_matches_clarabel(solution, H, g, a, mass) -> None:
+    """Feasible, the objective of CVXPY-Clarabel to CLARABEL_RTOL (and not worse), and a
+    certificate that is an honest bound: recomputed from scratch."""
+    reference = clarabel_qp(H, g, mass)
     assert np.all(solution.weights >= 0)
     if mass is not None:
         assert solution.weights.sum() == pytest.approx(mass, rel=1e-14)
     assert abs(solution.objective - reference) <= CLARABEL_RTOL * abs(reference)
     assert solution.objective <= reference + OURS_NOT_WORSE_RTOL * abs(reference)
-    # the certificate is an honest bound: recompute it from scratch
     gap = frank_wolfe_gap(H @ solution.weights - g, solution.weights, mass, a.sum())
     assert gap == pytest.approx(solution.gap, rel=1e-6, abs=1e-15)
 
@@ -209,16 +214,9 @@ def overlapping_qp(n, sigma, seed=0, eta=0.1, ridge=1e-8):
 def test_dense_minimizers_match_clarabel_at_every_bandwidth(mass, sigma):
     H, g, a = overlapping_qp(200, sigma)
     solution = solve_weight_qp(H, g, mass, start=a)
-    reference = clarabel_qp(H, g, mass)
     assert solution.status == "optimal" and solution.method == "dense_active_set"
     assert solution.info["support"] > 100  # not sparse: the case the dense path is for
-    assert np.all(solution.weights >= 0)
-    if mass is not None:
-        assert solution.weights.sum() == pytest.approx(mass, rel=1e-14)
-    assert abs(solution.objective - reference) <= CLARABEL_RTOL * abs(reference)
-    assert solution.objective <= reference + OURS_NOT_WORSE_RTOL * abs(reference)
-    gap = frank_wolfe_gap(H @ solution.weights - g, solution.weights, mass, a.sum())
-    assert gap == pytest.approx(solution.gap, rel=1e-6, abs=1e-15)
+    assert_matches_clarabel(solution, H, g, a, mass)
     assert solution.gap <= solution.info["tolerance"]
 
 
