@@ -228,3 +228,22 @@ def test_paper_highdim_example_on_the_torch_cpu_backend(tmp_path):
     assert "kernel sums on PyTorch cpu float64" in (tmp_path / "torch" / "summary_highdim.txt").read_text()
     for label in ("IFT", "IFT, KL weight step"):
         assert relative_error(on_numpy[label].mmd, on_torch[label].mmd) < FLOAT64_RTOL
+
+
+def test_float32_kernels_say_that_certificates_do_not_bound_errors_below_their_precision():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backends.on_device(jk.Gaussian(1.0), "cpu", "float64")  # silent
+    with pytest.warns(UserWarning, match="dtype='float64' for certified steps"):
+        single = backends.on_device(jk.Gaussian(1.0), "cpu", "float32")
+    rng = np.random.default_rng(0)
+    target = jk.Measure(rng.normal(size=(200, 2)), np.full(200, 1 / 200))
+    mu = jk.Measure(rng.normal(size=(200, 2)) + 1, np.full(200, 1 / 200))
+    step = jk.ParticleJKO().step(jk.MMD2(target, single), jk.Wasserstein(), mu, 0.5)
+    exact = jk.ParticleJKO().step(jk.MMD2(target, jk.Gaussian(1.0)), jk.Wasserstein(), mu, 0.5)
+    # what the warning says: certified far below the float32 error that the step actually has
+    error = abs(step.objective - exact.objective) / abs(exact.objective)
+    assert step.status == "optimal" and step.certificate < 1e-9
+    assert 1e-8 < error < 1e-6
