@@ -24,6 +24,8 @@ is formed by a sum, so n = 10^5 in d = 100 fits.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import threading
 import warnings
 from collections.abc import Callable
@@ -31,8 +33,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import keops
 from .kernels import BLOCK_ENTRIES, EPS, IMQ, EnergyKernel, Gaussian, Kernel, Laplace
-from .measures import _is_frozen_here
+from .measures import ArrayType, Measure, _is_frozen_here
 
 DTYPES = ("float64", "float32")
 
@@ -100,6 +103,7 @@ class Backend:
 
     device: str = "cpu"
     dtype: str = "float64"
+    keops: bool = False  # the Gaussian and IMQ sums by KeOps (``jko_ift.keops``)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -356,10 +360,10 @@ class DeviceKernel(Kernel):
         return self._run(generic_matrix, x, y)
 
     def apply(self, x, y, w):
-        return self._run(generic_apply, x, y, w)
+        return self._run(_by_keops(keops.apply) if self.backend.keops else generic_apply, x, y, w)
 
     def grad_sum(self, x, y, w):
-        return self._run(generic_grad_sum, x, y, w)
+        return self._run(_by_keops(keops.grad_sum) if self.backend.keops else generic_grad_sum, x, y, w)
 
     def _run(self, sum_, x, *rest):
         result = sum_(self.kernel, *(self._upload(a) for a in (x, *rest)))
@@ -381,7 +385,30 @@ class DeviceKernel(Kernel):
         return tensor
 
 
-def on_device(kernel: Kernel, device: str = "cpu", dtype: str = "float64") -> DeviceKernel:
+def _by_keops(sum_):
+    """``sum_`` of ``jko_ift.keops`` on operands checked and brought to x's device and dtype."""
+    def checked(kernel, x, y, w):
+        _, x, y, w = _operands(x, y, w)
+        return sum_(kernel, x, y, w)
+    return checked
+
+
+def _use_keops(kernel: Kernel, device: str, wanted: bool | None) -> bool:
+    """Whether a device kernel sums by KeOps: by default where it is installed, on CUDA, for
+    the kernels it has formulas for; ``wanted=True`` insists (ValueError where it cannot)."""
+    if wanted is None:
+        return device.startswith("cuda") and keops.installed() and keops.supports(kernel)
+    if wanted and not keops.installed():
+        raise ValueError(f"keops=True asked for KeOps, which is not installed; {keops.INSTALL_HINT}, "
+                         "or pass keops=None (use it where installed)")
+    if wanted and not keops.supports(kernel):
+        raise ValueError(f"keops=True: KeOps formulas exist for jk.Gaussian and jk.IMQ, got {kernel!r}; "
+                         "pass keops=None for the blocked sums")
+    return bool(wanted)
+
+
+def on_device(kernel: Kernel, device: str = "cpu", dtype: str = "float64",
+              keops: bool | None = None) -> DeviceKernel:
     """``kernel`` with its blocked sums on PyTorch ``device`` in ``dtype``.
 
     Parameters
@@ -392,6 +419,11 @@ def on_device(kernel: Kernel, device: str = "cpu", dtype: str = "float64") -> De
         "cpu", "cuda" or "cuda:<index>".
     dtype : {"float64", "float32"}, default "float64"
         The precision of the sums; NumPy results are float64 either way.
+    keops : bool, optional
+        Sum a Gaussian or IMQ kernel's ``apply`` and ``grad_sum`` with KeOps (``pykeops``, the
+        ``keops`` extra). By default it is used where it is installed and ``device`` is CUDA;
+        True insists (on CPU too: it compiles C++), False never uses it. The Gram matrix is
+        always the blocked path's.
 
     Returns
     -------
@@ -401,7 +433,8 @@ def on_device(kernel: Kernel, device: str = "cpu", dtype: str = "float64") -> De
     Raises
     ------
     ValueError
-        Without PyTorch, for CUDA without a GPU, or a kernel with no array-API profile.
+        Without PyTorch, for CUDA without a GPU, a kernel with no array-API profile, or
+        ``keops=True`` without pykeops or for a kernel it has no formula for.
 
     Warns
     -----
@@ -414,7 +447,60 @@ def on_device(kernel: Kernel, device: str = "cpu", dtype: str = "float64") -> De
     >>> k = on_device(jk.Gaussian(10.0), "cpu")          # doctest: +SKIP
     >>> F = jk.MMD2(target, k)                            # doctest: +SKIP
     """
-    made = DeviceKernel(kernel, Backend(device, dtype))
+    if not isinstance(kernel, Kernel) or isinstance(kernel, DeviceKernel):
+        raise ValueError(f"on_device needs a kernel such as jk.Gaussian(1.0), got {kernel!r}")
+    made = DeviceKernel(kernel, Backend(device, dtype, _use_keops(kernel, device, keops)))
     if dtype == "float32":
         warnings.warn(FLOAT32_CERTIFICATES, UserWarning, stacklevel=2)
     return made
+
+
+def kernels_on(problem, array_type: ArrayType):
+    """``problem`` (an energy, a geometry, or a tuple of them) with each plain kernel it holds
+    summed where ``array_type`` says: ``on_device(kernel, device, dtype)``, float32 for float32
+    tensors and float64 otherwise. Kernels already on a device, kernels without an array-API
+    profile and the measures inside (targets) are left as they are.
+
+    This is how a measure made from tensors chooses the backend: ``jk.solve`` and
+    ``jk.jko_step`` call it on their energy and geometry."""
+    dtype = "float32" if array_type.dtype == "float32" else "float64"
+    made: dict[int, DeviceKernel] = {}  # one device kernel (shared uploads) per kernel object
+
+    def moved(kernel: Kernel) -> Kernel:
+        try:
+            _profiles(kernel)
+        except ValueError:
+            return kernel
+        if id(kernel) not in made:
+            keops_sums = _use_keops(kernel, array_type.device, None)
+            made[id(kernel)] = DeviceKernel(kernel, Backend(array_type.device, dtype, keops_sums))
+        return made[id(kernel)]
+
+    def walk(obj):
+        if isinstance(obj, DeviceKernel) or isinstance(obj, Measure):
+            return obj
+        if isinstance(obj, Kernel):
+            return moved(obj)
+        if isinstance(obj, (list, tuple)):
+            items = [walk(item) for item in obj]
+            unchanged = all(new is old for new, old in zip(items, obj))
+            return obj if unchanged else type(obj)(items)
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            changes = {f.name: new for f in dataclasses.fields(obj)
+                       for new in [walk(getattr(obj, f.name))] if new is not getattr(obj, f.name)}
+            if not changes:
+                return obj
+            # a copy with the fields set, not a new construction: some classes (jk.IFT, jk.WFR)
+            # take other arguments than their fields; what __post_init__ derived stays valid,
+            # the device kernel being the same kernel
+            changed = copy.copy(obj)
+            for name, value in changes.items():
+                object.__setattr__(changed, name, value)
+            return changed
+        return obj
+
+    moved_problem = walk(problem)
+    if made and dtype == "float32":
+        warnings.warn(FLOAT32_CERTIFICATES.replace("on_device(..., dtype='float32')", "float32 tensors"),
+                      UserWarning, stacklevel=3)
+    return moved_problem

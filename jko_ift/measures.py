@@ -3,10 +3,14 @@
 A measure is mu = sum_i a_i delta_{x_i} with points x: (n, d) and weights a: (n,) >= 0.
 A measure made by ``Grid.measure`` remembers its grid, hence its cell volume h^d,
 which the densities of ``Entropy`` and ``PorousMedium`` need (rho_i = a_i / h^d).
+A measure made from PyTorch tensors holds float64 NumPy copies (the schemes' state lives on
+the host) and remembers the tensors' ``ArrayType``, in which ``Measure.arrays()`` and the
+driver's results hand its points and weights back.
 """
 
 from __future__ import annotations
 
+import copy
 import weakref
 from dataclasses import dataclass, field
 
@@ -29,9 +33,14 @@ def _is_frozen_here(array: np.ndarray) -> bool:
     return _FROZEN.get(id(array)) is array
 
 
+def _is_tensor(values) -> bool:
+    """Whether ``values`` is a PyTorch tensor (checked without importing torch)."""
+    return type(values).__module__.split(".")[0] == "torch"
+
+
 def _real_array(values, name: str, what: str) -> np.ndarray:
     """``values`` as float, refusing complex numbers (a cast would drop the imaginary part)."""
-    if type(values).__module__.startswith("torch"):  # a PyTorch tensor, on any device: its values
+    if _is_tensor(values):  # a PyTorch tensor, on any device: its values
         values = values.detach().cpu().numpy()
     raw = np.asarray(values)
     if np.iscomplexobj(raw):
@@ -75,6 +84,37 @@ def as_weights(weights, n: int, name: str = "weights") -> np.ndarray:
             "clip tiny negative round-off with np.maximum(weights, 0)"
         )
     return a
+
+
+@dataclass(frozen=True)
+class ArrayType:
+    """The PyTorch device and dtype of the tensors a measure was made from.
+
+    A measure holds float64 NumPy copies of its tensors; this is where its points and weights
+    go back to: ``Measure.arrays()`` converts them, and ``jk.solve`` / ``jk.jko_step``, given a
+    measure made from tensors, run their kernel sums on ``device`` and hand every result
+    measure this type.
+    """
+
+    device: str
+    dtype: str
+
+    @classmethod
+    def of(cls, *arrays) -> ArrayType | None:
+        """The type of the first tensor among ``arrays``; None when none is a tensor."""
+        for array in arrays:
+            if _is_tensor(array):
+                return cls(str(array.device), str(array.dtype).removeprefix("torch."))
+        return None
+
+    def convert(self, array: np.ndarray):
+        """A tensor copy of ``array`` on this device, in this dtype."""
+        import torch
+
+        return torch.tensor(array, dtype=getattr(torch, self.dtype), device=self.device)
+
+    def __str__(self) -> str:
+        return f"torch {self.dtype} on {self.device}"
 
 
 @dataclass(frozen=True, eq=False)
@@ -213,6 +253,10 @@ class Measure:
         Set for measures on a :class:`Grid` (then ``points`` must be the grid's points); it
         gives the cell volume :math:`h^d` that densities need (:class:`~jko_ift.Entropy`,
         :class:`~jko_ift.PorousMedium`: :math:`\rho_i = a_i / h^d`).
+    array_type : ArrayType, optional
+        Recorded from ``points`` (or ``weights``) when they are PyTorch tensors: the measure
+        keeps float64 NumPy copies, and :meth:`arrays` hands them back as tensors of that
+        device and dtype (so do the results of ``jk.solve`` and ``jk.jko_step``).
 
     Raises
     ------
@@ -238,8 +282,13 @@ class Measure:
     points: np.ndarray
     weights: np.ndarray
     grid: Grid | None = None
+    array_type: ArrayType | None = field(default=None, repr=False)
 
     def __post_init__(self):
+        if self.array_type is None:
+            object.__setattr__(self, "array_type", ArrayType.of(self.points, self.weights))
+        elif not isinstance(self.array_type, ArrayType):
+            raise ValueError(f"array_type must be a jko_ift.measures.ArrayType or None, got {self.array_type!r}")
         x = as_points(self.points)
         a = as_weights(self.weights, x.shape[0])
         if self.grid is not None and not (x is self.grid.points or (
@@ -277,7 +326,15 @@ class Measure:
 
     def with_weights(self, weights) -> Measure:
         """The same support with new weights."""
-        return Measure(self.points, np.asarray(weights, dtype=float), grid=self.grid)
+        return Measure(self.points, np.asarray(weights, dtype=float), grid=self.grid,
+                       array_type=self.array_type)
+
+    def arrays(self):
+        """(points, weights) in the array type the measure was made from: tensors on its
+        ``array_type``'s device and dtype (fresh copies), or the NumPy arrays (read-only)."""
+        if self.array_type is None:
+            return self.points, self.weights
+        return self.array_type.convert(self.points), self.array_type.convert(self.weights)
 
     def normalized(self) -> Measure:
         if self.mass <= 0:
@@ -295,6 +352,15 @@ class Measure:
         return self.points is other.points or (
             self.points.shape == other.points.shape and np.array_equal(self.points, other.points)
         )
+
+
+def with_array_type(mu: Measure, array_type: ArrayType | None) -> Measure:
+    """``mu`` handed ``array_type`` (its arrays shared, not copied: they are read-only)."""
+    if mu.array_type == array_type:
+        return mu
+    stamped = copy.copy(mu)
+    object.__setattr__(stamped, "array_type", array_type)
+    return stamped
 
 
 def require_cell_volume(mu: Measure, what: str) -> float:

@@ -23,7 +23,7 @@ from .diagnostics import dissipation_slack
 from .display import Table, format_value, html_summary, progress_bar, showing_iterations, text_summary
 from .energies import Energy
 from .geometries import Geometry
-from .measures import Measure
+from .measures import Measure, with_array_type
 from .methods import SolverError, StepResult, grid_motion
 from .methods.base import Method, MethodState, Status, check_step_input, positive_finite, warn_user
 from .methods.entropic import BLUR_WARN_RATIO
@@ -103,7 +103,21 @@ def jko_step(F: Energy, geometry: Geometry, mu: Measure, tau: float, method=None
     ('optimal', True)
     """
     method = _check_method(method)
-    return method.step(F, geometry, mu, tau, throw=throw)
+    F, geometry = _on_input_device(F, geometry, mu)
+    result = method.step(F, geometry, mu, tau, throw=throw)
+    if mu.array_type is None or result.measure is None:
+        return result
+    return replace(result, measure=with_array_type(result.measure, mu.array_type))
+
+
+def _on_input_device(F: Energy, geometry: Geometry, mu: Measure) -> tuple[Energy, Geometry]:
+    """F and geometry with their kernels summed on the device of ``mu``'s tensors (a measure
+    made from tensors chooses the backend), as given for a NumPy measure."""
+    if mu.array_type is None:
+        return F, geometry
+    from .backends import kernels_on  # PyTorch only for runs that started from tensors
+
+    return kernels_on((F, geometry), mu.array_type)
 
 
 def _check_method(method):
@@ -362,6 +376,7 @@ def solve(F: Energy, geometry: Geometry, mu0: Measure, tau: float | None = None,
         tau = float(tau)
         controller = ConstantStepSize(tau, _step_count(tau, steps, t_final))
         t_final = controller.t_final
+    F, geometry = _on_input_device(F, geometry, mu0)
     run = _Run(F, geometry, method, mu0, t_final, save_at, stop_rate, stop_energy, throw, callback)
     if isinstance(controller, ConstantStepSize):
         run.check_save_grid(controller.tau)
@@ -659,6 +674,7 @@ class _Run:
     def _advance(self, tau: float, mu: Measure, energy: float) -> str | None:
         """Move to t + tau; save; return a stop reason or None."""
         rate = (self.energy - energy) / tau
+        mu = with_array_type(mu, self.mu.array_type)  # results in the type the run started from
         self.t, self.mu, self.energy = self.t + tau, mu, energy
         end = self.t >= self.t_final * (1 - TIME_RTOL)
         reason = ("energy" if self.stop_energy is not None and energy <= self.stop_energy

@@ -10,7 +10,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("array_api_compat")
 
 import jko_ift as jk  # noqa: E402
-from jko_ift import backends, problems  # noqa: E402
+from jko_ift import backends, keops, problems  # noqa: E402
+from jko_ift.measures import ArrayType  # noqa: E402
 
 #: float64: the two paths sum the same terms in other orders and blocks (n, m <= 300).
 FLOAT64_RTOL = 1e-12
@@ -191,10 +192,80 @@ def test_conic_step_converts_a_device_kernel_and_refuses_a_tensor():
     assert relative_error(numpy_step.measure.weights, torch_step.measure.weights) < 1e-6
 
 
-def test_a_measure_of_tensors_holds_their_values_in_numpy():
+def test_a_measure_of_tensors_holds_their_values_in_numpy_and_hands_tensors_back():
     x = torch.tensor(points(0, 5, 2), requires_grad=True)
     mu = jk.Measure(x, torch.full((5,), 0.2))
     assert type(mu.points) is np.ndarray and np.array_equal(mu.points, x.detach().numpy())
+    assert mu.array_type == ArrayType("cpu", "float64")
+    x_back, a_back = mu.with_weights(np.full(5, 0.1)).arrays()
+    assert isinstance(x_back, torch.Tensor) and x_back.dtype == torch.float64 and not x_back.requires_grad
+    assert torch.equal(x_back, x.detach()) and torch.equal(a_back, torch.full((5,), 0.1, dtype=torch.float64))
+    x_back[0, 0] = 99.0  # a copy: the measure does not change
+    assert mu.points[0, 0] != 99.0
+    single = jk.Measure(x.detach().float(), np.full(5, 0.2))  # the points' type decides
+    assert single.array_type == ArrayType("cpu", "float32") and single.arrays()[1].dtype == torch.float32
+    numpy_mu = jk.Measure(points(0, 5, 2), np.full(5, 0.2))
+    assert numpy_mu.array_type is None and numpy_mu.arrays()[0] is numpy_mu.points
+    with pytest.raises(ValueError, match="array_type"):
+        jk.Measure(points(0, 5, 2), np.full(5, 0.2), array_type="torch")
+
+
+def summed_on_device(monkeypatch) -> list:
+    """Records each device sum (the generic sums a device kernel runs)."""
+    calls = []
+    for name in ("generic_apply", "generic_grad_sum"):
+        original = getattr(backends, name)
+
+        def counted(*args, _original=original, _name=name):
+            calls.append(_name)
+            return _original(*args)
+        monkeypatch.setattr(backends, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_run_from_tensors_sums_on_their_device_and_returns_tensors(monkeypatch, device):
+    """jk.solve from a measure of tensors: the plain kernels of F sum on the tensors' device
+    (the geometry's too: test_kernels_on_...), and every saved measure hands back tensors of
+    their type; the run is the NumPy run to round-off."""
+    mu, target = mixture_problem()
+    kernel = jk.Gaussian(1.5)
+    F, G = jk.MMD2(target, kernel), jk.Wasserstein()
+    numpy_run = jk.solve(F, G, mu, tau=0.2, steps=5, method=jk.ExplicitEuler(), progress=False)
+    calls = summed_on_device(monkeypatch)
+    tensor_mu = jk.Measure(torch.tensor(mu.points, device=device), torch.tensor(mu.weights, device=device))
+    torch_run = jk.solve(F, G, tensor_mu, tau=0.2, steps=5, method=jk.ExplicitEuler(), progress=False)
+    assert calls, "no kernel sum ran on the device"
+    assert_runs_agree(numpy_run, torch_run, FLOAT64_RTOL)
+    for measure in torch_run.measures:
+        x, a = measure.arrays()
+        assert x.device.type == device and x.dtype == torch.float64 and a.shape == (mu.n,)
+    assert F.kernel is kernel and numpy_run.final.array_type is None  # the caller's objects unchanged
+
+
+def test_a_step_from_float32_tensors_warns_and_returns_float32(monkeypatch):
+    mu, target = mixture_problem(n=40, d=2)
+    kernel = jk.Gaussian(1.0)
+    F = jk.MMD2(target, kernel)
+    calls = summed_on_device(monkeypatch)
+    tensor_mu = jk.Measure(torch.tensor(mu.points, dtype=torch.float32), torch.tensor(mu.weights))
+    with pytest.warns(UserWarning, match="float32 tensors: the kernel sums are accurate to about 1e-7"):
+        step = jk.jko_step(F, jk.Wasserstein(), tensor_mu, 0.5, method=jk.ParticleJKO())
+    exact = jk.jko_step(F, jk.Wasserstein(), mu, 0.5, method=jk.ParticleJKO())
+    assert calls and step.status == "optimal"
+    assert step.measure.arrays()[0].dtype == torch.float32
+    assert relative_error(exact.measure.points, step.measure.points) < FLOAT32_RUN_RTOL
+
+
+def test_kernels_on_leaves_device_kernels_and_kernels_without_a_profile():
+    chosen = backends.on_device(jk.Gaussian(1.0))
+    target = jk.Measure(points(0, 4, 2), np.full(4, 0.25))
+    F = jk.MMD2(target, chosen) + jk.Interaction(lambda r: r**2, lambda r: 2 * r)
+    G = jk.IFT(jk.Gaussian(2.0), 1.0, 1.0)
+    moved_F, moved_G = backends.kernels_on((F, G), ArrayType("cpu", "float64"))
+    assert moved_F.terms[0].kernel is chosen and moved_F.terms[0].target is target
+    assert isinstance(moved_G.reaction.kernel, backends.DeviceKernel)
+    assert moved_G.reaction.kernel.kernel == jk.Gaussian(2.0) and G.reaction.kernel == jk.Gaussian(2.0)
 
 
 def test_bad_backend_input_is_refused():
@@ -247,3 +318,31 @@ def test_float32_kernels_say_that_certificates_do_not_bound_errors_below_their_p
     error = abs(step.objective - exact.objective) / abs(exact.objective)
     assert step.status == "optimal" and step.certificate < 1e-9
     assert 1e-8 < error < 1e-6
+
+
+def test_keops_is_used_only_where_asked_or_installed_on_cuda(monkeypatch):
+    assert not backends.on_device(jk.Gaussian(1.0)).backend.keops  # CPU: the blocked sums
+    monkeypatch.setattr(keops, "installed", lambda: False)
+    with pytest.raises(ValueError, match="not installed"):
+        backends.on_device(jk.Gaussian(1.0), keops=True)
+    monkeypatch.setattr(keops, "installed", lambda: True)
+    with pytest.raises(ValueError, match="jk.Gaussian and jk.IMQ"):
+        backends.on_device(jk.Laplace(1.0), keops=True)
+
+
+@pytest.mark.parametrize("kernel", [jk.Gaussian(1.5), jk.IMQ(0.8)], ids=lambda k: type(k).__name__)
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_keops_sums_match_numpy(kernel, dtype):
+    """Where pykeops is installed (the keops extra): its sums against NumPy's. The first run
+    compiles each formula (seconds; cached on disk)."""
+    pytest.importorskip("pykeops")
+    x, y, w = points(0, 70, 3), points(1, 50, 3, shift=0.5), np.random.default_rng(2).random(50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # float32's certificate warning
+        device_kernel = backends.on_device(kernel, "cpu", dtype, keops=True)
+    assert device_kernel.backend.keops
+    rtol = DTYPES[dtype][1]
+    assert relative_error(kernel.apply(x, y, w), device_kernel.apply(x, y, w)) < rtol
+    assert relative_error(kernel.grad_sum(x, y, w), device_kernel.grad_sum(x, y, w)) < rtol
+    tensor_sum = device_kernel.apply(torch.tensor(x), torch.tensor(y), torch.tensor(w))
+    assert isinstance(tensor_sum, torch.Tensor) and tensor_sum.shape == (70,)
