@@ -18,9 +18,11 @@ kernel jk.Gaussian(10) (exp(-|x - y|^2 / 200)):
             free memory, DENSE_CPU_MAX points on CPU), else "-".
 
 Backends: ``numpy`` (the NumPy path of kernels.py), ``torch-cpu`` and ``torch-cuda``
-(``jko_ift.backends.on_device(kernel, device, dtype)``), each in float64, and torch also in
-float32. Every row is the median of --repeats, the backends interleaved. One BLAS / torch thread
-on CPU (OPENBLAS_NUM_THREADS=1, torch.set_num_threads(1)): the same cores for both sides.
+(``jko_ift.backends.on_device(kernel, device, dtype, keops=False)``), and where pykeops is
+installed ``keops-cpu`` and ``keops-cuda`` (``keops=True``: the witness's two sums by KeOps
+reductions, the authors' formula), each in float64 and float32. Every row is the median of
+--repeats, the backends interleaved. One BLAS / torch / OpenMP thread on CPU
+(OPENBLAS_NUM_THREADS=1, OMP_NUM_THREADS=1, torch.set_num_threads(1)): the same cores for all.
 
 Target (d = 100, where the products dominate): the witness gradient at most TARGET_RATIO times
 its floor on each backend; the torch-cpu / numpy ratio is printed (no target: the NumPy path has
@@ -46,7 +48,7 @@ import warnings  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jko_ift as jk  # noqa: E402
-from jko_ift import backends, problems  # noqa: E402
+from jko_ift import backends, keops, problems  # noqa: E402
 
 #: Witness gradient / floor at d = 100 (issue 15's benchmark: "against the GEMM floor").
 TARGET_RATIO = 2.0
@@ -65,11 +67,14 @@ def available_backends() -> dict:
     except ImportError:
         return found
     torch.set_num_threads(1)
-    found["torch-cpu"] = ("cpu", "float64")
-    found["torch-cpu-f32"] = ("cpu", "float32")
-    if torch.cuda.is_available():
-        found["torch-cuda"] = ("cuda", "float64")
-        found["torch-cuda-f32"] = ("cuda", "float32")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        found[f"torch-{device}"] = (device, "float64", False)
+        found[f"torch-{device}-f32"] = (device, "float32", False)
+    if keops.installed():  # KeOps's reductions (jko_ift.keops): compiled once per formula
+        for device in devices:
+            found[f"keops-{device}"] = (device, "float64", True)
+            found[f"keops-{device}-f32"] = (device, "float32", True)
     return found
 
 

@@ -483,7 +483,7 @@ def kernels_on(problem, array_type: ArrayType):
             return moved(obj)
         if isinstance(obj, (list, tuple)):
             items = [walk(item) for item in obj]
-            unchanged = all(new is old for new, old in zip(items, obj))
+            unchanged = all(new is old for new, old in zip(items, obj, strict=True))
             return obj if unchanged else type(obj)(items)
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
             changes = {f.name: new for f in dataclasses.fields(obj)

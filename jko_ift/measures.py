@@ -288,7 +288,8 @@ class Measure:
         if self.array_type is None:
             object.__setattr__(self, "array_type", ArrayType.of(self.points, self.weights))
         elif not isinstance(self.array_type, ArrayType):
-            raise ValueError(f"array_type must be a jko_ift.measures.ArrayType or None, got {self.array_type!r}")
+            raise ValueError(f"array_type must be a jko_ift.measures.ArrayType or None, got "
+                             f"{self.array_type!r}; leave it out: tensors given as points set it")
         x = as_points(self.points)
         a = as_weights(self.weights, x.shape[0])
         if self.grid is not None and not (x is self.grid.points or (
