@@ -29,6 +29,7 @@ its floor on each backend; the torch-cpu / numpy ratio is printed (no target: th
 refinements the generic path does not, the k-d tree of near pairs and kept small matrices).
 
 Run:  python benchmarks/backends.py [--sizes 1000 10000] [--dims 2 100] [--large] [--repeats 3]
+      [--backends torch-cpu keops-cpu ...]
       (--large adds N = 10^5: minutes per row on a CPU)
 """
 
@@ -204,9 +205,13 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[2, 100])
     parser.add_argument("--large", action="store_true", help="add N = 10^5")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--backends", nargs="+", metavar="NAME",
+                        help="only these (numpy, torch-cpu, torch-cpu-f32, keops-cpu, ...; numpy always runs)")
     args = parser.parse_args()
     sizes = args.sizes + ([100_000] if args.large else [])
     specs = available_backends()
+    if args.backends:
+        specs = {name: spec for name, spec in specs.items() if name == "numpy" or name in args.backends}
     print(f"{platform.processor() or platform.machine()}, backends: {', '.join(specs)}; one thread on CPU; "
           f"median of {args.repeats}; target at d = 100: witness <= {TARGET_RATIO:g} x floor")
     print(f"{'N':>7s} {'d':>4s} {'backend':>15s} {'witness ms':>11s} {'floor ms':>10s} {'ratio':>6s} "

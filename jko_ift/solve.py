@@ -104,7 +104,7 @@ def jko_step(F: Energy, geometry: Geometry, mu: Measure, tau: float, method=None
     """
     method = _check_method(method)
     F, geometry = _on_input_device(F, geometry, mu)
-    result = method.step(F, geometry, mu, tau, throw=throw)
+    result = method.step(F, geometry, mu, tau, throw=throw)  # checks mu
     if mu.array_type is None or result.measure is None:
         return result
     return replace(result, measure=with_array_type(result.measure, mu.array_type))
@@ -113,7 +113,7 @@ def jko_step(F: Energy, geometry: Geometry, mu: Measure, tau: float, method=None
 def _on_input_device(F: Energy, geometry: Geometry, mu: Measure) -> tuple[Energy, Geometry]:
     """F and geometry with their kernels summed on the device of ``mu``'s tensors (a measure
     made from tensors chooses the backend), as given for a NumPy measure."""
-    if mu.array_type is None:
+    if getattr(mu, "array_type", None) is None:  # NumPy, or not a measure (refused by the step)
         return F, geometry
     from .backends import kernels_on  # PyTorch only for runs that started from tensors
 

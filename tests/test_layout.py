@@ -23,7 +23,8 @@ LAYERS = (
     ("display",),
     ("measures",),  # points and weights: imports nothing of the package
     ("kernels",),  # kernel values and Gram blocks on points
-    ("backends",),  # the kernel sums on PyTorch tensors (array API) and kernels on a device
+    # the kernel sums on PyTorch tensors (array API), by KeOps where installed, kernels on a device
+    ("keops", "backends"),
     ("energies", "geometries"),  # what decreases and how mass may move: measures and kernels only
     # One module per family, with their shared pieces (methods/base.py: StepResult and the checks
     # of a step's input; methods/options.py: the checks of a method's options, which control.py
