@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("--large", action="store_true", help="add N = 10^5")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backends", nargs="+", metavar="NAME",
-                        help="only these (numpy, torch-cpu, torch-cpu-f32, keops-cpu, ...; numpy always runs)")
+                        help="only these (torch-cpu, torch-cpu-f32, keops-cpu, ...; numpy always runs)")
     args = parser.parse_args()
     sizes = args.sizes + ([100_000] if args.large else [])
     specs = available_backends()

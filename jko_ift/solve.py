@@ -25,7 +25,8 @@ from .energies import Energy
 from .geometries import Geometry
 from .measures import Measure, with_array_type
 from .methods import SolverError, StepResult, grid_motion
-from .methods.base import Method, MethodState, Status, check_step_input, positive_finite, warn_user
+from .methods.base import (Method, MethodState, Status, check_step_input, in_input_type, on_input_device,
+                           positive_finite, warn_user)
 from .methods.entropic import BLUR_WARN_RATIO
 from .run_warnings import RunWarning, WarningLog
 
@@ -103,21 +104,8 @@ def jko_step(F: Energy, geometry: Geometry, mu: Measure, tau: float, method=None
     ('optimal', True)
     """
     method = _check_method(method)
-    F, geometry = _on_input_device(F, geometry, mu)
-    result = method.step(F, geometry, mu, tau, throw=throw)  # checks mu
-    if mu.array_type is None or result.measure is None:
-        return result
-    return replace(result, measure=with_array_type(result.measure, mu.array_type))
-
-
-def _on_input_device(F: Energy, geometry: Geometry, mu: Measure) -> tuple[Energy, Geometry]:
-    """F and geometry with their kernels summed on the device of ``mu``'s tensors (a measure
-    made from tensors chooses the backend), as given for a NumPy measure."""
-    if getattr(mu, "array_type", None) is None:  # NumPy, or not a measure (refused by the step)
-        return F, geometry
-    from .backends import kernels_on  # PyTorch only for runs that started from tensors
-
-    return kernels_on((F, geometry), mu.array_type)
+    F, geometry = on_input_device(F, geometry, mu)  # for duck-typed methods too
+    return in_input_type(method.step(F, geometry, mu, tau, throw=throw), mu)
 
 
 def _check_method(method):
@@ -376,7 +364,7 @@ def solve(F: Energy, geometry: Geometry, mu0: Measure, tau: float | None = None,
         tau = float(tau)
         controller = ConstantStepSize(tau, _step_count(tau, steps, t_final))
         t_final = controller.t_final
-    F, geometry = _on_input_device(F, geometry, mu0)
+    F, geometry = on_input_device(F, geometry, mu0)
     run = _Run(F, geometry, method, mu0, t_final, save_at, stop_rate, stop_energy, throw, callback)
     if isinstance(controller, ConstantStepSize):
         run.check_save_grid(controller.tau)

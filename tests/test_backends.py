@@ -346,3 +346,11 @@ def test_keops_sums_match_numpy(kernel, dtype):
     assert relative_error(kernel.grad_sum(x, y, w), device_kernel.grad_sum(x, y, w)) < rtol
     tensor_sum = device_kernel.apply(torch.tensor(x), torch.tensor(y), torch.tensor(w))
     assert isinstance(tensor_sum, torch.Tensor) and tensor_sum.shape == (70,)
+
+
+def test_a_method_step_from_tensors_returns_their_type():
+    """Method.step, not only the driver: the result measure carries the tensors' type."""
+    mu, target = mixture_problem(n=20, d=2)
+    tensor_mu = jk.Measure(torch.tensor(mu.points), torch.tensor(mu.weights))
+    step = jk.ExplicitEuler().step(jk.MMD2(target, jk.Gaussian(1.0)), jk.Wasserstein(), tensor_mu, 0.1)
+    assert isinstance(step.measure.arrays()[0], torch.Tensor)

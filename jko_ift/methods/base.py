@@ -8,7 +8,7 @@ import hashlib
 import os
 import sys
 import warnings
-from dataclasses import FrozenInstanceError, dataclass, field
+from dataclasses import FrozenInstanceError, dataclass, field, replace
 from typing import ClassVar
 
 import numpy as np
@@ -16,7 +16,7 @@ import numpy as np
 from ..display import html_summary, text_summary
 from ..energies import Energy
 from ..geometries import Geometry
-from ..measures import Measure
+from ..measures import Measure, with_array_type
 
 
 class Status(str, enum.Enum):
@@ -339,11 +339,13 @@ class Method:
 
     def step(self, F: Energy, geometry: Geometry, mu: Measure, tau: float,
              throw: bool = True) -> StepResult:
-        """One step with the method's default state (its warm starts and caches)."""
+        """One step with the method's default state (its warm starts and caches); from a
+        measure of tensors, on their device and back in their type (``on_input_device``)."""
+        F, geometry = on_input_device(F, geometry, mu)
         state = self.__dict__.get("_default_state")
         if state is None:
             state = self.__dict__["_default_state"] = self.init_state(F, geometry, mu)
-        return self._step(F, geometry, mu, tau, state, throw)
+        return in_input_type(self._step(F, geometry, mu, tau, state, throw), mu)
 
     def reset(self) -> None:
         """Forget the default state of ``step`` (counters, random generators, warm starts)."""
@@ -365,6 +367,24 @@ class Method:
         """Set normalized settings in validation (``__post_init__`` of frozen settings)."""
         for name, value in values.items():
             object.__setattr__(self, name, value)
+
+
+def on_input_device(F: Energy, geometry: Geometry, mu: Measure) -> tuple[Energy, Geometry]:
+    """F and geometry with their kernels summed on the device of ``mu``'s tensors (a measure
+    made from tensors chooses the backend: ``backends.kernels_on``), as given otherwise."""
+    if getattr(mu, "array_type", None) is None:  # NumPy, or not a measure (refused by the step)
+        return F, geometry
+    from ..backends import kernels_on  # PyTorch only for steps from tensors
+
+    return kernels_on((F, geometry), mu.array_type)
+
+
+def in_input_type(result: StepResult, mu: Measure) -> StepResult:
+    """``result`` with its measure handed ``mu``'s array type (``Measure.arrays()``)."""
+    array_type = getattr(mu, "array_type", None)
+    if array_type is None or result.measure is None or result.measure.array_type == array_type:
+        return result
+    return replace(result, measure=with_array_type(result.measure, array_type))
 
 
 def positive_finite(value, name: str, expected: str) -> float:
