@@ -25,8 +25,16 @@ from .energies import Energy
 from .geometries import Geometry
 from .measures import Measure, with_array_type
 from .methods import SolverError, StepResult, grid_motion
-from .methods.base import (Method, MethodState, Status, check_step_input, in_input_type, on_input_device,
-                           positive_finite, warn_user)
+from .methods.base import (
+    Method,
+    MethodState,
+    Status,
+    check_step_input,
+    in_input_type,
+    on_input_device,
+    positive_finite,
+    warn_user,
+)
 from .methods.entropic import BLUR_WARN_RATIO
 from .run_warnings import RunWarning, WarningLog
 
