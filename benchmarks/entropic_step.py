@@ -43,6 +43,7 @@ import statistics
 import sys
 import time
 import warnings
+from pathlib import Path
 
 TARGETS = {
     "256x256 median step (s)": ("<=", 1.0),
@@ -81,6 +82,7 @@ if ARGS is not None and ARGS.threads:
 
 import numpy as np  # noqa: E402  (after the thread settings)
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package
 import jko_ift as jk  # noqa: E402
 from jko_ift.methods.entropic import EntropicJKO  # noqa: E402
 

@@ -688,7 +688,7 @@ class _Sinkhorn:
         relax = self._relaxation(level.last)
         started = time.perf_counter()
         outcome = iterate(scalings, relax, level.tol, level.budget, futile,
-                          f"eps {level.eps:.2g}")
+                          f"eps {level.eps:.2g}", settle=level.last)
         state.iteration_time += time.perf_counter() - started
         state.iterations += outcome.iterations
         state.stopped = outcome.stopped
@@ -725,7 +725,8 @@ class _Sinkhorn:
         scalings = LogScalings(op, self.rows, prox, g, check=lambda: _unresolved(prox))
         relax = self._relaxation(level.last)
         started = time.perf_counter()
-        outcome = iterate(scalings, relax, level.tol, budget, futile, f"eps {level.eps:.2g}")
+        outcome = iterate(scalings, relax, level.tol, budget, futile, f"eps {level.eps:.2g}",
+                          settle=level.last)
         state.iteration_time += time.perf_counter() - started
         state.iterations += outcome.iterations
         state.stopped = outcome.stopped
