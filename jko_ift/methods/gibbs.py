@@ -177,7 +177,7 @@ class GridGibbs(GibbsOperator):
         In 2-D with ``out`` both matrix products write into preallocated memory (the
         intermediate is kept by the operator): a fresh 8 n-byte array per product costs page
         faults comparable to a third of the product at 256 x 256."""
-        if out is None or len(self.shape) != 2:
+        if len(self.shape) != 2:
             image = self._separable(self.kernels, v).reshape(-1)
             if out is None:
                 return image
@@ -185,6 +185,7 @@ class GridGibbs(GibbsOperator):
             return out
         if self._work is None:
             self._work = np.empty(self.shape)
+        out = np.empty(self.n) if out is None else out
         np.matmul(self.kernels[0], v.reshape(self.shape), out=self._work)
         np.matmul(self._work, self.kernels[1].T, out=out.reshape(self.shape))
         return out

@@ -275,15 +275,19 @@ class ClosedKernelScalings(KernelScalings):
     iteration spends beyond its two kernel products at 256 x 256) is, while the violation is
     above ``exact_below``, written e^c0 q_r^-theta rho^-theta with rho = q / q_r, q_r the q of the
     last exact evaluation, and rho^-theta replaced by the same Pade approximant, whose relative
-    error is at most c_theta d^3, c_theta = theta (1 - theta^2) / 12, d = max |rho - 1|. It is
-    used only when c_theta d^3 <= PADE_ERROR times the current violation, so that the update
-    is the exact one up to a hundredth of the distance still to go; below ``exact_below`` (and
+    error is at most 1.2 c_theta d^3 for d = max |rho - 1| <= PADE_SPREAD = 0.1 (c_theta =
+    theta (1 - theta^2) / 12, the cubic term; 1.17 c_theta d^3 at d = 0.1 for every theta in
+    (0, 1)). It is used only when d <= PADE_SPREAD and that bound is at most PADE_ERROR times
+    the current violation, so that the update is the exact one up to a hundredth of the
+    distance still to go; below ``exact_below`` (and
     always when it is None) every update is exact, and ``settled`` is False after an inexact
     one, so that a level ends on an exact block maximization.
     """
 
-    #: The largest error of an approximate column scaling, relative to the current violation.
+    #: The largest error of an approximate column scaling, relative to the current violation,
+    #: and the largest |q / q_r - 1| at which it is used (where the error bound holds).
     PADE_ERROR = 1e-2
+    PADE_SPREAD = 0.1
 
     def __init__(self, op, rows: HardRows, prox, log_v: np.ndarray, check=None,
                  exact_below: float | None = None):
@@ -360,8 +364,9 @@ class ClosedKernelScalings(KernelScalings):
         if (self._q_ref is not None and self.exact_below is not None
                 and self._violation > self.exact_below):
             rho = np.divide(q, self._q_ref, out=out)
-            spread = max(float(rho.max()) - 1.0, 1.0 - float(rho.min()))
-            if theta * (1.0 - theta * theta) / 12.0 * spread**3 <= self.PADE_ERROR * self._violation:
+            spread = max(float(rho.max()) - 1.0, 1.0 - float(rho.min()))  # nan: not <= below
+            bound = 1.2 * theta * (1.0 - theta * theta) / 12.0 * spread**3
+            if spread <= self.PADE_SPREAD and bound <= self.PADE_ERROR * self._violation:
                 self._pade_power(rho, -theta)
                 out *= self._v_ref
                 self.approximate = True
