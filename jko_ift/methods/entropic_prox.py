@@ -657,7 +657,7 @@ class MMDEnvelope:
 class EnvelopeProx:
     """KL-proximal map of sigma G for the piecewise quadratic MMD envelope (``MMDEnvelope``)."""
 
-    #: A zero set found inconsistent is rebuilt (a Cholesky, an n x n solve and an eigh) in at
+    #: A zero set found inconsistent is rebuilt (a Cholesky, an n x n solve, a pivoted Cholesky) in at
     #: most ROUNDS active-set rounds of one call in every REBUILD_EVERY calls; in between the
     #: prox is that of G with the zero set held, and ``settled`` says whether the last call's
     #: zero set satisfied the KKT conditions (the step is converged only on a settled call: the
