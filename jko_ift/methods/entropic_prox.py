@@ -310,8 +310,8 @@ class LogEquation:
     def _try_chord(self, s, R, phi, size):
         """A full step along the chord direction (the Newton matrix of an earlier step, whose
         diagonal A / b moved little since: the Sinkhorn loop calls with nearby q), kept when it
-        cuts the residual by CHORD_RATE; else None (and the next direction is a true Newton
-        one). (s, phi, b) of the accepted point."""
+        brings the residual to at most CHORD_RATE times its size: (s, phi, b) of the accepted
+        point; else None (and the step is a true Newton step)."""
         if self._chord is None or self._chord[0].shape != s.shape:
             return None
         step = self._chord_direction(phi) / np.maximum(np.exp(s), np.exp(LOG_FLOOR))

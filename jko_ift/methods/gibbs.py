@@ -174,9 +174,8 @@ class GridGibbs(GibbsOperator):
     def apply(self, v, out: np.ndarray | None = None):
         """xi v: (n,) -> (n,); with ``out`` (n,) the product is written there.
 
-        In 2-D with ``out`` both matrix products write into preallocated memory (the
-        intermediate is kept by the operator): a fresh 8 n-byte array per product costs page
-        faults comparable to a third of the product at 256 x 256."""
+        In 2-D the intermediate product lives in an array kept by the operator, and with
+        ``out`` nothing is allocated (the scaling loop passes its own arrays)."""
         if len(self.shape) != 2:
             image = self._separable(self.kernels, v).reshape(-1)
             if out is None:

@@ -279,9 +279,9 @@ class ClosedKernelScalings(KernelScalings):
     theta (1 - theta^2) / 12, the cubic term; 1.17 c_theta d^3 at d = 0.1 for every theta in
     (0, 1)). It is used only when d <= PADE_SPREAD and that bound is at most PADE_ERROR times
     the current violation, so that the update is the exact one up to a hundredth of the
-    distance still to go; below ``exact_below`` (and
-    always when it is None) every update is exact, and ``settled`` is False after an inexact
-    one, so that a level ends on an exact block maximization.
+    distance still to go. Below ``exact_below`` (and always when it is None) every update is
+    exact, and ``settled`` is False after an inexact one, so that a level ends on an exact
+    block maximization.
     """
 
     #: The largest error of an approximate column scaling, relative to the current violation,
