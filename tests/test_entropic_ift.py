@@ -75,6 +75,25 @@ def test_newton_direction_on_the_low_rank_factor_equals_the_dense_solve():
     assert W.shape[1] < 30 and np.abs(W @ W.T - Q).max() <= 1e-10 * np.abs(Q).max()
 
 
+def test_chord_steps_reach_the_root_of_pure_newton():
+    """Repeated solves with nearby right-hand sides (as in the Sinkhorn loop) take chord steps
+    with the last Newton matrix, and end at the same root as a fresh solve."""
+    rng = np.random.default_rng(1)
+    points = rng.normal(size=(40, 1))
+    Q = 30.0 * jk.Gaussian(1.0)(points, points)
+    chord = LogEquation(1.0, np.zeros(40), [], Q)
+    rhs = rng.normal(size=40)
+    s = chord.solve(rhs)
+    for k in range(1, 6):
+        nearby = rhs + 1e-3 * k * rng.normal(size=40)
+        s = chord.solve(nearby, s)
+        fresh = LogEquation(1.0, np.zeros(40), [], Q).solve(nearby)
+        np.testing.assert_allclose(s, fresh, rtol=0, atol=1e-10)
+        residual = s - nearby + Q @ np.exp(s)
+        assert np.abs(residual).max() <= 1e-10
+    assert chord.chord_steps > 0 and chord.unresolved == 0
+
+
 def test_coupled_prox_with_no_live_point_returns_zero_weights():
     Q = jk.Gaussian(1.0)(np.zeros((3, 1)), np.zeros((3, 1)))
     s = LogEquation(1.0, np.zeros(3), [], Q).solve(np.full(3, -np.inf))

@@ -129,6 +129,41 @@ def test_closed_form_kernel_iteration_gives_the_potentials_of_the_general_one():
     np.testing.assert_allclose(closed.u * op.apply(closed.v), a, rtol=1e-10)
 
 
+def test_pade_column_scalings_converge_to_the_exact_potentials():
+    """Column scalings from the last exact one by a Pade approximant, far above tolerance only:
+    some updates are approximate, the iteration ends on exact ones at the same potentials."""
+    from jko_ift.methods.entropic_prox import EnergyForm, KLProx
+    from jko_ift.methods.scaling import ClosedKernelScalings
+
+    points, a, _ = _two_marginals(n=60, seed=3)
+    n = a.size
+    form = EnergyForm(n, log_coef=1.0, offset=1.0 + 2.0 * points[:, 0] ** 2)
+    op = DenseGibbs(points, 0.01)
+    exact = ClosedKernelScalings(op, HardRows(a), KLProx(form, 20.0), np.zeros(n))
+    cheap = ClosedKernelScalings(op, HardRows(a), KLProx(form, 20.0), np.zeros(n), exact_below=1e-10)
+    first = iterate(exact, Relaxation(1.0, adaptive=True, start=1.5), 1e-12, 20_000)
+    second = iterate(cheap, Relaxation(1.0, adaptive=True, start=1.5), 1e-12, 20_000)
+    assert first.violation <= 1e-12 and second.violation <= 1e-12
+    assert cheap.approximations > 0 and not cheap.approximate and exact.approximations == 0
+    assert second.iterations <= first.iterations + 2
+    np.testing.assert_allclose(cheap.v, exact.v, rtol=1e-9)
+
+
+def test_an_intermediate_level_ends_at_tolerance_without_a_settled_column_map():
+    """settle=False (an intermediate eps level): the violation alone ends the level, even when
+    the column map never says it is settled (an active set cycling on a degenerate point)."""
+    points, a, b = _two_marginals()
+    column = _fixed_column(b)
+    column.settled = False
+    op = DenseGibbs(points, 0.05)
+    unsettled = iterate(KernelScalings(op, HardRows(a), column, np.zeros(a.size)),
+                        Relaxation(1.0, adaptive=False), 1e-6, 1000, settle=False)
+    assert unsettled.violation <= 1e-6 and unsettled.iterations < 1000
+    waiting = iterate(KernelScalings(op, HardRows(a), column, np.zeros(a.size)),
+                      Relaxation(1.0, adaptive=False), 1e-6, 1000)
+    assert waiting.iterations == 1000  # the last level waits for a settled map
+
+
 def test_relaxation_starts_relaxed_and_rises_towards_the_optimum():
     """Given a start, omega is used from the first iteration; a relaxed rate above omega - 1
     raises omega by Young's relation, a rate at omega - 1 leaves it."""

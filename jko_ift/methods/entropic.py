@@ -72,6 +72,10 @@ from .scaling import (
 
 DOMAINS = ("auto", "kernel", "log")
 
+#: The cheap kernel-domain iteration approximates its column scaling (``ClosedKernelScalings``)
+#: only while the marginal violation is above this many times the level's tolerance.
+EXACT_BELOW = 10.0
+
 #: The over-relaxation a cold W2 step starts from (``relaxation="auto"``), then tuned on the fly
 #: (``scaling.Relaxation``); warm steps start from the omega tuned in the last step.
 COLD_RELAXATION = 1.5
@@ -683,12 +687,15 @@ class _Sinkhorn:
             if out_of_range(np.exp(log_v), log_v):
                 state.psi = psi
                 return False
-        kind = ClosedKernelScalings if getattr(prox, "closed", False) else KernelScalings
-        scalings = kind(op, self.rows, prox, log_v, check=lambda: _unresolved(prox))
+        if getattr(prox, "closed", False):
+            scalings = ClosedKernelScalings(op, self.rows, prox, log_v, check=lambda: _unresolved(prox),
+                                            exact_below=EXACT_BELOW * level.tol)
+        else:
+            scalings = KernelScalings(op, self.rows, prox, log_v, check=lambda: _unresolved(prox))
         relax = self._relaxation(level.last)
         started = time.perf_counter()
         outcome = iterate(scalings, relax, level.tol, level.budget, futile,
-                          f"eps {level.eps:.2g}")
+                          f"eps {level.eps:.2g}", settle=level.last)
         state.iteration_time += time.perf_counter() - started
         state.iterations += outcome.iterations
         state.stopped = outcome.stopped
@@ -725,7 +732,8 @@ class _Sinkhorn:
         scalings = LogScalings(op, self.rows, prox, g, check=lambda: _unresolved(prox))
         relax = self._relaxation(level.last)
         started = time.perf_counter()
-        outcome = iterate(scalings, relax, level.tol, budget, futile, f"eps {level.eps:.2g}")
+        outcome = iterate(scalings, relax, level.tol, budget, futile, f"eps {level.eps:.2g}",
+                          settle=level.last)
         state.iteration_time += time.perf_counter() - started
         state.iterations += outcome.iterations
         state.stopped = outcome.stopped

@@ -41,8 +41,8 @@ class GibbsOperator:
     eps: float
     n: int
 
-    def apply(self, v: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
-        """xi v: (n,) -> (n,)."""
+    def apply(self, v: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:  # pragma: no cover
+        """xi v: (n,) -> (n,), written into ``out`` (n,) when given."""
         raise NotImplementedError
 
     def log_apply(self, g: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
@@ -153,6 +153,7 @@ class GridGibbs(GibbsOperator):
             same = [K for y, K in zip(self.axes, self.kernels, strict=False) if np.array_equal(x, y)]
             self.kernels.append(same[0] if same else np.exp(-((x[:, None] - x[None, :]) ** 2) / self.eps))
         self._log_axes = None
+        self._work = None  # the intermediate of ``apply(v, out)`` in 2-D
 
     @property
     def log_axes(self) -> list[_LogAxis]:
@@ -170,8 +171,23 @@ class GridGibbs(GibbsOperator):
             image = np.moveaxis(np.tensordot(matrix, image, axes=(1, k)), 0, k)
         return image
 
-    def apply(self, v):
-        return self._separable(self.kernels, v).reshape(-1)
+    def apply(self, v, out: np.ndarray | None = None):
+        """xi v: (n,) -> (n,); with ``out`` (n,) the product is written there.
+
+        In 2-D the intermediate product lives in an array kept by the operator, and with
+        ``out`` nothing is allocated (the scaling loop passes its own arrays)."""
+        if len(self.shape) != 2:
+            image = self._separable(self.kernels, v).reshape(-1)
+            if out is None:
+                return image
+            out[...] = image
+            return out
+        if self._work is None:
+            self._work = np.empty(self.shape)
+        out = np.empty(self.n) if out is None else out
+        np.matmul(self.kernels[0], v.reshape(self.shape), out=self._work)
+        np.matmul(self._work, self.kernels[1].T, out=out.reshape(self.shape))
+        return out
 
     def log_apply(self, g):
         image = np.asarray(g, float).reshape(self.shape)
@@ -211,10 +227,11 @@ class DenseGibbs(GibbsOperator):
             self._kernel = np.exp(-self._cost / self.eps)
         return self._kernel
 
-    def apply(self, v):
+    def apply(self, v, out: np.ndarray | None = None):
+        """xi v: (n,) -> (n,), written into ``out`` when given."""
         if self.kernel is not None:
-            return self.kernel @ v
-        out = np.empty(self.n)
+            return np.matmul(self.kernel, v, out=out)
+        out = np.empty(self.n) if out is None else out
         for rows in row_blocks(self.n, self.n):
             out[rows] = np.exp(-self._cost_rows(rows) / self.eps) @ v
         return out
