@@ -24,6 +24,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+#: Rows of a pass written out transposed together (8 doubles: one 64-byte cache line of the output).
+FLIP_BLOCK = 8
+
 
 @njit(cache=True)
 def _envelope_line(f, h, tau, best, where):
@@ -95,18 +98,26 @@ def _c_transform_lines(f, h, tau, flip, best, where):
     transposed, best (n, lines): the input of the next axis's pass in 2-D, without a copy in
     between (the argmins keep their layout)."""
     lines, n = f.shape
-    line = np.empty(n)
+    block = np.empty((FLIP_BLOCK, n))  # rows of a flipped pass, written out a block at a time
     for row in range(lines):
-        values = line if flip else best[row]
+        values = block[row % FLIP_BLOCK] if flip else best[row]
         if n == 1:
             values[0] = -f[row, 0]
             where[row, 0] = 0.0
         else:
             _envelope_line(f[row], h, tau, values, where[row])
             _segments_line(f[row], h, tau, values, where[row])
-        if flip:
-            for j in range(n):
-                best[j, row] = -line[j]
+        if flip and (row % FLIP_BLOCK == FLIP_BLOCK - 1 or row == lines - 1):
+            _write_flipped(block, row - row % FLIP_BLOCK, row + 1, best)
+
+
+@njit(cache=True)
+def _write_flipped(block, first, stop, best):
+    """best[j, first:stop] = -block[:stop - first, j]: consecutive rows land in one cache line."""
+    n = block.shape[1]
+    for j in range(n):
+        for row in range(first, stop):
+            best[j, row] = -block[row - first, j]
 
 
 @njit(cache=True)
@@ -129,28 +140,38 @@ def _deposit_transposed(mass, where, h):
 def _deposit(mass, where, h, transposed):
     lines, n = mass.shape
     out = np.zeros(lines * n)
-    stride = lines if transposed else 1  # of the node index in the output
-    cost = 0.0
-    for row in range(lines):
-        first = row if transposed else row * n
-        for j in range(n):
-            m = mass[row, j]
-            if m == 0.0:
-                continue
-            z = where[row, j]
-            cost += m * ((z - j) * h) ** 2
-            i = int(np.floor(z))
-            if i >= n - 1:
-                i = n - 2 if n > 1 else 0
-            t = z - i
-            if n == 1 or t <= 0.0:
-                out[first + i * stride] += m
-            elif t >= 1.0:
-                out[first + (i + 1) * stride] += m
-            else:
-                out[first + i * stride] += (1.0 - t) * m
-                out[first + (i + 1) * stride] += t * m
-    return (out.reshape((n, lines)) if transposed else out.reshape((lines, n))), cost
+    costs = np.zeros(lines)
+    if transposed:  # a block of rows at a time, so that their writes share the output's cache lines
+        for first in range(0, lines, FLIP_BLOCK):
+            stop = min(first + FLIP_BLOCK, lines)
+            for j in range(n):
+                for row in range(first, stop):
+                    if mass[row, j] != 0.0:
+                        costs[row] += _deposit_one(mass[row, j], where[row, j], j, n, h, out, row, lines)
+    else:
+        for row in range(lines):
+            for j in range(n):
+                if mass[row, j] != 0.0:
+                    costs[row] += _deposit_one(mass[row, j], where[row, j], j, n, h, out, row * n, 1)
+    return (out.reshape((n, lines)) if transposed else out.reshape((lines, n))), costs.sum()
+
+
+@njit(cache=True, inline="always")
+def _deposit_one(m, z, j, n, h, out, first, stride):
+    """Split the mass m of node j between the two nodes around position z (index units) of a line
+    whose node i is out[first + i * stride]; returns its cost m ((z - j) h)^2."""
+    i = int(np.floor(z))
+    if i >= n - 1:
+        i = n - 2 if n > 1 else 0
+    t = z - i
+    if n == 1 or t <= 0.0:
+        out[first + i * stride] += m
+    elif t >= 1.0:
+        out[first + (i + 1) * stride] += m
+    else:
+        out[first + i * stride] += (1.0 - t) * m
+        out[first + (i + 1) * stride] += t * m
+    return m * ((z - j) * h) ** 2
 
 
 def along(function, array: np.ndarray, axis: int, *args):
