@@ -140,38 +140,28 @@ def _deposit_transposed(mass, where, h):
 def _deposit(mass, where, h, transposed):
     lines, n = mass.shape
     out = np.zeros(lines * n)
-    costs = np.zeros(lines)
-    if transposed:  # a block of rows at a time, so that their writes share the output's cache lines
-        for first in range(0, lines, FLIP_BLOCK):
-            stop = min(first + FLIP_BLOCK, lines)
-            for j in range(n):
-                for row in range(first, stop):
-                    if mass[row, j] != 0.0:
-                        costs[row] += _deposit_one(mass[row, j], where[row, j], j, n, h, out, row, lines)
-    else:
-        for row in range(lines):
-            for j in range(n):
-                if mass[row, j] != 0.0:
-                    costs[row] += _deposit_one(mass[row, j], where[row, j], j, n, h, out, row * n, 1)
-    return (out.reshape((n, lines)) if transposed else out.reshape((lines, n))), costs.sum()
-
-
-@njit(cache=True, inline="always")
-def _deposit_one(m, z, j, n, h, out, first, stride):
-    """Split the mass m of node j between the two nodes around position z (index units) of a line
-    whose node i is out[first + i * stride]; returns its cost m ((z - j) h)^2."""
-    i = int(np.floor(z))
-    if i >= n - 1:
-        i = n - 2 if n > 1 else 0
-    t = z - i
-    if n == 1 or t <= 0.0:
-        out[first + i * stride] += m
-    elif t >= 1.0:
-        out[first + (i + 1) * stride] += m
-    else:
-        out[first + i * stride] += (1.0 - t) * m
-        out[first + (i + 1) * stride] += t * m
-    return m * ((z - j) * h) ** 2
+    stride = lines if transposed else 1  # of the node index in the output
+    cost = 0.0
+    for row in range(lines):
+        first = row if transposed else row * n
+        for j in range(n):
+            m = mass[row, j]
+            if m == 0.0:
+                continue
+            z = where[row, j]
+            cost += m * ((z - j) * h) ** 2
+            i = int(np.floor(z))
+            if i >= n - 1:
+                i = n - 2 if n > 1 else 0
+            t = z - i
+            if n == 1 or t <= 0.0:
+                out[first + i * stride] += m
+            elif t >= 1.0:
+                out[first + (i + 1) * stride] += m
+            else:
+                out[first + i * stride] += (1.0 - t) * m
+                out[first + (i + 1) * stride] += t * m
+    return (out.reshape((n, lines)) if transposed else out.reshape((lines, n))), cost
 
 
 def along(function, array: np.ndarray, axis: int, *args):
