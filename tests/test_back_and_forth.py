@@ -55,6 +55,19 @@ def test_push_forward_conserves_mass_and_the_zero_potential_does_not_move():
     assert abs(pushed.sum() - mass.sum()) <= 1e-13 * mass.sum() and pushed.min() >= 0
 
 
+@pytest.mark.parametrize("shape", [(17, 9), (3, 20), (8, 8), (1, 5)])
+def test_2d_c_transform_is_the_composition_of_the_line_transforms(shape):
+    """The 2-D pass hands its values to the next one negated and transposed a block of rows at a
+    time: the same numbers as composing the line transforms with explicit transposes."""
+    rng = np.random.default_rng(3)
+    phi, spacing, tau = rng.normal(size=shape), np.array([0.3, 0.2]), 0.4
+    inner, inner_where = c_transform_lines(phi, spacing[1], tau)
+    outer, outer_where = c_transform_lines(np.ascontiguousarray(-inner.T), spacing[0], tau)
+    psi, argmins = c_transform(phi, spacing, tau)
+    assert np.array_equal(psi, outer.T)
+    assert np.array_equal(argmins[0], outer_where) and np.array_equal(argmins[1], inner_where)
+
+
 def fokker_planck(n):
     grid = jk.Grid([-4, -4], [4, 4], (n, n))
     F = jk.Entropy() + jk.Potential(lambda x: np.sum((x - CENTRE) ** 2, 1) / (2 * STIFFNESS))

@@ -24,6 +24,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+#: Rows of a pass written out transposed together (8 doubles: one 64-byte cache line of the output).
+FLIP_BLOCK = 8
+
 
 @njit(cache=True)
 def _envelope_line(f, h, tau, best, where):
@@ -95,18 +98,26 @@ def _c_transform_lines(f, h, tau, flip, best, where):
     transposed, best (n, lines): the input of the next axis's pass in 2-D, without a copy in
     between (the argmins keep their layout)."""
     lines, n = f.shape
-    line = np.empty(n)
+    block = np.empty((FLIP_BLOCK, n))  # rows of a flipped pass, written out a block at a time
     for row in range(lines):
-        values = line if flip else best[row]
+        values = block[row % FLIP_BLOCK] if flip else best[row]
         if n == 1:
             values[0] = -f[row, 0]
             where[row, 0] = 0.0
         else:
             _envelope_line(f[row], h, tau, values, where[row])
             _segments_line(f[row], h, tau, values, where[row])
-        if flip:
-            for j in range(n):
-                best[j, row] = -line[j]
+        if flip and (row % FLIP_BLOCK == FLIP_BLOCK - 1 or row == lines - 1):
+            _write_flipped(block, row - row % FLIP_BLOCK, row + 1, best)
+
+
+@njit(cache=True)
+def _write_flipped(block, first, stop, best):
+    """best[j, first:stop] = -block[:stop - first, j]: consecutive rows land in one cache line."""
+    n = block.shape[1]
+    for j in range(n):
+        for row in range(first, stop):
+            best[j, row] = -block[row - first, j]
 
 
 @njit(cache=True)

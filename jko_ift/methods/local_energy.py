@@ -274,7 +274,9 @@ def _conjugate_at(s, e, q, m):
         return r, r / e, e * r
     if s > 0.0:
         base = (m - 1.0) / (q * m) * s
-        r = base if m == 2.0 else base ** (1.0 / (m - 1.0))
+        if m == 2.0:  # rho linear in s: the curvature is the constant 1 / (2 q), no division
+            return base, 0.5 / q, 0.5 * base * s
+        r = base ** (1.0 / (m - 1.0))
         return r, r / ((m - 1.0) * s), r * s * (m - 1.0) / m
     return 0.0, 0.0, 0.0
 
@@ -460,7 +462,9 @@ def _power_sum(s, q, m, c, above):
 def _power_term(value, c, q, m):
     """(rho(s - c), rho'(s - c)) for s = value > c, rho(s) = ((m - 1) s / (q m))^(1/(m - 1))."""
     base = (m - 1.0) / (q * m) * (value - c)
-    r = base if m == 2.0 else base ** (1.0 / (m - 1.0))
+    if m == 2.0:  # rho linear in s: its slope is the constant 1 / (2 q), no division
+        return base, 0.5 / q
+    r = base ** (1.0 / (m - 1.0))
     return r, r / ((m - 1.0) * (value - c))
 
 
