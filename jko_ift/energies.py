@@ -26,6 +26,9 @@ of ParticleJKO and the particle ODE reference of problems.py use it).
 
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -33,7 +36,7 @@ from functools import cached_property
 import numpy as np
 
 from .kernels import GramCache, Kernel, row_blocks
-from .measures import Measure, as_points, grid_gradient, require_cell_volume
+from .measures import Measure, _is_frozen_here, as_points, grid_gradient, require_cell_volume
 
 
 class NoWeightFormError(ValueError):
@@ -348,15 +351,39 @@ class Scaled(Energy):
         self.energy.check_measure(mu, mass_conserved)
 
 
+#: Checked values of the user's callables at the points of measures, kept per (callable, points)
+#: for points that measures.py froze (never changed): a grid's support is the same array at every
+#: step, and a step evaluates its potential several times (the step, its energy, the driver's
+#: checks), so the callable runs once per support. Read-only; the points are held weakly.
+POINT_VALUE_SLOTS = 8
+_POINT_VALUES: OrderedDict = OrderedDict()
+_POINT_VALUES_LOCK = threading.Lock()
+
+
 def _call_points(function, points: np.ndarray, shape: tuple, what: str,
                  allowed_inf: float | None = None) -> np.ndarray:
     """``function(points)`` checked: shape ``shape``, no NaN, and no infinity except of the sign
-    of ``allowed_inf`` (+inf: a potential's hard wall; -inf: a log-density's zero)."""
+    of ``allowed_inf`` (+inf: a potential's hard wall; -inf: a log-density's zero). Kept for the
+    frozen points of measures (``_POINT_VALUES``): energies' callables are fixed functions."""
+    frozen = _is_frozen_here(points)
+    key = (id(function), id(points), shape, allowed_inf)
+    if frozen:
+        kept = _POINT_VALUES.get(key)
+        if kept is not None and kept[0]() is points and kept[1] is function:
+            return kept[2]
     out = np.asarray(function(points), dtype=float)
     if out.shape != shape:
         raise ValueError(f"{what} must return shape {shape} for points of shape "
                          f"{points.shape}, got {out.shape}")
-    return check_finite_output(out, points, what, allowed_inf)
+    out = check_finite_output(out, points, what, allowed_inf)
+    if frozen:
+        out = out.copy()  # the callable's own array (a view, a kept table) stays writable
+        out.setflags(write=False)
+        with _POINT_VALUES_LOCK:
+            _POINT_VALUES[key] = (weakref.ref(points), function, out)
+            while len(_POINT_VALUES) > POINT_VALUE_SLOTS:
+                _POINT_VALUES.popitem(last=False)
+    return out
 
 
 def check_finite_output(values: np.ndarray, points: np.ndarray, what: str,

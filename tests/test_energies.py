@@ -145,3 +145,33 @@ def test_entropy_and_porous_medium_need_a_cell_volume():
             F.value(cloud)
     with pytest.raises(ValueError, match="m > 1"):
         jk.PorousMedium(1.0)
+
+
+def test_a_potential_runs_once_per_support_and_its_values_stay_the_callers():
+    """A grid's support is one frozen array at every step: its potential is evaluated once and
+    kept (read-only); the callable's own array is not frozen, and a new support calls again."""
+    calls = []
+    table = np.arange(16.0)
+
+    def V(x):
+        calls.append(len(x))
+        return table  # a kept table: must stay writable for its owner
+
+    grid = jk.Grid([0.0], [1.0], [16])
+    mu = grid.measure(np.ones(16), normalize=True)
+    F = jk.Potential(V)
+    first = F.first_variation(mu)
+    assert F.value(mu) == pytest.approx(table.mean()) and F.form(mu).offset is first
+    assert F.value(mu.with_weights(np.full(16, 0.5))) == pytest.approx(table.sum() / 2)
+    assert calls == [16] and not first.flags.writeable and table.flags.writeable
+    jk.Potential(V).value(jk.Measure(grid.points.copy(), mu.weights))  # another support
+    assert calls == [16, 16]
+
+
+def test_a_potential_is_checked_for_nan_at_its_first_evaluation_on_a_support():
+    grid = jk.Grid([0.0], [1.0], [8])
+    mu = grid.measure(np.ones(8), normalize=True)
+    F = jk.Potential(lambda x: np.log(x[:, 0] - 0.5))
+    for _ in range(2):  # refused again: nothing is kept from a failed evaluation
+        with pytest.raises(ValueError, match="Potential V returned"):
+            F.value(mu)
