@@ -69,6 +69,22 @@ PDAS_DUAL_ROUNDS = 5
 #: about 2.5 factorizations of time in OpenBLAS, against 2 n^2 flops a column).
 INVERSE_COLUMN_FRACTION = 0.4
 
+#: The low-rank path (dense warm starts of at least LOWRANK_MIN_SIZE points): when a pivoted
+#: Cholesky factor of H - mu I (mu its ridge, read off the factorization) of rank at most
+#: min(LOWRANK_MAX_FRACTION n, n^2 / LOWRANK_RANK_SCALE) leaves a residual diagonal flat to
+#: LOWRANK_FLAT of mu, faces are solved by conjugate gradients on H preconditioned with it:
+#: O(n r^2) for the factor and O(n^2) a CG step, no n^3 factorization. LOWRANK_RESOLVE: the
+#: relative residual diagonal at which the first pass reads the ridge off; LOWRANK_BLOCK:
+#: candidate rows per panel of the pivoted factorization; LOWRANK_CG_MAX: CG steps per face
+#: before the dense path takes over.
+LOWRANK_MIN_SIZE = 1000
+LOWRANK_MAX_FRACTION = 0.25
+LOWRANK_RANK_SCALE = 16_000
+LOWRANK_FLAT = 1e-2
+LOWRANK_RESOLVE = 1e-6
+LOWRANK_BLOCK = 16
+LOWRANK_CG_MAX = 60
+
 #: Round-off floor of a certified gap: r = H b - g is computed with errors of about
 #: eps (|H b| + |g|) per entry, so r^T b - M min r is known only to ROUNDOFF_FACTOR * eps *
 #: M * (max|H b| + max|g|). Kernel steps cancel terms of size a^T G a / eta down to F, so this
@@ -581,6 +597,206 @@ def _reduced_dual(inverse: _DenseInverse, base: np.ndarray, mass, uncertain: np.
     return None
 
 
+# -------------------------------------------------------------------------------------------------
+# The low-rank path: the dense path's iteration with faces solved by conjugate gradients on H,
+# preconditioned by a pivoted Cholesky (Nystrom) factor of H minus its ridge
+# -------------------------------------------------------------------------------------------------
+
+def _pivoted_cholesky(H: np.ndarray, shift: float, done, max_rank: int,
+                      pivots: np.ndarray | None = None):
+    """Greedy pivoted Cholesky of A = H - shift I: rows F (k, n) with A ~ F^T F, the residual
+    (Schur complement) diagonal d and the pivots. ``pivots`` are taken first (their rows in one
+    blocked solve); then the largest residual diagonal is pivoted (from panels of the rows of
+    the LOWRANK_BLOCK largest, while they stay within half of the largest) until done(d off the
+    pivots) is true. None when max_rank rows do not get there (H is not numerically low rank
+    plus a ridge) or the residual is not positive definite."""
+    n = H.shape[0]
+    d = H.diagonal() - shift
+    rows = np.zeros((max_rank, n))
+    taken = np.zeros(n, dtype=bool)
+    k = 0
+    if pivots is not None and pivots.size:
+        block = H[pivots]
+        block[np.arange(pivots.size), pivots] -= shift
+        factor, info = lapack.dpotrf(block[:, pivots], lower=0)  # A_PP = U^T U
+        if info != 0:
+            return None
+        k = pivots.size
+        rows[:k] = dtrsm(1.0, factor, block, lower=0, trans_a=1)  # U^{-T} A_P.
+        d = d - np.einsum("ij,ij->j", rows[:k], rows[:k])
+        taken[pivots] = True
+    while not done(d[~taken]):
+        size = min(LOWRANK_BLOCK, max_rank - k, n - k)
+        if size <= 0:
+            return None
+        candidates = np.argpartition(np.where(taken, np.inf, -d), size - 1)[:size]
+        largest = float(d[candidates].max())
+        panel = H[candidates] - rows[:k, candidates].T @ rows[:k]  # residual rows (size, n)
+        panel[np.arange(size), candidates] -= shift
+        diagonal = panel[np.arange(size), candidates]
+        for _ in range(size):
+            best = int(np.argmax(diagonal))
+            if diagonal[best] < 0.5 * largest:
+                break  # the panel's candidates are no longer the largest: a new panel
+            if not diagonal[best] > 0:  # the largest residual diagonal: not definite
+                return None
+            row = panel[best] / np.sqrt(diagonal[best])
+            rows[k] = row
+            k += 1
+            taken[candidates[best]] = True
+            panel -= np.outer(row[candidates], row)
+            diagonal = panel[np.arange(size), candidates]
+            diagonal[taken[candidates]] = -np.inf
+            d -= row * row
+    return rows[:k], d, np.flatnonzero(taken)
+
+
+class _LowRankFaces:
+    """Solves of H on faces {b_Z = 0} by preconditioned conjugate gradients (H times a vector per
+    iteration, all rows, so the multipliers on Z come with it), preconditioned by
+    P = F^T F + mu I (``_pivoted_cholesky`` of H - mu I, mu the ridge found on its diagonal), so
+    that P^{-1} H has eigenvalues near 1 (H - P is the residual of the factorization). On a face,
+    P_SS^{-1} v = (v - F_S^T C^{-1} F_S v) / mu with C = mu I + F_S F_S^T (Woodbury, k x k)."""
+
+    def __init__(self, H: np.ndarray, rows: np.ndarray, shift: float):
+        self.H, self.rows, self.shift = H, rows, shift
+        self.gram = rows @ rows.T
+        self.capacitance: np.ndarray | None = None
+        self.matvecs = 0
+
+    def set_face(self, zero: np.ndarray) -> None:
+        zero_rows = self.rows[:, zero]
+        C = self.gram - zero_rows @ zero_rows.T
+        C[np.diag_indices_from(C)] += self.shift
+        factor, info = lapack.dpotrf(C, lower=1)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"capacitance matrix not positive definite (info {info})")
+        self.capacitance = factor
+        self.free = np.ones(self.H.shape[0], dtype=bool)
+        self.free[zero] = False
+
+    def precondition(self, R: np.ndarray) -> np.ndarray:
+        coefficients = lapack.dpotrs(self.capacitance, self.rows @ R, lower=1)[0]
+        out = (R - self.rows.T @ coefficients) / self.shift
+        out[~self.free] = 0.0
+        return out
+
+    def product(self, X: np.ndarray) -> np.ndarray:
+        self.matvecs += 1
+        return self.H @ X
+
+
+def _conjugate_gradients(faces: _LowRankFaces, rhs: np.ndarray, X: np.ndarray, g: np.ndarray, mass,
+                         accuracy):
+    """Minimum of 1/2 b^T H b - g^T b on the face of ``faces`` (and sum(b) = mass) by block PCG
+    on H_SS [x, y] = [g_S, 1_S] (y only on the simplex), z = x + nu y with sum(z) = mass.
+
+    rhs: (n, 1 or 2) = [g, 1]; X: (n, 1 or 2) start, zero off the face. Stops when the face's
+    KKT residual rho = (H z - g - nu)_S is at most accuracy(z, r) (the certificate is then met:
+    see ``_lowrank_active_set``). Returns (z, r = H z - g, nu, X) or None after LOWRANK_CG_MAX
+    iterations. The residuals are updated by the recurrence; the certificate recomputes them."""
+    free = faces.free
+    if not X.any():  # a cold start: the preconditioner's own solution
+        X = faces.precondition(np.where(free[:, None], rhs, 0.0))
+    HX = faces.product(X)
+    R = np.where(free[:, None], rhs - HX, 0.0)
+    direction, previous = None, None
+    for _ in range(LOWRANK_CG_MAX + 1):
+        nu = 0.0 if mass is None else (mass - X[:, 0].sum()) / X[:, 1].sum()
+        rho = R[:, 0] if mass is None else R[:, 0] + nu * R[:, 1]
+        z = X[:, 0] if mass is None else X[:, 0] + nu * X[:, 1]
+        r = HX[:, 0] - g if mass is None else HX[:, 0] + nu * HX[:, 1] - g
+        if float(np.abs(rho).max()) <= accuracy(z, r):
+            return z, r, nu, X
+        Z = faces.precondition(R)
+        current = np.einsum("ij,ij->j", R, Z)
+        direction = Z if direction is None else Z + (current / previous) * direction
+        previous = current
+        Q = faces.product(direction)
+        curvature = np.einsum("ij,ij->j", direction, Q)
+        alpha = np.divide(current, curvature, out=np.zeros_like(current), where=curvature > 0)
+        X = X + alpha * direction
+        HX += alpha * Q
+        R -= alpha * np.where(free[:, None], Q, 0.0)
+    return None
+
+
+def _lowrank_preconditioner(H: np.ndarray) -> _LowRankFaces | None:
+    """``_LowRankFaces`` for H when it is numerically low rank plus a ridge, else None.
+
+    Two passes of ``_pivoted_cholesky``. The first, on H, until the residual diagonal is below
+    LOWRANK_RESOLVE of the largest diagonal: the smallest residual diagonal left, m, is then
+    about the ridge (at most twice it). The second, on H - m / 2 I (definite) from the same
+    pivots, until the residual diagonal is flat (max d - min d <= LOWRANK_FLAT (m / 2 + min d)):
+    what is left is the ridge, the low-rank part is resolved to LOWRANK_FLAT of it, and
+    P = F^T F + (m / 2 + min d) I differs from H by little against its ridge."""
+    n = H.shape[0]
+    max_rank = int(min(LOWRANK_MAX_FRACTION * n, n * n / LOWRANK_RANK_SCALE))
+    resolved = LOWRANK_RESOLVE * float(H.diagonal().max())
+    first = _pivoted_cholesky(H, 0.0, lambda d: d.size == 0 or d.max() <= resolved, max_rank)
+    if first is None or first[2].size == n:
+        return None
+    _, d, pivots = first
+    shift = 0.5 * float(np.delete(d, pivots).min())
+    if not shift > 0:
+        return None
+    second = _pivoted_cholesky(
+        H, shift, lambda d: d.size == 0 or d.max() - d.min() <= LOWRANK_FLAT * (shift + d.min()),
+        max_rank, pivots)
+    if second is None or second[2].size == n:
+        return None
+    rows, d, pivots = second
+    return _LowRankFaces(H, rows, shift + float(np.delete(d, pivots).min()))
+
+
+def _lowrank_active_set(faces: _LowRankFaces, g: np.ndarray, mass, start: np.ndarray, solver):
+    """The primal-dual active set of ``_primal_dual_iteration`` with each face minimum from
+    ``_conjugate_gradients`` (warm-started from the last face). Returns (b, iterations),
+    "sparse" when the first face minimum is negative on more than PDAS_FIRST_ZERO_FRACTION of
+    the weights, or None (cycling, too many zeros, CG not converged: the dense path takes over).
+
+    CG stops when the face residual rho is at most tolerance / (8 B), B the mass (the orthant:
+    max(sum(z), mass_bound)): at a KKT point z >= 0, r_Z - nu >= 0, the certified gap is then at
+    most 2 B max|rho| (``frank_wolfe_gap``), a quarter of the tolerance."""
+    n = g.size
+    rhs = g[:, None] if mass is None else np.column_stack([g, np.ones(n)])
+    X = np.zeros_like(rhs)
+
+    def accuracy(z, r):
+        weight = mass if mass is not None else max(float(np.maximum(z, 0).sum()), solver.mass_bound)
+        objective = 0.5 * float(z @ r) - 0.5 * float(g @ z)
+        floor = ROUNDOFF_FACTOR * np.finfo(float).eps * weight * float(np.abs(r + g).max()
+                                                                        + np.abs(g).max())
+        return max(solver.tolerance(objective), floor) / (8.0 * weight)
+
+    zero = np.flatnonzero(start <= 0)
+    seen: set[bytes] = set()
+    for iteration in range(1, PDAS_MAX_ITER + 1):
+        faces.set_face(zero)
+        X[zero] = 0.0
+        found = _conjugate_gradients(faces, rhs, X, g, mass, accuracy)
+        if found is None:
+            return None
+        z, r, nu, X = found
+        infeasible = z < -ACTIVE_SET_ROUNDOFF * max(float(np.abs(z).max()), 1e-300)
+        infeasible[zero] = False
+        if iteration == 1 and np.count_nonzero(infeasible) > PDAS_FIRST_ZERO_FRACTION * n:
+            return "sparse"
+        lam = r[zero] - nu
+        infeasible[zero] = lam < -ACTIVE_SET_ROUNDOFF * max(float(np.abs(lam).max(initial=0.0)),
+                                                              1e-300)
+        if not infeasible.any():
+            z[zero] = 0.0
+            return _feasible(z, mass), iteration
+        in_zero = np.zeros(n, dtype=bool)
+        in_zero[zero] = True
+        zero = np.flatnonzero(in_zero ^ infeasible)
+        if zero.size > PDAS_MAX_ZERO_FRACTION * n or zero.tobytes() in seen:
+            return None
+        seen.add(zero.tobytes())
+    return None
+
+
 def _dense_path(H, g, mass, start, solver, max_iter) -> QPSolution | None:
     """The dense path of ``solve_weight_qp`` (DENSE_PATH_MAX), when ``start`` is dense: its
     certified solution, or None when it does not apply (the active set from a vertex then runs)."""
@@ -590,6 +806,10 @@ def _dense_path(H, g, mass, start, solver, max_iter) -> QPSolution | None:
     start = np.asarray(start, dtype=float)  # only its zeros matter (a projection would fill them)
     if np.count_nonzero(start > 0) <= WARM_START_FRACTION * n:
         return None
+    if n >= LOWRANK_MIN_SIZE:
+        lowrank = _lowrank_path(H, g, mass, start, solver)
+        if lowrank is not None:
+            return None if lowrank == "sparse" else lowrank
     try:
         inverse, base, found = _dense_active_set(H, g, mass, start, max_iter)
         if found is None:
@@ -602,6 +822,26 @@ def _dense_path(H, g, mass, start, solver, max_iter) -> QPSolution | None:
     except np.linalg.LinAlgError:
         return None
     return solution if solution.status == "optimal" else None
+
+
+def _lowrank_path(H, g, mass, start, solver):
+    """The low-rank path of ``_dense_path``: its certified solution (method "low_rank_active_set"),
+    "sparse" when the minimizer looks sparse (the active set from a vertex then runs), or None
+    when H is not low rank plus a ridge or the iteration gives up (the dense path then runs)."""
+    try:
+        faces = _lowrank_preconditioner(H)
+        found = None if faces is None else _lowrank_active_set(faces, g, mass, start, solver)
+    except np.linalg.LinAlgError:
+        return None
+    if found is None or found == "sparse":
+        return found
+    b, iterations = found
+    solution = _certified(H, g, mass, b, iterations, solver)
+    if solution.status != "optimal":
+        return None
+    solution.info.update(rank=faces.rows.shape[0], products=faces.matvecs)
+    return QPSolution(solution.weights, solution.objective, solution.gap, iterations,
+                      solution.status, "low_rank_active_set", solution.info)
 
 
 def _certified(H, g, mass, b, iterations, solver) -> QPSolution:
