@@ -84,6 +84,8 @@ LOWRANK_FLAT = 1e-2
 LOWRANK_RESOLVE = 1e-6
 LOWRANK_BLOCK = 16
 LOWRANK_CG_MAX = 60
+LOWRANK_PDAS_MAX = 100
+LOWRANK_EXCHANGE_TRIES = 3
 
 #: Round-off floor of a certified gap: r = H b - g is computed with errors of about
 #: eps (|H b| + |g|) per entry, so r^T b - M min r is known only to ROUNDOFF_FACTOR * eps *
@@ -603,13 +605,15 @@ def _reduced_dual(inverse: _DenseInverse, base: np.ndarray, mass, uncertain: np.
 # -------------------------------------------------------------------------------------------------
 
 def _pivoted_cholesky(H: np.ndarray, shift: float, done, max_rank: int,
-                      pivots: np.ndarray | None = None):
+                      pivots: np.ndarray | None = None, target: float | None = None):
     """Greedy pivoted Cholesky of A = H - shift I: rows F (k, n) with A ~ F^T F, the residual
     (Schur complement) diagonal d and the pivots. ``pivots`` are taken first (their rows in one
     blocked solve); then the largest residual diagonal is pivoted (from panels of the rows of
     the LOWRANK_BLOCK largest, while they stay within half of the largest) until done(d off the
     pivots) is true. None when max_rank rows do not get there (H is not numerically low rank
-    plus a ridge) or the residual is not positive definite."""
+    plus a ridge) or the residual is not positive definite; with a ``target`` for max d, also
+    once a quarter of max_rank rows are taken and a geometric decay of max d at the rate seen so
+    far (faster than a Gaussian Gram's) would need more than max_rank rows to get to it."""
     n = H.shape[0]
     d = H.diagonal() - shift
     rows = np.zeros((max_rank, n))
@@ -625,30 +629,50 @@ def _pivoted_cholesky(H: np.ndarray, shift: float, done, max_rank: int,
         rows[:k] = dtrsm(1.0, factor, block, lower=0, trans_a=1)  # U^{-T} A_P.
         d = d - np.einsum("ij,ij->j", rows[:k], rows[:k])
         taken[pivots] = True
+    initial = float(d.max())
     while not done(d[~taken]):
+        largest = float(d[~taken].max())
+        if target is not None and 4 * k >= max_rank and largest < initial and \
+                k * np.log(target / initial) / np.log(largest / initial) > max_rank:
+            return None
         size = min(LOWRANK_BLOCK, max_rank - k, n - k)
         if size <= 0:
             return None
         candidates = np.argpartition(np.where(taken, np.inf, -d), size - 1)[:size]
-        largest = float(d[candidates].max())
         panel = H[candidates] - rows[:k, candidates].T @ rows[:k]  # residual rows (size, n)
         panel[np.arange(size), candidates] -= shift
-        diagonal = panel[np.arange(size), candidates]
-        for _ in range(size):
-            best = int(np.argmax(diagonal))
-            if diagonal[best] < 0.5 * largest:
-                break  # the panel's candidates are no longer the largest: a new panel
-            if not diagonal[best] > 0:  # the largest residual diagonal: not definite
-                return None
-            row = panel[best] / np.sqrt(diagonal[best])
-            rows[k] = row
-            k += 1
-            taken[candidates[best]] = True
-            panel -= np.outer(row[candidates], row)
-            diagonal = panel[np.arange(size), candidates]
-            diagonal[taken[candidates]] = -np.inf
-            d -= row * row
+        d[candidates] = panel[np.arange(size), candidates]  # the updated d drifts: resynchronized
+        order = _panel_pivots(panel[:, candidates])
+        if order is None:
+            return None
+        factor, info = lapack.dpotrf(panel[np.ix_(order, candidates[order])], lower=1)
+        if info != 0:
+            return None
+        new = dtrsm(1.0, factor, panel[order], lower=1)  # the rows of the pivots taken in order
+        rows[k:k + order.size] = new
+        k += order.size
+        taken[candidates[order]] = True
+        d -= np.einsum("ij,ij->j", new, new)
     return rows[:k], d, np.flatnonzero(taken)
+
+
+def _panel_pivots(block: np.ndarray) -> np.ndarray | None:
+    """Pivot order within a panel: greedy pivoted Cholesky of its (size, size) residual block,
+    while the pivot stays within half of the largest diagonal; None when that is not positive."""
+    block = block.copy()
+    largest = float(block.diagonal().max())
+    if not largest > 0:  # the residual is not positive definite
+        return None
+    order: list[int] = []
+    for _ in range(block.shape[0]):
+        diagonal = block.diagonal().copy()
+        diagonal[order] = -np.inf
+        best = int(np.argmax(diagonal))
+        if diagonal[best] < 0.5 * largest:
+            break  # the panel's candidates are no longer the largest: a new panel
+        order.append(best)
+        block -= np.outer(block[:, best], block[best]) / diagonal[best]
+    return np.array(order, dtype=int)
 
 
 class _LowRankFaces:
@@ -661,6 +685,8 @@ class _LowRankFaces:
     def __init__(self, H: np.ndarray, rows: np.ndarray, shift: float):
         self.H, self.rows, self.shift = H, rows, shift
         self.gram = rows @ rows.T
+        self.diagonal = H.diagonal().copy()
+        self.exact = True  # products with H (else with P)
         self.capacitance: np.ndarray | None = None
         self.matvecs = 0
 
@@ -682,6 +708,9 @@ class _LowRankFaces:
         return out
 
     def product(self, X: np.ndarray) -> np.ndarray:
+        """H X (``exact``), else P X = F^T (F X) + mu X (O(n k): the surrogate program)."""
+        if not self.exact:
+            return self.rows.T @ (self.rows @ X) + self.shift * X
         self.matvecs += 1
         return self.H @ X
 
@@ -733,7 +762,8 @@ def _lowrank_preconditioner(H: np.ndarray) -> _LowRankFaces | None:
     n = H.shape[0]
     max_rank = int(min(LOWRANK_MAX_FRACTION * n, n * n / LOWRANK_RANK_SCALE))
     resolved = LOWRANK_RESOLVE * float(H.diagonal().max())
-    first = _pivoted_cholesky(H, 0.0, lambda d: d.size == 0 or d.max() <= resolved, max_rank)
+    first = _pivoted_cholesky(H, 0.0, lambda d: d.size == 0 or d.max() <= resolved, max_rank,
+                              target=resolved)
     if first is None or first[2].size == n:
         return None
     _, d, pivots = first
@@ -745,22 +775,28 @@ def _lowrank_preconditioner(H: np.ndarray) -> _LowRankFaces | None:
         max_rank, pivots)
     if second is None or second[2].size == n:
         return None
-    rows, d, pivots = second
-    return _LowRankFaces(H, rows, shift + float(np.delete(d, pivots).min()))
+    ridge = shift + float(np.delete(second[1], second[2]).min())
+    third = _pivoted_cholesky(  # again from the first pivots, the shift now just under the ridge
+        H, (1.0 - LOWRANK_FLAT) * ridge,
+        lambda d: d.size == 0 or d.max() - d.min() <= LOWRANK_FLAT * ridge, max_rank, pivots)
+    rows, d, pivots = second if third is None or third[2].size == n else third
+    return _LowRankFaces(H, rows, ridge)
 
 
 def _lowrank_active_set(faces: _LowRankFaces, g: np.ndarray, mass, start: np.ndarray, solver):
     """The primal-dual active set of ``_primal_dual_iteration`` with each face minimum from
-    ``_conjugate_gradients`` (warm-started from the last face). Returns (b, iterations),
-    "sparse" when the first face minimum is negative on more than PDAS_FIRST_ZERO_FRACTION of
-    the weights, or None (cycling, too many zeros, CG not converged: the dense path takes over).
+    ``_conjugate_gradients`` (warm-started from the last face), first for the program with
+    P = F^T F + mu I in place of H (its products cost O(n k), and P^{-1} is exact for it), then
+    for H from the zero set found, so that most exchanges cost no product with H. Returns
+    (b, iterations), "sparse" when the first face minimum is negative on more than
+    PDAS_FIRST_ZERO_FRACTION of the weights, or None (cycling, too many zeros, CG not converged:
+    the dense path takes over).
 
     CG stops when the face residual rho is at most tolerance / (8 B), B the mass (the orthant:
     max(sum(z), mass_bound)): at a KKT point z >= 0, r_Z - nu >= 0, the certified gap is then at
     most 2 B max|rho| (``frank_wolfe_gap``), a quarter of the tolerance."""
     n = g.size
     rhs = g[:, None] if mass is None else np.column_stack([g, np.ones(n)])
-    X = np.zeros_like(rhs)
 
     def accuracy(z, r):
         weight = mass if mass is not None else max(float(np.maximum(z, 0).sum()), solver.mass_bound)
@@ -769,32 +805,81 @@ def _lowrank_active_set(faces: _LowRankFaces, g: np.ndarray, mass, start: np.nda
                                                                         + np.abs(g).max())
         return max(solver.tolerance(objective), floor) / (8.0 * weight)
 
-    zero = np.flatnonzero(start <= 0)
+    zero, X = np.flatnonzero(start <= 0), np.zeros_like(rhs)
+    faces.exact = False
+    surrogate = _face_exchanges(faces, rhs, X, zero, g, mass, accuracy, first=True)
+    if surrogate == "sparse":
+        return surrogate
+    if surrogate is not None:  # else from the start again, on H
+        _, zero, X, _ = surrogate
+    faces.exact = True
+    found = _face_exchanges(faces, rhs, X, zero, g, mass, accuracy, first=surrogate is None)
+    if found is None or found == "sparse":
+        return found
+    return found[0], found[3] + (0 if surrogate is None else surrogate[3])
+
+
+def _face_exchanges(faces: _LowRankFaces, rhs, X, zero, g, mass, accuracy, first: bool):
+    """The iteration of ``_lowrank_active_set`` from the zero set ``zero`` (X: the warm start of
+    CG): (b, zero set, X, iterations), "sparse" (only when ``first``) or None."""
+    n = g.size
     seen: set[bytes] = set()
-    for iteration in range(1, PDAS_MAX_ITER + 1):
+    exchange = _Exchange(n)
+    for iteration in range(1, LOWRANK_PDAS_MAX + 1):
         faces.set_face(zero)
         X[zero] = 0.0
         found = _conjugate_gradients(faces, rhs, X, g, mass, accuracy)
         if found is None:
             return None
         z, r, nu, X = found
-        infeasible = z < -ACTIVE_SET_ROUNDOFF * max(float(np.abs(z).max()), 1e-300)
-        infeasible[zero] = False
-        if iteration == 1 and np.count_nonzero(infeasible) > PDAS_FIRST_ZERO_FRACTION * n:
+        # violations in units of the gradient; those below the accuracy of the face minimum
+        # change the certified gap by less than it and are noise of the inexact solve
+        violation = -z * faces.diagonal
+        violation[zero] = -(r[zero] - nu)
+        violation[violation <= accuracy(z, r)] = 0.0
+        if first and iteration == 1 and np.count_nonzero(violation) > PDAS_FIRST_ZERO_FRACTION * n:
             return "sparse"
-        lam = r[zero] - nu
-        infeasible[zero] = lam < -ACTIVE_SET_ROUNDOFF * max(float(np.abs(lam).max(initial=0.0)),
-                                                              1e-300)
-        if not infeasible.any():
+        if not violation.any():
             z[zero] = 0.0
-            return _feasible(z, mass), iteration
-        in_zero = np.zeros(n, dtype=bool)
-        in_zero[zero] = True
-        zero = np.flatnonzero(in_zero ^ infeasible)
-        if zero.size > PDAS_MAX_ZERO_FRACTION * n or zero.tobytes() in seen:
+            return _feasible(z, mass), zero, X, iteration
+        zero = exchange.next(zero, violation)
+        if zero is None or zero.size > PDAS_MAX_ZERO_FRACTION * n or zero.tobytes() in seen:
             return None
         seen.add(zero.tobytes())
     return None
+
+
+class _Exchange:
+    """The next zero set of the low-rank primal-dual iteration, by block principal pivoting
+    (after Judice and Pires): every infeasible index is exchanged while their number falls, or
+    has not fallen for at most LOWRANK_EXCHANGE_TRIES iterations; then the iteration goes back
+    to the zero set with the fewest and exchanges only the most violated half of them (a
+    quarter at the next failure, and so on), since the full exchange can cycle on
+    ill-conditioned programs. None when a single exchange from the best set fails too."""
+
+    def __init__(self, n: int):
+        self.best, self.tries, self.limit = n + 1, LOWRANK_EXCHANGE_TRIES, None
+        self.best_zero = self.best_violation = None
+
+    def next(self, zero: np.ndarray, violation: np.ndarray) -> np.ndarray | None:
+        count = int(np.count_nonzero(violation))
+        if count < self.best:
+            self.best, self.tries, self.limit = count, LOWRANK_EXCHANGE_TRIES, None
+            self.best_zero, self.best_violation = zero, violation
+        elif self.tries > 0:
+            self.tries -= 1
+        elif self.limit == 1:
+            return None
+        else:  # back to the best zero set, fewer exchanged
+            self.limit = max(1, (self.limit or self.best) // 2)
+            self.tries = LOWRANK_EXCHANGE_TRIES
+            zero, violation = self.best_zero, self.best_violation
+            keep = np.argpartition(-violation, self.limit - 1)[:self.limit]
+            violation = np.zeros_like(violation)
+            violation[keep] = 1.0
+        flip = np.zeros(violation.size, dtype=bool)
+        flip[zero] = True
+        return np.flatnonzero(flip ^ (violation > 0))
 
 
 def _dense_path(H, g, mass, start, solver, max_iter) -> QPSolution | None:
