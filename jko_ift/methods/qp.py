@@ -7,7 +7,11 @@ starts (the weights of a step on most particles) take the dense path: one Choles
 of the whole H and a primal-dual active set (Hintermueller-Ito-Kunisch) on the weights that
 vanish, each face minimum in the range space of the factorization (a system of the size of the
 zero set), so that the iteration count does not grow with the support; when it cycles, the
-dual of the program restricted to the weights it touched finishes. Cold and sparse starts, and
+dual of the program restricted to the weights it touched finishes. From LOWRANK_MIN_SIZE points,
+when H is numerically low rank plus a ridge (kernel Grams of low-dimensional points), the same
+iteration runs without the n^3 factorization: faces are solved by conjugate gradients on H,
+preconditioned with a pivoted Cholesky factor of H minus its ridge, and the exchanges are first
+made on the program with that low-rank surrogate in place of H. Cold and sparse starts, and
 sparse minimizers, take the sparse path: a primal active-set method grown from a vertex
 (Lawson-Hanson for the orthant, its simplex analogue), with each face minimum from a Cholesky
 factorization of H on the face, updated as indices enter and leave. Kernel Gram matrices with
@@ -50,7 +54,7 @@ DENSE_FACE_MAX = 400
 #: dense path: one Cholesky factorization of the whole H and a primal-dual active-set iteration
 #: on the (few) weights that vanish, whose count does not grow with the support. It keeps one or
 #: two more n x n arrays (the factor, and H^{-1} once many weights vanish), so it is tried up to
-#: DENSE_PATH_MAX points (two arrays of 1.2 GB); beyond, the active set grows from a vertex.
+#: DENSE_PATH_MAX points (two arrays of 1.2 GB); beyond, only its low-rank variant (below) runs.
 DENSE_PATH_MAX = 12_000
 
 #: The dense path gives up (and the active set grows from a vertex) after PDAS_MAX_ITER
@@ -883,10 +887,12 @@ class _Exchange:
 
 
 def _dense_path(H, g, mass, start, solver, max_iter) -> QPSolution | None:
-    """The dense path of ``solve_weight_qp`` (DENSE_PATH_MAX), when ``start`` is dense: its
-    certified solution, or None when it does not apply (the active set from a vertex then runs)."""
+    """The dense path of ``solve_weight_qp`` when ``start`` is dense, on its low-rank variant
+    first (LOWRANK_MIN_SIZE points or more, any size) and with one factorization of H (up to
+    DENSE_PATH_MAX points): the certified solution, or None when neither applies (the active
+    set from a vertex then runs)."""
     n = g.size
-    if start is None or not 1 < n <= DENSE_PATH_MAX:
+    if start is None or n <= 1:
         return None
     start = np.asarray(start, dtype=float)  # only its zeros matter (a projection would fill them)
     if np.count_nonzero(start > 0) <= WARM_START_FRACTION * n:
@@ -895,6 +901,8 @@ def _dense_path(H, g, mass, start, solver, max_iter) -> QPSolution | None:
         lowrank = _lowrank_path(H, g, mass, start, solver)
         if lowrank is not None:
             return None if lowrank == "sparse" else lowrank
+    if n > DENSE_PATH_MAX:
+        return None
     try:
         inverse, base, found = _dense_active_set(H, g, mass, start, max_iter)
         if found is None:
