@@ -613,7 +613,7 @@ def _pivoted_cholesky(H: np.ndarray, shift: float, done, max_rank: int,
     """Greedy pivoted Cholesky of A = H - shift I: rows F (k, n) with A ~ F^T F, the residual
     (Schur complement) diagonal d and the pivots. ``pivots`` are taken first (their rows in one
     blocked solve); then the largest residual diagonal is pivoted (from panels of the rows of
-    the LOWRANK_BLOCK largest, while they stay within half of the largest) until done(d off the
+    the LOWRANK_BLOCK largest, see ``_panel_pivots``) until done(d off the
     pivots) is true. None when max_rank rows do not get there (H is not numerically low rank
     plus a ridge) or the residual is not positive definite; with a ``target`` for max d, also
     once a quarter of max_rank rows are taken and a geometric decay of max d at the rate seen so
@@ -646,7 +646,9 @@ def _pivoted_cholesky(H: np.ndarray, shift: float, done, max_rank: int,
         panel = H[candidates] - rows[:k, candidates].T @ rows[:k]  # residual rows (size, n)
         panel[np.arange(size), candidates] -= shift
         d[candidates] = panel[np.arange(size), candidates]  # the updated d drifts: resynchronized
-        order = _panel_pivots(panel[:, candidates])
+        outside = np.where(taken, -np.inf, d)
+        outside[candidates] = -np.inf
+        order = _panel_pivots(panel[:, candidates], 0.5 * float(outside.max(initial=0.0)))
         if order is None:
             return None
         factor, info = lapack.dpotrf(panel[np.ix_(order, candidates[order])], lower=1)
@@ -660,20 +662,21 @@ def _pivoted_cholesky(H: np.ndarray, shift: float, done, max_rank: int,
     return rows[:k], d, np.flatnonzero(taken)
 
 
-def _panel_pivots(block: np.ndarray) -> np.ndarray | None:
-    """Pivot order within a panel: greedy pivoted Cholesky of its (size, size) residual block,
-    while the pivot stays within half of the largest diagonal; None when that is not positive."""
+def _panel_pivots(block: np.ndarray, floor: float) -> np.ndarray | None:
+    """Pivot order within a panel: greedy pivoted Cholesky of its (size, size) residual block
+    while the pivot stays above ``floor`` (half the largest residual diagonal outside the panel,
+    so that the pivots are those of the greedy order to a factor 2); None when the largest
+    diagonal is not positive."""
     block = block.copy()
-    largest = float(block.diagonal().max())
-    if not largest > 0:  # the residual is not positive definite
+    if not block.diagonal().max() > 0:  # the residual is not positive definite
         return None
     order: list[int] = []
     for _ in range(block.shape[0]):
         diagonal = block.diagonal().copy()
         diagonal[order] = -np.inf
         best = int(np.argmax(diagonal))
-        if diagonal[best] < 0.5 * largest:
-            break  # the panel's candidates are no longer the largest: a new panel
+        if order and diagonal[best] < floor:
+            break  # the panel's candidates are no longer among the largest: a new panel
         order.append(best)
         block -= np.outer(block[:, best], block[best]) / diagonal[best]
     return np.array(order, dtype=int)
@@ -757,12 +760,15 @@ def _conjugate_gradients(faces: _LowRankFaces, rhs: np.ndarray, X: np.ndarray, g
 def _lowrank_preconditioner(H: np.ndarray) -> _LowRankFaces | None:
     """``_LowRankFaces`` for H when it is numerically low rank plus a ridge, else None.
 
-    Two passes of ``_pivoted_cholesky``. The first, on H, until the residual diagonal is below
+    Three passes of ``_pivoted_cholesky``. The first, on H, until the residual diagonal is below
     LOWRANK_RESOLVE of the largest diagonal: the smallest residual diagonal left, m, is then
     about the ridge (at most twice it). The second, on H - m / 2 I (definite) from the same
     pivots, until the residual diagonal is flat (max d - min d <= LOWRANK_FLAT (m / 2 + min d)):
-    what is left is the ridge, the low-rank part is resolved to LOWRANK_FLAT of it, and
-    P = F^T F + (m / 2 + min d) I differs from H by little against its ridge."""
+    what is left is the ridge mu = m / 2 + min d, to LOWRANK_FLAT of it. Its pivots near the end
+    are mostly ridge (a pivot of a shifted matrix carries what is left of the shift), so the
+    third pass, from the first pivots again, factors H - (1 - LOWRANK_FLAT) mu I, whose residual
+    is the low-rank part alone, until it is flat to LOWRANK_FLAT mu: P = F^T F + mu I then
+    differs from H by little against its ridge (the second pass's rows if the third fails)."""
     n = H.shape[0]
     max_rank = int(min(LOWRANK_MAX_FRACTION * n, n * n / LOWRANK_RANK_SCALE))
     resolved = LOWRANK_RESOLVE * float(H.diagonal().max())
