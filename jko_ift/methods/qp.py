@@ -795,9 +795,10 @@ def _lowrank_preconditioner(H: np.ndarray) -> _LowRankFaces | None:
 
 def _lowrank_active_set(faces: _LowRankFaces, g: np.ndarray, mass, start: np.ndarray, solver):
     """The primal-dual active set of ``_primal_dual_iteration`` with each face minimum from
-    ``_conjugate_gradients`` (warm-started from the last face), first for the program with
-    P = F^T F + mu I in place of H (its products cost O(n k), and P^{-1} is exact for it), then
-    for H from the zero set found, so that most exchanges cost no product with H. Returns
+    ``_conjugate_gradients`` (warm-started from the last face): one face on H from the zeros of
+    the start; if it is not the minimum, the exchanges on the program with P = F^T F + mu I in
+    place of H (its products cost O(n k), and P^{-1} is exact for it), then on H from the zero
+    set found, so that most exchanges cost no product with H. Returns
     (b, iterations), "sparse" when the first face minimum is negative on more than
     PDAS_FIRST_ZERO_FRACTION of the weights, or None (cycling, too many zeros, CG not converged:
     the dense path takes over).
@@ -815,27 +816,35 @@ def _lowrank_active_set(faces: _LowRankFaces, g: np.ndarray, mass, start: np.nda
                                                                         + np.abs(g).max())
         return max(solver.tolerance(objective), floor) / (8.0 * weight)
 
-    zero, X = np.flatnonzero(start <= 0), np.zeros_like(rhs)
+    faces.exact = True  # the first face on H: often the minimum already (sigma 10)
+    found = _face_exchanges(faces, rhs, np.zeros_like(rhs), np.flatnonzero(start <= 0), g, mass,
+                            accuracy, most=1)
+    if found is None or found == "sparse" or found[0] is not None:
+        return found if found is None or found == "sparse" else (found[0], 1)
+    _, zero, X, _ = found
     faces.exact = False
-    surrogate = _face_exchanges(faces, rhs, X, zero, g, mass, accuracy, first=True)
-    if surrogate == "sparse":
-        return surrogate
-    if surrogate is not None:  # else from the start again, on H
-        _, zero, X, _ = surrogate
+    surrogate = None
+    for begin in (np.flatnonzero(start <= 0), zero):  # from the start, or the first exchange
+        surrogate = _face_exchanges(faces, rhs, X.copy(), begin, g, mass, accuracy)
+        if surrogate is not None:
+            _, zero, X, _ = surrogate
+            break
     faces.exact = True
-    found = _face_exchanges(faces, rhs, X, zero, g, mass, accuracy, first=surrogate is None)
-    if found is None or found == "sparse":
-        return found
-    return found[0], found[3] + (0 if surrogate is None else surrogate[3])
+    found = _face_exchanges(faces, rhs, X, zero, g, mass, accuracy)
+    if found is None:
+        return None
+    return found[0], 1 + found[3] + (0 if surrogate is None else surrogate[3])
 
 
-def _face_exchanges(faces: _LowRankFaces, rhs, X, zero, g, mass, accuracy, first: bool):
+def _face_exchanges(faces: _LowRankFaces, rhs, X, zero, g, mass, accuracy,
+                    most: int = LOWRANK_PDAS_MAX):
     """The iteration of ``_lowrank_active_set`` from the zero set ``zero`` (X: the warm start of
-    CG): (b, zero set, X, iterations), "sparse" (only when ``first``) or None."""
+    CG): (b, zero set, X, iterations); with most = 1, (None, next zero set, X, 1) when the first
+    face is not the minimum, or "sparse" (PDAS_FIRST_ZERO_FRACTION); None when it gives up."""
     n = g.size
     seen: set[bytes] = set()
     exchange = _Exchange(n)
-    for iteration in range(1, LOWRANK_PDAS_MAX + 1):
+    for iteration in range(1, most + 1):
         faces.set_face(zero)
         X[zero] = 0.0
         found = _conjugate_gradients(faces, rhs, X, g, mass, accuracy)
@@ -847,7 +856,7 @@ def _face_exchanges(faces: _LowRankFaces, rhs, X, zero, g, mass, accuracy, first
         violation = -z * faces.diagonal
         violation[zero] = -(r[zero] - nu)
         violation[violation <= accuracy(z, r)] = 0.0
-        if first and iteration == 1 and np.count_nonzero(violation) > PDAS_FIRST_ZERO_FRACTION * n:
+        if most == 1 and np.count_nonzero(violation) > PDAS_FIRST_ZERO_FRACTION * n:
             return "sparse"
         if not violation.any():
             z[zero] = 0.0
@@ -856,7 +865,7 @@ def _face_exchanges(faces: _LowRankFaces, rhs, X, zero, g, mass, accuracy, first
         if zero is None or zero.size > PDAS_MAX_ZERO_FRACTION * n or zero.tobytes() in seen:
             return None
         seen.add(zero.tobytes())
-    return None
+    return (None, zero, X, 1) if most == 1 else None
 
 
 class _Exchange:
