@@ -79,7 +79,8 @@ INVERSE_COLUMN_FRACTION = 0.4
 #: LOWRANK_FLAT of mu, faces are solved by conjugate gradients on H preconditioned with it:
 #: O(n r^2) for the factor and O(n^2) a CG step, no n^3 factorization. LOWRANK_RESOLVE: the
 #: relative residual diagonal at which the first pass reads the ridge off; LOWRANK_BLOCK:
-#: candidate rows per panel of the pivoted factorization; LOWRANK_CG_MAX: CG steps per face
+#: candidate rows per panel of the pivoted factorization (LOWRANK_PANEL_RATIO: see
+#: ``_panel_pivots``); LOWRANK_CG_MAX: CG steps per face
 #: before the dense path takes over.
 LOWRANK_MIN_SIZE = 1000
 LOWRANK_MAX_FRACTION = 0.25
@@ -87,6 +88,7 @@ LOWRANK_RANK_SCALE = 16_000
 LOWRANK_FLAT = 1e-2
 LOWRANK_RESOLVE = 1e-6
 LOWRANK_BLOCK = 16
+LOWRANK_PANEL_RATIO = 1e-6
 LOWRANK_CG_MAX = 60
 LOWRANK_PDAS_MAX = 100
 LOWRANK_EXCHANGE_TRIES = 3
@@ -620,7 +622,7 @@ def _pivoted_cholesky(H: np.ndarray, shift: float, done, max_rank: int,
     far (faster than a Gaussian Gram's) would need more than max_rank rows to get to it."""
     n = H.shape[0]
     d = H.diagonal() - shift
-    rows = np.zeros((max_rank, n))
+    rows = np.empty((max_rank, n))
     taken = np.zeros(n, dtype=bool)
     k = 0
     if pivots is not None and pivots.size:
@@ -665,18 +667,21 @@ def _pivoted_cholesky(H: np.ndarray, shift: float, done, max_rank: int,
 def _panel_pivots(block: np.ndarray, floor: float) -> np.ndarray | None:
     """Pivot order within a panel: greedy pivoted Cholesky of its (size, size) residual block
     while the pivot stays above ``floor`` (half the largest residual diagonal outside the panel,
-    so that the pivots are those of the greedy order to a factor 2); None when the largest
-    diagonal is not positive."""
+    so that the pivots are those of the greedy order to a factor 2) and above LOWRANK_PANEL_RATIO
+    of the panel's first pivot (the factor of the pivots' block stays well conditioned); None
+    when the largest diagonal is not positive."""
     block = block.copy()
     if not block.diagonal().max() > 0:  # the residual is not positive definite
         return None
     order: list[int] = []
+    first = 0.0
     for _ in range(block.shape[0]):
         diagonal = block.diagonal().copy()
         diagonal[order] = -np.inf
         best = int(np.argmax(diagonal))
-        if order and diagonal[best] < floor:
-            break  # the panel's candidates are no longer among the largest: a new panel
+        if order and diagonal[best] < max(floor, LOWRANK_PANEL_RATIO * first):
+            break  # no longer among the largest, or too small against the panel to factor well
+        first = diagonal[best] if not order else first
         order.append(best)
         block -= np.outer(block[:, best], block[best]) / diagonal[best]
     return np.array(order, dtype=int)
