@@ -661,7 +661,7 @@ def _pivoted_cholesky(H: np.ndarray, shift: float, done, max_rank: int,
         k += order.size
         taken[candidates[order]] = True
         d -= np.einsum("ij,ij->j", new, new)
-    return rows[:k], d, np.flatnonzero(taken)
+    return rows[:k].copy(), d, np.flatnonzero(taken)  # a copy: the max_rank buffer is freed
 
 
 def _panel_pivots(block: np.ndarray, floor: float) -> np.ndarray | None:
