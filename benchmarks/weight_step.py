@@ -28,7 +28,9 @@ in the same loop, the floor of the dense path):
 Target (issue "Implicit particle steps at research scale", point 4): on the overlap instance at
 n = 1000, ours at least 50x faster than CVXPY-Clarabel (wall) at sigma 0.5, 1 and 10, at the same
 objective (1e-8 relative); n = 10^4 in seconds (--large 10000: ours alone, certified; the dense
-n x n H is 800 MB and the solver keeps its Cholesky factor beside it).
+n x n H is 800 MB; the low-rank path keeps beside it only n x rank factor rows, no n x n factor).
+"method" says which path solved it: dense_active_set (one Cholesky factorization of H) or
+low_rank_active_set (pivoted Cholesky of H minus its ridge, CG on H; "/chol" below 1 there).
 
 BLAS threads: set to 1 by default (before NumPy loads) because Clarabel is single-threaded
 and because OpenBLAS threads on a machine whose cores are busy made our small products up to
@@ -53,7 +55,7 @@ def parse_args(argv=None):
                         help="bandwidths of the paper instance (none: skip it)")
     parser.add_argument("--large", type=int, nargs="*", default=[],
                         help="sizes timed for ours alone on the overlap instance (e.g. 10000)")
-    parser.add_argument("--large-sigmas", type=float, nargs="+", default=[10.0, 1.0])
+    parser.add_argument("--large-sigmas", type=float, nargs="+", default=[10.0, 1.0, 0.5])
     parser.add_argument("--eta", type=float, default=0.1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--clarabel-max", type=int, default=2000)

@@ -7,7 +7,11 @@ starts (the weights of a step on most particles) take the dense path: one Choles
 of the whole H and a primal-dual active set (Hintermueller-Ito-Kunisch) on the weights that
 vanish, each face minimum in the range space of the factorization (a system of the size of the
 zero set), so that the iteration count does not grow with the support; when it cycles, the
-dual of the program restricted to the weights it touched finishes. Cold and sparse starts, and
+dual of the program restricted to the weights it touched finishes. From LOWRANK_MIN_SIZE points,
+when H is numerically low rank plus a ridge (kernel Grams of low-dimensional points), the same
+iteration runs without the n^3 factorization: faces are solved by conjugate gradients on H,
+preconditioned with a pivoted Cholesky factor of H minus its ridge, and the exchanges are first
+made on the program with that low-rank surrogate in place of H. Cold and sparse starts, and
 sparse minimizers, take the sparse path: a primal active-set method grown from a vertex
 (Lawson-Hanson for the orthant, its simplex analogue), with each face minimum from a Cholesky
 factorization of H on the face, updated as indices enter and leave. Kernel Gram matrices with
@@ -50,7 +54,7 @@ DENSE_FACE_MAX = 400
 #: dense path: one Cholesky factorization of the whole H and a primal-dual active-set iteration
 #: on the (few) weights that vanish, whose count does not grow with the support. It keeps one or
 #: two more n x n arrays (the factor, and H^{-1} once many weights vanish), so it is tried up to
-#: DENSE_PATH_MAX points (two arrays of 1.2 GB); beyond, the active set grows from a vertex.
+#: DENSE_PATH_MAX points (two arrays of 1.2 GB); beyond, only its low-rank variant (below) runs.
 DENSE_PATH_MAX = 12_000
 
 #: The dense path gives up (and the active set grows from a vertex) after PDAS_MAX_ITER
@@ -68,6 +72,26 @@ PDAS_DUAL_ROUNDS = 5
 #: points need one; beyond, the whole inverse is formed once (LAPACK potri, n^3 / 3 flops but
 #: about 2.5 factorizations of time in OpenBLAS, against 2 n^2 flops a column).
 INVERSE_COLUMN_FRACTION = 0.4
+
+#: The low-rank path (dense warm starts of at least LOWRANK_MIN_SIZE points): when a pivoted
+#: Cholesky factor of H - mu I (mu its ridge, read off the factorization) of rank at most
+#: min(LOWRANK_MAX_FRACTION n, n^2 / LOWRANK_RANK_SCALE) leaves a residual diagonal flat to
+#: LOWRANK_FLAT of mu, faces are solved by conjugate gradients on H preconditioned with it:
+#: O(n r^2) for the factor and O(n^2) a CG step, no n^3 factorization. LOWRANK_RESOLVE: the
+#: relative residual diagonal at which the first pass reads the ridge off; LOWRANK_BLOCK:
+#: candidate rows per panel of the pivoted factorization (LOWRANK_PANEL_RATIO: see
+#: ``_panel_pivots``); LOWRANK_CG_MAX: CG steps per face
+#: before the dense path takes over.
+LOWRANK_MIN_SIZE = 1000
+LOWRANK_MAX_FRACTION = 0.25
+LOWRANK_RANK_SCALE = 16_000
+LOWRANK_FLAT = 1e-2
+LOWRANK_RESOLVE = 1e-6
+LOWRANK_BLOCK = 16
+LOWRANK_PANEL_RATIO = 1e-6
+LOWRANK_CG_MAX = 60
+LOWRANK_PDAS_MAX = 100
+LOWRANK_EXCHANGE_TRIES = 3
 
 #: Round-off floor of a certified gap: r = H b - g is computed with errors of about
 #: eps (|H b| + |g|) per entry, so r^T b - M min r is known only to ROUNDOFF_FACTOR * eps *
@@ -581,14 +605,323 @@ def _reduced_dual(inverse: _DenseInverse, base: np.ndarray, mass, uncertain: np.
     return None
 
 
-def _dense_path(H, g, mass, start, solver, max_iter) -> QPSolution | None:
-    """The dense path of ``solve_weight_qp`` (DENSE_PATH_MAX), when ``start`` is dense: its
-    certified solution, or None when it does not apply (the active set from a vertex then runs)."""
+# -------------------------------------------------------------------------------------------------
+# The low-rank path: the dense path's iteration with faces solved by conjugate gradients on H,
+# preconditioned by a pivoted Cholesky (Nystrom) factor of H minus its ridge
+# -------------------------------------------------------------------------------------------------
+
+def _pivoted_cholesky(H: np.ndarray, shift: float, done, max_rank: int,
+                      pivots: np.ndarray | None = None, target: float | None = None):
+    """Greedy pivoted Cholesky of A = H - shift I: rows F (k, n) with A ~ F^T F, the residual
+    (Schur complement) diagonal d and the pivots. ``pivots`` are taken first (their rows in one
+    blocked solve); then the largest residual diagonal is pivoted (from panels of the rows of
+    the LOWRANK_BLOCK largest, see ``_panel_pivots``) until done(d off the
+    pivots) is true. None when max_rank rows do not get there (H is not numerically low rank
+    plus a ridge) or the residual is not positive definite; with a ``target`` for max d, also
+    once a quarter of max_rank rows are taken and a geometric decay of max d at the rate seen so
+    far (faster than a Gaussian Gram's) would need more than max_rank rows to get to it."""
+    n = H.shape[0]
+    d = H.diagonal() - shift
+    rows = np.empty((max_rank, n))
+    taken = np.zeros(n, dtype=bool)
+    k = 0
+    if pivots is not None and pivots.size:
+        block = H[pivots]
+        block[np.arange(pivots.size), pivots] -= shift
+        factor, info = lapack.dpotrf(block[:, pivots], lower=0)  # A_PP = U^T U
+        if info != 0:
+            return None
+        k = pivots.size
+        rows[:k] = dtrsm(1.0, factor, block, lower=0, trans_a=1)  # U^{-T} A_P.
+        d = d - np.einsum("ij,ij->j", rows[:k], rows[:k])
+        taken[pivots] = True
+    initial = float(d.max())
+    while not done(d[~taken]):
+        largest = float(d[~taken].max())
+        if target is not None and 4 * k >= max_rank and largest < initial and \
+                k * np.log(target / initial) / np.log(largest / initial) > max_rank:
+            return None
+        size = min(LOWRANK_BLOCK, max_rank - k, n - k)
+        if size <= 0:
+            return None
+        candidates = np.argpartition(np.where(taken, np.inf, -d), size - 1)[:size]
+        panel = H[candidates] - rows[:k, candidates].T @ rows[:k]  # residual rows (size, n)
+        panel[np.arange(size), candidates] -= shift
+        d[candidates] = panel[np.arange(size), candidates]  # the updated d drifts: resynchronized
+        outside = np.where(taken, -np.inf, d)
+        outside[candidates] = -np.inf
+        order = _panel_pivots(panel[:, candidates], 0.5 * float(outside.max(initial=0.0)))
+        if order is None:
+            return None
+        factor, info = lapack.dpotrf(panel[np.ix_(order, candidates[order])], lower=1)
+        if info != 0:
+            return None
+        new = dtrsm(1.0, factor, panel[order], lower=1)  # the rows of the pivots taken in order
+        rows[k:k + order.size] = new
+        k += order.size
+        taken[candidates[order]] = True
+        d -= np.einsum("ij,ij->j", new, new)
+    return rows[:k].copy(), d, np.flatnonzero(taken)  # a copy: the max_rank buffer is freed
+
+
+def _panel_pivots(block: np.ndarray, floor: float) -> np.ndarray | None:
+    """Pivot order within a panel: greedy pivoted Cholesky of its (size, size) residual block
+    while the pivot stays above ``floor`` (half the largest residual diagonal outside the panel,
+    so that the pivots are those of the greedy order to a factor 2) and above LOWRANK_PANEL_RATIO
+    of the panel's first pivot (the factor of the pivots' block stays well conditioned); None
+    when the largest diagonal is not positive."""
+    block = block.copy()
+    if not block.diagonal().max() > 0:  # the residual is not positive definite
+        return None
+    order: list[int] = []
+    first = 0.0
+    for _ in range(block.shape[0]):
+        diagonal = block.diagonal().copy()
+        diagonal[order] = -np.inf
+        best = int(np.argmax(diagonal))
+        if order and diagonal[best] < max(floor, LOWRANK_PANEL_RATIO * first):
+            break  # no longer among the largest, or too small against the panel to factor well
+        first = diagonal[best] if not order else first
+        order.append(best)
+        block -= np.outer(block[:, best], block[best]) / diagonal[best]
+    return np.array(order, dtype=int)
+
+
+class _LowRankFaces:
+    """Solves of H on faces {b_Z = 0} by preconditioned conjugate gradients (H times a vector per
+    iteration, all rows, so the multipliers on Z come with it), preconditioned by
+    P = F^T F + mu I (``_pivoted_cholesky`` of H - mu I, mu the ridge found on its diagonal), so
+    that P^{-1} H has eigenvalues near 1 (H - P is the residual of the factorization). On a face,
+    P_SS^{-1} v = (v - F_S^T C^{-1} F_S v) / mu with C = mu I + F_S F_S^T (Woodbury, k x k)."""
+
+    def __init__(self, H: np.ndarray, rows: np.ndarray, shift: float):
+        self.H, self.rows, self.shift = H, rows, shift
+        self.gram = rows @ rows.T
+        self.diagonal = H.diagonal().copy()
+        self.exact = True  # products with H (else with P)
+        self.capacitance: np.ndarray | None = None
+        self.matvecs = 0
+
+    def set_face(self, zero: np.ndarray) -> None:
+        zero_rows = self.rows[:, zero]
+        C = self.gram - zero_rows @ zero_rows.T
+        C[np.diag_indices_from(C)] += self.shift
+        factor, info = lapack.dpotrf(C, lower=1)
+        if info != 0:
+            raise np.linalg.LinAlgError(f"capacitance matrix not positive definite (info {info})")
+        self.capacitance = factor
+        self.free = np.ones(self.H.shape[0], dtype=bool)
+        self.free[zero] = False
+
+    def precondition(self, R: np.ndarray) -> np.ndarray:
+        coefficients = lapack.dpotrs(self.capacitance, self.rows @ R, lower=1)[0]
+        out = (R - self.rows.T @ coefficients) / self.shift
+        out[~self.free] = 0.0
+        return out
+
+    def product(self, X: np.ndarray) -> np.ndarray:
+        """H X (``exact``), else P X = F^T (F X) + mu X (O(n k): the surrogate program)."""
+        if not self.exact:
+            return self.rows.T @ (self.rows @ X) + self.shift * X
+        self.matvecs += 1
+        return self.H @ X
+
+
+def _conjugate_gradients(faces: _LowRankFaces, rhs: np.ndarray, X: np.ndarray, g: np.ndarray, mass,
+                         accuracy):
+    """Minimum of 1/2 b^T H b - g^T b on the face of ``faces`` (and sum(b) = mass) by block PCG
+    on H_SS [x, y] = [g_S, 1_S] (y only on the simplex), z = x + nu y with sum(z) = mass.
+
+    rhs: (n, 1 or 2) = [g, 1]; X: (n, 1 or 2) start, zero off the face. Stops when the face's
+    KKT residual rho = (H z - g - nu)_S is at most accuracy(z, r) (the certificate is then met:
+    see ``_lowrank_active_set``). Returns (z, r = H z - g, nu, X) or None after LOWRANK_CG_MAX
+    iterations. The residuals are updated by the recurrence; the certificate recomputes them."""
+    free = faces.free
+    if not X.any():  # a cold start: the preconditioner's own solution
+        X = faces.precondition(np.where(free[:, None], rhs, 0.0))
+    HX = faces.product(X)
+    R = np.where(free[:, None], rhs - HX, 0.0)
+    direction, previous = None, None
+    for _ in range(LOWRANK_CG_MAX + 1):
+        nu = 0.0 if mass is None else (mass - X[:, 0].sum()) / X[:, 1].sum()
+        rho = R[:, 0] if mass is None else R[:, 0] + nu * R[:, 1]
+        z = X[:, 0] if mass is None else X[:, 0] + nu * X[:, 1]
+        r = HX[:, 0] - g if mass is None else HX[:, 0] + nu * HX[:, 1] - g
+        if float(np.abs(rho).max()) <= accuracy(z, r):
+            return z, r, nu, X
+        Z = faces.precondition(R)
+        current = np.einsum("ij,ij->j", R, Z)
+        direction = Z if direction is None else Z + (current / previous) * direction
+        previous = current
+        Q = faces.product(direction)
+        curvature = np.einsum("ij,ij->j", direction, Q)
+        alpha = np.divide(current, curvature, out=np.zeros_like(current), where=curvature > 0)
+        X = X + alpha * direction
+        HX += alpha * Q
+        R -= alpha * np.where(free[:, None], Q, 0.0)
+    return None
+
+
+def _lowrank_preconditioner(H: np.ndarray) -> _LowRankFaces | None:
+    """``_LowRankFaces`` for H when it is numerically low rank plus a ridge, else None.
+
+    Three passes of ``_pivoted_cholesky``. The first, on H, until the residual diagonal is below
+    LOWRANK_RESOLVE of the largest diagonal: the smallest residual diagonal left, m, is then
+    about the ridge (at most twice it). The second, on H - m / 2 I (definite) from the same
+    pivots, until the residual diagonal is flat (max d - min d <= LOWRANK_FLAT (m / 2 + min d)):
+    what is left is the ridge mu = m / 2 + min d, to LOWRANK_FLAT of it. Its pivots near the end
+    are mostly ridge (a pivot of a shifted matrix carries what is left of the shift), so the
+    third pass, from the first pivots again, factors H - (1 - LOWRANK_FLAT) mu I, whose residual
+    is the low-rank part alone, until it is flat to LOWRANK_FLAT mu: P = F^T F + mu I then
+    differs from H by little against its ridge (the second pass's rows if the third fails)."""
+    n = H.shape[0]
+    max_rank = int(min(LOWRANK_MAX_FRACTION * n, n * n / LOWRANK_RANK_SCALE))
+    resolved = LOWRANK_RESOLVE * float(H.diagonal().max())
+    first = _pivoted_cholesky(H, 0.0, lambda d: d.size == 0 or d.max() <= resolved, max_rank,
+                              target=resolved)
+    if first is None or first[2].size == n:
+        return None
+    _, d, pivots = first
+    shift = 0.5 * float(np.delete(d, pivots).min())
+    if not shift > 0:
+        return None
+    second = _pivoted_cholesky(
+        H, shift, lambda d: d.size == 0 or d.max() - d.min() <= LOWRANK_FLAT * (shift + d.min()),
+        max_rank, pivots)
+    if second is None or second[2].size == n:
+        return None
+    ridge = shift + float(np.delete(second[1], second[2]).min())
+    third = _pivoted_cholesky(  # again from the first pivots, the shift now just under the ridge
+        H, (1.0 - LOWRANK_FLAT) * ridge,
+        lambda d: d.size == 0 or d.max() - d.min() <= LOWRANK_FLAT * ridge, max_rank, pivots)
+    rows, d, pivots = second if third is None or third[2].size == n else third
+    return _LowRankFaces(H, rows, ridge)
+
+
+def _lowrank_active_set(faces: _LowRankFaces, g: np.ndarray, mass, start: np.ndarray, solver):
+    """The primal-dual active set of ``_primal_dual_iteration`` with each face minimum from
+    ``_conjugate_gradients`` (warm-started from the last face): one face on H from the zeros of
+    the start; if it is not the minimum, the exchanges on the program with P = F^T F + mu I in
+    place of H (its products cost O(n k), and P^{-1} is exact for it), then on H from the zero
+    set found, so that most exchanges cost no product with H. Returns
+    (b, iterations), "sparse" when the first face minimum is negative on more than
+    PDAS_FIRST_ZERO_FRACTION of the weights, or None (cycling, too many zeros, CG not converged:
+    the dense path takes over).
+
+    CG stops when the face residual rho is at most tolerance / (8 B), B the mass (the orthant:
+    max(sum(z), mass_bound)): at a KKT point z >= 0, r_Z - nu >= 0, the certified gap is then at
+    most 2 B max|rho| (``frank_wolfe_gap``), a quarter of the tolerance."""
     n = g.size
-    if start is None or not 1 < n <= DENSE_PATH_MAX:
+    rhs = g[:, None] if mass is None else np.column_stack([g, np.ones(n)])
+
+    def accuracy(z, r):
+        weight = mass if mass is not None else max(float(np.maximum(z, 0).sum()), solver.mass_bound)
+        objective = 0.5 * float(z @ r) - 0.5 * float(g @ z)
+        floor = ROUNDOFF_FACTOR * np.finfo(float).eps * weight * float(np.abs(r + g).max()
+                                                                        + np.abs(g).max())
+        return max(solver.tolerance(objective), floor) / (8.0 * weight)
+
+    faces.exact = True  # the first face on H: often the minimum already (sigma 10)
+    found = _face_exchanges(faces, rhs, np.zeros_like(rhs), np.flatnonzero(start <= 0), g, mass,
+                            accuracy, most=1)
+    if found is None or found == "sparse" or found[0] is not None:
+        return found if found is None or found == "sparse" else (found[0], 1)
+    _, zero, X, _ = found
+    faces.exact = False
+    surrogate = None
+    for begin in (np.flatnonzero(start <= 0), zero):  # from the start, or the first exchange
+        surrogate = _face_exchanges(faces, rhs, X.copy(), begin, g, mass, accuracy)
+        if surrogate is not None:
+            _, zero, X, _ = surrogate
+            break
+    faces.exact = True
+    found = _face_exchanges(faces, rhs, X, zero, g, mass, accuracy)
+    if found is None:
+        return None
+    return found[0], 1 + found[3] + (0 if surrogate is None else surrogate[3])
+
+
+def _face_exchanges(faces: _LowRankFaces, rhs, X, zero, g, mass, accuracy,
+                    most: int = LOWRANK_PDAS_MAX):
+    """The iteration of ``_lowrank_active_set`` from the zero set ``zero`` (X: the warm start of
+    CG): (b, zero set, X, iterations); with most = 1, (None, next zero set, X, 1) when the first
+    face is not the minimum, or "sparse" (PDAS_FIRST_ZERO_FRACTION); None when it gives up."""
+    n = g.size
+    seen: set[bytes] = set()
+    exchange = _Exchange(n)
+    for iteration in range(1, most + 1):
+        faces.set_face(zero)
+        X[zero] = 0.0
+        found = _conjugate_gradients(faces, rhs, X, g, mass, accuracy)
+        if found is None:
+            return None
+        z, r, nu, X = found
+        # violations in units of the gradient; those below the accuracy of the face minimum
+        # change the certified gap by less than it and are noise of the inexact solve
+        violation = -z * faces.diagonal
+        violation[zero] = -(r[zero] - nu)
+        violation[violation <= accuracy(z, r)] = 0.0
+        if most == 1 and np.count_nonzero(violation) > PDAS_FIRST_ZERO_FRACTION * n:
+            return "sparse"
+        if not violation.any():
+            z[zero] = 0.0
+            return _feasible(z, mass), zero, X, iteration
+        zero = exchange.next(zero, violation)
+        if zero is None or zero.size > PDAS_MAX_ZERO_FRACTION * n or zero.tobytes() in seen:
+            return None
+        seen.add(zero.tobytes())
+    return (None, zero, X, 1) if most == 1 else None
+
+
+class _Exchange:
+    """The next zero set of the low-rank primal-dual iteration, by block principal pivoting
+    (after Judice and Pires): every infeasible index is exchanged while their number falls, or
+    has not fallen for at most LOWRANK_EXCHANGE_TRIES iterations; then the iteration goes back
+    to the zero set with the fewest and exchanges only the most violated half of them (a
+    quarter at the next failure, and so on), since the full exchange can cycle on
+    ill-conditioned programs. None when a single exchange from the best set fails too."""
+
+    def __init__(self, n: int):
+        self.best, self.tries, self.limit = n + 1, LOWRANK_EXCHANGE_TRIES, None
+        self.best_zero = self.best_violation = None
+
+    def next(self, zero: np.ndarray, violation: np.ndarray) -> np.ndarray | None:
+        count = int(np.count_nonzero(violation))
+        if count < self.best:
+            self.best, self.tries, self.limit = count, LOWRANK_EXCHANGE_TRIES, None
+            self.best_zero, self.best_violation = zero, violation
+        elif self.tries > 0:
+            self.tries -= 1
+        elif self.limit == 1:
+            return None
+        else:  # back to the best zero set, fewer exchanged
+            self.limit = max(1, (self.limit or self.best) // 2)
+            self.tries = LOWRANK_EXCHANGE_TRIES
+            zero, violation = self.best_zero, self.best_violation
+            keep = np.argpartition(-violation, self.limit - 1)[:self.limit]
+            violation = np.zeros_like(violation)
+            violation[keep] = 1.0
+        flip = np.zeros(violation.size, dtype=bool)
+        flip[zero] = True
+        return np.flatnonzero(flip ^ (violation > 0))
+
+
+def _dense_path(H, g, mass, start, solver, max_iter) -> QPSolution | None:
+    """The dense path of ``solve_weight_qp`` when ``start`` is dense, on its low-rank variant
+    first (LOWRANK_MIN_SIZE points or more, any size) and with one factorization of H (up to
+    DENSE_PATH_MAX points): the certified solution, or None when neither applies (the active
+    set from a vertex then runs)."""
+    n = g.size
+    if start is None or n <= 1:
         return None
     start = np.asarray(start, dtype=float)  # only its zeros matter (a projection would fill them)
     if np.count_nonzero(start > 0) <= WARM_START_FRACTION * n:
+        return None
+    if n >= LOWRANK_MIN_SIZE:
+        lowrank = _lowrank_path(H, g, mass, start, solver)
+        if lowrank is not None:
+            return None if lowrank == "sparse" else lowrank
+    if n > DENSE_PATH_MAX:
         return None
     try:
         inverse, base, found = _dense_active_set(H, g, mass, start, max_iter)
@@ -602,6 +935,26 @@ def _dense_path(H, g, mass, start, solver, max_iter) -> QPSolution | None:
     except np.linalg.LinAlgError:
         return None
     return solution if solution.status == "optimal" else None
+
+
+def _lowrank_path(H, g, mass, start, solver):
+    """The low-rank path of ``_dense_path``: its certified solution (method "low_rank_active_set"),
+    "sparse" when the minimizer looks sparse (the active set from a vertex then runs), or None
+    when H is not low rank plus a ridge or the iteration gives up (the dense path then runs)."""
+    try:
+        faces = _lowrank_preconditioner(H)
+        found = None if faces is None else _lowrank_active_set(faces, g, mass, start, solver)
+    except np.linalg.LinAlgError:
+        return None
+    if found is None or found == "sparse":
+        return found
+    b, iterations = found
+    solution = _certified(H, g, mass, b, iterations, solver)
+    if solution.status != "optimal":
+        return None
+    solution.info.update(rank=faces.rows.shape[0], products=faces.matvecs)
+    return QPSolution(solution.weights, solution.objective, solution.gap, iterations,
+                      solution.status, "low_rank_active_set", solution.info)
 
 
 def _certified(H, g, mass, b, iterations, solver) -> QPSolution:
