@@ -224,6 +224,25 @@ def test_extreme_steps_end_in_bounded_time_with_an_honest_status(tau):
             jk.BackAndForthJKO(max_iter=300).step(F, jk.Wasserstein(), mu, tau)
 
 
+def test_a_plateau_of_the_certificate_ends_the_step_and_says_more_iterations_will_not_help():
+    """Discontinuous data (three squares, porous medium, benchmarks/fine_grid.py) at a tol below
+    what a pushforward can deliver: the certificate stops falling once the dual converges, and
+    the step ends there, stalled, instead of spending max_iter; its gap is what the plateau is
+    (a longer run gets within 1 % of it: 3.865e-4 at 1000 iterations, 3.863e-4 at 1500, 64^2)."""
+    grid = jk.Grid([0, 0], [1, 1], (48, 48))
+    x = grid.points
+    density = np.zeros(grid.size)
+    for cx, cy in [(0.3, 0.3), (0.3, 0.7), (0.7, 0.3)]:
+        density[(np.abs(x[:, 0] - cx) < 0.1) & (np.abs(x[:, 1] - cy) < 0.1)] = 1.0
+    mu = grid.measure(density, normalize=True)
+    F = jk.PorousMedium(2) + jk.Potential(lambda p: np.sum((p - 0.9) ** 2, 1) / 2)
+    result = jk.BackAndForthJKO(tol=1e-7, max_iter=3000).step(F, jk.Wasserstein(), mu, 0.1, throw=False)
+    assert result.status == "stalled" and result.info["plateau"]
+    assert result.info["iterations"] < 3000 and result.certificate > 1e-7
+    assert "More iterations will not help" in result.info["message"]
+    assert abs(result.measure.mass - mu.mass) <= 1e-13
+
+
 #: Certificate accepted in the convergence studies: a step whose ascent stalls at a kink of the
 #: discrete dual (docs/theory.md §10) is used if its duality gap is below this fraction of the
 #: objective, far below the discretization errors measured (1e-3 .. 1e-1).
