@@ -330,8 +330,14 @@ def test_keops_is_used_only_where_asked_or_installed_on_cuda(monkeypatch):
         backends.on_device(jk.Laplace(1.0), keops=True)
 
 
-@pytest.mark.parametrize("kernel", [jk.Gaussian(1.5), jk.IMQ(0.8)], ids=lambda k: type(k).__name__)
-@pytest.mark.parametrize("dtype", list(DTYPES))
+#: Each case compiles two KeOps formulas on a fresh machine (about 20 s): the quick suite
+#: checks the Gaussian in float64, the slow suite the rest.
+KEOPS_CASES = [(jk.Gaussian(1.5), "float64")] + [
+    pytest.param(kernel, dtype, marks=pytest.mark.slow)
+    for kernel, dtype in [(jk.Gaussian(1.5), "float32"), (jk.IMQ(0.8), "float64"), (jk.IMQ(0.8), "float32")]]
+
+
+@pytest.mark.parametrize(("kernel", "dtype"), KEOPS_CASES)
 def test_keops_sums_match_numpy(kernel, dtype):
     """Where pykeops is installed (the keops extra): its sums against NumPy's. The first run
     compiles each formula (seconds; cached on disk)."""
