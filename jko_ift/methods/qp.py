@@ -93,14 +93,15 @@ LOWRANK_CG_MAX = 60
 LOWRANK_PDAS_MAX = 100
 LOWRANK_EXCHANGE_TRIES = 3
 #: Before the pivoted factorization, a probe: the principal block of H at PROBE_FACTOR * max_rank
-#: points spread over the indices (at most PROBE_MAX of them) is factored by LAPACK's pivoted
-#: Cholesky (pstrf) to the first pass's resolution. A subset of the points needs no more rows
-#: than all of them, and the later passes needed 3-4 times the first pass's rank (n = 1000,
-#: sigma 10: 13 and 48), so a probe rank above max_rank / PROBE_FACTOR means the factor would run
-#: past its cap: the dense path runs at once (at n = 1000, sigma 1: 0.015 of a factorization of H
-#: instead of 0.1-0.17 for the attempt).
+#: points (at most PROBE_MAX), in PROBE_CHUNKS runs of consecutive indices spread over all of them,
+#: is factored by LAPACK's pivoted Cholesky (pstrf) to the first pass's resolution. A subset of
+#: the points needs no more rows than all of them, and the later passes needed 3-4 times the first
+#: pass's rank (n = 1000, sigma 10: 13 and 48), so a probe rank above max_rank / PROBE_FACTOR means
+#: the factor would run past its cap: the dense path then runs at once (n = 1000, sigma 1: the
+#: probe costs about 0.01 of a factorization of H, the attempt it replaces 0.1-0.17).
 PROBE_FACTOR = 2
 PROBE_MAX = 512
+PROBE_CHUNKS = 4
 
 #: Round-off floor of a certified gap: r = H b - g is computed with errors of about
 #: eps (|H b| + |g|) per entry, so r^T b - M min r is known only to ROUNDOFF_FACTOR * eps *
@@ -201,7 +202,9 @@ def solve_weight_qp(H, g, mass: float | None = None, start=None, atol: float | N
     n = g.size
     if H.shape != (n, n):
         raise ValueError(f"H must be ({n}, {n}) to match g of shape {g.shape}, got {H.shape}")
-    if not (np.all(np.isfinite(H)) and np.all(np.isfinite(g))):
+    # a sum of finite entries is finite unless it overflows (then the entries are checked one by
+    # one): one pass over H, without the boolean n x n temporary of isfinite
+    if not ((np.isfinite(H.sum()) or np.all(np.isfinite(H))) and np.all(np.isfinite(g))):
         raise ValueError("the weight QP has non-finite data (H or g contains NaN or inf)")
     if mass is not None and not (np.isfinite(mass) and mass > 0):
         raise ValueError(f"the simplex mass must be positive and finite, got {mass!r}")
@@ -859,14 +862,17 @@ def _lowrank_preconditioner(H: np.ndarray) -> _LowRankFaces | None:
 
 
 def _probe_rank(H: np.ndarray, max_rank: int, resolved: float) -> int:
-    """Rank of LAPACK's pivoted Cholesky (pstrf) of H at PROBE_FACTOR * max_rank indices spread
-    evenly over 0..n-1, stopped at pivots below ``resolved`` (PROBE_FACTOR); 0 (no probe) when
-    that block would be larger than PROBE_MAX or than H."""
+    """Rank of LAPACK's pivoted Cholesky (pstrf) of H at PROBE_FACTOR * max_rank indices in
+    PROBE_CHUNKS runs spread evenly over 0..n-1, stopped at pivots below ``resolved``
+    (PROBE_FACTOR); 0 (no probe) when that block would be larger than PROBE_MAX or than H."""
     n = H.shape[0]
     size = PROBE_FACTOR * max_rank
     if size > min(PROBE_MAX, n):
         return 0
-    spread = np.linspace(0, n - 1, size).round().astype(int)
+    # PROBE_CHUNKS runs of consecutive indices: a few cache lines a row, not one an entry
+    length = -(-size // PROBE_CHUNKS)
+    starts = np.linspace(0, n - length, PROBE_CHUNKS).round().astype(int)
+    spread = np.unique((starts[:, None] + np.arange(length)).ravel())
     _, _, rank, info = lapack.dpstrf(H[np.ix_(spread, spread)], tol=resolved, lower=1)
     return int(rank) if info >= 0 else 0
 
