@@ -364,6 +364,24 @@ def test_range_space_face_minimum_solves_the_face_kkt_system(mass):
         np.testing.assert_allclose(lam, (H @ z - g - nu)[zero], rtol=1e-8, atol=1e-10)
 
 
+def test_blocked_forward_solve_matches_a_triangular_solve():
+    """L^{-1} X by blocks of rows (the factor read once for all columns), with and without the
+    columns' first nonzero rows (unit vectors enter at their block), against SciPy's solve."""
+    rng = np.random.default_rng(4)
+    n = 3 * qp.FORWARD_BLOCK + 17
+    A = rng.standard_normal((n, n))
+    inverse = qp._DenseInverse(A @ A.T + n * np.eye(n))
+    lower = np.tril(inverse.factor)
+    X = rng.standard_normal((n, 5))
+    np.testing.assert_allclose(inverse.forward(X), scipy.linalg.solve_triangular(lower, X, lower=True),
+                               rtol=1e-12, atol=1e-14)
+    starts = np.array([0, 5, qp.FORWARD_BLOCK + 3, 2 * qp.FORWARD_BLOCK, n - 1])
+    unit = np.zeros((n, starts.size))
+    unit[starts, np.arange(starts.size)] = 1.0
+    expected = scipy.linalg.solve_triangular(lower, unit, lower=True)
+    np.testing.assert_allclose(inverse.forward(unit, starts=starts), expected, rtol=1e-12, atol=1e-14)
+
+
 def test_probe_skips_the_low_rank_factor_only_where_it_would_pass_its_cap(monkeypatch):
     """n = 1000: at sigma 1 the pstrf probe of 124 spread points needs more than half the cap of
     62 rows, and the pivoted factorization without the probe gives up too (rank 115 to the first
