@@ -481,6 +481,8 @@ class _DenseInverse:
         self.count = 0
         self.unit_rows = np.zeros((0, self.n))
         self.unit_gram = np.zeros((0, 0))
+        self.products_of: np.ndarray | None = None  # the forward of ``unit_products``
+        self.products = np.zeros((0, 0))
 
     def solve(self, rhs: np.ndarray) -> np.ndarray:
         """H^{-1} rhs for rhs: (n, k)."""
@@ -526,6 +528,16 @@ class _DenseInverse:
             self.unit_gram[:self.count, old:self.count] = self.unit_rows[:self.count] @ new_rows.T
             self.unit_gram[old:self.count, :old] = self.unit_gram[:old, old:self.count].T
         return self.slot[indices]
+
+    def unit_products(self, forward: np.ndarray) -> np.ndarray:
+        """(count, k) = W forward for all the rows kept (W = ``unit_rows``), computed for the
+        rows added since the last call with the same ``forward``."""
+        if self.products_of is not forward:
+            self.products_of, self.products = forward, np.zeros((0, forward.shape[1]))
+        done = self.products.shape[0]
+        if done < self.count:
+            self.products = np.vstack([self.products, self.unit_rows[done:self.count] @ forward])
+        return self.products
 
     def _reserve(self, size: int) -> None:
         """Room for ``size`` rows in ``unit_rows`` and ``unit_gram`` (doubling)."""
@@ -573,16 +585,17 @@ def _range_space_face(inverse: _DenseInverse, forward: np.ndarray, zero: np.ndar
     b_zero >= 0 (r_i - nu for r = H z - g; all >= 0 at the minimum over the feasible set).
     """
     slots = inverse.unit_slots(zero)
-    W = inverse.unit_rows[slots]  # (|zero|, n): rows (L^{-1} e_i)^T
     system = inverse.unit_gram[np.ix_(slots, slots)]
-    products = W @ forward  # (H^{-1} g)_zero and (H^{-1} 1)_zero
+    products = inverse.unit_products(forward)[slots]  # (H^{-1} g)_zero and (H^{-1} 1)_zero
     rhs = -products[:, 0]
     if mass is not None:
         ones = forward[:, 1]
         system = np.block([[system, products[:, 1:]], [products[:, 1][None], ones @ ones]])
         rhs = np.append(rhs, mass - float(ones @ forward[:, 0]))
     lam = np.linalg.solve(system, rhs) if rhs.size else rhs
-    y = forward[:, 0] + lam[:zero.size] @ W
+    coefficients = np.zeros(inverse.count)
+    coefficients[slots] = lam[:zero.size]
+    y = forward[:, 0] + coefficients @ inverse.unit_rows[:inverse.count]  # + W lam_zero
     if mass is not None:
         y += lam[-1] * forward[:, 1]
     z = inverse.backward(y)
