@@ -312,6 +312,24 @@ def test_warm_start_of_the_wrong_shape_is_refused():
         solve_weight_qp(H, g, 1.0, start=np.ones(3))
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_H_is_refused_wherever_the_entry_is(value):
+    """A NaN or infinite entry of H, in either triangle or on the diagonal, is a ValueError
+    (the check sums H's rows; finite entries whose sums overflow are then checked one by one)."""
+    H, g, a = overlapping_qp(20, 1.0)
+    for entry in [(0, 19), (19, 0), (7, 7)]:
+        bad = H.copy()
+        bad[entry] = value
+        with pytest.raises(ValueError, match="non-finite data"):
+            solve_weight_qp(bad, g, 1.0, start=a)
+    scale = 1e306  # the row sums overflow, the entries are finite: the program is solved
+    with np.errstate(over="ignore"):
+        assert not np.isfinite((scale * H @ np.ones(20)).sum())
+    huge = solve_weight_qp(scale * H, scale * g, 1.0, start=a)
+    assert huge.status == "optimal"
+    np.testing.assert_allclose(huge.weights, solve_weight_qp(H, g, 1.0, start=a).weights, atol=1e-9)
+
+
 # -------------------------------------------------------------------------------------------------
 # The low-rank path: faces by conjugate gradients preconditioned with a pivoted Cholesky factor
 # -------------------------------------------------------------------------------------------------

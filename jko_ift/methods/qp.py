@@ -205,8 +205,10 @@ def solve_weight_qp(H, g, mass: float | None = None, start=None, atol: float | N
     if H.shape != (n, n):
         raise ValueError(f"H must be ({n}, {n}) to match g of shape {g.shape}, got {H.shape}")
     # a sum of finite entries is finite unless it overflows (then the entries are checked one by
-    # one): one pass over H, without the boolean n x n temporary of isfinite
-    if not ((np.isfinite(H.sum()) or np.all(np.isfinite(H))) and np.all(np.isfinite(g))):
+    # one): the row sums by BLAS gemv read H once, faster than isfinite or np.sum (measured)
+    with np.errstate(over="ignore", invalid="ignore"):
+        row_sums = float((H @ np.ones(n)).sum())
+    if not ((np.isfinite(row_sums) or np.all(np.isfinite(H))) and np.all(np.isfinite(g))):
         raise ValueError("the weight QP has non-finite data (H or g contains NaN or inf)")
     if mass is not None and not (np.isfinite(mass) and mass > 0):
         raise ValueError(f"the simplex mass must be positive and finite, got {mass!r}")
