@@ -312,6 +312,24 @@ def test_warm_start_of_the_wrong_shape_is_refused():
         solve_weight_qp(H, g, 1.0, start=np.ones(3))
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_H_is_refused_wherever_the_entry_is(value):
+    """A NaN or infinite entry of H, in either triangle or on the diagonal, is a ValueError
+    (the check sums H's rows; finite entries whose sums overflow are then checked one by one)."""
+    H, g, a = overlapping_qp(20, 1.0)
+    for entry in [(0, 19), (19, 0), (7, 7)]:
+        bad = H.copy()
+        bad[entry] = value
+        with pytest.raises(ValueError, match="non-finite data"):
+            solve_weight_qp(bad, g, 1.0, start=a)
+    scale = 1e306  # the row sums overflow, the entries are finite: the program is solved
+    with np.errstate(over="ignore"):
+        assert not np.isfinite((scale * H @ np.ones(20)).sum())
+    huge = solve_weight_qp(scale * H, scale * g, 1.0, start=a)
+    assert huge.status == "optimal"
+    np.testing.assert_allclose(huge.weights, solve_weight_qp(H, g, 1.0, start=a).weights, atol=1e-9)
+
+
 # -------------------------------------------------------------------------------------------------
 # The low-rank path: faces by conjugate gradients preconditioned with a pivoted Cholesky factor
 # -------------------------------------------------------------------------------------------------
@@ -336,6 +354,68 @@ def test_well_conditioned_H_is_not_taken_for_low_rank():
     assert qp._lowrank_preconditioner(H) is None
     solution = solve_weight_qp(H, g, 1.0, start=a)
     assert solution.status == "optimal" and solution.method == "dense_active_set"
+
+
+@pytest.mark.parametrize("mass", [1.0, None], ids=["simplex", "orthant"])
+def test_range_space_face_minimum_solves_the_face_kkt_system(mass):
+    """The face minimum from the forward halves L^{-1} e_i and one backward solve is the solution
+    of the KKT system on the free set, H_FF z_F = g_F + nu 1_F (sum z = mass), with the
+    multipliers of the zero set equal to (H z - g - nu)_Z; the zero set met twice, as the
+    iteration does (columns kept)."""
+    rng = np.random.default_rng(3)
+    n = 60
+    A = rng.standard_normal((n, n))
+    H, g = A @ A.T + 0.1 * np.eye(n), rng.standard_normal(n)
+    inverse = qp._DenseInverse(H)
+    forward = inverse.forward(g[:, None] if mass is None else np.column_stack([g, np.ones(n)]))
+    for zero in (np.array([3, 17, 41]), np.array([41, 5, 17, 58, 3]), np.zeros(0, dtype=int)):
+        z, lam = qp._range_space_face(inverse, forward, zero, mass)
+        free = np.setdiff1d(np.arange(n), zero)
+        if mass is None:
+            expected, nu = np.linalg.solve(H[np.ix_(free, free)], g[free]), 0.0
+        else:
+            kkt = np.block([[H[np.ix_(free, free)], -np.ones((free.size, 1))],
+                            [np.ones((1, free.size)), np.zeros((1, 1))]])
+            *expected, nu = np.linalg.solve(kkt, np.append(g[free], mass))
+        assert np.all(z[zero] == 0.0)
+        np.testing.assert_allclose(z[free], expected, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(lam, (H @ z - g - nu)[zero], rtol=1e-8, atol=1e-10)
+
+
+def test_blocked_forward_solve_matches_a_triangular_solve():
+    """L^{-1} X by blocks of rows (the factor read once for all columns), with and without the
+    columns' first nonzero rows (unit vectors enter at their block), against SciPy's solve."""
+    rng = np.random.default_rng(4)
+    n = 3 * qp.FORWARD_BLOCK + 17
+    A = rng.standard_normal((n, n))
+    inverse = qp._DenseInverse(A @ A.T + n * np.eye(n))
+    lower = np.tril(inverse.factor)
+    X = rng.standard_normal((n, 5))
+    np.testing.assert_allclose(inverse.forward(X), scipy.linalg.solve_triangular(lower, X, lower=True),
+                               rtol=1e-12, atol=1e-14)
+    starts = np.array([0, 5, qp.FORWARD_BLOCK + 3, 2 * qp.FORWARD_BLOCK, n - 1])
+    unit = np.zeros((n, starts.size))
+    unit[starts, np.arange(starts.size)] = 1.0
+    expected = scipy.linalg.solve_triangular(lower, unit, lower=True)
+    np.testing.assert_allclose(inverse.forward(unit, starts=starts), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_probe_skips_the_low_rank_factor_only_where_it_would_pass_its_cap(monkeypatch):
+    """n = 1000: at sigma 1 the pstrf probe of 124 spread points needs more than half the cap of
+    62 rows, and the pivoted factorization without the probe gives up too (rank 115 to the first
+    pass's resolution); at sigma 10 the probe passes and the factor is found."""
+    H, _, _ = overlapping_qp(1000, 1.0)
+    resolved = qp.LOWRANK_RESOLVE * float(H.diagonal().max())
+    assert qp._probe_rank(H, 62, resolved) * qp.PROBE_FACTOR > 62
+    assert qp._lowrank_preconditioner(H) is None
+    monkeypatch.setattr(qp, "PROBE_MAX", 0)  # no probe: the factorization itself gives up
+    assert qp._probe_rank(H, 62, resolved) == 0
+    assert qp._lowrank_preconditioner(H) is None
+    monkeypatch.undo()
+    H, _, _ = overlapping_qp(1000, 10.0)
+    resolved = qp.LOWRANK_RESOLVE * float(H.diagonal().max())
+    assert 0 < qp._probe_rank(H, 62, resolved) * qp.PROBE_FACTOR <= 62
+    assert qp._lowrank_preconditioner(H) is not None
 
 
 @pytest.mark.parametrize("mass", [1.0, None], ids=["simplex", "orthant"])

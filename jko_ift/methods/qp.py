@@ -72,6 +72,8 @@ PDAS_DUAL_ROUNDS = 5
 #: points need one; beyond, the whole inverse is formed once (LAPACK potri, n^3 / 3 flops but
 #: about 2.5 factorizations of time in OpenBLAS, against 2 n^2 flops a column).
 INVERSE_COLUMN_FRACTION = 0.4
+#: Rows per block of the forward solves L^{-1} X of the dense path (``_DenseInverse.forward``).
+FORWARD_BLOCK = 128
 
 #: The low-rank path (dense warm starts of at least LOWRANK_MIN_SIZE points): when a pivoted
 #: Cholesky factor of H - mu I (mu its ridge, read off the factorization) of rank at most
@@ -92,6 +94,16 @@ LOWRANK_PANEL_RATIO = 1e-6
 LOWRANK_CG_MAX = 60
 LOWRANK_PDAS_MAX = 100
 LOWRANK_EXCHANGE_TRIES = 3
+#: Before the pivoted factorization, a probe: the principal block of H at PROBE_FACTOR * max_rank
+#: points (at most PROBE_MAX), in PROBE_CHUNKS runs of consecutive indices spread over all of them,
+#: is factored by LAPACK's pivoted Cholesky (pstrf) to the first pass's resolution. A subset of
+#: the points needs no more rows than all of them, and the later passes needed 3-4 times the first
+#: pass's rank (n = 1000, sigma 10: 13 and 48), so a probe rank above max_rank / PROBE_FACTOR means
+#: the factor would run past its cap: the dense path then runs at once (n = 1000, sigma 1: the
+#: probe costs about 0.01 of a factorization of H, the attempt it replaces 0.1-0.17).
+PROBE_FACTOR = 2
+PROBE_MAX = 512
+PROBE_CHUNKS = 4
 
 #: Round-off floor of a certified gap: r = H b - g is computed with errors of about
 #: eps (|H b| + |g|) per entry, so r^T b - M min r is known only to ROUNDOFF_FACTOR * eps *
@@ -192,7 +204,11 @@ def solve_weight_qp(H, g, mass: float | None = None, start=None, atol: float | N
     n = g.size
     if H.shape != (n, n):
         raise ValueError(f"H must be ({n}, {n}) to match g of shape {g.shape}, got {H.shape}")
-    if not (np.all(np.isfinite(H)) and np.all(np.isfinite(g))):
+    # a sum of finite entries is finite unless it overflows (then the entries are checked one by
+    # one): the row sums by BLAS gemv read H once, faster than isfinite or np.sum (measured)
+    with np.errstate(over="ignore", invalid="ignore"):
+        row_sums = float((H @ np.ones(n)).sum())
+    if not ((np.isfinite(row_sums) or np.all(np.isfinite(H))) and np.all(np.isfinite(g))):
         raise ValueError("the weight QP has non-finite data (H or g contains NaN or inf)")
     if mass is not None and not (np.isfinite(mass) and mass > 0):
         raise ValueError(f"the simplex mass must be positive and finite, got {mass!r}")
@@ -293,6 +309,8 @@ def _triangular(lower: np.ndarray, rhs: np.ndarray, transpose: bool = False) -> 
     trans = 1 if transpose else 0
     if rhs.ndim == 1:
         return dtrsv(lower, rhs, lower=1, trans=trans)
+    if rhs.shape[1] <= 2:  # trsm packs the whole factor: two trsv read it for half the time
+        return np.column_stack([dtrsv(lower, column, lower=1, trans=trans) for column in rhs.T])
     return dtrsm(1.0, lower, rhs, lower=1, trans_a=trans)
 
 
@@ -460,10 +478,78 @@ class _DenseInverse:
         self.n = H.shape[0]
         self.lower_inverse: np.ndarray | None = None  # lower triangle of H^{-1}
         self.cache: dict[int, np.ndarray] = {}
+        # rows (L^{-1} e_i)^T of the indices met so far (slot[i] >= 0), and their Gram matrix
+        self.slot = np.full(self.n, -1)
+        self.count = 0
+        self.unit_rows = np.zeros((0, self.n))
+        self.unit_gram = np.zeros((0, 0))
+        self.products_of: np.ndarray | None = None  # the forward of ``unit_products``
+        self.products = np.zeros((0, 0))
 
     def solve(self, rhs: np.ndarray) -> np.ndarray:
         """H^{-1} rhs for rhs: (n, k)."""
         return _triangular(self.factor, _triangular(self.factor, rhs), transpose=True)
+
+    def forward(self, rhs: np.ndarray, starts: np.ndarray | None = None) -> np.ndarray:
+        """L^{-1} rhs (H = L L^T) for rhs: (n,) or (n, k), by blocks of FORWARD_BLOCK rows: a
+        triangular solve on the diagonal block and one product with the rows below, so that the
+        factor is read once for all k columns (trsv reads it once a column, trsm packs it whole).
+        starts: (k,) ascending, column j of rhs vanishing above row starts[j] (a unit vector
+        e_i: starts = i), whose solution vanishes there too: it enters at its block."""
+        if rhs.ndim == 1 or self.n <= FORWARD_BLOCK or (starts is None and rhs.shape[1] <= 2):
+            return _triangular(self.factor, rhs)  # one or two trsv: as fast (measured)
+        x = np.array(rhs, dtype=float, order="F")
+        k = x.shape[1]
+        first = 0 if starts is None else int(starts[0]) // FORWARD_BLOCK * FORWARD_BLOCK
+        for begin in range(first, self.n, FORWARD_BLOCK):
+            end = min(begin + FORWARD_BLOCK, self.n)
+            m = k if starts is None else int(np.searchsorted(starts, end))  # columns begun
+            block = self.factor[begin:end, begin:end]
+            x[begin:end, :m] = dtrsm(1.0, block, x[begin:end, :m], lower=1)
+            if end < self.n:
+                x[end:, :m] -= self.factor[end:, begin:end] @ x[begin:end, :m]
+        return x
+
+    def backward(self, rhs: np.ndarray) -> np.ndarray:
+        """L^{-T} rhs."""
+        return _triangular(self.factor, rhs, transpose=True)
+
+    def unit_slots(self, indices: np.ndarray) -> np.ndarray:
+        """Rows of ``unit_rows`` (and of ``unit_gram``, (H^{-1})_ij = (L^{-1} e_i)^T L^{-1} e_j)
+        holding the indices; the new ones in one forward solve."""
+        new = np.unique(indices[self.slot[indices] < 0])
+        if new.size:
+            old = self.count
+            self._reserve(old + new.size)
+            self.count += new.size
+            unit = np.zeros((self.n, new.size))
+            unit[new, np.arange(new.size)] = 1.0
+            self.unit_rows[old:self.count] = self.forward(unit, starts=new).T
+            self.slot[new] = np.arange(old, self.count)
+            new_rows = self.unit_rows[old:self.count]
+            self.unit_gram[:self.count, old:self.count] = self.unit_rows[:self.count] @ new_rows.T
+            self.unit_gram[old:self.count, :old] = self.unit_gram[:old, old:self.count].T
+        return self.slot[indices]
+
+    def unit_products(self, forward: np.ndarray) -> np.ndarray:
+        """(count, k) = W forward for all the rows kept (W = ``unit_rows``), computed for the
+        rows added since the last call with the same ``forward``."""
+        if self.products_of is not forward:
+            self.products_of, self.products = forward, np.zeros((0, forward.shape[1]))
+        done = self.products.shape[0]
+        if done < self.count:
+            self.products = np.vstack([self.products, self.unit_rows[done:self.count] @ forward])
+        return self.products
+
+    def _reserve(self, size: int) -> None:
+        """Room for ``size`` rows in ``unit_rows`` and ``unit_gram`` (doubling)."""
+        if size <= self.unit_rows.shape[0]:
+            return
+        capacity = min(self.n, max(size, 2 * self.unit_rows.shape[0], 16))
+        rows, gram = np.zeros((capacity, self.n)), np.zeros((capacity, capacity))
+        rows[:self.count] = self.unit_rows[:self.count]
+        gram[:self.count, :self.count] = self.unit_gram[:self.count, :self.count]
+        self.unit_rows, self.unit_gram = rows, gram
 
     def columns(self, indices: np.ndarray) -> np.ndarray:
         """H^{-1}[:, indices]: (n, k). Columns are kept: the zero sets of consecutive
@@ -490,23 +576,31 @@ class _DenseInverse:
         return np.array([self.cache[i] for i in indices.tolist()]).T
 
 
-def _range_space_face(inverse: _DenseInverse, base: np.ndarray, zero: np.ndarray, mass):
+def _range_space_face(inverse: _DenseInverse, forward: np.ndarray, zero: np.ndarray, mass):
     """Minimum z of 1/2 b^T H b - g^T b on the face {b_zero = 0} (and sum(b) = mass).
 
     With the constraints C^T b = d, C = [E_zero, 1], d = (0, mass), the minimizer is
     z = H^{-1} (g + C lam) where C^T H^{-1} C lam = d - C^T H^{-1} g: a system of the size of the
-    zero set. base: (n, 1 or 2) = H^{-1} [g, 1]. Returns z and lam_zero, the multipliers of
+    zero set. With H = L L^T and W = L^{-1} E_zero (``unit_slots``) its blocks are W^T W,
+    W^T L^{-1} [g, 1] and 1^T H^{-1} [g, 1], and z = L^{-T} L^{-1} (g + C lam) is one backward
+    solve. forward: (n, 1 or 2) = L^{-1} [g, 1]. Returns z and lam_zero, the multipliers of
     b_zero >= 0 (r_i - nu for r = H z - g; all >= 0 at the minimum over the feasible set).
     """
-    V = inverse.columns(zero)
-    if mass is None:
-        system, rhs = V[zero], -base[zero, 0]
-    else:
-        V = np.column_stack([V, base[:, 1]])
-        system = np.vstack([V[zero], V.sum(0)])
-        rhs = np.append(-base[zero, 0], mass - base[:, 0].sum())
+    slots = inverse.unit_slots(zero)
+    system = inverse.unit_gram[np.ix_(slots, slots)]
+    products = inverse.unit_products(forward)[slots]  # (H^{-1} g)_zero and (H^{-1} 1)_zero
+    rhs = -products[:, 0]
+    if mass is not None:
+        ones = forward[:, 1]
+        system = np.block([[system, products[:, 1:]], [products[:, 1][None], ones @ ones]])
+        rhs = np.append(rhs, mass - float(ones @ forward[:, 0]))
     lam = np.linalg.solve(system, rhs) if rhs.size else rhs
-    z = base[:, 0] + V @ lam
+    coefficients = np.zeros(inverse.count)
+    coefficients[slots] = lam[:zero.size]
+    y = forward[:, 0] + coefficients @ inverse.unit_rows[:inverse.count]  # + W lam_zero
+    if mass is not None:
+        y += lam[-1] * forward[:, 1]
+    z = inverse.backward(y)
     z[zero] = 0.0
     return z, lam[:zero.size]
 
@@ -519,8 +613,8 @@ def _dense_active_set(H: np.ndarray, g: np.ndarray, mass, start: np.ndarray, max
     whose multiplier is negative is released, a weight that the face minimum makes negative is
     set to zero. The count therefore does not grow with the support (a handful of iterations on
     kernel steps whose minimizer is dense). It ends when nothing is infeasible (z >= 0 and the
-    multipliers >= 0: the KKT point). Returns (inverse, base, found): the factorization, H^{-1}
-    [g, 1], and found = (b, iterations), or None when it gives up on a sparse minimizer
+    multipliers >= 0: the KKT point). Returns (inverse, forward, found): the factorization,
+    L^{-1} [g, 1] (H = L L^T), and found = (b, iterations), or None when it gives up on a sparse minimizer
     (PDAS_FIRST_ZERO_FRACTION, PDAS_MAX_ZERO_FRACTION: the active set grown from a vertex is
     the fast path there). A repeated zero set or PDAS_MAX_ITER iterations (the iteration can
     cycle on ill-conditioned programs) hand over to ``_reduced_dual``. Raises LinAlgError when
@@ -528,19 +622,19 @@ def _dense_active_set(H: np.ndarray, g: np.ndarray, mass, start: np.ndarray, max
     """
     n = g.size
     inverse = _DenseInverse(H)
-    base = inverse.solve(g[:, None] if mass is None else np.column_stack([g, np.ones(n)]))
-    return inverse, base, _primal_dual_iteration(inverse, base, mass, start, max_iter)
+    forward = inverse.forward(g[:, None] if mass is None else np.column_stack([g, np.ones(n)]))
+    return inverse, forward, _primal_dual_iteration(inverse, forward, mass, start, max_iter)
 
 
-def _primal_dual_iteration(inverse: _DenseInverse, base: np.ndarray, mass, start, max_iter):
+def _primal_dual_iteration(inverse: _DenseInverse, forward: np.ndarray, mass, start, max_iter):
     """The iteration of ``_dense_active_set``: (b, iterations) or None."""
-    n = base.shape[0]
+    n = forward.shape[0]
     zero = np.flatnonzero(start <= 0)
     seen: set[bytes] = set()
     touched = np.zeros(n, dtype=bool)
     iteration = 0
     for iteration in range(1, min(max_iter, PDAS_MAX_ITER) + 1):  # noqa: B007 - reported below
-        z, lam = _range_space_face(inverse, base, zero, mass)
+        z, lam = _range_space_face(inverse, forward, zero, mass)
         infeasible = z < -ACTIVE_SET_ROUNDOFF * max(float(np.abs(z).max()), 1e-300)
         if iteration == 1 and np.count_nonzero(infeasible) > PDAS_FIRST_ZERO_FRACTION * n:
             return None
@@ -557,7 +651,7 @@ def _primal_dual_iteration(inverse: _DenseInverse, base: np.ndarray, mass, start
         if zero.tobytes() in seen:
             break
         seen.add(zero.tobytes())
-    found = _reduced_dual(inverse, base, mass, touched)
+    found = _reduced_dual(inverse, inverse.backward(forward), mass, touched)
     return None if found is None else (found[0], iteration + found[1])
 
 
@@ -777,6 +871,8 @@ def _lowrank_preconditioner(H: np.ndarray) -> _LowRankFaces | None:
     n = H.shape[0]
     max_rank = int(min(LOWRANK_MAX_FRACTION * n, n * n / LOWRANK_RANK_SCALE))
     resolved = LOWRANK_RESOLVE * float(H.diagonal().max())
+    if _probe_rank(H, max_rank, resolved) * PROBE_FACTOR > max_rank:
+        return None
     first = _pivoted_cholesky(H, 0.0, lambda d: d.size == 0 or d.max() <= resolved, max_rank,
                               target=resolved)
     if first is None or first[2].size == n:
@@ -796,6 +892,22 @@ def _lowrank_preconditioner(H: np.ndarray) -> _LowRankFaces | None:
         lambda d: d.size == 0 or d.max() - d.min() <= LOWRANK_FLAT * ridge, max_rank, pivots)
     rows, d, pivots = second if third is None or third[2].size == n else third
     return _LowRankFaces(H, rows, ridge)
+
+
+def _probe_rank(H: np.ndarray, max_rank: int, resolved: float) -> int:
+    """Rank of LAPACK's pivoted Cholesky (pstrf) of H at PROBE_FACTOR * max_rank indices in
+    PROBE_CHUNKS runs spread evenly over 0..n-1, stopped at pivots below ``resolved``
+    (PROBE_FACTOR); 0 (no probe) when that block would be larger than PROBE_MAX or than H."""
+    n = H.shape[0]
+    size = PROBE_FACTOR * max_rank
+    if size > min(PROBE_MAX, n):
+        return 0
+    # PROBE_CHUNKS runs of consecutive indices: a few cache lines a row, not one an entry
+    length = -(-size // PROBE_CHUNKS)
+    starts = np.linspace(0, n - length, PROBE_CHUNKS).round().astype(int)
+    spread = np.unique((starts[:, None] + np.arange(length)).ravel())
+    _, _, rank, info = lapack.dpstrf(H[np.ix_(spread, spread)], tol=resolved, lower=1)
+    return int(rank) if info >= 0 else 0
 
 
 def _lowrank_active_set(faces: _LowRankFaces, g: np.ndarray, mass, start: np.ndarray, solver):
@@ -924,13 +1036,13 @@ def _dense_path(H, g, mass, start, solver, max_iter) -> QPSolution | None:
     if n > DENSE_PATH_MAX:
         return None
     try:
-        inverse, base, found = _dense_active_set(H, g, mass, start, max_iter)
+        inverse, forward, found = _dense_active_set(H, g, mass, start, max_iter)
         if found is None:
             return None
         b, iterations = found
         solution = _certified(H, g, mass, b, iterations, solver)
         if solution.status != "optimal":  # an ill-conditioned face: one step of refinement
-            solution = _certified(H, g, mass, _refine(H, g, mass, b, inverse, base), iterations,
+            solution = _certified(H, g, mass, _refine(H, g, mass, b, inverse, forward), iterations,
                                   solver)
     except np.linalg.LinAlgError:
         return None
@@ -971,13 +1083,14 @@ def _certified(H, g, mass, b, iterations, solver) -> QPSolution:
                        "roundoff": floor})
 
 
-def _refine(H, g, mass, b, inverse: _DenseInverse, base: np.ndarray) -> np.ndarray:
+def _refine(H, g, mass, b, inverse: _DenseInverse, forward: np.ndarray) -> np.ndarray:
     """One step of iterative refinement on the face of b: the correction d minimizes
-    1/2 d^T H d + r^T d (r = H b - g, computed with H) on {d_i = 0 where b_i = 0, sum(d) = 0}."""
+    1/2 d^T H d + r^T d (r = H b - g, computed with H) on {d_i = 0 where b_i = 0, sum(d) = 0}.
+    forward: L^{-1} [g, 1] (``_dense_active_set``)."""
     r = H @ b - g
-    correction = inverse.solve(-r[:, None])
+    correction = inverse.forward(-r[:, None])
     if mass is not None:
-        correction = np.column_stack([correction, base[:, 1]])
+        correction = np.column_stack([correction, forward[:, 1]])
     d, _ = _range_space_face(inverse, correction, np.flatnonzero(b <= 0),
                              None if mass is None else 0.0)
     return _feasible(b + d, mass)
