@@ -420,6 +420,10 @@ class Potential(Energy):
     :math:`\partial_t\mu = \operatorname{div}(\mu\nabla V)`: particles follow
     :math:`\dot x = -\nabla V(x)`.
 
+    ``V`` and ``grad_V`` must be fixed functions: their checked values at the points of a
+    measure are kept and reused (read-only) while the support is the same array, as a grid's
+    is at every step, so a step calls them once per support.
+
     Examples
     --------
     >>> F = jk.Potential(lambda x: 0.5 * (x**2).sum(1), lambda x: x)
