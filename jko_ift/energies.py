@@ -867,7 +867,8 @@ class KL(Energy):
     target : Measure or callable
         The reference: a :class:`~jko_ift.Measure` on the same support as the flowing measure
         (weights :math:`b`), or a log-density :math:`\log\pi`, points ``(n, d)`` -> ``(n,)``,
-        for which :math:`b_i = \pi(x_i)\,h^d` on a grid.
+        for which :math:`b_i = \pi(x_i)\,h^d` on a grid (a fixed function: its values are kept
+        per support, as a :class:`~jko_ift.Potential`'s are).
 
     Notes
     -----
