@@ -325,9 +325,15 @@ def test_keops_is_used_only_where_asked_or_installed_on_cuda(monkeypatch):
     monkeypatch.setattr(keops, "installed", lambda: False)
     with pytest.raises(ValueError, match="not installed"):
         backends.on_device(jk.Gaussian(1.0), keops=True)
+    assert not backends._use_keops(jk.Gaussian(1.0), "cuda:0", None)  # not installed
     monkeypatch.setattr(keops, "installed", lambda: True)
     with pytest.raises(ValueError, match="jk.Gaussian and jk.IMQ"):
         backends.on_device(jk.Laplace(1.0), keops=True)
+    # the default where installed: KeOps on CUDA for the kernels it has formulas for, not on CPU
+    assert backends._use_keops(jk.Gaussian(1.0), "cuda:0", None)
+    assert backends._use_keops(jk.IMQ(1.0), "cuda", None)
+    assert not backends._use_keops(jk.Laplace(1.0), "cuda", None)
+    assert not backends._use_keops(jk.Gaussian(1.0), "cpu", None)
 
 
 #: Each case compiles two KeOps formulas on a fresh machine (about 20 s): the quick suite
