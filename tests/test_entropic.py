@@ -17,7 +17,7 @@ import jko_ift as jk
 from jko_ift.methods.base import SolverError
 from jko_ift.methods.entropic import EntropicBlurWarning, EntropicJKO
 from jko_ift.methods.entropic_prox import KLProx, energy_form
-from jko_ift.methods.gibbs import DenseGibbs, GridGibbs, transport_cost
+from jko_ift.methods.gibbs import DenseGibbs, GridGibbs, PlanProducts, transport_cost
 
 # ---------------------------------------------------------------------------------------------
 # Tolerances
@@ -144,6 +144,48 @@ def test_blocked_point_cloud_kernel_and_transport_cost():
     expected = float((plan * cost).sum())
     computed = transport_cost(points, plan.sum(1), plan.sum(0), lambda w: u * cached.apply(v * w))
     assert computed == pytest.approx(expected, rel=1e-10)
+
+
+def test_the_transport_cost_and_the_locking_check_share_their_products_with_the_plan():
+    """PlanProducts: the coordinates' products P x_k are computed once for the transport cost and
+    the barycentric map (5 products with the plan become 3), with the values of direct products."""
+    from jko_ift.methods.grid_motion import barycentric_motion
+
+    grid = jk.Grid([0, 0], [1, 1], (12, 10))
+    mu = grid.measure(lambda x: 1.0 + x[:, 0] * x[:, 1], normalize=True)
+    rng = np.random.default_rng(2)
+    op = GridGibbs(grid, 0.01)
+    u, v = rng.random(mu.n) + 0.5, rng.random(mu.n) + 0.5
+    calls = []
+
+    def direct(w):
+        calls.append(1)
+        return u * op.apply(v * w)
+
+    shared = PlanProducts(direct)
+    plan = u[:, None] * DenseGibbs(mu.points, 0.01).kernel * v[None, :]
+    cost = transport_cost(mu.points, plan.sum(1), plan.sum(0), shared)
+    motion = barycentric_motion(mu, shared)
+    assert len(calls) == 3  # P x_0 and P x_1 once each, then P 1
+    assert cost == pytest.approx(float((plan * ((mu.points[:, None] - mu.points[None]) ** 2).sum(-1)).sum()),
+                                 rel=1e-10)
+    assert motion == pytest.approx(barycentric_motion(mu, lambda w: plan @ w), rel=1e-12)
+    again = np.array(mu.points[:, 0] - mu.points[:, 0].min() + 1.0)
+    assert shared(again) is shared(again.copy()) and len(calls) == 3  # recognized by value
+    assert not np.array_equal(shared(again + 1.0), shared(again)) and len(calls) == 4
+
+
+def test_support_keys_are_hashed_once_per_points_array_of_measures():
+    from jko_ift.methods import base
+
+    grid = jk.Grid([0, 0], [1, 1], (8, 8))
+    mu = grid.measure(lambda x: np.ones(len(x)), normalize=True)
+    key = base.support_key(mu)
+    assert base.support_key(mu.with_weights(mu.weights * 2)) == key  # the same points array
+    assert base._SUPPORT_KEYS[id(mu.points)][1] == key
+    moved = jk.Measure(mu.points + 0.1, mu.weights)
+    assert base.support_key(moved) != key
+    assert base.support_key(jk.Measure(mu.points.copy(), mu.weights)) == key  # same points, hashed
 
 
 def test_kl_prox_solves_its_optimality_condition():

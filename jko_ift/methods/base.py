@@ -7,7 +7,9 @@ import enum
 import hashlib
 import os
 import sys
+import threading
 import warnings
+import weakref
 from dataclasses import FrozenInstanceError, dataclass, field, replace
 from typing import ClassVar
 
@@ -16,7 +18,7 @@ import numpy as np
 from ..display import html_summary, text_summary
 from ..energies import Energy
 from ..geometries import Geometry
-from ..measures import Measure, with_array_type
+from ..measures import Measure, _is_frozen_here, with_array_type
 
 
 class Status(str, enum.Enum):
@@ -480,9 +482,28 @@ def warn_user(message: str, category: type[Warning]) -> None:
     warnings.warn(message, category, stacklevel=level)
 
 
+#: ``support_key`` of the frozen points of measures (the measures of a grid run share one array):
+#: id -> (weak reference, key), the SUPPORT_KEY_SLOTS most recent.
+_SUPPORT_KEYS: dict[int, tuple[weakref.ref, str]] = {}
+_SUPPORT_KEYS_LOCK = threading.Lock()
+SUPPORT_KEY_SLOTS = 64
+
+
 def support_key(mu: Measure) -> str:
-    """A hash of the points of mu: methods cache their per-support work under it."""
-    return hashlib.sha1(np.ascontiguousarray(mu.points).tobytes()).hexdigest()
+    """A hash of the points of mu: methods cache their per-support work under it (hashed once
+    per frozen points array: 0.7 ms at 256^2 cells, two or three times a step)."""
+    points = mu.points
+    frozen = _is_frozen_here(points)
+    kept = _SUPPORT_KEYS.get(id(points)) if frozen else None
+    if kept is not None and kept[0]() is points:
+        return kept[1]
+    key = hashlib.sha1(np.ascontiguousarray(points).tobytes()).hexdigest()
+    if frozen:
+        with _SUPPORT_KEYS_LOCK:
+            _SUPPORT_KEYS[id(points)] = (weakref.ref(points), key)
+            while len(_SUPPORT_KEYS) > SUPPORT_KEY_SLOTS:
+                del _SUPPORT_KEYS[next(iter(_SUPPORT_KEYS))]
+    return key
 
 
 def check_choice(name: str, value, allowed) -> None:

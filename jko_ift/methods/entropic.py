@@ -51,7 +51,7 @@ from .entropic_prox import (
     UnsupportedEnergyError,
     energy_form,
 )
-from .gibbs import DENSE_CACHE_ENTRIES, HKGibbs, gibbs_operator, transport_cost
+from .gibbs import DENSE_CACHE_ENTRIES, HKGibbs, PlanProducts, gibbs_operator, transport_cost
 from .grid_motion import SUBCELL_BLUR, barycentric_motion, check_step
 from .options import count, flag, fraction, is_real
 from .scaling import (
@@ -721,7 +721,7 @@ class _Sinkhorn:
         state.nu, state.nu_prox = nu, nu_prox
         state.log_u_over_a = -np.log(kv)
         state.log_v = scalings.log_v
-        state.plan_times = lambda w: u * op.apply(v * w)
+        state.plan_times = PlanProducts(lambda w: u * op.apply(v * w))
         state.transport_cost = transport_cost(self.mu.points, self.a, nu, state.plan_times)
         return True
 
@@ -753,7 +753,7 @@ class _Sinkhorn:
         state.nu, state.nu_prox = nu, nu_prox
         state.log_u_over_a = -log_kv
         state.log_v = g
-        state.plan_times = lambda w: np.exp(f + op.log_apply(g + np.log(w)))
+        state.plan_times = PlanProducts(lambda w: np.exp(f + op.log_apply(g + np.log(w))))
         state.transport_cost = transport_cost(self.mu.points, self.a, nu, state.plan_times)
 
 

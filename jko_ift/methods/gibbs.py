@@ -34,6 +34,9 @@ TILT_BUDGET = 300.0
 #: Below this many columns an axis is summed directly (m x m x columns exponentials).
 DIRECT_COLUMNS = 8
 
+#: Products with a plan kept by ``PlanProducts``: the rows P 1 and P x_k per axis (d <= 3).
+PLAN_PRODUCT_SLOTS = 4
+
 
 class GibbsOperator:
     """xi = exp(-C / eps) on the points of a support: (n, n), applied, never stored for grids."""
@@ -250,6 +253,26 @@ class DenseGibbs(GibbsOperator):
         return out
 
 
+class PlanProducts:
+    """P w from a function ``times(w)``, kept for the last PLAN_PRODUCT_SLOTS arguments: the
+    transport cost and the barycentric map of a plan (``grid_motion.barycentric_motion``) ask for
+    the same products P x_k, with the coordinates shifted alike (two of their five products
+    with the plan, each two kernel applications, measured 4 ms of a 180 ms step at 256^2).
+    The products returned are shared: callers do not write into them."""
+
+    def __init__(self, times):
+        self.times = times
+        self.kept: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def __call__(self, w: np.ndarray) -> np.ndarray:
+        for argument, product in self.kept:
+            if argument.shape == w.shape and np.array_equal(argument, w):
+                return product
+        product = self.times(w)
+        self.kept = [(np.array(w), product), *self.kept][:PLAN_PRODUCT_SLOTS]
+        return product
+
+
 def transport_cost(points: np.ndarray, rows: np.ndarray, cols: np.ndarray, plan_times) -> float:
     """<C, P> = sum_ij P_ij |x_i - x_j|^2 from products with the plan only.
 
@@ -258,12 +281,18 @@ def transport_cost(points: np.ndarray, rows: np.ndarray, cols: np.ndarray, plan_
     domain applies it as exp(f + log_apply(g + log w))); coordinates are shifted to be
     positive, which leaves the cost unchanged.
     """
-    shifted = points - points.min(axis=0) + 1.0
     total = 0.0
-    for k in range(points.shape[1]):
-        z = shifted[:, k]
+    for z in positive_coordinates(points):
         total += float(rows @ z**2 + cols @ z**2 - 2.0 * z @ plan_times(z))
     return max(total, 0.0)
+
+
+def positive_coordinates(points: np.ndarray) -> list[np.ndarray]:
+    """The coordinates of points (n, d) per axis, shifted to start at 1 (products with a plan in
+    the log domain need w > 0): contiguous columns, computed alike by every caller, so that
+    ``PlanProducts`` recognizes them (a column's min costs 0.06 ms at 256^2 points, the min
+    over axis 0 of the (n, 2) array 2.2 ms)."""
+    return [points[:, k] - points[:, k].min() + 1.0 for k in range(points.shape[1])]
 
 
 def gibbs_operator(measure, eps: float, separable: bool = True,

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .base import warn_user
+from .gibbs import positive_coordinates
 
 #: A step moved "nothing" when at most this fraction of the mass left its cell (a locked conic
 #: step leaves 1e-9 to 1e-5 off the diagonal: interior-point noise).
@@ -89,15 +90,23 @@ def _flow_cells(energy, geometry, mu, tau) -> tuple[np.ndarray, np.ndarray] | No
     except (ValueError, ZeroDivisionError, NotImplementedError):
         return None
     with np.errstate(invalid="ignore", over="ignore"):
-        cells = (tau * np.abs(velocity) / np.asarray(grid.spacing)).sum(1)
+        cells = np.abs(velocity) @ _per_cell(tau, grid.spacing)  # a matrix-vector product: one pass
     return cells, velocity
 
 
+def _per_cell(tau: float, spacing) -> np.ndarray:
+    """tau / h per axis: a displacement of tau |v_j| is tau |v_j| / h_j cells along axis j."""
+    with np.errstate(over="ignore"):
+        return np.float64(tau) / np.asarray(spacing, dtype=float)
+
+
 def _mean(weights: np.ndarray, values: np.ndarray) -> float | None:
+    """The weighted mean of the finite values where the weights are positive (None if none)."""
     usable = (weights > 0) & np.isfinite(values)
-    if not usable.any():
+    mass = float(weights @ usable)
+    if not mass > 0:
         return None
-    return float(weights[usable] @ values[usable] / weights[usable].sum())
+    return float(weights @ np.where(usable, values, 0.0)) / mass
 
 
 def expected_moved_fraction(energy, geometry, mu, tau: float) -> float | None:
@@ -116,14 +125,12 @@ def barycentric_motion(mu, plan_times: Callable[[np.ndarray], np.ndarray]) -> tu
     displacement of row i is |T(x_i) - x_i|_1 / h; returns E_a min(1, .) and E_a (.). The
     coordinates are shifted to be positive (products in the log domain need w > 0).
     """
-    points, spacing, weights = mu.points, np.asarray(mu.grid.spacing), mu.weights
-    shifted = points - points.min(axis=0) + 1.0
+    spacing, weights = np.asarray(mu.grid.spacing), mu.weights
     with np.errstate(all="ignore"):
         rows = plan_times(np.ones(mu.n))
         cells = np.zeros(mu.n)
-        for k in range(points.shape[1]):
-            barycentre = plan_times(shifted[:, k]) / rows
-            cells += np.abs(barycentre - shifted[:, k]) / spacing[k]
+        for k, z in enumerate(positive_coordinates(mu.points)):
+            cells += np.abs(plan_times(z) / rows - z) / spacing[k]
     cells = np.where(rows > 0, cells, np.nan)
     moved = _mean(weights, np.minimum(1.0, cells))
     displacement = _mean(weights, cells)
@@ -189,12 +196,12 @@ def measure_step(energy, geometry, mu, new, tau: float, moved_fraction: float,
     flow = _mean(new.weights, after[0])
     spacing = np.asarray(mu.grid.spacing)
     with np.errstate(invalid="ignore", over="ignore"):
-        change = (tau * np.abs(after[1] - old[1]) / spacing).sum(1)
+        change = np.abs(after[1] - old[1]) @ _per_cell(tau, spacing)
     change = _mean(new.weights, change)
     if expected is None or flow is None:
         return None
     with np.errstate(invalid="ignore", over="ignore"):
-        speed = tau * np.sqrt((old[1] ** 2).sum(1))
+        speed = tau * np.sqrt(np.einsum("ij,ij->i", old[1], old[1]))
     speed = speed[(mu.weights > 0) & np.isfinite(speed)]
     return GridMotion(float(spacing.max()), float(tau), float(moved_fraction), expected,
                       float(displacement_cells), flow, 0.0 if change is None else change,
