@@ -487,9 +487,8 @@ def test_dense_path_that_does_not_converge_finishes_with_the_interior_point(mass
 
 @pytest.mark.slow
 def test_interior_point_finishes_where_the_primal_dual_iteration_cycles():
-    """n = 1000, sigma 0.5, seed 2: the primal-dual iteration stalls (PDAS_STALL: half the
-    weights vanish, the count of infeasible ones oscillates); the interior point finishes, at
-    Clarabel's objective."""
+    """n = 1000, sigma 0.5, seed 2: the primal-dual iteration does not converge in PDAS_MAX_ITER
+    iterations (half the weights vanish); the interior point finishes, at Clarabel's objective."""
     H, g, a = overlapping_qp(1000, 0.5, seed=2)
     solution = solve_weight_qp(H, g, 1.0, start=a)
     assert solution.status == "optimal" and solution.method == "interior_point"

@@ -77,11 +77,6 @@ PDAS_DUAL_ROUNDS = 5
 #: primal-dual iteration, which cycled again). INTERIOR_STEP: the fraction of the step to the
 #: boundary.
 INTERIOR_MIN_SIZE = 500
-#: ... and the primal-dual iteration hands over to it as soon as PDAS_STALL iterations have not
-#: lowered the fewest infeasible indices seen (n = 1000, sigma 0.5, 8 seeds: the iterations that
-#: converged, in up to 35 iterations, set a new fewest at least every 11 iterations; the two that
-#: did not stalled for 26 and 19 iterations from their 12th and 8th).
-PDAS_STALL = 12
 INTERIOR_MAX_ITER = 60
 INTERIOR_STEP = 0.99
 
@@ -636,10 +631,9 @@ def _dense_active_set(H: np.ndarray, g: np.ndarray, mass, start: np.ndarray, max
     from ``_interior_point``, or None when it gives up on a sparse minimizer
     (PDAS_FIRST_ZERO_FRACTION, PDAS_MAX_ZERO_FRACTION: the active set grown from a vertex is
     the fast path there). A repeated zero set or PDAS_MAX_ITER iterations (the iteration can
-    cycle on ill-conditioned programs) hand over to ``_reduced_dual``; from INTERIOR_MIN_SIZE
-    points (with ``solver``, for its tolerance) these and PDAS_STALL iterations without fewer
-    infeasible indices hand over to ``_interior_point``. Raises LinAlgError when H is not
-    positive definite.
+    cycle on ill-conditioned programs) hand over to ``_reduced_dual``, or from INTERIOR_MIN_SIZE
+    points (with ``solver``, for its tolerance) to ``_interior_point``. Raises LinAlgError when
+    H is not positive definite.
     """
     n = g.size
     inverse = _DenseInverse(H)
@@ -655,14 +649,12 @@ def _dense_active_set(H: np.ndarray, g: np.ndarray, mass, start: np.ndarray, max
 
 def _primal_dual_iteration(inverse: _DenseInverse, forward: np.ndarray, mass, start, max_iter,
                            dual: bool = True):
-    """The iteration of ``_dense_active_set``: (b, iterations) or None; when ``dual`` is False,
-    (None, iterations) instead of ``_reduced_dual``, and also after PDAS_STALL iterations that
-    did not lower the fewest infeasible indices seen."""
+    """The iteration of ``_dense_active_set``: (b, iterations) or None; when it does not
+    converge and ``dual`` is False, (None, iterations) instead of ``_reduced_dual``."""
     n = forward.shape[0]
     zero = np.flatnonzero(start <= 0)
     seen: set[bytes] = set()
     touched = np.zeros(n, dtype=bool)
-    fewest, fewest_at = n + 1, 0  # the fewest infeasible indices so far, and when
     iteration = 0
     for iteration in range(1, min(max_iter, PDAS_MAX_ITER) + 1):  # noqa: B007 - reported below
         z, lam = _range_space_face(inverse, forward, zero, mass)
@@ -673,10 +665,6 @@ def _primal_dual_iteration(inverse: _DenseInverse, forward: np.ndarray, mass, st
                                                               1e-300)
         if not infeasible.any():
             return _feasible(z, mass), iteration
-        count = int(np.count_nonzero(infeasible))
-        fewest, fewest_at = (count, iteration) if count < fewest else (fewest, fewest_at)
-        if not dual and iteration - fewest_at >= PDAS_STALL:
-            return None, iteration
         in_zero = np.zeros(n, dtype=bool)
         in_zero[zero] = True
         zero = np.flatnonzero(in_zero ^ infeasible)
