@@ -7,7 +7,8 @@ starts (the weights of a step on most particles) take the dense path: one Choles
 of the whole H and a primal-dual active set (Hintermueller-Ito-Kunisch) on the weights that
 vanish, each face minimum in the range space of the factorization (a system of the size of the
 zero set), so that the iteration count does not grow with the support; when it cycles, the
-dual of the program restricted to the weights it touched finishes. From LOWRANK_MIN_SIZE points,
+dual of the program restricted to the weights it touched finishes (from INTERIOR_MIN_SIZE points,
+an interior-point method). From LOWRANK_MIN_SIZE points,
 when H is numerically low rank plus a ridge (kernel Grams of low-dimensional points), the same
 iteration runs without the n^3 factorization: faces are solved by conjugate gradients on H,
 preconditioned with a pivoted Cholesky factor of H minus its ridge, and the exchanges are first
