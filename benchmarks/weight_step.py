@@ -37,7 +37,15 @@ BLAS threads: set to 1 by default (before NumPy loads) because Clarabel is singl
 and because OpenBLAS threads on a machine whose cores are busy made our small products up to
 10x slower; pass --blas-threads 0 to keep the environment's setting.
 
-Run:  python benchmarks/weight_step.py [--repeats 3] [--large 10000] [--json out.json]
+--limits times, in the same units and the same loop, what bounds the overlap rows at n = 1000: the dense
+path started on the final zero set (its route with a perfect guess of the zeros), the factorization of H on
+the final support alone with its face solve and certificate (the floor of any method that factors only the
+free weights), and the cheapest guesses of the zero set measured: LAPACK's pivoted Cholesky (pstrf) and
+random Nystrom rows to the rank k at which the pivoted residual of H is within LIMIT_RESIDUAL of the ridge,
+with the number of weights on which the zero set of that rank-k surrogate (F^T F plus the residual
+diagonal) differs from ours.
+
+Run:  python benchmarks/weight_step.py [--repeats 3] [--large 10000] [--json out.json] [--limits]
 """
 
 from __future__ import annotations
@@ -63,6 +71,8 @@ def parse_args(argv=None):
     parser.add_argument("--blas-threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=str, default=None)
+    parser.add_argument("--limits", action="store_true",
+                        help="also time the bounds that limit the overlap rows at n = 1000 (see limits())")
     return parser.parse_args(argv)
 
 
@@ -88,6 +98,7 @@ TARGET_SIZE = 1000
 TARGET_SPEEDUP = 50.0
 TARGET_OBJECTIVE_RTOL = 1e-8
 RIDGE = 1e-8
+LIMIT_RESIDUAL = 2.5
 
 
 def mixture_samples(n, rng):
@@ -217,6 +228,66 @@ def verdicts(rows):
     return all(met)
 
 
+def free_set_floor(H, g, free):
+    """Factor H on ``free`` alone, solve its face (sum = 1) and compute H b: the floor of a method
+    that knows the support."""
+    block = np.take(np.take(H, free, axis=0), free, axis=1)
+    factor, _ = lapack.dpotrf(block.T, lower=1, overwrite_a=1, clean=0)  # symmetric: no copy
+    x = lapack.dpotrs(factor, np.column_stack([g[free], np.ones(free.size)]), lower=1)[0]
+    b = np.zeros(g.size)
+    b[free] = x[:, 0] + (1.0 - x[:, 0].sum()) / x[:, 1].sum() * x[:, 1]
+    return H @ b - g
+
+
+def nystrom_rows(H, pivots):
+    """Rows L_PP^{-1} H_P. of the Nystrom factor on ``pivots``."""
+    rows = np.take(H, pivots, axis=0)
+    factor, _ = lapack.dpotrf(rows[:, pivots], lower=1)
+    return lapack.dtrtrs(factor, rows, lower=1)[0]
+
+
+def limits(sigma, args):
+    """The bounds of the module docstring (--limits) for the overlap instance at n = TARGET_SIZE."""
+    n = TARGET_SIZE
+    H, g, a, _ = instance("overlap", n, sigma, args.eta, args.seed)
+    solution = solve_weight_qp(H, g, 1.0, start=a)
+    free = np.flatnonzero(solution.weights > 0)
+    pivoted, order, _, _ = lapack.dpstrf(H.T, tol=-1.0, lower=1)  # all n pivots
+    residual = np.diag(pivoted) ** 2
+    rank = int(np.argmax(residual <= LIMIT_RESIDUAL * RIDGE / args.eta)) + 1
+    tolerance = residual[rank - 1] * (1 - 1e-9)
+    rows = np.zeros((rank, n))
+    rows[:, order - 1] = np.tril(pivoted)[:, :rank].T
+    diagonal = H.diagonal() - np.einsum("ij,ij->j", rows, rows)
+    diagonal[order[:rank] - 1] = 0.0
+    guess = solve_weight_qp(rows.T @ rows + np.diag(diagonal), g, 1.0, start=a).weights > 0
+    sample = np.sort(np.random.default_rng(args.seed).choice(n, rank, replace=False))
+    calls = {"ours": lambda: solve_weight_qp(H, g, 1.0, start=a),
+             "dense path started on the final zeros": lambda: solve_weight_qp(H, g, 1.0,
+                                                                              start=solution.weights),
+             f"factor of the final support ({free.size}) only": lambda: free_set_floor(H, g, free),
+             f"pivoted Cholesky (pstrf) to rank {rank}": lambda: lapack.dpstrf(H.T, tol=tolerance,
+                                                                               lower=1),
+             f"random Nystrom rows of rank {rank}": lambda: nystrom_rows(H, sample),
+             "Cholesky factorization": lambda: lapack.dpotrf(H.T, lower=1, clean=0)}
+    times = {name: [] for name in calls}
+    clarabel_walls = []
+    for _ in range(args.repeats):
+        for name, call in calls.items():
+            warm(H)
+            times[name].append(timed(call)[1])
+        warm(H)
+        clarabel_walls.append(clarabel(H, g)[1])
+    floor = statistics.median(times["Cholesky factorization"])
+    budget = statistics.median(clarabel_walls) / floor / TARGET_SPEEDUP
+    print(f"limits, overlap n = {n}, sigma = {sigma:g}, in Cholesky factorizations of H "
+          f"({TARGET_SPEEDUP:.0f}x Clarabel: at most {budget:.2f}):")
+    for name in list(calls)[:-1]:
+        print(f"  {name:<45} {statistics.median(times[name]) / floor:>6.2f}")
+    print(f"  (the rank-{rank} surrogate's support differs from ours in "
+          f"{int(np.count_nonzero(guess != (solution.weights > 0)))} of {n} weights)", flush=True)
+
+
 def main():
     args = ARGS
     print(f"python {platform.python_version()}, numpy {np.__version__}, cvxpy {cp.__version__}, "
@@ -240,6 +311,10 @@ def main():
             print_row(rows[-1])
     print()
     met = verdicts(rows)
+    if args.limits:
+        print()
+        for sigma in args.sigmas:
+            limits(sigma, args)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"rows": rows, "args": vars(args)}, handle, indent=2, default=float)

@@ -446,3 +446,50 @@ def test_low_rank_path_with_many_zeros_matches_the_dense_path(sigma, monkeypatch
     dense = solve_weight_qp(H, g, 1.0, start=a)
     assert dense.status == "optimal" and dense.method == "dense_active_set"
     assert abs(solution.objective - dense.objective) <= solution.gap + dense.gap + 1e-15
+
+
+# -------------------------------------------------------------------------------------------------
+# The interior-point fallback of the dense path (from INTERIOR_MIN_SIZE points)
+# -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mass", [1.0, None], ids=["simplex", "orthant"])
+def test_interior_point_is_certified_at_the_dense_paths_objective(mass):
+    """Mehrotra's interior point on the overlap QP (n = 200, sigma 0.5, dozens of vanishing
+    weights): a few dozen Newton steps at most, weights > 0 (on the simplex of mass 1), and its
+    certified gap within the tolerance, at the dense path's objective within the two gaps."""
+    H, g, a = overlapping_qp(200, 0.5)
+    solver = qp._ActiveSet(H, g, mass, qp.DEFAULT_WEIGHT_RTOL, None, mass_bound=a.sum())
+    b, steps = qp._interior_point(H, g, mass, solver)
+    dense = solve_weight_qp(H, g, mass, start=a)
+    assert dense.method == "dense_active_set" and dense.info["support"] < 190
+    assert steps <= 30 and np.all(b > 0)
+    if mass is not None:
+        assert b.sum() == pytest.approx(mass, rel=1e-14)
+    r = H @ b - g
+    objective = 0.5 * b @ H @ b - g @ b
+    assert frank_wolfe_gap(r, b, mass, a.sum()) <= qp.DEFAULT_WEIGHT_RTOL * abs(objective)
+    assert abs(objective - dense.objective) <= 2 * qp.DEFAULT_WEIGHT_RTOL * abs(objective)
+
+
+@pytest.mark.parametrize("mass", [1.0, None], ids=["simplex", "orthant"])
+def test_dense_path_that_does_not_converge_finishes_with_the_interior_point(mass, monkeypatch):
+    """When the primal-dual iteration does not converge (here: at most 2 iterations allowed) on
+    at least INTERIOR_MIN_SIZE points, the interior point finishes: certified, Clarabel's
+    objective."""
+    H, g, a = overlapping_qp(300, 0.5)
+    monkeypatch.setattr(qp, "INTERIOR_MIN_SIZE", 100)
+    monkeypatch.setattr(qp, "PDAS_MAX_ITER", 2)
+    solution = solve_weight_qp(H, g, mass, start=a)
+    assert solution.status == "optimal" and solution.method == "interior_point"
+    assert_matches_clarabel(solution, H, g, a, mass)
+    assert solution.gap <= solution.info["tolerance"]
+
+
+@pytest.mark.slow
+def test_interior_point_finishes_where_the_primal_dual_iteration_cycles():
+    """n = 1000, sigma 0.5, seed 2: the primal-dual iteration does not converge in PDAS_MAX_ITER
+    iterations (half the weights vanish); the interior point finishes, at Clarabel's objective."""
+    H, g, a = overlapping_qp(1000, 0.5, seed=2)
+    solution = solve_weight_qp(H, g, 1.0, start=a)
+    assert solution.status == "optimal" and solution.method == "interior_point"
+    assert_matches_clarabel(solution, H, g, a, 1.0)
