@@ -75,12 +75,16 @@ AVERAGE_WINDOW = 8
 #: 1100 to 1500; at 512^2 a plateau of 1.2e-4 from about 1000 of the default 2000).
 PLATEAU_WINDOW, PLATEAU_GAIN = 200, 0.01
 #: The certificate is also offered the plan that splits tied nodes between their near-argmins
-#: (``plan_recovery``, 1-D and 2-D grids), built from the best dual point met: first after
-#: RECOVERY_FIRST offers (iterates), then RECOVERY_EVERY offers after one that lowered the primal
-#: objective, twice as late after one that did not (it only helps once the dual has nearly
-#: converged: porous-medium example, cold step, 256^2: certificate 3.9e-3 from the dual of
-#: iteration 400, 9.1e-5 from that of iteration 1200); and at the end of a step above tol.
-RECOVERY_FIRST, RECOVERY_EVERY = 200, 100
+#: (``plan_recovery``, 1-D and 2-D grids), built from the best dual point met, once the dual has
+#: nearly converged: every RECOVERY_EVERY iterates (and at the end of a step above tol) when the
+#: rise still to come, extrapolated from the last two rises over RECOVERY_EVERY iterates (a
+#: geometric series), is at most RECOVERY_REMAINING of the dual. Before that the split fits a
+#: dual far from its optimum and is worse than the averages. Measured on the porous-medium
+#: example (benchmarks/fine_grid.py, cold step): the split certifies (<= 1e-4) once the dual is
+#: within about 5e-7 of its final value: from iteration 400 at 128^2 (rises 6.7e-5, 4.3e-6 over
+#: the last 200) and from 500-600 at 256^2 (1.5e-5, 3.3e-6, 4.5e-7); at 400 it gives 6e-4
+#: (128^2) and 4.4e-3 (256^2).
+RECOVERY_EVERY, RECOVERY_REMAINING = 100, 5e-7
 
 _GEOMETRY_HELP = ("BackAndForthJKO takes the Wasserstein geometry only (jk.Wasserstein()), got "
                   "{name}. For WFR and IFT on a grid use "
@@ -388,7 +392,7 @@ class _Ascent:
         points = [self.evaluate(phi) for phi in starts]
         point = max(points, key=lambda p: p.dual)
         run = _Run(point, _Primal.of(point), sigma, evaluations=len(points))
-        run.recovery = self.recovered
+        run.recovery = self.recovered  # the plan that splits tied nodes (``_Run.offer``)
         for other in points:
             run.offer(other, self.tau)
         average, momentum = _Average(self.shape), _Momentum(point)
@@ -447,8 +451,7 @@ class _Ascent:
         return None
 
     def result(self, run: _Run, F, tol: float, start: float) -> StepResult:
-        if self.certificate(run.primal, run.dual.dual) > tol:
-            run.offer_primal(self.recovered(run.dual), self.tau)
+        run.recover(self.tau, run.converging and self.certificate(run.primal, run.dual.dual) > tol)
         primal, point = run.primal, run.dual
         measure = self.mu.with_weights(primal.pushed.ravel())
         energy = float(F.value(measure))
@@ -501,20 +504,33 @@ class _Run:
     plateau: bool = False  # stalled because the certificate stopped falling (PLATEAU_GAIN)
     recovery: object = None  # point -> _Primal | None: the plan splitting ties (``_Ascent.recovered``)
     offers: int = 0
-    next_recovery: int = RECOVERY_FIRST
+    marked_dual: float = np.nan  # the best dual at the last check of its progress, and its rise
+    marked_rise: float = np.nan
+    converging: bool = False     # the rise still to come is below RECOVERY_REMAINING (extrapolated)
+    recovered_from: _Point | None = None
 
     def offer(self, point: _Point, tau: float) -> None:
-        """Keep the point if its dual is higher and its P(phi) if its objective is lower; on the
-        schedule of RECOVERY_FIRST and RECOVERY_EVERY, also the recovered primal of the best dual
-        point."""
+        """Keep the point if its dual is higher and its P(phi) if its objective is lower; every
+        RECOVERY_EVERY offers, where the dual has nearly converged, also the recovered primal of
+        the best dual point."""
         if point.dual > self.dual.dual:
             self.dual = point
         self.offer_primal(_Primal.of(point), tau)
         self.offers += 1
-        if self.recovery is not None and self.offers >= self.next_recovery:
-            before = self.primal
+        if self.offers % RECOVERY_EVERY == 0:
+            best = self.dual.dual
+            rise = best - self.marked_dual
+            ratio = rise / self.marked_rise if self.marked_rise > 0 else np.inf
+            self.converging = bool(ratio < 1 and rise * ratio / (1 - ratio) <= RECOVERY_REMAINING * abs(best))
+            self.marked_dual, self.marked_rise = best, rise
+            self.recover(tau, self.converging)
+
+    def recover(self, tau: float, due: bool = True) -> None:
+        """Offer the recovered primal of the best dual point, if ``due``, a recovery is set and
+        that point has not been recovered already."""
+        if due and self.recovery is not None and self.dual is not self.recovered_from:
+            self.recovered_from = self.dual
             self.offer_primal(self.recovery(self.dual), tau)
-            self.next_recovery = self.offers + (RECOVERY_EVERY if self.primal is not before else self.offers)
 
     def offer_primal(self, primal: _Primal | None, tau: float, owned: bool = True) -> None:
         """Keep the primal if its objective is lower (a copy of its masses unless ``owned``)."""
@@ -584,9 +600,10 @@ def _message(status: str, certificate: float, tol: float, iterations: int, tau: 
     if plateau:
         return (f"BackAndForthJKO: the duality gap stayed at {certificate:.2e} of the objective, above "
                 f"tol = {tol:g}: it fell by less than {PLATEAU_GAIN:.0%} over the last {PLATEAU_WINDOW} of "
-                f"{iterations} iterations, so the dual has converged but no measure the method delivers "
-                "matches it more closely: where the density jumps, the pushforward cannot split the mass "
-                "of a cell tied between two destinations (docs/theory.md §10). More iterations will not "
+                f"{iterations} iterations, so the dual ascent has stopped improving and no measure the "
+                "method delivers matches it more closely: where the density jumps, the dual has kinks, "
+                "and neither the pushforward, its averages nor the plan that splits tied cells between "
+                "their destinations closes the gap (docs/theory.md §10). More iterations will not "
                 f"help: loosen tol (to about {2 * certificate:.0e}), or smooth the initial density")
     if status == "stalled":
         return (f"BackAndForthJKO: the dual ascent stalled after {iterations} iterations with the "
