@@ -81,9 +81,9 @@ PLATEAU_WINDOW, PLATEAU_GAIN = 200, 0.01
 #: geometric series), is at most RECOVERY_REMAINING of the dual. Before that the split fits a
 #: dual far from its optimum and is worse than the averages. Measured on the porous-medium
 #: example (benchmarks/fine_grid.py, cold step): the split certifies (<= 1e-4) once the dual is
-#: within about 5e-7 of its final value: from iteration 400 at 128^2 (rises 6.7e-5, 4.3e-6 over
-#: the last 200) and from 500-600 at 256^2 (1.5e-5, 3.3e-6, 4.5e-7); at 400 it gives 6e-4
-#: (128^2) and 4.4e-3 (256^2).
+#: within about 5e-7 of its final value: from iteration 400 at 128^2 (relative rises 6.7e-5 and
+#: 4.3e-6 over the two windows of 100 before), 500-600 at 256^2 (1.5e-5, 3.3e-6, 4.5e-7) and
+#: 1000 at 512^2 (1.0e-6, 3.4e-7); at iteration 300 it gives 6e-4 (128^2), at 400 4.4e-3 (256^2).
 RECOVERY_EVERY, RECOVERY_REMAINING = 100, 5e-7
 
 _GEOMETRY_HELP = ("BackAndForthJKO takes the Wasserstein geometry only (jk.Wasserstein()), got "
@@ -145,8 +145,10 @@ class BackAndForthJKO(Method):
     IFT go through ``jk.Splitting(transport=jk.BackAndForthJKO())``. ``info`` holds iterations,
     evaluations (c-transforms), solves (Poisson solves), gap, residual_h1 (the dual gradient's norm in the
     preconditioner's dual metric), mismatch_l1 (:math:`|a(\phi) - P(\phi)|_1` / mass),
-    mass_drift, wall_time, sigma (the last ascent step) and averaged (the measure is an average
-    of iterates); ``distance_sq`` is the cost of the plan that delivers the measure
+    mass_drift, wall_time, sigma (the last ascent step), averaged (the measure is an average
+    of iterates) and recovered (the measure is delivered by the plan that splits tied cells
+    between their destinations, docs/theory.md §10); ``distance_sq`` is the cost of the plan
+    that delivers the measure
     (:math:`\ge W_h^2`).
 
     References
