@@ -325,3 +325,101 @@ def test_agrees_with_the_conic_step_to_order_h():
     assert np.abs(ours.mean() - conic.mean()).max() < h
     assert np.abs(ours.covariance() - conic.covariance()).max() < h
     assert jk.w2(ours, conic) < h
+
+
+# ---------------------------------------------------------------- the plan that splits tied nodes
+def three_squares(n):
+    """The porous-medium example of benchmarks/fine_grid.py on an n x n grid (tau = 0.1)."""
+    grid = jk.Grid([0, 0], [1, 1], (n, n))
+    x = grid.points
+    density = np.zeros(grid.size)
+    for cx, cy in [(0.3, 0.3), (0.3, 0.7), (0.7, 0.3)]:
+        density[(np.abs(x[:, 0] - cx) < 0.1) & (np.abs(x[:, 1] - cy) < 0.1)] = 1.0
+    mu = grid.measure(density, normalize=True)
+    return grid, jk.PorousMedium(2) + jk.Potential(lambda p: np.sum((p - 0.9) ** 2, 1) / 2), mu
+
+
+def split_by_hand(z, w, n):
+    """Each edge's mass at z (index units) split linearly between the nodes around it."""
+    low = np.minimum(np.floor(z).astype(int), n - 2)
+    out = np.zeros(n)
+    np.add.at(out, low, (1 - (z - low)) * w)
+    np.add.at(out, low + 1, (z - low) * w)
+    return out
+
+
+@pytest.mark.parametrize("free", [False, True])
+def test_a_recovered_pass_sends_each_node_its_mass_and_delivers_and_costs_what_it_claims(free):
+    """One 1-D pass of plan_recovery on random lines: the weights of each source sum to its mass
+    (or are free and >= 0), the delivered masses are the weights split linearly at their points,
+    and the cost is sum w |z - y|^2, all recomputed here from the edges."""
+    from jko_ift.methods import plan_recovery as recovery
+
+    rng = np.random.default_rng(5)
+    lines, n, h, tau = 6, 40, 0.05, 0.1
+    # potentials with kinks and near-parabolic stretches (fans: ties between many segments)
+    x = np.arange(n) * h
+    potential = np.array([(x - rng.uniform(0, 2)) ** 2 / (2 * tau) * rng.uniform(0.5, 1.0)
+                          + 0.05 * np.abs(x - rng.uniform(0, 2)) for _ in range(lines)])
+    source = rng.random((lines, n)) * (rng.random((lines, n)) < 0.6)
+    target = np.roll(source, 3, axis=1)
+    slack = 1e-3
+    delivered, sent, cost, excess, weights = recovery._fit_pass(
+        potential, h, tau, slack, source, free, target, 0.0, 200, np.zeros((0, 0)))
+    total_cost = 0.0
+    for r in range(lines):
+        cap = weights.shape[1]
+        z, gap, owner = np.empty(cap), np.empty(cap), np.empty(cap, np.int64)
+        k = recovery._line_candidates(potential[r], h, tau, slack, z, gap, owner)
+        w = weights[r, :k]
+        assert np.all(w >= 0) and np.all(gap[:k] <= slack + 1e-12) and np.all(gap[:k] >= 0)
+        by_source = np.bincount(owner[:k], weights=w, minlength=n)
+        np.testing.assert_allclose(by_source, sent[r], rtol=0, atol=1e-15)
+        if not free:
+            np.testing.assert_allclose(by_source, source[r], rtol=1e-13, atol=1e-16)
+        np.testing.assert_allclose(split_by_hand(z[:k], w, n), delivered[r], rtol=0, atol=1e-14)
+        total_cost += float(np.sum(w * ((z[:k] - owner[:k]) * h) ** 2))
+    assert abs(total_cost - cost) <= 1e-12 * max(cost, 1.0)
+
+
+def test_the_recovered_measure_keeps_the_mass_and_bounds_the_dual_from_above_at_any_potential():
+    """Weak duality for the recovered primal: whatever phi (here random and an early iterate's),
+    the measure keeps mu^k's mass, is >= 0, and its objective is >= D(phi)."""
+    from jko_ift.methods import back_and_forth as bf
+
+    grid, F, mu = three_squares(24)
+    energy = local_energy(F, mu, "BackAndForthJKO")
+    ascent = bf._Ascent(energy, mu, 0.1, grid)
+    rng = np.random.default_rng(3)
+    starts = [rng.normal(scale=0.05, size=grid.shape) - energy.potential.reshape(grid.shape)]
+    run = ascent.run(starts + bf._cold_starts(grid, energy, mu, ascent.diffusivity * 0.1), 1.0, 1e-12, 60)
+    for phi in starts + [run.dual.phi]:
+        point = ascent.evaluate(phi)
+        primal = ascent.recovered(point)
+        assert primal.recovered and primal.pushed.min() >= 0
+        assert abs(primal.pushed.sum() - mu.mass) <= 1e-13 * mu.mass
+        assert primal.objective(0.1) >= point.dual - 1e-15
+        assert ascent.certificate(primal, point.dual) >= 0
+
+
+def test_a_recovered_certificate_bounds_the_error_against_a_long_run():
+    """The porous-medium example, cold step, 64^2, tol 1e-3: the split plan certifies the step
+    (5.9e-4, where the pushforward and its averages alone stall at 1.3e-3), and its gap bounds
+    the distance to a long run's measure: the objective is (2 / h^2)-strongly convex in the
+    masses (F = sum a^2 / h^2 + <W, a>), so |a - a*|_2 / h <= sqrt(gap) for both runs."""
+    from jko_ift.methods import back_and_forth as bf
+
+    grid, F, mu = three_squares(64)
+    result = jk.BackAndForthJKO(tol=1e-3, max_iter=1500).step(F, jk.Wasserstein(), mu, 0.1, throw=False)
+    assert result.status == "optimal" and result.info["recovered"]
+    assert abs(result.measure.mass - mu.mass) <= 1e-13 * mu.mass
+    reference = jk.BackAndForthJKO(tol=1e-7, max_iter=3000).step(F, jk.Wasserstein(), mu, 0.1, throw=False)
+    distance = np.linalg.norm(result.measure.weights - reference.measure.weights) / grid.spacing[0]
+    assert distance <= np.sqrt(result.info["gap"]) + np.sqrt(reference.info["gap"])
+    original = bf._Ascent.recovered
+    try:  # without the split plan, the same step stops above tol
+        bf._Ascent.recovered = lambda self, point: None
+        alone = jk.BackAndForthJKO(tol=1e-3, max_iter=1500).step(F, jk.Wasserstein(), mu, 0.1, throw=False)
+    finally:
+        bf._Ascent.recovered = original
+    assert alone.status != "optimal" and alone.certificate > 1e-3

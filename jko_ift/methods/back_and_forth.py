@@ -37,9 +37,10 @@ from ..display import report_iteration
 from ..geometries import InfConvolution, Wasserstein
 from ..measures import Grid
 from .base import Method, MethodState, SolverError, StepResult, check_step_input
-from .legendre import c_transform, c_transform_buffers, push_forward
+from .legendre import _deposit_transposed, c_transform, c_transform_buffers, push_forward
 from .local_energy import LocalEnergy, local_energy
 from .options import count, fraction
+from .plan_recovery import recover
 from .poisson import ScreenedPoisson, heat
 
 #: Sufficient increase of the dual asked of an ascent step (Armijo), relative to the
@@ -73,6 +74,17 @@ AVERAGE_WINDOW = 8
 #: nothing (porous-medium example, 64^2, tol 1e-7: 3.874e-4 at 900 iterations, 3.863e-4 from
 #: 1100 to 1500; at 512^2 a plateau of 1.2e-4 from about 1000 of the default 2000).
 PLATEAU_WINDOW, PLATEAU_GAIN = 200, 0.01
+#: The certificate is also offered the plan that splits tied nodes between their near-argmins
+#: (``plan_recovery``, 1-D and 2-D grids), built from the best dual point met, once the dual has
+#: nearly converged: every RECOVERY_EVERY iterates (and at the end of a step above tol) when the
+#: rise still to come, extrapolated from the last two rises over RECOVERY_EVERY iterates (a
+#: geometric series), is at most RECOVERY_REMAINING of the dual. Before that the split fits a
+#: dual far from its optimum and is worse than the averages. Measured on the porous-medium
+#: example (benchmarks/fine_grid.py, cold step): the split certifies (<= 1e-4) once the dual is
+#: within about 5e-7 of its final value: from iteration 400 at 128^2 (relative rises 6.7e-5 and
+#: 4.3e-6 over the two windows of 100 before), 500-600 at 256^2 (1.5e-5, 3.3e-6, 4.5e-7) and
+#: 1000 at 512^2 (1.0e-6, 3.4e-7); at iteration 300 it gives 6e-4 (128^2), at 400 4.4e-3 (256^2).
+RECOVERY_EVERY, RECOVERY_REMAINING = 100, 5e-7
 
 _GEOMETRY_HELP = ("BackAndForthJKO takes the Wasserstein geometry only (jk.Wasserstein()), got "
                   "{name}. For WFR and IFT on a grid use "
@@ -133,8 +145,10 @@ class BackAndForthJKO(Method):
     IFT go through ``jk.Splitting(transport=jk.BackAndForthJKO())``. ``info`` holds iterations,
     evaluations (c-transforms), solves (Poisson solves), gap, residual_h1 (the dual gradient's norm in the
     preconditioner's dual metric), mismatch_l1 (:math:`|a(\phi) - P(\phi)|_1` / mass),
-    mass_drift, wall_time, sigma (the last ascent step) and averaged (the measure is an average
-    of iterates); ``distance_sq`` is the cost of the plan that delivers the measure
+    mass_drift, wall_time, sigma (the last ascent step), averaged (the measure is an average
+    of iterates) and recovered (the measure is delivered by the plan that splits tied cells
+    between their destinations, docs/theory.md §10); ``distance_sq`` is the cost of the plan
+    that delivers the measure
     (:math:`\ge W_h^2`).
 
     References
@@ -357,12 +371,30 @@ class _Ascent:
                     primal.distance_sq / (2.0 * self.tau), 1e-300)
         return float(max(gap, 0.0) / scale) if np.isfinite(gap) else float("inf")
 
+    def recovered(self, point: _Point) -> _Primal | None:
+        """The measure near a(phi) that a plan on the near-argmins of phi's c-transform delivers
+        exactly (``plan_recovery.recover``; tied nodes split), with the plan's cost; None in 3-D."""
+        if len(self.shape) > 2:
+            return None
+        between = None
+        if len(self.shape) == 2:  # mu^k after the outer pass of P(phi): seeds the intermediate fit
+            _, argmins = c_transform(point.phi, self.spacing, self.tau)
+            first = self.source_last.reshape(self.shape[::-1])
+            between = _deposit_transposed(first, argmins[0].reshape(first.shape), float(self.spacing[0]))[0]
+        found = recover(point.phi, self.source, point.wanted, between, self.spacing, self.tau,
+                        self.cell * self.typical_curvature)
+        if found is None:
+            return None
+        masses, distance_sq, _ = found
+        return _Primal(masses, distance_sq, self.energy.value(masses.ravel()), recovered=True)
+
     def run(self, starts, sigma: float, tol: float, max_iter: int) -> _Run:
         """Ascend from the start of largest dual value until the certificate of the best primal
         against the best dual is below tol, or max_iter iterations."""
         points = [self.evaluate(phi) for phi in starts]
         point = max(points, key=lambda p: p.dual)
         run = _Run(point, _Primal.of(point), sigma, evaluations=len(points))
+        run.recovery = self.recovered  # the plan that splits tied nodes (``_Run.offer``)
         for other in points:
             run.offer(other, self.tau)
         average, momentum = _Average(self.shape), _Momentum(point)
@@ -421,6 +453,7 @@ class _Ascent:
         return None
 
     def result(self, run: _Run, F, tol: float, start: float) -> StepResult:
+        run.recover(self.tau, run.converging and self.certificate(run.primal, run.dual.dual) > tol)
         primal, point = run.primal, run.dual
         measure = self.mu.with_weights(primal.pushed.ravel())
         energy = float(F.value(measure))
@@ -432,7 +465,7 @@ class _Ascent:
                 "gap": float(objective - point.dual), "dual": point.dual, "residual_h1": float(residual),
                 "mismatch_l1": float(np.abs(point.wanted - point.pushed).sum() / self.mass),
                 "mass_drift": float((primal.pushed.sum() - self.mass) / self.mass),
-                "sigma": run.sigma, "averaged": primal.averaged,
+                "sigma": run.sigma, "averaged": primal.averaged, "recovered": primal.recovered,
                 "wall_time": time.perf_counter() - start}
         info["plateau"] = run.plateau
         info["message"] = _message(status, certificate, tol, run.iterations, self.tau, run.plateau)
@@ -443,12 +476,14 @@ class _Ascent:
 @dataclass
 class _Primal:
     """A deliverable new measure: masses (grid shape), the cost of the plan delivering them
-    (an upper bound of W_h^2), F of the masses; averaged: an ergodic average of iterates."""
+    (an upper bound of W_h^2), F of the masses; averaged: an ergodic average of iterates;
+    recovered: split between near-argmins by ``plan_recovery``."""
 
     pushed: np.ndarray
     distance_sq: float
     energy: float
     averaged: bool = False
+    recovered: bool = False  # delivered by the plan that splits tied nodes (``plan_recovery``)
 
     @classmethod
     def of(cls, point: _Point) -> _Primal:
@@ -469,15 +504,39 @@ class _Run:
     evaluations: int = 1
     stalled: bool = False
     plateau: bool = False  # stalled because the certificate stopped falling (PLATEAU_GAIN)
+    recovery: object = None  # point -> _Primal | None: the plan splitting ties (``_Ascent.recovered``)
+    offers: int = 0
+    marked_dual: float = np.nan  # the best dual at the last check of its progress, and its rise
+    marked_rise: float = np.nan
+    converging: bool = False     # the rise still to come is below RECOVERY_REMAINING (extrapolated)
+    recovered_from: _Point | None = None
 
     def offer(self, point: _Point, tau: float) -> None:
+        """Keep the point if its dual is higher and its P(phi) if its objective is lower; every
+        RECOVERY_EVERY offers, where the dual has nearly converged, also the recovered primal of
+        the best dual point."""
         if point.dual > self.dual.dual:
             self.dual = point
         self.offer_primal(_Primal.of(point), tau)
+        self.offers += 1
+        if self.offers % RECOVERY_EVERY == 0:
+            best = self.dual.dual
+            rise = best - self.marked_dual
+            ratio = rise / self.marked_rise if self.marked_rise > 0 else np.inf
+            self.converging = bool(ratio < 1 and rise * ratio / (1 - ratio) <= RECOVERY_REMAINING * abs(best))
+            self.marked_dual, self.marked_rise = best, rise
+            self.recover(tau, self.converging)
 
-    def offer_primal(self, primal: _Primal, tau: float, owned: bool = True) -> None:
+    def recover(self, tau: float, due: bool = True) -> None:
+        """Offer the recovered primal of the best dual point, if ``due``, a recovery is set and
+        that point has not been recovered already."""
+        if due and self.recovery is not None and self.dual is not self.recovered_from:
+            self.recovered_from = self.dual
+            self.offer_primal(self.recovery(self.dual), tau)
+
+    def offer_primal(self, primal: _Primal | None, tau: float, owned: bool = True) -> None:
         """Keep the primal if its objective is lower (a copy of its masses unless ``owned``)."""
-        if primal.objective(tau) < self.primal.objective(tau):
+        if primal is not None and primal.objective(tau) < self.primal.objective(tau):
             self.primal = primal if owned else replace(primal, pushed=primal.pushed.copy())
 
 
@@ -543,9 +602,10 @@ def _message(status: str, certificate: float, tol: float, iterations: int, tau: 
     if plateau:
         return (f"BackAndForthJKO: the duality gap stayed at {certificate:.2e} of the objective, above "
                 f"tol = {tol:g}: it fell by less than {PLATEAU_GAIN:.0%} over the last {PLATEAU_WINDOW} of "
-                f"{iterations} iterations, so the dual has converged but no measure the method delivers "
-                "matches it more closely: where the density jumps, the pushforward cannot split the mass "
-                "of a cell tied between two destinations (docs/theory.md §10). More iterations will not "
+                f"{iterations} iterations, so the dual ascent has stopped improving and no measure the "
+                "method delivers matches it more closely: where the density jumps, the dual has kinks, "
+                "and neither the pushforward, its averages nor the plan that splits tied cells between "
+                "their destinations closes the gap (docs/theory.md §10). More iterations will not "
                 f"help: loosen tol (to about {2 * certificate:.0e}), or smooth the initial density")
     if status == "stalled":
         return (f"BackAndForthJKO: the dual ascent stalled after {iterations} iterations with the "
