@@ -37,7 +37,7 @@ from ..display import report_iteration
 from ..geometries import InfConvolution, Wasserstein
 from ..measures import Grid
 from .base import Method, MethodState, SolverError, StepResult, check_step_input
-from .legendre import _deposit_transposed, c_transform, c_transform_buffers, push_forward
+from .legendre import c_transform, c_transform_buffers, deposit_transposed, push_forward
 from .local_energy import LocalEnergy, local_energy
 from .options import count, fraction
 from .plan_recovery import recover
@@ -380,7 +380,7 @@ class _Ascent:
         if len(self.shape) == 2:  # mu^k after the outer pass of P(phi): seeds the intermediate fit
             _, argmins = c_transform(point.phi, self.spacing, self.tau)
             first = self.source_last.reshape(self.shape[::-1])
-            between = _deposit_transposed(first, argmins[0].reshape(first.shape), float(self.spacing[0]))[0]
+            between = deposit_transposed(first, argmins[0].reshape(first.shape), float(self.spacing[0]))[0]
         found = recover(point.phi, self.source, point.wanted, between, self.spacing, self.tau,
                         self.cell * self.typical_curvature)
         if found is None:

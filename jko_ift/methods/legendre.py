@@ -29,7 +29,7 @@ FLIP_BLOCK = 8
 
 
 @njit(cache=True)
-def _envelope_line(f, h, tau, best, where):
+def envelope_line(f, h, tau, best, where):
     """Lower envelope of the parabolas (y - i h)^2 / (2 tau) - f_i at the nodes y_j = j h."""
     n = f.size
     hull = np.empty(n, np.int64)
@@ -105,7 +105,7 @@ def _c_transform_lines(f, h, tau, flip, best, where):
             values[0] = -f[row, 0]
             where[row, 0] = 0.0
         else:
-            _envelope_line(f[row], h, tau, values, where[row])
+            envelope_line(f[row], h, tau, values, where[row])
             _segments_line(f[row], h, tau, values, where[row])
         if flip and (row % FLIP_BLOCK == FLIP_BLOCK - 1 or row == lines - 1):
             _write_flipped(block, row - row % FLIP_BLOCK, row + 1, best)
@@ -129,7 +129,7 @@ def deposit_lines(mass, where, h):
 
 
 @njit(cache=True)
-def _deposit_transposed(mass, where, h):
+def deposit_transposed(mass, where, h):
     """``deposit_lines`` with its output written transposed, (n, lines): the layout of the next
     axis's pass, without a copy in between (each output cell gets its contributions in the same
     order, so the same rounding)."""
@@ -218,7 +218,7 @@ def push_forward(mass: np.ndarray, argmins, spacing, mass_last: np.ndarray | Non
     costs = np.zeros(d)
     if d == 2:
         first = np.ascontiguousarray(mass.T) if mass_last is None else mass_last.reshape(mass.T.shape)
-        between, costs[0] = _deposit_transposed(first, argmins[0].reshape(first.shape), float(spacing[0]))
+        between, costs[0] = deposit_transposed(first, argmins[0].reshape(first.shape), float(spacing[0]))
         current, costs[1] = deposit_lines(between, argmins[1].reshape(mass.shape), float(spacing[1]))
         return current, costs
     current = mass

@@ -30,7 +30,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .legendre import _envelope_line, c_transform_lines
+from .legendre import c_transform_lines, envelope_line
 
 #: Candidates are the destinations within this fraction of h^2 / tau of a node's minimum (a tie at
 #: the grid's resolution). Measured on the porous-medium example (benchmarks/fine_grid.py, cold
@@ -50,7 +50,7 @@ def _line_candidates(f, h, tau, slack, z_out, gap_out, source_out):
     cap = z_out.size
     best = np.empty(n)
     where = np.empty(n)
-    _envelope_line(f, h, tau, best, where)
+    envelope_line(f, h, tau, best, where)
     psi = best.copy()
     argmin = where.copy()
     seg_source = np.empty(2 * n, np.int64)
