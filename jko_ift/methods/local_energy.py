@@ -86,7 +86,8 @@ class LocalEnergy:
             return ((m - 1) / (q * m) * np.maximum(s, 0.0)) ** (1.0 / (m - 1))
         q = np.array([p[0] for p in powers])
         m = np.array([p[1] for p in powers])
-        return _solve_slope(np.ascontiguousarray(s, dtype=float), e, q, m)
+        s = np.asarray(s, dtype=float)  # any shape: the compiled solve runs over the cells
+        return _solve_slope(np.ascontiguousarray(s).ravel(), e, q, m).reshape(s.shape)
 
     def conjugate(self, s: np.ndarray, rho: np.ndarray) -> np.ndarray:
         """u*(s) = rho s - u(rho) per cell, at rho = density(s); 0 where rho = 0."""
@@ -166,15 +167,21 @@ class LocalEnergy:
         """phi' = ``feasible(phi + sigma direction, mass)`` (phi's shape) and ``pointwise(phi')``:
         (phi', -F*(-phi'), a(phi') (n,), curvature (n,)); one compiled pass for one power alone."""
         closed = _closed_form(self)
-        if not (self.powers and closed is not None):
+        if not self.powers:  # entropy alone: the balance is a closed-form shift
             feasible = self.feasible(phi if direction is None else phi + sigma * direction, mass)
             return (feasible, *self.pointwise(feasible.ravel()))
-        _, q, m = closed
         flat = np.ascontiguousarray(phi, dtype=float).ravel()
         step = np.empty(0) if direction is None else np.ascontiguousarray(direction, dtype=float).ravel()
-        out, conjugate, masses, curvature = _feasible_closed(flat, step, float(sigma), self.potential,
-                                                             self.cell_volume, q, m, mass / self.cell_volume,
-                                                             MASS_BALANCE_RTOL)
+        if closed is not None:
+            _, q, m = closed
+            out, conjugate, masses, curvature = _feasible_closed(
+                flat, step, float(sigma), self.potential, self.cell_volume, q, m, mass / self.cell_volume,
+                MASS_BALANCE_RTOL)
+        else:  # an entropy and powers, or several powers: Newton steps per cell inside the balance
+            q, m = (np.array([p[k] for p in self.powers]) for k in (0, 1))
+            out, conjugate, masses, curvature = _feasible_general(
+                flat, step, float(sigma), self.potential, self.cell_volume, self.entropy, q, m,
+                mass / self.cell_volume, MASS_BALANCE_RTOL)
         return (out.reshape(phi.shape), *self._dual_terms(conjugate, masses, curvature))
 
     def dual_part(self, phi: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
@@ -198,9 +205,8 @@ class LocalEnergy:
         return np.where(np.isfinite(ceiling), np.minimum(phi, ceiling), phi)
 
     def feasible(self, phi: np.ndarray, mass: float) -> np.ndarray:
-        """``lowered(balanced(phi, mass))``, in one compiled pass for one power alone."""
-        closed = _closed_form(self)
-        if not (self.powers and closed is not None):
+        """``lowered(balanced(phi, mass))``, in one compiled pass with powers."""
+        if not self.powers:
             return self.lowered(self.balanced(phi, mass))
         return self.feasible_pointwise(phi, mass)[0]
 
@@ -394,6 +400,91 @@ def _feasible_closed(phi, direction, sigma, potential, cell, q, m, target, rtol)
 
 
 @njit(cache=True)
+def _feasible_general(phi, direction, sigma, potential, cell, e, q, m, target, rtol):
+    """``_feasible_closed`` for an entropy and powers, or several powers: the balance c with
+    sum_i rho(s_i - c) = target by Newton steps on c (d rho / ds = rho / g'(y), ``_log_density``)
+    kept inside a bracket, each rho by Newton steps on y = log rho warm-started from the last c;
+    without entropy, phi lowered to -W where above. Returns (phi'', sum u*, masses, curvature)."""
+    n = phi.size
+    moved = direction.size > 0
+    s = np.empty(n)
+    y = np.empty(n)
+    for i in range(n):
+        s[i] = -(phi[i] + sigma * direction[i] if moved else phi[i]) - potential[i]
+        y[i] = np.nan  # no guess yet
+    low, high, width, c = -np.inf, np.inf, 1.0, 0.0
+    for _ in range(200):
+        total, slope = 0.0, 0.0
+        for i in range(n):
+            y[i], rho, dy = _log_density(s[i] - c, e, q, m, y[i])
+            total += rho
+            slope += rho / dy if rho > 0.0 else 0.0
+        excess = total - target
+        if abs(excess) <= rtol * target:
+            break
+        c, low, high, width, done = _next_shift(c, excess, slope, low, high, width, np.inf)
+        if done:
+            break
+    out, masses, curvature = np.empty(n), np.empty(n), np.empty(n)
+    total = 0.0
+    for i in range(n):
+        value = (phi[i] + sigma * direction[i] if moved else phi[i]) + c
+        ceiling = -potential[i]
+        lower = e == 0.0 and value > ceiling and np.isfinite(ceiling)
+        out[i] = ceiling if lower else value
+        shifted = -out[i] - potential[i]
+        _, rho, dy = _log_density(shifted, e, q, m, y[i])
+        masses[i] = rho * cell
+        curvature[i] = rho / dy if rho > 0.0 else 0.0
+        if rho > 0.0:
+            total += rho * shifted - _internal(rho, e, q, m)
+    return out, total, masses, curvature
+
+
+@njit(cache=True)
+def _log_density(s, e, q, m, guess):
+    """(y, rho = e^y, g'(y)) with g(y) = u'(e^y) = e (y + 1) + sum_k q_k m_k / (m_k - 1) e^{(m_k - 1) y}
+    equal to s (rho = 0 where s = -inf, or s <= 0 without entropy). g is increasing and convex,
+    so Newton steps from any start reach the root from its right and then fall to it; a step up
+    is capped at 50 (a factor e^50 in rho). guess: the last y (NaN: none; then the least root of
+    the terms alone, near the root where one term dominates). An inexact rho only lowers the
+    dual value computed from it (rho s - u(rho) <= u*(s)): the certificate stays a bound."""
+    if not s > -np.inf or (e == 0.0 and s <= 0.0):
+        return guess, 0.0, 1.0
+    if guess == guess:
+        x = guess
+    else:  # the least of the roots of the terms alone: at or right of the root where all are >= 0
+        x = min(s / e - 1.0, 700.0) if e > 0.0 else 700.0
+        for k in range(q.size):
+            if s > 0.0:
+                x = min(x, np.log(s * (m[k] - 1.0) / (q[k] * m[k])) / (m[k] - 1.0))
+    for _ in range(100):
+        g, dg = e * (x + 1.0), e
+        for k in range(q.size):
+            power = q[k] * m[k] / (m[k] - 1.0) * np.exp(min((m[k] - 1.0) * x, 700.0))
+            g += power
+            dg += (m[k] - 1.0) * power
+        step = (g - s) / dg
+        x -= max(step, -50.0)
+        if abs(step) <= 1e-14 * max(1.0, abs(x)):
+            break
+    rho = np.exp(min(x, 700.0))
+    dg = e
+    for k in range(q.size):
+        dg += q[k] * m[k] * np.exp(min((m[k] - 1.0) * x, 700.0))
+    return x, rho, dg
+
+
+@njit(cache=True)
+def _internal(rho, e, q, m):
+    """u(rho) = e rho log rho + sum_k q_k rho^m_k / (m_k - 1) for rho > 0."""
+    value = e * rho * np.log(rho)
+    for k in range(q.size):
+        value += q[k] * rho ** m[k] / (m[k] - 1.0)
+    return value
+
+
+@njit(cache=True)
 def _power_root(s, top, q, m, target, rtol, buffers, first):
     """The shift c with sum_i rho(s_i - c) = target, rho(s) = ((m - 1) s_+ / (q m))^(1/(m - 1)):
     Newton steps from c = 0 (the balance of a potential moved by one ascent step is near 0),
@@ -415,23 +506,38 @@ def _power_root(s, top, q, m, target, rtol, buffers, first):
         if abs(excess) <= rtol * target:
             break
         if excess > 0:
-            low = c
             active, spare = buffers[spare, :kept], 1 - spare  # the cells above the new low
-        else:
-            high = min(c, top)
-        if high - low <= 1e-14 * max(1.0, abs(c)):
+        c, low, high, width, done = _next_shift(c, excess, slope, low, high, width, top)
+        if done:
             break
-        step = c + excess / slope if slope > 0 else np.nan
-        if low < step < high:
-            c = step
-        elif low > -np.inf and high < np.inf:
-            c = 0.5 * (low + high)
-        elif high < np.inf:  # no lower bracket yet: step down by a doubling width
-            c = high - width
-            width *= 2.0
-        else:
-            c = top
     return c
+
+
+@njit(cache=True)
+def _next_shift(c, excess, slope, low, high, width, top):
+    """One step of the search of the balance c (sum_i rho(s_i - c) = target, decreasing in c):
+    the bracket [low, high] updated by the sign of excess = sum - target, then a Newton step
+    (slope = -d excess / dc) if it stays inside, bisection once both ends are finite, else a
+    doubling step down, or up to ``top`` (where no mass is left; +inf: a doubling step up).
+    Returns (c, low, high, width, done: the bracket has closed)."""
+    if excess > 0:
+        low = c
+    else:
+        high = min(c, top)
+    if high - low <= 1e-14 * max(1.0, abs(c)):
+        return c, low, high, width, True
+    step = c + excess / slope if slope > 0 else np.nan
+    if low < step < high:
+        c = step
+    elif low > -np.inf and high < np.inf:
+        c = 0.5 * (low + high)
+    elif high < np.inf:  # no lower bracket yet: step down by a doubling width
+        c, width = high - width, 2.0 * width
+    elif top < np.inf:
+        c = top
+    else:
+        c, width = low + width, 2.0 * width
+    return c, low, high, width, False
 
 
 @njit(cache=True)
