@@ -347,10 +347,26 @@ def save_trajectory(path, trajectory, metadata: Mapping | None = None) -> Path:
     arrays[CHECKSUM_KEY] = np.array(_checksum(arrays))
     with atomic_path(path) as temporary:
         with open(temporary, "wb") as stream:
-            np.savez_compressed(stream, **arrays)
+            try:
+                np.savez_compressed(stream, **arrays)
+            except Exception as error:
+                interrupt = _interrupt_behind(error)
+                if interrupt is None:
+                    raise
+                raise interrupt from None  # Ctrl-C (or SIGTERM) during the write stays what it is
             stream.flush()
             os.fsync(stream.fileno())
     return Path(path)
+
+
+def _interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt that ``error`` was raised while handling, if any: a Ctrl-C while
+    zipfile closes an archive member makes ZipFile.close raise ValueError ("Can't close the ZIP
+    file while there is an open writing handle"), which would end the run as bad input."""
+    cause = error.__context__
+    while cause is not None and not isinstance(cause, KeyboardInterrupt):
+        cause = cause.__context__
+    return cause
 
 
 #: What to do about a trajectory file that cannot be read (``load``).

@@ -86,6 +86,29 @@ def test_trajectory_round_trip_is_exact(tmp_path):
     assert not list(path.parent.glob(".*partial*"))  # no temporary file left behind
 
 
+def test_ctrl_c_while_an_archive_member_closes_stays_an_interrupt(tmp_path, monkeypatch):
+    """A KeyboardInterrupt in zipfile's close of a member made ZipFile.close raise ValueError
+    (an open writing handle): the run ended as bad input (exit 2) instead of interrupted (130).
+    The interrupt comes out as itself, and no file is left behind."""
+    import zipfile
+
+    close = zipfile._ZipWriteFile.close
+    calls = []
+
+    def interrupted_close(handle):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return close(handle)
+
+    monkeypatch.setattr(zipfile._ZipWriteFile, "close", interrupted_close)
+    trajectory = jk.Trajectory(np.array([0.0]), [jk.Measure(np.zeros((3, 2)), np.ones(3))],
+                               np.array([1.0]), [], "running")
+    with pytest.raises(KeyboardInterrupt):
+        save_trajectory(tmp_path / "t.npz", trajectory)
+    assert calls and list(tmp_path.iterdir()) == []
+
+
 def test_trajectory_round_trip_without_grid(tmp_path):
     rng = np.random.default_rng(0)
     measures = [jk.Measure(rng.normal(size=(n, 2)), rng.random(n)) for n in (5, 7)]
