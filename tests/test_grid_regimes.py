@@ -193,6 +193,9 @@ def test_expected_moved_fraction_is_shared_by_methods_and_studies():
     assert expected_moved_fraction(slope, jk.Wasserstein(), mu, 0.05) == pytest.approx(0.5)
     assert expected_moved_fraction(slope, jk.WFR(alpha=4.0), mu, 0.05) == pytest.approx(1.0)
     assert expected_moved_fraction(slope, jk.Hellinger(), mu, 0.05) is None  # no transport
+    # a step so large that tau / h overflows: still 0 cells where the flow does not move
+    ramp = jk.Potential(lambda x: np.maximum(x[:, 0], 0.0), lambda x: (x > 0).astype(float))
+    assert expected_moved_fraction(ramp, jk.Wasserstein(), mu, 1e308) == pytest.approx(0.5)
 
 
 def test_grid_motion_verdicts():

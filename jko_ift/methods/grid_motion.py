@@ -95,9 +95,10 @@ def _flow_cells(energy, geometry, mu, tau) -> tuple[np.ndarray, np.ndarray] | No
 
 
 def _per_cell(tau: float, spacing) -> np.ndarray:
-    """tau / h per axis: a displacement of tau |v_j| is tau |v_j| / h_j cells along axis j."""
+    """tau / h per axis: a displacement of tau |v_j| is tau |v_j| / h_j cells along axis j
+    (at most the largest float, so that a zero velocity stays 0 cells in a product with it)."""
     with np.errstate(over="ignore"):
-        return np.float64(tau) / np.asarray(spacing, dtype=float)
+        return np.minimum(np.float64(tau) / np.asarray(spacing, dtype=float), np.finfo(float).max)
 
 
 def _mean(weights: np.ndarray, values: np.ndarray) -> float | None:
