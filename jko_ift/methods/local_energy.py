@@ -451,6 +451,8 @@ def _log_density(s, e, q, m, guess):
     dual value computed from it (rho s - u(rho) <= u*(s)): the certificate stays a bound."""
     if not s > -np.inf or (e == 0.0 and s <= 0.0):
         return guess, 0.0, 1.0
+    if s == np.inf:
+        return guess, np.inf, np.inf
     if guess == guess:
         x = guess
     else:  # the least of the roots of the terms alone: at or right of the root where all are >= 0
@@ -576,45 +578,12 @@ def _power_term(value, c, q, m):
 
 @njit(cache=True)
 def _solve_slope(s, e, q, m):
-    """Per cell, the rho >= 0 with e (log rho + 1) + sum_k q_k m_k/(m_k - 1) rho^(m_k - 1) = s:
-    bisection on a bracket, accelerated by Newton steps that stay inside it."""
-    out = np.zeros(s.size)
+    """Per cell, the rho >= 0 with e (log rho + 1) + sum_k q_k m_k/(m_k - 1) rho^(m_k - 1) = s
+    (``_log_density`` from its default start)."""
+    out = np.empty(s.size)
     for i in range(s.size):
-        target = s[i]
-        if not np.isfinite(target):
-            out[i] = 0.0 if target < 0 else np.inf
-            continue
-        if e == 0.0 and target <= 0.0:
-            continue
-        low, high = 0.0, 1.0
-        while _slope(high, e, q, m) < target:
-            high *= 2.0
-        x = 0.5 * high
-        for _ in range(200):
-            g = _slope(x, e, q, m) - target
-            if abs(g) <= 1e-14 * (abs(target) + 1.0):
-                break
-            if g > 0:
-                high = x
-            else:
-                low = x
-            if high - low <= 1e-15 * high:
-                break
-            d = e / x if x > 0 else np.inf
-            for k in range(q.size):
-                d += q[k] * m[k] * x ** (m[k] - 2.0)
-            step = x - g / d
-            x = step if low < step < high else 0.5 * (low + high)
-        out[i] = x
+        out[i] = _log_density(s[i], e, q, m, np.nan)[1]
     return out
-
-
-@njit(cache=True)
-def _slope(x, e, q, m):
-    value = e * (np.log(x) + 1.0) if e > 0 else 0.0
-    for k in range(q.size):
-        value += q[k] * m[k] / (m[k] - 1.0) * x ** (m[k] - 1.0)
-    return value
 
 
 def local_energy(F, mu: Measure, method: str) -> LocalEnergy:
