@@ -175,13 +175,17 @@ def test_the_transport_cost_and_the_locking_check_share_their_products_with_the_
     assert not np.array_equal(shared(again + 1.0), shared(again)) and len(calls) == 4
 
 
-def test_support_keys_are_hashed_once_per_points_array_of_measures():
+def test_support_keys_are_hashed_once_per_points_array_of_measures(monkeypatch):
     from jko_ift.methods import base
 
+    hashes = []
+    sha1 = base.hashlib.sha1
+    monkeypatch.setattr(base.hashlib, "sha1", lambda data: hashes.append(1) or sha1(data))
     grid = jk.Grid([0, 0], [1, 1], (8, 8))
     mu = grid.measure(lambda x: np.ones(len(x)), normalize=True)
     key = base.support_key(mu)
     assert base.support_key(mu.with_weights(mu.weights * 2)) == key  # the same points array
+    assert base.support_key(mu) == key and len(hashes) == 1
     assert base._SUPPORT_KEYS[id(mu.points)][1] == key
     moved = jk.Measure(mu.points + 0.1, mu.weights)
     assert base.support_key(moved) != key

@@ -393,8 +393,7 @@ class _Ascent:
         against the best dual is below tol, or max_iter iterations."""
         points = [self.evaluate(phi) for phi in starts]
         point = max(points, key=lambda p: p.dual)
-        run = _Run(point, _Primal.of(point), sigma, evaluations=len(points))
-        run.recovery = self.recovered  # the plan that splits tied nodes (``_Run.offer``)
+        run = _Run(point, _Primal.of(point), sigma, evaluations=len(points), recovery=self.recovered)
         for other in points:
             run.offer(other, self.tau)
         average, momentum = _Average(self.shape), _Momentum(point)

@@ -257,7 +257,7 @@ class PlanProducts:
     """P w from a function ``times(w)``, kept for the last PLAN_PRODUCT_SLOTS arguments: the
     transport cost and the barycentric map of a plan (``grid_motion.barycentric_motion``) ask for
     the same products P x_k, with the coordinates shifted alike (two of their five products
-    with the plan, each two kernel applications, measured 4 ms of a 180 ms step at 256^2).
+    with the plan, each two kernel applications: 4.6 ms of a 177 ms step at 256^2, cProfile).
     The products returned are shared: callers do not write into them."""
 
     def __init__(self, times):
