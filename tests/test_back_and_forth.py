@@ -460,14 +460,14 @@ def test_the_recovered_measure_keeps_the_mass_and_bounds_the_dual_from_above_at_
 
 
 def test_a_recovered_certificate_bounds_the_error_against_a_long_run():
-    """The porous-medium example, cold step, 64^2, tol 1e-3: the split plan certifies the step
-    (5.9e-4, where the pushforward and its averages alone stall at 1.3e-3), and its gap bounds
+    """The porous-medium example, cold step, 64^2, tol 5e-4: the split plan certifies the step
+    (2.2e-4, where the pushforward and its averages alone stall at 5.8e-4), and its gap bounds
     the distance to a long run's measure: the objective is (2 / h^2)-strongly convex in the
     masses (F = sum a^2 / h^2 + <W, a>), so |a - a*|_2 / h <= sqrt(gap) for both runs."""
     from jko_ift.methods import back_and_forth as bf
 
     grid, F, mu = three_squares(64)
-    result = jk.BackAndForthJKO(tol=1e-3, max_iter=1500).step(F, jk.Wasserstein(), mu, 0.1, throw=False)
+    result = jk.BackAndForthJKO(tol=5e-4, max_iter=1500).step(F, jk.Wasserstein(), mu, 0.1, throw=False)
     assert result.status == "optimal" and result.info["recovered"]
     assert abs(result.measure.mass - mu.mass) <= 1e-13 * mu.mass
     reference = jk.BackAndForthJKO(tol=1e-7, max_iter=3000).step(F, jk.Wasserstein(), mu, 0.1, throw=False)
@@ -476,7 +476,7 @@ def test_a_recovered_certificate_bounds_the_error_against_a_long_run():
     original = bf._Ascent.recovered
     try:  # without the split plan, the same step stops above tol
         bf._Ascent.recovered = lambda self, point: None
-        alone = jk.BackAndForthJKO(tol=1e-3, max_iter=1500).step(F, jk.Wasserstein(), mu, 0.1, throw=False)
+        alone = jk.BackAndForthJKO(tol=5e-4, max_iter=1500).step(F, jk.Wasserstein(), mu, 0.1, throw=False)
     finally:
         bf._Ascent.recovered = original
-    assert alone.status != "optimal" and alone.certificate > 1e-3
+    assert alone.status != "optimal" and alone.certificate > 5e-4
