@@ -17,9 +17,9 @@ through ``studies.convergence_study`` (its flags say which regime spoils a row):
   adds diffusion of order eps / tau, which grows as tau shrinks (flagged ``entropic_diffusion``).
 
 Writes fine_grid_tau_limit.png (error against tau, flagged rows hollow) and
-summary_fine_grid_tau_limit.txt (docs/figures holds the defaults' run: 95 s on the shared
-two-core machine, BackAndForthJKO on 256^2 12 s of it, fitted order 1.05 +- 0.08; ConicJKO 36 s,
-EntropicJKO 47 s). The test suite runs main() at tiny sizes.
+summary_fine_grid_tau_limit.txt (docs/figures holds the defaults' run on the shared two-core
+machine: BackAndForthJKO on 256^2 12 s, fitted order 0.99 +- 0.14; ConicJKO 28 s). The test suite
+runs main() at tiny sizes.
 """
 
 from __future__ import annotations

@@ -65,11 +65,12 @@ SCALING_FLOOR = 1e-4
 #: number) also start from the step solved on the grid of half the cells, to COARSE_ITERATIONS
 #: (measured on the porous-medium example, cold step, certificate after 400 iterations: 8.2e-4
 #: with it against 7.4e-3 without at 512^2, 2.5e-4 against 2.7e-4 at 256^2; at 128^2 from 64^2
-#: it did not help).
+#: it did not help; measured with the previous step-size rule, GROW 1.5 and SHRINK 0.5).
 COARSE_CELLS, COARSE_ITERATIONS = 128, 150
 #: Weight of the past in the averaged delivered masses that steer the ascent (``_Momentum``);
 #: measured on the porous-medium example (benchmarks/fine_grid.py, 128^2, 400 iterations): the
-#: cold step's certificate 8.3e-3 with no average, 2.9e-3 at 0.5, 2.0e-4 at 0.9, 1.0e-4 at 0.95.
+#: cold step's certificate 8.3e-3 with no average, 2.9e-3 at 0.5, 2.0e-4 at 0.9, 1.0e-4 at 0.95
+#: (with the previous step-size rule, GROW 1.5 and SHRINK 0.5).
 MOMENTUM = 0.95
 #: First window of the ergodic primal average (iterations); it doubles at each restart.
 AVERAGE_WINDOW = 8
@@ -77,7 +78,8 @@ AVERAGE_WINDOW = 8
 #: the last PLATEAU_WINDOW iterations (judged from 2 windows on): the dual has converged and no
 #: delivered measure gets closer (docs/theory.md §10), so the rest of max_iter would be spent for
 #: nothing (porous-medium example, 64^2, tol 1e-7: 3.874e-4 at 900 iterations, 3.863e-4 from
-#: 1100 to 1500; at 512^2 a plateau of 1.2e-4 from about 1000 of the default 2000).
+#: 1100 to 1500; at 512^2 a plateau of 1.2e-4 from about 1000 of the default 2000; with the
+#: previous step-size rule, GROW 1.5 and SHRINK 0.5).
 PLATEAU_WINDOW, PLATEAU_GAIN = 200, 0.01
 #: The certificate is also offered the plan that splits tied nodes between their near-argmins
 #: (``plan_recovery``, 1-D and 2-D grids), built from the best dual point met, once the dual has
@@ -88,7 +90,8 @@ PLATEAU_WINDOW, PLATEAU_GAIN = 200, 0.01
 #: example (benchmarks/fine_grid.py, cold step): the split certifies (<= 1e-4) once the dual is
 #: within about 5e-7 of its final value: from iteration 400 at 128^2 (relative rises 6.7e-5 and
 #: 4.3e-6 over the two windows of 100 before), 500-600 at 256^2 (1.5e-5, 3.3e-6, 4.5e-7) and
-#: 1000 at 512^2 (1.0e-6, 3.4e-7); at iteration 300 it gives 6e-4 (128^2), at 400 4.4e-3 (256^2).
+#: 1000 at 512^2 (1.0e-6, 3.4e-7); at iteration 300 it gives 6e-4 (128^2), at 400 4.4e-3 (256^2)
+#: (with the previous step-size rule, GROW 1.5 and SHRINK 0.5).
 RECOVERY_EVERY, RECOVERY_REMAINING = 100, 5e-7
 #: The ascent's first step size, in every step: a warm start keeps the previous step's potential,
 #: not its last step size. Where that step ended at a kink, backtracking had cut the step size to
