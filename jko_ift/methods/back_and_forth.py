@@ -49,9 +49,9 @@ ARMIJO = 1e-4
 #: Step-size factors: after an accepted step, after a rejected one. Measured against 1.5 and 0.5
 #: on the porous-medium example (benchmarks/fine_grid.py, cold step): certified in 336, 296 and
 #: 328 iterations at 128^2, 256^2 and 512^2 instead of 397, 596 and 996, at a dual 1.25e-5
-#: (relative, 512^2) above the one where 1.5 and 0.5 stop; on ten multi-step runs of 1-D and 2-D
-#: Fokker-Planck, Barenblatt and mixed energies, 32 of 44 steps certified against 30 (each step
-#: starting from FIRST_SIGMA either way).
+#: (relative, 512^2) above the one where 1.5 and 0.5 stop; on the ten multi-step runs of
+#: benchmarks/ascent_cases.py (1-D and 2-D Fokker-Planck, porous media, an entropy with a porous
+#: medium), 32 of 42 steps certified against 30 (each step starting from FIRST_SIGMA either way).
 GROW, SHRINK = 1.2, 0.7
 #: The ascent has stalled when backtracking cuts the step size this far below its start: no
 #: step along the gradient increases the dual there (a kink, docs/theory.md §10).
