@@ -189,7 +189,7 @@ def test_a_step_after_one_that_stalled_does_not_start_from_its_collapsed_step_si
     """A narrow Gaussian spreading under Fokker-Planck in 1-D: the first step stalls at a kink of
     the dual (its step size cut to about 1e-12). When the next steps started from that step size
     as well as from its potential, five of six stalled within 0-4 iterations with certificates of
-    1e-2 to 6e-2; a warm start's step size is now at least WARM_SIGMA_FLOOR."""
+    1e-2 to 6e-2; every step now starts from the step size FIRST_SIGMA."""
     grid = jk.Grid([-3.0], [3.0], (512,))
     mu = grid.measure(lambda x: np.exp(-((x[:, 0] - 1.0) ** 2) / (2 * 0.3**2)), normalize=True)
     F = jk.Entropy() + jk.Potential(lambda x: x[:, 0] ** 2 / 2)
