@@ -285,7 +285,8 @@ def test_a_plateau_of_the_certificate_ends_the_step_and_says_more_iterations_wil
     """Discontinuous data (three squares, porous medium, benchmarks/fine_grid.py) at a tol below
     what a pushforward can deliver: the certificate stops falling once the dual converges, and
     the step ends there, stalled, instead of spending max_iter; its gap is what the plateau is
-    (a longer run gets within 1 % of it: 3.865e-4 at 1000 iterations, 3.863e-4 at 1500, 64^2)."""
+    (a longer run gets within 1 % of it: 3.865e-4 at 1000 iterations, 3.863e-4 at 1500, 64^2, with
+    the previous step-size rule)."""
     grid = jk.Grid([0, 0], [1, 1], (48, 48))
     x = grid.points
     density = np.zeros(grid.size)
@@ -297,6 +298,7 @@ def test_a_plateau_of_the_certificate_ends_the_step_and_says_more_iterations_wil
     assert result.status == "stalled" and result.info["plateau"]
     assert result.info["iterations"] < 3000 and result.certificate > 1e-7
     assert "More iterations will not help" in result.info["message"]
+    assert "smaller tau" in result.info["message"]
     assert abs(result.measure.mass - mu.mass) <= 1e-13
 
 

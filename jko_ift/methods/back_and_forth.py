@@ -615,16 +615,19 @@ def _message(status: str, certificate: float, tol: float, iterations: int, tau: 
         return (f"BackAndForthJKO: the duality gap stayed at {certificate:.2e} of the objective, above "
                 f"tol = {tol:g}: it fell by less than {PLATEAU_GAIN:.0%} over the last {PLATEAU_WINDOW} of "
                 f"{iterations} iterations, so the dual ascent has stopped improving and no measure the "
-                "method delivers matches it more closely: where the density jumps, the dual has kinks, "
-                "and neither the pushforward, its averages nor the plan that splits tied cells between "
-                "their destinations closes the gap (docs/theory.md §10). More iterations will not "
-                f"help: loosen tol (to about {2 * certificate:.0e}), or smooth the initial density")
+                "method delivers matches it more closely: where the density jumps, or where a step "
+                "spreads a narrow density over several cells, the dual has kinks, and neither the "
+                "pushforward, its averages nor the plan that splits tied cells between their "
+                "destinations closes the gap (docs/theory.md §10). More iterations will not help: "
+                f"loosen tol (to about {2 * certificate:.0e}), take a smaller tau (tau = {tau:g}) while "
+                "the flow spreads a narrow density, or smooth the initial density")
     if status == "stalled":
         return (f"BackAndForthJKO: the dual ascent stalled after {iterations} iterations with the "
                 f"duality gap at {certificate:.2e} of the objective, above tol = {tol:g}: no step along "
                 "the gradient increases the discrete dual here, which has kinks where the c-transform's "
-                f"argmin jumps between cells (tau = {tau:g}; docs/theory.md §10); loosen tol, or smooth "
-                "the initial density (discontinuous densities make kinks)")
+                f"argmin jumps between cells (tau = {tau:g}; docs/theory.md §10); loosen tol, take a "
+                "smaller tau while the flow spreads a narrow density over several cells, or smooth the "
+                "initial density (discontinuous densities make kinks)")
     return (f"BackAndForthJKO stopped at max_iter = {iterations} with the duality gap at "
             f"{certificate:.2e} of the objective, above tol = {tol:g}: raise max_iter, loosen tol, "
             f"or take a tau nearer the flow's time scale (tau = {tau:g}: very large or very small "
