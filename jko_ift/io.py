@@ -375,7 +375,7 @@ def _interrupts_deferred() -> Iterator[None]:
     previous = {}
     for number in (signal.SIGINT, signal.SIGTERM):
         handler = signal.getsignal(number)
-        if callable(handler) or handler == signal.SIG_DFL:  # not a handler installed outside Python
+        if callable(handler) or handler == signal.SIG_DFL:  # not SIG_IGN, nor one set outside Python
             previous[number] = signal.signal(number, lambda signum, frame: received.append(signum))
     try:
         yield
