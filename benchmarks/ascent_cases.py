@@ -88,9 +88,9 @@ def main():
     parser.add_argument("--set", action="append", default=[], help="NAME=VALUE,... (a setting to compare)")
     args = parser.parse_args()
     print(f"BackAndForthJKO, tol = {TOL:g}; load average {os.getloadavg()[0]:.2f}")
-    defaults = {name: getattr(back_and_forth, name) for name in dir(back_and_forth) if name.isupper()}
     for text in args.set or [""]:
         changes = settings(text)
+        defaults = {name: getattr(back_and_forth, name) for name in changes}
         for name, value in changes.items():
             setattr(back_and_forth, name, value)
         print(f"\n{text or 'defaults'}:")

@@ -387,9 +387,11 @@ def _interrupts_deferred() -> Iterator[None]:
 
 
 def _interrupt_behind(error: BaseException) -> KeyboardInterrupt | None:
-    """The KeyboardInterrupt that ``error`` was raised while handling, if any: a Ctrl-C while
+    """The KeyboardInterrupt that ``error`` was raised while handling, if any: an interrupt while
     zipfile closes an archive member makes ZipFile.close raise ValueError ("Can't close the ZIP
-    file while there is an open writing handle"), which would end the run as bad input."""
+    file while there is an open writing handle"), which would end the run as bad input. Signals
+    wait for the write (``_interrupts_deferred``); this covers a KeyboardInterrupt raised there
+    directly."""
     cause = error.__context__
     while cause is not None and not isinstance(cause, KeyboardInterrupt):
         cause = cause.__context__
